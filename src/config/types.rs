@@ -1,0 +1,378 @@
+//! The checked runtime configuration: what the rest of tokenwarden reads.
+//!
+//! The loader (see `load`) turns the raw TOML into these types once: every default filled in,
+//! every secret read, every key parsed, every user name resolved. Nothing here is optional
+//! "to be filled in later": a `Config` that exists is a config that passed `check`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::keys::SigningKey;
+use crate::secret::{Secret, SecretSource};
+
+/// Default config path when neither `-c` nor `$TOKENWARDEN_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokenwarden/tokenwarden.toml";
+/// Default socket when neither the config, `-s` nor `$TOKENWARDEN_SOCKET` name one.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/tokenwarden/tokenwarden.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tokenwarden";
+
+/// A whole, checked configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The main config file.
+    pub path: PathBuf,
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// Every `[clients.NAME]`, from the main file and the included ones, by name.
+    pub clients: BTreeMap<String, ClientConfig>,
+    /// The main file and every included file that was read (what a reload watches).
+    pub files: Vec<PathBuf>,
+    /// Things that are allowed but worth telling the operator (an inline secret in a file
+    /// others can read, an `owner` the daemon cannot apply, …). Each is one line.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Every file a secret is read from, for the reload watcher.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .clients
+            .values()
+            .flat_map(|c| c.secret_paths())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonConfig {
+    /// gRPC socket; `None`: no gRPC server.
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket file (default 0o660).
+    pub socket_mode: u32,
+    /// Where state (last token, refresh token) is kept (default /var/lib/tokenwarden).
+    pub state_dir: PathBuf,
+    /// Prometheus and health endpoint; `None`: none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `auto` | `text` | `json`.
+    pub log_format: LogFormat,
+    /// A tracing filter directive (`info`, `debug`, `tokenwarden=trace`, …).
+    pub log_level: String,
+    /// The include globs as written (resolved relative to the main file's directory).
+    pub include: Vec<String>,
+    /// Token requests in flight at once across all clients (default 32).
+    pub max_concurrent_refreshes: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            socket_mode: 0o660,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            metrics_listen: None,
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+            include: Vec::new(),
+            max_concurrent_refreshes: 32,
+        }
+    }
+}
+
+/// `daemon.log_format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald style when `JOURNAL_STREAM` is set, else text.
+    Auto,
+    Text,
+    Json,
+}
+
+/// When to refresh and how to retry (SPEC §4); `[defaults]` and per client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Refresh once this fraction of the lifetime has passed (0 < x ≤ 1; default 0.75).
+    pub refresh_at: f64,
+    /// Minus a random share of up to this fraction of the lifetime (0 ≤ x < refresh_at; 0.10).
+    pub jitter: f64,
+    /// Never later than this before expiry (30 s).
+    pub refresh_margin: Duration,
+    /// Never sooner than this after the last token (10 s).
+    pub min_interval: Duration,
+    /// Lifetime when neither `expires_in` nor a JWT `exp` gives one (1 h).
+    pub default_lifetime: Duration,
+    /// First retry delay after a failure (1 s).
+    pub retry_initial: Duration,
+    /// Cap of the retry delay (5 min); `Retry-After` may exceed it.
+    pub retry_max: Duration,
+    /// Whole token request, connect to last byte (10 s).
+    pub timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            refresh_at: 0.75,
+            jitter: 0.10,
+            refresh_margin: Duration::from_secs(30),
+            min_interval: Duration::from_secs(10),
+            default_lifetime: Duration::from_secs(3600),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A secret as configured, with the value read when the config loaded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Credential {
+    pub source: SecretSource,
+    pub value: Secret,
+}
+
+/// One `[clients.NAME]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientConfig {
+    /// `[A-Za-z0-9_.-]{1,64}`.
+    pub name: String,
+    /// `https`, or `http` to a loopback host.
+    pub token_url: url::Url,
+    pub grant: Grant,
+    pub client_auth: ClientAuth,
+    /// Required unless the grant is `jwt_bearer` with `client_auth = "none"`.
+    pub client_id: Option<String>,
+    /// Requested scope values (RFC 6749 §3.3); empty: no `scope` parameter.
+    pub scope: Vec<String>,
+    /// `audience` parameter (RFC 8693 style, Auth0 and others).
+    pub audience: Option<String>,
+    /// `resource` parameter (RFC 8707).
+    pub resource: Option<String>,
+    /// More form parameters, sent as they are.
+    pub extra_params: BTreeMap<String, String>,
+    /// More request headers.
+    pub extra_headers: BTreeMap<String, String>,
+    /// Extra trust anchors (PEM) on top of the OS store.
+    pub ca_file: Option<PathBuf>,
+    /// Forced rotation times: 6-field cron (seconds first), UTC. Checked at load.
+    pub rotate_cron: Option<String>,
+    /// Users (resolved to uids) who may read this client over gRPC, besides root and the daemon.
+    pub allow_uids: Vec<u32>,
+    /// Groups (resolved to gids) whose members may read it.
+    pub allow_gids: Vec<u32>,
+    /// Files the token is written to.
+    pub outputs: Vec<OutputConfig>,
+    pub timing: Timing,
+}
+
+impl ClientConfig {
+    /// The `grant_type` sent for the client's configured grant.
+    pub fn grant_type(&self) -> &'static str {
+        self.grant.grant_type()
+    }
+
+    /// A digest of what makes a token this client's (SPEC §6): token URL, client id, grant,
+    /// user, scope, audience and resource. A stored token is reused only when it matches.
+    pub fn identity_fingerprint(&self) -> String {
+        let username = match &self.grant {
+            Grant::Password { username, .. } => username.as_str(),
+            _ => "",
+        };
+        let subject = match &self.grant {
+            Grant::JwtBearer { assertion } => assertion
+                .claims
+                .get("sub")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let parts = [
+            self.token_url.as_str(),
+            self.client_id.as_deref().unwrap_or(""),
+            self.grant_type(),
+            username,
+            &subject,
+            &self.scope.join(" "),
+            self.audience.as_deref().unwrap_or(""),
+            self.resource.as_deref().unwrap_or(""),
+        ];
+        crate::secret::sha256_hex(parts.join("\u{0}").as_bytes())
+    }
+
+    /// A digest of every credential the client uses (secrets and keys): when it changes on a
+    /// reload, the client needs a new token now.
+    pub fn credentials_digest(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        match &self.grant {
+            Grant::Password { password, .. } => parts.push(password.value.fingerprint_full()),
+            Grant::RefreshToken { refresh_token } => {
+                parts.push(refresh_token.value.fingerprint_full())
+            }
+            Grant::JwtBearer { assertion } => parts.push(assertion.key.digest.clone()),
+            Grant::ClientCredentials => {}
+        }
+        match &self.client_auth {
+            ClientAuth::Basic { secret } | ClientAuth::Post { secret } => {
+                parts.push(secret.value.fingerprint_full())
+            }
+            ClientAuth::SecretJwt { key, .. } | ClientAuth::PrivateKeyJwt { key, .. } => {
+                parts.push(key.digest.clone())
+            }
+            ClientAuth::None => {}
+        }
+        crate::secret::sha256_hex(parts.join("\u{0}").as_bytes())
+    }
+
+    /// Files secrets of this client are read from.
+    pub fn secret_paths(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        match &self.grant {
+            Grant::Password { password, .. } => v.extend(password.source.path()),
+            Grant::RefreshToken { refresh_token } => v.extend(refresh_token.source.path()),
+            Grant::JwtBearer { assertion } => v.extend(assertion.key_source.path()),
+            Grant::ClientCredentials => {}
+        }
+        match &self.client_auth {
+            ClientAuth::Basic { secret } | ClientAuth::Post { secret } => {
+                v.extend(secret.source.path())
+            }
+            ClientAuth::SecretJwt { secret, .. } => v.extend(secret.source.path()),
+            ClientAuth::PrivateKeyJwt { key_source, .. } => v.extend(key_source.path()),
+            ClientAuth::None => {}
+        }
+        v
+    }
+}
+
+impl Secret {
+    /// Full SHA-256 of the value, to compare credentials across reloads without keeping them.
+    pub fn fingerprint_full(&self) -> String {
+        crate::secret::sha256_hex(self.expose().as_bytes())
+    }
+}
+
+/// The grant a client uses to get its token (RFC 6749 §4, RFC 7523 §2.1).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grant {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 6749 §4.3, then the refresh tokens it returns (§6).
+    Password {
+        username: String,
+        password: Credential,
+    },
+    /// RFC 6749 §6 from a refresh token the operator supplied; the rotated ones are kept in
+    /// the state directory.
+    RefreshToken { refresh_token: Credential },
+    /// RFC 7523 §2.1: a signed assertion is the grant.
+    JwtBearer { assertion: Assertion },
+}
+
+/// The RFC 7523 §2.1 grant type URN.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+impl Grant {
+    /// The `grant_type` form value.
+    pub fn grant_type(&self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::Password { .. } => "password",
+            Grant::RefreshToken { .. } => "refresh_token",
+            Grant::JwtBearer { .. } => JWT_BEARER_GRANT,
+        }
+    }
+
+    /// Whether a token can be had without a refresh token: what a dead refresh token falls
+    /// back to (SPEC §4).
+    pub fn is_primary(&self) -> bool {
+        !matches!(self, Grant::RefreshToken { .. })
+    }
+}
+
+/// `[clients.NAME.assertion]` for the `jwt_bearer` grant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assertion {
+    /// Parsed key with its algorithm (`signing_alg`, default HS256).
+    pub key: SigningKey,
+    pub key_source: SecretSource,
+    /// Optional `kid` header.
+    pub key_id: Option<String>,
+    /// `exp - iat` (default 5 min).
+    pub lifetime: Duration,
+    /// Claims from the config; `iat`, `exp` and `jti` are added unless set here.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3, RFC 7523 §2.2).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the form-urlencoded id and secret (§2.3.1).
+    Basic { secret: Credential },
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body.
+    Post { secret: Credential },
+    /// `client_secret_jwt`: an HMAC assertion keyed with the client secret.
+    SecretJwt {
+        secret: Credential,
+        key: SigningKey,
+        lifetime: Duration,
+    },
+    /// `private_key_jwt`: an assertion signed with the client's private key.
+    PrivateKeyJwt {
+        key: SigningKey,
+        key_source: SecretSource,
+        key_id: Option<String>,
+        lifetime: Duration,
+    },
+    /// `none`: a public client; `client_id` in the form body.
+    None,
+}
+
+impl ClientAuth {
+    /// The config name of the method.
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            ClientAuth::Basic { .. } => "client_secret_basic",
+            ClientAuth::Post { .. } => "client_secret_post",
+            ClientAuth::SecretJwt { .. } => "client_secret_jwt",
+            ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
+            ClientAuth::None => "none",
+        }
+    }
+}
+
+/// One `[[clients.NAME.outputs]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputConfig {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    pub format: OutputFormat,
+    /// Permission bits (default 0o600).
+    pub mode: u32,
+    /// Owner uid to chown to, resolved from a name or number at load.
+    pub owner: Option<u32>,
+    /// Group gid, likewise.
+    pub group: Option<u32>,
+    /// argv run (no shell) after all the client's outputs are written; empty: nothing.
+    pub on_change: Vec<String>,
+    /// Prefix of the variable names of the `env` format (default empty).
+    pub env_prefix: String,
+}
+
+/// `format` of an output (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// The access token, no trailing newline.
+    Token,
+    /// `{"access_token", "token_type", "expires_at", "issued_at", "scope"}`.
+    Json,
+    /// `ACCESS_TOKEN=…`, `TOKEN_TYPE=…`, `TOKEN_EXPIRES_AT=…` lines.
+    Env,
+    /// `Authorization: Bearer …` and a newline.
+    Header,
+}
