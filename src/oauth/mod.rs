@@ -1,0 +1,307 @@
+//! Talking to token endpoints: build the request for a client's grant and authentication
+//! method, send it with no redirects and a body limit, and read the answer.
+//!
+//! - `request`: the form and headers of each grant (RFC 6749 §4.3, §4.4, §6; RFC 7523 §2.1)
+//!   and each client authentication method (RFC 6749 §2.3; RFC 7523 §2.2).
+//! - `response`: lenient reading and strict checking of answers (RFC 6749 §5.1, §5.2).
+//! - `error`: the error type and its one classification into retryable or not.
+
+mod error;
+mod request;
+mod response;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+
+pub use error::{ErrorClass, Human, OAuthError, hint, printable};
+pub use request::{Attempt, CLIENT_ASSERTION_TYPE, PreparedRequest, basic_authorization, prepare};
+pub use response::{
+    Issued, MAX_BODY, RequestContext, ResponseMeta, httpdate, jwt_expiry, parse_expires_in,
+    parse_retry_after, parse_token_response,
+};
+
+use crate::config::{ClientConfig, Grant};
+use crate::secret::Secret;
+
+/// The `User-Agent` of every token request.
+pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
+
+/// Builds an HTTP client for token requests: rustls with the OS trust store (plus `ca_file`),
+/// no redirects, no proxies from the environment surprises beyond reqwest's defaults.
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            OAuthError::Request(format!("cannot read ca_file {}: {e}", path.display()))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            OAuthError::Request(format!(
+                "ca_file {} holds no usable PEM certificate: {e}",
+                path.display()
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(OAuthError::Request(format!(
+                "ca_file {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| OAuthError::Request(format!("cannot set up HTTPS: {}", chain(&e))))
+}
+
+/// HTTP clients shared by every token client with the same `ca_file`: one connection pool per
+/// trust configuration, so many clients of one provider reuse connections.
+#[derive(Default)]
+pub struct HttpClients {
+    clients: Mutex<HashMap<Option<PathBuf>, reqwest::Client>>,
+}
+
+impl HttpClients {
+    /// The client for `ca_file`, built on first use.
+    pub fn get(&self, ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
+        let key = ca_file.map(Path::to_path_buf);
+        let mut map = match self.clients.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = http_client(ca_file)?;
+        map.insert(key, c.clone());
+        Ok(c)
+    }
+}
+
+/// Sends one token request and reads the answer.
+pub async fn request_token(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    attempt: Attempt<'_>,
+) -> Result<Issued, OAuthError> {
+    let sent_at = SystemTime::now();
+    let prepared = prepare(client, attempt, sent_at)?;
+    let timeout = client.timing.timeout;
+    let exchange = send(http, client, &prepared, timeout);
+    let (meta, body) = match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r?,
+        Err(_) => return Err(OAuthError::Timeout(timeout)),
+    };
+    let secrets = prepared.secret_values();
+    let ctx = RequestContext {
+        requested_scope: &client.scope,
+        default_lifetime: client.timing.default_lifetime,
+        sent_at,
+        sent_secrets: &secrets,
+    };
+    parse_token_response(&meta, &body, &ctx)
+}
+
+async fn send(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    prepared: &PreparedRequest,
+    timeout: Duration,
+) -> Result<(ResponseMeta, Vec<u8>), OAuthError> {
+    let mut req = http
+        .post(client.token_url.clone())
+        .header(ACCEPT, "application/json")
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(prepared.body())
+        .timeout(timeout);
+    if let Some(auth) = &prepared.authorization {
+        let mut value = HeaderValue::from_str(auth.expose()).map_err(|_| {
+            OAuthError::Request("client credentials are not valid in a header".into())
+        })?;
+        value.set_sensitive(true);
+        req = req.header(AUTHORIZATION, value);
+    }
+    for (k, v) in &prepared.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| OAuthError::Request(format!("extra header name {k:?} is invalid")))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| OAuthError::Request(format!("extra header {k} has an invalid value")))?;
+        req = req.header(name, value);
+    }
+    let mut resp = req.send().await.map_err(|e| map_reqwest(e, timeout))?;
+    let status = resp.status().as_u16();
+    let header = |name: reqwest::header::HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header(CONTENT_TYPE).map(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let retry_after =
+        header(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
+    if (300..400).contains(&status) {
+        let location = header(reqwest::header::LOCATION).map(|l| printable(&l, 200));
+        return Err(OAuthError::Redirect { status, location });
+    }
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(OAuthError::TooLarge {
+            status,
+            limit: MAX_BODY,
+        });
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(OAuthError::TooLarge {
+                        status,
+                        limit: MAX_BODY,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(match map_reqwest(e, timeout) {
+                    OAuthError::Transport(m) => OAuthError::Transport(format!(
+                        "response body cut short (HTTP {status}): {m}"
+                    )),
+                    other => other,
+                });
+            }
+        }
+    }
+    Ok((
+        ResponseMeta {
+            status,
+            content_type,
+            retry_after,
+        },
+        body,
+    ))
+}
+
+fn map_reqwest(e: reqwest::Error, timeout: Duration) -> OAuthError {
+    let e = e.without_url();
+    if e.is_timeout() {
+        OAuthError::Timeout(timeout)
+    } else if e.is_connect() {
+        OAuthError::Connect(chain(&e))
+    } else {
+        OAuthError::Transport(chain(&e))
+    }
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let m = inner.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+/// A token got by [`acquire`], and the refresh token to keep with it.
+#[derive(Debug)]
+pub struct Acquired {
+    pub issued: Issued,
+    /// The refresh token to store: the new one if the provider rotated it, else the one used
+    /// (RFC 6749 §6: the old one stays valid when no new one is issued), else none.
+    pub refresh_token: Option<Secret>,
+    /// The `grant_type` that produced the token.
+    pub grant_type: &'static str,
+    /// The `invalid_grant` that killed the stored refresh token, when the primary grant had to
+    /// step in.
+    pub refresh_token_refused: Option<OAuthError>,
+}
+
+/// A failed [`acquire`].
+#[derive(Debug)]
+pub struct AcquireFailure {
+    pub error: OAuthError,
+    /// The stored refresh token was refused (`invalid_grant`) and must be forgotten.
+    pub forget_refresh_token: bool,
+}
+
+/// Gets a token for `client`: with the stored refresh token when there is one, falling back to
+/// the client's primary grant when the provider refuses it as `invalid_grant` (SPEC §4).
+pub async fn acquire(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    stored_refresh_token: Option<&Secret>,
+) -> Result<Acquired, AcquireFailure> {
+    let mut refused = None;
+    if let Some(rt) = stored_refresh_token {
+        match request_token(http, client, Attempt::Refresh(rt)).await {
+            Ok(issued) => {
+                let keep = issued.refresh_token.clone().or_else(|| Some(rt.clone()));
+                return Ok(Acquired {
+                    issued,
+                    refresh_token: keep,
+                    grant_type: "refresh_token",
+                    refresh_token_refused: None,
+                });
+            }
+            Err(error) if error.class() == ErrorClass::InvalidGrant => {
+                let bootstrap_differs = match &client.grant {
+                    Grant::RefreshToken { refresh_token } => refresh_token.value != *rt,
+                    _ => true,
+                };
+                if !(client.grant.is_primary() || bootstrap_differs) {
+                    return Err(AcquireFailure {
+                        error,
+                        forget_refresh_token: true,
+                    });
+                }
+                refused = Some(error);
+            }
+            Err(error) => {
+                return Err(AcquireFailure {
+                    error,
+                    forget_refresh_token: false,
+                });
+            }
+        }
+    }
+    match request_token(http, client, Attempt::Primary).await {
+        Ok(issued) => {
+            let keep = issued
+                .refresh_token
+                .clone()
+                .or_else(|| match &client.grant {
+                    Grant::RefreshToken { refresh_token } => Some(refresh_token.value.clone()),
+                    _ => None,
+                });
+            Ok(Acquired {
+                issued,
+                refresh_token: keep,
+                grant_type: client.grant_type(),
+                refresh_token_refused: refused,
+            })
+        }
+        Err(error) => Err(AcquireFailure {
+            error,
+            forget_refresh_token: refused.is_some(),
+        }),
+    }
+}
