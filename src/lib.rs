@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML config, raw serde types turned once into checked runtime types.
 //! - [`secret`]: redacted secret values and where they come from.
 //! - [`keys`]: signing keys for JWT assertions.
+//! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
 //! - [`token`]: an access token with its times and scope.
 //! - [`oauth`]: token requests for every grant and client authentication, and their answers.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod logging;
 pub mod oauth;
 pub mod secret;
 pub mod token;
