@@ -1,1 +1,179 @@
-fn main() {}
+//! The `tokenwarden` command: parses the command line, runs the command, maps the outcome to
+//! an exit code (0 success, 1 runtime failure, 2 bad usage or bad config; SPEC §2).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+
+use tokenwarden::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
+use tokenwarden::oauth::Human;
+use tokenwarden::{app, demo, logging};
+
+#[derive(Parser)]
+#[command(name = "tokenwarden", version, about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config, its secrets and keys; exit 0, or 2 with one line per problem.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Fetch each client's token once (or reuse a stored valid one), write its outputs, exit.
+    Once {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Log level for this run (a tracing filter such as `info` or `tokenwarden=debug`).
+        #[arg(long, env = "TOKENWARDEN_LOG", default_value = "warn")]
+        log_level: String,
+        /// Only these clients (default: all).
+        clients: Vec<String>,
+    },
+    /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
+    Demo {
+        /// Directory to work in (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Token lifetime the demo provider grants.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        lifetime: std::time::Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config.config),
+        Command::Once {
+            config,
+            log_level,
+            clients,
+        } => once(&config.config, &log_level, &clients),
+        Command::Demo { dir, lifetime } => {
+            if let Err(e) = logging::init(LogFormat::Text, "warn") {
+                eprintln!("tokenwarden: {e}");
+            }
+            match runtime().and_then(|rt| rt.block_on(demo::run(dir, lifetime))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokenwarden demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    match config::load(path) {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(c)
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                eprintln!("{e}");
+            }
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let names: Vec<&str> = config.clients.keys().map(String::as_str).collect();
+    let outputs: usize = config.clients.values().map(|c| c.outputs.len()).sum();
+    println!(
+        "{}: OK, {} client{} ({}), {} output{}, {} file{} read",
+        path.display(),
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        if names.is_empty() { "none".to_string() } else { names.join(", ") },
+        outputs,
+        if outputs == 1 { "" } else { "s" },
+        config.files.len(),
+        if config.files.len() == 1 { "" } else { "s" },
+    );
+    ExitCode::SUCCESS
+}
+
+fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = logging::init(config.daemon.log_format, log_level) {
+        eprintln!("tokenwarden: {e}");
+        return ExitCode::from(2);
+    }
+    let results = match runtime().and_then(|rt| rt.block_on(app::once(&config, only))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tokenwarden: {e}");
+            return if only.iter().any(|n| !config.clients.contains_key(n)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            };
+        }
+    };
+    let width = results.iter().map(|r| r.client.len()).max().unwrap_or(0);
+    let mut failed = false;
+    for r in &results {
+        match &r.outcome {
+            Ok(o) => {
+                let left = o
+                    .token
+                    .remaining(SystemTime::now())
+                    .map(|d| Human(d).to_string())
+                    .unwrap_or_else(|| "0s".into());
+                println!(
+                    "{:width$}  {}  token {}  expires {} (in {})",
+                    r.client,
+                    if o.reused { "reused" } else { "new   " },
+                    o.token.fingerprint(),
+                    tokenwarden::token::rfc3339(o.token.expires_at),
+                    left,
+                );
+                for e in &o.output_errors {
+                    failed = true;
+                    eprintln!("{}: output failed: {e}", r.client);
+                }
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("{}: {e}", r.client);
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
