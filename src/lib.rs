@@ -5,6 +5,8 @@
 //! - [`secret`]: redacted secret values and where they come from.
 //! - [`keys`]: signing keys for JWT assertions.
 //! - [`token`]: an access token with its times and scope.
+//! - [`outputs`]: token files in each format, written atomically, and `on_change` commands.
+//! - [`state`]: the locked state directory: last token and refresh token per client.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -13,5 +15,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod outputs;
 pub mod secret;
+pub mod state;
 pub mod token;
