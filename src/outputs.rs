@@ -322,7 +322,6 @@ fn fill(
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(write_err)?;
     file.write_all(contents).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
     if owner.is_some() || group.is_some() {
         std::os::unix::fs::fchown(&*file, owner, group).map_err(|source| OutputError::Chown {
             path: path.to_path_buf(),
@@ -336,6 +335,8 @@ fn fill(
                 .map_err(write_err)?;
         }
     }
+    // After the chown, so that the owner is as durable as the content.
+    file.sync_all().map_err(write_err)?;
     Ok(())
 }
 

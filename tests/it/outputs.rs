@@ -477,3 +477,39 @@ async fn a_background_child_holding_the_output_does_not_hold_the_report() {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+#[test]
+fn owner_and_group_are_applied_before_the_rename() {
+    let (uid, gid) = if is_root() {
+        (65534, 65534)
+    } else {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    write_atomic(&path, b"x", 0o640, Some(uid), Some(gid)).unwrap();
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+
+    // write_outputs sees the right owner as current, and a wrong one as a reason to rewrite.
+    let mut out = output(&path, OutputFormat::Token);
+    out.owner = Some(uid);
+    out.group = Some(gid);
+    let t = token("x");
+    assert!(matches!(
+        write_outputs(&client(vec![out.clone()]), &t)[0].result,
+        Ok(false)
+    ));
+    if is_root() {
+        out.owner = Some(0);
+        assert!(matches!(
+            write_outputs(&client(vec![out]), &t)[0].result,
+            Ok(true)
+        ));
+        assert_eq!(fs::metadata(&path).unwrap().uid(), 0);
+    }
+}
