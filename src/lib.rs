@@ -4,18 +4,21 @@
 //! - [`config`]: the TOML config, raw serde types turned once into checked runtime types.
 //! - [`secret`]: redacted secret values and where they come from.
 //! - [`keys`]: signing keys for JWT assertions.
-//! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
 //! - [`token`]: an access token with its times and scope.
 //! - [`oauth`]: token requests for every grant and client authentication, and their answers.
+//! - [`outputs`]: token files in each format, written atomically, and `on_change` commands.
+//! - [`state`]: the locked state directory: last token and refresh token per client.
+//! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
+//! - [`app`]: the commands wired together (`once`).
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod app;
 pub mod config;
 pub mod keys;
 pub mod logging;
 pub mod oauth;
+pub mod outputs;
 pub mod secret;
+pub mod state;
 pub mod token;

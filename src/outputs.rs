@@ -1,0 +1,817 @@
+//! Token files (SPEC §5): rendering a token in each output format, writing files atomically, and
+//! running a client's `on_change` commands.
+//!
+//! Every write goes through [`write_atomic`]: a temporary file `.NAME.tw-XXXXXX` in the same
+//! directory, created exclusively without following symlinks and given the final mode
+//! explicitly (so the umask never matters), written, fsynced, chowned, renamed over the final
+//! path, and the directory fsynced. A reader sees the old file or the new one, never a mix; a
+//! failure removes the temporary file and leaves the old file as it was. The state directory
+//! ([`crate::state`]) uses the same function.
+//!
+//! If the final path is a symlink, the rename replaces the link itself with a regular file; the
+//! file the link pointed to is never written. That is deliberate: following a link placed in a
+//! shared directory would let whoever placed it choose where tokens land.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use zeroize::Zeroizing;
+
+use crate::config::{ClientConfig, OutputConfig, OutputFormat};
+use crate::token::{Token, rfc3339};
+
+/// How many bytes of each of stdout and stderr of an `on_change` command are kept for the log.
+pub const CAPTURE_LIMIT: usize = 4096;
+
+/// How many random temporary names are tried before giving up (each collision is a 1 in 56
+/// billion event unless something is squatting the names).
+const TEMP_ATTEMPTS: usize = 16;
+
+/// Why an output could not be rendered or written. Messages name the file and the cause, never
+/// the content.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The access token or its type holds a control character (CR, LF, NUL, …) that would break
+    /// the file or smuggle extra lines into it; nothing was written.
+    #[error("refusing to write {path}: the {field} holds a control character (line break or NUL)")]
+    UnsafeToken {
+        path: PathBuf,
+        /// `access token` or `token type`.
+        field: &'static str,
+    },
+    /// The output's `env_prefix` is not a valid start of an environment variable name.
+    #[error("refusing to write {path}: env_prefix {prefix:?} is not made of A-Z, a-z, 0-9 and _")]
+    BadEnvPrefix { path: PathBuf, prefix: String },
+    /// The path has no file name (it ends in `/`, `.` or `..`).
+    #[error("cannot write {0}: not a file path")]
+    BadPath(PathBuf),
+    /// A missing parent directory could not be created (or a parent is not a directory).
+    #[error("cannot write {path}: cannot create directory {dir}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// No temporary file could be created next to the output (permission denied, read-only
+    /// file system, no free inodes, …).
+    #[error("cannot write {path}: cannot create a temporary file in {dir}: {source}")]
+    CreateTemp {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the mode of, writing or flushing the temporary file failed (disk full, I/O
+    /// error); the old file is intact.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The owner or group could not be applied (the daemon lacks CAP_CHOWN, say); the old file
+    /// is intact.
+    #[error(
+        "cannot write {path}: cannot change owner to {owner:?} and group to {group:?}: {source}"
+    )]
+    Chown {
+        path: PathBuf,
+        owner: Option<u32>,
+        group: Option<u32>,
+        #[source]
+        source: io::Error,
+    },
+    /// The rename over the final path failed (it is a directory, say); the old file is intact.
+    #[error("cannot write {path}: cannot rename the temporary file into place: {source}")]
+    Rename {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The new file is in place but its directory could not be flushed, so it might not survive
+    /// a power loss.
+    #[error("wrote {path} but could not flush its directory: {source}")]
+    SyncDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+// === Rendering ===
+
+/// The bytes of `token` in `out`'s format (SPEC §5). Pure.
+///
+/// - `token`: the access token, no trailing newline.
+/// - `json`: one line `{"access_token":…,"token_type":…,"expires_at":…,"issued_at":…,"scope":…}`
+///   and a newline; times RFC 3339 UTC, scope one space-separated string.
+/// - `env`: `ACCESS_TOKEN=`, `TOKEN_TYPE=`, `TOKEN_EXPIRES_AT=` lines (each name prefixed with
+///   `env_prefix`), values quoted for systemd's `EnvironmentFile=` parser when they need it.
+/// - `header`: `Authorization: TYPE TOKEN` and a newline (`Bearer` spelled so for any case).
+///
+/// A token or token type holding a control character is refused rather than written into a
+/// broken file.
+pub fn render(out: &OutputConfig, token: &Token) -> Result<Zeroizing<Vec<u8>>, OutputError> {
+    let access = token.access_token.expose();
+    let token_type = if token.token_type.eq_ignore_ascii_case("bearer") {
+        "Bearer"
+    } else {
+        token.token_type.as_str()
+    };
+    for (field, value) in [("access token", access), ("token type", token_type)] {
+        if value.chars().any(char::is_control) {
+            return Err(OutputError::UnsafeToken {
+                path: out.path.clone(),
+                field,
+            });
+        }
+    }
+    let prefix = &out.env_prefix;
+    if out.format == OutputFormat::Env
+        && !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(OutputError::BadEnvPrefix {
+            path: out.path.clone(),
+            prefix: prefix.clone(),
+        });
+    }
+
+    // Room for everything even fully escaped, so the buffer never reallocates and leaves an
+    // un-zeroed copy of the token behind.
+    let scope_len: usize = token.scope.iter().map(|s| s.len() + 1).sum();
+    let capacity = 256 + prefix.len() * 3 + 2 * access.len() + 6 * (token_type.len() + scope_len);
+    let mut buf = Zeroizing::new(Vec::with_capacity(capacity));
+    match out.format {
+        OutputFormat::Token => buf.extend_from_slice(access.as_bytes()),
+        OutputFormat::Json => {
+            let (expires, issued, scope) = (
+                rfc3339(token.expires_at),
+                rfc3339(token.issued_at),
+                token.scope_string(),
+            );
+            let fields = [
+                ("access_token", access),
+                ("token_type", token_type),
+                ("expires_at", expires.as_str()),
+                ("issued_at", issued.as_str()),
+                ("scope", scope.as_str()),
+            ];
+            buf.push(b'{');
+            for (i, (name, value)) in fields.into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                json_string(&mut buf, name);
+                buf.push(b':');
+                json_string(&mut buf, value);
+            }
+            buf.extend_from_slice(b"}\n");
+        }
+        OutputFormat::Env => {
+            let expires = rfc3339(token.expires_at);
+            for (name, value) in [
+                ("ACCESS_TOKEN", access),
+                ("TOKEN_TYPE", token_type),
+                ("TOKEN_EXPIRES_AT", expires.as_str()),
+            ] {
+                buf.extend_from_slice(prefix.as_bytes());
+                buf.extend_from_slice(name.as_bytes());
+                buf.push(b'=');
+                env_value(&mut buf, value);
+                buf.push(b'\n');
+            }
+        }
+        OutputFormat::Header => {
+            buf.extend_from_slice(b"Authorization: ");
+            buf.extend_from_slice(token_type.as_bytes());
+            buf.push(b' ');
+            buf.extend_from_slice(access.as_bytes());
+            buf.push(b'\n');
+        }
+    }
+    Ok(buf)
+}
+
+/// Appends `s` as a JSON string (RFC 8259 §7).
+fn json_string(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => buf.extend_from_slice(b"\\\""),
+            '\\' => buf.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 => {
+                buf.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+            }
+            c => {
+                let mut utf8 = [0u8; 4];
+                buf.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
+        }
+    }
+    buf.push(b'"');
+}
+
+/// Appends `value` as systemd's `EnvironmentFile=` parser reads it back unchanged: bare when it
+/// is made only of characters that parser never treats specially (what JWTs, base64 and
+/// RFC 3339 times use), else in double quotes with `"`, `\`, `` ` `` and `$` backslash-escaped
+/// (systemd unescapes exactly those inside double quotes; a shell reads it the same way).
+fn env_value(buf: &mut Vec<u8>, value: &str) {
+    let bare = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:,@%".contains(&b));
+    if bare {
+        buf.extend_from_slice(value.as_bytes());
+        return;
+    }
+    buf.push(b'"');
+    for b in value.bytes() {
+        if matches!(b, b'"' | b'\\' | b'`' | b'$') {
+            buf.push(b'\\');
+        }
+        buf.push(b);
+    }
+    buf.push(b'"');
+}
+
+// === Atomic writes ===
+
+/// Replaces `path` with `contents`, atomically and durably (SPEC §5), with permission bits
+/// exactly `mode` whatever the umask, and the given owner and group when set.
+///
+/// Missing parent directories are created with mode 0755. A symlink at `path` is replaced by
+/// the new file (its target is left alone). On any failure the temporary file is removed, the
+/// old file is left intact and the error names the path and the cause.
+pub fn write_atomic(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> Result<(), OutputError> {
+    write_atomic_named(path, contents, mode, owner, group, &mut random_suffix)
+}
+
+/// [`write_atomic`] with the temporary names' suffixes from `suffix` (tests choose them).
+fn write_atomic_named(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+    suffix: &mut dyn FnMut() -> String,
+) -> Result<(), OutputError> {
+    let mode = mode & 0o7777;
+    let name = match path.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => return Err(OutputError::BadPath(path.to_path_buf())),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    create_parents(path, dir)?;
+    let (temp, mut file) = create_temp(path, dir, &name, mode, suffix)?;
+
+    let filled = fill(path, &mut file, contents, mode, owner, group);
+    let renamed = filled.and_then(|()| {
+        drop(file);
+        fs::rename(&temp, path).map_err(|source| OutputError::Rename {
+            path: path.to_path_buf(),
+            source,
+        })
+    });
+    if let Err(e) = renamed {
+        // Best effort: the error that matters is the one that stopped the write.
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    sync_dir(dir).map_err(|source| OutputError::SyncDir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The temporary file's contents, mode, durability and owner: everything before the rename.
+fn fill(
+    path: &Path,
+    file: &mut File,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> Result<(), OutputError> {
+    let write_err = |source| OutputError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    // fchmod: the mode given to open() was cut down by the umask.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(write_err)?;
+    file.write_all(contents).map_err(write_err)?;
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::fchown(&*file, owner, group).map_err(|source| OutputError::Chown {
+            path: path.to_path_buf(),
+            owner,
+            group,
+            source,
+        })?;
+        // chown clears the set-id bits; put back exactly what was asked for.
+        if mode & 0o7000 != 0 {
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(write_err)?;
+        }
+    }
+    // After the chown, so that the owner is as durable as the content.
+    file.sync_all().map_err(write_err)?;
+    Ok(())
+}
+
+/// Creates `dir` and its missing ancestors, each with mode exactly 0755.
+fn create_parents(path: &Path, dir: &Path) -> Result<(), OutputError> {
+    let err = |d: &Path, source| OutputError::CreateDir {
+        path: path.to_path_buf(),
+        dir: d.to_path_buf(),
+        source,
+    };
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        match fs::metadata(cur) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(err(
+                    cur,
+                    io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(cur);
+                match cur.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => cur = p,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(err(cur, e)),
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {
+                fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|e| err(d, e))?
+            }
+            // Someone else made it meanwhile: fine if it is a directory.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(err(d, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir/.NAME.tw-XXXXXX` exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`): an
+/// existing file or symlink at that name is never opened, another random name is tried.
+fn create_temp(
+    path: &Path,
+    dir: &Path,
+    name: &str,
+    mode: u32,
+    suffix: &mut dyn FnMut() -> String,
+) -> Result<(PathBuf, File), OutputError> {
+    let mut last = io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name");
+    for _ in 0..TEMP_ATTEMPTS {
+        let temp = dir.join(format!(".{name}.tw-{}", suffix()));
+        match open_exclusive(&temp, mode) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
+            Err(source) => {
+                return Err(OutputError::CreateTemp {
+                    path: path.to_path_buf(),
+                    dir: dir.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(OutputError::CreateTemp {
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+        source: last,
+    })
+}
+
+/// Six random letters and digits.
+fn random_suffix() -> String {
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(6)
+        .map(char::from)
+        .collect()
+}
+
+/// `open(path, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode)`.
+pub(crate) fn open_exclusive(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(path)
+}
+
+/// fsync of a directory, so a rename or unlink in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+// === Writing a client's outputs ===
+
+/// What happened to one output file.
+#[derive(Debug)]
+pub struct WriteReport {
+    /// The output's path.
+    pub path: PathBuf,
+    /// `Ok(true)`: written; `Ok(false)`: it already held exactly this content with this mode
+    /// and owner, left untouched; `Err`: not written, the old file is intact.
+    pub result: Result<bool, OutputError>,
+}
+
+/// Writes `token` to every output of `client`, in order. An output that already holds exactly
+/// the new content (a regular file, not a symlink, with the configured mode, owner and group)
+/// is left alone, mtime included. One failure never stops the others.
+pub fn write_outputs(client: &ClientConfig, token: &Token) -> Vec<WriteReport> {
+    client
+        .outputs
+        .iter()
+        .map(|out| WriteReport {
+            path: out.path.clone(),
+            result: write_output(out, token),
+        })
+        .collect()
+}
+
+fn write_output(out: &OutputConfig, token: &Token) -> Result<bool, OutputError> {
+    let contents = render(out, token)?;
+    if is_current(out, &contents) {
+        return Ok(false);
+    }
+    write_atomic(&out.path, &contents, out.mode, out.owner, out.group)?;
+    Ok(true)
+}
+
+/// Whether `out.path` is a regular file that already holds `contents` with the right mode,
+/// owner and group. Any doubt (unreadable, a symlink, …) says no, so the file is rewritten.
+fn is_current(out: &OutputConfig, contents: &[u8]) -> bool {
+    let Ok(meta) = fs::symlink_metadata(&out.path) else {
+        return false;
+    };
+    if !meta.file_type().is_file()
+        || meta.mode() & 0o7777 != out.mode & 0o7777
+        || out.owner.is_some_and(|uid| uid != meta.uid())
+        || out.group.is_some_and(|gid| gid != meta.gid())
+        || meta.len() != contents.len() as u64
+    {
+        return false;
+    }
+    let Ok(mut file) = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(&out.path)
+    else {
+        return false;
+    };
+    let mut existing = Zeroizing::new(Vec::with_capacity(contents.len() + 1));
+    // Read one byte more than expected, to notice a file that grew meanwhile.
+    match (&mut file)
+        .take(contents.len() as u64 + 1)
+        .read_to_end(&mut existing)
+    {
+        Ok(_) => existing.as_slice() == contents,
+        Err(_) => false,
+    }
+}
+
+// === on_change ===
+
+/// The result of one `on_change` command.
+#[derive(Debug)]
+pub struct OnChangeReport {
+    /// The command as configured.
+    pub argv: Vec<String>,
+    /// How it ended, or why it could not run.
+    pub result: Result<CommandOutput, OnChangeError>,
+}
+
+/// A command that ran to its end (successfully or not: see [`CommandOutput::status`]).
+#[derive(Debug)]
+pub struct CommandOutput {
+    /// Exit status; `status.success()` for exit code 0.
+    pub status: ExitStatus,
+    /// The first [`CAPTURE_LIMIT`] bytes of standard output, lossily decoded.
+    pub stdout: String,
+    /// The first [`CAPTURE_LIMIT`] bytes of standard error, lossily decoded.
+    pub stderr: String,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// Why an `on_change` command did not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum OnChangeError {
+    /// The argv is empty.
+    #[error("on_change command is empty")]
+    Empty,
+    /// The program could not be started (not found, not executable, …).
+    #[error("cannot run on_change command {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for the program failed.
+    #[error("on_change command {program} could not be waited for: {source}")]
+    Wait {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// It ran longer than the timeout; it and its process group were killed.
+    #[error("on_change command {program} did not finish within {}; killed", humantime::format_duration(*timeout))]
+    Timeout { program: String, timeout: Duration },
+}
+
+/// Runs each distinct non-empty `on_change` argv of `client`'s outputs once, one after the
+/// other in the order the outputs list them (SPEC §5: after all of the client's outputs are
+/// written; the timeout there is 30 s).
+pub async fn run_on_change(client: &ClientConfig, timeout: Duration) -> Vec<OnChangeReport> {
+    let mut seen = HashSet::new();
+    let mut reports = Vec::new();
+    for out in &client.outputs {
+        if out.on_change.is_empty() || !seen.insert(&out.on_change) {
+            continue;
+        }
+        reports.push(OnChangeReport {
+            argv: out.on_change.clone(),
+            result: run_command(&out.on_change, timeout).await,
+        });
+    }
+    reports
+}
+
+/// Runs `argv` without a shell, stdin from /dev/null, stdout and stderr captured (the first
+/// [`CAPTURE_LIMIT`] bytes of each). The command runs in its own process group; if it outlives
+/// `timeout`, the whole group is killed with SIGKILL.
+///
+/// When the command exits but something it left in the background still holds its output open,
+/// the output read until the deadline is reported and the background process is left alone.
+pub async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+) -> Result<CommandOutput, OnChangeError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(OnChangeError::Empty);
+    };
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| OnChangeError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(read_capped(r, Arc::clone(&stdout)))),
+        child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(read_capped(r, Arc::clone(&stderr)))),
+    ];
+
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(source)) => {
+            abort_all(&readers);
+            return Err(OnChangeError::Wait {
+                program: program.clone(),
+                source,
+            });
+        }
+        Err(_elapsed) => {
+            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                // The group may already be gone; the kill below is the fallback.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            abort_all(&readers);
+            return Err(OnChangeError::Timeout {
+                program: program.clone(),
+                timeout,
+            });
+        }
+    };
+    for reader in readers.into_iter().flatten() {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout_at(deadline, reader).await.is_err() {
+            abort.abort();
+        }
+    }
+    let text = |buf: &Mutex<Vec<u8>>| {
+        buf.lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(CommandOutput {
+        status,
+        stdout: text(&stdout),
+        stderr: text(&stderr),
+        elapsed: started.elapsed(),
+    })
+}
+
+fn abort_all(readers: &[Option<tokio::task::JoinHandle<()>>]) {
+    for r in readers.iter().flatten() {
+        r.abort();
+    }
+}
+
+/// Reads `r` to its end, keeping the first [`CAPTURE_LIMIT`] bytes in `kept` and draining the
+/// rest so the command never blocks on a full pipe.
+async fn read_capped(mut r: impl AsyncRead + Unpin, kept: Arc<Mutex<Vec<u8>>>) {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if let Ok(mut k) = kept.lock() {
+                    let room = CAPTURE_LIMIT.saturating_sub(k.len());
+                    k.extend_from_slice(&chunk[..n.min(room)]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::secret::Secret;
+
+    fn token(value: &str, token_type: &str) -> Token {
+        Token {
+            access_token: Secret::new(value),
+            token_type: token_type.into(),
+            issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_456_800),
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_400),
+            scope: vec!["files".into(), "upload_files".into()],
+        }
+    }
+
+    fn output(format: OutputFormat, env_prefix: &str) -> OutputConfig {
+        OutputConfig {
+            path: "/run/tw/out".into(),
+            format,
+            mode: 0o600,
+            owner: None,
+            group: None,
+            on_change: Vec::new(),
+            env_prefix: env_prefix.into(),
+        }
+    }
+
+    #[test]
+    fn every_format_byte_for_byte() {
+        use OutputFormat::*;
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig-_x";
+        let cases: &[(OutputFormat, &str, &str, &str, &str)] = &[
+            (Token, "", jwt, "Bearer", jwt),
+            (
+                Json,
+                "",
+                jwt,
+                "Bearer",
+                "{\"access_token\":\"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig-_x\",\"token_type\":\"Bearer\",\"expires_at\":\"2026-11-23T19:00:00Z\",\"issued_at\":\"2026-11-23T18:00:00Z\",\"scope\":\"files upload_files\"}\n",
+            ),
+            (
+                Env,
+                "",
+                jwt,
+                "Bearer",
+                "ACCESS_TOKEN=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig-_x\nTOKEN_TYPE=Bearer\nTOKEN_EXPIRES_AT=2026-11-23T19:00:00Z\n",
+            ),
+            (
+                Env,
+                "TD_",
+                "a+b/c==",
+                "MAC",
+                "TD_ACCESS_TOKEN=a+b/c==\nTD_TOKEN_TYPE=MAC\nTD_TOKEN_EXPIRES_AT=2026-11-23T19:00:00Z\n",
+            ),
+            (
+                Env,
+                "X",
+                "a b\"c\\d$e`f'g#h",
+                "bearer",
+                "XACCESS_TOKEN=\"a b\\\"c\\\\d\\$e\\`f'g#h\"\nXTOKEN_TYPE=Bearer\nXTOKEN_EXPIRES_AT=2026-11-23T19:00:00Z\n",
+            ),
+            (Header, "", "abc", "Bearer", "Authorization: Bearer abc\n"),
+            (Header, "", "abc", "bearer", "Authorization: Bearer abc\n"),
+            (Header, "", "abc", "BEARER", "Authorization: Bearer abc\n"),
+            (Header, "", "abc", "DPoP", "Authorization: DPoP abc\n"),
+            (Token, "TD_", "abc", "DPoP", "abc"),
+        ];
+        for (format, prefix, value, token_type, want) in cases {
+            let got = render(&output(*format, prefix), &token(value, token_type)).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                *want,
+                "{format:?} {prefix:?} {token_type:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_escapes_and_parses_back() {
+        let mut t = token("abc", "Bearer");
+        t.scope = vec!["a\"b".into(), "c\\d".into(), "é".into()];
+        let got = render(&output(OutputFormat::Json, ""), &t).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(v["scope"], "a\"b c\\d é");
+        assert_eq!(v["access_token"], "abc");
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 5);
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_format() {
+        use OutputFormat::*;
+        for format in [Token, Json, Env, Header] {
+            for (value, token_type) in [
+                ("a\nb", "Bearer"),
+                ("a\rb", "Bearer"),
+                ("a\0b", "Bearer"),
+                ("ab", "Bearer\nX-Evil: 1"),
+            ] {
+                let e = render(&output(format, ""), &token(value, token_type)).unwrap_err();
+                assert!(matches!(e, OutputError::UnsafeToken { .. }), "{format:?}");
+                let msg = format!("{e} {e:?}");
+                assert!(msg.contains("/run/tw/out"));
+                assert!(!msg.contains("a\nb") && !msg.contains("X-Evil"));
+            }
+        }
+        let e = render(&output(Env, "A=B"), &token("x", "Bearer")).unwrap_err();
+        assert!(matches!(e, OutputError::BadEnvPrefix { .. }));
+    }
+
+    #[test]
+    fn a_symlink_at_the_temporary_name_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let victim = dir.path().join("victim");
+        fs::write(&path, "old").unwrap();
+        fs::write(&victim, "victim").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".out.tw-AAAAAA")).unwrap();
+
+        let mut fixed = || "AAAAAA".to_string();
+        let e = write_atomic_named(&path, b"new", 0o600, None, None, &mut fixed).unwrap_err();
+        assert!(matches!(e, OutputError::CreateTemp { .. }), "{e:?}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(fs::read(&victim).unwrap(), b"victim");
+
+        // With a fresh name the same write goes through and the link is still untouched.
+        let mut names = ["AAAAAA", "BBBBBB"].into_iter().map(String::from);
+        let mut next = move || names.next().unwrap_or_default();
+        write_atomic_named(&path, b"new", 0o600, None, None, &mut next).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(fs::read(&victim).unwrap(), b"victim");
+        assert!(!dir.path().join(".out.tw-BBBBBB").exists());
+    }
+}

@@ -1,0 +1,581 @@
+//! The state directory (SPEC §6): per client, the last token, its expiry and any refresh token,
+//! kept across restarts.
+//!
+//! The directory is mode 0700 and locked with an exclusive `flock` on `.lock` for as long as the
+//! daemon holds its [`StateDir`], so a second daemon on the same directory refuses to start.
+//! Each client has one file, `NAME.json`, mode 0600, written with
+//! [`crate::outputs::write_atomic`] (temporary file, fsync, rename, directory fsync): killing
+//! the daemon at any instant leaves the old file or the new one, never a partial one.
+//!
+//! # File format
+//!
+//! ```json
+//! {
+//!   "version": 1,
+//!   "client": "transatel",
+//!   "fingerprint": "<ClientConfig::identity_fingerprint>",
+//!   "generation": 7,
+//!   "saved_at": "2026-11-23T18:00:00Z", "saved_at_unix": 1795456800,
+//!   "token": {
+//!     "access_token": "…", "token_type": "Bearer",
+//!     "issued_at": "2026-11-23T18:00:00Z", "issued_at_unix": 1795456800,
+//!     "expires_at": "2026-11-23T19:00:00Z", "expires_at_unix": 1795460400,
+//!     "scope": ["a", "b"]
+//!   },
+//!   "refresh_token": "…"
+//! }
+//! ```
+//!
+//! `token` and `refresh_token` may be `null`. The `*_unix` fields are what is read back (the
+//! RFC 3339 ones are for people); times are kept to the second, rounded down, so a reloaded
+//! token never looks valid for longer than it is. Readers ignore unknown fields: a later version
+//! may add fields and keep this file name; a change older versions could not read safely must
+//! use another file name.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::OFlag;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::outputs::{OutputError, sync_dir, write_atomic};
+use crate::secret::Secret;
+use crate::token::{Token, rfc3339, unix_seconds};
+
+/// The lock file inside the state directory.
+pub const LOCK_FILE: &str = ".lock";
+/// The version this code writes. Files with a higher version are still read (see the module
+/// documentation).
+pub const FORMAT_VERSION: u64 = 1;
+/// State files larger than this are refused as corrupt.
+const MAX_STATE_FILE: u64 = 1 << 20;
+
+/// Why the state directory or a state file could not be used. Messages name paths and clients,
+/// never tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The directory could not be created or inspected.
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The path exists but is not a directory.
+    #[error("state directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The directory's mode could not be tightened to 0700.
+    #[error("cannot set mode 0700 on state directory {path}: {source}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The lock file could not be opened or locked for a reason other than another holder.
+    #[error("cannot lock state directory {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Another process (another tokenwarden) holds the directory's lock.
+    #[error(
+        "another tokenwarden is using {0} (its lock file .lock is held); stop it or choose another state_dir"
+    )]
+    Locked(PathBuf),
+    /// A client name that is not a plain file name (`/`, leading `.`, empty, too long, …).
+    #[error("client name {0:?} cannot name a state file")]
+    BadName(String),
+    /// A state file exists but could not be read.
+    #[error("cannot read state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A state file is not valid state. It was moved aside to `kept_as` (when that worked) so
+    /// that it is neither used nor lost; the client starts as if it had no state.
+    #[error("state file {path} is corrupt ({reason}); {}", match kept_as {
+        Some(k) => format!("kept as {}", k.display()),
+        None => "it could not be moved aside".to_string(),
+    })]
+    Corrupt {
+        path: PathBuf,
+        kept_as: Option<PathBuf>,
+        /// What is wrong, by position and kind only: never the file's content.
+        reason: String,
+    },
+    /// The state file could not be written; the previous one is intact.
+    #[error("cannot save state of client {client}: {source}")]
+    Write {
+        client: String,
+        #[source]
+        source: OutputError,
+    },
+    /// The state file could not be removed.
+    #[error("cannot remove state file {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The directory could not be listed.
+    #[error("cannot list state directory {path}: {source}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What is kept for one client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredState {
+    /// [`crate::config::ClientConfig::identity_fingerprint`] of the settings the token was had with.
+    pub fingerprint: String,
+    /// The last access token, if any.
+    pub token: Option<Token>,
+    /// The last refresh token (RFC 6749 §6), if the provider issued one.
+    pub refresh_token: Option<Secret>,
+    /// The generation of `token` (SPEC §7): rises by one with each new token.
+    pub generation: u64,
+}
+
+impl StoredState {
+    /// The stored token, if it may be reused at `now` instead of asking the provider (SPEC §6):
+    /// the client's identity is unchanged (`fingerprint` matches) and the token has more than
+    /// `margin` left to live.
+    pub fn reusable_token(
+        &self,
+        fingerprint: &str,
+        margin: Duration,
+        now: SystemTime,
+    ) -> Option<&Token> {
+        if self.fingerprint != fingerprint {
+            return None;
+        }
+        let token = self.token.as_ref()?;
+        match token.remaining(now) {
+            Some(left) if left > margin => Some(token),
+            _ => None,
+        }
+    }
+
+    /// The stored refresh token, if the client's identity is unchanged. It outlives the access
+    /// token: an expired access token does not make it stale.
+    pub fn refresh_token_for(&self, fingerprint: &str) -> Option<&Secret> {
+        if self.fingerprint != fingerprint {
+            return None;
+        }
+        self.refresh_token.as_ref()
+    }
+}
+
+/// The locked state directory. The lock is held until this value is dropped.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+    /// Open with an exclusive `flock`; closing it releases the lock.
+    _lock: File,
+}
+
+impl StateDir {
+    /// Opens (creating it with mode 0700 if missing) and locks the state directory.
+    ///
+    /// A directory owned by this user with a looser mode is tightened to 0700. The lock is an
+    /// exclusive, non-blocking `flock` on `PATH/.lock`: [`StateError::Locked`] if another
+    /// process (or another open of the same directory) holds it. Temporary files left by a
+    /// write that was killed midway are removed.
+    pub fn open(path: &Path) -> Result<StateDir, StateError> {
+        match fs::metadata(path) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(StateError::NotADirectory(path.to_path_buf()));
+            }
+            Ok(meta) => {
+                if meta.mode() & 0o077 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
+                    set_mode_0700(path)?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(path)
+                    .map_err(|source| StateError::CreateDir {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                // The umask may have cut the mode down (to nothing useful) or it may have existed.
+                set_mode_0700(path)?;
+            }
+            Err(source) => {
+                return Err(StateError::CreateDir {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+
+        let lock_err = |source| StateError::Lock {
+            path: path.to_path_buf(),
+            source,
+        };
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+            .open(path.join(LOCK_FILE))
+            .map_err(lock_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked(path.to_path_buf()));
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(lock_err(source)),
+        }
+
+        let dir = StateDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        };
+        dir.remove_stale_temp_files();
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored state of `client`: `Ok(None)` when it has none. A corrupt file gives
+    /// [`StateError::Corrupt`] after being renamed to `NAME.json.corrupt-TIMESTAMP`; the caller
+    /// logs it and goes on as if there were no state.
+    pub fn load(&self, client: &str) -> Result<Option<StoredState>, StateError> {
+        let path = self.file(client)?;
+        let bytes = match read_limited(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        match parse(&bytes) {
+            Ok(state) => Ok(Some(state)),
+            Err(reason) => {
+                let kept_as = self.keep_corrupt(&path);
+                Err(StateError::Corrupt {
+                    path,
+                    kept_as,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Stores `state` for `client` atomically and durably (mode 0600). When this returns, the
+    /// state (a rotated refresh token in particular) survives a crash.
+    pub fn save(&self, client: &str, state: &StoredState) -> Result<(), StateError> {
+        let path = self.file(client)?;
+        let contents = serialize(client, state, SystemTime::now());
+        write_atomic(&path, &contents, 0o600, None, None).map_err(|source| StateError::Write {
+            client: client.to_string(),
+            source,
+        })
+    }
+
+    /// Forgets `client`'s state (no error if it has none).
+    pub fn remove(&self, client: &str) -> Result<(), StateError> {
+        let path = self.file(client)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Remove { path, source }),
+        }
+        sync_dir(&self.path).map_err(|source| StateError::Remove { path, source })
+    }
+
+    /// Names of the clients that have a state file, sorted.
+    pub fn clients(&self) -> Result<Vec<String>, StateError> {
+        let list_err = |source| StateError::List {
+            path: self.path.clone(),
+            source,
+        };
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.path).map_err(list_err)? {
+            let entry = entry.map_err(list_err)?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if valid_name(name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// `PATH/NAME.json`, for a name that cannot escape the directory.
+    fn file(&self, client: &str) -> Result<PathBuf, StateError> {
+        if !valid_name(client) {
+            return Err(StateError::BadName(client.to_string()));
+        }
+        Ok(self.path.join(format!("{client}.json")))
+    }
+
+    /// Renames a corrupt file to `NAME.json.corrupt-TIMESTAMP` (never over an older one).
+    fn keep_corrupt(&self, path: &Path) -> Option<PathBuf> {
+        let stamp = rfc3339(SystemTime::now()).replace(':', "");
+        let base = format!("{}.corrupt-{stamp}", path.display());
+        let kept = (0..100)
+            .map(|i| match i {
+                0 => PathBuf::from(&base),
+                i => PathBuf::from(format!("{base}.{i}")),
+            })
+            .find(|p| fs::symlink_metadata(p).is_err())?;
+        fs::rename(path, &kept).ok()?;
+        // Best effort: the rename is what matters; the directory is flushed on the next save.
+        let _ = sync_dir(&self.path);
+        Some(kept)
+    }
+
+    /// Removes `.NAME.tw-XXXXXX` files a killed write left behind (we hold the lock: no write
+    /// of ours is in flight).
+    fn remove_stale_temp_files(&self) {
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".tw-") && name != LOCK_FILE {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn set_mode_0700(path: &Path) -> Result<(), StateError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|source| {
+        StateError::Permissions {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Client names as the config allows them (`[A-Za-z0-9_.-]{1,64}`), and never `/` or a leading
+/// `.` (which would make hidden files, `..`, or clash with the temporary files).
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn read_limited(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(path)?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+// === The file format ===
+
+#[derive(Serialize)]
+struct FileOut<'a> {
+    version: u64,
+    client: &'a str,
+    fingerprint: &'a str,
+    generation: u64,
+    saved_at: String,
+    saved_at_unix: u64,
+    token: Option<TokenOut<'a>>,
+    refresh_token: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TokenOut<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    issued_at: String,
+    issued_at_unix: u64,
+    expires_at: String,
+    expires_at_unix: u64,
+    scope: &'a [String],
+}
+
+/// What is read back; unknown fields are ignored.
+#[derive(Deserialize)]
+struct FileIn {
+    version: u64,
+    fingerprint: String,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    token: Option<TokenIn>,
+    #[serde(default)]
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenIn {
+    access_token: String,
+    token_type: String,
+    issued_at_unix: u64,
+    expires_at_unix: u64,
+    #[serde(default)]
+    scope: Vec<String>,
+}
+
+fn serialize(client: &str, state: &StoredState, now: SystemTime) -> Zeroizing<Vec<u8>> {
+    let file = FileOut {
+        version: FORMAT_VERSION,
+        client,
+        fingerprint: &state.fingerprint,
+        generation: state.generation,
+        saved_at: rfc3339(now),
+        saved_at_unix: unix_seconds(now),
+        token: state.token.as_ref().map(|t| TokenOut {
+            access_token: t.access_token.expose(),
+            token_type: &t.token_type,
+            issued_at: rfc3339(t.issued_at),
+            issued_at_unix: unix_seconds(t.issued_at),
+            expires_at: rfc3339(t.expires_at),
+            expires_at_unix: unix_seconds(t.expires_at),
+            scope: &t.scope,
+        }),
+        refresh_token: state.refresh_token.as_ref().map(Secret::expose),
+    };
+    // Room for the whole file, so the buffer never reallocates and leaves an un-zeroed copy.
+    let secrets_len = state.token.as_ref().map_or(0, |t| {
+        t.access_token.expose().len() + t.scope.iter().map(|s| s.len() + 8).sum::<usize>()
+    }) + state.refresh_token.as_ref().map_or(0, |r| r.expose().len());
+    let mut buf = Zeroizing::new(Vec::with_capacity(4096 + 6 * secrets_len));
+    // Serializing these types into a Vec cannot fail; should it ever, the empty file written
+    // would be read back as corrupt, not as a wrong token.
+    if serde_json::to_writer_pretty(&mut *buf, &file).is_err() {
+        buf.clear();
+    }
+    buf.push(b'\n');
+    buf
+}
+
+/// Reads a state file. The error says what is wrong by position and kind only: serde's own
+/// messages may quote the content.
+fn parse(bytes: &[u8]) -> Result<StoredState, String> {
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(format!("larger than {MAX_STATE_FILE} bytes"));
+    }
+    let file: FileIn = serde_json::from_slice(bytes).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io => "read error",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "a field is missing or has the wrong type",
+            serde_json::error::Category::Eof => "truncated",
+        };
+        format!("{kind} at line {} column {}", e.line(), e.column())
+    })?;
+    if file.version == 0 {
+        return Err("version 0 is not a state file version".into());
+    }
+    let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    Ok(StoredState {
+        fingerprint: file.fingerprint,
+        token: file.token.map(|t| Token {
+            access_token: Secret::new(t.access_token),
+            token_type: t.token_type,
+            issued_at: at(t.issued_at_unix),
+            expires_at: at(t.expires_at_unix),
+            scope: t.scope,
+        }),
+        refresh_token: file.refresh_token.map(Secret::new),
+        generation: file.generation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> StoredState {
+        StoredState {
+            fingerprint: "fp".into(),
+            token: Some(Token {
+                access_token: Secret::new("tok\"en"),
+                token_type: "Bearer".into(),
+                issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_456_800),
+                expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_400),
+                scope: vec!["a".into(), "b".into()],
+            }),
+            refresh_token: Some(Secret::new("refresh")),
+            generation: 7,
+        }
+    }
+
+    #[test]
+    fn serialize_parse_round_trip() {
+        let s = state();
+        let bytes = serialize("c", &s, SystemTime::UNIX_EPOCH);
+        assert_eq!(parse(&bytes).unwrap(), s);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["token"]["expires_at"], "2026-11-23T19:00:00Z");
+        assert_eq!(v["token"]["expires_at_unix"], 1_795_460_400u64);
+    }
+
+    #[test]
+    fn later_versions_with_more_fields_are_read() {
+        let text = r#"{"version": 3, "fingerprint": "fp", "new_field": {"x": 1},
+            "token": null, "refresh_token": "r", "generation": 2}"#;
+        let s = parse(text.as_bytes()).unwrap();
+        assert_eq!(s.refresh_token.unwrap().expose(), "r");
+        assert_eq!(s.generation, 2);
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_content() {
+        for text in [
+            r#"{"version": 1, "fingerprint": "fp", "refresh_token": 12345678}"#,
+            r#"{"version": 1, "fingerprint": "fp", "token": {"access_token": "secret-value"}}"#,
+            r#"{"version": "secret-value"}"#,
+            "secret-value",
+            r#"{"version": 1, "fingerprint": "fp", "refresh_token": "secret-value"#,
+        ] {
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert!(
+                !e.contains("secret-value") && !e.contains("12345678"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "talkdesk", "creads-files", "a.b_c-9", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            &"x".repeat(65),
+            "é",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

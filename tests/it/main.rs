@@ -1,0 +1,3 @@
+//! tokenwarden's integration tests: one crate, one module per part of the daemon.
+mod outputs;
+mod state;
