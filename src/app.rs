@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
 
 use crate::config::{ClientConfig, Config};
-use crate::oauth::{self, HttpClients, OAuthError};
+use crate::oauth::{self, HttpClients, Human, OAuthError};
 use crate::outputs;
 use crate::secret::Secret;
 use crate::state::{StateDir, StoredState};
@@ -170,10 +170,26 @@ pub async fn publish(client: &ClientConfig, token: &Token) -> Vec<String> {
     }
     if changed {
         for r in outputs::run_on_change(client, ON_CHANGE_TIMEOUT).await {
-            tracing::info!(client = %client.name, "on_change: {r}");
+            log_on_change(&client.name, &r);
         }
     }
     errors
+}
+
+fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
+    let program = r.argv.first().map(String::as_str).unwrap_or("");
+    match &r.result {
+        Ok(out) => {
+            let stdout = out.stdout.trim();
+            let stderr = out.stderr.trim();
+            if out.status.success() {
+                tracing::info!(client, program, stdout, stderr, "on_change ran in {}", Human(out.elapsed));
+            } else {
+                tracing::warn!(client, program, stdout, stderr, "on_change failed ({})", out.status);
+            }
+        }
+        Err(e) => tracing::warn!(client, "on_change: {e}"),
+    }
 }
 
 /// `tokenwarden once`: every named client (all when `only` is empty), concurrently up to

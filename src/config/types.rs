@@ -178,7 +178,8 @@ impl ClientConfig {
     }
 
     /// A digest of what makes a token this client's (SPEC §6): token URL, client id, grant,
-    /// user, scope, audience and resource. A stored token is reused only when it matches.
+    /// user, scope, audience and resource (and, for the `refresh_token` grant, the
+    /// supplied refresh token). A stored token is reused only when it matches.
     pub fn identity_fingerprint(&self) -> String {
         let username = match &self.grant {
             Grant::Password { username, .. } => username.as_str(),
@@ -190,6 +191,8 @@ impl ClientConfig {
                 .get("sub")
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
+            // A new bootstrap refresh token starts a new chain: the stored one is not reused.
+            Grant::RefreshToken { refresh_token } => refresh_token.value.fingerprint_full(),
             _ => String::new(),
         };
         let parts = [
