@@ -5,6 +5,7 @@
 //! - [`secret`]: redacted secret values and where they come from.
 //! - [`keys`]: signing keys for JWT assertions.
 //! - [`token`]: an access token with its times and scope.
+//! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -13,5 +14,6 @@
 
 pub mod config;
 pub mod keys;
+pub mod provider;
 pub mod secret;
 pub mod token;
