@@ -107,6 +107,7 @@ pub(crate) fn action(fault: &Fault) -> Action {
             let mut r = Response::new(Body {
                 data: Some(Bytes::from(part)),
                 fail_after: true,
+                yielded: false,
             });
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -141,7 +142,10 @@ pub(crate) fn raw(status: u16, content_type: &str, body: Vec<u8>) -> Response<Bo
 #[derive(Debug)]
 pub(crate) struct Body {
     data: Option<Bytes>,
+    /// End with an error (closing the connection) instead of cleanly.
     fail_after: bool,
+    /// Whether the body has already said "not yet" once before failing.
+    yielded: bool,
 }
 
 impl Body {
@@ -150,6 +154,7 @@ impl Body {
         Body {
             data: Some(data.into()),
             fail_after: false,
+            yielded: false,
         }
     }
 }
@@ -160,10 +165,16 @@ impl hyper::body::Body for Body {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(d) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        if self.fail_after && !self.yielded {
+            // Let the connection flush the head and the first part before the error aborts it.
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if self.fail_after {
             self.fail_after = false;
