@@ -24,6 +24,8 @@
 //! - `assertion`: JWT assertion checks.
 //! - `fault`: misbehaviour on demand.
 
+#![warn(missing_docs)]
+
 mod assertion;
 mod dialect;
 mod fault;
@@ -351,7 +353,10 @@ impl fmt::Debug for Provider {
 // === impl Provider ===
 
 impl Provider {
-    /// Starts a provider on `127.0.0.1:0`.
+    /// Starts a provider on `127.0.0.1:0`, served by tasks on the current tokio runtime.
+    ///
+    /// Client assertions must carry as `aud` exactly the URL the client posts to, as
+    /// [`Provider::token_url`] spells it (`http://127.0.0.1:PORT/...`; `localhost` is another URL).
     pub async fn start() -> std::io::Result<Provider> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
