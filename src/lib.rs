@@ -10,15 +10,19 @@
 //! - [`state`]: the locked state directory: last token and refresh token per client.
 //! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
 //! - [`app`]: the commands wired together (`once`).
+//! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
+//! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod app;
 pub mod config;
 pub mod keys;
+pub mod demo;
 pub mod logging;
 pub mod oauth;
 pub mod outputs;
+pub mod provider;
 pub mod secret;
 pub mod state;
 pub mod token;

@@ -1,3 +1,4 @@
-//! tokenwarden's integration tests: one crate, one module per part of the daemon.
+//! tokenwarden's integration tests: one crate, one module per part of the product.
 mod outputs;
+mod provider;
 mod state;

@@ -1,0 +1,1027 @@
+//! A built-in, strict OAuth 2.0 token endpoint on loopback, speaking each seed dialect of
+//! SPEC §1 the way the real provider does. The integration tests run tokenwarden against it, and
+//! `tokenwarden demo` shows tokens rotating without any network.
+//!
+//! It is deliberately unforgiving, so that tokenwarden's client code is tested against
+//! realistic behaviour rather than our own assumptions:
+//! - only `POST` with `application/x-www-form-urlencoded` (RFC 6749 §3.2), bodies up to 64 KiB,
+//!   no repeated parameters;
+//! - exactly one client authentication method (RFC 6749 §2.3), Basic credentials form-decoded
+//!   after base64 (§2.3.1), client assertions checked per RFC 7523 §2.2 and §3 (signature, `alg`,
+//!   `kid`, `iss` = `sub` = client id, `aud` = the token URL posted to, `exp` ≤ 5 min after
+//!   `iat`, `jti` never reused);
+//! - grants `client_credentials` (§4.4), `password` (§4.3), `refresh_token` (§6, single use,
+//!   rotated on every use) and jwt-bearer (RFC 7523 §2.1), each only where its dialect has it;
+//! - `scope` limited to what the client may ask for;
+//! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
+//!
+//! Faults ([`Fault`]) make it misbehave on demand. Every request is recorded
+//! ([`Provider::requests`]). Logs are at debug level and never carry secrets or tokens.
+//!
+//! # Layout
+//! - [`dialect`](Dialect): paths, grants and response shapes per provider.
+//! - `request`: strict reading of the request and client authentication.
+//! - `assertion`: JWT assertion checks.
+//! - `fault`: misbehaviour on demand.
+
+#![warn(missing_docs)]
+
+mod assertion;
+mod dialect;
+mod fault;
+mod request;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PRAGMA, WWW_AUTHENTICATE,
+};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+pub use dialect::{Dialect, Grant, JWT_BEARER_GRANT, TalkdeskRegion};
+pub use fault::{Fault, HTML_ERROR_PAGE};
+pub use request::{CLIENT_ASSERTION_TYPE, MAX_BODY};
+
+use crate::keys::SigningAlg;
+use crate::secret::{Secret, fingerprint};
+use assertion::{ClientRule, GrantRule};
+use dialect::Issue;
+use fault::{Action, Body, FaultPlan};
+use request::{Presented, Reject};
+
+/// The realm of the `WWW-Authenticate: Basic` challenge.
+pub const REALM: &str = "tokenwarden-provider";
+
+/// How a registered client must authenticate (RFC 6749 §2.3; RFC 7523 §2.2). Any other method
+/// is answered 401 `invalid_client`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExpectedAuth {
+    /// `client_secret_basic`: HTTP Basic with this secret.
+    Basic {
+        /// The client secret.
+        secret: Secret,
+    },
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body.
+    Post {
+        /// The client secret.
+        secret: Secret,
+    },
+    /// `client_secret_jwt`: a client assertion signed with the secret (HMAC).
+    SecretJwt {
+        /// The client secret, the HMAC key.
+        secret: Secret,
+        /// The only algorithm accepted (HS256, HS384 or HS512).
+        alg: SigningAlg,
+    },
+    /// `private_key_jwt`: a client assertion signed with the private half of this key.
+    PrivateKeyJwt {
+        /// The public key, PEM (SubjectPublicKeyInfo).
+        public_key_pem: String,
+        /// The only algorithm accepted.
+        alg: SigningAlg,
+        /// When set, the assertion's `kid` header must be this.
+        kid: Option<String>,
+    },
+    /// No client authentication: a public client naming itself with `client_id`, or the
+    /// jwt-bearer grant, whose assertion's `iss` names the client.
+    None,
+}
+
+impl ExpectedAuth {
+    /// The method's name as in the config (`client_secret_basic`, …).
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            ExpectedAuth::Basic { .. } => "client_secret_basic",
+            ExpectedAuth::Post { .. } => "client_secret_post",
+            ExpectedAuth::SecretJwt { .. } => "client_secret_jwt",
+            ExpectedAuth::PrivateKeyJwt { .. } => "private_key_jwt",
+            ExpectedAuth::None => "none",
+        }
+    }
+}
+
+/// How the jwt-bearer grant's assertion is checked (RFC 7523 §2.1 and §3, Talentsoft user).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrantAssertion {
+    /// The HS256 key: the client secret.
+    pub secret: Secret,
+    /// The `aud` the assertion must carry.
+    pub audience: String,
+}
+
+/// A client the provider knows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegisteredClient {
+    /// The client id.
+    pub client_id: String,
+    /// Its provider style: which path it posts to, which grants it may use, how answers look.
+    pub dialect: Dialect,
+    /// How it must authenticate.
+    pub auth: ExpectedAuth,
+    /// Lifetime of the access tokens it gets (`expires_in` is its whole seconds).
+    pub lifetime: Duration,
+    /// The scope values it may ask for; `None`: any.
+    pub allowed_scopes: Option<Vec<String>>,
+    /// The scope granted when the request names none.
+    pub default_scope: Vec<String>,
+    /// Resource owners for the password grant: user name → password.
+    pub users: BTreeMap<String, Secret>,
+    /// The jwt-bearer grant's assertion settings.
+    pub grant_assertion: Option<GrantAssertion>,
+    /// Whether it gets refresh tokens (only where its dialect has the refresh grant).
+    pub refresh_tokens: bool,
+    /// Leave `expires_in` out of responses (to test the JWT `exp` and `default_lifetime` paths).
+    pub omit_expires_in: bool,
+}
+
+impl RegisteredClient {
+    /// A client of `dialect` authenticating with `auth`, with a one-hour lifetime, any scope,
+    /// and the dialect's refresh-token habit.
+    pub fn new(client_id: impl Into<String>, dialect: Dialect, auth: ExpectedAuth) -> Self {
+        RegisteredClient {
+            client_id: client_id.into(),
+            dialect,
+            auth,
+            lifetime: Duration::from_secs(3600),
+            allowed_scopes: None,
+            default_scope: Vec::new(),
+            users: BTreeMap::new(),
+            grant_assertion: None,
+            refresh_tokens: dialect.issues_refresh_tokens(),
+            omit_expires_in: false,
+        }
+    }
+
+    /// A Transatel client: client credentials with HTTP Basic.
+    pub fn transatel(client_id: impl Into<String>, secret: &str) -> Self {
+        let auth = ExpectedAuth::Basic {
+            secret: Secret::new(secret),
+        };
+        RegisteredClient::new(client_id, Dialect::Transatel, auth)
+    }
+
+    /// A Creads client: HTTP Basic, the password grant for `user`, scopes `base`, `files` and
+    /// `upload_files` (`base` when none is asked for), refresh tokens.
+    pub fn creads(client_id: impl Into<String>, secret: &str, user: &str, password: &str) -> Self {
+        let auth = ExpectedAuth::Basic {
+            secret: Secret::new(secret),
+        };
+        let mut c = RegisteredClient::new(client_id, Dialect::Creads, auth)
+            .with_allowed_scopes(Some(&["base", "files", "upload_files"]));
+        c.default_scope = vec!["base".into()];
+        c.users.insert(user.into(), Secret::new(password));
+        c
+    }
+
+    /// A Talentsoft application client: client credentials with `client_secret_post`.
+    pub fn talentsoft_app(client_id: impl Into<String>, secret: &str) -> Self {
+        let auth = ExpectedAuth::Post {
+            secret: Secret::new(secret),
+        };
+        RegisteredClient::new(client_id, Dialect::TalentsoftApp, auth)
+    }
+
+    /// A Talentsoft user client: the jwt-bearer grant, its HS256 assertion signed with `secret`
+    /// and addressed to `audience`; no other client authentication.
+    pub fn talentsoft_user(client_id: impl Into<String>, secret: &str, audience: &str) -> Self {
+        let mut c = RegisteredClient::new(client_id, Dialect::TalentsoftUser, ExpectedAuth::None);
+        c.grant_assertion = Some(GrantAssertion {
+            secret: Secret::new(secret),
+            audience: audience.into(),
+        });
+        c
+    }
+
+    /// A Talkdesk client: client credentials with `private_key_jwt`, verified with
+    /// `public_key_pem` under `alg`, with `kid` checked when given.
+    pub fn talkdesk(
+        client_id: impl Into<String>,
+        public_key_pem: &str,
+        kid: Option<&str>,
+        alg: SigningAlg,
+    ) -> Self {
+        let auth = ExpectedAuth::PrivateKeyJwt {
+            public_key_pem: public_key_pem.into(),
+            alg,
+            kid: kid.map(String::from),
+        };
+        RegisteredClient::new(client_id, Dialect::Talkdesk, auth)
+    }
+
+    /// The same client with another token lifetime.
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// The same client with another set of allowed scope values (`None`: any).
+    pub fn with_allowed_scopes(mut self, scopes: Option<&[&str]>) -> Self {
+        self.allowed_scopes = scopes.map(|s| s.iter().map(|v| v.to_string()).collect());
+        self
+    }
+
+    /// The same client with another authentication method.
+    pub fn with_auth(mut self, auth: ExpectedAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+}
+
+/// A request as the provider received it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// `POST`, `GET`, …
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// Every header in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body as read (empty when it was refused for its size).
+    pub body: Vec<u8>,
+    /// The form pairs as sent, when the body was declared `application/x-www-form-urlencoded`.
+    pub form: Vec<(String, String)>,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The first value of form parameter `name`.
+    pub fn form_value(&self, name: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Shows method, path, header names and form parameter names: values carry credentials.
+impl fmt::Debug for RecordedRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        let form: Vec<&str> = self.form.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RecordedRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("headers", &headers)
+            .field("body_len", &self.body.len())
+            .field("form", &form)
+            .finish()
+    }
+}
+
+/// A handle on a running provider. Clones share it; it stops when the last handle is dropped or
+/// [`Provider::shutdown`] is called.
+#[derive(Clone)]
+pub struct Provider {
+    inner: Arc<Inner>,
+}
+
+/// The last handle's drop cancels the server.
+struct Inner {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+/// What the server tasks share with the handles.
+struct Shared {
+    addr: SocketAddr,
+    /// Signs Transatel's JWT access tokens and Talkdesk's id tokens.
+    server_key: Secret,
+    cancel: CancellationToken,
+    state: Mutex<State>,
+}
+
+/// The provider's memory.
+#[derive(Default)]
+struct State {
+    clients: HashMap<String, RegisteredClient>,
+    faults: FaultPlan,
+    requests: Vec<RecordedRequest>,
+    /// Access token → who holds it and until when.
+    live: HashMap<String, LiveToken>,
+    /// Tokens issued per client id.
+    issued: HashMap<String, usize>,
+    /// Refresh token → what it may be exchanged for. Removed on use (RFC 6749 §6 rotation).
+    refresh: HashMap<String, RefreshGrant>,
+    /// `kind:client id` → jti → exp of the assertions seen.
+    seen_jti: HashMap<String, HashMap<String, u64>>,
+    counter: u64,
+}
+
+struct LiveToken {
+    client_id: String,
+    expires: Instant,
+}
+
+struct RefreshGrant {
+    client_id: String,
+    scope: Vec<String>,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider")
+            .field("addr", &self.inner.shared.addr)
+            .finish()
+    }
+}
+
+// === impl Provider ===
+
+impl Provider {
+    /// Starts a provider on `127.0.0.1:0`, served by tasks on the current tokio runtime.
+    ///
+    /// Client assertions must carry as `aud` exactly the URL the client posts to, as
+    /// [`Provider::token_url`] spells it (`http://127.0.0.1:PORT/...`; `localhost` is another URL).
+    pub async fn start() -> std::io::Result<Provider> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server_key = Secret::new(format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let shared = Arc::new(Shared {
+            addr,
+            server_key,
+            cancel: CancellationToken::new(),
+            state: Mutex::new(State::default()),
+        });
+        tokio::spawn(accept_loop(listener, shared.clone()));
+        debug!(%addr, "provider: listening");
+        Ok(Provider {
+            inner: Arc::new(Inner { shared }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared().lock()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        self.shared().base_url()
+    }
+
+    /// The address the provider listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared().addr
+    }
+
+    /// The token URL of `dialect` (for Talkdesk, the `.com` region's).
+    pub fn token_url(&self, dialect: Dialect) -> String {
+        format!("{}{}", self.base_url(), dialect.path())
+    }
+
+    /// The token URL of a Talkdesk region.
+    pub fn talkdesk_token_url(&self, region: TalkdeskRegion) -> String {
+        format!("{}{}", self.base_url(), region.path())
+    }
+
+    /// Adds a client, or replaces the one with its id.
+    pub fn register(&self, client: RegisteredClient) {
+        self.state()
+            .clients
+            .insert(client.client_id.clone(), client);
+    }
+
+    /// Changes the lifetime of the tokens a client gets from now on.
+    pub fn set_lifetime(&self, client_id: &str, lifetime: Duration) {
+        if let Some(c) = self.state().clients.get_mut(client_id) {
+            c.lifetime = lifetime;
+        }
+    }
+
+    /// Sets (or, with `None`, clears) a fault for every request until changed.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.state().faults.standing = fault;
+    }
+
+    /// Applies `fault` to the next `n` requests only, before any standing fault.
+    pub fn fault_next(&self, fault: Fault, n: usize) {
+        let mut st = self.state();
+        st.faults.queued.extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// Every request received, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state().requests.clone()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.state().requests.clear();
+    }
+
+    /// How many access tokens a client was issued.
+    pub fn issued(&self, client_id: &str) -> usize {
+        self.state().issued.get(client_id).copied().unwrap_or(0)
+    }
+
+    /// Whether `access_token` was issued by this provider and has not expired.
+    pub fn token_is_live(&self, access_token: &str) -> bool {
+        self.state()
+            .live
+            .get(access_token)
+            .is_some_and(|t| Instant::now() < t.expires)
+    }
+
+    /// The client an access token was issued to, if it was issued here.
+    pub fn token_owner(&self, access_token: &str) -> Option<String> {
+        self.state()
+            .live
+            .get(access_token)
+            .map(|t| t.client_id.clone())
+    }
+
+    /// Forgets every refresh token of a client: its next refresh grant gets `invalid_grant`.
+    pub fn revoke_refresh_tokens(&self, client_id: &str) {
+        self.state().refresh.retain(|_, g| g.client_id != client_id);
+    }
+
+    /// How many unused refresh tokens a client holds.
+    pub fn live_refresh_tokens(&self, client_id: &str) -> usize {
+        self.state()
+            .refresh
+            .values()
+            .filter(|g| g.client_id == client_id)
+            .count()
+    }
+
+    /// Stops the server: no new connection is accepted and open ones are closed.
+    pub fn shutdown(&self) {
+        debug!(addr = %self.shared().addr, "provider: shutting down");
+        self.shared().cancel.cancel();
+    }
+}
+
+// === serving ===
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, shared.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors, say: back off a little rather than spin.
+                debug!(error = %e, "provider: accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection in its own task, so a hanging answer blocks nothing else.
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let cancel = shared.cancel.clone();
+    let svc = service_fn(move |req| handle(shared.clone(), req));
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        r = conn => {
+            if let Err(e) = r {
+                debug!(error = %e, "provider: connection closed with an error");
+            }
+        }
+    }
+}
+
+/// Answers one request: records it, applies any fault, else processes it.
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    let (parts, body) = req.into_parts();
+    let declared_too_big = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64);
+    let body = if declared_too_big {
+        Err(Reject::too_large())
+    } else {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(Reject::too_large()),
+            Err(e) => {
+                debug!(error = %e, "provider: request body unreadable");
+                return Err(std::io::Error::other("request body unreadable"));
+            }
+        }
+    };
+    let bytes = body.as_ref().map(|b| b.to_vec()).unwrap_or_default();
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let is_form = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| request::check_content_type(Some(v)).is_ok());
+    let recorded = RecordedRequest {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        headers,
+        form: if is_form {
+            request::form_pairs(&bytes)
+        } else {
+            Vec::new()
+        },
+        body: bytes,
+    };
+    let fault = {
+        let mut st = shared.lock();
+        st.requests.push(recorded.clone());
+        st.faults.take()
+    };
+    if let Some(fault) = fault {
+        debug!(path = %recorded.path, fault = fault_name(&fault), "provider: applying fault");
+        return match fault::action(&fault) {
+            Action::Respond(r) => Ok(r),
+            Action::Hang => {
+                shared.cancel.cancelled().await;
+                Err(std::io::Error::other("provider shut down"))
+            }
+            Action::Drop => Err(std::io::Error::other("connection dropped on purpose")),
+        };
+    }
+    if dialect::dialects_at(&recorded.path).is_empty() {
+        debug!(path = %recorded.path, "provider: no token endpoint here");
+        return Ok(fault::raw(
+            404,
+            "text/plain; charset=utf-8",
+            b"Not Found".to_vec(),
+        ));
+    }
+    let outcome = match body {
+        Ok(_) => shared.process(&recorded),
+        Err(reject) => Err(reject),
+    };
+    Ok(match outcome {
+        Ok((client_id, value)) => {
+            debug!(path = %recorded.path, client = %client_id, "provider: token issued");
+            json_response(200, &value)
+        }
+        Err(reject) => {
+            debug!(
+                path = %recorded.path,
+                status = reject.status,
+                error = reject.error,
+                description = %reject.description,
+                "provider: request refused"
+            );
+            error_response(&reject)
+        }
+    })
+}
+
+fn fault_name(f: &Fault) -> &'static str {
+    match f {
+        Fault::ServerError => "server_error",
+        Fault::TooManyRequests { .. } => "too_many_requests",
+        Fault::InvalidJson => "invalid_json",
+        Fault::HtmlError => "html_error",
+        Fault::Hang => "hang",
+        Fault::DropConnection => "drop_connection",
+        Fault::TruncatedBody => "truncated_body",
+        Fault::Custom { .. } => "custom",
+    }
+}
+
+/// A JSON response with the no-cache headers of RFC 6749 §5.1.
+fn json_response(status: u16, value: &Value) -> Response<Body> {
+    let mut r = fault::raw(status, "application/json", value.to_string().into_bytes());
+    let h = r.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// An OAuth error response (RFC 6749 §5.2).
+fn error_response(reject: &Reject) -> Response<Body> {
+    let body = json!({"error": reject.error, "error_description": reject.description});
+    let mut r = json_response(reject.status, &body);
+    if reject.basic_challenge
+        && let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{REALM}\""))
+    {
+        r.headers_mut().insert(WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
+fn unix_now() -> u64 {
+    crate::token::unix_seconds(SystemTime::now())
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The strict token endpoint: the client id and the response body, or the OAuth error.
+    fn process(&self, req: &RecordedRequest) -> Result<(String, Value), Reject> {
+        let dialects = dialect::dialects_at(&req.path);
+        if req.method != "POST" {
+            return Err(Reject::invalid_request(format!(
+                "the token endpoint takes only POST, not {} (RFC 6749 §3.2)",
+                req.method
+            )));
+        }
+        request::check_content_type(req.header("content-type"))?;
+        let form = request::parse_form(&req.body)?;
+        let presented = request::presented(req.header("authorization"), &form)?;
+        let tried_basic = presented.tried_basic();
+        let Some(grant_type) = form.get("grant_type") else {
+            return Err(Reject::invalid_request("grant_type is missing"));
+        };
+        let now = unix_now();
+        let token_url = format!("{}{}", self.base_url(), req.path);
+        let mut st = self.lock();
+        let client = st
+            .authenticate(&presented, dialects, &form, grant_type, &token_url, now)
+            .map_err(|r| r.challenge(tried_basic))?;
+        let Some(grant) = Grant::parse(grant_type).filter(|g| client.dialect.grants().contains(g))
+        else {
+            return Err(Reject::unsupported_grant_type(format!(
+                "grant_type {grant_type:?} is not supported here"
+            )));
+        };
+        let requested = request::scope_tokens(form.get("scope").map(String::as_str));
+        if let Some(allowed) = &client.allowed_scopes {
+            let bad: Vec<&str> = requested
+                .iter()
+                .filter(|s| !allowed.contains(s))
+                .map(String::as_str)
+                .collect();
+            if !bad.is_empty() {
+                return Err(Reject::invalid_scope(format!(
+                    "scope not allowed for this client: {}",
+                    bad.join(" ")
+                )));
+            }
+        }
+        let or_default = |requested: Vec<String>| {
+            if requested.is_empty() {
+                client.default_scope.clone()
+            } else {
+                requested
+            }
+        };
+        let scope = match grant {
+            Grant::ClientCredentials => or_default(requested),
+            Grant::Password => {
+                let (Some(user), Some(password)) = (form.get("username"), form.get("password"))
+                else {
+                    return Err(Reject::invalid_request(
+                        "the password grant needs username and password (RFC 6749 §4.3.2)",
+                    ));
+                };
+                match client.users.get(user) {
+                    Some(p) if p.expose() == password => or_default(requested),
+                    _ => return Err(Reject::invalid_grant("wrong username or password")),
+                }
+            }
+            Grant::RefreshToken => {
+                st.redeem_refresh(&client, form.get("refresh_token"), requested)?
+            }
+            Grant::JwtBearer => {
+                let Some(jwt) = form.get("assertion") else {
+                    return Err(Reject::invalid_request(
+                        "the jwt-bearer grant needs an assertion (RFC 7523 §2.1)",
+                    ));
+                };
+                let Some(settings) = &client.grant_assertion else {
+                    return Err(Reject::invalid_grant(
+                        "no assertion settings for this client",
+                    ));
+                };
+                let rule = GrantRule {
+                    client_id: &client.client_id,
+                    secret: &settings.secret,
+                    audience: &settings.audience,
+                };
+                let checked = assertion::check_grant_assertion(jwt, &rule, now)
+                    .map_err(Reject::invalid_grant)?;
+                if !st.remember_jti("grant", &client.client_id, &checked, now) {
+                    return Err(Reject::invalid_grant(
+                        "assertion jti was already used (replay)",
+                    ));
+                }
+                or_default(requested)
+            }
+        };
+        let issue = st.issue(self, &client, scope, now);
+        Ok((
+            client.client_id.clone(),
+            dialect::token_body(client.dialect, &issue),
+        ))
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn find(&self, client_id: &str, dialects: &[Dialect]) -> Result<RegisteredClient, Reject> {
+        self.clients
+            .get(client_id)
+            .filter(|c| dialects.contains(&c.dialect))
+            .cloned()
+            .ok_or_else(|| Reject::invalid_client("unknown client"))
+    }
+
+    /// Client authentication (RFC 6749 §2.3, RFC 7523 §2.2): the client, or 401 `invalid_client`.
+    fn authenticate(
+        &mut self,
+        presented: &Presented,
+        dialects: &[Dialect],
+        form: &BTreeMap<String, String>,
+        grant_type: &str,
+        token_url: &str,
+        now: u64,
+    ) -> Result<RegisteredClient, Reject> {
+        let wrong_method = |c: &RegisteredClient, used: &str| {
+            Reject::invalid_client(format!(
+                "this client must use {}, not {used}",
+                c.auth.method_name()
+            ))
+        };
+        match presented {
+            Presented::Basic { client_id, secret } => {
+                let c = self.find(client_id, dialects)?;
+                match &c.auth {
+                    ExpectedAuth::Basic { secret: s } if s == secret => Ok(c),
+                    ExpectedAuth::Basic { .. } => {
+                        Err(Reject::invalid_client("wrong client secret"))
+                    }
+                    _ => Err(wrong_method(&c, "client_secret_basic")),
+                }
+            }
+            Presented::Post { client_id, secret } => {
+                let c = self.find(client_id, dialects)?;
+                match &c.auth {
+                    ExpectedAuth::Post { secret: s } if s == secret => Ok(c),
+                    ExpectedAuth::Post { .. } => Err(Reject::invalid_client("wrong client secret")),
+                    _ => Err(wrong_method(&c, "client_secret_post")),
+                }
+            }
+            Presented::Assertion {
+                client_id,
+                assertion_type,
+                assertion,
+            } => {
+                if assertion_type.as_deref() != Some(CLIENT_ASSERTION_TYPE) {
+                    return Err(Reject::invalid_client(format!(
+                        "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
+                    )));
+                }
+                let id = client_id
+                    .clone()
+                    .or_else(|| assertion::unverified_issuer(assertion.expose()))
+                    .ok_or_else(|| {
+                        Reject::invalid_client(
+                            "client_assertion names no client (no client_id, no iss)",
+                        )
+                    })?;
+                let c = self.find(&id, dialects)?;
+                let (material, alg, kid) = match &c.auth {
+                    ExpectedAuth::SecretJwt { secret, alg } => (secret.expose(), *alg, None),
+                    ExpectedAuth::PrivateKeyJwt {
+                        public_key_pem,
+                        alg,
+                        kid,
+                    } => (public_key_pem.as_str(), *alg, kid.as_deref()),
+                    _ => return Err(wrong_method(&c, "a client assertion")),
+                };
+                let key = assertion::decoding_key(alg, material).map_err(Reject::invalid_client)?;
+                let rule = ClientRule {
+                    client_id: &c.client_id,
+                    alg,
+                    kid,
+                    key: &key,
+                    audience: token_url,
+                };
+                let checked = assertion::check_client_assertion(assertion.expose(), &rule, now)
+                    .map_err(Reject::invalid_client)?;
+                if !self.remember_jti("client", &c.client_id, &checked, now) {
+                    return Err(Reject::invalid_client(
+                        "client_assertion jti was already used (replay)",
+                    ));
+                }
+                Ok(c)
+            }
+            Presented::None { client_id } => {
+                let id = match client_id {
+                    Some(id) => id.clone(),
+                    None if grant_type == JWT_BEARER_GRANT => form
+                        .get("assertion")
+                        .and_then(|a| assertion::unverified_issuer(a))
+                        .ok_or_else(|| {
+                            Reject::invalid_client(
+                                "no client authentication, and the assertion names no iss",
+                            )
+                        })?,
+                    None => return Err(Reject::invalid_client("client authentication required")),
+                };
+                let c = self.find(&id, dialects)?;
+                match c.auth {
+                    ExpectedAuth::None => Ok(c),
+                    _ => Err(Reject::invalid_client(format!(
+                        "client authentication required: this client must use {}",
+                        c.auth.method_name()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Notes an assertion's `jti`; false when it was seen before (a replay).
+    fn remember_jti(
+        &mut self,
+        kind: &str,
+        client_id: &str,
+        checked: &assertion::Checked,
+        now: u64,
+    ) -> bool {
+        let Some(jti) = &checked.jti else {
+            return true;
+        };
+        let seen = self
+            .seen_jti
+            .entry(format!("{kind}:{client_id}"))
+            .or_default();
+        // An expired assertion fails its exp check anyway: its jti need not be kept.
+        seen.retain(|_, exp| *exp > now);
+        seen.insert(jti.clone(), checked.exp).is_none()
+    }
+
+    /// The refresh grant (RFC 6749 §6): the token is single use; the scope may only narrow.
+    fn redeem_refresh(
+        &mut self,
+        client: &RegisteredClient,
+        refresh_token: Option<&String>,
+        requested: Vec<String>,
+    ) -> Result<Vec<String>, Reject> {
+        let Some(rt) = refresh_token else {
+            return Err(Reject::invalid_request(
+                "the refresh_token grant needs refresh_token (RFC 6749 §6)",
+            ));
+        };
+        let original = match self.refresh.get(rt) {
+            Some(g) if g.client_id == client.client_id => g.scope.clone(),
+            Some(_) => {
+                return Err(Reject::invalid_grant(
+                    "the refresh token was issued to another client",
+                ));
+            }
+            None => {
+                return Err(Reject::invalid_grant(
+                    "the refresh token is unknown, revoked or already used",
+                ));
+            }
+        };
+        if let Some(extra) = requested.iter().find(|s| !original.contains(s)) {
+            return Err(Reject::invalid_scope(format!(
+                "scope {extra} was not granted with the refresh token"
+            )));
+        }
+        self.refresh.remove(rt);
+        Ok(if requested.is_empty() {
+            original
+        } else {
+            requested
+        })
+    }
+
+    /// Issues an access token (and a refresh token, an id token, a sid as the dialect does).
+    fn issue(
+        &mut self,
+        shared: &Shared,
+        c: &RegisteredClient,
+        scope: Vec<String>,
+        now: u64,
+    ) -> Issue {
+        self.counter += 1;
+        let n = self.counter;
+        let fp = fingerprint(c.client_id.as_bytes());
+        let random = || uuid::Uuid::new_v4().simple().to_string();
+        let expires_in = c.lifetime.as_secs();
+        let opaque = format!("tw_{}_{fp}_{n:06}_{}", c.dialect.short_name(), random());
+        let access_token = if c.dialect == Dialect::Transatel {
+            let claims = json!({
+                "iss": format!("{}/transatel", shared.base_url()),
+                "sub": c.client_id,
+                "aud": "transatel-api",
+                "iat": now,
+                "exp": now + expires_in,
+                "jti": format!("{n}-{}", random()),
+            });
+            shared.sign(&claims).unwrap_or(opaque)
+        } else {
+            opaque
+        };
+        self.live.insert(
+            access_token.clone(),
+            LiveToken {
+                client_id: c.client_id.clone(),
+                expires: Instant::now() + c.lifetime,
+            },
+        );
+        *self.issued.entry(c.client_id.clone()).or_default() += 1;
+        let refresh_token = (c.refresh_tokens && c.dialect.grants().contains(&Grant::RefreshToken))
+            .then(|| {
+                let rt = format!("twr_{fp}_{n:06}_{}", random());
+                self.refresh.insert(
+                    rt.clone(),
+                    RefreshGrant {
+                        client_id: c.client_id.clone(),
+                        scope: scope.clone(),
+                    },
+                );
+                rt
+            });
+        let (id_token, sid) = if c.dialect == Dialect::Talkdesk {
+            let sid = random();
+            let claims = json!({
+                "iss": format!("{}/talkdesk", shared.base_url()),
+                "sub": c.client_id,
+                "aud": c.client_id,
+                "iat": now,
+                "exp": now + expires_in,
+                "sid": sid,
+            });
+            (shared.sign(&claims), Some(sid))
+        } else {
+            (None, None)
+        };
+        Issue {
+            access_token,
+            expires_in,
+            omit_expires_in: c.omit_expires_in,
+            scope,
+            refresh_token,
+            id_token,
+            sid,
+        }
+    }
+}
+
+impl Shared {
+    /// An HS256 JWT signed with the server key.
+    fn sign(&self, claims: &Value) -> Option<String> {
+        let key = jsonwebtoken::EncodingKey::from_secret(self.server_key.expose().as_bytes());
+        match jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key) {
+            Ok(jwt) => Some(jwt),
+            Err(e) => {
+                debug!(error = %e, "provider: signing a token failed");
+                None
+            }
+        }
+    }
+}
