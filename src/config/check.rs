@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::error::suggestion;
-use super::types::{LogFormat, OutputFormat, Timing, JWT_BEARER_GRANT};
+use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, Timing};
 
 /// The grants of SPEC §1, before their keys are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,12 @@ impl AuthKind {
     }
 }
 
-const GRANT_NAMES: [&str; 4] = ["client_credentials", "password", "refresh_token", "jwt_bearer"];
+const GRANT_NAMES: [&str; 4] = [
+    "client_credentials",
+    "password",
+    "refresh_token",
+    "jwt_bearer",
+];
 const AUTH_NAMES: [&str; 5] = [
     "client_secret_basic",
     "client_secret_post",
@@ -195,7 +200,9 @@ pub(crate) fn check_token_url(text: &str) -> Result<url::Url, String> {
 
 /// `env_prefix`: characters valid in an environment variable name, not starting with a digit.
 pub(crate) fn check_env_prefix(prefix: &str) -> Result<(), String> {
-    let ok = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    let ok = prefix
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !prefix.starts_with(|c: char| c.is_ascii_digit());
     if ok {
         Ok(())
@@ -226,7 +233,9 @@ pub(crate) fn check_header_name(name: &str) -> Result<(), String> {
 pub(crate) fn check_header_value(name: &str, value: &str) -> Result<(), String> {
     reqwest::header::HeaderValue::from_str(value)
         .map(|_| ())
-        .map_err(|_| format!("invalid value for HTTP header \"{name}\" (control characters or non-ASCII)"))
+        .map_err(|_| {
+            format!("invalid value for HTTP header \"{name}\" (control characters or non-ASCII)")
+        })
 }
 
 /// Form parameters tokenwarden sets itself (RFC 6749 §4, RFC 7521 §4.2, RFC 7523 §2).
@@ -321,7 +330,10 @@ pub(crate) fn check_timing(t: &Timing) -> Vec<(TimingKey, String)> {
     if !(t.refresh_at > 0.0 && t.refresh_at <= 1.0) {
         out.push((
             TimingKey::RefreshAt,
-            format!("refresh_at = {} must be more than 0 and at most 1", t.refresh_at),
+            format!(
+                "refresh_at = {} must be more than 0 and at most 1",
+                t.refresh_at
+            ),
         ));
     }
     if !(t.jitter >= 0.0 && t.jitter < t.refresh_at) {
@@ -334,10 +346,16 @@ pub(crate) fn check_timing(t: &Timing) -> Vec<(TimingKey, String)> {
         ));
     }
     if t.default_lifetime.is_zero() {
-        out.push((TimingKey::DefaultLifetime, "default_lifetime must be more than zero".into()));
+        out.push((
+            TimingKey::DefaultLifetime,
+            "default_lifetime must be more than zero".into(),
+        ));
     }
     if t.retry_initial.is_zero() {
-        out.push((TimingKey::RetryInitial, "retry_initial must be more than zero".into()));
+        out.push((
+            TimingKey::RetryInitial,
+            "retry_initial must be more than zero".into(),
+        ));
     } else if t.retry_initial > t.retry_max {
         out.push((
             TimingKey::RetryInitial,
@@ -370,7 +388,11 @@ mod tests {
         assert!(e.contains("did you mean \"private_key_jwt\"?"), "{e}");
         assert_eq!(AuthKind::default_for(GrantKind::JwtBearer), AuthKind::None);
         assert_eq!(AuthKind::default_for(GrantKind::Password), AuthKind::Basic);
-        assert!(parse_output_format("jsno").unwrap_err().contains("\"json\""));
+        assert!(
+            parse_output_format("jsno")
+                .unwrap_err()
+                .contains("\"json\"")
+        );
         assert!(parse_log_format("JSON").is_err());
     }
 
@@ -405,7 +427,11 @@ mod tests {
         for (url, ok) in cases {
             assert_eq!(check_token_url(url).is_ok(), ok, "{url}");
         }
-        assert!(check_token_url("http://example.com/").unwrap_err().contains("loopback"));
+        assert!(
+            check_token_url("http://example.com/")
+                .unwrap_err()
+                .contains("loopback")
+        );
     }
 
     #[test]
@@ -444,25 +470,78 @@ mod tests {
             check_timing(&t).into_iter().map(|(k, _)| k).collect()
         };
         let d = Timing::default;
-        assert_eq!(keys(Timing { refresh_at: 0.0, jitter: 0.0, ..d() }), [TimingKey::RefreshAt, TimingKey::Jitter]);
-        assert_eq!(keys(Timing { refresh_at: 1.0, ..d() }), []);
-        assert_eq!(keys(Timing { refresh_at: 1.5, ..d() }), [TimingKey::RefreshAt]);
-        assert_eq!(keys(Timing { jitter: 0.75, ..d() }), [TimingKey::Jitter]);
-        assert_eq!(keys(Timing { jitter: -0.1, ..d() }), [TimingKey::Jitter]);
+        assert_eq!(
+            keys(Timing {
+                refresh_at: 0.0,
+                jitter: 0.0,
+                ..d()
+            }),
+            [TimingKey::RefreshAt, TimingKey::Jitter]
+        );
+        assert_eq!(
+            keys(Timing {
+                refresh_at: 1.0,
+                ..d()
+            }),
+            []
+        );
+        assert_eq!(
+            keys(Timing {
+                refresh_at: 1.5,
+                ..d()
+            }),
+            [TimingKey::RefreshAt]
+        );
+        assert_eq!(
+            keys(Timing {
+                jitter: 0.75,
+                ..d()
+            }),
+            [TimingKey::Jitter]
+        );
+        assert_eq!(
+            keys(Timing {
+                jitter: -0.1,
+                ..d()
+            }),
+            [TimingKey::Jitter]
+        );
         assert_eq!(keys(Timing { jitter: 0.0, ..d() }), []);
         assert_eq!(
-            keys(Timing { retry_initial: Duration::from_secs(600), ..d() }),
+            keys(Timing {
+                retry_initial: Duration::from_secs(600),
+                ..d()
+            }),
             [TimingKey::RetryInitial]
         );
-        assert_eq!(keys(Timing { retry_initial: Duration::ZERO, ..d() }), [TimingKey::RetryInitial]);
-        assert_eq!(keys(Timing { timeout: Duration::ZERO, ..d() }), [TimingKey::Timeout]);
         assert_eq!(
-            keys(Timing { default_lifetime: Duration::ZERO, ..d() }),
+            keys(Timing {
+                retry_initial: Duration::ZERO,
+                ..d()
+            }),
+            [TimingKey::RetryInitial]
+        );
+        assert_eq!(
+            keys(Timing {
+                timeout: Duration::ZERO,
+                ..d()
+            }),
+            [TimingKey::Timeout]
+        );
+        assert_eq!(
+            keys(Timing {
+                default_lifetime: Duration::ZERO,
+                ..d()
+            }),
             [TimingKey::DefaultLifetime]
         );
         // A zero margin or floor is allowed: it only disables the clamp.
         assert_eq!(
-            keys(Timing { refresh_margin: Duration::ZERO, min_interval: Duration::ZERO, ..d() }),
+            keys(Timing {
+                refresh_margin: Duration::ZERO,
+                min_interval: Duration::ZERO,
+                ..d()
+            }),
             []
         );
     }

@@ -87,7 +87,10 @@ impl LineIndex {
 }
 
 /// The candidate closest to `word`, if it is close enough to be what was meant.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(&str, f64)> = None;
     for c in candidates {
         let score = strsim::jaro_winkler(word, c);
@@ -101,7 +104,7 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
 }
 
 /// `; did you mean "X"?` or, with no close candidate, the list of valid ones.
-pub(crate) fn suggestion<'a>(word: &str, candidates: &[&'a str]) -> String {
+pub(crate) fn suggestion(word: &str, candidates: &[&str]) -> String {
     match did_you_mean(word, candidates.iter().copied()) {
         Some(c) => format!("; did you mean \"{c}\"?"),
         None => format!("; expected one of: {}", candidates.join(", ")),
@@ -134,7 +137,13 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        let keys = ["token_url", "grant_type", "client_id", "client_secret", "scope"];
+        let keys = [
+            "token_url",
+            "grant_type",
+            "client_id",
+            "client_secret",
+            "scope",
+        ];
         let cases = [
             ("tokn_url", Some("token_url")),
             ("token-url", Some("token_url")),
@@ -147,13 +156,18 @@ mod tests {
         for (word, want) in cases {
             assert_eq!(did_you_mean(word, keys), want, "{word}");
         }
-        let grants = ["client_credentials", "password", "refresh_token", "jwt_bearer"];
-        assert_eq!(did_you_mean("client_credential", grants), Some("client_credentials"));
-        assert_eq!(did_you_mean("pasword", grants), Some("password"));
+        let grants = [
+            "client_credentials",
+            "password",
+            "refresh_token",
+            "jwt_bearer",
+        ];
         assert_eq!(
-            suggestion("zzz", &["a", "b"]),
-            "; expected one of: a, b"
+            did_you_mean("client_credential", grants),
+            Some("client_credentials")
         );
+        assert_eq!(did_you_mean("pasword", grants), Some("password"));
+        assert_eq!(suggestion("zzz", &["a", "b"]), "; expected one of: a, b");
     }
 
     #[test]

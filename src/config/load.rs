@@ -140,7 +140,7 @@ impl Loader {
 
     fn finish(self, config: Option<Config>) -> Result<Config, ConfigErrors> {
         let mut errors = self.errors;
-        errors.sort_by(|a, b| a.0.cmp(&b.0));
+        errors.sort_by_key(|e| e.0);
         errors.dedup();
         match config {
             Some(mut c) if errors.is_empty() => {
@@ -181,7 +181,10 @@ impl Loader {
             let (line, _) = f.lines.position(&f.text, offset);
             if !lines_seen.contains(&line) {
                 lines_seen.push(line);
-                self.error(Loc { file, offset }, format!("TOML syntax: {}", e.message()));
+                self.error(
+                    Loc { file, offset },
+                    format!("TOML syntax: {}", e.message()),
+                );
             }
         }
         None
@@ -208,7 +211,8 @@ impl Loader {
             };
             let at = err.span().unwrap_or(span.clone());
             let key = find_key(&table, at.start);
-            let message = rewrite_serde_message(err.message(), what, key.as_ref().map(|k| k.0.as_str()));
+            let message =
+                rewrite_serde_message(err.message(), what, key.as_ref().map(|k| k.0.as_str()));
             match key {
                 Some((name, key_span)) => {
                     let offset = if err.message().starts_with("unknown field") {
@@ -262,13 +266,16 @@ fn rewrite_serde_message(message: &str, what: &str, key: Option<&str>) -> String
         let names = backticked(rest);
         if let Some((unknown, expected)) = names.split_first() {
             let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-            return format!("unknown key \"{unknown}\" in {what}{}", suggestion(unknown, &expected));
+            return format!(
+                "unknown key \"{unknown}\" in {what}{}",
+                suggestion(unknown, &expected)
+            );
         }
     }
-    if let Some(rest) = message.strip_prefix("missing field ") {
-        if let Some(name) = backticked(rest).first() {
-            return format!("missing key \"{name}\" in {what}");
-        }
+    if let Some(rest) = message.strip_prefix("missing field ")
+        && let Some(name) = backticked(rest).first()
+    {
+        return format!("missing key \"{name}\" in {what}");
     }
     match key {
         Some(k) => format!("{k}: {message}"),
@@ -305,7 +312,9 @@ impl Loader {
         };
         let defaults = match root.remove("defaults") {
             Some(v) => {
-                let raw = self.table::<RawTiming>(file, "[defaults]", v).unwrap_or_default();
+                let raw = self
+                    .table::<RawTiming>(file, "[defaults]", v)
+                    .unwrap_or_default();
                 let t = merge_timing(file, &TimingSrc::default(), raw);
                 self.check_timing(&t, None);
                 t
@@ -407,7 +416,10 @@ impl Loader {
     ) {
         let span = value.span();
         let DeValue::Table(table) = value.into_inner() else {
-            self.error(Self::at(file, span), "clients must be a table of [clients.NAME] tables");
+            self.error(
+                Self::at(file, span),
+                "clients must be a table of [clients.NAME] tables",
+            );
             return;
         };
         for (key, value) in table {
@@ -444,7 +456,11 @@ fn parent_dir(path: &Path) -> PathBuf {
 impl Loader {
     /// `[daemon]`, and the include globs with their locations (read even when another
     /// `[daemon]` key is wrong, so their errors show too).
-    fn daemon(&mut self, file: usize, raw: RawDaemon) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
+    fn daemon(
+        &mut self,
+        file: usize,
+        raw: RawDaemon,
+    ) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
         let before = self.errors.len();
         let mut d = DaemonConfig::default();
         if let Some(s) = raw.socket {
@@ -453,10 +469,10 @@ impl Loader {
         if let Some(m) = raw.socket_mode {
             d.socket_mode = m.into_inner().0;
         }
-        if let Some(s) = raw.state_dir {
-            if let Some(p) = self.absolute(file, "state_dir", s) {
-                d.state_dir = p;
-            }
+        if let Some(s) = raw.state_dir
+            && let Some(p) = self.absolute(file, "state_dir", s)
+        {
+            d.state_dir = p;
         }
         if let Some(m) = raw.metrics_listen {
             match m.get_ref().parse() {
@@ -507,7 +523,10 @@ impl Loader {
         } else {
             self.error(
                 Self::at(file, p.span()),
-                format!("{key} \"{}\" must be an absolute path", p.get_ref().display()),
+                format!(
+                    "{key} \"{}\" must be an absolute path",
+                    p.get_ref().display()
+                ),
             );
             None
         }
@@ -522,7 +541,13 @@ impl Loader {
                 TimingKey::RetryInitial => ("retry_initial", "retry_max"),
                 TimingKey::Timeout => ("timeout", "timeout"),
             };
-            if let Some(loc) = t.locs.get(own).or_else(|| t.locs.get(other)).copied().or(header) {
+            if let Some(loc) = t
+                .locs
+                .get(own)
+                .or_else(|| t.locs.get(other))
+                .copied()
+                .or(header)
+            {
                 self.error(loc, message);
             }
         }
@@ -542,10 +567,22 @@ fn merge_timing(file: usize, base: &TimingSrc, raw: RawTiming) -> TimingSrc {
     set_f("refresh_at", raw.refresh_at, &mut timing.refresh_at);
     set_f("jitter", raw.jitter, &mut timing.jitter);
     let durations = [
-        ("refresh_margin", raw.refresh_margin, &mut timing.refresh_margin),
+        (
+            "refresh_margin",
+            raw.refresh_margin,
+            &mut timing.refresh_margin,
+        ),
         ("min_interval", raw.min_interval, &mut timing.min_interval),
-        ("default_lifetime", raw.default_lifetime, &mut timing.default_lifetime),
-        ("retry_initial", raw.retry_initial, &mut timing.retry_initial),
+        (
+            "default_lifetime",
+            raw.default_lifetime,
+            &mut timing.default_lifetime,
+        ),
+        (
+            "retry_initial",
+            raw.retry_initial,
+            &mut timing.retry_initial,
+        ),
         ("retry_max", raw.retry_max, &mut timing.retry_max),
         ("timeout", raw.timeout, &mut timing.timeout),
     ];
@@ -611,15 +648,21 @@ impl Loader {
         let timing = merge_timing(file, defaults, raw.take_timing());
         self.check_timing(&timing, Some(header));
 
-        let scope = raw.scope.take().map(|s| s.into_inner().0).unwrap_or_default();
-        let extra_params = self.extra(file, raw.extra_params.take(), |k, _| check::check_param_name(k));
+        let scope = raw
+            .scope
+            .take()
+            .map(|s| s.into_inner().0)
+            .unwrap_or_default();
+        let extra_params = self.extra(file, raw.extra_params.take(), |k, _| {
+            check::check_param_name(k)
+        });
         let extra_headers = self.extra(file, raw.extra_headers.take(), |k, v| {
             check::check_header_name(k).and_then(|()| check::check_header_value(k, v))
         });
-        if let Some(c) = &raw.rotate_cron {
-            if let Err(e) = check::check_cron(c.get_ref()) {
-                self.error(Self::at(file, c.span()), e);
-            }
+        if let Some(c) = &raw.rotate_cron
+            && let Err(e) = check::check_cron(c.get_ref())
+        {
+            self.error(Self::at(file, c.span()), e);
         }
         let ca_file = raw.ca_file.take().map(|p| resolve(dir, p.into_inner()));
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
@@ -637,7 +680,13 @@ impl Loader {
         let (grant, client_auth) = match (grant_kind, auth_kind) {
             (Some(grant), Some(auth)) => {
                 let parts = ClientParts { grant, auth };
-                self.check_keys(&parts, assertion.as_ref().map(|a| a.1), &key_locs, header, &what);
+                self.check_keys(
+                    &parts,
+                    assertion.as_ref().map(|a| a.1),
+                    &key_locs,
+                    header,
+                    &what,
+                );
                 let g = self.grant(file, dir, name, &parts, &mut raw, assertion);
                 let a = self.client_auth(file, dir, name, &parts, &mut raw);
                 (g, a)
@@ -689,7 +738,8 @@ impl Loader {
     ) {
         let grant_says = format!("grant_type = \"{}\"", p.grant.name());
         let auth_says = format!("client_auth = \"{}\"", p.auth.name());
-        let present = |k: &str| key_locs.contains_key(k) || (k == "assertion" && assertion.is_some());
+        let present =
+            |k: &str| key_locs.contains_key(k) || (k == "assertion" && assertion.is_some());
         // (key, needed, used, which setting decides)
         let rules: [(&str, bool, bool, &str); 10] = [
             (
@@ -698,14 +748,24 @@ impl Loader {
                 true,
                 &auth_says,
             ),
-            ("client_secret", p.auth.uses_secret(), p.auth.uses_secret(), &auth_says),
+            (
+                "client_secret",
+                p.auth.uses_secret(),
+                p.auth.uses_secret(),
+                &auth_says,
+            ),
             (
                 "private_key",
                 p.auth == AuthKind::PrivateKeyJwt,
                 p.auth == AuthKind::PrivateKeyJwt,
                 &auth_says,
             ),
-            ("key_id", false, p.auth == AuthKind::PrivateKeyJwt, &auth_says),
+            (
+                "key_id",
+                false,
+                p.auth == AuthKind::PrivateKeyJwt,
+                &auth_says,
+            ),
             ("signing_alg", false, p.auth.is_jwt(), &auth_says),
             ("assertion_lifetime", false, p.auth.is_jwt(), &auth_says),
             (
@@ -767,12 +827,18 @@ impl Loader {
             GrantKind::ClientCredentials => Some(Grant::ClientCredentials),
             GrantKind::Password => {
                 let username = raw.username.take()?.into_inner();
-                let password = self.credential(file, dir, client, "password", raw.password.take()?)?;
+                let password =
+                    self.credential(file, dir, client, "password", raw.password.take()?)?;
                 Some(Grant::Password { username, password })
             }
             GrantKind::RefreshToken => {
-                let refresh_token =
-                    self.credential(file, dir, client, "refresh_token", raw.refresh_token.take()?)?;
+                let refresh_token = self.credential(
+                    file,
+                    dir,
+                    client,
+                    "refresh_token",
+                    raw.refresh_token.take()?,
+                )?;
                 Some(Grant::RefreshToken { refresh_token })
             }
             GrantKind::JwtBearer => {
@@ -809,10 +875,18 @@ impl Loader {
         }
     }
 
-    fn lifetime(&mut self, file: usize, raw: Option<&Spanned<super::raw::HumanDuration>>) -> Option<Duration> {
+    fn lifetime(
+        &mut self,
+        file: usize,
+        raw: Option<&Spanned<super::raw::HumanDuration>>,
+    ) -> Option<Duration> {
         match raw {
             None => Some(Duration::from_secs(300)),
-            Some(l) => self.ok_at(file, l.span(), check::check_assertion_lifetime(l.get_ref().0).map(|()| l.get_ref().0)),
+            Some(l) => self.ok_at(
+                file,
+                l.span(),
+                check::check_assertion_lifetime(l.get_ref().0).map(|()| l.get_ref().0),
+            ),
         }
     }
 
@@ -839,7 +913,9 @@ impl Loader {
                             "signing_alg {alg} is an HMAC algorithm, but private_key_jwt signs with a private key (RS*, PS*, ES*, EdDSA); for a shared secret use client_auth = \"client_secret_jwt\""
                         )
                     } else {
-                        format!("client_secret_jwt signs with the client secret: signing_alg must be HS256, HS384 or HS512, not {alg}")
+                        format!(
+                            "client_secret_jwt signs with the client secret: signing_alg must be HS256, HS384 or HS512, not {alg}"
+                        )
                     };
                     self.error(Self::at(file, s.span()), msg);
                     return None;
@@ -881,7 +957,8 @@ impl Loader {
                     Some(alg) => SigningKey::parse(alg, &cred.value),
                     None => SigningKey::parse_infer(&cred.value),
                 };
-                let key = self.ok_at(file, span, parsed.map_err(|e| format!("private_key: {e}")))?;
+                let key =
+                    self.ok_at(file, span, parsed.map_err(|e| format!("private_key: {e}")))?;
                 Some(ClientAuth::PrivateKeyJwt {
                     key,
                     key_source: cred.source,
@@ -1011,7 +1088,9 @@ impl Loader {
         let DeValue::Array(items) = value.into_inner() else {
             self.error(
                 Self::at(file, span),
-                format!("outputs of client \"{client}\" must be [[clients.{client}.outputs]] tables"),
+                format!(
+                    "outputs of client \"{client}\" must be [[clients.{client}.outputs]] tables"
+                ),
             );
             return None;
         };
@@ -1030,12 +1109,21 @@ impl Loader {
         out
     }
 
-    fn output(&mut self, file: usize, client: &str, header: Loc, raw: RawOutput) -> Option<OutputConfig> {
+    fn output(
+        &mut self,
+        file: usize,
+        client: &str,
+        header: Loc,
+        raw: RawOutput,
+    ) -> Option<OutputConfig> {
         let before = self.errors.len();
         let path_loc = Self::at(file, raw.path.span());
         let path = raw.path.into_inner();
         if !path.is_absolute() {
-            self.error(path_loc, format!("output path \"{}\" must be absolute", path.display()));
+            self.error(
+                path_loc,
+                format!("output path \"{}\" must be absolute", path.display()),
+            );
         } else if let Some((loc, other)) = self.outputs_seen.get(&path).cloned() {
             let at = self.describe(loc);
             self.error(
@@ -1046,7 +1134,8 @@ impl Loader {
                 ),
             );
         } else {
-            self.outputs_seen.insert(path.clone(), (path_loc, client.to_owned()));
+            self.outputs_seen
+                .insert(path.clone(), (path_loc, client.to_owned()));
         }
         let format = match &raw.format {
             Some(f) => self.ok_at(file, f.span(), check::parse_output_format(f.get_ref())),
@@ -1059,8 +1148,14 @@ impl Loader {
             }
             None => Some(String::new()),
         };
-        let owner = raw.owner.as_ref().and_then(|o| self.resolve_id(file, o, IdKind::User));
-        let group = raw.group.as_ref().and_then(|g| self.resolve_id(file, g, IdKind::Group));
+        let owner = raw
+            .owner
+            .as_ref()
+            .and_then(|o| self.resolve_id(file, o, IdKind::User));
+        let group = raw
+            .group
+            .as_ref()
+            .and_then(|g| self.resolve_id(file, g, IdKind::Group));
         if (raw.owner.is_some() || raw.group.is_some()) && !self.is_root {
             self.warn(
                 header,
@@ -1073,7 +1168,10 @@ impl Loader {
         }
         let on_change = match raw.on_change {
             Some(argv) if argv.get_ref().first().is_some_and(|p| p.is_empty()) => {
-                self.error(Self::at(file, argv.span()), "on_change: the program name is empty");
+                self.error(
+                    Self::at(file, argv.span()),
+                    "on_change: the program name is empty",
+                );
                 Vec::new()
             }
             Some(argv) => argv.into_inner(),

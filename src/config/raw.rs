@@ -132,8 +132,9 @@ pub(crate) struct HumanDuration(pub Duration);
 
 /// Parses a humantime duration, with a message that shows the expected form.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?} ({e}); write it like \"30s\", \"5m\" or \"1h 30m\""))
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("invalid duration {text:?} ({e}); write it like \"30s\", \"5m\" or \"1h 30m\"")
+    })
 }
 
 impl<'de> Deserialize<'de> for HumanDuration {
@@ -165,7 +166,8 @@ pub(crate) struct Mode(pub u32);
 pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
     let bad = || format!("invalid mode {text:?}: write it as an octal string such as \"0640\"");
-    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
         return Err(bad());
     }
     let mode = u32::from_str_radix(digits, 8).map_err(|_| bad())?;
@@ -210,7 +212,10 @@ pub(crate) fn check_scope_token(token: &str) -> Result<(), String> {
     if token.is_empty() {
         return Err("a scope value may not be empty".into());
     }
-    if token.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\' || c.is_control()) {
+    if token
+        .chars()
+        .any(|c| c.is_whitespace() || c == '"' || c == '\\' || c.is_control())
+    {
         return Err(format!(
             "scope value {token:?} contains a space, quote or backslash; give several values as separate array elements"
         ));
@@ -416,7 +421,10 @@ mod tests {
 
     #[test]
     fn scopes() {
-        assert_eq!(parse_scope_string("base  files\tupload_files"), ["base", "files", "upload_files"]);
+        assert_eq!(
+            parse_scope_string("base  files\tupload_files"),
+            ["base", "files", "upload_files"]
+        );
         assert!(parse_scope_string("  ").is_empty());
         assert!(check_scope_token("files").is_ok());
         assert!(check_scope_token("a b").is_err());

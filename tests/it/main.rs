@@ -1,0 +1,2 @@
+//! tokenwarden's integration tests: one crate, one module per area.
+mod config;
