@@ -1,5 +1,6 @@
 //! The config loader against the fixtures in `tests/data/config/`: every valid one loads, every
-//! invalid one fails with exactly the errors its `# error: LINE:COL: text` comments list.
+//! invalid one fails with exactly the errors its `# error: LINE:COL: text` comments list
+//! (written by `tests/data/config/gen/make_invalid.py`, which computes the locations).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
