@@ -1,9 +1,19 @@
 //! Configuration: the TOML of SPEC §3 read into checked runtime types.
 //!
-//! `types` holds the checked types the rest of the crate uses; the loader reads the raw TOML
-//! (with spans for error locations), fills in defaults, reads secrets, parses keys and reports
-//! every problem at once.
+//! - `types`: the checked types the rest of the crate uses.
+//! - `raw`: the serde types of the file, one per table, and the value syntaxes (durations,
+//!   modes, scopes, secrets).
+//! - `check`: pure checks of single values (URLs, names, cron, headers, timing rules).
+//! - `load`: reads the file and its includes with spans, fills in defaults, reads secrets,
+//!   parses keys and reports every problem at once, each with its file, line and column.
+//! - `error`: [`ConfigError`] / [`ConfigErrors`].
 
+mod check;
+mod error;
+mod load;
+mod raw;
 mod types;
 
+pub use error::{ConfigError, ConfigErrors, did_you_mean};
+pub use load::{load, load_str};
 pub use types::*;

@@ -1,0 +1,1193 @@
+//! The loader: TOML text → [`Config`], with every problem reported at once and located.
+//!
+//! How errors are collected: the document is parsed into spanned tables (`toml::de::DeTable`),
+//! and each table (`[daemon]`, `[defaults]`, each `[clients.NAME]`, each output, each
+//! assertion) is deserialized into its raw type on its own. When that fails on one key, the
+//! error is recorded at that key, the key is removed and the table is tried again, until it
+//! deserializes; a missing required key is recorded at the table header. The raw values then
+//! go through the semantic checks of SPEC §3, each recorded at its key. Secrets are read and
+//! keys parsed here, so a config that loads is one the daemon can run with.
+//!
+//! Relative paths: `include` globs and secret `file` paths are resolved against the directory
+//! of the file they are written in (for the main file, its directory; for an included file,
+//! that file's directory).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::check::{self, AuthKind, GrantKind, TimingKey};
+use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
+use super::raw::{Id, RawAssertion, RawClient, RawDaemon, RawOutput, RawSecret, RawTiming};
+use super::types::*;
+use crate::keys::{SigningAlg, SigningKey};
+use crate::secret::SecretSource;
+
+/// Reads the config at `path` with its included files, secrets and keys.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(&text, path),
+        Err(e) => Err(ConfigErrors {
+            errors: vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read the config file: {e}"),
+            }],
+        }),
+    }
+}
+
+/// Like [`load`], with the main file's text given; includes and relative secret paths are
+/// still resolved against `path`'s directory, and `path`'s mode is checked for the inline
+/// secret warning when the file exists.
+pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut loader = Loader {
+        files: Vec::new(),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        clients_seen: BTreeMap::new(),
+        outputs_seen: BTreeMap::new(),
+        is_root: nix::unistd::geteuid().is_root(),
+    };
+    let config = loader.main(text, path);
+    loader.finish(config)
+}
+
+/// A position in one of the files read: index into `Loader::files`, byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Loc {
+    file: usize,
+    offset: usize,
+}
+
+struct SourceFile {
+    path: PathBuf,
+    text: String,
+    lines: LineIndex,
+    /// Permission bits, when the file could be stat'ed.
+    mode: Option<u32>,
+}
+
+struct Loader {
+    files: Vec<SourceFile>,
+    errors: Vec<(Loc, String)>,
+    warnings: Vec<String>,
+    /// Where each client was defined, to report a second definition.
+    clients_seen: BTreeMap<String, Loc>,
+    /// Where each output path was used, and by which client.
+    outputs_seen: BTreeMap<PathBuf, (Loc, String)>,
+    is_root: bool,
+}
+
+/// The timing of `[defaults]` with where each key was set, so that a bad combination is
+/// reported at a key the operator wrote.
+#[derive(Clone, Debug, Default)]
+struct TimingSrc {
+    timing: Timing,
+    locs: BTreeMap<&'static str, Loc>,
+}
+
+// === impl Loader: files and errors ===
+
+impl Loader {
+    fn add_file(&mut self, path: &Path, text: &str) -> usize {
+        let mode = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o7777
+        });
+        self.files.push(SourceFile {
+            path: path.to_path_buf(),
+            text: text.to_owned(),
+            lines: LineIndex::new(text),
+            mode,
+        });
+        self.files.len() - 1
+    }
+
+    fn error(&mut self, loc: Loc, message: impl Into<String>) {
+        self.errors.push((loc, message.into()));
+    }
+
+    fn at(file: usize, span: Range<usize>) -> Loc {
+        Loc {
+            file,
+            offset: span.start,
+        }
+    }
+
+    /// `FILE:LINE:COL`, for messages and warnings that point at another place.
+    fn describe(&self, loc: Loc) -> String {
+        match self.files.get(loc.file) {
+            Some(f) => {
+                let (line, col) = f.lines.position(&f.text, loc.offset);
+                format!("{}:{line}:{col}", f.path.display())
+            }
+            None => String::from("?"),
+        }
+    }
+
+    fn warn(&mut self, loc: Loc, message: impl std::fmt::Display) {
+        let at = self.describe(loc);
+        self.warnings.push(format!("{at}: {message}"));
+    }
+
+    fn finish(self, config: Option<Config>) -> Result<Config, ConfigErrors> {
+        let mut errors = self.errors;
+        errors.sort_by_key(|e| e.0);
+        errors.dedup();
+        match config {
+            Some(mut c) if errors.is_empty() => {
+                c.warnings = self.warnings;
+                Ok(c)
+            }
+            _ => {
+                let files = &self.files;
+                let errors = errors
+                    .into_iter()
+                    .map(|(loc, message)| {
+                        let f = &files[loc.file];
+                        let (line, column) = f.lines.position(&f.text, loc.offset);
+                        ConfigError {
+                            file: f.path.clone(),
+                            line,
+                            column,
+                            message,
+                        }
+                    })
+                    .collect();
+                Err(ConfigErrors { errors })
+            }
+        }
+    }
+
+    /// Parses one file; parse errors are recorded (the first of each line: the parser's
+    /// recovery tends to repeat itself) and give `None`.
+    fn parse<'i>(&mut self, file: usize, text: &'i str) -> Option<DeTable<'i>> {
+        let (doc, errors) = DeTable::parse_recoverable(text);
+        if errors.is_empty() {
+            return Some(doc.into_inner());
+        }
+        let mut lines_seen = Vec::new();
+        for e in errors {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            let f = &self.files[file];
+            let (line, _) = f.lines.position(&f.text, offset);
+            if !lines_seen.contains(&line) {
+                lines_seen.push(line);
+                self.error(
+                    Loc { file, offset },
+                    format!("TOML syntax: {}", e.message()),
+                );
+            }
+        }
+        None
+    }
+
+    /// Deserializes one table into its raw type, recording every error: on an error at one
+    /// key, the key is dropped and the table tried again.
+    fn table<T: DeserializeOwned>(
+        &mut self,
+        file: usize,
+        what: &str,
+        value: Spanned<DeValue<'_>>,
+    ) -> Option<T> {
+        let span = value.span();
+        let DeValue::Table(mut table) = value.into_inner() else {
+            self.error(Self::at(file, span), format!("{what} must be a table"));
+            return None;
+        };
+        loop {
+            let whole = Spanned::new(span.clone(), DeValue::Table(table.clone()));
+            let err = match T::deserialize(ValueDeserializer::from(whole)) {
+                Ok(t) => return Some(t),
+                Err(e) => e,
+            };
+            let at = err.span().unwrap_or(span.clone());
+            let key = find_key(&table, at.start);
+            let message =
+                rewrite_serde_message(err.message(), what, key.as_ref().map(|k| k.0.as_str()));
+            match key {
+                Some((name, key_span)) => {
+                    let offset = if err.message().starts_with("unknown field") {
+                        key_span.start
+                    } else {
+                        at.start
+                    };
+                    self.error(Loc { file, offset }, message);
+                    table.remove(name.as_str());
+                }
+                None => {
+                    self.error(Self::at(file, at), message);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The top-level key of `table` whose key or value holds byte `offset`.
+fn find_key(table: &DeTable<'_>, offset: usize) -> Option<(String, Range<usize>)> {
+    table
+        .iter()
+        .find(|(k, v)| k.span().contains(&offset) || value_contains(v, offset))
+        .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+}
+
+fn value_contains(v: &Spanned<DeValue<'_>>, offset: usize) -> bool {
+    if v.span().contains(&offset) {
+        return true;
+    }
+    match v.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .any(|(k, v)| k.span().contains(&offset) || value_contains(v, offset)),
+        DeValue::Array(a) => a.iter().any(|v| value_contains(v, offset)),
+        _ => false,
+    }
+}
+
+/// serde's messages, reworded for a config file: keys instead of fields, with suggestions.
+fn rewrite_serde_message(message: &str, what: &str, key: Option<&str>) -> String {
+    let backticked = |s: &str| -> Vec<String> {
+        s.split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, p)| p.to_string())
+            .collect()
+    };
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let names = backticked(rest);
+        if let Some((unknown, expected)) = names.split_first() {
+            let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+            return format!(
+                "unknown key \"{unknown}\" in {what}{}",
+                suggestion(unknown, &expected)
+            );
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field ")
+        && let Some(name) = backticked(rest).first()
+    {
+        return format!("missing key \"{name}\" in {what}");
+    }
+    match key {
+        Some(k) => format!("{k}: {message}"),
+        None => format!("{what}: {message}"),
+    }
+}
+
+// === impl Loader: the files ===
+
+const TOP_KEYS: [&str; 3] = ["daemon", "defaults", "clients"];
+
+impl Loader {
+    fn main(&mut self, text: &str, path: &Path) -> Option<Config> {
+        let file = self.add_file(path, text);
+        let mut root = self.parse(file, text)?;
+        let dir = parent_dir(path);
+
+        for (k, _) in root.iter() {
+            let name = k.get_ref().as_ref();
+            if !TOP_KEYS.contains(&name) {
+                self.error(
+                    Self::at(file, k.span()),
+                    format!("unknown table \"{name}\"{}", suggestion(name, &TOP_KEYS)),
+                );
+            }
+        }
+
+        let (daemon, include) = match root.remove("daemon") {
+            Some(v) => match self.table::<RawDaemon>(file, "[daemon]", v) {
+                Some(raw) => self.daemon(file, raw),
+                None => (None, Vec::new()),
+            },
+            None => (Some(DaemonConfig::default()), Vec::new()),
+        };
+        let defaults = match root.remove("defaults") {
+            Some(v) => {
+                let raw = self
+                    .table::<RawTiming>(file, "[defaults]", v)
+                    .unwrap_or_default();
+                let t = merge_timing(file, &TimingSrc::default(), raw);
+                self.check_timing(&t, None);
+                t
+            }
+            None => TimingSrc::default(),
+        };
+
+        let mut clients = BTreeMap::new();
+        if let Some(v) = root.remove("clients") {
+            self.clients(file, &dir, v, &defaults, &mut clients);
+        }
+
+        let mut files = vec![path.to_path_buf()];
+        for pattern in &include {
+            self.include(pattern, &dir, &defaults, &mut files, &mut clients);
+        }
+
+        Some(Config {
+            path: path.to_path_buf(),
+            daemon: daemon?,
+            clients,
+            files,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// One `include` glob: every file it matches, in name order.
+    fn include(
+        &mut self,
+        pattern: &(String, Loc),
+        dir: &Path,
+        defaults: &TimingSrc,
+        files: &mut Vec<PathBuf>,
+        clients: &mut BTreeMap<String, ClientConfig>,
+    ) {
+        let (pattern, loc) = pattern;
+        let full = if Path::new(pattern).is_absolute() {
+            PathBuf::from(pattern)
+        } else {
+            dir.join(pattern)
+        };
+        let paths = match glob::glob(&full.to_string_lossy()) {
+            Ok(paths) => paths,
+            Err(e) => {
+                self.error(*loc, format!("include: invalid glob \"{pattern}\": {e}"));
+                return;
+            }
+        };
+        for entry in paths {
+            let path = match entry {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(*loc, format!("include \"{pattern}\": {e}"));
+                    continue;
+                }
+            };
+            if files.contains(&path) || !path.is_file() {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.error(
+                        *loc,
+                        format!("cannot read included file {}: {e}", path.display()),
+                    );
+                    continue;
+                }
+            };
+            files.push(path.clone());
+            let file = self.add_file(&path, &text);
+            let Some(mut root) = self.parse(file, &text) else {
+                continue;
+            };
+            let clients_value = root.remove("clients");
+            for (k, _) in root.iter() {
+                self.error(
+                    Self::at(file, k.span()),
+                    format!(
+                        "included files may only contain [clients.*] tables, not \"{}\"",
+                        k.get_ref()
+                    ),
+                );
+            }
+            if let Some(v) = clients_value {
+                self.clients(file, &parent_dir(&path), v, defaults, clients);
+            }
+        }
+    }
+
+    /// The `clients` table of one file.
+    fn clients(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        value: Spanned<DeValue<'_>>,
+        defaults: &TimingSrc,
+        out: &mut BTreeMap<String, ClientConfig>,
+    ) {
+        let span = value.span();
+        let DeValue::Table(table) = value.into_inner() else {
+            self.error(
+                Self::at(file, span),
+                "clients must be a table of [clients.NAME] tables",
+            );
+            return;
+        };
+        for (key, value) in table {
+            let name = key.get_ref().to_string();
+            let header = Self::at(file, value.span());
+            if let Err(e) = check::check_client_name(&name) {
+                self.error(Self::at(file, key.span()), e);
+            }
+            if let Some(first) = self.clients_seen.get(&name).copied() {
+                let first = self.describe(first);
+                self.error(
+                    header,
+                    format!("client \"{name}\" is defined twice; first at {first}"),
+                );
+                continue;
+            }
+            self.clients_seen.insert(name.clone(), header);
+            if let Some(c) = self.client(file, dir, &name, value, defaults) {
+                out.insert(name, c);
+            }
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+// === impl Loader: [daemon] and timing ===
+
+impl Loader {
+    /// `[daemon]`, and the include globs with their locations (read even when another
+    /// `[daemon]` key is wrong, so their errors show too).
+    fn daemon(
+        &mut self,
+        file: usize,
+        raw: RawDaemon,
+    ) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
+        let before = self.errors.len();
+        let mut d = DaemonConfig::default();
+        if let Some(s) = raw.socket {
+            d.socket = self.absolute(file, "socket", s);
+        }
+        if let Some(m) = raw.socket_mode {
+            d.socket_mode = m.into_inner().0;
+        }
+        if let Some(s) = raw.state_dir
+            && let Some(p) = self.absolute(file, "state_dir", s)
+        {
+            d.state_dir = p;
+        }
+        if let Some(m) = raw.metrics_listen {
+            match m.get_ref().parse() {
+                Ok(addr) => d.metrics_listen = Some(addr),
+                Err(_) => self.error(
+                    Self::at(file, m.span()),
+                    format!(
+                        "metrics_listen \"{}\" is not a socket address such as \"127.0.0.1:9464\"",
+                        m.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(f) = raw.log_format {
+            match check::parse_log_format(f.get_ref()) {
+                Ok(v) => d.log_format = v,
+                Err(e) => self.error(Self::at(file, f.span()), e),
+            }
+        }
+        if let Some(l) = raw.log_level {
+            match check::check_log_level(l.get_ref()) {
+                Ok(()) => d.log_level = l.into_inner(),
+                Err(e) => self.error(Self::at(file, l.span()), e),
+            }
+        }
+        if let Some(n) = raw.max_concurrent_refreshes {
+            match usize::try_from(*n.get_ref()) {
+                Ok(v) if v >= 1 => d.max_concurrent_refreshes = v,
+                _ => self.error(
+                    Self::at(file, n.span()),
+                    "max_concurrent_refreshes must be at least 1",
+                ),
+            }
+        }
+        let include: Vec<(String, Loc)> = raw
+            .include
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.get_ref().clone(), Self::at(file, s.span())))
+            .collect();
+        d.include = include.iter().map(|(s, _)| s.clone()).collect();
+        ((self.errors.len() == before).then_some(d), include)
+    }
+
+    fn absolute(&mut self, file: usize, key: &str, p: Spanned<PathBuf>) -> Option<PathBuf> {
+        if p.get_ref().is_absolute() {
+            Some(p.into_inner())
+        } else {
+            self.error(
+                Self::at(file, p.span()),
+                format!(
+                    "{key} \"{}\" must be an absolute path",
+                    p.get_ref().display()
+                ),
+            );
+            None
+        }
+    }
+
+    fn check_timing(&mut self, t: &TimingSrc, header: Option<Loc>) {
+        for (key, message) in check::check_timing(&t.timing) {
+            let (own, other) = match key {
+                TimingKey::RefreshAt => ("refresh_at", "refresh_at"),
+                TimingKey::Jitter => ("jitter", "refresh_at"),
+                TimingKey::DefaultLifetime => ("default_lifetime", "default_lifetime"),
+                TimingKey::RetryInitial => ("retry_initial", "retry_max"),
+                TimingKey::Timeout => ("timeout", "timeout"),
+            };
+            if let Some(loc) = t
+                .locs
+                .get(own)
+                .or_else(|| t.locs.get(other))
+                .copied()
+                .or(header)
+            {
+                self.error(loc, message);
+            }
+        }
+    }
+}
+
+/// `base` with the keys of `raw` laid over it.
+fn merge_timing(file: usize, base: &TimingSrc, raw: RawTiming) -> TimingSrc {
+    let mut t = base.clone();
+    let mut set_f = |key: &'static str, v: Option<Spanned<f64>>, dst: &mut f64| {
+        if let Some(v) = v {
+            t.locs.insert(key, Loader::at(file, v.span()));
+            *dst = v.into_inner();
+        }
+    };
+    let mut timing = t.timing.clone();
+    set_f("refresh_at", raw.refresh_at, &mut timing.refresh_at);
+    set_f("jitter", raw.jitter, &mut timing.jitter);
+    let durations = [
+        (
+            "refresh_margin",
+            raw.refresh_margin,
+            &mut timing.refresh_margin,
+        ),
+        ("min_interval", raw.min_interval, &mut timing.min_interval),
+        (
+            "default_lifetime",
+            raw.default_lifetime,
+            &mut timing.default_lifetime,
+        ),
+        (
+            "retry_initial",
+            raw.retry_initial,
+            &mut timing.retry_initial,
+        ),
+        ("retry_max", raw.retry_max, &mut timing.retry_max),
+        ("timeout", raw.timeout, &mut timing.timeout),
+    ];
+    for (key, v, dst) in durations {
+        if let Some(v) = v {
+            t.locs.insert(key, Loader::at(file, v.span()));
+            *dst = v.into_inner().0;
+        }
+    }
+    t.timing = timing;
+    t
+}
+
+// === impl Loader: one client ===
+
+/// What a client's keys were resolved to, before they are assembled.
+struct ClientParts {
+    grant: GrantKind,
+    auth: AuthKind,
+}
+
+impl Loader {
+    fn client(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        name: &str,
+        value: Spanned<DeValue<'_>>,
+        defaults: &TimingSrc,
+    ) -> Option<ClientConfig> {
+        let before = self.errors.len();
+        let span = value.span();
+        let header = Self::at(file, span.clone());
+        let what = format!("[clients.{name}]");
+        let DeValue::Table(mut table) = value.into_inner() else {
+            self.error(header, format!("{what} must be a table"));
+            return None;
+        };
+        let key_locs: BTreeMap<String, Loc> = table
+            .iter()
+            .map(|(k, _)| (k.get_ref().to_string(), Self::at(file, k.span())))
+            .collect();
+        let outputs_value = table.remove("outputs");
+        let assertion_value = table.remove("assertion");
+
+        let outputs = self.outputs(file, name, outputs_value);
+        let assertion = assertion_value.map(|v| {
+            let loc = Self::at(file, v.span());
+            let raw = self.table::<RawAssertion>(file, &format!("[clients.{name}.assertion]"), v);
+            (raw, loc)
+        });
+
+        let mut raw: RawClient =
+            self.table(file, &what, Spanned::new(span, DeValue::Table(table)))?;
+
+        let token_url = match check::check_token_url(raw.token_url.get_ref()) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.error(Self::at(file, raw.token_url.span()), e);
+                None
+            }
+        };
+        let timing = merge_timing(file, defaults, raw.take_timing());
+        self.check_timing(&timing, Some(header));
+
+        let scope = raw
+            .scope
+            .take()
+            .map(|s| s.into_inner().0)
+            .unwrap_or_default();
+        let extra_params = self.extra(file, raw.extra_params.take(), |k, _| {
+            check::check_param_name(k)
+        });
+        let extra_headers = self.extra(file, raw.extra_headers.take(), |k, v| {
+            check::check_header_name(k).and_then(|()| check::check_header_value(k, v))
+        });
+        if let Some(c) = &raw.rotate_cron
+            && let Err(e) = check::check_cron(c.get_ref())
+        {
+            self.error(Self::at(file, c.span()), e);
+        }
+        let ca_file = raw.ca_file.take().map(|p| resolve(dir, p.into_inner()));
+        let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
+        let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);
+
+        let grant_kind = match &raw.grant_type {
+            None => Some(GrantKind::ClientCredentials),
+            Some(g) => self.ok_at(file, g.span(), check::parse_grant(g.get_ref())),
+        };
+        let auth_kind = match (&raw.client_auth, grant_kind) {
+            (Some(a), _) => self.ok_at(file, a.span(), check::parse_client_auth(a.get_ref())),
+            (None, Some(g)) => Some(AuthKind::default_for(g)),
+            (None, None) => None,
+        };
+        let (grant, client_auth) = match (grant_kind, auth_kind) {
+            (Some(grant), Some(auth)) => {
+                let parts = ClientParts { grant, auth };
+                self.check_keys(
+                    &parts,
+                    assertion.as_ref().map(|a| a.1),
+                    &key_locs,
+                    header,
+                    &what,
+                );
+                let g = self.grant(file, dir, name, &parts, &mut raw, assertion);
+                let a = self.client_auth(file, dir, name, &parts, &mut raw);
+                (g, a)
+            }
+            _ => (None, None),
+        };
+
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(ClientConfig {
+            name: name.to_owned(),
+            token_url: token_url?,
+            grant: grant?,
+            client_auth: client_auth?,
+            client_id: raw.client_id.map(Spanned::into_inner),
+            scope,
+            audience: raw.audience.map(Spanned::into_inner),
+            resource: raw.resource.map(Spanned::into_inner),
+            extra_params,
+            extra_headers,
+            ca_file,
+            rotate_cron: raw.rotate_cron.map(Spanned::into_inner),
+            allow_uids,
+            allow_gids,
+            outputs: outputs?,
+            timing: timing.timing,
+        })
+    }
+
+    fn ok_at<T>(&mut self, file: usize, span: Range<usize>, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(Self::at(file, span), e);
+                None
+            }
+        }
+    }
+
+    /// Keys the grant and the authentication method need, and keys they do not use.
+    fn check_keys(
+        &mut self,
+        p: &ClientParts,
+        assertion: Option<Loc>,
+        key_locs: &BTreeMap<String, Loc>,
+        header: Loc,
+        what: &str,
+    ) {
+        let grant_says = format!("grant_type = \"{}\"", p.grant.name());
+        let auth_says = format!("client_auth = \"{}\"", p.auth.name());
+        let present =
+            |k: &str| key_locs.contains_key(k) || (k == "assertion" && assertion.is_some());
+        // (key, needed, used, which setting decides)
+        let rules: [(&str, bool, bool, &str); 10] = [
+            (
+                "client_id",
+                !(p.grant == GrantKind::JwtBearer && p.auth == AuthKind::None),
+                true,
+                &auth_says,
+            ),
+            (
+                "client_secret",
+                p.auth.uses_secret(),
+                p.auth.uses_secret(),
+                &auth_says,
+            ),
+            (
+                "private_key",
+                p.auth == AuthKind::PrivateKeyJwt,
+                p.auth == AuthKind::PrivateKeyJwt,
+                &auth_says,
+            ),
+            (
+                "key_id",
+                false,
+                p.auth == AuthKind::PrivateKeyJwt,
+                &auth_says,
+            ),
+            ("signing_alg", false, p.auth.is_jwt(), &auth_says),
+            ("assertion_lifetime", false, p.auth.is_jwt(), &auth_says),
+            (
+                "username",
+                p.grant == GrantKind::Password,
+                p.grant == GrantKind::Password,
+                &grant_says,
+            ),
+            (
+                "password",
+                p.grant == GrantKind::Password,
+                p.grant == GrantKind::Password,
+                &grant_says,
+            ),
+            (
+                "refresh_token",
+                p.grant == GrantKind::RefreshToken,
+                p.grant == GrantKind::RefreshToken,
+                &grant_says,
+            ),
+            (
+                "assertion",
+                p.grant == GrantKind::JwtBearer,
+                p.grant == GrantKind::JwtBearer,
+                &grant_says,
+            ),
+        ];
+        for (key, needed, used, why) in rules {
+            if needed && !present(key) {
+                let shown = if key == "assertion" {
+                    "a [clients.NAME.assertion] table".to_string()
+                } else {
+                    format!("\"{key}\"")
+                };
+                self.error(header, format!("{what} needs {shown} ({why})"));
+            } else if !used && present(key) {
+                let loc = if key == "assertion" {
+                    assertion
+                } else {
+                    key_locs.get(key).copied()
+                };
+                if let Some(loc) = loc {
+                    self.error(loc, format!("\"{key}\" is not used with {why}"));
+                }
+            }
+        }
+    }
+
+    fn grant(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        p: &ClientParts,
+        raw: &mut RawClient,
+        assertion: Option<(Option<RawAssertion>, Loc)>,
+    ) -> Option<Grant> {
+        match p.grant {
+            GrantKind::ClientCredentials => Some(Grant::ClientCredentials),
+            GrantKind::Password => {
+                let username = raw.username.take()?.into_inner();
+                let password =
+                    self.credential(file, dir, client, "password", raw.password.take()?)?;
+                Some(Grant::Password { username, password })
+            }
+            GrantKind::RefreshToken => {
+                let refresh_token = self.credential(
+                    file,
+                    dir,
+                    client,
+                    "refresh_token",
+                    raw.refresh_token.take()?,
+                )?;
+                Some(Grant::RefreshToken { refresh_token })
+            }
+            GrantKind::JwtBearer => {
+                let (raw, _) = assertion?;
+                let a = raw?;
+                let alg = match &a.signing_alg {
+                    Some(s) => self.ok_at(file, s.span(), SigningAlg::from_str(s.get_ref()))?,
+                    None => SigningAlg::HS256,
+                };
+                let lifetime = self.lifetime(file, a.lifetime.as_ref());
+                let key_span = a.key.span();
+                let cred = self.credential(file, dir, client, "assertion.key", a.key)?;
+                let key = self.ok_at(
+                    file,
+                    key_span,
+                    SigningKey::parse(alg, &cred.value).map_err(|e| format!("assertion.key: {e}")),
+                )?;
+                let claims = a
+                    .claims
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                Some(Grant::JwtBearer {
+                    assertion: Assertion {
+                        key,
+                        key_source: cred.source,
+                        key_id: a.key_id.map(Spanned::into_inner),
+                        lifetime: lifetime?,
+                        claims,
+                    },
+                })
+            }
+        }
+    }
+
+    fn lifetime(
+        &mut self,
+        file: usize,
+        raw: Option<&Spanned<super::raw::HumanDuration>>,
+    ) -> Option<Duration> {
+        match raw {
+            None => Some(Duration::from_secs(300)),
+            Some(l) => self.ok_at(
+                file,
+                l.span(),
+                check::check_assertion_lifetime(l.get_ref().0).map(|()| l.get_ref().0),
+            ),
+        }
+    }
+
+    fn client_auth(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        p: &ClientParts,
+        raw: &mut RawClient,
+    ) -> Option<ClientAuth> {
+        let lifetime = if p.auth.is_jwt() {
+            self.lifetime(file, raw.assertion_lifetime.as_ref())
+        } else {
+            None
+        };
+        let alg = match &raw.signing_alg {
+            Some(s) if p.auth.is_jwt() => {
+                let alg = self.ok_at(file, s.span(), SigningAlg::from_str(s.get_ref()))?;
+                let fits = alg.is_hmac() == (p.auth == AuthKind::SecretJwt);
+                if !fits {
+                    let msg = if alg.is_hmac() {
+                        format!(
+                            "signing_alg {alg} is an HMAC algorithm, but private_key_jwt signs with a private key (RS*, PS*, ES*, EdDSA); for a shared secret use client_auth = \"client_secret_jwt\""
+                        )
+                    } else {
+                        format!(
+                            "client_secret_jwt signs with the client secret: signing_alg must be HS256, HS384 or HS512, not {alg}"
+                        )
+                    };
+                    self.error(Self::at(file, s.span()), msg);
+                    return None;
+                }
+                Some(alg)
+            }
+            _ => None,
+        };
+        match p.auth {
+            AuthKind::None => Some(ClientAuth::None),
+            AuthKind::Basic | AuthKind::Post | AuthKind::SecretJwt => {
+                let raw_secret = raw.client_secret.take()?;
+                let span = raw_secret.span();
+                let secret = self.credential(file, dir, client, "client_secret", raw_secret)?;
+                Some(match p.auth {
+                    AuthKind::Basic => ClientAuth::Basic { secret },
+                    AuthKind::Post => ClientAuth::Post { secret },
+                    _ => {
+                        let alg = alg.unwrap_or(SigningAlg::HS256);
+                        let key = self.ok_at(
+                            file,
+                            span,
+                            SigningKey::parse(alg, &secret.value)
+                                .map_err(|e| format!("client_secret: {e}")),
+                        )?;
+                        ClientAuth::SecretJwt {
+                            secret,
+                            key,
+                            lifetime: lifetime?,
+                        }
+                    }
+                })
+            }
+            AuthKind::PrivateKeyJwt => {
+                let raw_key = raw.private_key.take()?;
+                let span = raw_key.span();
+                let cred = self.credential(file, dir, client, "private_key", raw_key)?;
+                let parsed = match alg {
+                    Some(alg) => SigningKey::parse(alg, &cred.value),
+                    None => SigningKey::parse_infer(&cred.value),
+                };
+                let key =
+                    self.ok_at(file, span, parsed.map_err(|e| format!("private_key: {e}")))?;
+                Some(ClientAuth::PrivateKeyJwt {
+                    key,
+                    key_source: cred.source,
+                    key_id: raw.key_id.take().map(Spanned::into_inner),
+                    lifetime: lifetime?,
+                })
+            }
+        }
+    }
+
+    /// Reads one secret; a relative `file` is taken from the directory of the config file
+    /// the key is written in.
+    fn credential(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        key: &str,
+        raw: Spanned<RawSecret>,
+    ) -> Option<Credential> {
+        let loc = Self::at(file, raw.span());
+        let source = match raw.into_inner() {
+            RawSecret::File(p) => SecretSource::File(resolve(dir, p)),
+            RawSecret::Env(n) => SecretSource::Env(n),
+            RawSecret::Credential(n) => SecretSource::Credential(n),
+            RawSecret::Inline(s) => {
+                if self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
+                    self.warn(
+                        loc,
+                        format!(
+                            "{key} of client \"{client}\" is written inline in a file that group or others can read; \
+                             move it to {{ file = PATH }} or {{ credential = NAME }}, or chmod 600 the config"
+                        ),
+                    );
+                }
+                SecretSource::Inline(s)
+            }
+        };
+        match source.load() {
+            Ok(value) => Some(Credential { source, value }),
+            Err(e) => {
+                self.error(loc, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn extra(
+        &mut self,
+        file: usize,
+        raw: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+        check: impl Fn(&str, &str) -> Result<(), String>,
+    ) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (k, v) in raw.unwrap_or_default() {
+            match check(k.get_ref(), v.get_ref()) {
+                Ok(()) => {
+                    out.insert(k.into_inner(), v.into_inner());
+                }
+                Err(e) => self.error(Self::at(file, k.span()), e),
+            }
+        }
+        out
+    }
+
+    fn ids(&mut self, file: usize, raw: Option<Vec<Spanned<Id>>>, kind: IdKind) -> Vec<u32> {
+        let mut out = Vec::new();
+        for id in raw.unwrap_or_default() {
+            if let Some(n) = self.resolve_id(file, &id, kind) {
+                out.push(n);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn resolve_id(&mut self, file: usize, id: &Spanned<Id>, kind: IdKind) -> Option<u32> {
+        let result = match id.get_ref() {
+            Id::Number(n) => Ok(*n),
+            Id::Name(name) => resolve_name(name, kind),
+        };
+        self.ok_at(file, id.span(), result)
+    }
+}
+
+fn resolve(dir: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { dir.join(p) }
+}
+
+#[derive(Clone, Copy)]
+enum IdKind {
+    User,
+    Group,
+}
+
+/// A user or group name → its id, from the system's databases (NSS).
+fn resolve_name(name: &str, kind: IdKind) -> Result<u32, String> {
+    let found = match kind {
+        IdKind::User => nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw())),
+        IdKind::Group => nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw())),
+    };
+    let what = match kind {
+        IdKind::User => "user",
+        IdKind::Group => "group",
+    };
+    match found {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(format!("unknown {what} \"{name}\"")),
+        Err(e) => Err(format!("cannot look up {what} \"{name}\": {e}")),
+    }
+}
+
+// === impl Loader: outputs ===
+
+impl Loader {
+    fn outputs(
+        &mut self,
+        file: usize,
+        client: &str,
+        value: Option<Spanned<DeValue<'_>>>,
+    ) -> Option<Vec<OutputConfig>> {
+        let Some(value) = value else {
+            return Some(Vec::new());
+        };
+        let span = value.span();
+        let DeValue::Array(items) = value.into_inner() else {
+            self.error(
+                Self::at(file, span),
+                format!(
+                    "outputs of client \"{client}\" must be [[clients.{client}.outputs]] tables"
+                ),
+            );
+            return None;
+        };
+        let what = format!("[[clients.{client}.outputs]]");
+        let mut out = Some(Vec::new());
+        for item in items {
+            let header = Self::at(file, item.span());
+            let built = self
+                .table::<RawOutput>(file, &what, item)
+                .and_then(|raw| self.output(file, client, header, raw));
+            match (built, out.as_mut()) {
+                (Some(o), Some(v)) => v.push(o),
+                _ => out = None,
+            }
+        }
+        out
+    }
+
+    fn output(
+        &mut self,
+        file: usize,
+        client: &str,
+        header: Loc,
+        raw: RawOutput,
+    ) -> Option<OutputConfig> {
+        let before = self.errors.len();
+        let path_loc = Self::at(file, raw.path.span());
+        let path = raw.path.into_inner();
+        if !path.is_absolute() {
+            self.error(
+                path_loc,
+                format!("output path \"{}\" must be absolute", path.display()),
+            );
+        } else if let Some((loc, other)) = self.outputs_seen.get(&path).cloned() {
+            let at = self.describe(loc);
+            self.error(
+                path_loc,
+                format!(
+                    "output path \"{}\" is already used by client \"{other}\" at {at}",
+                    path.display()
+                ),
+            );
+        } else {
+            self.outputs_seen
+                .insert(path.clone(), (path_loc, client.to_owned()));
+        }
+        let format = match &raw.format {
+            Some(f) => self.ok_at(file, f.span(), check::parse_output_format(f.get_ref())),
+            None => Some(OutputFormat::Token),
+        };
+        let env_prefix = match raw.env_prefix {
+            Some(p) => {
+                let r = check::check_env_prefix(p.get_ref()).map(|()| p.get_ref().clone());
+                self.ok_at(file, p.span(), r)
+            }
+            None => Some(String::new()),
+        };
+        let owner = raw
+            .owner
+            .as_ref()
+            .and_then(|o| self.resolve_id(file, o, IdKind::User));
+        let group = raw
+            .group
+            .as_ref()
+            .and_then(|g| self.resolve_id(file, g, IdKind::Group));
+        if (raw.owner.is_some() || raw.group.is_some()) && !self.is_root {
+            self.warn(
+                header,
+                format!(
+                    "owner/group of output {} cannot be applied unless the daemon runs as root \
+                     or has CAP_CHOWN (AmbientCapabilities=CAP_CHOWN in the unit)",
+                    path.display()
+                ),
+            );
+        }
+        let on_change = match raw.on_change {
+            Some(argv) if argv.get_ref().first().is_some_and(|p| p.is_empty()) => {
+                self.error(
+                    Self::at(file, argv.span()),
+                    "on_change: the program name is empty",
+                );
+                Vec::new()
+            }
+            Some(argv) => argv.into_inner(),
+            None => Vec::new(),
+        };
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(OutputConfig {
+            path,
+            format: format?,
+            mode: raw.mode.map(|m| m.into_inner().0).unwrap_or(0o600),
+            owner,
+            group,
+            on_change,
+            env_prefix: env_prefix?,
+        })
+    }
+}

@@ -1,0 +1,426 @@
+//! The config loader against the fixtures in `tests/data/config/`: every valid one loads, every
+//! invalid one fails with exactly the errors its `# error: LINE:COL: text` comments list
+//! (written by `tests/data/config/gen/make_invalid.py`, which computes the locations).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokenwarden::config::{self, ClientAuth, Config, ConfigErrors, Grant, LogFormat, OutputFormat};
+use tokenwarden::keys::SigningAlg;
+use tokenwarden::secret::SecretSource;
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/config")
+}
+
+fn fixtures(dir: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// One `# error: [FILE:]LINE:COL: text` line.
+#[derive(Debug)]
+struct Expected {
+    file: PathBuf,
+    line: usize,
+    column: usize,
+    text: String,
+}
+
+fn expected_errors(path: &Path) -> Vec<Expected> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# error: ") else {
+            if line.starts_with('#') {
+                continue;
+            }
+            break;
+        };
+        let parts: Vec<&str> = rest.splitn(4, ':').collect();
+        let (file, nums) = if parts[0].trim().parse::<usize>().is_ok() {
+            (path.to_path_buf(), rest.splitn(3, ':').collect::<Vec<_>>())
+        } else {
+            (
+                path.parent().unwrap().join(parts[0]),
+                rest[parts[0].len() + 1..]
+                    .splitn(3, ':')
+                    .collect::<Vec<_>>(),
+            )
+        };
+        out.push(Expected {
+            file,
+            line: nums[0].trim().parse().unwrap(),
+            column: nums[1].trim().parse().unwrap(),
+            text: nums[2].trim().to_string(),
+        });
+    }
+    out
+}
+
+fn load(path: &Path) -> Config {
+    match config::load(path) {
+        Ok(c) => c,
+        Err(e) => panic!("{} should load:\n{e}", path.display()),
+    }
+}
+
+#[test]
+fn fixtures_load_or_fail_as_listed() {
+    let valid = fixtures("valid");
+    assert!(valid.len() >= 8, "{} valid fixtures", valid.len());
+    for path in &valid {
+        let c = load(path);
+        check_valid(path.file_stem().unwrap().to_str().unwrap(), &c);
+    }
+
+    let invalid = fixtures("invalid");
+    assert!(invalid.len() >= 30, "{} invalid fixtures", invalid.len());
+    let mut failures = Vec::new();
+    for path in &invalid {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("credential") && std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+            continue;
+        }
+        let want = expected_errors(path);
+        assert!(!want.is_empty(), "{name} lists no `# error:` lines");
+        let got = match config::load(path) {
+            Ok(_) => {
+                failures.push(format!("{name}: loaded, but should fail"));
+                continue;
+            }
+            Err(e) => e,
+        };
+        let matches = got.errors.len() == want.len()
+            && got.errors.iter().zip(&want).all(|(g, w)| {
+                g.file == w.file
+                    && g.line == w.line
+                    && g.column == w.column
+                    && g.message.contains(&w.text)
+            });
+        if !matches {
+            failures.push(format!(
+                "{name}: expected\n{}\ngot\n{got}",
+                want.iter()
+                    .map(|w| format!("  {}:{}:{}: {}", w.file.display(), w.line, w.column, w.text))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+/// A few facts about each valid fixture's result.
+fn check_valid(name: &str, c: &Config) {
+    let secrets = data().join("secrets");
+    match name {
+        "transatel" => {
+            assert_eq!(
+                c.daemon.socket.as_deref(),
+                Some(Path::new("/run/tokenwarden/tokenwarden.sock"))
+            );
+            assert_eq!(c.daemon.socket_mode, 0o660);
+            assert_eq!(
+                c.daemon.metrics_listen,
+                Some("127.0.0.1:9464".parse().unwrap())
+            );
+            assert_eq!(c.daemon.log_format, LogFormat::Json);
+            assert_eq!(c.daemon.max_concurrent_refreshes, 4);
+            let t = &c.clients["transatel"];
+            assert_eq!(t.grant, Grant::ClientCredentials);
+            let ClientAuth::Basic { secret } = &t.client_auth else {
+                panic!("{:?}", t.client_auth)
+            };
+            assert_eq!(secret.value.expose(), "transatel-secret");
+            assert_eq!(
+                secret.source,
+                SecretSource::File(data().join("valid/../secrets/transatel"))
+            );
+            assert_eq!(t.scope, ["CATALOG_PRODUCTS_READ", "USER_READ"]);
+            assert_eq!(t.allow_uids, [0, 1000]);
+            assert_eq!(t.allow_gids, [0]);
+            assert_eq!(t.rotate_cron.as_deref(), Some("0 0 3 * * *"));
+            assert_eq!(t.outputs.len(), 2);
+            let o = &t.outputs[0];
+            assert_eq!(
+                (o.mode, o.owner, o.group, o.format),
+                (0o640, Some(0), Some(0), OutputFormat::Token)
+            );
+            assert_eq!(o.on_change, ["/usr/bin/systemctl", "reload", "app"]);
+            let o = &t.outputs[1];
+            assert_eq!(
+                (o.mode, o.format, o.env_prefix.as_str()),
+                (0o600, OutputFormat::Env, "TD_")
+            );
+            assert_eq!(c.files, [data().join("valid/transatel.toml")]);
+        }
+        "creads" => {
+            let Grant::Password { username, password } = &c.clients["creads-files"].grant else {
+                panic!()
+            };
+            assert_eq!(username, "user@example.com");
+            assert_eq!(password.value.expose(), "creads-password");
+            assert_eq!(c.clients["creads-files"].scope, ["files", "upload_files"]);
+            assert_eq!(c.clients["creads-base"].scope, ["base"]);
+            assert_eq!(c.clients["creads-base"].outputs[0].mode, 0o600);
+            let Grant::RefreshToken { refresh_token } = &c.clients["creads-bootstrap"].grant else {
+                panic!()
+            };
+            assert_eq!(refresh_token.value.expose(), "rt-bootstrap-token");
+            // Defaults everywhere.
+            assert_eq!(c.daemon, config::DaemonConfig::default());
+        }
+        "talentsoft-app" => {
+            let t = &c.clients["talentsoft-app"];
+            let ClientAuth::Post { secret } = &t.client_auth else {
+                panic!()
+            };
+            assert_eq!(secret.source, SecretSource::Env("PATH".into()));
+            assert_eq!(t.extra_params["tenant"], "acme");
+            assert_eq!(t.extra_headers["X-Api-Version"], "2");
+            assert_eq!(t.audience.as_deref(), Some("https://api.talent-soft.com"));
+            assert_eq!(
+                t.ca_file.as_deref(),
+                Some(data().join("valid/../keys/es256.pub.pem").as_path())
+            );
+        }
+        "talentsoft-user" => {
+            let t = &c.clients["talentsoft-user"];
+            assert_eq!(t.grant_type(), config::JWT_BEARER_GRANT);
+            assert_eq!(t.client_auth, ClientAuth::None);
+            let Grant::JwtBearer { assertion } = &t.grant else {
+                panic!()
+            };
+            assert_eq!(assertion.key.alg, SigningAlg::HS256);
+            assert_eq!(assertion.lifetime, Duration::from_secs(1200));
+            assert_eq!(assertion.claims["sub"], "TalentSoftMarketPlace");
+            assert_eq!(assertion.claims["level"], 3);
+            assert_eq!(assertion.claims["admin"], false);
+            let r = &c.clients["jwt-rsa"];
+            assert_eq!(r.client_id, None);
+            let Grant::JwtBearer { assertion } = &r.grant else {
+                panic!()
+            };
+            assert_eq!(assertion.key.alg, SigningAlg::RS256);
+            assert_eq!(assertion.key_id.as_deref(), Some("rsa-1"));
+            assert_eq!(assertion.lifetime, Duration::from_secs(300));
+        }
+        "talkdesk" => {
+            let alg = |n: &str| match &c.clients[n].client_auth {
+                ClientAuth::PrivateKeyJwt { key, .. } => key.alg,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(alg("talkdesk-com"), SigningAlg::ES256);
+            assert_eq!(alg("talkdesk-eu"), SigningAlg::ES256);
+            assert_eq!(alg("talkdesk-ca"), SigningAlg::PS256);
+            assert_eq!(alg("ed"), SigningAlg::EdDSA);
+            let ClientAuth::PrivateKeyJwt {
+                key_id, lifetime, ..
+            } = &c.clients["talkdesk-com"].client_auth
+            else {
+                panic!()
+            };
+            assert_eq!(key_id.as_deref(), Some("key-1"));
+            assert_eq!(*lifetime, Duration::from_secs(300));
+        }
+        "defaults" => {
+            let i = &c.clients["inherits"].timing;
+            assert_eq!(i.refresh_at, 0.5);
+            assert_eq!(i.jitter, 0.2);
+            assert_eq!(i.refresh_margin, Duration::from_secs(60));
+            assert_eq!(i.timeout, Duration::from_secs(5400));
+            assert_eq!(i.retry_max, Duration::from_secs(600));
+            let o = &c.clients["overrides"].timing;
+            assert_eq!((o.refresh_at, o.jitter), (0.9, 0.0));
+            assert_eq!(o.timeout, Duration::from_secs(5));
+            assert_eq!(o.default_lifetime, Duration::from_secs(1800));
+        }
+        "secret-jwt-and-public" => {
+            let ClientAuth::SecretJwt {
+                key,
+                lifetime,
+                secret,
+            } = &c.clients["hmac"].client_auth
+            else {
+                panic!()
+            };
+            assert_eq!(key.alg, SigningAlg::HS512);
+            assert_eq!(*lifetime, Duration::from_secs(300));
+            assert!(matches!(secret.source, SecretSource::Inline(_)));
+            assert_eq!(c.clients["public"].client_auth, ClientAuth::None);
+            let ClientAuth::SecretJwt { key, .. } = &c.clients["jwt-default-alg"].client_auth
+            else {
+                panic!()
+            };
+            assert_eq!(key.alg, SigningAlg::HS256);
+        }
+        "includes" => {
+            let names: Vec<&str> = c.clients.keys().map(String::as_str).collect();
+            assert_eq!(names, ["from-include-a", "from-include-b", "main"]);
+            let conf_d = data().join("valid/../include/conf.d");
+            assert_eq!(
+                c.files,
+                [
+                    data().join("valid/includes.toml"),
+                    conf_d.join("10-a.toml"),
+                    conf_d.join("20-b.toml")
+                ]
+            );
+            let ClientAuth::Basic { secret } = &c.clients["from-include-a"].client_auth else {
+                panic!()
+            };
+            assert_eq!(secret.value.expose(), "creads-secret");
+            // [defaults] of the main file reach the included clients.
+            assert_eq!(
+                c.clients["from-include-a"].timing.timeout,
+                Duration::from_secs(3)
+            );
+            assert_eq!(
+                c.clients["from-include-b"].timing.timeout,
+                Duration::from_secs(7)
+            );
+        }
+        "inline-forms" => {
+            let d = &c.clients["dotted"];
+            assert_eq!(d.outputs.len(), 2);
+            assert_eq!(d.outputs[1].mode, 0o644);
+            assert!(c.clients.contains_key("inline"));
+        }
+        "minimal" => {
+            let m = &c.clients["m"];
+            assert_eq!(m.timing, config::Timing::default());
+            assert!(m.outputs.is_empty());
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        }
+        other => panic!("no checks for valid fixture {other}"),
+    }
+    let _ = secrets;
+}
+
+#[test]
+fn loading_twice_gives_equal_configs() {
+    for path in fixtures("valid") {
+        assert_eq!(load(&path), load(&path), "{}", path.display());
+    }
+}
+
+#[test]
+fn secrets_never_reach_errors_or_debug() {
+    let path = data().join("invalid/inline-secret-redacted.toml");
+    let errors: ConfigErrors = config::load(&path).unwrap_err();
+    let rendered = format!("{errors}\n{errors:?}");
+    for secret in [
+        "hunter2-password-value",
+        "hunter2-not-a-key",
+        "hunter2-client-secret",
+    ] {
+        assert!(!rendered.contains(secret), "{secret} in:\n{rendered}");
+    }
+
+    let c = load(&data().join("valid/secret-jwt-and-public.toml"));
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("inline-hmac-secret-4f1d2c"), "{debug}");
+    assert!(
+        !debug.contains(&std::env::var("HOME").unwrap()),
+        "env secret in Debug"
+    );
+    let c = load(&data().join("valid/talkdesk.toml"));
+    let key = std::fs::read_to_string(data().join("keys/es256.pem")).unwrap();
+    let debug = format!("{c:?}");
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!debug.contains(line), "key material in Debug");
+    }
+}
+
+#[test]
+fn inline_secret_in_a_readable_file_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tw.toml");
+    std::fs::write(
+        &path,
+        "[clients.x]\ntoken_url = \"https://a.example/t\"\nclient_id = \"x\"\nclient_secret = \"s3cr3t-inline\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = load(&path);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].starts_with(&format!("{}:4:17: client_secret", path.display())),
+        "{:?}",
+        c.warnings
+    );
+    assert!(!c.warnings[0].contains("s3cr3t-inline"));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(load(&path).warnings.is_empty());
+}
+
+#[test]
+fn load_str_resolves_relative_to_the_given_path() {
+    let path = data().join("valid/not-on-disk.toml");
+    let text = "[clients.x]\ntoken_url = \"https://a.example/t\"\nclient_id = \"x\"\nclient_secret = { file = \"../secrets/creads\" }\n";
+    let c = config::load_str(text, &path).unwrap();
+    let ClientAuth::Basic { secret } = &c.clients["x"].client_auth else {
+        panic!()
+    };
+    assert_eq!(secret.value.expose(), "creads-secret");
+    assert_eq!(c.path, path);
+}
+
+#[test]
+fn an_unreadable_file_is_one_error() {
+    let e = config::load(Path::new("/nonexistent/tokenwarden.toml")).unwrap_err();
+    assert_eq!(e.errors.len(), 1);
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/tokenwarden.toml: cannot read"),
+        "{e}"
+    );
+}
+
+/// `{ credential = NAME }` needs `$CREDENTIALS_DIRECTORY`, which this process must not set
+/// (setting the environment of a threaded process is unsound): run this file's
+/// `credential_child` test in a child process with the variable set.
+#[test]
+fn systemd_credentials_are_read_from_the_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("creads-password"), "from-credential\n").unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "config::credential_child", "--nocapture"])
+        .env("CREDENTIALS_DIRECTORY", dir.path())
+        .env("TW_CONFIG_CREDENTIAL_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("credential-child-ok"), "{stdout}");
+}
+
+#[test]
+fn credential_child() {
+    if std::env::var_os("TW_CONFIG_CREDENTIAL_CHILD").is_none() {
+        return;
+    }
+    let text = "[clients.x]\ntoken_url = \"https://a.example/t\"\ngrant_type = \"password\"\nclient_id = \"x\"\n\
+                client_secret = { file = \"../secrets/creads\" }\nusername = \"u\"\npassword = { credential = \"creads-password\" }\n";
+    let c = config::load_str(text, &data().join("valid/x.toml")).unwrap();
+    let Grant::Password { password, .. } = &c.clients["x"].grant else {
+        panic!()
+    };
+    assert_eq!(password.value.expose(), "from-credential");
+    assert_eq!(
+        password.source,
+        SecretSource::Credential("creads-password".into())
+    );
+    println!("credential-child-ok");
+}
