@@ -183,9 +183,23 @@ fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
             let stdout = out.stdout.trim();
             let stderr = out.stderr.trim();
             if out.status.success() {
-                tracing::info!(client, program, stdout, stderr, "on_change ran in {}", Human(out.elapsed));
+                tracing::info!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change ran in {}",
+                    Human(out.elapsed)
+                );
             } else {
-                tracing::warn!(client, program, stdout, stderr, "on_change failed ({})", out.status);
+                tracing::warn!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change failed ({})",
+                    out.status
+                );
             }
         }
         Err(e) => tracing::warn!(client, "on_change: {e}"),
@@ -201,13 +215,19 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<ClientResult>,
             return Err(format!(
                 "no client named {name:?} in {} (clients: {})",
                 config.path.display(),
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ));
         }
     }
     let state = Arc::new(StateDir::open(&config.daemon.state_dir).map_err(|e| e.to_string())?);
     let http = Arc::new(HttpClients::default());
-    let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_refreshes.max(1)));
+    let permits = Arc::new(Semaphore::new(
+        config.daemon.max_concurrent_refreshes.max(1),
+    ));
     let mut tasks = Vec::new();
     for (name, client) in &config.clients {
         if !only.is_empty() && !only.contains(name) {

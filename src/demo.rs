@@ -13,14 +13,14 @@ use crate::provider::{Dialect, Provider, RegisteredClient, TalkdeskRegion};
 
 /// Client ids and secrets the demo registers. They protect nothing: the provider lives on
 /// loopback for the length of the demo.
-const TRANSATEL_ID: &str = "demo-transatel";
-const CREADS_ID: &str = "demo-creads";
-const CREADS_USER: &str = "jean.dupont@example.com";
-const TALENTSOFT_APP_ID: &str = "demo-talentsoft-app";
-const TALENTSOFT_USER_ID: &str = "demo-talentsoft-user";
-const TALENTSOFT_AUDIENCE: &str = "https://api.talentsoft.example";
-const TALKDESK_ID: &str = "demo-talkdesk";
-const TALKDESK_KID: &str = "demo-key-1";
+pub const TRANSATEL_ID: &str = "demo-transatel";
+pub const CREADS_ID: &str = "demo-creads";
+pub const CREADS_USER: &str = "jean.dupont@example.com";
+pub const TALENTSOFT_APP_ID: &str = "demo-talentsoft-app";
+pub const TALENTSOFT_USER_ID: &str = "demo-talentsoft-user";
+pub const TALENTSOFT_AUDIENCE: &str = "https://api.talentsoft.example";
+pub const TALKDESK_ID: &str = "demo-talkdesk";
+pub const TALKDESK_KID: &str = "demo-key-1";
 
 /// What [`setup`] made.
 #[derive(Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct DemoSetup {
     pub state_dir: PathBuf,
     /// The client names in the config.
     pub clients: Vec<String>,
+    /// The public half of the Talkdesk client's key (to verify its assertions).
+    pub talkdesk_public_key: String,
 }
 
 /// Registers one client per seed dialect with `provider` (tokens living `lifetime`) and writes
@@ -62,21 +64,33 @@ pub fn setup(dir: &Path, provider: &Provider, lifetime: Duration) -> Result<Demo
     let (talkdesk_private, talkdesk_public) =
         keys::generate_es256().map_err(|e| format!("cannot make the demo key: {e}"))?;
 
-    provider.register(RegisteredClient::transatel(TRANSATEL_ID, &transatel_secret).with_lifetime(lifetime));
+    provider.register(
+        RegisteredClient::transatel(TRANSATEL_ID, &transatel_secret).with_lifetime(lifetime),
+    );
     provider.register(
         RegisteredClient::creads(CREADS_ID, &creads_secret, CREADS_USER, &creads_password)
             .with_lifetime(lifetime),
     );
     provider.register(
-        RegisteredClient::talentsoft_app(TALENTSOFT_APP_ID, &talentsoft_secret).with_lifetime(lifetime),
-    );
-    provider.register(
-        RegisteredClient::talentsoft_user(TALENTSOFT_USER_ID, &talentsoft_user_secret, TALENTSOFT_AUDIENCE)
+        RegisteredClient::talentsoft_app(TALENTSOFT_APP_ID, &talentsoft_secret)
             .with_lifetime(lifetime),
     );
     provider.register(
-        RegisteredClient::talkdesk(TALKDESK_ID, &talkdesk_public, Some(TALKDESK_KID), SigningAlg::ES256)
-            .with_lifetime(lifetime),
+        RegisteredClient::talentsoft_user(
+            TALENTSOFT_USER_ID,
+            &talentsoft_user_secret,
+            TALENTSOFT_AUDIENCE,
+        )
+        .with_lifetime(lifetime),
+    );
+    provider.register(
+        RegisteredClient::talkdesk(
+            TALKDESK_ID,
+            &talkdesk_public.clone(),
+            Some(TALKDESK_KID),
+            SigningAlg::ES256,
+        )
+        .with_lifetime(lifetime),
     );
 
     let p = |name: &str, v: &str| write_secret(name, v);
@@ -197,9 +211,16 @@ format = "token"
         config,
         out_dir,
         state_dir,
-        clients: ["creads-files", "talentsoft-app", "talentsoft-user", "talkdesk", "transatel"]
-            .map(String::from)
-            .to_vec(),
+        clients: [
+            "creads-files",
+            "talentsoft-app",
+            "talentsoft-user",
+            "talkdesk",
+            "transatel",
+        ]
+        .map(String::from)
+        .to_vec(),
+        talkdesk_public_key: talkdesk_public,
     })
 }
 
@@ -230,7 +251,8 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String> {
     let dir = match dir {
         Some(d) => {
-            std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(&d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
             d
         }
         None => {
@@ -238,7 +260,8 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
                 "tokenwarden-demo-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ));
-            std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(&d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
             d
         }
     };
@@ -251,7 +274,10 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "tokenwarden".into());
     println!("tokenwarden demo");
-    println!("  provider:   {} (built in, loopback only)", provider.base_url());
+    println!(
+        "  provider:   {} (built in, loopback only)",
+        provider.base_url()
+    );
     println!("  directory:  {}", demo.dir.display());
     println!("  config:     {}", demo.config.display());
     println!("  token files {}", demo.out_dir.display());
@@ -259,7 +285,10 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
     println!();
     println!("Try, in another terminal:");
     println!("  cat {}", demo.out_dir.join("transatel.token").display());
-    println!("  cat {}", demo.out_dir.join("talentsoft-app.env").display());
+    println!(
+        "  cat {}",
+        demo.out_dir.join("talentsoft-app.env").display()
+    );
     println!("  {exe} check -c {}", demo.config.display());
     println!();
     println!("Tokens are fetched now and again before they expire. Ctrl-C stops.");

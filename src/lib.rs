@@ -13,12 +13,15 @@
 //! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod app;
 pub mod config;
-pub mod keys;
 pub mod demo;
+pub mod keys;
 pub mod logging;
 pub mod oauth;
 pub mod outputs;

@@ -12,7 +12,11 @@ use tokenwarden::oauth::Human;
 use tokenwarden::{app, demo, logging};
 
 #[derive(Parser)]
-#[command(name = "tokenwarden", version, about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts")]
+#[command(
+    name = "tokenwarden",
+    version,
+    about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -113,7 +117,11 @@ fn check(path: &std::path::Path) -> ExitCode {
         path.display(),
         names.len(),
         if names.len() == 1 { "" } else { "s" },
-        if names.is_empty() { "none".to_string() } else { names.join(", ") },
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        },
         outputs,
         if outputs == 1 { "" } else { "s" },
         config.files.len(),

@@ -1,5 +1,9 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
+#[allow(dead_code)]
+mod support;
+
 mod config;
+mod engine;
 mod outputs;
 mod provider;
 mod state;

@@ -1,0 +1,595 @@
+//! The token engine against the built-in provider over real HTTP: the exact request each seed
+//! dialect puts on the wire, and every failure mode and malformed answer.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use tokenwarden::config::ClientConfig;
+use tokenwarden::demo;
+use tokenwarden::oauth::{self, ErrorClass, OAuthError};
+use tokenwarden::provider::{Fault, RecordedRequest};
+
+use crate::support::DemoEnv;
+
+fn client(env: &DemoEnv, name: &str) -> ClientConfig {
+    env.config().clients.get(name).unwrap().clone()
+}
+
+fn last_request(env: &DemoEnv) -> RecordedRequest {
+    env.provider.requests().last().unwrap().clone()
+}
+
+fn form_names(r: &RecordedRequest) -> Vec<&str> {
+    r.form.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+fn decode_basic(r: &RecordedRequest) -> String {
+    let h = r.header("authorization").unwrap();
+    let b64 = h.strip_prefix("Basic ").unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn common_headers(r: &RecordedRequest) {
+    assert_eq!(r.method, "POST");
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(r.header("accept"), Some("application/json"));
+    assert!(r.header("user-agent").unwrap().starts_with("tokenwarden/"));
+}
+
+async fn get(_env: &DemoEnv, c: &ClientConfig) -> oauth::Acquired {
+    let http = oauth::http_client(None).unwrap();
+    oauth::acquire(&http, c, None).await.unwrap()
+}
+
+#[tokio::test]
+async fn transatel_client_credentials_with_basic_auth() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let c = client(&env, "transatel");
+    let got = get(&env, &c).await;
+    let r = last_request(&env);
+    common_headers(&r);
+    assert_eq!(r.path, "/transatel/authentication/api/token");
+    assert_eq!(
+        decode_basic(&r),
+        format!("{}:{}", demo::TRANSATEL_ID, env.secret("transatel"))
+    );
+    assert_eq!(form_names(&r), ["grant_type", "scope"]);
+    assert_eq!(r.form_value("grant_type"), Some("client_credentials"));
+    assert_eq!(
+        r.form_value("scope"),
+        Some("CATALOG_PRODUCTS_READ USER_READ")
+    );
+    let t = &got.issued.token;
+    assert_eq!(t.token_type, "Bearer", "provider says 'bearer'");
+    // The JWT's whole-second `exp` may cut the lifetime by a fraction of a second.
+    assert!(t.lifetime() > Duration::from_secs(598) && t.lifetime() <= Duration::from_secs(600));
+    assert!(
+        oauth::jwt_expiry(t.access_token.expose()).is_some(),
+        "Transatel tokens are JWTs"
+    );
+    assert!(env.provider.token_is_live(t.access_token.expose()));
+    assert_eq!(
+        t.scope,
+        ["CATALOG_PRODUCTS_READ", "USER_READ"],
+        "scope not echoed: the requested one"
+    );
+}
+
+#[tokio::test]
+async fn creads_password_then_rotating_refresh_tokens() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let c = client(&env, "creads-files");
+    let got = get(&env, &c).await;
+    let r = last_request(&env);
+    common_headers(&r);
+    assert_eq!(
+        decode_basic(&r),
+        format!("{}:{}", demo::CREADS_ID, env.secret("creads"))
+    );
+    assert_eq!(
+        form_names(&r),
+        ["grant_type", "username", "password", "scope"]
+    );
+    assert_eq!(r.form_value("username"), Some(demo::CREADS_USER));
+    assert_eq!(
+        r.form_value("password"),
+        Some(env.secret("creads-password").as_str())
+    );
+    assert_eq!(r.form_value("scope"), Some("files"));
+    assert_eq!(got.issued.token.scope, ["files"]);
+    let rt1 = got.refresh_token.clone().unwrap();
+
+    let http = oauth::http_client(None).unwrap();
+    let second = oauth::acquire(&http, &c, Some(&rt1)).await.unwrap();
+    let r = last_request(&env);
+    assert_eq!(form_names(&r), ["grant_type", "refresh_token", "scope"]);
+    assert_eq!(r.form_value("refresh_token"), Some(rt1.expose()));
+    assert_eq!(second.grant_type, "refresh_token");
+    let rt2 = second.refresh_token.clone().unwrap();
+    assert_ne!(rt1, rt2, "rotated");
+
+    // The used refresh token is dead: the provider refuses it and the password grant steps in.
+    let third = oauth::acquire(&http, &c, Some(&rt1)).await.unwrap();
+    assert_eq!(third.grant_type, "password");
+    let refused = third.refresh_token_refused.unwrap();
+    assert_eq!(refused.oauth_code(), Some("invalid_grant"));
+    let grants = env.grants_at("/creads/");
+    assert_eq!(
+        grants,
+        ["password", "refresh_token", "refresh_token", "password"]
+    );
+}
+
+#[tokio::test]
+async fn talentsoft_application_with_client_secret_post_and_string_expires_in() {
+    let env = DemoEnv::start(Duration::from_secs(321)).await;
+    let c = client(&env, "talentsoft-app");
+    let got = get(&env, &c).await;
+    let r = last_request(&env);
+    common_headers(&r);
+    assert_eq!(r.header("authorization"), None);
+    assert_eq!(form_names(&r), ["grant_type", "client_id", "client_secret"]);
+    assert_eq!(r.form_value("client_id"), Some(demo::TALENTSOFT_APP_ID));
+    assert_eq!(
+        r.form_value("client_secret"),
+        Some(env.secret("talentsoft").as_str())
+    );
+    assert_eq!(got.issued.token.lifetime(), Duration::from_secs(321));
+}
+
+#[tokio::test]
+async fn talentsoft_user_jwt_bearer_assertion() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let c = client(&env, "talentsoft-user");
+    let before = tokenwarden::token::unix_seconds(SystemTime::now());
+    get(&env, &c).await;
+    let r = last_request(&env);
+    common_headers(&r);
+    assert_eq!(r.header("authorization"), None);
+    assert_eq!(form_names(&r), ["grant_type", "assertion", "client_id"]);
+    assert_eq!(
+        r.form_value("grant_type"),
+        Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    );
+    let jwt = r.form_value("assertion").unwrap();
+    let header = jsonwebtoken::decode_header(jwt).unwrap();
+    assert_eq!(header.alg, Algorithm::HS256);
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_audience(&[demo::TALENTSOFT_AUDIENCE]);
+    let key = DecodingKey::from_secret(env.secret("talentsoft-user").as_bytes());
+    let claims = jsonwebtoken::decode::<Value>(jwt, &key, &v).unwrap().claims;
+    assert_eq!(claims["iss"], demo::TALENTSOFT_USER_ID);
+    assert_eq!(claims["sub"], "TalentSoftMarketPlace");
+    assert_eq!(claims["email"], "jean.dupont@example.com");
+    assert_eq!(claims["name"], "Jean Dupont");
+    let iat = claims["iat"].as_u64().unwrap();
+    assert!(iat >= before && iat <= before + 5);
+    assert_eq!(claims["exp"].as_u64().unwrap() - iat, 300);
+    assert!(uuid::Uuid::parse_str(claims["jti"].as_str().unwrap()).is_ok());
+}
+
+#[tokio::test]
+async fn talkdesk_private_key_jwt_es256_with_kid() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let c = client(&env, "talkdesk");
+    let got = get(&env, &c).await;
+    let r = last_request(&env);
+    common_headers(&r);
+    assert_eq!(r.path, "/talkdesk-eu/oauth/token");
+    assert_eq!(r.header("authorization"), None);
+    assert_eq!(
+        form_names(&r),
+        [
+            "grant_type",
+            "client_id",
+            "client_assertion_type",
+            "client_assertion"
+        ]
+    );
+    assert_eq!(r.form_value("client_id"), Some(demo::TALKDESK_ID));
+    assert_eq!(
+        r.form_value("client_assertion_type"),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+    let jwt = r.form_value("client_assertion").unwrap();
+    let header = jsonwebtoken::decode_header(jwt).unwrap();
+    assert_eq!(header.alg, Algorithm::ES256);
+    assert_eq!(header.kid.as_deref(), Some(demo::TALKDESK_KID));
+    let token_url = c.token_url.as_str();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[token_url]);
+    let key = DecodingKey::from_ec_pem(env.demo.talkdesk_public_key.as_bytes()).unwrap();
+    let claims = jsonwebtoken::decode::<Value>(jwt, &key, &v).unwrap().claims;
+    assert_eq!(claims["iss"], demo::TALKDESK_ID);
+    assert_eq!(claims["sub"], demo::TALKDESK_ID);
+    assert_eq!(claims["aud"], token_url);
+    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!(lifetime <= 300, "{lifetime}");
+    // A fresh jti every time.
+    get(&env, &c).await;
+    let jwt2 = last_request(&env)
+        .form_value("client_assertion")
+        .unwrap()
+        .to_string();
+    let claims2 = jsonwebtoken::decode::<Value>(&jwt2, &key, &v)
+        .unwrap()
+        .claims;
+    assert_ne!(claims["jti"], claims2["jti"]);
+    assert!(
+        got.refresh_token.is_some(),
+        "Talkdesk issues refresh tokens"
+    );
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_scopes_are_refused_as_a_provider_would() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let http = oauth::http_client(None).unwrap();
+
+    let mut c = client(&env, "transatel");
+    if let tokenwarden::config::ClientAuth::Basic { secret } = &mut c.client_auth {
+        secret.value = tokenwarden::secret::Secret::new("wrong-secret");
+    }
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert_eq!(e.oauth_code(), Some("invalid_client"));
+    assert_eq!(e.class(), ErrorClass::Permanent { retry_after: None });
+    assert!(e.to_string().contains("check client_id"), "{e}");
+    assert!(!e.to_string().contains("wrong-secret"));
+
+    // Talentsoft application with HTTP Basic instead of client_secret_post.
+    let mut c = client(&env, "talentsoft-app");
+    if let tokenwarden::config::ClientAuth::Post { secret } = &c.client_auth {
+        c.client_auth = tokenwarden::config::ClientAuth::Basic {
+            secret: secret.clone(),
+        };
+    }
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert_eq!(e.oauth_code(), Some("invalid_client"), "{e}");
+
+    let mut c = client(&env, "creads-files");
+    c.scope = vec!["admin".into()];
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert_eq!(e.oauth_code(), Some("invalid_scope"), "{e}");
+
+    // An assertion for the wrong audience.
+    let mut c = client(&env, "talentsoft-user");
+    if let tokenwarden::config::Grant::JwtBearer { assertion } = &mut c.grant {
+        assertion
+            .claims
+            .insert("aud".into(), "https://elsewhere.example".into());
+    }
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert_eq!(e.class(), ErrorClass::InvalidGrant, "{e}");
+
+    // A wrong password: invalid_grant from the primary grant, nothing to fall back to.
+    let mut c = client(&env, "creads-files");
+    if let tokenwarden::config::Grant::Password { password, .. } = &mut c.grant {
+        password.value = tokenwarden::secret::Secret::new("nope-nope");
+    }
+    let f = oauth::acquire(&http, &c, None).await.unwrap_err();
+    assert_eq!(f.error.oauth_code(), Some("invalid_grant"));
+    assert!(!f.forget_refresh_token);
+}
+
+/// One fault or malformed answer: what the client must conclude.
+struct Case {
+    name: &'static str,
+    fault: Fault,
+    want: fn(&Result<oauth::Acquired, oauth::AcquireFailure>) -> bool,
+    message: &'static str,
+}
+
+fn custom(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Fault {
+    Fault::Custom {
+        status,
+        content_type: content_type.into(),
+        body: body.into(),
+    }
+}
+
+fn err_class(r: &Result<oauth::Acquired, oauth::AcquireFailure>) -> Option<ErrorClass> {
+    r.as_ref().err().map(|f| f.error.class())
+}
+
+fn retryable(r: &Result<oauth::Acquired, oauth::AcquireFailure>) -> bool {
+    matches!(
+        err_class(r),
+        Some(ErrorClass::Retryable { retry_after: None })
+    )
+}
+
+fn permanent(r: &Result<oauth::Acquired, oauth::AcquireFailure>) -> bool {
+    matches!(err_class(r), Some(ErrorClass::Permanent { .. }))
+}
+
+#[tokio::test]
+async fn every_failure_mode_gives_the_right_class_and_a_clear_message() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let mut c = client(&env, "talentsoft-app");
+    c.timing.timeout = Duration::from_millis(800);
+    let http = oauth::http_client(None).unwrap();
+    let two_mib = format!(r#"{{"access_token":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
+    let cases = vec![
+        Case {
+            name: "500",
+            fault: Fault::ServerError,
+            want: retryable,
+            message: "HTTP 500",
+        },
+        Case {
+            name: "429 + Retry-After",
+            fault: Fault::TooManyRequests { retry_after: 7 },
+            want: |r| {
+                err_class(r)
+                    == Some(ErrorClass::Retryable {
+                        retry_after: Some(Duration::from_secs(7)),
+                    })
+            },
+            message: "HTTP 429",
+        },
+        Case {
+            name: "invalid JSON",
+            fault: Fault::InvalidJson,
+            want: retryable,
+            message: "malformed token response",
+        },
+        Case {
+            name: "HTML page",
+            fault: Fault::HtmlError,
+            want: retryable,
+            message: "HTTP 502 from the token endpoint: <!DOCTYPE html>",
+        },
+        Case {
+            name: "hang",
+            fault: Fault::Hang,
+            want: retryable,
+            message: "timed out after 800ms",
+        },
+        Case {
+            name: "dropped connection",
+            fault: Fault::DropConnection,
+            want: retryable,
+            message: "token request failed",
+        },
+        Case {
+            name: "truncated body",
+            fault: Fault::TruncatedBody,
+            want: retryable,
+            message: "cut short",
+        },
+        Case {
+            name: "missing access_token",
+            fault: custom(200, "application/json", r#"{"token_type":"bearer"}"#),
+            want: retryable,
+            message: "no access_token",
+        },
+        Case {
+            name: "empty access_token",
+            fault: custom(200, "application/json", r#"{"access_token":""}"#),
+            want: retryable,
+            message: "access_token is empty",
+        },
+        Case {
+            name: "number access_token",
+            fault: custom(200, "application/json", r#"{"access_token":12345}"#),
+            want: retryable,
+            message: "access_token is a number",
+        },
+        Case {
+            name: "negative expires_in",
+            fault: custom(
+                200,
+                "application/json",
+                r#"{"access_token":"x","expires_in":-60}"#,
+            ),
+            want: retryable,
+            message: "must be positive",
+        },
+        Case {
+            name: "huge expires_in",
+            fault: custom(
+                200,
+                "application/json",
+                r#"{"access_token":"x","expires_in":1e40}"#,
+            ),
+            want: retryable,
+            message: "out of range",
+        },
+        Case {
+            name: "text expires_in",
+            fault: custom(
+                200,
+                "application/json",
+                r#"{"access_token":"x","expires_in":"an hour"}"#,
+            ),
+            want: retryable,
+            message: "not a number",
+        },
+        Case {
+            name: "non-JSON 200",
+            fault: custom(200, "text/html", "<html>hi</html>"),
+            want: retryable,
+            message: "not a JSON object: <html>hi</html>",
+        },
+        Case {
+            name: "empty 200",
+            fault: custom(200, "application/json", ""),
+            want: retryable,
+            message: "empty body",
+        },
+        Case {
+            name: "binary 200",
+            fault: custom(200, "application/json", vec![0xffu8, 0x00, 0xfe]),
+            want: retryable,
+            message: "not UTF-8",
+        },
+        Case {
+            name: "2 MiB body",
+            fault: custom(200, "application/json", two_mib),
+            want: retryable,
+            message: "larger than 1048576 bytes",
+        },
+        Case {
+            name: "token with a newline",
+            fault: custom(200, "application/json", r#"{"access_token":"a\nb"}"#),
+            want: retryable,
+            message: "whitespace or control",
+        },
+        Case {
+            name: "token_type number",
+            fault: custom(
+                200,
+                "application/json",
+                r#"{"access_token":"a","token_type":1}"#,
+            ),
+            want: retryable,
+            message: "not a token type",
+        },
+        Case {
+            name: "JSON array",
+            fault: custom(200, "application/json", "[]"),
+            want: retryable,
+            message: "not a JSON object",
+        },
+        Case {
+            name: "wrong content type, valid JSON",
+            fault: custom(
+                200,
+                "text/plain",
+                r#"{"access_token":"plain-but-fine","expires_in":60}"#,
+            ),
+            want: |r| {
+                r.as_ref()
+                    .is_ok_and(|a| a.issued.token.lifetime() == Duration::from_secs(60))
+            },
+            message: "",
+        },
+        Case {
+            name: "charset parameter",
+            fault: custom(
+                200,
+                "application/json; charset=utf-8",
+                r#"{"access_token":"fine","expires_in":"90"}"#,
+            ),
+            want: |r| {
+                r.as_ref()
+                    .is_ok_and(|a| a.issued.token.lifetime() == Duration::from_secs(90))
+            },
+            message: "",
+        },
+        Case {
+            name: "invalid_request",
+            fault: custom(
+                400,
+                "application/json",
+                r#"{"error":"invalid_request","error_description":"Missing param"}"#,
+            ),
+            want: permanent,
+            message: "invalid_request: Missing param (HTTP 400)",
+        },
+        Case {
+            name: "unauthorized_client",
+            fault: custom(
+                400,
+                "application/json",
+                r#"{"error":"unauthorized_client"}"#,
+            ),
+            want: permanent,
+            message: "unauthorized_client",
+        },
+        Case {
+            name: "unsupported_grant_type",
+            fault: custom(
+                400,
+                "application/json",
+                r#"{"error":"unsupported_grant_type"}"#,
+            ),
+            want: permanent,
+            message: "unsupported_grant_type",
+        },
+        Case {
+            name: "temporarily_unavailable",
+            fault: custom(
+                503,
+                "application/json",
+                r#"{"error":"temporarily_unavailable"}"#,
+            ),
+            want: retryable,
+            message: "temporarily_unavailable",
+        },
+        Case {
+            name: "404 HTML",
+            fault: custom(404, "text/html", "<h1>Not Found</h1>"),
+            want: permanent,
+            message: "HTTP 404 from the token endpoint: <h1>Not Found</h1>",
+        },
+        Case {
+            name: "redirect",
+            fault: custom(302, "text/html", ""),
+            want: permanent,
+            message: "redirects are not followed",
+        },
+        Case {
+            name: "error echoing the secret",
+            fault: custom(
+                401,
+                "application/json",
+                format!(
+                    r#"{{"error":"invalid_client","error_description":"bad secret {}"}}"#,
+                    env.secret("talentsoft")
+                ),
+            ),
+            want: permanent,
+            message: "bad secret [redacted]",
+        },
+    ];
+    assert!(cases.len() >= 25);
+    for case in cases {
+        env.provider.fault_next(case.fault, 1);
+        let r = oauth::acquire(&http, &c, None).await;
+        assert!(
+            (case.want)(&r),
+            "{}: {:?}",
+            case.name,
+            r.as_ref().map(|a| &a.issued).map_err(|f| &f.error)
+        );
+        if let Err(f) = &r {
+            let msg = f.error.to_string();
+            assert!(msg.contains(case.message), "{}: {msg}", case.name);
+            assert!(
+                !msg.contains(&env.secret("talentsoft")),
+                "{}: secret in {msg}",
+                case.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_a_retryable_connect_error() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let mut c = client(&env, "transatel");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    c.token_url = format!("http://127.0.0.1:{port}/token").parse().unwrap();
+    let http = oauth::http_client(None).unwrap();
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
+    assert_eq!(e.class(), ErrorClass::Retryable { retry_after: None });
+    assert!(
+        e.to_string()
+            .starts_with("cannot connect to the token endpoint"),
+        "{e}"
+    );
+}

@@ -1,0 +1,133 @@
+//! Shared test helpers: a temp dir with the demo's provider and config, the binary, waiting on
+//! conditions with deadlines.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokenwarden::demo::{self, DemoSetup};
+use tokenwarden::provider::Provider;
+
+/// A running provider with the demo's five clients and their config in a temp dir.
+pub struct DemoEnv {
+    pub dir: tempfile::TempDir,
+    pub provider: Provider,
+    pub demo: DemoSetup,
+}
+
+impl DemoEnv {
+    /// Starts a provider granting `lifetime` tokens and writes the demo config.
+    pub async fn start(lifetime: Duration) -> DemoEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = Provider::start().await.unwrap();
+        let demo = demo::setup(dir.path(), &provider, lifetime).unwrap();
+        DemoEnv {
+            dir,
+            provider,
+            demo,
+        }
+    }
+
+    pub fn config(&self) -> tokenwarden::config::Config {
+        tokenwarden::config::load(&self.demo.config).unwrap()
+    }
+
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.demo.out_dir.join(name)
+    }
+
+    pub fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.demo.dir.join("secrets").join(name)).unwrap()
+    }
+
+    pub fn config_path(&self) -> &str {
+        self.demo.config.to_str().unwrap()
+    }
+
+    /// Rewrites the config text (for fault scenarios: shorter timeouts and the like).
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.demo.config).unwrap();
+        std::fs::write(&self.demo.config, f(text)).unwrap();
+    }
+
+    /// The grant types the provider saw on paths containing `path_part`, in order.
+    pub fn grants_at(&self, path_part: &str) -> Vec<String> {
+        self.provider
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains(path_part))
+            .filter_map(|r| r.form_value("grant_type").map(str::to_string))
+            .collect()
+    }
+}
+
+/// The client id inside an `Authorization: Basic` value.
+pub fn basic_id(header: &str) -> String {
+    use base64::Engine as _;
+    let Some(b64) = header.strip_prefix("Basic ") else {
+        return String::new();
+    };
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap_or_default();
+    let raw = String::from_utf8(raw).unwrap_or_default();
+    let id = raw.split(':').next().unwrap_or("");
+    url::form_urlencoded::parse(format!("x={id}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// The tokenwarden binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokenwarden")
+}
+
+/// Output of one CLI run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` to completion (60 s at most).
+pub async fn run(args: &[&str]) -> Run {
+    run_env(args, &[]).await
+}
+
+/// Runs the binary with `args` and extra environment variables.
+pub async fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.args(args)
+        .env_remove("TOKENWARDEN_CONFIG")
+        .env_remove("TOKENWARDEN_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("tokenwarden did not finish within 60 s")
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Waits until `cond` holds, failing the test after `limit`.
+#[allow(dead_code)]
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads a file to a string, empty if absent.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
