@@ -2,6 +2,7 @@
 #[allow(dead_code)]
 mod support;
 
+mod cli;
 mod config;
 mod engine;
 mod outputs;

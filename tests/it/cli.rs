@@ -1,0 +1,326 @@
+//! The `tokenwarden` binary as a user runs it: `check`, `once` and their exit codes, files,
+//! state reuse, the refresh-token chain, and logs free of secrets.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{DemoEnv, read, run};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_gets_every_dialect_then_reuses_the_stored_tokens() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", r.stdout);
+    for (line, name) in lines.iter().zip(&env.demo.clients) {
+        assert!(line.starts_with(name.as_str()), "{line}");
+        assert!(line.contains(" new "), "{line}");
+        assert!(line.contains(" expires 20"), "{line}");
+    }
+
+    // token: the bare token, no newline, live at the provider.
+    let token = read(&env.out("transatel.token"));
+    assert!(!token.is_empty() && !token.ends_with('\n'));
+    assert!(env.provider.token_is_live(&token));
+    let fp = &tokenwarden::secret::fingerprint(token.as_bytes());
+    assert!(r.stdout.contains(&format!("token {fp}")), "{}", r.stdout);
+    // json: the five fields, RFC 3339 UTC times.
+    let json: Value = serde_json::from_str(&read(&env.out("transatel.json"))).unwrap();
+    assert_eq!(json["access_token"], token.as_str());
+    assert_eq!(json["token_type"], "Bearer");
+    assert_eq!(json["scope"], "CATALOG_PRODUCTS_READ USER_READ");
+    for k in ["expires_at", "issued_at"] {
+        let t = json[k].as_str().unwrap();
+        assert!(
+            t.ends_with('Z') && humantime::parse_rfc3339(t).is_ok(),
+            "{k}: {t}"
+        );
+    }
+    // header: for curl -H @file.
+    let header = read(&env.out("creads-files.header"));
+    assert!(header.starts_with("Authorization: Bearer ") && header.ends_with('\n'));
+    assert!(
+        env.provider
+            .token_is_live(header.trim_end().rsplit(' ').next().unwrap())
+    );
+    // env: prefixed names.
+    let envfile = read(&env.out("talentsoft-app.env"));
+    let names: Vec<&str> = envfile
+        .lines()
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["TS_ACCESS_TOKEN", "TS_TOKEN_TYPE", "TS_TOKEN_EXPIRES_AT"]
+    );
+    // Modes: 0600 files, 0700 state.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&env.out("transatel.token")), 0o600);
+    assert_eq!(mode(&env.demo.state_dir), 0o700);
+    let issued_before: usize = ["demo-transatel", "demo-creads", "demo-talkdesk"]
+        .iter()
+        .map(|c| env.provider.issued(c))
+        .sum();
+    let mtime = std::fs::metadata(env.out("transatel.token"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // Again: every token is reused from the state directory, no request, files untouched.
+    let requests = env.provider.requests().len();
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.matches(" reused ").count(), 5, "{}", r.stdout);
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "no provider request"
+    );
+    let issued_after: usize = ["demo-transatel", "demo-creads", "demo-talkdesk"]
+        .iter()
+        .map(|c| env.provider.issued(c))
+        .sum();
+    assert_eq!(issued_before, issued_after);
+    assert_eq!(
+        std::fs::metadata(env.out("transatel.token"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+    assert_eq!(read(&env.out("transatel.token")), token);
+
+    // A deleted output is written again from the stored token.
+    std::fs::remove_file(env.out("transatel.token")).unwrap();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(read(&env.out("transatel.token")), token);
+    assert_eq!(env.provider.requests().len(), requests);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_keeps_the_refresh_token_chain_and_survives_a_dead_one() {
+    // 3 s tokens are never worth reusing (refresh_margin is 5 s): every run asks the provider.
+    let env = DemoEnv::start(Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    assert_eq!(
+        env.grants_at("/creads/"),
+        ["password", "refresh_token", "refresh_token"]
+    );
+    let state: Value =
+        serde_json::from_str(&read(&env.demo.state_dir.join("creads-files.json"))).unwrap();
+    assert_eq!(state["generation"], 3);
+    assert!(state["refresh_token"].is_string());
+
+    env.provider
+        .revoke_refresh_tokens(tokenwarden::demo::CREADS_ID);
+    let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("stored refresh token refused"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        env.grants_at("/creads/"),
+        [
+            "password",
+            "refresh_token",
+            "refresh_token",
+            "refresh_token",
+            "password"
+        ]
+    );
+    let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(env.grants_at("/creads/").last().unwrap(), "refresh_token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_reports_each_failure_on_its_own_line_and_exits_1() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    env.provider.shutdown();
+    env.edit_config(|t| t.replace("[defaults]", "[defaults]\ntimeout = \"2s\""));
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert_eq!(r.stdout, "");
+    for name in &env.demo.clients {
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}: cannot connect to the token endpoint"))),
+            "{name}: {}",
+            r.stderr
+        );
+    }
+    assert!(!env.out("transatel.token").exists());
+
+    // Unknown client: bad usage.
+    let r = run(&["once", "-c", env.config_path(), "nope"]).await;
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no client named \"nope\""),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_provider_does_not_cost_the_stored_token_or_refresh_token() {
+    let env = DemoEnv::start(Duration::from_secs(3)).await;
+    let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state_before = read(&env.demo.state_dir.join("creads-files.json"));
+    let header_before = read(&env.out("creads-files.header"));
+    env.provider
+        .set_fault(Some(tokenwarden::provider::Fault::ServerError));
+    let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("creads-files: HTTP 500"), "{}", r.stderr);
+    assert_eq!(
+        read(&env.demo.state_dir.join("creads-files.json")),
+        state_before
+    );
+    assert_eq!(read(&env.out("creads-files.header")), header_before);
+    env.provider.set_fault(None);
+    let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(env.grants_at("/creads/").last().unwrap(), "refresh_token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_accepts_good_configs_and_refuses_bad_ones_with_locations() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let r = run(&["check", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("OK, 5 clients"), "{}", r.stdout);
+
+    env.edit_config(|t| {
+        t.replace("grant_type = \"password\"", "grant_type = \"pasword\"")
+            .replace("scope = \"files\"", "scope = \"files\"\ntokn_url = \"x\"")
+    });
+    let r = run(&["check", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 2);
+    let cfg = env.config_path();
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(cfg) && l.contains("did you mean \"password\"")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(cfg) && l.contains("did you mean \"token_url\"")),
+        "{}",
+        r.stderr
+    );
+    // once refuses the same config the same way.
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 2);
+
+    let r = run(&["check", "-c", "/nonexistent/tokenwarden.toml"]).await;
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("/nonexistent/tokenwarden.toml"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&["frobnicate"]).await;
+    assert_eq!(r.code, 2);
+}
+
+/// Every secret value a run could leak: secret files (and each line of the key), tokens in the
+/// output and state files, and what the provider received (passwords, assertions, headers).
+fn secret_material(env: &DemoEnv) -> Vec<String> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir(env.demo.dir.join("secrets")).unwrap() {
+        let text = read(&entry.unwrap().path());
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
+        {
+            v.push(line.to_string());
+        }
+        v.push(text);
+    }
+    for entry in std::fs::read_dir(&env.demo.state_dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "json") {
+            let s: Value = serde_json::from_str(&read(&p)).unwrap();
+            for k in ["refresh_token"] {
+                if let Some(t) = s[k].as_str() {
+                    v.push(t.to_string());
+                }
+            }
+            if let Some(t) = s["token"]["access_token"].as_str() {
+                v.push(t.to_string());
+            }
+        }
+    }
+    for r in env.provider.requests() {
+        for (k, val) in &r.form {
+            if [
+                "password",
+                "client_secret",
+                "assertion",
+                "client_assertion",
+                "refresh_token",
+            ]
+            .contains(&k.as_str())
+            {
+                v.push(val.clone());
+            }
+        }
+        if let Some(a) = r.header("authorization") {
+            v.push(a.to_string());
+            v.push(a.trim_start_matches("Basic ").to_string());
+        }
+    }
+    v.retain(|s| s.len() >= 8);
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_logs_of_whole_runs_hold_no_secret() {
+    let env = DemoEnv::start(Duration::from_secs(3)).await;
+    let mut logs = String::new();
+    for _ in 0..2 {
+        let r = run(&["once", "-c", env.config_path(), "--log-level", "trace"]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        logs.push_str(&r.stdout);
+        logs.push_str(&r.stderr);
+    }
+    // A failing round too: error paths log as well.
+    env.provider
+        .revoke_refresh_tokens(tokenwarden::demo::CREADS_ID);
+    env.provider
+        .fault_next(tokenwarden::provider::Fault::HtmlError, 2);
+    let r = run(&["once", "-c", env.config_path(), "--log-level", "trace"]).await;
+    logs.push_str(&r.stdout);
+    logs.push_str(&r.stderr);
+    assert!(
+        logs.contains("new token"),
+        "trace logs were captured: {logs}"
+    );
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "{logs}");
+    let secrets = secret_material(&env);
+    assert!(secrets.len() > 20, "{}", secrets.len());
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "secret material in logs: {}…",
+            &s[..6]
+        );
+    }
+}
