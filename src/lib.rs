@@ -5,6 +5,7 @@
 //! - [`secret`]: redacted secret values and where they come from.
 //! - [`keys`]: signing keys for JWT assertions.
 //! - [`token`]: an access token with its times and scope.
+//! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -13,5 +14,6 @@
 
 pub mod config;
 pub mod keys;
+pub mod schedule;
 pub mod secret;
 pub mod token;
