@@ -1,0 +1,2 @@
+//! The integration-test crate: one module per area of tokenwarden.
+mod schedule;
