@@ -12,6 +12,7 @@
 //! - [`app`]: the commands wired together (`once`).
 //! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
+//! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod oauth;
 pub mod outputs;
 pub mod provider;
+pub mod schedule;
 pub mod secret;
 pub mod state;
 pub mod token;

@@ -7,4 +7,5 @@ mod config;
 mod engine;
 mod outputs;
 mod provider;
+mod schedule;
 mod state;
