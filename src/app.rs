@@ -176,7 +176,7 @@ pub async fn publish(client: &ClientConfig, token: &Token) -> Vec<String> {
     errors
 }
 
-fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
+pub fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
     let program = r.argv.first().map(String::as_str).unwrap_or("");
     match &r.result {
         Ok(out) => {

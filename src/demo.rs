@@ -246,78 +246,74 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Runs the demo until Ctrl-C: sets up a directory, then fetches every client's token, and
-/// again whenever one is due, printing each new token's fingerprint and expiry.
+/// Runs the demo until Ctrl-C: sets up a directory, runs the real daemon on it, and prints
+/// each new token as it lands.
 pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String> {
     let dir = match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-            d
-        }
-        None => {
-            let d = std::env::temp_dir().join(format!(
-                "tokenwarden-demo-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ));
-            std::fs::create_dir_all(&d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-            d
-        }
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!(
+            "tokenwarden-demo-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )),
     };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let provider = Provider::start()
         .await
         .map_err(|e| format!("cannot start the demo provider: {e}"))?;
     let demo = setup(&dir, &provider, lifetime)?;
     let config = crate::config::load(&demo.config).map_err(|e| e.to_string())?;
+    let daemon = crate::daemon::Daemon::start(config, None)
+        .await
+        .map_err(|e| e.to_string())?;
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "tokenwarden".into());
-    println!("tokenwarden demo");
-    println!(
-        "  provider:   {} (built in, loopback only)",
-        provider.base_url()
-    );
-    println!("  directory:  {}", demo.dir.display());
-    println!("  config:     {}", demo.config.display());
-    println!("  token files {}", demo.out_dir.display());
-    println!("  lifetime:   {}", humantime::format_duration(lifetime));
+    println!("tokenwarden demo: the real daemon against a built-in provider on loopback");
+    println!("  provider:    {} (speaks the five seed dialects)", provider.base_url());
+    println!("  directory:   {}", demo.dir.display());
+    println!("  config:      {}", demo.config.display());
+    println!("  token files: {}", demo.out_dir.display());
+    println!("  lifetime:    {} (refreshed ahead of expiry)", humantime::format_duration(lifetime));
     println!();
     println!("Try, in another terminal:");
     println!("  cat {}", demo.out_dir.join("transatel.token").display());
-    println!(
-        "  cat {}",
-        demo.out_dir.join("talentsoft-app.env").display()
-    );
+    println!("  cat {}", demo.out_dir.join("talentsoft-app.env").display());
     println!("  {exe} check -c {}", demo.config.display());
+    println!("  kill -HUP {}    # reload; kill -USR1 refreshes every client", std::process::id());
     println!();
-    println!("Tokens are fetched now and again before they expire. Ctrl-C stops.");
-    println!();
-    loop {
-        match crate::app::once(&config, &[]).await {
-            Ok(results) => {
-                for r in results {
-                    match r.outcome {
-                        Ok(o) if !o.reused => println!(
-                            "{}  {:16} new token {}  (generation {}, expires {})",
-                            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-                            r.client,
-                            o.token.fingerprint(),
-                            o.generation,
-                            crate::token::rfc3339(o.token.expires_at),
-                        ),
-                        Ok(_) => {}
-                        Err(e) => println!("{:16} error: {e}", r.client),
-                    }
+    println!("Ctrl-C stops. New tokens as they land:");
+    let store = daemon.store();
+    let printer = tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, (u64, Option<String>)> =
+            std::collections::HashMap::new();
+        loop {
+            let now = std::time::SystemTime::now();
+            for (name, snap) in store.snapshots() {
+                let key = (snap.generation, snap.last_error.clone());
+                if seen.get(&name) == Some(&key) {
+                    continue;
+                }
+                seen.insert(name.clone(), key);
+                let stamp = humantime::format_rfc3339_seconds(now);
+                match (&snap.token, &snap.last_error) {
+                    (_, Some(e)) => println!("{stamp}  {name:16} {}  {e}", snap.state_at(now).as_str()),
+                    (Some(t), None) => println!(
+                        "{stamp}  {name:16} token {}  generation {:<3} expires {}  next refresh {}",
+                        t.fingerprint(),
+                        snap.generation,
+                        crate::token::rfc3339(t.expires_at),
+                        snap.next_refresh_at
+                            .map(crate::token::rfc3339)
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                    (None, None) => {}
                 }
             }
-            Err(e) => return Err(e),
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    });
+    let result = daemon.run().await.map_err(|e| e.to_string());
+    printer.abort();
     println!("stopped; files left in {}", demo.dir.display());
-    Ok(())
+    result
 }

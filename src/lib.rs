@@ -9,9 +9,13 @@
 //! - [`outputs`]: token files in each format, written atomically, and `on_change` commands.
 //! - [`state`]: the locked state directory: last token and refresh token per client.
 //! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
+//! - [`daemon`]: `tokenwarden run`: refreshers, reloads, signals, systemd.
 //! - [`app`]: the commands wired together (`once`).
 //! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
+//! - [`store`]: every client's current token and status, on `watch` channels.
+//! - [`refresher`]: one task per client keeping its token fresh.
+//! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -21,13 +25,17 @@
 
 pub mod app;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod keys;
 pub mod logging;
 pub mod oauth;
 pub mod outputs;
 pub mod provider;
+pub mod refresher;
 pub mod schedule;
 pub mod secret;
 pub mod state;
+pub mod store;
+pub mod systemd;
 pub mod token;

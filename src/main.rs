@@ -31,6 +31,11 @@ struct ConfigArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon in the foreground (what systemd starts).
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Validate the config, its secrets and keys; exit 0, or 2 with one line per problem.
     Check {
         #[command(flatten)]
@@ -60,6 +65,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run(&config.config),
         Command::Check { config } => check(&config.config),
         Command::Once {
             config,
@@ -101,6 +107,39 @@ fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
                 eprintln!("{e}");
             }
             Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.errors {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let log = match logging::init(config.daemon.log_format, &config.daemon.log_level) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("tokenwarden: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    match runtime().and_then(|rt| {
+        rt.block_on(tokenwarden::daemon::run(config, Some(log)))
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tokenwarden: {e}");
+            ExitCode::from(1)
         }
     }
 }

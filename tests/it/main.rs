@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod config;
+mod daemon;
 mod engine;
 mod outputs;
 mod provider;

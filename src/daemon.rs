@@ -1,0 +1,430 @@
+//! `tokenwarden run`: the long-running daemon (SPEC §4–§8).
+//!
+//! It opens (and locks) the state directory, starts one refresher per client under a root
+//! cancellation token, and then waits on one channel for what can happen to it: a reload
+//! (config or secret file changed, SIGHUP), SIGUSR1 (refresh every client), SIGTERM/SIGINT
+//! (stop). systemd hears READY=1 once every client has a token or has failed its first attempt,
+//! STATUS= lines, RELOADING=1/READY=1 around reloads, STOPPING=1 and watchdog pings.
+//!
+//! A reload validates the whole new config first; a bad one leaves the running one in place.
+//! Clients are diffed: unchanged ones keep running untouched, changed ones are reconfigured
+//! (a new token at once when identity or credentials changed, the current token written to new
+//! outputs), removed ones stop (their files are left), added ones start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, ClientChange, ClientConfig, Config};
+use crate::logging::LogHandle;
+use crate::oauth::HttpClients;
+use crate::refresher::{self, Reconfigure, Shared};
+use crate::reload::{self, Event, FileWatcher, ReloadReason};
+use crate::state::StateDir;
+use crate::store::{Command, Reason, Store};
+use crate::systemd::Notifier;
+
+/// How long shutdown waits for in-flight requests and writes.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// Quiet time after the last file event before a reload.
+pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state directory could not be opened or is locked by another daemon.
+    #[error("{0}")]
+    State(String),
+    /// Signal handlers or the file watcher could not be installed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A running daemon.
+pub struct Daemon {
+    config: Arc<Config>,
+    shared: Shared,
+    store: Arc<Store>,
+    handles: BTreeMap<String, refresher::Handle>,
+    root: CancellationToken,
+    notifier: Notifier,
+    log: Option<LogHandle>,
+    events: mpsc::Receiver<Event>,
+    events_tx: mpsc::Sender<Event>,
+    watcher: Option<FileWatcher>,
+    _signals: Option<reload::SignalTask>,
+    cron: Option<JobScheduler>,
+    cron_jobs: HashMap<String, uuid::Uuid>,
+    permits_total: usize,
+    ready_sent: bool,
+    last_status: String,
+    reload_error: Option<String>,
+}
+
+/// Files whose change means a reload: the config, its included files, every secret file.
+fn watched_paths(config: &Config) -> Vec<PathBuf> {
+    let mut v = config.files.clone();
+    v.extend(config.secret_files());
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl Daemon {
+    /// Opens the state directory, installs signal handlers and the file watcher, and starts
+    /// every client.
+    pub async fn start(config: Config, log: Option<LogHandle>) -> Result<Daemon, DaemonError> {
+        let state = StateDir::open(&config.daemon.state_dir)
+            .map_err(|e| DaemonError::State(e.to_string()))?;
+        let (events_tx, events) = mpsc::channel(64);
+        let signals = reload::signals(events_tx.clone())
+            .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
+        let watcher = match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
+                None
+            }
+        };
+        let permits_total = config.daemon.max_concurrent_refreshes.max(1);
+        let shared = Shared {
+            state: Arc::new(state),
+            http: Arc::new(HttpClients::default()),
+            permits: Arc::new(Semaphore::new(permits_total)),
+            tracker: TaskTracker::new(),
+        };
+        let mut daemon = Daemon {
+            config: Arc::new(config),
+            shared,
+            store: Arc::new(Store::default()),
+            handles: BTreeMap::new(),
+            root: CancellationToken::new(),
+            notifier: Notifier::from_env(),
+            log,
+            events,
+            events_tx,
+            watcher,
+            _signals: Some(signals),
+            cron: None,
+            cron_jobs: HashMap::new(),
+            permits_total,
+            ready_sent: false,
+            last_status: String::new(),
+            reload_error: None,
+        };
+        let clients: Vec<ClientConfig> = daemon.config.clients.values().cloned().collect();
+        for c in clients {
+            daemon.add_client(Arc::new(c)).await;
+        }
+        tracing::info!(
+            clients = daemon.handles.len(),
+            state_dir = %daemon.config.daemon.state_dir.display(),
+            "tokenwarden {} started",
+            env!("CARGO_PKG_VERSION")
+        );
+        Ok(daemon)
+    }
+
+    /// The store, for readers (gRPC, the demo's printer).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// A sender into the daemon's event loop (tests and the demo stop it this way).
+    pub fn events(&self) -> mpsc::Sender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Runs until SIGTERM/SIGINT (or an `Event::Shutdown`), then stops within the grace time.
+    pub async fn run(mut self) -> Result<(), DaemonError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = self.notifier.watchdog_interval().map(|d| {
+            let mut i = tokio::time::interval(d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        loop {
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(Event::Shutdown) | None => break,
+                    Some(Event::Reload(reason)) => self.reload(reason).await,
+                    Some(Event::RefreshAll) => self.refresh_all(),
+                },
+                _ = tick.tick() => self.update_status(),
+                _ = async {
+                    match watchdog.as_mut() {
+                        Some(i) => { i.tick().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => self.notifier.watchdog(),
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    async fn shutdown(mut self) {
+        tracing::info!("stopping");
+        self.notifier.stopping();
+        self.root.cancel();
+        if let Some(mut cron) = self.cron.take() {
+            let _ = cron.shutdown().await;
+        }
+        self.shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some requests or commands did not finish in time; stopping anyway");
+        }
+        tracing::info!("stopped");
+    }
+
+    fn status_line(&self) -> String {
+        let (valid, total) = self.store.counts(SystemTime::now());
+        let mut s = format!("{valid}/{total} clients valid");
+        if let Some(e) = &self.reload_error {
+            s.push_str(&format!("; reload failed, running the previous config: {e}"));
+        }
+        s
+    }
+
+    fn update_status(&mut self) {
+        if !self.ready_sent {
+            if self.store.all_settled() {
+                self.ready_sent = true;
+                let status = self.status_line();
+                tracing::info!("ready: {status}");
+                self.notifier.ready(&status);
+                self.last_status = status;
+            }
+            return;
+        }
+        let status = self.status_line();
+        if status != self.last_status {
+            self.notifier.status(&status);
+            self.last_status = status;
+        }
+    }
+
+    fn refresh_all(&self) {
+        tracing::info!("SIGUSR1: refreshing every client");
+        for (name, slot) in self.store.slots() {
+            if slot
+                .commands
+                .try_send(Command::Refresh {
+                    reason: Reason::RefreshAll,
+                    reply: None,
+                })
+                .is_err()
+            {
+                tracing::debug!(client = %name, "refresh already queued");
+            }
+        }
+    }
+
+    async fn add_client(&mut self, config: Arc<ClientConfig>) {
+        let name = config.name.clone();
+        let handle = refresher::spawn(config.clone(), self.shared.clone(), self.root.child_token());
+        self.store.insert(&name, handle.slot.clone());
+        self.handles.insert(name.clone(), handle);
+        self.set_cron(&config).await;
+    }
+
+    async fn remove_client(&mut self, name: &str) {
+        if let Some(h) = self.handles.remove(name) {
+            h.cancel.cancel();
+        }
+        self.store.remove(name);
+        self.clear_cron(name).await;
+        tracing::info!(client = name, "client removed (its files are left in place)");
+    }
+
+    async fn set_cron(&mut self, config: &ClientConfig) {
+        self.clear_cron(&config.name).await;
+        let Some(expr) = config.rotate_cron.clone() else {
+            return;
+        };
+        let Some(slot) = self.store.get(&config.name) else {
+            return;
+        };
+        if self.cron.is_none() {
+            match JobScheduler::new().await {
+                Ok(s) => {
+                    if let Err(e) = s.start().await {
+                        tracing::error!("cannot start the rotate_cron scheduler: {e}");
+                        return;
+                    }
+                    self.cron = Some(s);
+                }
+                Err(e) => {
+                    tracing::error!("cannot start the rotate_cron scheduler: {e}");
+                    return;
+                }
+            }
+        }
+        let Some(cron) = &self.cron else { return };
+        let commands = slot.commands.clone();
+        let name = config.name.clone();
+        let job = Job::new_async(expr.as_str(), move |_, _| {
+            let commands = commands.clone();
+            let name = name.clone();
+            Box::pin(async move {
+                tracing::info!(client = %name, "rotate_cron: forcing a new token");
+                let _ = commands.try_send(Command::Refresh {
+                    reason: Reason::Rotation,
+                    reply: None,
+                });
+            })
+        });
+        match job {
+            Ok(job) => match cron.add(job).await {
+                Ok(id) => {
+                    self.cron_jobs.insert(config.name.clone(), id);
+                }
+                Err(e) => tracing::error!(client = %config.name, "cannot schedule rotate_cron: {e}"),
+            },
+            Err(e) => tracing::error!(client = %config.name, "cannot schedule rotate_cron {expr:?}: {e}"),
+        }
+    }
+
+    async fn clear_cron(&mut self, name: &str) {
+        if let (Some(id), Some(cron)) = (self.cron_jobs.remove(name), &self.cron)
+            && let Err(e) = cron.remove(&id).await
+        {
+            tracing::warn!(client = name, "cannot remove the rotate_cron job: {e}");
+        }
+    }
+
+    async fn reload(&mut self, reason: ReloadReason) {
+        match &reason {
+            ReloadReason::Signal => tracing::info!("SIGHUP: reloading {}", self.config.path.display()),
+            ReloadReason::Changed(paths) => {
+                let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                tracing::info!("files changed ({}): reloading", names.join(", "));
+            }
+        }
+        self.notifier.reloading();
+        let new = match config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(errors) => {
+                for e in &errors.errors {
+                    tracing::error!("reload refused: {e}");
+                }
+                let first = errors
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                let more = errors.errors.len().saturating_sub(1);
+                self.reload_error = Some(if more > 0 {
+                    format!("{first} (and {more} more)")
+                } else {
+                    first
+                });
+                let status = self.status_line();
+                self.notifier.ready(&status);
+                self.last_status = status;
+                return;
+            }
+        };
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        self.reload_error = None;
+        let diff = config::diff(&self.config, &new);
+        for name in &diff.removed {
+            self.remove_client(name).await;
+        }
+        for (name, change) in &diff.changed {
+            let Some(c) = new.clients.get(name) else { continue };
+            let c = Arc::new(c.clone());
+            tracing::info!(client = %name, "config changed ({change:?})");
+            // A changed identity needs a fresh refresher: its old state must not leak in.
+            if c.identity_fingerprint() != self.config.clients.get(name).map(|o| o.identity_fingerprint()).unwrap_or_default() {
+                self.remove_client(name).await;
+                self.add_client(c).await;
+                continue;
+            }
+            if let Some(h) = self.handles.get_mut(name) {
+                h.slot.allow_uids = Arc::new(c.allow_uids.clone());
+                h.slot.allow_gids = Arc::new(c.allow_gids.clone());
+                self.store.insert(name, h.slot.clone());
+                let _ = h
+                    .reconfigure
+                    .send(Reconfigure {
+                        config: c.clone(),
+                        renew: *change == ClientChange::Renew,
+                        rewrite_outputs: *change == ClientChange::Outputs,
+                    })
+                    .await;
+            }
+            self.set_cron(&c).await;
+        }
+        for name in &diff.added {
+            if let Some(c) = new.clients.get(name) {
+                tracing::info!(client = %name, "client added");
+                self.add_client(Arc::new(c.clone())).await;
+            }
+        }
+        self.apply_daemon_settings(&new);
+        if let Some(w) = &self.watcher
+            && let Err(e) = w.set_paths(watched_paths(&new))
+        {
+            tracing::warn!("cannot watch the new set of files: {e}");
+        }
+        tracing::info!(
+            added = diff.added.len(),
+            removed = diff.removed.len(),
+            changed = diff.changed.len(),
+            unchanged = diff.unchanged.len(),
+            "reloaded"
+        );
+        self.config = Arc::new(new);
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        self.last_status = status;
+    }
+
+    fn apply_daemon_settings(&mut self, new: &Config) {
+        let old = &self.config.daemon;
+        let d = &new.daemon;
+        if old.log_level != d.log_level
+            && let Some(log) = &self.log
+        {
+            match log.set_level(&d.log_level) {
+                Ok(()) => tracing::info!("log level is now {}", d.log_level),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        if old.log_format != d.log_format {
+            tracing::warn!("log_format changes take effect at the next start");
+        }
+        if old.state_dir != d.state_dir {
+            tracing::warn!(
+                "state_dir changes take effect at the next start (still using {})",
+                old.state_dir.display()
+            );
+        }
+        let want = d.max_concurrent_refreshes.max(1);
+        if want > self.permits_total {
+            self.shared.permits.add_permits(want - self.permits_total);
+            self.permits_total = want;
+        } else if want < self.permits_total {
+            let gone = self.shared.permits.forget_permits(self.permits_total - want);
+            self.permits_total -= gone;
+        }
+    }
+}
+
+/// Runs the daemon with `config` until it is told to stop.
+pub async fn run(config: Config, log: Option<LogHandle>) -> Result<(), DaemonError> {
+    Daemon::start(config, log).await?.run().await
+}

@@ -1,0 +1,552 @@
+//! One task per client: get a token, keep it fresh ahead of expiry, publish it (store, state,
+//! outputs), answer on-demand requests, and back off on failure (SPEC §4–§6).
+//!
+//! The loop waits on whichever comes first: the planned refresh, a command (demand, SIGUSR1,
+//! cron rotation, reconfiguration), the token's expiry (so status and logs turn EXPIRED on
+//! time), a pending output retry, or cancellation. Errors never end the loop.
+//!
+//! Order of a successful refresh: the new state (with a rotated refresh token) is written and
+//! fsync'd first; only then is the token published to the store, the outputs and `on_change`.
+//! If the state cannot be written the token is held back and the save retried, so a refresh
+//! token is never known only to memory while a token made with it is in use.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ClientConfig;
+use crate::oauth::{self, ErrorClass, HttpClients, Human};
+use crate::outputs;
+use crate::schedule::{self, Backoff, FailureKind, Trigger};
+use crate::secret::Secret;
+use crate::state::{StateDir, StoredState};
+use crate::store::{ClientSlot, Command, Reason, Snapshot};
+use crate::token::{Token, rfc3339};
+
+/// Commands a refresher can hold before senders wait.
+const MAILBOX: usize = 64;
+
+/// What every refresher shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: Arc<StateDir>,
+    pub http: Arc<HttpClients>,
+    /// `max_concurrent_refreshes` permits.
+    pub permits: Arc<Semaphore>,
+    /// Background work that shutdown waits for (on_change commands).
+    pub tracker: TaskTracker,
+}
+
+/// A change of a running client's config (from a reload).
+#[derive(Debug)]
+pub struct Reconfigure {
+    pub config: Arc<ClientConfig>,
+    /// Identity or credentials changed: get a new token now.
+    pub renew: bool,
+    /// Outputs changed: write the current token to them.
+    pub rewrite_outputs: bool,
+}
+
+/// The handle the daemon keeps on a running refresher.
+pub struct Handle {
+    pub slot: ClientSlot,
+    pub reconfigure: mpsc::Sender<Reconfigure>,
+    pub cancel: CancellationToken,
+}
+
+/// Starts the refresher of `config` under `cancel`, on `tracker`.
+pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToken) -> Handle {
+    let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+    let (cmd_tx, cmd_rx) = mpsc::channel(MAILBOX);
+    let (re_tx, re_rx) = mpsc::channel(4);
+    let slot = ClientSlot {
+        snapshot: snap_rx,
+        commands: cmd_tx,
+        allow_uids: Arc::new(config.allow_uids.clone()),
+        allow_gids: Arc::new(config.allow_gids.clone()),
+    };
+    let refresher = Refresher {
+        config,
+        shared: shared.clone(),
+        snapshot: snap_tx,
+        commands: cmd_rx,
+        reconfigure: re_rx,
+        cancel: cancel.clone(),
+        refresh_token: None,
+        backoff: Backoff::new(),
+        held: None,
+        next_at: None,
+        next_trigger: Trigger::Startup,
+        output_retry: None,
+        output_backoff: Backoff::new(),
+        repeated: Repeated::default(),
+        expired_logged: false,
+    };
+    shared.tracker.spawn(refresher.run());
+    Handle {
+        slot,
+        reconfigure: re_tx,
+        cancel,
+    }
+}
+
+struct Refresher {
+    config: Arc<ClientConfig>,
+    shared: Shared,
+    snapshot: watch::Sender<Snapshot>,
+    commands: mpsc::Receiver<Command>,
+    reconfigure: mpsc::Receiver<Reconfigure>,
+    cancel: CancellationToken,
+    /// The refresh token to use next (from the state directory or the last response).
+    refresh_token: Option<Secret>,
+    backoff: Backoff,
+    /// A token obtained but not yet published because its state could not be saved.
+    held: Option<StoredState>,
+    next_at: Option<Instant>,
+    /// What the next planned attempt is for (burst accounting).
+    next_trigger: Trigger,
+    /// When to retry failed output writes.
+    output_retry: Option<Instant>,
+    output_backoff: Backoff,
+    repeated: Repeated,
+    expired_logged: bool,
+}
+
+/// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
+#[derive(Default)]
+struct Repeated {
+    last: Option<String>,
+    count: u32,
+}
+
+impl Repeated {
+    fn log(&mut self, client: &str, message: &str, retry_in: Duration) {
+        if self.last.as_deref() == Some(message) {
+            self.count += 1;
+        } else {
+            self.last = Some(message.to_string());
+            self.count = 1;
+        }
+        if self.count <= 3 {
+            tracing::warn!(client, retry_in = %Human(retry_in), "token request failed: {message}");
+            if self.count == 3 {
+                tracing::warn!(client, "the same error again will be logged at debug level until it changes");
+            }
+        } else {
+            tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "token request failed: {message}");
+        }
+    }
+
+    fn clear(&mut self) -> u32 {
+        let n = self.count;
+        self.last = None;
+        self.count = 0;
+        n
+    }
+}
+
+fn to_instant(t: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+fn unit() -> f64 {
+    rand::rng().random::<f64>()
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Outcome of one attempt, for the replies to coalesced demands.
+type Answer = Result<Arc<Token>, String>;
+
+impl Refresher {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn run(mut self) {
+        self.start().await;
+        loop {
+            let expiry = self
+                .snapshot
+                .borrow()
+                .token
+                .as_ref()
+                .filter(|_| !self.expired_logged)
+                .map(|t| to_instant(t.expires_at));
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                Some(re) = self.reconfigure.recv() => self.apply(re).await,
+                Some(cmd) = self.commands.recv() => self.command(cmd).await,
+                _ = sleep_opt(self.next_at) => {
+                    let trigger = self.next_trigger;
+                    let _ = self.attempt(trigger).await;
+                }
+                _ = sleep_opt(self.output_retry) => self.retry_outputs().await,
+                _ = sleep_opt(expiry) => self.expired(),
+            }
+        }
+        tracing::debug!(client = self.name(), "refresher stopped");
+    }
+
+    /// Reuses a stored token when it is still good for this identity (no provider request);
+    /// otherwise asks for one now.
+    async fn start(&mut self) {
+        let fingerprint = self.config.identity_fingerprint();
+        let stored = match self.shared.state.load(self.name()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(client = self.name(), "ignoring the stored state: {e}");
+                None
+            }
+        };
+        let now = SystemTime::now();
+        if let Some(s) = &stored {
+            self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
+            if let Some(t) = s.reusable_token(&fingerprint, self.config.timing.refresh_margin, now) {
+                let token = Arc::new(t.clone());
+                tracing::info!(
+                    client = self.name(),
+                    token = %token.fingerprint(),
+                    expires_at = %rfc3339(token.expires_at),
+                    "reusing the stored token"
+                );
+                self.publish_snapshot(token.clone(), s.generation, true);
+                self.plan_next(&token, Trigger::Startup);
+                self.write_outputs(&token, false).await;
+                return;
+            }
+            // Keep the generation counting on from the stored one.
+            self.snapshot.send_modify(|snap| snap.generation = s.generation);
+        }
+        self.next_at = Some(Instant::now());
+        self.next_trigger = Trigger::Startup;
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        let Command::Refresh { reason, reply } = cmd;
+        let now = SystemTime::now();
+        let current = self.snapshot.borrow().clone();
+        let satisfied = match reason {
+            Reason::MinValid(d) => current.valid_for(now, d),
+            // At most one provider request per client per min_interval: a caller right after
+            // a fresh token gets that token.
+            Reason::Demand => {
+                current.valid_token(now).is_some()
+                    && current.consecutive_failures == 0
+                    && current.last_refresh_at.is_some_and(|t| {
+                        now.duration_since(t).unwrap_or(Duration::ZERO)
+                            < self.config.timing.min_interval
+                    })
+            }
+            Reason::RefreshAll | Reason::Rotation => false,
+        };
+        if satisfied && let Some(t) = current.token {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(t));
+            }
+            return;
+        }
+        let trigger = match reason {
+            Reason::Demand | Reason::MinValid(_) => Trigger::Demand,
+            Reason::RefreshAll => Trigger::RefreshAll,
+            Reason::Rotation => Trigger::Rotation,
+        };
+        let answer = self.attempt(trigger).await;
+        if let Some(r) = reply {
+            let _ = r.send(answer.clone());
+        }
+        // Demands that queued up meanwhile share this attempt's outcome (SPEC §4: coalesced).
+        while let Ok(Command::Refresh { reply, .. }) = self.commands.try_recv() {
+            if let Some(r) = reply {
+                let _ = r.send(answer.clone());
+            }
+        }
+    }
+
+    async fn apply(&mut self, re: Reconfigure) {
+        let identity_changed =
+            re.config.identity_fingerprint() != self.config.identity_fingerprint();
+        self.config = re.config;
+        if identity_changed {
+            // A token of another identity must not be refreshed with this one's refresh token.
+            self.refresh_token = None;
+        }
+        if re.renew {
+            tracing::info!(client = self.name(), "credentials or identity changed: getting a new token");
+            self.backoff.reset();
+            let _ = self.attempt(Trigger::Reload).await;
+            return;
+        }
+        let token = self.snapshot.borrow().token.clone();
+        if let Some(token) = token {
+            if re.rewrite_outputs && token.is_valid_at(SystemTime::now()) {
+                self.write_outputs(&token, true).await;
+            }
+            if self.snapshot.borrow().consecutive_failures == 0 {
+                self.plan_next(&token, Trigger::Schedule);
+            }
+        }
+    }
+
+    /// One token request (with fallback from a dead refresh token), then publication.
+    async fn attempt(&mut self, trigger: Trigger) -> Answer {
+        self.next_at = None;
+        // A token obtained earlier whose state could not be saved: save it now, no request.
+        if let Some(held) = self.held.take()
+            && let Some(answer) = self.commit(held, trigger).await
+        {
+            return answer;
+        }
+        let permits = self.shared.permits.clone();
+        let _permit = permits.acquire_owned().await;
+        let http = match self.shared.http.get(self.config.ca_file.as_deref()) {
+            Ok(h) => h,
+            Err(e) => return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string()),
+        };
+        let config = self.config.clone();
+        let result = oauth::acquire(&http, &config, self.refresh_token.as_ref()).await;
+        drop(_permit);
+        match result {
+            Ok(acquired) => {
+                if let Some(e) = &acquired.refresh_token_refused {
+                    tracing::warn!(
+                        client = self.name(),
+                        "the stored refresh token was refused; got a token with the {} grant instead: {e}",
+                        acquired.grant_type
+                    );
+                }
+                let generation = self.snapshot.borrow().generation + 1;
+                let new_state = StoredState {
+                    fingerprint: config.identity_fingerprint(),
+                    token: Some(acquired.issued.token),
+                    refresh_token: acquired.refresh_token,
+                    generation,
+                };
+                match self.commit(new_state, trigger).await {
+                    Some(answer) => answer,
+                    None => Err("the new token is held back: its state could not be saved".into()),
+                }
+            }
+            Err(failure) => {
+                if failure.forget_refresh_token && self.refresh_token.take().is_some() {
+                    tracing::warn!(client = self.name(), "forgetting the refresh token the provider refused");
+                    self.save_without_refresh_token();
+                }
+                let class = failure.error.class();
+                self.failed(class, failure.error.to_string())
+            }
+        }
+    }
+
+    /// Saves `state` durably, then publishes its token. `None` when the save failed (the
+    /// state is held for the next attempt).
+    async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
+        let Some(token) = state.token.clone() else {
+            return None;
+        };
+        if !token.is_valid_at(SystemTime::now()) {
+            // Held too long: useless now, but keep its refresh token.
+            self.refresh_token = state.refresh_token.clone();
+            return None;
+        }
+        let store = self.shared.state.clone();
+        let name = self.config.name.clone();
+        let to_save = state.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save(&name, &to_save)).await;
+        let error = match saved {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("state writer failed: {e}")),
+        };
+        self.refresh_token = state.refresh_token.clone();
+        if let Some(e) = error {
+            tracing::error!(client = self.name(), "cannot save state, holding the new token back: {e}");
+            self.held = Some(state);
+            let _ = self.failed(
+                ErrorClass::Retryable { retry_after: None },
+                format!("cannot save state: {e}"),
+            );
+            return None;
+        }
+        let token = Arc::new(token);
+        let recovered = self.repeated.clear();
+        let failures = self.backoff.failures();
+        self.backoff.reset();
+        tracing::info!(
+            client = self.name(),
+            token = %token.fingerprint(),
+            generation = state.generation,
+            expires_at = %rfc3339(token.expires_at),
+            lifetime = %Human(token.lifetime()),
+            "new token"
+        );
+        if failures > 0 {
+            tracing::info!(client = self.name(), failures, repeats = recovered, "recovered");
+        }
+        self.publish_snapshot(token.clone(), state.generation, false);
+        let trigger = if failures > 0 { Trigger::Retry } else { trigger };
+        self.plan_next(&token, trigger);
+        self.write_outputs(&token, true).await;
+        Some(Ok(token))
+    }
+
+    fn publish_snapshot(&mut self, token: Arc<Token>, generation: u64, reused: bool) {
+        self.expired_logged = false;
+        let now = SystemTime::now();
+        self.snapshot.send_modify(|s| {
+            s.token = Some(token);
+            s.generation = generation;
+            s.last_error = None;
+            s.consecutive_failures = 0;
+            s.last_refresh_at = Some(now);
+            s.settled = true;
+            let _ = reused;
+        });
+    }
+
+    fn plan_next(&mut self, token: &Token, trigger: Trigger) {
+        let at = schedule::next_refresh_at(
+            &self.config.timing,
+            token.issued_at,
+            token.expires_at,
+            SystemTime::now(),
+            unit(),
+            schedule::is_burst(trigger),
+        );
+        self.next_at = Some(to_instant(at));
+        self.next_trigger = Trigger::Schedule;
+        self.snapshot.send_modify(|s| s.next_refresh_at = Some(at));
+        tracing::debug!(client = self.name(), next_refresh_at = %rfc3339(at), "next refresh planned");
+    }
+
+    fn failed(&mut self, class: ErrorClass, message: String) -> Answer {
+        let kind = match class {
+            ErrorClass::Retryable { .. } => FailureKind::Retryable,
+            ErrorClass::Permanent { .. } => FailureKind::Permanent,
+            ErrorClass::InvalidGrant => FailureKind::InvalidGrant,
+        };
+        let delay = self
+            .backoff
+            .next_delay(&self.config.timing, kind, class.retry_after(), unit());
+        let failures = self.backoff.failures();
+        let name = self.config.name.clone();
+        self.repeated.log(&name, &message, delay);
+        let at = SystemTime::now() + delay;
+        self.next_at = Some(Instant::now() + delay);
+        self.next_trigger = Trigger::Retry;
+        let msg = message.clone();
+        self.snapshot.send_modify(|s| {
+            s.last_error = Some(msg);
+            s.consecutive_failures = failures;
+            s.next_refresh_at = Some(at);
+            s.settled = true;
+        });
+        Err(message)
+    }
+
+    fn save_without_refresh_token(&self) {
+        let snap = self.snapshot.borrow().clone();
+        let state = StoredState {
+            fingerprint: self.config.identity_fingerprint(),
+            token: snap.token.as_deref().cloned(),
+            refresh_token: None,
+            generation: snap.generation,
+        };
+        if let Err(e) = self.shared.state.save(self.name(), &state) {
+            tracing::warn!(client = self.name(), "cannot save state: {e}");
+        }
+    }
+
+    fn expired(&mut self) {
+        self.expired_logged = true;
+        tracing::error!(
+            client = self.name(),
+            "the token has expired and no new one could be had; it is no longer served as valid"
+        );
+        // Wake watchers so status readers see EXPIRED now.
+        self.snapshot.send_modify(|_| {});
+    }
+
+    /// Writes the token to every output (only those whose content differs), then runs
+    /// `on_change` in the background when any changed. Failed outputs are retried.
+    async fn write_outputs(&mut self, token: &Arc<Token>, run_on_change: bool) {
+        if self.config.outputs.is_empty() {
+            return;
+        }
+        let config = self.config.clone();
+        let t = token.clone();
+        let reports =
+            match tokio::task::spawn_blocking(move || outputs::write_outputs(&config, &t)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(client = self.name(), "output writer failed: {e}");
+                    return;
+                }
+            };
+        let mut changed = false;
+        let mut failed = false;
+        for r in reports {
+            match r.result {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(client = self.name(), "{e}");
+                }
+            }
+        }
+        if failed {
+            let delay = self.output_backoff.next_delay(
+                &self.config.timing,
+                FailureKind::Retryable,
+                None,
+                unit(),
+            );
+            self.output_retry = Some(Instant::now() + delay.max(Duration::from_millis(100)));
+        } else {
+            self.output_retry = None;
+            self.output_backoff.reset();
+        }
+        if changed && run_on_change {
+            let config = self.config.clone();
+            self.shared.tracker.spawn(async move {
+                for r in outputs::run_on_change(&config, crate::app::ON_CHANGE_TIMEOUT).await {
+                    crate::app::log_on_change(&config.name, &r);
+                }
+            });
+        }
+    }
+
+    async fn retry_outputs(&mut self) {
+        self.output_retry = None;
+        let token = self.snapshot.borrow().token.clone();
+        if let Some(t) = token.filter(|t| t.is_valid_at(SystemTime::now())) {
+            self.write_outputs(&t, true).await;
+        }
+    }
+}
+
+/// Asks a refresher for a token and waits for the answer.
+pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
+    let (tx, rx) = oneshot::channel();
+    slot.commands
+        .send(Command::Refresh {
+            reason,
+            reply: Some(tx),
+        })
+        .await
+        .map_err(|_| "the client is being removed".to_string())?;
+    rx.await
+        .map_err(|_| "the client was removed before it answered".to_string())?
+}

@@ -1,0 +1,169 @@
+//! `tokenwarden run` as a real child process against the built-in provider: tokens kept fresh
+//! with short lifetimes while a reader samples every output, systemd notifications, SIGTERM,
+//! restarts that reuse stored tokens, and the state directory lock.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::support::{DaemonProc, DemoEnv, NotifySocket, read};
+
+/// The client id each output belongs to.
+fn owners() -> HashMap<&'static str, &'static str> {
+    use tokenwarden::demo::*;
+    HashMap::from([
+        ("transatel.token", TRANSATEL_ID),
+        ("transatel.json", TRANSATEL_ID),
+        ("creads-files.header", CREADS_ID),
+        ("talentsoft-app.env", TALENTSOFT_APP_ID),
+        ("talentsoft-user.json", TALENTSOFT_USER_ID),
+        ("talkdesk.token", TALKDESK_ID),
+    ])
+}
+
+/// Pulls the access token out of an output file of any format.
+fn token_in(name: &str, text: &str) -> Option<String> {
+    if name.ends_with(".token") {
+        return Some(text.to_string());
+    }
+    if name.ends_with(".json") {
+        let v: Value = serde_json::from_str(text).ok()?;
+        return v["access_token"].as_str().map(str::to_string);
+    }
+    if name.ends_with(".header") {
+        let line = text.strip_suffix('\n')?;
+        return line.strip_prefix("Authorization: Bearer ").map(str::to_string);
+    }
+    if name.ends_with(".env") {
+        if !text.ends_with('\n') || text.lines().count() != 3 {
+            return None;
+        }
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix("TS_ACCESS_TOKEN="))
+            .map(str::to_string);
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
+    let lifetime = Duration::from_secs(4);
+    let env = DemoEnv::start(lifetime).await;
+    let notify = NotifySocket::bind();
+    let mut daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let ready = notify.wait_for("READY=1", Duration::from_secs(1)).await;
+    assert!(ready.contains("STATUS=5/5 clients valid"), "{ready}");
+
+    let owners = owners();
+    let run_for = Duration::from_secs(16);
+    let start = Instant::now();
+    let mut samples = 0;
+    let mut seen: HashMap<&str, std::collections::HashSet<String>> = HashMap::new();
+    while start.elapsed() < run_for {
+        for (name, owner) in &owners {
+            let text = read(&env.out(name));
+            let token = token_in(name, &text)
+                .unwrap_or_else(|| panic!("{name}: partial or malformed file: {text:?}"));
+            assert_eq!(
+                env.provider.token_owner(&token).as_deref(),
+                Some(*owner),
+                "{name}: a foreign token"
+            );
+            assert!(env.provider.token_is_live(&token), "{name}: an expired token is served");
+            seen.entry(name).or_default().insert(token);
+            samples += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 1000, "{samples}");
+    // Refreshed between 2 s and 3 s after issue: about 16 s / 2.5 s ≈ 6 tokens each.
+    for (name, tokens) in &seen {
+        assert!(tokens.len() >= 4, "{name}: only {} tokens in 16 s", tokens.len());
+    }
+    for id in [tokenwarden::demo::TRANSATEL_ID, tokenwarden::demo::TALKDESK_ID] {
+        let n = env.provider.issued(id);
+        assert!((5..=10).contains(&n), "{id}: {n} tokens issued in ~16 s of 4 s tokens");
+    }
+    // Creads rotates refresh tokens: the password grant was used once.
+    let grants = env.grants_at("/creads/");
+    assert_eq!(grants.iter().filter(|g| *g == "password").count(), 1, "{grants:?}");
+
+    daemon.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    let status = daemon.wait_exit(Duration::from_secs(6)).await;
+    assert!(status.success(), "{status:?}\n{}", daemon.logs());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    notify.wait_for("STOPPING=1", Duration::from_secs(1)).await;
+    let logs = daemon.logs();
+    assert!(logs.contains("new token"), "{logs}");
+    for name in owners.keys() {
+        let token = token_in(name, &read(&env.out(name))).unwrap();
+        assert!(!logs.contains(&token), "a token in the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let notify = NotifySocket::bind();
+    let mut daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let files: Vec<(String, String, SystemTime)> = owners()
+        .keys()
+        .map(|n| {
+            let p = env.out(n);
+            (n.to_string(), read(&p), std::fs::metadata(&p).unwrap().modified().unwrap())
+        })
+        .collect();
+    daemon.signal(Signal::SIGINT);
+    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    let requests = env.provider.requests().len();
+
+    let notify = NotifySocket::bind();
+    let mut daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    let t = Instant::now();
+    let ready = notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(ready.contains("5/5 clients valid"), "{ready}");
+    assert_eq!(env.provider.requests().len(), requests, "no provider request on restart");
+    for (name, content, mtime) in files {
+        let p = env.out(&name);
+        assert_eq!(read(&p), content, "{name}");
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime, "{name} rewritten");
+    }
+    assert!(daemon.logs().contains("reusing the stored token"), "{}", daemon.logs());
+
+    // A second daemon on the same state directory refuses to start.
+    let mut second = DaemonProc::start(&env.demo.config, &[]);
+    let status = second.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(second.logs().contains("another tokenwarden"), "{}", second.logs());
+
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_config_at_start_exits_2_with_its_location() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    env.edit_config(|t| t.replace("[defaults]", "[defaults]\nrefresh_at = 3.0"));
+    let mut daemon = DaemonProc::start(&env.demo.config, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2));
+    let logs = daemon.logs();
+    assert!(logs.contains(&format!("{}:", env.demo.config.display())), "{logs}");
+    assert!(logs.contains("refresh_at"), "{logs}");
+}
