@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod config;
 mod engine;
+mod examples;
 mod outputs;
 mod provider;
 mod schedule;
