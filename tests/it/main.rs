@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod daemon;
 mod engine;
+mod examples;
 mod outputs;
 mod provider;
 mod schedule;
