@@ -85,13 +85,14 @@ impl Daemon {
         let (events_tx, events) = mpsc::channel(64);
         let signals = reload::signals(events_tx.clone())
             .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
-        let watcher = match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
-                None
-            }
-        };
+        let watcher =
+            match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
+                    None
+                }
+            };
         let permits_total = config.daemon.max_concurrent_refreshes.max(1);
         let shared = Shared {
             state: Arc::new(state),
@@ -191,7 +192,9 @@ impl Daemon {
         let (valid, total) = self.store.counts(SystemTime::now());
         let mut s = format!("{valid}/{total} clients valid");
         if let Some(e) = &self.reload_error {
-            s.push_str(&format!("; reload failed, running the previous config: {e}"));
+            s.push_str(&format!(
+                "; reload failed, running the previous config: {e}"
+            ));
         }
         s
     }
@@ -244,7 +247,10 @@ impl Daemon {
         }
         self.store.remove(name);
         self.clear_cron(name).await;
-        tracing::info!(client = name, "client removed (its files are left in place)");
+        tracing::info!(
+            client = name,
+            "client removed (its files are left in place)"
+        );
     }
 
     async fn set_cron(&mut self, config: &ClientConfig) {
@@ -289,9 +295,13 @@ impl Daemon {
                 Ok(id) => {
                     self.cron_jobs.insert(config.name.clone(), id);
                 }
-                Err(e) => tracing::error!(client = %config.name, "cannot schedule rotate_cron: {e}"),
+                Err(e) => {
+                    tracing::error!(client = %config.name, "cannot schedule rotate_cron: {e}")
+                }
             },
-            Err(e) => tracing::error!(client = %config.name, "cannot schedule rotate_cron {expr:?}: {e}"),
+            Err(e) => {
+                tracing::error!(client = %config.name, "cannot schedule rotate_cron {expr:?}: {e}")
+            }
         }
     }
 
@@ -305,7 +315,9 @@ impl Daemon {
 
     async fn reload(&mut self, reason: ReloadReason) {
         match &reason {
-            ReloadReason::Signal => tracing::info!("SIGHUP: reloading {}", self.config.path.display()),
+            ReloadReason::Signal => {
+                tracing::info!("SIGHUP: reloading {}", self.config.path.display())
+            }
             ReloadReason::Changed(paths) => {
                 let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
                 tracing::info!("files changed ({}): reloading", names.join(", "));
@@ -344,11 +356,20 @@ impl Daemon {
             self.remove_client(name).await;
         }
         for (name, change) in &diff.changed {
-            let Some(c) = new.clients.get(name) else { continue };
+            let Some(c) = new.clients.get(name) else {
+                continue;
+            };
             let c = Arc::new(c.clone());
             tracing::info!(client = %name, "config changed ({change:?})");
             // A changed identity needs a fresh refresher: its old state must not leak in.
-            if c.identity_fingerprint() != self.config.clients.get(name).map(|o| o.identity_fingerprint()).unwrap_or_default() {
+            if c.identity_fingerprint()
+                != self
+                    .config
+                    .clients
+                    .get(name)
+                    .map(|o| o.identity_fingerprint())
+                    .unwrap_or_default()
+            {
                 self.remove_client(name).await;
                 self.add_client(c).await;
                 continue;
@@ -418,7 +439,10 @@ impl Daemon {
             self.shared.permits.add_permits(want - self.permits_total);
             self.permits_total = want;
         } else if want < self.permits_total {
-            let gone = self.shared.permits.forget_permits(self.permits_total - want);
+            let gone = self
+                .shared
+                .permits
+                .forget_permits(self.permits_total - want);
             self.permits_total -= gone;
         }
     }

@@ -269,17 +269,29 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "tokenwarden".into());
     println!("tokenwarden demo: the real daemon against a built-in provider on loopback");
-    println!("  provider:    {} (speaks the five seed dialects)", provider.base_url());
+    println!(
+        "  provider:    {} (speaks the five seed dialects)",
+        provider.base_url()
+    );
     println!("  directory:   {}", demo.dir.display());
     println!("  config:      {}", demo.config.display());
     println!("  token files: {}", demo.out_dir.display());
-    println!("  lifetime:    {} (refreshed ahead of expiry)", humantime::format_duration(lifetime));
+    println!(
+        "  lifetime:    {} (refreshed ahead of expiry)",
+        humantime::format_duration(lifetime)
+    );
     println!();
     println!("Try, in another terminal:");
     println!("  cat {}", demo.out_dir.join("transatel.token").display());
-    println!("  cat {}", demo.out_dir.join("talentsoft-app.env").display());
+    println!(
+        "  cat {}",
+        demo.out_dir.join("talentsoft-app.env").display()
+    );
     println!("  {exe} check -c {}", demo.config.display());
-    println!("  kill -HUP {}    # reload; kill -USR1 refreshes every client", std::process::id());
+    println!(
+        "  kill -HUP {}    # reload; kill -USR1 refreshes every client",
+        std::process::id()
+    );
     println!();
     println!("Ctrl-C stops. New tokens as they land:");
     let store = daemon.store();
@@ -296,7 +308,9 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
                 seen.insert(name.clone(), key);
                 let stamp = humantime::format_rfc3339_seconds(now);
                 match (&snap.token, &snap.last_error) {
-                    (_, Some(e)) => println!("{stamp}  {name:16} {}  {e}", snap.state_at(now).as_str()),
+                    (_, Some(e)) => {
+                        println!("{stamp}  {name:16} {}  {e}", snap.state_at(now).as_str())
+                    }
                     (Some(t), None) => println!(
                         "{stamp}  {name:16} token {}  generation {:<3} expires {}  next refresh {}",
                         t.fingerprint(),

@@ -15,6 +15,7 @@
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 //! - [`store`]: every client's current token and status, on `watch` channels.
 //! - [`refresher`]: one task per client keeping its token fresh.
+//! - [`reload`]: signals and watched files turned into daemon events.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod oauth;
 pub mod outputs;
 pub mod provider;
 pub mod refresher;
+pub mod reload;
 pub mod schedule;
 pub mod secret;
 pub mod state;

@@ -135,7 +135,10 @@ impl Repeated {
         if self.count <= 3 {
             tracing::warn!(client, retry_in = %Human(retry_in), "token request failed: {message}");
             if self.count == 3 {
-                tracing::warn!(client, "the same error again will be logged at debug level until it changes");
+                tracing::warn!(
+                    client,
+                    "the same error again will be logged at debug level until it changes"
+                );
             }
         } else {
             tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "token request failed: {message}");
@@ -214,7 +217,8 @@ impl Refresher {
         let now = SystemTime::now();
         if let Some(s) = &stored {
             self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
-            if let Some(t) = s.reusable_token(&fingerprint, self.config.timing.refresh_margin, now) {
+            if let Some(t) = s.reusable_token(&fingerprint, self.config.timing.refresh_margin, now)
+            {
                 let token = Arc::new(t.clone());
                 tracing::info!(
                     client = self.name(),
@@ -228,7 +232,8 @@ impl Refresher {
                 return;
             }
             // Keep the generation counting on from the stored one.
-            self.snapshot.send_modify(|snap| snap.generation = s.generation);
+            self.snapshot
+                .send_modify(|snap| snap.generation = s.generation);
         }
         self.next_at = Some(Instant::now());
         self.next_trigger = Trigger::Startup;
@@ -284,7 +289,10 @@ impl Refresher {
             self.refresh_token = None;
         }
         if re.renew {
-            tracing::info!(client = self.name(), "credentials or identity changed: getting a new token");
+            tracing::info!(
+                client = self.name(),
+                "credentials or identity changed: getting a new token"
+            );
             self.backoff.reset();
             let _ = self.attempt(Trigger::Reload).await;
             return;
@@ -313,7 +321,9 @@ impl Refresher {
         let _permit = permits.acquire_owned().await;
         let http = match self.shared.http.get(self.config.ca_file.as_deref()) {
             Ok(h) => h,
-            Err(e) => return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string()),
+            Err(e) => {
+                return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());
+            }
         };
         let config = self.config.clone();
         let result = oauth::acquire(&http, &config, self.refresh_token.as_ref()).await;
@@ -341,7 +351,10 @@ impl Refresher {
             }
             Err(failure) => {
                 if failure.forget_refresh_token && self.refresh_token.take().is_some() {
-                    tracing::warn!(client = self.name(), "forgetting the refresh token the provider refused");
+                    tracing::warn!(
+                        client = self.name(),
+                        "forgetting the refresh token the provider refused"
+                    );
                     self.save_without_refresh_token();
                 }
                 let class = failure.error.class();
@@ -353,9 +366,7 @@ impl Refresher {
     /// Saves `state` durably, then publishes its token. `None` when the save failed (the
     /// state is held for the next attempt).
     async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
-        let Some(token) = state.token.clone() else {
-            return None;
-        };
+        let token = state.token.clone()?;
         if !token.is_valid_at(SystemTime::now()) {
             // Held too long: useless now, but keep its refresh token.
             self.refresh_token = state.refresh_token.clone();
@@ -372,7 +383,10 @@ impl Refresher {
         };
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
-            tracing::error!(client = self.name(), "cannot save state, holding the new token back: {e}");
+            tracing::error!(
+                client = self.name(),
+                "cannot save state, holding the new token back: {e}"
+            );
             self.held = Some(state);
             let _ = self.failed(
                 ErrorClass::Retryable { retry_after: None },
@@ -393,10 +407,19 @@ impl Refresher {
             "new token"
         );
         if failures > 0 {
-            tracing::info!(client = self.name(), failures, repeats = recovered, "recovered");
+            tracing::info!(
+                client = self.name(),
+                failures,
+                repeats = recovered,
+                "recovered"
+            );
         }
         self.publish_snapshot(token.clone(), state.generation, false);
-        let trigger = if failures > 0 { Trigger::Retry } else { trigger };
+        let trigger = if failures > 0 {
+            Trigger::Retry
+        } else {
+            trigger
+        };
         self.plan_next(&token, trigger);
         self.write_outputs(&token, true).await;
         Some(Ok(token))

@@ -232,7 +232,11 @@ mod tests {
             (Some(100), 3, 150, State::Expired),
         ];
         for (until, failures, now, want) in cases {
-            assert_eq!(snap(until, failures).state_at(at(now)), want, "{until:?} {failures} {now}");
+            assert_eq!(
+                snap(until, failures).state_at(at(now)),
+                want,
+                "{until:?} {failures} {now}"
+            );
         }
         assert!(snap(Some(100), 0).valid_for(at(50), Duration::from_secs(50)));
         assert!(!snap(Some(100), 0).valid_for(at(50), Duration::from_secs(51)));

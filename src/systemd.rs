@@ -48,7 +48,11 @@ impl Notifier {
     /// `RELOADING=1` with `MONOTONIC_USEC` (as `Type=notify-reload` wants it too).
     pub fn reloading(&self) {
         match NotifyState::monotonic_usec_now() {
-            Ok(now) => self.send(&[NotifyState::Reloading, now, NotifyState::Status("reloading")]),
+            Ok(now) => self.send(&[
+                NotifyState::Reloading,
+                now,
+                NotifyState::Status("reloading"),
+            ]),
             Err(_) => self.send(&[NotifyState::Reloading, NotifyState::Status("reloading")]),
         }
     }

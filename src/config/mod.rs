@@ -7,13 +7,16 @@
 //! - `load`: reads the file and its includes with spans, fills in defaults, reads secrets,
 //!   parses keys and reports every problem at once, each with its file, line and column.
 //! - `error`: [`ConfigError`] / [`ConfigErrors`].
+//! - `diff`: what a reload changes, client by client (pure).
 
 mod check;
+mod diff;
 mod error;
 mod load;
 mod raw;
 mod types;
 
+pub use diff::{ClientChange, ConfigDiff, client_change, diff};
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use load::{load, load_str};
 pub use types::*;

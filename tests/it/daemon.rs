@@ -34,7 +34,9 @@ fn token_in(name: &str, text: &str) -> Option<String> {
     }
     if name.ends_with(".header") {
         let line = text.strip_suffix('\n')?;
-        return line.strip_prefix("Authorization: Bearer ").map(str::to_string);
+        return line
+            .strip_prefix("Authorization: Bearer ")
+            .map(str::to_string);
     }
     if name.ends_with(".env") {
         if !text.ends_with('\n') || text.lines().count() != 3 {
@@ -76,7 +78,10 @@ async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
                 Some(*owner),
                 "{name}: a foreign token"
             );
-            assert!(env.provider.token_is_live(&token), "{name}: an expired token is served");
+            assert!(
+                env.provider.token_is_live(&token),
+                "{name}: an expired token is served"
+            );
             seen.entry(name).or_default().insert(token);
             samples += 1;
         }
@@ -85,15 +90,29 @@ async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
     assert!(samples > 1000, "{samples}");
     // Refreshed between 2 s and 3 s after issue: about 16 s / 2.5 s ≈ 6 tokens each.
     for (name, tokens) in &seen {
-        assert!(tokens.len() >= 4, "{name}: only {} tokens in 16 s", tokens.len());
+        assert!(
+            tokens.len() >= 4,
+            "{name}: only {} tokens in 16 s",
+            tokens.len()
+        );
     }
-    for id in [tokenwarden::demo::TRANSATEL_ID, tokenwarden::demo::TALKDESK_ID] {
+    for id in [
+        tokenwarden::demo::TRANSATEL_ID,
+        tokenwarden::demo::TALKDESK_ID,
+    ] {
         let n = env.provider.issued(id);
-        assert!((5..=10).contains(&n), "{id}: {n} tokens issued in ~16 s of 4 s tokens");
+        assert!(
+            (5..=10).contains(&n),
+            "{id}: {n} tokens issued in ~16 s of 4 s tokens"
+        );
     }
     // Creads rotates refresh tokens: the password grant was used once.
     let grants = env.grants_at("/creads/");
-    assert_eq!(grants.iter().filter(|g| *g == "password").count(), 1, "{grants:?}");
+    assert_eq!(
+        grants.iter().filter(|g| *g == "password").count(),
+        1,
+        "{grants:?}"
+    );
 
     daemon.signal(Signal::SIGTERM);
     let t = Instant::now();
@@ -122,7 +141,11 @@ async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
         .keys()
         .map(|n| {
             let p = env.out(n);
-            (n.to_string(), read(&p), std::fs::metadata(&p).unwrap().modified().unwrap())
+            (
+                n.to_string(),
+                read(&p),
+                std::fs::metadata(&p).unwrap().modified().unwrap(),
+            )
         })
         .collect();
     daemon.signal(Signal::SIGINT);
@@ -138,19 +161,35 @@ async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
     let ready = notify.wait_for("READY=1", Duration::from_secs(10)).await;
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(ready.contains("5/5 clients valid"), "{ready}");
-    assert_eq!(env.provider.requests().len(), requests, "no provider request on restart");
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "no provider request on restart"
+    );
     for (name, content, mtime) in files {
         let p = env.out(&name);
         assert_eq!(read(&p), content, "{name}");
-        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime, "{name} rewritten");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().modified().unwrap(),
+            mtime,
+            "{name} rewritten"
+        );
     }
-    assert!(daemon.logs().contains("reusing the stored token"), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("reusing the stored token"),
+        "{}",
+        daemon.logs()
+    );
 
     // A second daemon on the same state directory refuses to start.
     let mut second = DaemonProc::start(&env.demo.config, &[]);
     let status = second.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(1));
-    assert!(second.logs().contains("another tokenwarden"), "{}", second.logs());
+    assert!(
+        second.logs().contains("another tokenwarden"),
+        "{}",
+        second.logs()
+    );
 
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
@@ -164,6 +203,9 @@ async fn a_bad_config_at_start_exits_2_with_its_location() {
     let status = daemon.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(2));
     let logs = daemon.logs();
-    assert!(logs.contains(&format!("{}:", env.demo.config.display())), "{logs}");
+    assert!(
+        logs.contains(&format!("{}:", env.demo.config.display())),
+        "{logs}"
+    );
     assert!(logs.contains("refresh_at"), "{logs}");
 }

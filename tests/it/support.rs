@@ -150,7 +150,9 @@ impl NotifySocket {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = sock.recv(&mut buf).await {
-                m.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                m.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         });
         NotifySocket {
@@ -257,7 +259,12 @@ impl DaemonProc {
     pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         tokio::time::timeout(limit, self.child.wait())
             .await
-            .unwrap_or_else(|_| panic!("daemon did not exit within {limit:?}; logs:\n{}", self.logs()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "daemon did not exit within {limit:?}; logs:\n{}",
+                    self.logs()
+                )
+            })
             .unwrap()
     }
 }
