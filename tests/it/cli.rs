@@ -324,3 +324,54 @@ async fn trace_logs_of_whole_runs_hold_no_secret() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_formats_journald_and_json() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // Under journald (JOURNAL_STREAM set, log_format auto): priority prefixes, no timestamps.
+    let r = crate::support::run_env(
+        &["once", "-c", env.config_path(), "--log-level", "info"],
+        &[("JOURNAL_STREAM", "8:12345")],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(
+            l.starts_with("<6>")
+                || l.starts_with("<4>")
+                || l.starts_with("<3>")
+                || l.starts_with("<7>"),
+            "{l}"
+        );
+        assert!(
+            !l.contains("2026-") || l.contains("expires_at"),
+            "no timestamp prefix: {l}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("new token")),
+        "{}",
+        r.stderr
+    );
+
+    // JSON for log shippers: one object per line.
+    env.edit_config(|t| {
+        t.replace(
+            "log_level = \"info\"",
+            "log_level = \"info\"\nlog_format = \"json\"",
+        )
+    });
+    let r = run(&["once", "-c", env.config_path(), "--log-level", "info"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut n = 0;
+    for l in r.stderr.lines() {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+        n += 1;
+    }
+    assert!(n >= 5, "{}", r.stderr);
+}
