@@ -11,3 +11,4 @@ mod outputs;
 mod provider;
 mod schedule;
 mod state;
+mod unit;
