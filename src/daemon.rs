@@ -65,6 +65,8 @@ pub struct Daemon {
     ready_sent: bool,
     last_status: String,
     reload_error: Option<String>,
+    /// The metrics endpoint's address and its stop switch.
+    metrics: Option<(std::net::SocketAddr, CancellationToken)>,
 }
 
 /// Files whose change means a reload: the config, its included files, every secret file.
@@ -118,7 +120,11 @@ impl Daemon {
             ready_sent: false,
             last_status: String::new(),
             reload_error: None,
+            metrics: None,
         };
+        if let Some(addr) = daemon.config.daemon.metrics_listen {
+            daemon.start_metrics(addr).await?;
+        }
         let clients: Vec<ClientConfig> = daemon.config.clients.values().cloned().collect();
         for c in clients {
             daemon.add_client(Arc::new(c)).await;
@@ -168,6 +174,19 @@ impl Daemon {
             }
         }
         self.shutdown().await;
+        Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
+    async fn start_metrics(&mut self, addr: std::net::SocketAddr) -> Result<(), DaemonError> {
+        let prom = crate::metrics::install().map_err(DaemonError::Setup)?;
+        let cancel = self.root.child_token();
+        crate::metrics::serve(addr, prom, self.store.clone(), cancel.clone())
+            .await
+            .map_err(|e| {
+                DaemonError::Setup(format!("cannot listen on metrics_listen {addr}: {e}"))
+            })?;
+        self.metrics = Some((addr, cancel));
         Ok(())
     }
 
@@ -327,6 +346,7 @@ impl Daemon {
         let new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(errors) => {
+                crate::metrics::reload(false);
                 for e in &errors.errors {
                     tracing::error!("reload refused: {e}");
                 }
@@ -351,6 +371,7 @@ impl Daemon {
             tracing::warn!("{w}");
         }
         self.reload_error = None;
+        crate::metrics::reload(true);
         let diff = config::diff(&self.config, &new);
         for name in &diff.removed {
             self.remove_client(name).await;
@@ -377,6 +398,7 @@ impl Daemon {
             if let Some(h) = self.handles.get_mut(name) {
                 h.slot.allow_uids = Arc::new(c.allow_uids.clone());
                 h.slot.allow_gids = Arc::new(c.allow_gids.clone());
+                h.slot.ready_margin = c.timing.refresh_margin;
                 self.store.insert(name, h.slot.clone());
                 let _ = h
                     .reconfigure
@@ -396,6 +418,16 @@ impl Daemon {
             }
         }
         self.apply_daemon_settings(&new);
+        if self.config.daemon.metrics_listen != new.daemon.metrics_listen {
+            if let Some((_, cancel)) = self.metrics.take() {
+                cancel.cancel();
+            }
+            if let Some(addr) = new.daemon.metrics_listen
+                && let Err(e) = self.start_metrics(addr).await
+            {
+                tracing::error!("{e}");
+            }
+        }
         if let Some(w) = &self.watcher
             && let Err(e) = w.set_paths(watched_paths(&new))
         {

@@ -16,6 +16,7 @@
 //! - [`store`]: every client's current token and status, on `watch` channels.
 //! - [`refresher`]: one task per client keeping its token fresh.
 //! - [`reload`]: signals and watched files turned into daemon events.
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod demo;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod oauth;
 pub mod outputs;
 pub mod provider;

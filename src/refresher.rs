@@ -69,6 +69,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
         commands: cmd_tx,
         allow_uids: Arc::new(config.allow_uids.clone()),
         allow_gids: Arc::new(config.allow_gids.clone()),
+        ready_margin: config.timing.refresh_margin,
     };
     let refresher = Refresher {
         config,
@@ -326,8 +327,10 @@ impl Refresher {
             }
         };
         let config = self.config.clone();
+        let started = std::time::Instant::now();
         let result = oauth::acquire(&http, &config, self.refresh_token.as_ref()).await;
         drop(_permit);
+        crate::metrics::refresh_attempt(self.name(), result.is_ok(), started.elapsed());
         match result {
             Ok(acquired) => {
                 if let Some(e) = &acquired.refresh_token_refused {
@@ -521,6 +524,7 @@ impl Refresher {
         let mut changed = false;
         let mut failed = false;
         for r in reports {
+            crate::metrics::output_write(self.name(), r.result.is_ok());
             match r.result {
                 Ok(c) => changed |= c,
                 Err(e) => {

@@ -121,6 +121,8 @@ pub struct ClientSlot {
     /// Who may read it over gRPC.
     pub allow_uids: Arc<Vec<u32>>,
     pub allow_gids: Arc<Vec<u32>>,
+    /// `refresh_margin`: `/readyz` wants a token valid at least this long.
+    pub ready_margin: Duration,
 }
 
 /// Every client's slot, by name.

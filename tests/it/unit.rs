@@ -4,7 +4,10 @@
 use std::path::Path;
 
 fn unit() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/tokenwarden.service")).unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/tokenwarden.service"),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -42,7 +45,8 @@ fn systemd_analyze_rates_the_unit_ok() {
             return;
         }
     };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level for tokenwarden.service"))

@@ -1,0 +1,207 @@
+//! Prometheus metrics and health endpoints on `metrics_listen` (SPEC §8).
+//!
+//! `GET /metrics`: Prometheus text. Per client: `tokenwarden_token_expiry_timestamp_seconds`,
+//! `tokenwarden_token_seconds_until_expiry`, `tokenwarden_token_valid`,
+//! `tokenwarden_token_generation`; `tokenwarden_refresh_attempts_total{client,result}`,
+//! `tokenwarden_refresh_duration_seconds{client}` (histogram),
+//! `tokenwarden_output_writes_total{client,result}`; `tokenwarden_config_reloads_total{result}`;
+//! `tokenwarden_grpc_requests_total{method,code}`.
+//! `GET /healthz`: 200 while the daemon runs. `GET /readyz`: 200 when every client holds a token
+//! valid for at least its `refresh_margin`, else 503 naming the clients that do not.
+//!
+//! The recorder is installed only when `metrics_listen` is set; the `metrics` macros elsewhere
+//! are no-ops otherwise.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// Buckets of the refresh latency histogram, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "tokenwarden_refresh_duration_seconds".into(),
+            ),
+            LATENCY_BUCKETS,
+        )
+        .map_err(|e| format!("cannot set up metrics: {e}"))?
+        .install_recorder()
+        .map_err(|e| format!("cannot set up metrics: {e}"))?;
+    let _ = HANDLE.set(handle.clone());
+    Ok(handle)
+}
+
+/// Records one token request's outcome and latency.
+pub fn refresh_attempt(client: &str, ok: bool, elapsed: Duration) {
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("tokenwarden_refresh_attempts_total", "client" => client.to_string(), "result" => result).increment(1);
+    metrics::histogram!("tokenwarden_refresh_duration_seconds", "client" => client.to_string())
+        .record(elapsed.as_secs_f64());
+}
+
+/// Records one output write.
+pub fn output_write(client: &str, ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("tokenwarden_output_writes_total", "client" => client.to_string(), "result" => result).increment(1);
+}
+
+/// Records one config reload.
+pub fn reload(ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("tokenwarden_config_reloads_total", "result" => result).increment(1);
+}
+
+/// Records one gRPC request.
+pub fn grpc_request(method: &str, code: &str) {
+    metrics::counter!("tokenwarden_grpc_requests_total", "method" => method.to_string(), "code" => code.to_string()).increment(1);
+}
+
+/// Sets the per-client gauges from the store (at scrape time, so "seconds until expiry" is now).
+fn update_gauges(store: &Store) {
+    let now = SystemTime::now();
+    for (name, snap) in store.snapshots() {
+        let (expiry, left) = match &snap.token {
+            Some(t) => (
+                crate::token::unix_seconds(t.expires_at) as f64,
+                t.expires_at
+                    .duration_since(now)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_else(|e| -e.duration().as_secs_f64()),
+            ),
+            None => (0.0, 0.0),
+        };
+        let valid = if snap.valid_token(now).is_some() {
+            1.0
+        } else {
+            0.0
+        };
+        metrics::gauge!("tokenwarden_token_expiry_timestamp_seconds", "client" => name.clone())
+            .set(expiry);
+        metrics::gauge!("tokenwarden_token_seconds_until_expiry", "client" => name.clone())
+            .set(left);
+        metrics::gauge!("tokenwarden_token_valid", "client" => name.clone()).set(valid);
+        metrics::gauge!("tokenwarden_token_generation", "client" => name)
+            .set(snap.generation as f64);
+    }
+}
+
+/// Clients not holding a token valid for at least their margin.
+pub fn not_ready(store: &Store) -> Vec<String> {
+    let now = SystemTime::now();
+    store
+        .slots()
+        .into_iter()
+        .filter(|(_, slot)| !slot.snapshot.borrow().valid_for(now, slot.ready_margin))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn handle(
+    req: &Request<hyper::body::Incoming>,
+    prom: &PrometheusHandle,
+    store: &Store,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            update_gauges(store);
+            respond(StatusCode::OK, "text/plain; version=0.0.4", prom.render())
+        }
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            let missing = not_ready(store);
+            if missing.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {}\n", missing.join(", ")),
+                )
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Serves the endpoints on `addr` until `cancel`.
+pub async fn serve(
+    addr: SocketAddr,
+    prom: PrometheusHandle,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, "metrics and health endpoints listening");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!("metrics accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let prom = prom.clone();
+            let store = store.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let r = handle(&req, &prom, &store);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    r = conn => if let Err(e) = r { tracing::debug!("metrics connection: {e}"); }
+                }
+            });
+        }
+    });
+    Ok(local)
+}
