@@ -87,6 +87,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
         output_backoff: Backoff::new(),
         repeated: Repeated::default(),
         expired_logged: false,
+        skew_warned: false,
     };
     shared.tracker.spawn(refresher.run());
     Handle {
@@ -116,6 +117,8 @@ struct Refresher {
     output_backoff: Backoff,
     repeated: Repeated,
     expired_logged: bool,
+    /// The clock-skew warning was given (once per client until the skew goes away).
+    skew_warned: bool,
 }
 
 /// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
@@ -339,6 +342,20 @@ impl Refresher {
                         "the stored refresh token was refused; got a token with the {} grant instead: {e}",
                         acquired.grant_type
                     );
+                }
+                if let Some((secs, ahead)) =
+                    oauth::clock_skew(acquired.issued.server_date, SystemTime::now())
+                {
+                    if !self.skew_warned {
+                        self.skew_warned = true;
+                        tracing::warn!(
+                            client = self.name(),
+                            "the provider's clock is {secs}s {} ours: signed assertions may be refused; check NTP",
+                            if ahead { "ahead of" } else { "behind" }
+                        );
+                    }
+                } else {
+                    self.skew_warned = false;
                 }
                 let generation = self.snapshot.borrow().generation + 1;
                 let new_state = StoredState {

@@ -20,8 +20,8 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderVal
 pub use error::{ErrorClass, Human, OAuthError, hint, printable};
 pub use request::{Attempt, CLIENT_ASSERTION_TYPE, PreparedRequest, basic_authorization, prepare};
 pub use response::{
-    Issued, MAX_BODY, RequestContext, ResponseMeta, httpdate, jwt_expiry, parse_expires_in,
-    parse_retry_after, parse_token_response,
+    Issued, MAX_BODY, MAX_CLOCK_SKEW, RequestContext, ResponseMeta, clock_skew, httpdate,
+    jwt_expiry, parse_expires_in, parse_retry_after, parse_token_response,
 };
 
 use crate::config::{ClientConfig, Grant};
@@ -150,6 +150,7 @@ async fn send(
             .trim()
             .to_ascii_lowercase()
     });
+    let date = header(reqwest::header::DATE).and_then(|v| httpdate(&v));
     let retry_after =
         header(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
     if (300..400).contains(&status) {
@@ -190,6 +191,7 @@ async fn send(
             status,
             content_type,
             retry_after,
+            date,
         },
         body,
     ))

@@ -28,6 +28,8 @@ pub struct ResponseMeta {
     pub content_type: Option<String>,
     /// `Retry-After`, already parsed.
     pub retry_after: Option<Duration>,
+    /// `Date`, already parsed.
+    pub date: Option<SystemTime>,
 }
 
 /// What the request asked for, to fill in what the response leaves out.
@@ -49,6 +51,8 @@ pub struct Issued {
     pub token: Token,
     /// A new refresh token (RFC 6749 §6), if the provider issued one.
     pub refresh_token: Option<Secret>,
+    /// The provider's `Date` header, for the clock-skew check.
+    pub server_date: Option<SystemTime>,
 }
 
 /// Turns a response into a token or an error.
@@ -85,8 +89,26 @@ pub fn parse_token_response(
     if object.get("access_token").is_none() && object.get("error").is_some_and(Value::is_string) {
         return Err(error_response(meta, body, Some(&object), ctx));
     }
-    success(status, &object, ctx)
+    let mut issued = success(status, &object, ctx)?;
+    issued.server_date = meta.date;
+    Ok(issued)
 }
+
+/// How far the provider's clock (its `Date` header) is from ours, when more than
+/// [`MAX_CLOCK_SKEW`]: `Some((seconds, ahead))`. Assertions carry our `iat`/`exp`, so a large
+/// skew gets them refused; expiry never depends on it (it counts from our send time).
+pub fn clock_skew(server_date: Option<SystemTime>, now: SystemTime) -> Option<(u64, bool)> {
+    let date = server_date?;
+    match date.duration_since(now) {
+        Ok(ahead) if ahead > MAX_CLOCK_SKEW => Some((ahead.as_secs(), true)),
+        Ok(_) => None,
+        Err(e) if e.duration() > MAX_CLOCK_SKEW => Some((e.duration().as_secs(), false)),
+        Err(_) => None,
+    }
+}
+
+/// The skew beyond which tokenwarden warns.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// Reads the body as a JSON object, or as a form-encoded one (GitHub-style providers answer
 /// `application/x-www-form-urlencoded` unless asked otherwise).
@@ -251,6 +273,7 @@ fn success(
             scope,
         },
         refresh_token,
+        server_date: None,
     })
 }
 
@@ -390,6 +413,7 @@ mod tests {
             status,
             content_type: Some(ct.into()),
             retry_after: None,
+            date: None,
         }
     }
 
@@ -554,6 +578,7 @@ mod tests {
             status: 400,
             content_type: Some("application/json".into()),
             retry_after: Some(Duration::from_secs(3)),
+            date: None,
         };
         let err = parse_token_response(
             &m,
@@ -602,6 +627,30 @@ mod tests {
         // 3xx
         let err = parse_token_response(&meta(302, "text/html"), b"", &ctx()).unwrap_err();
         assert!(matches!(err, OAuthError::Redirect { status: 302, .. }));
+    }
+
+    #[test]
+    fn clock_skew_beyond_a_minute() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
+        let s = |d: i64| {
+            Some(if d >= 0 {
+                now + Duration::from_secs(d as u64)
+            } else {
+                now - Duration::from_secs((-d) as u64)
+            })
+        };
+        assert_eq!(clock_skew(None, now), None);
+        assert_eq!(clock_skew(s(59), now), None);
+        assert_eq!(clock_skew(s(-60), now), None);
+        assert_eq!(clock_skew(s(61), now), Some((61, true)));
+        assert_eq!(clock_skew(s(-3600), now), Some((3600, false)));
+        // The Date header travels into the issued token's record.
+        let m = ResponseMeta {
+            date: s(5),
+            ..meta(200, "application/json")
+        };
+        let r = parse_token_response(&m, br#"{"access_token":"a"}"#, &ctx()).unwrap();
+        assert_eq!(r.server_date, s(5));
     }
 
     #[test]
