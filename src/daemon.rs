@@ -12,7 +12,6 @@
 //! outputs), removed ones stop (their files are left), added ones start.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +24,7 @@ use crate::config::{self, ClientChange, ClientConfig, Config};
 use crate::logging::LogHandle;
 use crate::oauth::HttpClients;
 use crate::refresher::{self, Reconfigure, Shared};
-use crate::reload::{self, Event, FileWatcher, ReloadReason};
+use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_paths};
 use crate::state::StateDir;
 use crate::store::{Command, Reason, Store};
 use crate::systemd::Notifier;
@@ -67,15 +66,6 @@ pub struct Daemon {
     reload_error: Option<String>,
     /// The metrics endpoint's address and its stop switch.
     metrics: Option<(std::net::SocketAddr, CancellationToken)>,
-}
-
-/// Files whose change means a reload: the config, its included files, every secret file.
-fn watched_paths(config: &Config) -> Vec<PathBuf> {
-    let mut v = config.files.clone();
-    v.extend(config.secret_files());
-    v.sort();
-    v.dedup();
-    v
 }
 
 impl Daemon {

@@ -1,66 +1,124 @@
-//! What makes the daemon act (SPEC §8): signals and changed files, as one stream of [`Event`]s.
+//! What makes the daemon reload (SPEC §8 "Reload"): signals and changed files, turned into one
+//! [`Event`] stream.
 //!
-//! - [`signals`]: SIGHUP → reload, SIGUSR1 → refresh every client, SIGTERM/SIGINT → stop.
+//! - [`signals`]: SIGHUP → [`Event::Reload`]`(`[`ReloadReason::Signal`]`)`, SIGUSR1 →
+//!   [`Event::RefreshAll`], SIGTERM/SIGINT → [`Event::Shutdown`].
 //! - [`FileWatcher`]: the config, its included files and every secret file, watched through
-//!   their parent directories (inotify, non-recursive), so editors' rename-saves, `mv` over a
-//!   file and Kubernetes-style symlink swaps (`dir/token -> ..data/token`, `..data` renamed
-//!   over) are all seen. Any event in a watched directory (but `Access`, and names that cannot
-//!   matter) makes it compare the watched files' contents with the last ones it saw; after a
-//!   quiet `debounce` (at most [`MAX_DEBOUNCE`] after the first event, so a file rewritten
-//!   forever still reloads), the changed paths go out as one `Reload`. So a `touch`, a rewrite
-//!   with the same content, or an output file written into the same directory never reloads.
-//!   A watched file whose directory does not exist yet is covered by watching the nearest
-//!   existing ancestor; the watch moves down as directories appear.
+//!   their parent directories with inotify, compared by content, debounced into one
+//!   [`Event::Reload`]`(`[`ReloadReason::Changed`]`)`.
+//!
+//! Both send on the same channel, so the daemon has one place that reloads (as vector does).
+//!
+//! # How files are watched
+//! A watch on a file goes silent after the first rename over it (an editor's save, `mv`, a
+//! Kubernetes secret update), so the watcher watches *directories* (non-recursively) and keeps,
+//! for each watched path, the exact names whose events matter ("triggers"):
+//! - the file itself, in its directory;
+//! - every symbolic link met while resolving the path, in the directory that holds the link.
+//!   For a Kubernetes secret volume (`dir/token -> ..data/token`, `..data -> ..2026_11_23_xx`,
+//!   updated by renaming `..data_tmp` over `..data`) that is `dir/token`, `dir/..data` and
+//!   `dir/..2026_11_23_xx/token`, and the directories `dir` and `dir/..2026_11_23_xx`;
+//! - when a component does not exist (yet), that component in its nearest existing ancestor:
+//!   a parent directory missing at start is watched for from the closest directory that
+//!   exists, and the watches move down as directories appear (and back up if they go away).
+//!
+//! Events are filtered on notify's thread with one hash-set lookup per event path, so the
+//! daemon's own output files, written into the same directories, never wake the watcher.
+//! Access events are dropped (reading a file raises them; RECIPE pitfall 4), except
+//! close-after-write, which marks the end of an in-place rewrite.
+//!
+//! After each relevant event the paths it concerns are resolved again (symlink targets may
+//! have moved), the set of watched directories is brought up to date (a directory that was
+//! deleted and re-created at the same path is watched again), and each concerned path is
+//! fingerprinted; see [`FileWatcher`] for what counts as a change.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-/// The longest a reload waits after the first event of a burst.
-pub const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
-
-/// Files larger than this are compared by size, inode and mtime instead of content.
-const HASH_LIMIT: u64 = 1024 * 1024;
+use crate::config::Config;
 
 /// Something the daemon must act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Reload the config.
+    /// Read the config again and apply the difference (SIGHUP or a watched file changed).
     Reload(ReloadReason),
-    /// SIGUSR1: a new token for every client now.
+    /// Refresh every client's token now (SIGUSR1).
     RefreshAll,
-    /// SIGTERM or SIGINT: stop.
+    /// Stop: finish in-flight writes and exit (SIGTERM or SIGINT).
     Shutdown,
 }
 
-/// Why a reload happens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a reload was asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReloadReason {
     /// SIGHUP (`systemctl reload`).
     Signal,
-    /// These watched files changed.
+    /// These watched files changed (as given to the watcher, in path order).
     Changed(Vec<PathBuf>),
 }
 
-/// Why watching could not start.
+/// Why the file watcher could not start or take new paths.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// inotify could not be set up (out of watches or instances).
-    #[error("cannot watch files: {0}")]
-    Watch(#[from] notify::Error),
+    /// inotify could not be set up (the per-user instance limit, `fs.inotify.max_user_instances`,
+    /// is the usual cause).
+    #[error("cannot start the file watcher: {0}")]
+    Init(#[source] notify::Error),
+    /// A directory could not be watched (permission denied, or the per-user watch limit
+    /// `fs.inotify.max_user_watches` reached).
+    #[error("cannot watch directory {path} (for changes of {watched}): {source}")]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// A file it was watched for.
+        watched: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    /// The watcher's thread could not be started.
+    #[error("cannot start the file watcher's thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// Keeps the signal handler task alive; dropping it stops delivering signals as events.
+/// Every file a reload depends on: the config files that were read and every secret file.
+pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = config.files.clone();
+    v.extend(config.secret_files());
+    v.sort();
+    v.dedup();
+    v
+}
+
+// === signals ===
+
+/// The running signal listener of [`signals`]; dropping it (or [`SignalTask::close`]) stops it.
+///
+/// signal-hook keeps its low-level handlers installed for the life of the process: once
+/// [`signals`] has run, SIGHUP, SIGUSR1, SIGTERM and SIGINT no longer have their default
+/// action even after the task is gone (they are then ignored).
 pub struct SignalTask {
     handle: signal_hook_tokio::Handle,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl SignalTask {
+    /// Stops listening.
+    pub fn close(self) {
+        // Drop does the work.
+    }
 }
 
 impl Drop for SignalTask {
@@ -70,18 +128,35 @@ impl Drop for SignalTask {
     }
 }
 
-/// Delivers SIGHUP, SIGUSR1, SIGTERM and SIGINT as events on `tx`.
+impl fmt::Debug for SignalTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignalTask").finish_non_exhaustive()
+    }
+}
+
+/// The event a signal stands for.
+fn signal_event(signal: i32) -> Option<Event> {
+    match signal {
+        SIGHUP => Some(Event::Reload(ReloadReason::Signal)),
+        SIGUSR1 => Some(Event::RefreshAll),
+        SIGTERM | SIGINT => Some(Event::Shutdown),
+        _ => None,
+    }
+}
+
+/// Delivers SIGHUP → `Reload(Signal)`, SIGUSR1 → `RefreshAll`, SIGTERM/SIGINT → `Shutdown` on
+/// `tx`. The handlers are installed when this returns; call it inside a tokio runtime. The
+/// task ends when the returned handle is dropped or `tx`'s receiver is gone. Signals that
+/// arrive close together may be merged into one event (signal semantics).
 pub fn signals(tx: mpsc::Sender<Event>) -> std::io::Result<SignalTask> {
-    let signals = signal_hook_tokio::Signals::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT])?;
-    let handle = signals.handle();
+    let mut stream = signal_hook_tokio::Signals::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT])?;
+    let handle = stream.handle();
     let task = tokio::spawn(async move {
-        let mut signals = signals;
-        while let Some(sig) = signals.next().await {
-            let event = match sig {
-                SIGHUP => Event::Reload(ReloadReason::Signal),
-                SIGUSR1 => Event::RefreshAll,
-                _ => Event::Shutdown,
+        while let Some(signal) = stream.next().await {
+            let Some(event) = signal_event(signal) else {
+                continue;
             };
+            tracing::debug!(signal, ?event, "signal received");
             if tx.send(event).await.is_err() {
                 break;
             }
@@ -90,216 +165,596 @@ pub fn signals(tx: mpsc::Sender<Event>) -> std::io::Result<SignalTask> {
     Ok(SignalTask { handle, task })
 }
 
-/// What is remembered of a watched file, to tell a real change from a touch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seen {
-    Absent,
-    Content([u8; 32]),
-    Large { size: u64, ino: u64, mtime: i64 },
-}
+// === FileWatcher ===
 
-fn look(path: &Path) -> Seen {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return Seen::Absent;
-    };
-    if meta.len() > HASH_LIMIT || !meta.is_file() {
-        return Seen::Large {
-            size: meta.len(),
-            ino: meta.ino(),
-            mtime: meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-        };
-    }
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
-            let mut out = [0u8; 32];
-            out.copy_from_slice(d.as_ref());
-            Seen::Content(out)
-        }
-        Err(_) => Seen::Absent,
-    }
-}
+/// Files larger than this are compared by metadata only (dev, inode, size, mtime).
+pub const HASH_LIMIT: u64 = 1024 * 1024;
 
-/// The directory to watch for `path`: its parent, or the nearest ancestor that exists.
-fn watch_dir(path: &Path) -> Option<PathBuf> {
-    let mut dir = path.parent()?;
-    loop {
-        if dir.is_dir() {
-            return Some(dir.to_path_buf());
-        }
-        dir = dir.parent()?;
-    }
-}
+/// The longest a change waits for its burst of events to end: a file rewritten without pause
+/// still reloads this long after its first change (or after `debounce`, if that is longer).
+pub const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(3);
 
-struct Inner {
-    watcher: RecommendedWatcher,
-    /// Watched path → what it held last.
-    seen: BTreeMap<PathBuf, Seen>,
-    /// Directories with an inotify watch.
-    dirs: BTreeSet<PathBuf>,
-    /// File names worth a look when an event names them (watched names, and the parents'
-    /// names for directories that do not exist yet).
-    names: BTreeSet<std::ffi::OsString>,
-}
+/// Symbolic links followed while resolving one path, as the kernel's `ELOOP` limit.
+const MAX_SYMLINKS: usize = 40;
 
-impl Inner {
-    /// Re-computes the directories to watch for the current set of paths.
-    fn sync_dirs(&mut self) {
-        let wanted: BTreeSet<PathBuf> = self.seen.keys().filter_map(|p| watch_dir(p)).collect();
-        for gone in self.dirs.difference(&wanted).cloned().collect::<Vec<_>>() {
-            let _ = self.watcher.unwatch(&gone);
-            self.dirs.remove(&gone);
-        }
-        for dir in wanted {
-            if !self.dirs.contains(&dir) {
-                match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                    Ok(()) => {
-                        self.dirs.insert(dir);
-                    }
-                    Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
-                }
-            }
-        }
-        self.names = self
-            .seen
-            .keys()
-            .flat_map(|p| {
-                p.ancestors()
-                    .filter_map(|a| a.file_name().map(|n| n.to_os_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-    }
-
-    /// Whether an event on `path` could concern a watched file.
-    fn relevant(&self, path: &Path) -> bool {
-        match path.file_name() {
-            Some(name) => {
-                self.names.contains(name)
-                    || name.to_string_lossy().starts_with("..")
-                    || self.dirs.contains(path)
-            }
-            None => true,
-        }
-    }
-
-    /// Compares every watched path with what it held; returns the changed ones.
-    fn changed(&mut self) -> Vec<PathBuf> {
-        let mut changed = Vec::new();
-        for (path, seen) in self.seen.iter_mut() {
-            let now = look(path);
-            if now != *seen {
-                *seen = now;
-                changed.push(path.clone());
-            }
-        }
-        changed
-    }
-}
-
-/// Watches files for changes; see the module docs.
+/// Watches files (the config, its included files, every secret file) and sends one
+/// `Reload(Changed(paths))` on `tx` after each burst of changes.
+///
+/// **What counts as a change.** Each watched path is fingerprinted following symlinks:
+/// device, inode, size, mtime, and the SHA-256 of the content when the file is under
+/// [`HASH_LIMIT`] and readable. When both the old and the new fingerprint carry a content
+/// hash, the path changed iff the content did: a `touch`, or an editor saving the same text
+/// under a new inode, does not reload; a same-size rewrite does. Otherwise the metadata is
+/// compared. A path that disappears is not reported; when it comes back it is reported as
+/// changed, whatever its content (the daemon may have noticed its absence meanwhile). A path
+/// that is missing when watched and appears later is a change likewise.
+///
+/// **Debounce.** Changed paths are collected until no relevant event has arrived for
+/// `debounce`, or at most [`MAX_DEBOUNCE_WAIT`] after the first change, then sent as one
+/// event.
+///
+/// **Missing directories.** A path whose parent directory does not exist is watched from its
+/// nearest existing ancestor (see the module docs); starting never fails for that.
+///
+/// The watcher runs on its own thread; dropping the `FileWatcher` stops it.
 pub struct FileWatcher {
-    inner: Arc<Mutex<Inner>>,
-    task: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+    control: std_mpsc::Sender<Msg>,
 }
 
-impl Drop for FileWatcher {
-    fn drop(&mut self) {
-        self.task.abort();
+impl fmt::Debug for FileWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileWatcher").finish_non_exhaustive()
     }
 }
 
-fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    match inner.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+/// What the watcher's thread receives.
+enum Msg {
+    /// A relevant (pre-filtered) notify event, or a notify error (which forces a rescan).
+    Notify(notify::Result<notify::Event>),
+    Stop,
+}
+
+/// The names whose events matter, read by notify's thread for every event.
+#[derive(Default)]
+struct Filter {
+    /// Full paths of the trigger names.
+    triggers: HashSet<PathBuf>,
+    /// The watched directories (events about the directory itself: deleted, moved).
+    dirs: HashSet<PathBuf>,
+}
+
+impl Filter {
+    fn matches(&self, path: &Path) -> bool {
+        self.triggers.contains(path) || self.dirs.contains(path)
     }
+}
+
+/// One watched path.
+struct Entry {
+    /// As given by the caller: what a change is reported as.
+    path: PathBuf,
+    /// Lexically absolute (symlinks are followed by `resolve`).
+    absolute: PathBuf,
+    resolution: Resolution,
+    /// The last fingerprint seen; `None` while the path is missing.
+    last: Option<Fingerprint>,
+    /// Removed or renamed away since the last fingerprint: reported when it comes back.
+    gone: bool,
+}
+
+/// Behind a mutex shared by the caller of `set_paths` and the watcher thread.
+struct State {
+    watcher: notify::RecommendedWatcher,
+    /// In path order.
+    entries: Vec<Entry>,
+    /// Watched directories with the (dev, inode) they had when the watch was added.
+    watched: HashMap<PathBuf, (u64, u64)>,
+}
+
+struct Shared {
+    filter: Arc<RwLock<Filter>>,
+    state: Mutex<State>,
 }
 
 impl FileWatcher {
-    /// Starts watching `paths`; changes arrive on `tx` as `Event::Reload(Changed(..))`.
+    /// Starts watching `paths`, sending `Reload(Changed(..))` on `tx` once no event has come
+    /// for `debounce` (250 ms is a good value). Needs no tokio runtime: the watcher runs on a
+    /// thread of its own.
     pub fn start(
         paths: Vec<PathBuf>,
         debounce: Duration,
         tx: mpsc::Sender<Event>,
     ) -> Result<FileWatcher, ReloadError> {
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            match res {
-                Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
-                Ok(ev) => {
-                    let _ = raw_tx.send(ev.paths);
-                }
-                // An overflowed queue: look at everything.
-                Err(_) => {
-                    let _ = raw_tx.send(Vec::new());
+        let filter = Arc::new(RwLock::new(Filter::default()));
+        let (control, rx) = std_mpsc::channel::<Msg>();
+        let handler = {
+            let filter = Arc::clone(&filter);
+            let control = control.clone();
+            move |res: notify::Result<notify::Event>| {
+                let relevant = match &res {
+                    Ok(event) => is_relevant(&filter, event),
+                    Err(_) => true,
+                };
+                if relevant {
+                    // The thread is gone only when the watcher is being dropped.
+                    let _ = control.send(Msg::Notify(res));
                 }
             }
-        })?;
-        let mut inner = Inner {
-            watcher,
-            seen: paths
-                .into_iter()
-                .map(|p| {
-                    let s = look(&p);
-                    (p, s)
-                })
-                .collect(),
-            dirs: BTreeSet::new(),
-            names: BTreeSet::new(),
         };
-        inner.sync_dirs();
-        let inner = Arc::new(Mutex::new(inner));
-        let shared = inner.clone();
-        let task = tokio::spawn(async move {
-            while let Some(paths) = raw_rx.recv().await {
-                if !paths.is_empty() && !paths.iter().any(|p| lock(&shared).relevant(p)) {
-                    continue;
-                }
-                // Debounce: wait for quiet, but no longer than MAX_DEBOUNCE in all.
-                let first = Instant::now();
-                loop {
-                    let left = MAX_DEBOUNCE.saturating_sub(first.elapsed());
-                    if left.is_zero() {
-                        break;
+        let watcher = notify::recommended_watcher(handler).map_err(ReloadError::Init)?;
+        let shared = Arc::new(Shared {
+            filter,
+            state: Mutex::new(State {
+                watcher,
+                entries: Vec::new(),
+                watched: HashMap::new(),
+            }),
+        });
+        shared.set_paths(paths)?;
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("tokenwarden-watch".into())
+            .spawn(move || run(&thread_shared, &rx, debounce, &tx))
+            .map_err(ReloadError::Thread)?;
+        Ok(FileWatcher { shared, control })
+    }
+
+    /// Replaces the watched set after a reload (new includes, new secret files). Paths still
+    /// watched keep their fingerprints (a change not yet reported stays pending); new ones are
+    /// fingerprinted now, so a change made between the daemon reading them and this call is
+    /// not seen.
+    pub fn set_paths(&self, paths: Vec<PathBuf>) -> Result<(), ReloadError> {
+        self.shared.set_paths(paths)
+    }
+
+    /// The directories watched right now (for tests and diagnostics).
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let state = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<PathBuf> = state.watched.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for FileWatcher {
+    fn drop(&mut self) {
+        // The thread drops the last reference to the notify watcher when it sees this.
+        let _ = self.control.send(Msg::Stop);
+    }
+}
+
+/// Whether a notify event may concern a watched path: one hash lookup per path, on notify's
+/// thread. Access events are what our own reads (and everyone else's) cause; close-after-write
+/// is kept because it ends an in-place rewrite.
+fn is_relevant(filter: &RwLock<Filter>, event: &notify::Event) -> bool {
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) => return false,
+        _ => {}
+    }
+    if event.need_rescan() {
+        return true;
+    }
+    let filter = filter.read().unwrap_or_else(PoisonError::into_inner);
+    event.paths.iter().any(|p| filter.matches(p))
+}
+
+/// The watcher thread: apply events, debounce, send.
+fn run(
+    shared: &Shared,
+    rx: &std_mpsc::Receiver<Msg>,
+    debounce: Duration,
+    tx: &mpsc::Sender<Event>,
+) {
+    let max_wait = MAX_DEBOUNCE_WAIT.max(debounce);
+    let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut first_change = Instant::now();
+    let mut last_event = Instant::now();
+    loop {
+        let msg = if pending.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            let deadline = (last_event + debounce).min(first_change + max_wait);
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        };
+        match msg {
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Msg::Notify(event)) => {
+                let mut batch = vec![event];
+                while let Ok(more) = rx.try_recv() {
+                    match more {
+                        Msg::Notify(event) => batch.push(event),
+                        Msg::Stop => return,
                     }
-                    match tokio::time::timeout(debounce.min(left), raw_rx.recv()).await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => return,
-                        Err(_) => break,
-                    }
                 }
-                let changed = {
-                    let mut g = lock(&shared);
-                    g.sync_dirs();
-                    g.changed()
-                };
-                if !changed.is_empty()
-                    && tx
-                        .send(Event::Reload(ReloadReason::Changed(changed)))
-                        .await
-                        .is_err()
+                let changed = shared.on_events(&batch);
+                let now = Instant::now();
+                last_event = now;
+                if !changed.is_empty() {
+                    if pending.is_empty() {
+                        first_change = now;
+                    }
+                    pending.extend(changed);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let paths: Vec<PathBuf> = std::mem::take(&mut pending).into_iter().collect();
+                tracing::debug!(?paths, "watched files changed");
+                if tx
+                    .blocking_send(Event::Reload(ReloadReason::Changed(paths)))
+                    .is_err()
                 {
                     return;
                 }
             }
-        });
-        Ok(FileWatcher { inner, task })
+        }
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn set_paths(&self, mut paths: Vec<PathBuf>) -> Result<(), ReloadError> {
+        paths.sort();
+        paths.dedup();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut old: HashMap<PathBuf, Entry> = state
+            .entries
+            .drain(..)
+            .map(|e| (e.path.clone(), e))
+            .collect();
+        let mut fresh = Vec::new();
+        for path in paths {
+            if let Some(entry) = old.remove(&path) {
+                state.entries.push(entry);
+            } else {
+                let absolute = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+                fresh.push(state.entries.len());
+                state.entries.push(Entry {
+                    resolution: resolve(&absolute),
+                    path,
+                    absolute,
+                    last: None,
+                    gone: false,
+                });
+            }
+        }
+        // Watch first, then fingerprint: a change in between is seen by an event.
+        let result = state.refresh(&fresh);
+        for i in fresh {
+            if let Some(entry) = state.entries.get_mut(i) {
+                entry.last = fingerprint(&entry.absolute);
+            }
+        }
+        self.update_filter(&state);
+        result
     }
 
-    /// Replaces the watched set (after a reload); paths still watched keep what was seen.
-    pub fn set_paths(&self, paths: Vec<PathBuf>) -> Result<(), ReloadError> {
-        let mut g = lock(&self.inner);
-        let mut seen = BTreeMap::new();
-        for p in paths {
-            let s = g.seen.remove(&p).unwrap_or_else(|| look(&p));
-            seen.insert(p, s);
+    /// Applies a batch of relevant events; returns the watched paths that changed.
+    fn on_events(&self, batch: &[notify::Result<notify::Event>]) -> Vec<PathBuf> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let rescan = batch.iter().any(|r| match r {
+            Ok(event) => event.need_rescan(),
+            Err(_) => true,
+        });
+        let mut affected: BTreeSet<usize> = BTreeSet::new();
+        if rescan {
+            affected.extend(0..state.entries.len());
         }
-        g.seen = seen;
-        g.sync_dirs();
+        for event in batch.iter().flatten() {
+            let removal = matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From))
+            );
+            for path in &event.paths {
+                for (i, entry) in state.entries.iter_mut().enumerate() {
+                    if entry.resolution.concerns(path) {
+                        affected.insert(i);
+                        if removal && entry.resolution.file.as_deref() == Some(path.as_path()) {
+                            entry.gone = true;
+                        }
+                    }
+                }
+            }
+        }
+        let affected: Vec<usize> = affected.into_iter().collect();
+        if let Err(err) = state.refresh(&affected) {
+            tracing::warn!("{err}; changes of that file may be missed until the next reload");
+        }
+        let mut changed = Vec::new();
+        for i in affected {
+            let Some(entry) = state.entries.get_mut(i) else {
+                continue;
+            };
+            if entry.observe(fingerprint(&entry.absolute)) {
+                changed.push(entry.path.clone());
+            }
+        }
+        self.update_filter(&state);
+        changed
+    }
+
+    fn update_filter(&self, state: &State) {
+        let mut filter = Filter::default();
+        for entry in &state.entries {
+            filter
+                .triggers
+                .extend(entry.resolution.triggers.iter().cloned());
+        }
+        filter.dirs.extend(state.watched.keys().cloned());
+        *self.filter.write().unwrap_or_else(PoisonError::into_inner) = filter;
+    }
+}
+
+// === impl State ===
+
+impl State {
+    /// Resolves the `affected` entries again and brings the watched directories up to date.
+    ///
+    /// Watch, then look again: whatever happened in a directory before its watch was added
+    /// (a `mkdir -p` racing ahead, a symlink swapped) sent no event to us, so the entries that
+    /// use a newly watched directory are resolved once more, until nothing new is watched. A
+    /// directory that vanished before it could be watched sends us back to its parent.
+    fn refresh(&mut self, affected: &[usize]) -> Result<(), ReloadError> {
+        let mut todo: Vec<usize> = affected.to_vec();
+        for _ in 0..MAX_SYMLINKS {
+            for &i in &todo {
+                if let Some(entry) = self.entries.get_mut(i) {
+                    entry.resolution = resolve(&entry.absolute);
+                }
+            }
+            let moved = self.sync_watches()?;
+            if moved.is_empty() {
+                return Ok(());
+            }
+            todo = (0..self.entries.len())
+                .filter(|&i| {
+                    moved
+                        .iter()
+                        .any(|d| self.entries[i].resolution.dirs.contains(d))
+                })
+                .collect();
+        }
         Ok(())
     }
+
+    /// Watches every directory some entry needs and unwatches the others. Returns the
+    /// directories newly watched and those that no longer exist; fails on the first other
+    /// error (after trying all).
+    fn sync_watches(&mut self) -> Result<Vec<PathBuf>, ReloadError> {
+        let mut desired: HashMap<&Path, &Path> = HashMap::new();
+        for entry in &self.entries {
+            for dir in &entry.resolution.dirs {
+                desired.entry(dir.as_path()).or_insert(entry.path.as_path());
+            }
+        }
+        let stale: Vec<PathBuf> = self
+            .watched
+            .keys()
+            .filter(|d| !desired.contains_key(d.as_path()))
+            .cloned()
+            .collect();
+        for dir in stale {
+            // notify has already dropped the watch of a deleted directory: ignore errors.
+            let _ = self.watcher.unwatch(&dir);
+            self.watched.remove(&dir);
+        }
+        // Newly watched or vanished: either way, look again.
+        let mut moved = Vec::new();
+        let mut first_err = None;
+        for (dir, watched_for) in desired {
+            let Some(id) = dir_id(dir) else {
+                moved.push(dir.to_path_buf());
+                continue;
+            };
+            match self.watched.get(dir) {
+                Some(old) if *old == id => continue,
+                // Deleted and re-created under the same name: the old watch is dead.
+                Some(_) => {
+                    let _ = self.watcher.unwatch(dir);
+                    self.watched.remove(dir);
+                }
+                None => {}
+            }
+            match self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(dir.to_path_buf(), id);
+                    moved.push(dir.to_path_buf());
+                }
+                Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {
+                    moved.push(dir.to_path_buf());
+                }
+                Err(source) => {
+                    first_err.get_or_insert(ReloadError::Watch {
+                        path: dir.to_path_buf(),
+                        watched: watched_for.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(moved),
+        }
+    }
+}
+
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+// === impl Entry ===
+
+impl Entry {
+    /// Records the path's current fingerprint; returns whether that is a change to report.
+    fn observe(&mut self, now: Option<Fingerprint>) -> bool {
+        let Some(now) = now else {
+            self.gone = true;
+            self.last = None;
+            return false;
+        };
+        let changed = match &self.last {
+            None => true,
+            Some(last) => self.gone || !last.same_as(&now),
+        };
+        self.gone = false;
+        self.last = Some(now);
+        changed
+    }
+}
+
+// === resolution ===
+
+/// What a watched path depends on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Resolution {
+    /// Full paths whose events matter: every symlink on the way, and the file itself (or the
+    /// first missing component).
+    triggers: Vec<PathBuf>,
+    /// The directories holding them: what is watched.
+    dirs: Vec<PathBuf>,
+    /// The file the path resolves to, when it exists.
+    file: Option<PathBuf>,
+}
+
+impl Resolution {
+    fn add(&mut self, dir: &Path, path: PathBuf) {
+        if !self.dirs.iter().any(|d| d == dir) {
+            self.dirs.push(dir.to_path_buf());
+        }
+        self.triggers.push(path);
+    }
+
+    fn concerns(&self, path: &Path) -> bool {
+        self.triggers.iter().any(|t| t == path) || self.dirs.iter().any(|d| d == path)
+    }
+}
+
+/// Resolves `absolute` component by component, following symbolic links, and records what to
+/// watch (see the module docs). Never fails: a missing component ends the walk.
+fn resolve(absolute: &Path) -> Resolution {
+    let mut res = Resolution::default();
+    let mut pending: VecDeque<OsString> = components(absolute).into();
+    let mut cur = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            cur.pop();
+            continue;
+        }
+        let next = cur.join(&name);
+        match std::fs::symlink_metadata(&next) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                res.add(&cur, next.clone());
+                links += 1;
+                let Ok(target) = std::fs::read_link(&next) else {
+                    break;
+                };
+                if links > MAX_SYMLINKS {
+                    break;
+                }
+                if target.is_absolute() {
+                    cur = PathBuf::from("/");
+                }
+                for c in components(&target).into_iter().rev() {
+                    pending.push_front(c);
+                }
+            }
+            Ok(_) if pending.is_empty() => {
+                res.add(&cur, next.clone());
+                res.file = Some(next);
+                break;
+            }
+            Ok(_) => cur = next,
+            Err(_) => {
+                // Missing: watch for it from the nearest existing ancestor.
+                res.add(&cur, next);
+                break;
+            }
+        }
+    }
+    res
+}
+
+fn components(path: &Path) -> Vec<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
+// === fingerprints ===
+
+/// What is compared to notice a change (see [`FileWatcher`]).
+#[derive(Clone, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    /// Hex SHA-256 of the content, for readable regular files under [`HASH_LIMIT`].
+    sha256: Option<String>,
+}
+
+// Hand-written: the hash of a secret file's content stays out of logs.
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fingerprint")
+            .field("dev", &self.dev)
+            .field("ino", &self.ino)
+            .field("size", &self.size)
+            .field("mtime", &self.mtime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fingerprint {
+    fn same_as(&self, other: &Fingerprint) -> bool {
+        match (&self.sha256, &other.sha256) {
+            (Some(a), Some(b)) => a == b,
+            _ => {
+                (self.dev, self.ino, self.size, self.mtime)
+                    == (other.dev, other.ino, other.size, other.mtime)
+            }
+        }
+    }
+}
+
+/// The fingerprint of `path` (following symlinks), `None` when it does not exist.
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let meta = std::fs::metadata(path).ok()?;
+    // Only regular files are read: opening a FIFO would block.
+    let sha256 = if meta.is_file() && meta.len() < HASH_LIMIT {
+        hash_small(path)
+    } else {
+        None
+    };
+    Some(Fingerprint {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        sha256,
+    })
+}
+
+fn hash_small(path: &Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    file.take(HASH_LIMIT + 1).read_to_end(&mut buf).ok()?;
+    if buf.len() as u64 > HASH_LIMIT {
+        return None;
+    }
+    Some(crate::secret::sha256_hex(&buf))
 }
 
 #[cfg(test)]
@@ -307,23 +762,113 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_tell_content_not_timestamps() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        assert_eq!(look(&p), Seen::Absent);
-        std::fs::write(&p, "a").unwrap();
-        let a = look(&p);
-        std::fs::write(&p, "a").unwrap();
-        assert_eq!(look(&p), a);
-        std::fs::write(&p, "b").unwrap();
-        assert_ne!(look(&p), a);
+    fn signals_map_to_events() {
+        assert_eq!(
+            signal_event(SIGHUP),
+            Some(Event::Reload(ReloadReason::Signal))
+        );
+        assert_eq!(signal_event(SIGUSR1), Some(Event::RefreshAll));
+        assert_eq!(signal_event(SIGTERM), Some(Event::Shutdown));
+        assert_eq!(signal_event(SIGINT), Some(Event::Shutdown));
+        assert_eq!(signal_event(signal_hook::consts::signal::SIGUSR2), None);
     }
 
     #[test]
-    fn watch_dir_climbs_to_an_existing_ancestor() {
+    fn resolve_follows_kubernetes_symlinks() {
         let dir = tempfile::tempdir().unwrap();
-        let deep = dir.path().join("x/y/z.toml");
-        assert_eq!(watch_dir(&deep).unwrap(), dir.path());
-        assert_eq!(watch_dir(&dir.path().join("f")).unwrap(), dir.path());
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(d.join("..2026_11_23_a")).unwrap();
+        std::fs::write(d.join("..2026_11_23_a/token"), "x").unwrap();
+        std::os::unix::fs::symlink("..2026_11_23_a", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", d.join("token")).unwrap();
+        let r = resolve(&d.join("token"));
+        assert_eq!(
+            r.triggers,
+            vec![
+                d.join("token"),
+                d.join("..data"),
+                d.join("..2026_11_23_a/token")
+            ]
+        );
+        assert_eq!(r.dirs, vec![d.clone(), d.join("..2026_11_23_a")]);
+        assert_eq!(r.file, Some(d.join("..2026_11_23_a/token")));
+    }
+
+    #[test]
+    fn resolve_missing_watches_nearest_ancestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        let r = resolve(&d.join("a/b/c.toml"));
+        assert_eq!(r.triggers, vec![d.join("a")]);
+        assert_eq!(r.dirs, vec![d.clone()]);
+        assert_eq!(r.file, None);
+    }
+
+    #[test]
+    fn resolve_relative_symlink_with_parent_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(d.join("real")).unwrap();
+        std::fs::create_dir_all(d.join("links")).unwrap();
+        std::fs::write(d.join("real/s"), "x").unwrap();
+        std::os::unix::fs::symlink("../real/s", d.join("links/s")).unwrap();
+        let r = resolve(&d.join("links/s"));
+        assert_eq!(r.triggers, vec![d.join("links/s"), d.join("real/s")]);
+        assert_eq!(r.file, Some(d.join("real/s")));
+    }
+
+    #[test]
+    fn resolve_symlink_loop_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        std::os::unix::fs::symlink("b", d.join("a")).unwrap();
+        std::os::unix::fs::symlink("a", d.join("b")).unwrap();
+        let r = resolve(&d.join("a"));
+        assert_eq!(r.file, None);
+        assert!(r.triggers.len() > MAX_SYMLINKS);
+    }
+
+    fn fp(ino: u64, mtime: i64, sha: Option<&str>) -> Fingerprint {
+        Fingerprint {
+            dev: 1,
+            ino,
+            size: 3,
+            mtime: (mtime, 0),
+            sha256: sha.map(String::from),
+        }
+    }
+
+    #[test]
+    fn fingerprint_comparison() {
+        // (old, new, same?)
+        let cases = [
+            (fp(1, 1, Some("a")), fp(1, 2, Some("a")), true), // touch
+            (fp(1, 1, Some("a")), fp(2, 1, Some("a")), true), // same text, new inode
+            (fp(1, 1, Some("a")), fp(1, 1, Some("b")), false), // same-size rewrite
+            (fp(1, 1, None), fp(1, 1, None), true),           // big file, untouched
+            (fp(1, 1, None), fp(1, 2, None), false),          // big file, touched
+            (fp(1, 1, Some("a")), fp(1, 1, None), true),      // became unreadable, same stat
+            (fp(1, 1, Some("a")), fp(2, 1, None), false),     // became big/unreadable, new inode
+        ];
+        for (i, (old, new, same)) in cases.iter().enumerate() {
+            assert_eq!(old.same_as(new), *same, "case {i}");
+        }
+    }
+
+    #[test]
+    fn observe_reports_comebacks() {
+        let mut e = Entry {
+            path: "/x".into(),
+            absolute: "/x".into(),
+            resolution: Resolution::default(),
+            last: Some(fp(1, 1, Some("a"))),
+            gone: false,
+        };
+        assert!(!e.observe(Some(fp(1, 2, Some("a")))));
+        assert!(!e.observe(None)); // deleted: not reported
+        assert!(e.observe(Some(fp(3, 2, Some("a"))))); // back, same content: reported
+        assert!(!e.observe(Some(fp(3, 2, Some("a")))));
+        e.gone = true; // a Remove event was seen in between
+        assert!(e.observe(Some(fp(4, 2, Some("a")))));
     }
 }

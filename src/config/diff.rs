@@ -1,239 +1,862 @@
-//! What a reload changes (SPEC §8), as a pure function of the old and the new config.
+//! What a reload changes (SPEC §8 "Reload"): a pure comparison of the running config with the
+//! new one, so the daemon does no more than the change needs.
 //!
-//! Every field of a client falls in one class, and the strongest class wins:
-//! - **Renew** (a new token now): `token_url`, `grant_type` and its credentials (`username`,
-//!   `password`, `refresh_token`, `[assertion]`), `client_auth` and its credentials
-//!   (`client_secret`, `private_key`, `key_id`, `signing_alg`, `assertion_lifetime`),
-//!   `client_id`, `scope`, `audience`, `resource`, `extra_params`, `extra_headers`, `ca_file`.
-//!   A secret file whose content changed shows up here, since credentials compare by value.
-//! - **Outputs** (write the current token to the new outputs): `outputs` (paths, formats,
-//!   modes, owners, `on_change`, `env_prefix`). Writing is skipped for files already current,
-//!   so an `on_change`-only change writes nothing.
-//! - **Settings** (no request, no write): timing keys, `rotate_cron`, `allow_users`,
-//!   `allow_groups`.
+//! Each client present in both configs falls in exactly one class; when several apply, the
+//! strongest wins (`Renew` > `Outputs` > `Settings`):
+//!
+//! | `ClientConfig` field | class | why |
+//! |---|---|---|
+//! | `name` | — | the key: a rename is a removal plus an addition |
+//! | `token_url`, `client_id`, `scope`, `audience`, `resource` | `Renew` | identity ([`ClientConfig::identity_fingerprint`]): the token in hand is for something else |
+//! | `grant`: its kind, `username`, the refresh token | `Renew` | identity |
+//! | `grant`: password, refresh token, assertion key values | `Renew` | credentials ([`ClientConfig::credentials_digest`]): a rotated secret gets a new token now |
+//! | `grant` (`jwt_bearer`): `signing_alg`, `key_id`, `lifetime`, `claims` | `Renew` | the assertion, hence the token it is exchanged for, differs |
+//! | `client_auth`: method, secret or key values, `signing_alg`, `key_id`, assertion lifetime | `Renew` | credentials and how they are presented |
+//! | `extra_params`, `extra_headers` | `Renew` | they go into the token request |
+//! | `ca_file` (the path) | `Renew` | which server is trusted for the token |
+//! | where a secret is read from (`{ file }` → `{ env }`, another path), same value | — | nothing to do (the watcher's path set follows the new config) |
+//! | `outputs` reordered, none with an `on_change` | — | order matters only to the commands |
+//! | `outputs`: paths, `format`, `mode`, `owner`, `group`, `env_prefix`; outputs added or removed | `Outputs` | the current token is written to the new outputs |
+//! | `outputs`: only `on_change`, or only the order of outputs that carry one (commands run in that order) | `Settings` | no write now: the new command runs after the next new token (writing now would run it for a token the program already has) |
+//! | `timing` (every key), `rotate_cron`, `allow_uids`, `allow_gids` | `Settings` | applied to the running client; no token, no write |
+//!
+//! A client whose every field is equal is `unchanged` (it keeps its token, SPEC §8).
+//! A changed CA file *content* under the same `ca_file` path is not seen here: `Config` holds
+//! the path only.
 
-use super::types::{ClientConfig, Config};
+use super::types::{ClientAuth, ClientConfig, Config, DaemonConfig, Grant, OutputConfig};
 
-/// How one client changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientChange {
-    /// Identity or credentials changed: get a new token now.
-    Renew,
-    /// Only outputs (and perhaps settings) changed: write the current token to them.
-    Outputs,
-    /// Only settings that need no token and no write.
-    Settings,
-}
-
-/// The difference between two configs.
+/// What differs between the running config and a new one. Client names are in name order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfigDiff {
+    /// Clients only in the new config: start them.
     pub added: Vec<String>,
+    /// Clients only in the old config: stop them (their files are left).
     pub removed: Vec<String>,
+    /// Clients equal in both: leave them alone.
     pub unchanged: Vec<String>,
+    /// Clients in both that differ, with what to do.
     pub changed: Vec<(String, ClientChange)>,
-    /// `[daemon]` differs (the daemon compares its keys itself).
-    pub daemon_changed: bool,
+    /// Which `[daemon]` keys changed.
+    pub daemon: DaemonChanges,
 }
 
-/// Classifies one client's change; `None` when nothing changed.
-pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientChange> {
-    if old == new {
-        return None;
+impl ConfigDiff {
+    /// Whether the reload changes nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && !self.daemon.any()
     }
-    // Put the new outputs and settings on a copy of the old: whatever still differs is
-    // identity or credentials.
-    let mut probe = old.clone();
-    probe.outputs = new.outputs.clone();
-    probe.timing = new.timing.clone();
-    probe.rotate_cron = new.rotate_cron.clone();
-    probe.allow_uids = new.allow_uids.clone();
-    probe.allow_gids = new.allow_gids.clone();
-    if probe != *new {
-        return Some(ClientChange::Renew);
-    }
-    if old.outputs != new.outputs {
-        return Some(ClientChange::Outputs);
-    }
-    Some(ClientChange::Settings)
 }
 
-/// Diffs two configs, clients in name order.
+/// What a changed client needs; the variants are ordered weakest first, so the strongest of
+/// several changes is their `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClientChange {
+    /// Only settings that need no token and no write changed (timing, `rotate_cron`,
+    /// `allow_users`/`allow_groups`, an output's `on_change`): apply them.
+    Settings,
+    /// Outputs changed (and maybe settings): write the current token to the new outputs.
+    Outputs,
+    /// Identity, credentials or anything else that affects what token the provider would issue
+    /// changed: a new token is needed now.
+    Renew,
+}
+
+/// Which `[daemon]` keys changed, one boolean each. Each tells the daemon what to redo:
+/// rebind the gRPC socket (`socket`, `socket_mode`), the metrics listener (`metrics_listen`),
+/// reinstall the log filter/format (`logging`), reopen the state directory (`state_dir`),
+/// resize the refresh semaphore (`max_concurrent_refreshes`). A change of `include` alone
+/// needs nothing beyond the client diff (which already reflects the included files) and the
+/// watcher's new path set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaemonChanges {
+    /// `socket` (added, removed or moved).
+    pub socket: bool,
+    /// `socket_mode`.
+    pub socket_mode: bool,
+    /// `metrics_listen` (added, removed or moved).
+    pub metrics_listen: bool,
+    /// `log_level` or `log_format`.
+    pub logging: bool,
+    /// `state_dir`.
+    pub state_dir: bool,
+    /// `max_concurrent_refreshes`.
+    pub max_concurrent_refreshes: bool,
+    /// `include` (the globs as written).
+    pub include: bool,
+}
+
+impl DaemonChanges {
+    /// Compares two `[daemon]` tables.
+    pub fn between(old: &DaemonConfig, new: &DaemonConfig) -> DaemonChanges {
+        DaemonChanges {
+            socket: old.socket != new.socket,
+            socket_mode: old.socket_mode != new.socket_mode,
+            metrics_listen: old.metrics_listen != new.metrics_listen,
+            logging: old.log_level != new.log_level || old.log_format != new.log_format,
+            state_dir: old.state_dir != new.state_dir,
+            max_concurrent_refreshes: old.max_concurrent_refreshes != new.max_concurrent_refreshes,
+            include: old.include != new.include,
+        }
+    }
+
+    /// Whether any key changed.
+    pub fn any(&self) -> bool {
+        let DaemonChanges {
+            socket,
+            socket_mode,
+            metrics_listen,
+            logging,
+            state_dir,
+            max_concurrent_refreshes,
+            include,
+        } = *self;
+        socket
+            || socket_mode
+            || metrics_listen
+            || logging
+            || state_dir
+            || max_concurrent_refreshes
+            || include
+    }
+}
+
+/// Compares the running config with a new one (pure).
 pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     let mut d = ConfigDiff {
-        daemon_changed: old.daemon != new.daemon,
+        daemon: DaemonChanges::between(&old.daemon, &new.daemon),
         ..ConfigDiff::default()
     };
-    for (name, o) in &old.clients {
+    for (name, old_client) in &old.clients {
         match new.clients.get(name) {
             None => d.removed.push(name.clone()),
-            Some(n) => match client_change(o, n) {
+            Some(new_client) => match client_change(old_client, new_client) {
                 None => d.unchanged.push(name.clone()),
-                Some(c) => d.changed.push((name.clone(), c)),
+                Some(change) => d.changed.push((name.clone(), change)),
             },
         }
     }
-    for name in new.clients.keys() {
-        if !old.clients.contains_key(name) {
-            d.added.push(name.clone());
-        }
-    }
+    d.added = new
+        .clients
+        .keys()
+        .filter(|name| !old.clients.contains_key(*name))
+        .cloned()
+        .collect();
     d
+}
+
+/// What one client's change needs; `None`: nothing changed that matters.
+pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientChange> {
+    if needs_renew(old, new) {
+        return Some(ClientChange::Renew);
+    }
+    // Exhaustive on purpose: a new field must be classified here to compile.
+    let ClientConfig {
+        name: _,
+        token_url: _,
+        grant: _,
+        client_auth: _,
+        client_id: _,
+        scope: _,
+        audience: _,
+        resource: _,
+        extra_params: _,
+        extra_headers: _,
+        ca_file: _,
+        rotate_cron,
+        allow_uids,
+        allow_gids,
+        outputs,
+        timing,
+    } = old;
+    let (old_files, old_commands) = split_outputs(outputs);
+    let (new_files, new_commands) = split_outputs(&new.outputs);
+    if old_files != new_files {
+        return Some(ClientChange::Outputs);
+    }
+    let settings = *rotate_cron != new.rotate_cron
+        || *allow_uids != new.allow_uids
+        || *allow_gids != new.allow_gids
+        || *timing != new.timing
+        || old_commands != new_commands;
+    settings.then_some(ClientChange::Settings)
+}
+
+/// Whether anything that decides the token the provider issues changed (see the module table).
+fn needs_renew(old: &ClientConfig, new: &ClientConfig) -> bool {
+    old.identity_fingerprint() != new.identity_fingerprint()
+        || old.credentials_digest() != new.credentials_digest()
+        || grant_shape(&old.grant) != grant_shape(&new.grant)
+        || auth_shape(&old.client_auth) != auth_shape(&new.client_auth)
+        || old.extra_params != new.extra_params
+        || old.extra_headers != new.extra_headers
+        || old.ca_file != new.ca_file
+}
+
+/// The parts of a grant that are neither identity nor credential values, nor where a secret
+/// is read from: for `jwt_bearer`, the key (algorithm and digest) and how the assertion is
+/// built.
+fn grant_shape(grant: &Grant) -> Option<impl PartialEq + '_> {
+    match grant {
+        Grant::JwtBearer { assertion } => Some((
+            &assertion.key,
+            &assertion.key_id,
+            assertion.lifetime,
+            &assertion.claims,
+        )),
+        Grant::ClientCredentials | Grant::Password { .. } | Grant::RefreshToken { .. } => None,
+    }
+}
+
+/// The parts of a client authentication besides secret values and their sources: the method,
+/// the key (algorithm and digest), `kid` and assertion lifetime.
+fn auth_shape(
+    auth: &ClientAuth,
+) -> (
+    &'static str,
+    Option<&crate::keys::SigningKey>,
+    Option<&String>,
+    Option<std::time::Duration>,
+) {
+    let method = auth.method_name();
+    match auth {
+        ClientAuth::Basic { .. } | ClientAuth::Post { .. } | ClientAuth::None => {
+            (method, None, None, None)
+        }
+        ClientAuth::SecretJwt { key, lifetime, .. } => (method, Some(key), None, Some(*lifetime)),
+        ClientAuth::PrivateKeyJwt {
+            key,
+            key_id,
+            lifetime,
+            ..
+        } => (method, Some(key), key_id.as_ref(), Some(*lifetime)),
+    }
+}
+
+/// The outputs in path order without their commands, and the commands in the configured order.
+fn split_outputs(outputs: &[OutputConfig]) -> (Vec<OutputConfig>, Vec<&[String]>) {
+    let mut files: Vec<OutputConfig> = outputs
+        .iter()
+        .map(|o| OutputConfig {
+            on_change: Vec::new(),
+            ..o.clone()
+        })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let commands = outputs.iter().map(|o| o.on_change.as_slice()).collect();
+    (files, commands)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
     use super::*;
-    use crate::config::load_str;
-    use std::path::Path;
+    use crate::config::{LogFormat, OutputFormat, load_str};
+    use crate::secret::{Secret, SecretSource};
 
-    const BASE: &str = r#"
-[clients.a]
-token_url = "https://auth.example/token"
-client_id = "id"
-client_secret = "SECRET"
-scope = "x"
-[[clients.a.outputs]]
-path = "/run/tw/a.token"
-
-[clients.b]
-token_url = "https://auth.example/token"
-client_id = "id-b"
-client_secret = "SECRET"
-"#;
-
-    fn load(text: &str) -> Config {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, text).unwrap();
-        load_str(text, Path::new(&p)).unwrap()
+    fn keys() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/config/keys")
     }
 
-    fn change_of_a(edit: &str, with: &str) -> Option<ClientChange> {
-        let old = load(BASE);
-        let new = load(&BASE.replacen(edit, with, 1));
-        assert_ne!(
-            BASE.replacen(edit, with, 1),
-            BASE,
-            "edit {edit:?} did not apply"
-        );
-        client_change(&old.clients["a"], &new.clients["a"])
+    /// One client of each authentication / grant shape, secrets in files under `dir`.
+    fn config_text(dir: &Path) -> String {
+        let k = keys();
+        format!(
+            r#"
+[daemon]
+socket = "{d}/tw.sock"
+state_dir = "{d}/state"
+
+[clients.basic]
+token_url = "https://auth.example/token"
+client_id = "app"
+client_secret = {{ file = "{d}/secret" }}
+scope = ["a", "b"]
+allow_users = [1000]
+[[clients.basic.outputs]]
+path = "{d}/basic.token"
+on_change = ["/bin/true"]
+[[clients.basic.outputs]]
+path = "{d}/basic.json"
+format = "json"
+
+[clients.password]
+token_url = "https://auth.example/token"
+grant_type = "password"
+client_id = "app"
+client_secret = {{ file = "{d}/secret" }}
+username = "user"
+password = {{ file = "{d}/password" }}
+
+[clients.pkjwt]
+token_url = "https://auth.example/token"
+client_auth = "private_key_jwt"
+client_id = "app"
+private_key = {{ file = "{k}/rsa.pem" }}
+signing_alg = "RS256"
+key_id = "k1"
+
+[clients.bearer]
+token_url = "https://auth.example/token"
+grant_type = "jwt_bearer"
+client_id = "app"
+client_auth = "none"
+[clients.bearer.assertion]
+signing_alg = "HS256"
+key = {{ file = "{d}/hmac" }}
+claims = {{ sub = "me", aud = "https://auth.example" }}
+
+[clients.hmac]
+token_url = "https://auth.example/token"
+client_auth = "client_secret_jwt"
+client_id = "app"
+client_secret = {{ file = "{d}/hmac" }}
+"#,
+            d = dir.display(),
+            k = k.display()
+        )
     }
+
+    fn write_secrets(dir: &Path) {
+        std::fs::write(dir.join("secret"), "s3cret\n").unwrap();
+        std::fs::write(dir.join("password"), "pa55\n").unwrap();
+        std::fs::write(dir.join("hmac"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    }
+
+    fn base() -> (tempfile::TempDir, Config) {
+        let tmp = tempfile::tempdir().unwrap();
+        write_secrets(tmp.path());
+        let path = tmp.path().join("tokenwarden.toml");
+        let config = load_str(&config_text(tmp.path()), &path).unwrap();
+        (tmp, config)
+    }
+
+    fn client<'a>(c: &'a mut Config, name: &str) -> &'a mut ClientConfig {
+        c.clients.get_mut(name).unwrap()
+    }
+
+    type Edit = fn(&mut Config);
 
     #[test]
-    fn each_field_falls_in_its_class() {
+    fn every_client_field_is_classified() {
         use ClientChange::*;
-        let a = "client_id = \"id\"\n";
-        let cases: &[(&str, &str, Option<ClientChange>)] = &[
+        let (_tmp, old) = base();
+        let cases: Vec<(&str, &str, Edit, Option<ClientChange>)> = vec![
+            ("nothing", "basic", |_| {}, None),
+            // Identity.
             (
-                "token_url = \"https://auth.example/token\"\nclient_id = \"id\"",
-                "token_url = \"https://other.example/token\"\nclient_id = \"id\"",
-                Some(Renew),
-            ),
-            (a, "client_id = \"id2\"\n", Some(Renew)),
-            (
-                "client_secret = \"SECRET\"\nscope",
-                "client_secret = \"SECRET2\"\nscope",
-                Some(Renew),
-            ),
-            ("scope = \"x\"", "scope = \"x y\"", Some(Renew)),
-            (a, "client_id = \"id\"\naudience = \"api\"\n", Some(Renew)),
-            (
-                a,
-                "client_id = \"id\"\nresource = \"https://api\"\n",
+                "token_url",
+                "basic",
+                |c| client(c, "basic").token_url = "https://other.example/t".parse().unwrap(),
                 Some(Renew),
             ),
             (
-                a,
-                "client_id = \"id\"\nextra_params = { k = \"v\" }\n",
+                "client_id",
+                "basic",
+                |c| client(c, "basic").client_id = Some("other".into()),
                 Some(Renew),
             ),
             (
-                a,
-                "client_id = \"id\"\nextra_headers = { X-K = \"v\" }\n",
+                "scope",
+                "basic",
+                |c| client(c, "basic").scope.push("c".into()),
                 Some(Renew),
             ),
             (
-                a,
-                "client_id = \"id\"\nclient_auth = \"client_secret_post\"\n",
+                "audience",
+                "basic",
+                |c| client(c, "basic").audience = Some("api".into()),
                 Some(Renew),
             ),
             (
-                "path = \"/run/tw/a.token\"",
-                "path = \"/run/tw/a2.token\"",
+                "resource",
+                "basic",
+                |c| client(c, "basic").resource = Some("https://api".into()),
+                Some(Renew),
+            ),
+            (
+                "grant kind",
+                "password",
+                |c| client(c, "password").grant = Grant::ClientCredentials,
+                Some(Renew),
+            ),
+            (
+                "username",
+                "password",
+                |c| {
+                    if let Grant::Password { username, .. } = &mut client(c, "password").grant {
+                        *username = "someone-else".into();
+                    }
+                },
+                Some(Renew),
+            ),
+            // Credentials.
+            (
+                "password value",
+                "password",
+                |c| {
+                    if let Grant::Password { password, .. } = &mut client(c, "password").grant {
+                        password.value = Secret::new("rotated");
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "client secret value",
+                "basic",
+                |c| {
+                    if let ClientAuth::Basic { secret } = &mut client(c, "basic").client_auth {
+                        secret.value = Secret::new("rotated");
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "client_auth method",
+                "basic",
+                |c| {
+                    let auth = &mut client(c, "basic").client_auth;
+                    if let ClientAuth::Basic { secret } = auth.clone() {
+                        *auth = ClientAuth::Post { secret };
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "private key id",
+                "pkjwt",
+                |c| {
+                    if let ClientAuth::PrivateKeyJwt { key_id, .. } =
+                        &mut client(c, "pkjwt").client_auth
+                    {
+                        *key_id = Some("k2".into());
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "private key assertion lifetime",
+                "pkjwt",
+                |c| {
+                    if let ClientAuth::PrivateKeyJwt { lifetime, .. } =
+                        &mut client(c, "pkjwt").client_auth
+                    {
+                        *lifetime = Duration::from_secs(60);
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "private key signing_alg",
+                "pkjwt",
+                |c| {
+                    if let ClientAuth::PrivateKeyJwt { key, .. } =
+                        &mut client(c, "pkjwt").client_auth
+                    {
+                        key.alg = crate::keys::SigningAlg::PS256;
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "private key material",
+                "pkjwt",
+                |c| {
+                    if let ClientAuth::PrivateKeyJwt { key, .. } =
+                        &mut client(c, "pkjwt").client_auth
+                    {
+                        key.digest = "another".into();
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "client_secret_jwt lifetime",
+                "hmac",
+                |c| {
+                    if let ClientAuth::SecretJwt { lifetime, .. } =
+                        &mut client(c, "hmac").client_auth
+                    {
+                        *lifetime = Duration::from_secs(60);
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "assertion claims",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.claims.insert("email".into(), "a@b".into());
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "assertion subject",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.claims.insert("sub".into(), "you".into());
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "assertion key_id",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.key_id = Some("k".into());
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "assertion lifetime",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.lifetime = Duration::from_secs(1);
+                    }
+                },
+                Some(Renew),
+            ),
+            (
+                "assertion key",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.key.digest = "another".into();
+                    }
+                },
+                Some(Renew),
+            ),
+            // The request.
+            (
+                "extra_params",
+                "basic",
+                |c| {
+                    client(c, "basic")
+                        .extra_params
+                        .insert("k".into(), "v".into());
+                },
+                Some(Renew),
+            ),
+            (
+                "extra_headers",
+                "basic",
+                |c| {
+                    client(c, "basic")
+                        .extra_headers
+                        .insert("X-K".into(), "v".into());
+                },
+                Some(Renew),
+            ),
+            (
+                "ca_file",
+                "basic",
+                |c| client(c, "basic").ca_file = Some("/etc/ssl/ca.pem".into()),
+                Some(Renew),
+            ),
+            // Where a secret comes from, same value: nothing.
+            (
+                "secret source only",
+                "basic",
+                |c| {
+                    if let ClientAuth::Basic { secret } = &mut client(c, "basic").client_auth {
+                        secret.source = SecretSource::Env("SECRET".into());
+                    }
+                },
+                None,
+            ),
+            (
+                "assertion key source only",
+                "bearer",
+                |c| {
+                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
+                        assertion.key_source = SecretSource::File("/elsewhere".into());
+                    }
+                },
+                None,
+            ),
+            // Outputs.
+            (
+                "output added",
+                "basic",
+                |c| {
+                    let o = client(c, "basic").outputs[0].clone();
+                    client(c, "basic").outputs.push(OutputConfig {
+                        path: "/run/x.env".into(),
+                        format: OutputFormat::Env,
+                        ..o
+                    });
+                },
                 Some(Outputs),
             ),
             (
-                "path = \"/run/tw/a.token\"",
-                "path = \"/run/tw/a.token\"\nformat = \"json\"",
+                "output removed",
+                "basic",
+                |c| {
+                    client(c, "basic").outputs.pop();
+                },
                 Some(Outputs),
             ),
             (
-                "path = \"/run/tw/a.token\"",
-                "path = \"/run/tw/a.token\"\non_change = [\"/bin/true\"]",
+                "output path",
+                "basic",
+                |c| client(c, "basic").outputs[1].path = "/run/other.json".into(),
                 Some(Outputs),
             ),
-            (a, "client_id = \"id\"\nrefresh_at = 0.5\n", Some(Settings)),
-            (a, "client_id = \"id\"\ntimeout = \"3s\"\n", Some(Settings)),
             (
-                a,
-                "client_id = \"id\"\nrotate_cron = \"0 0 3 * * *\"\n",
+                "output format",
+                "basic",
+                |c| client(c, "basic").outputs[1].format = OutputFormat::Header,
+                Some(Outputs),
+            ),
+            (
+                "output mode",
+                "basic",
+                |c| client(c, "basic").outputs[1].mode = 0o640,
+                Some(Outputs),
+            ),
+            (
+                "output owner",
+                "basic",
+                |c| client(c, "basic").outputs[1].owner = Some(1000),
+                Some(Outputs),
+            ),
+            (
+                "output group",
+                "basic",
+                |c| client(c, "basic").outputs[1].group = Some(1000),
+                Some(Outputs),
+            ),
+            (
+                "output env_prefix",
+                "basic",
+                |c| client(c, "basic").outputs[1].env_prefix = "APP_".into(),
+                Some(Outputs),
+            ),
+            (
+                "on_change only",
+                "basic",
+                |c| client(c, "basic").outputs[0].on_change = vec!["/bin/false".into()],
                 Some(Settings),
             ),
             (
-                a,
-                "client_id = \"id\"\nallow_users = [\"root\"]\n",
+                "outputs reordered",
+                "basic",
+                |c| client(c, "basic").outputs.reverse(),
+                Some(Settings),
+            ),
+            // Settings.
+            (
+                "timing",
+                "basic",
+                |c| client(c, "basic").timing.refresh_at = 0.5,
                 Some(Settings),
             ),
             (
-                a,
-                "client_id = \"id\"\nallow_groups = [\"root\"]\n",
+                "timeout",
+                "basic",
+                |c| client(c, "basic").timing.timeout = Duration::from_secs(1),
                 Some(Settings),
             ),
-            (a, "client_id = \"id\" # a comment\n", None),
+            (
+                "rotate_cron",
+                "basic",
+                |c| client(c, "basic").rotate_cron = Some("0 0 3 * * *".into()),
+                Some(Settings),
+            ),
+            (
+                "allow_uids",
+                "basic",
+                |c| client(c, "basic").allow_uids.push(1001),
+                Some(Settings),
+            ),
+            (
+                "allow_gids",
+                "basic",
+                |c| client(c, "basic").allow_gids.push(1001),
+                Some(Settings),
+            ),
+            // The strongest wins.
+            (
+                "outputs and settings",
+                "basic",
+                |c| {
+                    client(c, "basic").outputs[1].mode = 0o640;
+                    client(c, "basic").timing.jitter = 0.0;
+                },
+                Some(Outputs),
+            ),
+            (
+                "renew and outputs",
+                "basic",
+                |c| {
+                    client(c, "basic").outputs[1].mode = 0o640;
+                    client(c, "basic").scope.clear();
+                },
+                Some(Renew),
+            ),
         ];
-        for (edit, with, want) in cases {
-            assert_eq!(change_of_a(edit, with), *want, "{with}");
+        for (what, name, edit, expected) in cases {
+            let mut new = old.clone();
+            edit(&mut new);
+            assert_eq!(
+                client_change(&old.clients[name], &new.clients[name]),
+                expected,
+                "{what}"
+            );
+            let d = diff(&old, &new);
+            let others: Vec<String> = old.clients.keys().filter(|n| *n != name).cloned().collect();
+            match expected {
+                None => assert!(d.is_empty(), "{what}: {d:?}"),
+                Some(change) => {
+                    assert_eq!(d.changed, vec![(name.to_string(), change)], "{what}");
+                    assert_eq!(d.unchanged, others, "{what}");
+                }
+            }
         }
-        // Renew beats Outputs; Outputs beats Settings.
-        let old = load(BASE);
-        let new = load(
-            &BASE
-                .replacen("scope = \"x\"", "scope = \"z\"\nrefresh_at = 0.5", 1)
-                .replacen("a.token", "a3.token", 1),
-        );
-        assert_eq!(
-            client_change(&old.clients["a"], &new.clients["a"]),
-            Some(ClientChange::Renew)
-        );
-        let new = load(
-            &BASE
-                .replacen("scope = \"x\"", "scope = \"x\"\nrefresh_at = 0.5", 1)
-                .replacen("a.token", "a3.token", 1),
-        );
-        assert_eq!(
-            client_change(&old.clients["a"], &new.clients["a"]),
-            Some(ClientChange::Outputs)
-        );
     }
 
     #[test]
-    fn added_removed_unchanged() {
-        let old = load(BASE);
-        let new_text = BASE
-            .replace("[clients.b]", "[clients.c]")
-            .replace("id-b", "id-c");
-        let d = diff(&old, &load(&new_text));
-        assert_eq!(d.added, ["c"]);
-        assert_eq!(d.removed, ["b"]);
-        assert_eq!(d.unchanged, ["a"]);
-        assert!(d.changed.is_empty());
-        assert!(!d.daemon_changed);
-        let d = diff(
-            &old,
-            &load(&format!("[daemon]\nlog_level = \"debug\"\n{BASE}")),
+    fn added_removed_unchanged_in_name_order() {
+        let (_tmp, old) = base();
+        let mut new = old.clone();
+        let basic = new.clients.remove("basic").unwrap();
+        new.clients.insert(
+            "zeta".into(),
+            ClientConfig {
+                name: "zeta".into(),
+                ..basic.clone()
+            },
         );
-        assert!(d.daemon_changed);
-        assert_eq!(d.unchanged, ["a", "b"]);
+        new.clients.insert(
+            "alpha".into(),
+            ClientConfig {
+                name: "alpha".into(),
+                ..basic
+            },
+        );
+        new.clients.remove("pkjwt");
+        let d = diff(&old, &new);
+        assert_eq!(d.added, vec!["alpha", "zeta"]);
+        assert_eq!(d.removed, vec!["basic", "pkjwt"]);
+        assert_eq!(d.unchanged, vec!["bearer", "hmac", "password"]);
+        assert!(d.changed.is_empty());
+        assert!(!d.daemon.any());
+        assert!(!d.is_empty());
+    }
+
+    #[test]
+    fn daemon_keys() {
+        let (_tmp, old) = base();
+        type DaemonEdit = fn(&mut DaemonConfig);
+        let cases: Vec<(DaemonEdit, DaemonChanges)> = vec![
+            (
+                |d| d.socket = None,
+                DaemonChanges {
+                    socket: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.socket_mode = 0o600,
+                DaemonChanges {
+                    socket_mode: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.metrics_listen = "127.0.0.1:9464".parse().ok(),
+                DaemonChanges {
+                    metrics_listen: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.log_level = "debug".into(),
+                DaemonChanges {
+                    logging: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.log_format = LogFormat::Json,
+                DaemonChanges {
+                    logging: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.state_dir = "/elsewhere".into(),
+                DaemonChanges {
+                    state_dir: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.max_concurrent_refreshes = 1,
+                DaemonChanges {
+                    max_concurrent_refreshes: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.include = vec!["conf.d/*.toml".into()],
+                DaemonChanges {
+                    include: true,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (i, (edit, expected)) in cases.into_iter().enumerate() {
+            let mut new = old.clone();
+            edit(&mut new.daemon);
+            let d = diff(&old, &new);
+            assert_eq!(d.daemon, expected, "case {i}");
+            assert!(d.daemon.any() && !d.is_empty(), "case {i}");
+            assert_eq!(d.unchanged.len(), old.clients.len(), "case {i}");
+        }
+    }
+
+    /// The loader end to end: a rotated secret file gives `Renew` for exactly the clients that
+    /// read it; the same text reloaded gives nothing.
+    #[test]
+    fn reloaded_from_files() {
+        let (tmp, old) = base();
+        let path = tmp.path().join("tokenwarden.toml");
+        let text = config_text(tmp.path());
+        let same = load_str(&text, &path).unwrap();
+        assert!(diff(&old, &same).is_empty());
+
+        std::fs::write(tmp.path().join("secret"), "rotated\n").unwrap();
+        let rotated = load_str(&text, &path).unwrap();
+        let d = diff(&old, &rotated);
+        assert_eq!(
+            d.changed,
+            vec![
+                ("basic".to_string(), ClientChange::Renew),
+                ("password".to_string(), ClientChange::Renew)
+            ]
+        );
+        assert_eq!(d.unchanged, vec!["bearer", "hmac", "pkjwt"]);
+
+        let edited = text.replace(
+            "scope = [\"a\", \"b\"]",
+            "scope = [\"a\", \"b\"]\nrefresh_at = 0.5",
+        );
+        let d = diff(&rotated, &load_str(&edited, &path).unwrap());
+        assert_eq!(
+            d.changed,
+            vec![("basic".to_string(), ClientChange::Settings)]
+        );
     }
 }

@@ -16,7 +16,7 @@ mod load;
 mod raw;
 mod types;
 
-pub use diff::{ClientChange, ConfigDiff, client_change, diff};
+pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use load::{load, load_str};
 pub use types::*;

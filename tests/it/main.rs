@@ -13,3 +13,4 @@ mod provider;
 mod schedule;
 mod state;
 mod unit;
+mod watcher;
