@@ -9,5 +9,6 @@ mod engine;
 mod examples;
 mod outputs;
 mod provider;
+mod reload;
 mod schedule;
 mod state;
