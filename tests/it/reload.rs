@@ -976,3 +976,132 @@ async fn rotate_cron_renews_one_client_until_it_is_removed() {
     );
     rig.stop().await;
 }
+
+// === a request in flight when its client's identity changes ===
+
+/// A TCP proxy in front of the provider that can hold back the next response for a while
+/// (the provider itself only answers at once or never).
+struct SlowProxy {
+    addr: std::net::SocketAddr,
+    /// Delay, in milliseconds, for the next response chunk (0: none).
+    delay_next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Delayed responses passed on so far.
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    async fn start(upstream: std::net::SocketAddr) -> SlowProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let delay_next = std::sync::Arc::new(AtomicU64::new(0));
+        let delay = delay_next.clone();
+        let delivered = std::sync::Arc::new(AtomicU64::new(0));
+        let done = delivered.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                });
+                let delay = delay.clone();
+                let done = done.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let ms = delay.swap(0, Ordering::SeqCst);
+                        if ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if ms > 0 {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        SlowProxy {
+            addr,
+            delay_next,
+            delivered,
+            task,
+        }
+    }
+
+    fn delay_next_response(&self, d: Duration) {
+        self.delay_next
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_for_the_old_identity_arriving_after_a_reload_is_not_published() {
+    let env = DemoEnv::start(LONG).await;
+    let proxy = SlowProxy::start(env.provider.addr()).await;
+    let direct = env.provider.token_url(Dialect::Transatel);
+    let proxied = direct.replace(&env.provider.addr().to_string(), &proxy.addr.to_string());
+    env.edit_config(|t| t.replacen(&format!("\"{direct}\""), &format!("\"{proxied}\""), 1));
+    let notify = NotifySocket::bind();
+    let daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20)).await;
+    let rig = Rig {
+        env,
+        notify,
+        daemon,
+    };
+    let before = rig.counts();
+
+    // A refresh whose answer takes 3 s…
+    proxy.delay_next_response(Duration::from_secs(3));
+    rig.daemon.signal(Signal::SIGUSR1);
+    rig.wait_requests(&before, &each(&[TRANSATEL_ID], 1)).await;
+    // …while the scope changes: the new identity's token lands first.
+    rig.save(
+        &rig.config()
+            .replace(TRANSATEL_SCOPE, r#"scope = ["USER_READ"]"#),
+    );
+    let json_out = rig.env.out("transatel.json");
+    let scope = |p: &Path| {
+        serde_json::from_str::<serde_json::Value>(&read(p)).unwrap()["scope"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait_for("the new scope's token", SOON, || {
+        scope(&json_out) == "USER_READ"
+    })
+    .await;
+    // Then the old identity's answer arrives: it must not replace the new token.
+    wait_for("the held-back answer", SOON, || {
+        proxy.delivered.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let json: serde_json::Value = serde_json::from_str(&read(&json_out)).unwrap();
+    assert_eq!(json["scope"], "USER_READ", "{}", rig.daemon.logs());
+    assert_eq!(read(&rig.env.out("transatel.token")), json_token(&json_out));
+    rig.stop().await;
+}
