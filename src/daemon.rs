@@ -252,6 +252,7 @@ impl Daemon {
 
     async fn remove_client(&mut self, name: &str) {
         if let Some(h) = self.handles.remove(name) {
+            h.retire.cancel();
             h.cancel.cancel();
         }
         self.store.remove(name);

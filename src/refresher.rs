@@ -56,7 +56,12 @@ pub struct Reconfigure {
 pub struct Handle {
     pub slot: ClientSlot,
     pub reconfigure: mpsc::Sender<Reconfigure>,
+    /// Stops the refresher; a request in flight still completes and is saved (shutdown).
     pub cancel: CancellationToken,
+    /// The client was removed or replaced (its identity changed): a request in flight is
+    /// abandoned and nothing more is saved or published, so a late answer for the old
+    /// identity cannot overwrite the new refresher's token, state or files.
+    pub retire: CancellationToken,
 }
 
 /// Starts the refresher of `config` under `cancel`, on `tracker`.
@@ -64,6 +69,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let (cmd_tx, cmd_rx) = mpsc::channel(MAILBOX);
     let (re_tx, re_rx) = mpsc::channel(4);
+    let retire = CancellationToken::new();
     let slot = ClientSlot {
         snapshot: snap_rx,
         commands: cmd_tx,
@@ -78,6 +84,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
         commands: cmd_rx,
         reconfigure: re_rx,
         cancel: cancel.clone(),
+        retire: retire.clone(),
         refresh_token: None,
         backoff: Backoff::new(),
         held: None,
@@ -94,6 +101,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
         slot,
         reconfigure: re_tx,
         cancel,
+        retire,
     }
 }
 
@@ -104,6 +112,8 @@ struct Refresher {
     commands: mpsc::Receiver<Command>,
     reconfigure: mpsc::Receiver<Reconfigure>,
     cancel: CancellationToken,
+    /// See [`Handle::retire`].
+    retire: CancellationToken,
     /// The refresh token to use next (from the state directory or the last response).
     refresh_token: Option<Secret>,
     backoff: Backoff,
@@ -172,6 +182,9 @@ async fn sleep_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// The answer to demands on a client that was removed or replaced meanwhile.
+const RETIRED: &str = "the client was removed or replaced by a reload";
 
 /// Outcome of one attempt, for the replies to coalesced demands.
 type Answer = Result<Arc<Token>, String>;
@@ -331,7 +344,11 @@ impl Refresher {
         };
         let config = self.config.clone();
         let started = std::time::Instant::now();
-        let result = oauth::acquire(&http, &config, self.refresh_token.as_ref()).await;
+        let result = tokio::select! {
+            biased;
+            _ = self.retire.cancelled() => return Err(RETIRED.into()),
+            r = oauth::acquire(&http, &config, self.refresh_token.as_ref()) => r,
+        };
         drop(_permit);
         crate::metrics::refresh_attempt(self.name(), result.is_ok(), started.elapsed());
         match result {
@@ -386,6 +403,9 @@ impl Refresher {
     /// Saves `state` durably, then publishes its token. `None` when the save failed (the
     /// state is held for the next attempt).
     async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
+        if self.retire.is_cancelled() {
+            return Some(Err(RETIRED.into()));
+        }
         let token = state.token.clone()?;
         if !token.is_valid_at(SystemTime::now()) {
             // Held too long: useless now, but keep its refresh token.
@@ -413,6 +433,9 @@ impl Refresher {
                 format!("cannot save state: {e}"),
             );
             return None;
+        }
+        if self.retire.is_cancelled() {
+            return Some(Err(RETIRED.into()));
         }
         let token = Arc::new(token);
         let recovered = self.repeated.clear();

@@ -10,6 +10,7 @@ mod examples;
 mod metrics;
 mod outputs;
 mod provider;
+mod reload;
 mod schedule;
 mod state;
 mod unit;
