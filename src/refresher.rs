@@ -310,6 +310,11 @@ impl Refresher {
                 client = self.name(),
                 "credentials or identity changed: getting a new token"
             );
+            // New credentials (a rotated password or key, perhaps after a leak) must be used:
+            // a refresh token got with the old ones would sidestep them.
+            if self.config.grant.is_primary() {
+                self.refresh_token = None;
+            }
             self.backoff.reset();
             let _ = self.attempt(Trigger::Reload).await;
             return;
