@@ -12,6 +12,7 @@
 //! - [`daemon`]: `tokenwarden run`: refreshers, reloads, signals, systemd.
 //! - [`app`]: the commands wired together (`once`).
 //! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
+//! - [`fuzzing`]: the fuzz targets' entry points, also replayed by the tests.
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 //! - [`store`]: every client's current token and status, on `watch` channels.
 //! - [`refresher`]: one task per client keeping its token fresh.
@@ -29,6 +30,7 @@ pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod fuzzing;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

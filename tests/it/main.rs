@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod engine;
 mod examples;
+mod fuzz_corpus;
 mod metrics;
 mod outputs;
 mod provider;

@@ -1,0 +1,69 @@
+//! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the test that replays their
+//! corpora on every test run (`tests/it/fuzz_corpus.rs`), so a crash once found stays fixed.
+//! Each takes raw bytes and must never panic.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::oauth::{RequestContext, ResponseMeta, parse_token_response};
+
+/// Parses and validates `text` as a config file (secrets resolve relative to a directory that
+/// does not exist, so only inline and env secrets can load).
+pub fn config(text: &str) {
+    let path = Path::new("/nonexistent-tokenwarden-fuzz/tokenwarden.toml");
+    if let Err(errors) = crate::config::load_str(text, path) {
+        for e in &errors.errors {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// Interprets `data` as a token response: the first byte picks the status class, the second
+/// the content type, the rest is the body.
+pub fn token_response(data: &[u8]) {
+    let (status, content_type, body) = match data {
+        [a, b, rest @ ..] => {
+            let status = [200u16, 201, 400, 401, 429, 500, 502, 302][(*a % 8) as usize];
+            let ct = [
+                "application/json",
+                "text/html",
+                "application/x-www-form-urlencoded",
+                "text/plain",
+            ][(*b % 4) as usize];
+            (status, ct, rest)
+        }
+        _ => (200, "application/json", data),
+    };
+    let meta = ResponseMeta {
+        status,
+        content_type: Some(content_type.to_string()),
+        retry_after: None,
+        date: None,
+    };
+    let scope = vec!["a".to_string()];
+    let ctx = RequestContext {
+        requested_scope: &scope,
+        default_lifetime: Duration::from_secs(3600),
+        sent_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_456_800),
+        sent_secrets: &["fuzz-secret"],
+    };
+    match parse_token_response(&meta, body, &ctx) {
+        Ok(issued) => {
+            // What the checks promise: a usable token that expires after it was issued.
+            assert!(!issued.token.access_token.is_empty());
+            assert!(issued.token.expires_at > issued.token.issued_at);
+        }
+        Err(e) => {
+            let m = e.to_string();
+            assert!(!m.contains("fuzz-secret"));
+            let _ = e.class();
+        }
+    }
+}
+
+/// Reads the `exp` of an arbitrary string taken as a JWT.
+pub fn jwt_exp(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = crate::oauth::jwt_expiry(s);
+    }
+}
