@@ -28,6 +28,7 @@ pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod grpc;
 pub mod keys;
 pub mod logging;
 pub mod oauth;
