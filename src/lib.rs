@@ -17,6 +17,8 @@
 //! - [`refresher`]: one task per client keeping its token fresh.
 //! - [`reload`]: signals and watched files turned into daemon events.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
+//! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
+//! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -25,6 +27,7 @@
 )]
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
