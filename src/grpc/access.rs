@@ -117,7 +117,15 @@ mod tests {
     #[test]
     fn access_rule_table() {
         // (uid, gid, groups, daemon, allow_uids, allow_gids, allowed)
-        type Case = (u32, u32, &'static [u32], u32, &'static [u32], &'static [u32], bool);
+        type Case = (
+            u32,
+            u32,
+            &'static [u32],
+            u32,
+            &'static [u32],
+            &'static [u32],
+            bool,
+        );
         let cases: &[Case] = &[
             (0, 0, &[], 990, &[], &[], true),
             (990, 990, &[], 990, &[], &[], true),

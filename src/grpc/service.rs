@@ -270,9 +270,11 @@ pub fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// When to give up waiting: a little before the caller's deadline, so the caller hears
+/// DEADLINE_EXCEEDED with our message rather than its own timer's.
 fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    grpc_timeout(v).map(|d| Instant::now() + d)
+    grpc_timeout(v).map(|d| Instant::now() + d - (d / 10).min(Duration::from_millis(100)))
 }
 
 fn caller_of<T>(req: &Request<T>) -> Result<Caller, ApiError> {
