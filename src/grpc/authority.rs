@@ -445,3 +445,384 @@ impl tonic::transport::server::Connected for FixAuthority<tokio::net::UnixStream
         self.inner.connect_info()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        frame_header(&mut out, payload.len(), kind, flags, stream);
+        out.put_slice(payload);
+        out.to_vec()
+    }
+
+    /// The request headers grpcio (Python) sends for a `unix:` target, in its order.
+    fn grpcio_request(path: &str) -> Headers {
+        [
+            (":scheme", "http"),
+            (":method", "POST"),
+            (":authority", "%2Ftmp%2Ftokenwarden%2Ftokenwarden.sock"),
+            (":path", path),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            (
+                "user-agent",
+                "grpc-python/1.68.0 grpc-c/44.0.0 (linux; chttp2)",
+            ),
+            ("grpc-accept-encoding", "identity, deflate, gzip"),
+            ("grpc-timeout", "29999m"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect()
+    }
+
+    fn encode(enc: &mut loona_hpack::Encoder<'static>, h: &Headers) -> Vec<u8> {
+        enc.encode(h.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+    }
+
+    /// Splits a byte stream into frames: (type, flags, stream, payload).
+    fn frames(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= 9 {
+            let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+            v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
+            b = &b[9 + len..];
+        }
+        assert!(b.is_empty(), "trailing bytes");
+        v
+    }
+
+    /// Feeds `input` in pieces of `step` bytes, as reads would deliver it.
+    fn run(input: &[u8], step: usize) -> (Vec<u8>, Rewriter) {
+        let mut r = Rewriter::new();
+        let mut raw = BytesMut::new();
+        let mut out = BytesMut::new();
+        for chunk in input.chunks(step) {
+            raw.extend_from_slice(chunk);
+            r.feed(&mut raw, &mut out).unwrap();
+        }
+        assert!(raw.is_empty(), "{} bytes left unconsumed", raw.len());
+        (out.to_vec(), r)
+    }
+
+    fn with_authority(h: &Headers, value: &str) -> Headers {
+        h.iter()
+            .map(|(n, v)| {
+                if n == b":authority" {
+                    (n.clone(), value.as_bytes().to_vec())
+                } else {
+                    (n.clone(), v.clone())
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn authority_validity() {
+        assert!(valid_authority(b"localhost"));
+        assert!(valid_authority(b"127.0.0.1:50051"));
+        assert!(valid_authority(b"tonic"));
+        assert!(!valid_authority(b"%2Ftmp%2Fx.sock"));
+        assert!(!valid_authority(b"/tmp/x.sock"));
+        assert!(!valid_authority(b""));
+    }
+
+    #[test]
+    fn grpcio_blocks_are_rewritten_consistently_across_split_reads() {
+        let mut client = loona_hpack::Encoder::new();
+        let req1 = grpcio_request("/tokenwarden.v1.TokenService/GetToken");
+        let req2 = grpcio_request("/tokenwarden.v1.TokenService/WatchToken");
+        let b1 = encode(&mut client, &req1);
+        // The second block leans on the dynamic table the first one filled.
+        let b2 = encode(&mut client, &req2);
+        assert!(b2.len() < b1.len(), "the second block should use indexes");
+        let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        let data = frame(
+            0x0,
+            FLAG_END_STREAM,
+            1,
+            &[
+                0, 0, 0, 0, 11, 10, 9, b't', b'r', b'a', b'n', b's', b'a', b't', b'e', b'l',
+            ],
+        );
+        let mut input = PREFACE.to_vec();
+        input.extend(&settings);
+        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &b1));
+        input.extend(&data);
+        input.extend(frame(
+            FRAME_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            3,
+            &b2,
+        ));
+        for step in [1, 2, 7, 9, 10, 64, input.len()] {
+            let (out, r) = run(&input, step);
+            assert_eq!(r.rewritten, 2, "step {step}");
+            assert_eq!(&out[..PREFACE.len()], PREFACE);
+            let f = frames(&out[PREFACE.len()..]);
+            assert_eq!(f.len(), 4, "step {step}");
+            assert_eq!((f[0].0, f[0].3.as_slice()), (0x4, &settings[9..]));
+            assert_eq!(
+                (f[2].0, f[2].1, f[2].3.as_slice()),
+                (0x0, FLAG_END_STREAM, &data[9..])
+            );
+            // What h2 decodes, with its own decoder.
+            let mut h2 = loona_hpack::Decoder::new();
+            assert_eq!(
+                (f[1].0, f[1].1, f[1].2),
+                (FRAME_HEADERS, FLAG_END_HEADERS, 1)
+            );
+            assert_eq!(
+                h2.decode(&f[1].3).unwrap(),
+                with_authority(&req1, "localhost")
+            );
+            assert_eq!(
+                (f[3].0, f[3].1, f[3].2),
+                (FRAME_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 3)
+            );
+            assert_eq!(
+                h2.decode(&f[3].3).unwrap(),
+                with_authority(&req2, "localhost")
+            );
+        }
+    }
+
+    #[test]
+    fn padding_priority_and_continuation_frames() {
+        let mut client = loona_hpack::Encoder::new();
+        let req = grpcio_request("/tokenwarden.v1.TokenService/ListClients");
+        let block = encode(&mut client, &req);
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut payload = vec![3u8]; // pad length
+        let prio = [0x80, 0, 0, 0, 15];
+        payload.extend(prio);
+        payload.extend(a);
+        payload.extend([0, 0, 0]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            FRAME_HEADERS,
+            FLAG_PADDED | FLAG_PRIORITY | FLAG_END_STREAM,
+            5,
+            &payload,
+        ));
+        input.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 5, b));
+        let (out, r) = run(&input, 5);
+        assert_eq!(r.rewritten, 1);
+        let f = frames(&out[PREFACE.len()..]);
+        assert_eq!(f.len(), 1);
+        let (kind, flags, stream, p) = &f[0];
+        assert_eq!((*kind, *stream), (FRAME_HEADERS, 5));
+        assert_eq!(*flags, FLAG_PRIORITY | FLAG_END_STREAM | FLAG_END_HEADERS);
+        assert_eq!(&p[..5], &prio);
+        let mut h2 = loona_hpack::Decoder::new();
+        assert_eq!(
+            h2.decode(&p[5..]).unwrap(),
+            with_authority(&req, "localhost")
+        );
+    }
+
+    #[test]
+    fn large_blocks_are_split_into_continuations() {
+        let mut client = loona_hpack::Encoder::new();
+        let mut req = grpcio_request("/tokenwarden.v1.TokenService/GetToken");
+        req.push((b"x-big".to_vec(), vec![b'a'; 20_000]));
+        let block = encode(&mut client, &req);
+        let mut input = PREFACE.to_vec();
+        let (a, rest) = block.split_at(MAX_FRAME);
+        input.extend(frame(FRAME_HEADERS, 0, 1, a));
+        input.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, rest));
+        let (out, _) = run(&input, 4096);
+        let f = frames(&out[PREFACE.len()..]);
+        assert_eq!(f.len(), 2);
+        assert_eq!((f[0].0, f[0].1), (FRAME_HEADERS, 0));
+        assert_eq!((f[1].0, f[1].1), (FRAME_CONTINUATION, FLAG_END_HEADERS));
+        assert!(f.iter().all(|x| x.3.len() <= MAX_FRAME));
+        let joined: Vec<u8> = f.iter().flat_map(|x| x.3.clone()).collect();
+        let mut h2 = loona_hpack::Decoder::new();
+        assert_eq!(
+            h2.decode(&joined).unwrap(),
+            with_authority(&req, "localhost")
+        );
+    }
+
+    #[test]
+    fn a_valid_authority_passes_through_untouched() {
+        // RFC 7541 C.4.1 (Huffman-coded :authority www.example.com), then C.4.2.
+        let c41 = [
+            0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+            0x90, 0xf4, 0xff,
+        ];
+        let c42 = [
+            0x82, 0x86, 0x84, 0xbe, 0x58, 0x86, 0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf,
+        ];
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            FRAME_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            1,
+            &c41,
+        ));
+        input.extend(frame(
+            FRAME_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            3,
+            &c42,
+        ));
+        input.extend(frame(0x0, 0, 3, b"abc"));
+        for step in [1, 3, input.len()] {
+            let (out, r) = run(&input, step);
+            assert_eq!(out, input);
+            assert_eq!(r.rewritten, 0);
+            assert!(r.is_pass_through());
+        }
+        // Not HTTP/2 at all: untouched, for h2 to refuse.
+        let junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(run(junk, 4).0, junk.to_vec());
+    }
+
+    #[test]
+    fn malformed_input_is_refused() {
+        let mut r = Rewriter::new();
+        let mut out = BytesMut::new();
+        let mut input = BytesMut::from(PREFACE);
+        // A HEADERS block interrupted by a DATA frame.
+        input.extend(frame(FRAME_HEADERS, 0, 1, &[0x82]));
+        input.extend(frame(0x0, 0, 1, b"x"));
+        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::Interrupted));
+        // Invalid HPACK (an index past both tables).
+        let mut r = Rewriter::new();
+        let mut input = BytesMut::from(PREFACE);
+        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]));
+        assert!(matches!(
+            r.feed(&mut input, &mut out),
+            Err(RewriteError::Hpack(_))
+        ));
+        // A header frame over the frame size.
+        let mut r = Rewriter::new();
+        let mut input = BytesMut::from(PREFACE);
+        input.extend(frame(FRAME_HEADERS, 0, 1, &vec![0; MAX_FRAME + 1]));
+        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+        // Padding longer than the frame.
+        let mut r = Rewriter::new();
+        let mut input = BytesMut::from(PREFACE);
+        input.extend(frame(
+            FRAME_HEADERS,
+            FLAG_PADDED | FLAG_END_HEADERS,
+            1,
+            &[9, 0x82],
+        ));
+        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+    }
+
+    /// Serves one h2 connection over `io`, returning the authority and path of each request.
+    async fn h2_server<T>(io: T, requests: usize) -> Vec<(String, String)>
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < requests {
+            let Some(r) = conn.accept().await else { break };
+            let (req, mut respond) = r.unwrap();
+            seen.push((
+                req.uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                req.uri().path().to_string(),
+            ));
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            respond.send_response(resp, true).unwrap();
+        }
+        seen
+    }
+
+    fn grpcio_connection() -> Vec<u8> {
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        for (stream, method) in [(1, "GetToken"), (3, "RefreshToken")] {
+            let req = grpcio_request(&format!("/tokenwarden.v1.TokenService/{method}"));
+            let block = encode(&mut client, &req);
+            input.extend(frame(
+                FRAME_HEADERS,
+                FLAG_END_HEADERS | FLAG_END_STREAM,
+                stream,
+                &block,
+            ));
+        }
+        input
+    }
+
+    #[tokio::test]
+    async fn h2_accepts_a_grpcio_connection_through_the_adaptor() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serve = tokio::spawn(h2_server(FixAuthority::new(server), 2));
+        client.write_all(&grpcio_connection()).await.unwrap();
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(5), serve)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    "localhost".into(),
+                    "/tokenwarden.v1.TokenService/GetToken".into()
+                ),
+                (
+                    "localhost".into(),
+                    "/tokenwarden.v1.TokenService/RefreshToken".into()
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_the_adaptor_h2_refuses_the_same_bytes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serve = tokio::spawn(h2_server(server, 1));
+        client.write_all(&grpcio_connection()).await.unwrap();
+        // The server answers with RST_STREAM (type 3) on stream 1 and never sees a request.
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = [0u8; 4096];
+        loop {
+            let f = frames_prefix(&got);
+            if f.iter()
+                .any(|(kind, _, stream, _)| *kind == 3 && *stream == 1)
+            {
+                break;
+            }
+            let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+                .await
+                .expect("no RST_STREAM from h2")
+                .unwrap();
+            assert!(n > 0, "connection closed without RST_STREAM");
+            got.extend_from_slice(&buf[..n]);
+        }
+        serve.abort();
+    }
+
+    /// The complete frames at the start of `b`.
+    fn frames_prefix(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= 9 {
+            let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+            if b.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+            v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
+            b = &b[9 + len..];
+        }
+        v
+    }
+}

@@ -710,3 +710,79 @@ async fn cli_get_status_refresh_against_a_daemon_and_without_one() {
     assert!(r.stderr.contains("invalid request"), "{}", r.stderr);
     drop(daemon);
 }
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut v = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    v.extend(stream.to_be_bytes());
+    v.extend(payload);
+    v
+}
+
+/// The bytes a stock grpcio client sends for one unary call on a `unix:` target: the
+/// percent-encoded socket path as `:authority` (RECIPE.md pitfall 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_sending_the_socket_path_as_authority_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = DemoEnv::start(Duration::from_secs(30)).await;
+    let socket = env.demo.socket.clone();
+    let daemon = DaemonProc::start(&env.demo.config, &[]);
+    connect(&socket, &daemon).await;
+    let authority = socket.display().to_string().replace('/', "%2F");
+    let mut enc = loona_hpack::Encoder::new();
+    let mut out = tokenwarden::grpc::authority::PREFACE.to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for (stream, method) in [(1u32, "ListClients"), (3, "ListClients")] {
+        let path = format!("/tokenwarden.v1.TokenService/{method}");
+        let headers = [
+            (":scheme", "http"),
+            (":method", "POST"),
+            (":authority", authority.as_str()),
+            (":path", path.as_str()),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            (
+                "user-agent",
+                "grpc-python/1.68.0 grpc-c/44.0.0 (linux; chttp2)",
+            ),
+        ];
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        out.extend(h2_frame(0x1, 0x4, stream, &block));
+        out.extend(h2_frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+    }
+    let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    conn.write_all(&out).await.unwrap();
+    // Read until both streams ended; decode the server's header blocks.
+    let mut dec = loona_hpack::Decoder::new();
+    let mut got = Vec::new();
+    let mut statuses: Vec<(u32, String)> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while statuses.len() < 2 {
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut buf))
+            .await
+            .expect("no answer to the grpcio-style calls")
+            .unwrap();
+        assert!(n > 0, "connection closed; statuses so far {statuses:?}");
+        got.extend_from_slice(&buf[..n]);
+        while got.len() >= 9 {
+            let len =
+                (usize::from(got[0]) << 16) | (usize::from(got[1]) << 8) | usize::from(got[2]);
+            if got.len() < 9 + len {
+                break;
+            }
+            let frame: Vec<u8> = got.drain(..9 + len).collect();
+            let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+            assert_ne!(frame[3], 0x3, "RST_STREAM on stream {stream}");
+            if frame[3] == 0x1 {
+                for (name, value) in dec.decode(&frame[9..]).unwrap() {
+                    if name == b"grpc-status" {
+                        statuses.push((stream, String::from_utf8(value).unwrap()));
+                    }
+                }
+            }
+        }
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![(1, "0".into()), (3, "0".into())]);
+}
