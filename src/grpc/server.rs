@@ -292,4 +292,44 @@ mod tests {
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("tw.sock")]);
     }
+
+    #[tokio::test]
+    async fn health_turns_not_serving_on_stop_and_the_socket_goes() {
+        use tonic_health::pb::health_check_response::ServingStatus as S;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tw.sock");
+        let server = GrpcServer::start(&path, 0o600, Arc::new(Store::default()))
+            .await
+            .unwrap();
+        let p = path.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut watch = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status, S::Serving as i32);
+        let stopping = tokio::spawn(server.stop());
+        let next = watch.message().await.unwrap().unwrap();
+        assert_eq!(next.status, S::NotServing as i32);
+        tokio::time::timeout(STOP_GRACE * 3, stopping)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!path.exists(), "socket left behind");
+    }
 }
