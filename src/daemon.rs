@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, ClientChange, ClientConfig, Config};
+use crate::grpc::GrpcServer;
 use crate::logging::LogHandle;
 use crate::oauth::HttpClients;
 use crate::refresher::{self, Reconfigure, Shared};
@@ -43,6 +44,9 @@ pub enum DaemonError {
     /// Signal handlers or the file watcher could not be installed.
     #[error("{0}")]
     Setup(String),
+    /// The gRPC socket could not be bound.
+    #[error("gRPC API: {0}")]
+    Grpc(#[from] crate::grpc::ServeError),
 }
 
 /// A running daemon.
@@ -60,6 +64,8 @@ pub struct Daemon {
     _signals: Option<reload::SignalTask>,
     cron: Option<JobScheduler>,
     cron_jobs: HashMap<String, uuid::Uuid>,
+    /// The gRPC API, when `daemon.socket` is set.
+    grpc: Option<GrpcServer>,
     permits_total: usize,
     ready_sent: bool,
     last_status: String,
@@ -106,6 +112,7 @@ impl Daemon {
             _signals: Some(signals),
             cron: None,
             cron_jobs: HashMap::new(),
+            grpc: None,
             permits_total,
             ready_sent: false,
             last_status: String::new(),
@@ -118,6 +125,15 @@ impl Daemon {
         let clients: Vec<ClientConfig> = daemon.config.clients.values().cloned().collect();
         for c in clients {
             daemon.add_client(Arc::new(c)).await;
+        }
+        if let Some(path) = daemon.config.daemon.socket.clone() {
+            match GrpcServer::start(&path, daemon.config.daemon.socket_mode, daemon.store()).await {
+                Ok(server) => daemon.grpc = Some(server),
+                Err(e) => {
+                    daemon.root.cancel();
+                    return Err(e.into());
+                }
+            }
         }
         tracing::info!(
             clients = daemon.handles.len(),
@@ -182,13 +198,18 @@ impl Daemon {
 
     async fn shutdown(mut self) {
         tracing::info!("stopping");
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         self.notifier.stopping();
+        // Health turns NOT_SERVING first; waiting calls and watch streams end.
+        if let Some(grpc) = self.grpc.take() {
+            grpc.stop().await;
+        }
         self.root.cancel();
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
         }
         self.shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
+        if tokio::time::timeout_at(deadline, self.shared.tracker.wait())
             .await
             .is_err()
         {
@@ -419,6 +440,7 @@ impl Daemon {
                 tracing::error!("{e}");
             }
         }
+        self.apply_socket(&new).await;
         if let Some(w) = &self.watcher
             && let Err(e) = w.set_paths(watched_paths(&new))
         {
@@ -435,6 +457,42 @@ impl Daemon {
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;
+    }
+
+    /// Rebinds the gRPC socket when its path changed (the new one is bound before the old one
+    /// stops, so a failure leaves the old one serving), or changes its mode in place.
+    async fn apply_socket(&mut self, new: &Config) {
+        let mode = new.daemon.socket_mode;
+        let want = new.daemon.socket.clone();
+        if let (Some(server), Some(path)) = (self.grpc.as_mut(), want.as_ref())
+            && server.path() == path.as_path()
+        {
+            if server.mode() != mode {
+                match server.set_mode(mode) {
+                    Ok(()) => {
+                        tracing::info!(socket = %path.display(), "socket mode is now {mode:04o}")
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
+            return;
+        }
+        let new_server = match &want {
+            Some(path) => match GrpcServer::start(path, mode, self.store.clone()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(
+                        "gRPC API not moved, still serving the old socket (if any): {e}"
+                    );
+                    return;
+                }
+            },
+            None => None,
+        };
+        if let Some(old) = self.grpc.take() {
+            old.stop().await;
+        }
+        self.grpc = new_server;
     }
 
     fn apply_daemon_settings(&mut self, new: &Config) {

@@ -33,6 +33,8 @@ pub struct DemoSetup {
     pub out_dir: PathBuf,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// The gRPC socket (`daemon.socket`).
+    pub socket: PathBuf,
     /// The client names in the config.
     pub clients: Vec<String>,
     /// The public half of the Talkdesk client's key (to verify its assertions).
@@ -46,6 +48,7 @@ pub fn setup(dir: &Path, provider: &Provider, lifetime: Duration) -> Result<Demo
     let secrets = dir.join("secrets");
     let out_dir = dir.join("out");
     let state_dir = dir.join("state");
+    let socket = dir.join("tokenwarden.sock");
     std::fs::create_dir_all(&secrets).map_err(|e| io("the secrets directory", e))?;
     set_mode(&secrets, 0o700).map_err(|e| io("the secrets directory", e))?;
     let write_secret = |name: &str, value: &str| -> Result<PathBuf, String> {
@@ -111,6 +114,7 @@ pub fn setup(dir: &Path, provider: &Provider, lifetime: Duration) -> Result<Demo
 
 [daemon]
 state_dir = {state}
+socket = {socket}
 log_level = "info"
 
 [defaults]
@@ -186,6 +190,7 @@ format = "token"
 "#,
         base = provider.base_url(),
         state = q(&state_dir),
+        socket = q(&socket),
         transatel_url = toml_string(&provider.token_url(Dialect::Transatel)),
         transatel_file = q(&transatel_file),
         transatel_out = out("transatel.token"),
@@ -211,6 +216,7 @@ format = "token"
         config,
         out_dir,
         state_dir,
+        socket,
         clients: [
             "creads-files",
             "talentsoft-app",
@@ -276,6 +282,7 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
     println!("  directory:   {}", demo.dir.display());
     println!("  config:      {}", demo.config.display());
     println!("  token files: {}", demo.out_dir.display());
+    println!("  socket:      {}", demo.socket.display());
     println!(
         "  lifetime:    {} (refreshed ahead of expiry)",
         humantime::format_duration(lifetime)
@@ -287,6 +294,9 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
         "  cat {}",
         demo.out_dir.join("talentsoft-app.env").display()
     );
+    println!("  {exe} status -s {}", demo.socket.display());
+    println!("  {exe} get transatel -s {}", demo.socket.display());
+    println!("  {exe} refresh creads-files -s {}", demo.socket.display());
     println!("  {exe} check -c {}", demo.config.display());
     println!(
         "  kill -HUP {}    # reload; kill -USR1 refreshes every client",

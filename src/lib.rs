@@ -19,6 +19,8 @@
 //! - [`reload`]: signals and watched files turned into daemon events.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
+//! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
+//! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -27,10 +29,12 @@
 )]
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod fuzzing;
+pub mod grpc;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

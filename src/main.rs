@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 
+use tokenwarden::client::{self, Format};
 use tokenwarden::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
 use tokenwarden::oauth::Human;
 use tokenwarden::{app, demo, logging};
@@ -27,6 +28,40 @@ struct ConfigArg {
     /// Config file.
     #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+}
+
+/// Where the daemon's socket is (SPEC §2).
+#[derive(clap::Args, Clone)]
+struct SocketArg {
+    /// The daemon's socket (default: the config's `daemon.socket`, else $TOKENWARDEN_SOCKET,
+    /// else /run/tokenwarden/tokenwarden.sock).
+    #[arg(short, long)]
+    socket: Option<PathBuf>,
+    /// Config file whose `daemon.socket` is the default socket (read only if it exists).
+    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+impl SocketArg {
+    fn path(&self) -> PathBuf {
+        let env = std::env::var("TOKENWARDEN_SOCKET").ok();
+        client::resolve_socket(
+            self.socket.as_deref(),
+            client::socket_from_config(&self.config),
+            env.as_deref(),
+        )
+    }
+}
+
+/// `--format` of `get`.
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum FormatArg {
+    /// The access token.
+    Token,
+    /// A JSON object with the token, its type, times, scope and generation.
+    Json,
+    /// `Authorization: Bearer …`.
+    Header,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +86,34 @@ enum Command {
         /// Only these clients (default: all).
         clients: Vec<String>,
     },
+    /// Print a client's current token, from the running daemon.
+    Get {
+        /// The client (a `[clients.NAME]` of the config).
+        client: String,
+        #[command(flatten)]
+        socket: SocketArg,
+        /// What to print.
+        #[arg(long, value_enum, default_value = "token")]
+        format: FormatArg,
+        /// Get a new token first if the current one expires sooner than this (e.g. `5m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_valid: Option<std::time::Duration>,
+    },
+    /// Show every client the daemon serves: state, expiry, next refresh, failures, last error.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the daemon get a new token for a client now.
+    Refresh {
+        /// The client.
+        client: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
     Demo {
         /// Directory to work in (default: a new temporary directory).
@@ -72,6 +135,44 @@ fn main() -> ExitCode {
             log_level,
             clients,
         } => once(&config.config, &log_level, &clients),
+        Command::Get {
+            client,
+            socket,
+            format,
+            min_valid,
+        } => {
+            let format = match format {
+                FormatArg::Token => Format::Token,
+                FormatArg::Json => Format::Json,
+                FormatArg::Header => Format::Header,
+            };
+            let socket = socket.path();
+            call(async {
+                let t = client::get(&socket, &client, min_valid).await?;
+                print!("{}", client::format_token(&t, format));
+                Ok(())
+            })
+        }
+        Command::Status { socket, json } => {
+            let socket = socket.path();
+            call(async {
+                let clients = client::list(&socket).await?;
+                if json {
+                    println!("{:#}", client::status_json(&clients));
+                } else {
+                    print!("{}", client::status_table(&clients, SystemTime::now()));
+                }
+                Ok(())
+            })
+        }
+        Command::Refresh { client, socket } => {
+            let socket = socket.path();
+            call(async {
+                let t = client::refresh(&socket, &client).await?;
+                println!("{}", client::describe_token(&t, SystemTime::now()));
+                Ok(())
+            })
+        }
         Command::Demo { dir, lifetime } => {
             if let Err(e) = logging::init(LogFormat::Text, "warn") {
                 eprintln!("tokenwarden: {e}");
@@ -83,6 +184,27 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Runs a client command: its error on one line, exit 1 (SPEC §2).
+fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokenwarden: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenwarden: {e}");
+            ExitCode::from(1)
         }
     }
 }

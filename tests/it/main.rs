@@ -8,6 +8,7 @@ mod daemon;
 mod engine;
 mod examples;
 mod fuzz_corpus;
+mod grpc;
 mod metrics;
 mod outputs;
 mod provider;

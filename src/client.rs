@@ -1,0 +1,469 @@
+//! `tokenwarden get`, `status` and `refresh`: a tonic client over the daemon's Unix socket
+//! (SPEC §2, §7), and how their answers are printed.
+//!
+//! Which socket: `-s`, else the config's `daemon.socket` (when the config file exists and
+//! names one), else `$TOKENWARDEN_SOCKET`, else [`DEFAULT_SOCKET_PATH`] — the order SPEC §2
+//! gives. The config is only skimmed for that one key: reading it needs none of its secrets.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::DEFAULT_SOCKET_PATH;
+use crate::grpc::pb;
+use crate::grpc::pb::token_service_client::TokenServiceClient;
+use crate::oauth::Human;
+
+/// How long a command waits for the daemon's answer (a first token may still be coming).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a command failed. One line each, no secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket file: the daemon is not running (or serves elsewhere).
+    #[error("tokenwarden is not running: no socket at {0} (start it, or pass -s SOCKET)")]
+    NoSocket(PathBuf),
+    /// A socket file nobody listens on.
+    #[error("tokenwarden is not running: nothing is listening on {0}")]
+    Refused(PathBuf),
+    /// The socket file's mode does not let this user connect.
+    #[error(
+        "permission denied on {0}: this user may not connect to the socket (see daemon.socket_mode)"
+    )]
+    SocketDenied(PathBuf),
+    /// Another failure connecting.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The HTTP/2 connection failed.
+    #[error("cannot talk to tokenwarden on {path}: {message}")]
+    Transport { path: PathBuf, message: String },
+    /// The daemon answered with an error status.
+    #[error("{}", describe(.0))]
+    Rpc(tonic::Status),
+}
+
+fn describe(s: &tonic::Status) -> String {
+    let what = match s.code() {
+        tonic::Code::PermissionDenied => "not allowed",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::InvalidArgument => "invalid request",
+        tonic::Code::DeadlineExceeded => "timed out",
+        _ => "error",
+    };
+    let message = s.message().lines().next().unwrap_or("");
+    if message.is_empty() {
+        format!("{what} ({:?})", s.code())
+    } else {
+        format!("{what}: {message}")
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Rpc(s)
+    }
+}
+
+/// The socket to use: the flag, else the config's, else the environment's, else the default.
+pub fn resolve_socket(
+    flag: Option<&Path>,
+    from_config: Option<PathBuf>,
+    env: Option<&str>,
+) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    if let Some(p) = from_config {
+        return p;
+    }
+    match env {
+        Some(e) if !e.is_empty() => PathBuf::from(e),
+        _ => PathBuf::from(DEFAULT_SOCKET_PATH),
+    }
+}
+
+/// `daemon.socket` of the config at `path`, if the file exists, parses and names one.
+pub fn socket_from_config(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    let socket = table.get("daemon")?.get("socket")?.as_str()?;
+    Some(PathBuf::from(socket)).filter(|p| p.is_absolute())
+}
+
+/// Connects to the daemon on `socket`.
+pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, ClientError> {
+    let first = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ClientError::NoSocket(socket.to_path_buf()),
+            std::io::ErrorKind::ConnectionRefused => ClientError::Refused(socket.to_path_buf()),
+            std::io::ErrorKind::PermissionDenied => ClientError::SocketDenied(socket.to_path_buf()),
+            _ => ClientError::Connect {
+                path: socket.to_path_buf(),
+                source: e,
+            },
+        })?;
+    // The connector hands out the stream connected above, then reconnects if it must.
+    let first = Arc::new(Mutex::new(Some(first)));
+    let path = socket.to_path_buf();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let first = first.clone();
+        let path = path.clone();
+        async move {
+            let taken = match first.lock() {
+                Ok(mut g) => g.take(),
+                Err(p) => p.into_inner().take(),
+            };
+            let stream = match taken {
+                Some(s) => s,
+                None => UnixStream::connect(&path).await?,
+            };
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    // The authority is never used for routing: the socket is the address.
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Transport {
+            path: socket.to_path_buf(),
+            message: error_chain(&e),
+        })?;
+    Ok(TokenServiceClient::new(channel))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(CALL_TIMEOUT);
+    r
+}
+
+/// `GetToken`.
+pub async fn get(
+    socket: &Path,
+    client: &str,
+    min_valid: Option<Duration>,
+) -> Result<pb::Token, ClientError> {
+    let mut c = connect(socket).await?;
+    let min_valid_for = min_valid.map(|d| prost_types::Duration {
+        seconds: d.as_secs().min(i64::MAX as u64) as i64,
+        nanos: d.subsec_nanos() as i32,
+    });
+    let token = c
+        .get_token(request(pb::GetTokenRequest {
+            client: client.to_string(),
+            min_valid_for,
+        }))
+        .await?;
+    Ok(token.into_inner())
+}
+
+/// `RefreshToken`.
+pub async fn refresh(socket: &Path, client: &str) -> Result<pb::Token, ClientError> {
+    let mut c = connect(socket).await?;
+    let token = c
+        .refresh_token(request(pb::RefreshTokenRequest {
+            client: client.to_string(),
+        }))
+        .await?;
+    Ok(token.into_inner())
+}
+
+/// `ListClients`.
+pub async fn list(socket: &Path) -> Result<Vec<pb::ClientStatus>, ClientError> {
+    let mut c = connect(socket).await?;
+    let list = c.list_clients(request(pb::ListClientsRequest {})).await?;
+    Ok(list.into_inner().clients)
+}
+
+/// `--format` of `tokenwarden get`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The access token and a newline.
+    Token,
+    /// One JSON object: the fields of the `json` output format (SPEC §5), plus `client` and
+    /// `generation`.
+    Json,
+    /// `Authorization: Bearer …` and a newline.
+    Header,
+}
+
+fn time_of(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
+    let t = t?;
+    SystemTime::try_from(*t).ok()
+}
+
+fn rfc3339_of(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    time_of(t).map(crate::token::rfc3339)
+}
+
+/// What `get` prints for `token` in `format`.
+pub fn format_token(token: &pb::Token, format: Format) -> String {
+    match format {
+        Format::Token => format!("{}\n", token.access_token),
+        Format::Header => format!("Authorization: Bearer {}\n", token.access_token),
+        Format::Json => {
+            let v = serde_json::json!({
+                "client": token.client,
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "expires_at": rfc3339_of(token.expires_at.as_ref()),
+                "issued_at": rfc3339_of(token.issued_at.as_ref()),
+                "scope": token.scopes.join(" "),
+                "generation": token.generation,
+            });
+            format!("{v}\n")
+        }
+    }
+}
+
+/// One line for `refresh`: which token arrived (by fingerprint, never the token).
+pub fn describe_token(token: &pb::Token, now: SystemTime) -> String {
+    let left = time_of(token.expires_at.as_ref())
+        .and_then(|t| t.duration_since(now).ok())
+        .map(|d| Human(d).to_string())
+        .unwrap_or_else(|| "0s".into());
+    format!(
+        "{}: token {} generation {}, expires {} (in {left})",
+        token.client,
+        crate::secret::fingerprint(token.access_token.as_bytes()),
+        token.generation,
+        rfc3339_of(token.expires_at.as_ref()).unwrap_or_else(|| "-".into()),
+    )
+}
+
+fn state_name(s: &pb::ClientStatus) -> &'static str {
+    pb::State::try_from(s.state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+/// A short relative time: `in 12s`, `3s ago`.
+fn relative(t: Option<SystemTime>, now: SystemTime, future_word: bool) -> String {
+    let Some(t) = t else { return "-".into() };
+    let whole = |d: Duration| Human(Duration::from_secs(d.as_secs())).to_string();
+    match t.duration_since(now) {
+        Ok(d) if future_word => format!("in {}", whole(d)),
+        Ok(d) => whole(d),
+        Err(e) => format!("{} ago", whole(e.duration())),
+    }
+}
+
+/// The `status` table: one aligned row per client.
+pub fn status_table(clients: &[pb::ClientStatus], now: SystemTime) -> String {
+    let header = [
+        "CLIENT",
+        "STATE",
+        "EXPIRES IN",
+        "NEXT REFRESH",
+        "FAILURES",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 6]> = clients
+        .iter()
+        .map(|c| {
+            [
+                c.client.clone(),
+                state_name(c).to_string(),
+                relative(time_of(c.expires_at.as_ref()), now, false),
+                relative(time_of(c.next_refresh_at.as_ref()), now, true),
+                c.consecutive_failures.to_string(),
+                if c.last_error.is_empty() {
+                    "-".into()
+                } else {
+                    c.last_error.lines().next().unwrap_or("").to_string()
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                l.push_str(cell);
+                let pad = widths[i] - cell.chars().count() + 2;
+                l.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for r in &rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    out
+}
+
+/// The `status --json` document: an array of client objects.
+pub fn status_json(clients: &[pb::ClientStatus]) -> serde_json::Value {
+    serde_json::Value::Array(
+        clients
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "client": c.client,
+                    "state": state_name(c),
+                    "expires_at": rfc3339_of(c.expires_at.as_ref()),
+                    "next_refresh_at": rfc3339_of(c.next_refresh_at.as_ref()),
+                    "last_refresh_at": rfc3339_of(c.last_refresh_at.as_ref()),
+                    "consecutive_failures": c.consecutive_failures,
+                    "last_error": Some(&c.last_error).filter(|e| !e.is_empty()),
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    }
+
+    fn ts(s: u64) -> Option<prost_types::Timestamp> {
+        Some(at(s).into())
+    }
+
+    #[test]
+    fn socket_precedence() {
+        let p = |s: &str| PathBuf::from(s);
+        let cases = [
+            (Some("/f"), Some("/c"), Some("/e"), "/f"),
+            (None, Some("/c"), Some("/e"), "/c"),
+            (None, None, Some("/e"), "/e"),
+            (None, None, Some(""), DEFAULT_SOCKET_PATH),
+            (None, None, None, DEFAULT_SOCKET_PATH),
+        ];
+        for (flag, config, env, want) in cases {
+            let flag = flag.map(p);
+            assert_eq!(
+                resolve_socket(flag.as_deref(), config.map(p), env),
+                p(want),
+                "{flag:?} {config:?} {env:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn socket_from_a_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[daemon]\nsocket = \"/run/x.sock\"\n[clients.a]\n").unwrap();
+        assert_eq!(socket_from_config(&f), Some(PathBuf::from("/run/x.sock")));
+        std::fs::write(&f, "[daemon]\nstate_dir = \"/x\"\n").unwrap();
+        assert_eq!(socket_from_config(&f), None);
+        std::fs::write(&f, "not toml [").unwrap();
+        assert_eq!(socket_from_config(&f), None);
+        assert_eq!(socket_from_config(&dir.path().join("absent")), None);
+    }
+
+    fn token() -> pb::Token {
+        pb::Token {
+            client: "transatel".into(),
+            access_token: "abc".into(),
+            token_type: "Bearer".into(),
+            expires_at: ts(1_795_460_400),
+            issued_at: ts(1_795_456_800),
+            scopes: vec!["a".into(), "b".into()],
+            generation: 7,
+        }
+    }
+
+    #[test]
+    fn token_formats() {
+        let t = token();
+        assert_eq!(format_token(&t, Format::Token), "abc\n");
+        assert_eq!(
+            format_token(&t, Format::Header),
+            "Authorization: Bearer abc\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&format_token(&t, Format::Json)).unwrap();
+        assert_eq!(v["access_token"], "abc");
+        assert_eq!(v["expires_at"], "2026-11-23T19:00:00Z");
+        assert_eq!(v["issued_at"], "2026-11-23T18:00:00Z");
+        assert_eq!(v["scope"], "a b");
+        assert_eq!(v["generation"], 7);
+        let line = describe_token(&t, at(1_795_460_000));
+        assert!(!line.contains("abc"), "{line}");
+        assert!(
+            line.contains("ba7816bf") && line.contains("in 6m 40s"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let rows = vec![
+            pb::ClientStatus {
+                client: "transatel".into(),
+                state: pb::State::Valid as i32,
+                expires_at: ts(1_090),
+                next_refresh_at: ts(1_060),
+                last_error: String::new(),
+                consecutive_failures: 0,
+                last_refresh_at: ts(1_000),
+            },
+            pb::ClientStatus {
+                client: "creads-files".into(),
+                state: pb::State::Failed as i32,
+                expires_at: None,
+                next_refresh_at: ts(1_005),
+                last_error: "invalid_client: bad secret".into(),
+                consecutive_failures: 3,
+                last_refresh_at: None,
+            },
+            pb::ClientStatus {
+                client: "old".into(),
+                state: pb::State::Expired as i32,
+                expires_at: ts(990),
+                ..Default::default()
+            },
+        ];
+        let table = status_table(&rows, at(1_000));
+        let want = "\
+CLIENT        STATE    EXPIRES IN  NEXT REFRESH  FAILURES  LAST ERROR
+transatel     VALID    1m 30s      in 1m         0         -
+creads-files  FAILED   -           in 5s         3         invalid_client: bad secret
+old           EXPIRED  10s ago     -             0         -
+";
+        assert_eq!(table, want);
+        let json = status_json(&rows);
+        assert_eq!(json[0]["state"], "VALID");
+        assert_eq!(json[1]["last_error"], "invalid_client: bad secret");
+        assert!(json[0]["last_error"].is_null());
+        assert!(json[1]["expires_at"].is_null());
+    }
+}

@@ -1,0 +1,17 @@
+//! The gRPC API on `daemon.socket` (SPEC §7): `tokenwarden.v1.TokenService`, health and
+//! reflection, over a Unix socket whose peers are identified by SO_PEERCRED.
+//!
+//! - [`pb`]: the code generated from `proto/tokenwarden/v1/tokenwarden.proto`.
+//! - [`service`]: the four RPCs over the store, and the one conversion into `tonic::Status`.
+//! - [`access`]: the caller's identity and the pure access rule.
+//! - [`server`]: binding the socket (stale file replaced, mode set before anyone can connect),
+//!   serving, stopping.
+//! - [`authority`]: the per-connection adaptor that lets stock grpcio / grpc-java clients in.
+
+pub mod access;
+pub mod authority;
+pub mod pb;
+pub mod server;
+pub mod service;
+
+pub use server::{GrpcServer, ServeError};

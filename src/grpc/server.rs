@@ -1,0 +1,335 @@
+//! The socket and the server on it: bind, serve, stop (SPEC §7).
+//!
+//! Binding: a stale socket file at the path (nobody accepts on it) is replaced; a live one (a
+//! daemon is serving there) or anything that is not a socket is left alone and refused. The
+//! socket is bound inside a fresh 0700 directory next to the final path, given `socket_mode`
+//! there, and renamed into place: nobody can connect before the mode is right, and unlike a
+//! umask change this touches no other thread's files. The path is removed on stop, if it
+//! still is our socket.
+//!
+//! Serving: `tokenwarden.v1.TokenService`, `grpc.health.v1.Health` (SERVING, NOT_SERVING once
+//! stopping) and server reflection v1 and v1alpha (Python's grpcio-reflection speaks only
+//! v1alpha). Each accepted connection goes through [`super::authority::FixAuthority`] so stock
+//! clients sending the socket path as `:authority` work.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use super::authority::FixAuthority;
+use super::pb;
+use super::service::TokenApi;
+use crate::store::Store;
+
+/// Largest request message accepted: requests carry a client name and a duration.
+pub const MAX_REQUEST_SIZE: usize = 4 * 1024;
+/// How long stop waits for calls in flight before dropping the connections.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Something other than a socket is at the path: not ours to remove.
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Another process accepts connections on the socket.
+    #[error("{0}: another process is serving on this socket")]
+    InUse(PathBuf),
+    /// A file-system or socket call failed.
+    #[error("{path}: cannot {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The reflection service could not read the proto's descriptors (a build problem).
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// A running gRPC server on a Unix socket.
+pub struct GrpcServer {
+    path: PathBuf,
+    mode: u32,
+    /// (device, inode) of the socket we bound: removed on stop only if still there.
+    inode: (u64, u64),
+    stop: CancellationToken,
+    health: HealthReporter,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GrpcServer {
+    /// Binds `path` with `mode` and serves the API over `store` until [`GrpcServer::stop`].
+    pub async fn start(
+        path: &Path,
+        mode: u32,
+        store: Arc<Store>,
+    ) -> Result<GrpcServer, ServeError> {
+        let listener = bind(path, mode)?;
+        let meta = std::fs::symlink_metadata(path).map_err(io(path, "stat the socket"))?;
+        let stop = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        health
+            .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
+        let tokens = pb::token_service_server::TokenServiceServer::new(api)
+            .max_decoding_message_size(MAX_REQUEST_SIZE);
+        let incoming = futures_util::stream::unfold(listener, |listener| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        return Some((
+                            Ok::<_, std::io::Error>(FixAuthority::new(stream)),
+                            listener,
+                        ));
+                    }
+                    Err(e) => {
+                        // EMFILE and the like: wait a little instead of spinning.
+                        tracing::warn!("gRPC socket: cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(tokens);
+        let shutdown = stop.clone();
+        let shown = path.display().to_string();
+        let task = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!("gRPC server on {shown} failed: {e}");
+            }
+        });
+        tracing::info!(socket = %path.display(), mode = format!("{mode:04o}"), "gRPC API listening");
+        Ok(GrpcServer {
+            path: path.to_path_buf(),
+            mode,
+            inode: (meta.dev(), meta.ino()),
+            stop,
+            health,
+            task,
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The socket's mode.
+    pub fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    /// Changes the socket file's mode in place.
+    pub fn set_mode(&mut self, mode: u32) -> Result<(), ServeError> {
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(&self.path, "change the socket's mode"))?;
+        self.mode = mode;
+        Ok(())
+    }
+
+    /// Reports NOT_SERVING, ends waits and streams, lets calls in flight finish (up to
+    /// [`STOP_GRACE`]), then removes the socket file if it is still ours.
+    pub async fn stop(mut self) {
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_not_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+            .await;
+        self.stop.cancel();
+        if tokio::time::timeout(STOP_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("gRPC calls still open after {STOP_GRACE:?}; closing them");
+            self.task.abort();
+        }
+        self.remove_file();
+        tracing::info!(socket = %self.path.display(), "gRPC API stopped");
+    }
+
+    fn remove_file(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Binds a listener at `path` with `mode` (see the module doc), replacing a stale socket.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    check_existing(path)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.exists() {
+        std::fs::create_dir_all(&parent).map_err(io(&parent, "create the socket's directory"))?;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&parent, "set the mode of the socket's directory"))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "socket".into());
+    let private = parent.join(format!(
+        ".{name}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io(&private, "create a private directory for binding"))?;
+    let result = (|| {
+        // Short name inside: the full path must fit in sun_path (108 bytes).
+        let temp = private.join("s");
+        let listener = UnixListener::bind(&temp).map_err(io(path, "bind the socket"))?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+            .map_err(io(path, "set the socket's mode"))?;
+        std::fs::rename(&temp, path).map_err(io(path, "move the socket into place"))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Refuses a path holding something other than a socket, or a socket someone serves on;
+/// removes nothing (the rename replaces a stale socket atomically).
+fn check_existing(path: &Path) -> Result<(), ServeError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(path, "stat the socket path")(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_path_buf()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::InUse(path.to_path_buf())),
+        Err(_) => {
+            tracing::info!(socket = %path.display(), "replacing a stale socket file");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_sets_the_mode_replaces_stale_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("tw.sock");
+        let l = bind(&path, 0o660).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+        // Live: refused.
+        assert!(matches!(bind(&path, 0o600), Err(ServeError::InUse(_))));
+        drop(l);
+        // Stale: replaced.
+        let _l = bind(&path, 0o600).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        // Not a socket: refused and left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(bind(&file, 0o600), Err(ServeError::NotASocket(_))));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        // No leftovers of the private directories.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("tw.sock")]);
+    }
+
+    #[tokio::test]
+    async fn health_turns_not_serving_on_stop_and_the_socket_goes() {
+        use tonic_health::pb::health_check_response::ServingStatus as S;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tw.sock");
+        let server = GrpcServer::start(&path, 0o600, Arc::new(Store::default()))
+            .await
+            .unwrap();
+        let p = path.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut watch = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status, S::Serving as i32);
+        let stopping = tokio::spawn(server.stop());
+        let next = watch.message().await.unwrap().unwrap();
+        assert_eq!(next.status, S::NotServing as i32);
+        tokio::time::timeout(STOP_GRACE * 3, stopping)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!path.exists(), "socket left behind");
+    }
+}

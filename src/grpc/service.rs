@@ -1,0 +1,560 @@
+//! `tokenwarden.v1.TokenService`: tokens and status out of the [`Store`], refreshes through
+//! each client's refresher (SPEC §7).
+//!
+//! Every call names a client; [`TokenApi::slot`] finds it (`NOT_FOUND`) and checks the caller
+//! may read it (`PERMISSION_DENIED`). A token is only ever taken from a snapshot through
+//! [`Snapshot::valid_token`], so an expired token is never served. Errors are [`ApiError`]s,
+//! turned into a `tonic::Status` in one place; none carries a secret.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::access::Caller;
+use super::pb;
+use crate::oauth::Human;
+use crate::refresher;
+use crate::store::{ClientSlot, Reason, Snapshot, State, Store};
+use crate::token::Token;
+
+/// The longest `min_valid_for` accepted: longer asks are mistakes (no provider issues tokens
+/// living that long, and each call would force a token request).
+pub const MAX_MIN_VALID: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a call failed. Messages name the client and never carry a token or a secret.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    /// No client of that name (or it was removed while the call waited).
+    #[error("no client named {0:?}")]
+    NotFound(String),
+    /// The caller's uid and groups are not allowed to read the client.
+    #[error("uid {uid} may not read client {client:?} (see its allow_users / allow_groups)")]
+    PermissionDenied { client: String, uid: u32 },
+    /// The connection carries no peer credentials (not a Unix socket peer).
+    #[error("the caller's identity is unknown (no peer credentials)")]
+    UnknownCaller,
+    /// No valid token now; `reason` is the last error.
+    #[error("client {client:?} has no valid token: {reason}")]
+    Unavailable { client: String, reason: String },
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The call's deadline passed while waiting for a token.
+    #[error("client {0:?}: no token before the call's deadline")]
+    DeadlineExceeded(String),
+    /// The daemon is stopping.
+    #[error("tokenwarden is stopping")]
+    Stopping,
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let message = e.to_string();
+        match e {
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::PermissionDenied { .. } | ApiError::UnknownCaller => {
+                Status::permission_denied(message)
+            }
+            ApiError::Unavailable { .. } | ApiError::Stopping => Status::unavailable(message),
+            ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+        }
+    }
+}
+
+/// The service over a store.
+#[derive(Clone)]
+pub struct TokenApi {
+    store: Arc<Store>,
+    /// The daemon's effective uid: always allowed.
+    daemon_uid: u32,
+    /// Cancelled when the server stops: ends waits and streams.
+    stop: CancellationToken,
+}
+
+impl TokenApi {
+    /// A service answering from `store`; `stop` ends every wait and stream.
+    pub fn new(store: Arc<Store>, daemon_uid: u32, stop: CancellationToken) -> TokenApi {
+        TokenApi {
+            store,
+            daemon_uid,
+            stop,
+        }
+    }
+
+    /// The slot of `client` if it exists and `caller` may read it.
+    fn slot(&self, caller: &Caller, client: &str) -> Result<ClientSlot, ApiError> {
+        check_name(client)?;
+        let slot = self
+            .store
+            .get(client)
+            .ok_or_else(|| ApiError::NotFound(client.to_string()))?;
+        if caller.may_read(self.daemon_uid, &slot.allow_uids, &slot.allow_gids) {
+            Ok(slot)
+        } else {
+            tracing::info!(
+                client,
+                uid = caller.uid,
+                pid = caller.pid,
+                "gRPC caller denied"
+            );
+            Err(ApiError::PermissionDenied {
+                client: client.to_string(),
+                uid: caller.uid,
+            })
+        }
+    }
+
+    /// Waits for the client's first token (while PENDING) until `deadline`; then the valid
+    /// token or UNAVAILABLE.
+    async fn current(
+        &self,
+        client: &str,
+        slot: &ClientSlot,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<Token>, u64), ApiError> {
+        let mut rx = slot.snapshot.clone();
+        loop {
+            {
+                let snap = rx.borrow_and_update();
+                let now = SystemTime::now();
+                if let Some(t) = snap.valid_token(now) {
+                    return Ok((t.clone(), snap.generation));
+                }
+                if snap.state_at(now) != State::Pending {
+                    return Err(unavailable(client, &snap, now));
+                }
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(ApiError::NotFound(client.to_string()));
+                    }
+                }
+                _ = sleep_until_opt(deadline) => {
+                    return Err(ApiError::DeadlineExceeded(client.to_string()));
+                }
+                _ = self.stop.cancelled() => return Err(ApiError::Stopping),
+            }
+        }
+    }
+
+    /// Asks the refresher and returns the newest valid token afterwards.
+    async fn refresh(
+        &self,
+        client: &str,
+        slot: &ClientSlot,
+        reason: Reason,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<Token>, u64), ApiError> {
+        let answer = tokio::select! {
+            a = refresher::request(slot, reason) => a,
+            _ = sleep_until_opt(deadline) => {
+                return Err(ApiError::DeadlineExceeded(client.to_string()));
+            }
+            _ = self.stop.cancelled() => return Err(ApiError::Stopping),
+        };
+        let now = SystemTime::now();
+        match answer {
+            Ok(token) => {
+                let snap = slot.snapshot.borrow();
+                // The refresher publishes before it answers: the snapshot holds this token or
+                // a newer one.
+                match snap.valid_token(now) {
+                    Some(t) => Ok((t.clone(), snap.generation)),
+                    None if token.is_valid_at(now) => Ok((token, snap.generation)),
+                    None => Err(unavailable(client, &snap, now)),
+                }
+            }
+            Err(reason) => {
+                if slot.snapshot.has_changed().is_err() || self.store.get(client).is_none() {
+                    return Err(ApiError::NotFound(client.to_string()));
+                }
+                Err(ApiError::Unavailable {
+                    client: client.to_string(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+fn unavailable(client: &str, snap: &Snapshot, now: SystemTime) -> ApiError {
+    let reason = match (&snap.last_error, &snap.token) {
+        (Some(e), _) => e.clone(),
+        (None, Some(t)) => format!(
+            "the last token expired at {}; a new one is being fetched",
+            crate::token::rfc3339(t.expires_at)
+        ),
+        (None, None) => "no token yet".to_string(),
+    };
+    let _ = now;
+    ApiError::Unavailable {
+        client: client.to_string(),
+        reason,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}` (SPEC §3).
+fn check_name(client: &str) -> Result<(), ApiError> {
+    if client.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "the request names no client".into(),
+        ));
+    }
+    let ok = client.len() <= 64
+        && client
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(
+            "not a client name: names are 1 to 64 of A-Z a-z 0-9 _ . -".into(),
+        ))
+    }
+}
+
+/// `min_valid_for` as a duration: `None` when absent or zero; INVALID_ARGUMENT when negative,
+/// malformed or longer than [`MAX_MIN_VALID`].
+pub fn min_valid_for(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, ApiError> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(ApiError::InvalidArgument(
+            "min_valid_for must be a non-negative duration".into(),
+        ));
+    }
+    let d = Duration::new(d.seconds as u64, d.nanos as u32);
+    if d > MAX_MIN_VALID {
+        return Err(ApiError::InvalidArgument(format!(
+            "min_valid_for {} is longer than the {} allowed",
+            Human(d),
+            Human(MAX_MIN_VALID)
+        )));
+    }
+    Ok(Some(d).filter(|d| !d.is_zero()))
+}
+
+/// The call's deadline from its `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and a
+/// unit, `H` `M` `S` `m` `u` `n`); `None` when absent or malformed.
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// When to give up waiting: a little before the caller's deadline, so the caller hears
+/// DEADLINE_EXCEEDED with our message rather than its own timer's.
+fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    grpc_timeout(v).map(|d| Instant::now() + d - (d / 10).min(Duration::from_millis(100)))
+}
+
+fn caller_of<T>(req: &Request<T>) -> Result<Caller, ApiError> {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred.as_ref())
+        .map(Caller::from_cred)
+        .ok_or(ApiError::UnknownCaller)
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    t.into()
+}
+
+/// The wire form of a token.
+pub fn token_message(client: &str, token: &Token, generation: u64) -> pb::Token {
+    pb::Token {
+        client: client.to_string(),
+        access_token: token.access_token.expose().to_string(),
+        token_type: token.token_type.clone(),
+        expires_at: Some(timestamp(token.expires_at)),
+        issued_at: Some(timestamp(token.issued_at)),
+        scopes: token.scope.clone(),
+        generation,
+    }
+}
+
+/// The wire form of a client's status at `now`.
+pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::ClientStatus {
+    let state = match snap.state_at(now) {
+        State::Pending => pb::State::Pending,
+        State::Valid => pb::State::Valid,
+        State::Stale => pb::State::Stale,
+        State::Expired => pb::State::Expired,
+        State::Failed => pb::State::Failed,
+    };
+    pb::ClientStatus {
+        client: client.to_string(),
+        state: state as i32,
+        expires_at: snap.token.as_ref().map(|t| timestamp(t.expires_at)),
+        next_refresh_at: snap.next_refresh_at.map(timestamp),
+        last_error: snap.last_error.clone().unwrap_or_default(),
+        consecutive_failures: snap.consecutive_failures,
+        last_refresh_at: snap.last_refresh_at.map(timestamp),
+    }
+}
+
+/// The stream of `WatchToken`.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<pb::Token, Status>> + Send + 'static>>;
+
+/// What a watch stream carries from one item to the next.
+struct Watch {
+    api: TokenApi,
+    caller: Caller,
+    client: String,
+    rx: watch::Receiver<Snapshot>,
+    /// The generation last sent.
+    sent: Option<u64>,
+    done: bool,
+}
+
+impl Watch {
+    /// The next token to send, or the status that ends the stream.
+    async fn next(&mut self) -> Result<pb::Token, ApiError> {
+        loop {
+            {
+                let snap = self.rx.borrow_and_update();
+                if let Some(t) = snap.valid_token(SystemTime::now())
+                    && self.sent != Some(snap.generation)
+                {
+                    self.sent = Some(snap.generation);
+                    return Ok(token_message(&self.client, t, snap.generation));
+                }
+            }
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        self.reattach()?;
+                        continue;
+                    }
+                }
+                _ = self.api.stop.cancelled() => return Err(ApiError::Stopping),
+            }
+            // A reload may have changed who may read it.
+            self.api.slot(&self.caller, &self.client)?;
+        }
+    }
+
+    /// The refresher ended: the client was removed, or replaced by a reload (a changed
+    /// identity starts a new refresher under the same name). Follows the new one if any.
+    fn reattach(&mut self) -> Result<(), ApiError> {
+        let slot = self.api.slot(&self.caller, &self.client)?;
+        if slot.snapshot.same_channel(&self.rx) || slot.snapshot.has_changed().is_err() {
+            return Err(ApiError::NotFound(self.client.clone()));
+        }
+        self.rx = slot.snapshot;
+        self.rx.mark_changed();
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::token_service_server::TokenService for TokenApi {
+    async fn get_token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let caller = caller_of(&request)?;
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let min_valid = min_valid_for(req.min_valid_for.as_ref())?;
+        let client = req.client;
+        let slot = self.slot(&caller, &client)?;
+        let (mut token, mut generation) = self.current(&client, &slot, deadline).await?;
+        if let Some(d) = min_valid
+            && token
+                .remaining(SystemTime::now())
+                .is_none_or(|left| left < d)
+        {
+            if token.lifetime() < d {
+                return Err(ApiError::InvalidArgument(format!(
+                    "min_valid_for {} is longer than the {} lifetime of client {client:?}'s tokens",
+                    Human(d),
+                    Human(token.lifetime())
+                ))
+                .into());
+            }
+            (token, generation) = self
+                .refresh(&client, &slot, Reason::MinValid(d), deadline)
+                .await?;
+        }
+        tracing::debug!(client, uid = caller.uid, token = %token.fingerprint(), "GetToken");
+        Ok(Response::new(token_message(&client, &token, generation)))
+    }
+
+    type WatchTokenStream = TokenStream;
+
+    async fn watch_token(
+        &self,
+        request: Request<pb::WatchTokenRequest>,
+    ) -> Result<Response<TokenStream>, Status> {
+        let caller = caller_of(&request)?;
+        let client = request.into_inner().client;
+        let slot = self.slot(&caller, &client)?;
+        tracing::debug!(client, uid = caller.uid, "WatchToken started");
+        let mut rx = slot.snapshot;
+        rx.mark_changed();
+        let watch = Watch {
+            api: self.clone(),
+            caller,
+            client,
+            rx,
+            sent: None,
+            done: false,
+        };
+        let stream = futures_util::stream::unfold(watch, |mut w| async move {
+            if w.done {
+                return None;
+            }
+            match w.next().await {
+                Ok(t) => Some((Ok(t), w)),
+                Err(e) => {
+                    w.done = true;
+                    tracing::debug!(client = %w.client, "WatchToken ended: {e}");
+                    Some((Err(Status::from(e)), w))
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let caller = caller_of(&request)?;
+        let deadline = deadline_of(&request);
+        let client = request.into_inner().client;
+        let slot = self.slot(&caller, &client)?;
+        let (token, generation) = self
+            .refresh(&client, &slot, Reason::Demand, deadline)
+            .await?;
+        tracing::debug!(client, uid = caller.uid, token = %token.fingerprint(), "RefreshToken");
+        Ok(Response::new(token_message(&client, &token, generation)))
+    }
+
+    async fn list_clients(
+        &self,
+        request: Request<pb::ListClientsRequest>,
+    ) -> Result<Response<pb::ListClientsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let now = SystemTime::now();
+        let clients = self
+            .store
+            .slots()
+            .into_iter()
+            .filter(|(_, s)| caller.may_read(self.daemon_uid, &s.allow_uids, &s.allow_gids))
+            .map(|(name, s)| status_message(&name, &s.snapshot.borrow(), now))
+            .collect();
+        Ok(Response::new(pb::ListClientsResponse { clients }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_table() {
+        let cases = [
+            ("1S", Some(Duration::from_secs(1))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("99999999u", Some(Duration::from_micros(99_999_999))),
+            ("5n", Some(Duration::from_nanos(5))),
+            ("123456789S", None),
+            ("S", None),
+            ("", None),
+            ("1x", None),
+            ("-1S", None),
+            ("1.5S", None),
+        ];
+        for (v, want) in cases {
+            assert_eq!(grpc_timeout(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn min_valid_for_table() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(min_valid_for(None), Ok(None));
+        assert_eq!(min_valid_for(Some(&d(0, 0))), Ok(None));
+        assert_eq!(
+            min_valid_for(Some(&d(30, 5))),
+            Ok(Some(Duration::new(30, 5)))
+        );
+        assert_eq!(min_valid_for(Some(&d(86_400, 0))), Ok(Some(MAX_MIN_VALID)));
+        for bad in [d(-1, 0), d(0, -5), d(86_401, 0), d(1, 1_000_000_000)] {
+            assert!(
+                matches!(min_valid_for(Some(&bad)), Err(ApiError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("transatel").is_ok());
+        assert!(check_name("a.b_c-9").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn statuses_map_to_codes() {
+        let code = |e: ApiError| Status::from(e).code();
+        assert_eq!(code(ApiError::NotFound("x".into())), tonic::Code::NotFound);
+        assert_eq!(
+            code(ApiError::PermissionDenied {
+                client: "x".into(),
+                uid: 5
+            }),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(ApiError::Unavailable {
+                client: "x".into(),
+                reason: "r".into()
+            }),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(ApiError::InvalidArgument("x".into())),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(ApiError::DeadlineExceeded("x".into())),
+            tonic::Code::DeadlineExceeded
+        );
+    }
+}
