@@ -1,7 +1,8 @@
 //! `tokenwarden run`: the long-running daemon (SPEC §4–§8).
 //!
-//! It opens (and locks) the state directory, starts one refresher per client under a root
-//! cancellation token, and then waits on one channel for what can happen to it: a reload
+//! It opens (and locks) the state directory, removes the temporary files that writes killed
+//! midway left next to the outputs, starts one refresher per client under a root cancellation
+//! token, and then waits on one channel for what can happen to it: a reload
 //! (config or secret file changed, SIGHUP), SIGUSR1 (refresh every client), SIGTERM/SIGINT
 //! (stop). systemd hears READY=1 once every client has a token or has failed its first attempt,
 //! STATUS= lines, RELOADING=1/READY=1 around reloads, STOPPING=1 and watchdog pings.
@@ -123,6 +124,17 @@ impl Daemon {
             daemon.start_metrics(addr).await?;
         }
         let clients: Vec<ClientConfig> = daemon.config.clients.values().cloned().collect();
+        // We hold the state lock and no refresher runs yet: any temporary file next to an
+        // output is litter from a write that was killed midway (SPEC §6).
+        for c in &clients {
+            for path in crate::outputs::remove_stale_temp_files(c) {
+                tracing::info!(
+                    client = %c.name,
+                    path = %path.display(),
+                    "removed a temporary file left by an interrupted write"
+                );
+            }
+        }
         for c in clients {
             daemon.add_client(Arc::new(c)).await;
         }

@@ -6,7 +6,9 @@
 //! explicitly (so the umask never matters), written, fsynced, chowned, renamed over the final
 //! path, and the directory fsynced. A reader sees the old file or the new one, never a mix; a
 //! failure removes the temporary file and leaves the old file as it was. The state directory
-//! ([`crate::state`]) uses the same function.
+//! ([`crate::state`]) uses the same function. A write killed midway (SIGKILL, power loss) can
+//! only leave a temporary file behind, never a partial output: [`remove_stale_temp_files`]
+//! clears those at the daemon's start.
 //!
 //! If the final path is a symlink, the rename replaces the link itself with a regular file; the
 //! file the link pointed to is never written. That is deliberate: following a link placed in a
@@ -36,6 +38,9 @@ pub const CAPTURE_LIMIT: usize = 4096;
 /// How many random temporary names are tried before giving up (each collision is a 1 in 56
 /// billion event unless something is squatting the names).
 const TEMP_ATTEMPTS: usize = 16;
+
+/// Letters and digits in the random part of a temporary name.
+const TEMP_SUFFIX_LEN: usize = 6;
 
 /// Why an output could not be rendered or written. Messages name the file and the cause, never
 /// the content.
@@ -416,9 +421,61 @@ fn create_temp(
 fn random_suffix() -> String {
     rand::rng()
         .sample_iter(Alphanumeric)
-        .take(6)
+        .take(TEMP_SUFFIX_LEN)
         .map(char::from)
         .collect()
+}
+
+/// Whether `entry` is a temporary name [`write_atomic`] makes for a file named `name`:
+/// `.NAME.tw-` then six ASCII letters or digits. Pure.
+pub fn is_temp_name_for(entry: &str, name: &str) -> bool {
+    entry
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix(".tw-"))
+        .is_some_and(|suffix| {
+            suffix.len() == TEMP_SUFFIX_LEN && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+}
+
+/// Removes the temporary files that writes of `client`'s outputs killed midway (SIGKILL, a
+/// crash, a power loss) left next to them, and returns their paths. Only regular files with
+/// the names [`write_atomic`] makes for these very outputs are touched; nothing else in the
+/// directories is. Best effort: a file that cannot be listed or removed is left.
+///
+/// Call it only when no write to these outputs can be in flight: the daemon does at start,
+/// holding the state directory's lock, which `tokenwarden once` takes too.
+pub fn remove_stale_temp_files(client: &ClientConfig) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for out in &client.outputs {
+        let (Some(name), Some(dir)) = (out.path.file_name(), out.path.parent()) else {
+            continue;
+        };
+        let name = name.to_string_lossy();
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file
+                && is_temp_name_for(&entry.file_name().to_string_lossy(), &name)
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push(entry.path());
+            }
+        }
+    }
+    if !removed.is_empty() {
+        // Best effort, like the removal itself: a lost unlink only leaves the litter again.
+        for dir in removed
+            .iter()
+            .filter_map(|p| p.parent())
+            .collect::<HashSet<_>>()
+        {
+            let _ = sync_dir(dir);
+        }
+    }
+    removed
 }
 
 /// `open(path, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode)`.
@@ -813,5 +870,30 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new");
         assert_eq!(fs::read(&victim).unwrap(), b"victim");
         assert!(!dir.path().join(".out.tw-BBBBBB").exists());
+    }
+
+    #[test]
+    fn temporary_names() {
+        let cases = [
+            (".out.tw-AbC019", "out", true),
+            (".a.token.tw-zzzzzz", "a.token", true),
+            (".out.tw-AbC01", "out", false),
+            (".out.tw-AbC0199", "out", false),
+            (".out.tw-AbC-19", "out", false),
+            (".out.tw-ÀbC019", "out", false),
+            ("out.tw-AbC019", "out", false),
+            (".other.tw-AbC019", "out", false),
+            (".out.tw-AbC019", "ou", false),
+            (".out.json.tw-AbC019", "out", false),
+            (".out", "out", false),
+            (".lock", "out", false),
+        ];
+        for (entry, name, want) in cases {
+            assert_eq!(is_temp_name_for(entry, name), want, "{entry} for {name}");
+        }
+        for _ in 0..100 {
+            let made = format!(".out.tw-{}", random_suffix());
+            assert!(is_temp_name_for(&made, "out"), "{made}");
+        }
     }
 }

@@ -246,6 +246,7 @@ impl Refresher {
                 self.publish_snapshot(token.clone(), s.generation, true);
                 self.plan_next(&token, Trigger::Startup);
                 self.write_outputs(&token, false).await;
+                self.settle();
                 return;
             }
             // Keep the generation counting on from the stored one.
@@ -470,6 +471,7 @@ impl Refresher {
         };
         self.plan_next(&token, trigger);
         self.write_outputs(&token, true).await;
+        self.settle();
         Some(Ok(token))
     }
 
@@ -482,9 +484,16 @@ impl Refresher {
             s.last_error = None;
             s.consecutive_failures = 0;
             s.last_refresh_at = Some(now);
-            s.settled = true;
             let _ = reused;
         });
+    }
+
+    /// Marks the first attempt as finished. Called after the outputs are written, not when the
+    /// token is published: READY=1 waits for every client to settle, and a unit ordered after
+    /// tokenwarden must find the token files in place (SPEC §8).
+    fn settle(&mut self) {
+        self.snapshot
+            .send_if_modified(|s| !std::mem::replace(&mut s.settled, true));
     }
 
     fn plan_next(&mut self, token: &Token, trigger: Trigger) {

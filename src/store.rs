@@ -56,7 +56,8 @@ pub struct Snapshot {
     pub consecutive_failures: u32,
     /// When the last token was obtained (or reused at start).
     pub last_refresh_at: Option<SystemTime>,
-    /// Whether at least one attempt has finished (or a stored token was reused).
+    /// Whether at least one attempt has finished (or a stored token was reused), and a token it
+    /// brought has been written to the outputs. READY=1 waits for this on every client.
     pub settled: bool,
 }
 

@@ -11,7 +11,9 @@
 //!   `kid`, `iss` = `sub` = client id, `aud` = the token URL posted to, `exp` ≤ 5 min after
 //!   `iat`, `jti` never reused);
 //! - grants `client_credentials` (§4.4), `password` (§4.3), `refresh_token` (§6, single use,
-//!   rotated on every use) and jwt-bearer (RFC 7523 §2.1), each only where its dialect has it;
+//!   rotated on every use, unless the client is given a reuse grace:
+//!   [`RegisteredClient::refresh_reuse_grace`]) and jwt-bearer (RFC 7523 §2.1), each only where
+//!   its dialect has it;
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
@@ -145,6 +147,14 @@ pub struct RegisteredClient {
     pub refresh_tokens: bool,
     /// Leave `expires_in` out of responses (to test the JWT `exp` and `default_lifetime` paths).
     pub omit_expires_in: bool,
+    /// How long a refresh token stays usable after it was rotated. `None` (the default): it
+    /// dies the moment it is used, as RFC 6749 §6 allows and a strict provider does. `Some(d)`:
+    /// like Okta's refresh token grace period or Auth0's reuse interval, the previous token may
+    /// be presented again for `d` after its first use, and each such use is answered like any
+    /// other (a new access token and a new refresh token). A client that lost the response
+    /// carrying the new token (killed between the provider's rotation and its own durable save)
+    /// recovers with the old one instead of falling back to its primary grant.
+    pub refresh_reuse_grace: Option<Duration>,
 }
 
 impl RegisteredClient {
@@ -162,6 +172,7 @@ impl RegisteredClient {
             grant_assertion: None,
             refresh_tokens: dialect.issues_refresh_tokens(),
             omit_expires_in: false,
+            refresh_reuse_grace: None,
         }
     }
 
@@ -224,6 +235,13 @@ impl RegisteredClient {
     /// The same client with another token lifetime.
     pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = lifetime;
+        self
+    }
+
+    /// The same client with a reuse grace for rotated refresh tokens (`None`: strict); see
+    /// [`RegisteredClient::refresh_reuse_grace`].
+    pub fn with_refresh_reuse_grace(mut self, grace: Option<Duration>) -> Self {
+        self.refresh_reuse_grace = grace;
         self
     }
 
@@ -325,7 +343,8 @@ struct State {
     live: HashMap<String, LiveToken>,
     /// Tokens issued per client id.
     issued: HashMap<String, usize>,
-    /// Refresh token → what it may be exchanged for. Removed on use (RFC 6749 §6 rotation).
+    /// Refresh token → what it may be exchanged for. Removed on use (RFC 6749 §6 rotation), or
+    /// marked rotated and kept for the client's reuse grace.
     refresh: HashMap<String, RefreshGrant>,
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
@@ -340,6 +359,8 @@ struct LiveToken {
 struct RefreshGrant {
     client_id: String,
     scope: Vec<String>,
+    /// When it was first used, if it was and the client has a reuse grace.
+    rotated_at: Option<Instant>,
 }
 
 impl fmt::Debug for Provider {
@@ -420,6 +441,14 @@ impl Provider {
         }
     }
 
+    /// Changes a client's reuse grace for rotated refresh tokens (`None`: strict) from now on;
+    /// see [`RegisteredClient::refresh_reuse_grace`].
+    pub fn set_refresh_reuse_grace(&self, client_id: &str, grace: Option<Duration>) {
+        if let Some(c) = self.state().clients.get_mut(client_id) {
+            c.refresh_reuse_grace = grace;
+        }
+    }
+
     /// Sets (or, with `None`, clears) a fault for every request until changed.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.state().faults.standing = fault;
@@ -467,12 +496,13 @@ impl Provider {
         self.state().refresh.retain(|_, g| g.client_id != client_id);
     }
 
-    /// How many unused refresh tokens a client holds.
+    /// How many unused refresh tokens a client holds (rotated ones still in their reuse grace
+    /// are not counted).
     pub fn live_refresh_tokens(&self, client_id: &str) -> usize {
         self.state()
             .refresh
             .values()
-            .filter(|g| g.client_id == client_id)
+            .filter(|g| g.client_id == client_id && g.rotated_at.is_none())
             .count()
     }
 
@@ -901,7 +931,8 @@ impl State {
         seen.insert(jti.clone(), checked.exp).is_none()
     }
 
-    /// The refresh grant (RFC 6749 §6): the token is single use; the scope may only narrow.
+    /// The refresh grant (RFC 6749 §6): the token is single use (or usable again within the
+    /// client's reuse grace after its first use); the scope may only narrow.
     fn redeem_refresh(
         &mut self,
         client: &RegisteredClient,
@@ -913,6 +944,12 @@ impl State {
                 "the refresh_token grant needs refresh_token (RFC 6749 §6)",
             ));
         };
+        let now = Instant::now();
+        let grace = client.refresh_reuse_grace;
+        let in_grace = |at: Instant| grace.is_some_and(|g| now.duration_since(at) <= g);
+        // Rotated tokens past their grace are dead: forget them.
+        self.refresh
+            .retain(|_, g| g.client_id != client.client_id || g.rotated_at.is_none_or(&in_grace));
         let original = match self.refresh.get(rt) {
             Some(g) if g.client_id == client.client_id => g.scope.clone(),
             Some(_) => {
@@ -931,7 +968,15 @@ impl State {
                 "scope {extra} was not granted with the refresh token"
             )));
         }
-        self.refresh.remove(rt);
+        match (grace, self.refresh.get_mut(rt)) {
+            // The grace runs from the first use: reusing it does not extend it.
+            (Some(_), Some(g)) => {
+                g.rotated_at.get_or_insert(now);
+            }
+            _ => {
+                self.refresh.remove(rt);
+            }
+        }
         Ok(if requested.is_empty() {
             original
         } else {
@@ -982,6 +1027,7 @@ impl State {
                     RefreshGrant {
                         client_id: c.client_id.clone(),
                         scope: scope.clone(),
+                        rotated_at: None,
                     },
                 );
                 rt

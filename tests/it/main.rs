@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod config;
+mod crash;
 mod daemon;
 mod engine;
 mod examples;
