@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod engine;
 mod examples;
+mod faults;
 mod outputs;
 mod provider;
 mod schedule;
