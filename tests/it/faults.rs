@@ -299,24 +299,6 @@ fn all_outputs(env: &DemoEnv) -> Vec<(&'static str, std::path::PathBuf, &'static
 
 // === Reading the logs ===
 
-/// The logs without ANSI colour sequences.
-fn plain(logs: &str) -> String {
-    let mut out = String::with_capacity(logs.len());
-    let mut chars = logs.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// One text log line: when, level, the rest.
 struct Line<'a> {
     at: SystemTime,
@@ -505,7 +487,11 @@ async fn outage(sc: Scenario) {
     let samples = sampler.stop().await;
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
-    let logs = plain(&daemon.logs());
+    let logs = daemon.logs();
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in logs to a pipe:\n{logs}"
+    );
     let lines = lines(&logs);
 
     assert!(
@@ -556,13 +542,7 @@ async fn outage(sc: Scenario) {
         }
 
         // The token expired during the fault: logged once, not before its expires_at.
-        let expired = samples.history[main_output(client)]
-            .iter()
-            .map(|(t, _)| t)
-            .take_while(|t| **t != before[client])
-            .count();
-        let expiring = &samples.history[main_output(client)][expired].0;
-        let expires_at = samples.expiry[expiring];
+        let expires_at = samples.expiry[&before[client]];
         let lines_expired: Vec<&Line> = lines.iter().filter(|l| l.is(client, EXPIRED)).collect();
         assert_eq!(lines_expired.len(), 1, "{client}: expiry lines\n{logs}");
         let at = lines_expired[0].at;
@@ -650,7 +630,7 @@ async fn outage(sc: Scenario) {
 async fn wait_line(daemon: &DaemonProc, client: &str, needle: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let logs = plain(&daemon.logs());
+        let logs = daemon.logs();
         if lines(&logs).iter().any(|l| l.is(client, needle)) {
             return;
         }
@@ -987,7 +967,7 @@ async fn a_failed_output_write_is_logged_retried_and_stops_nothing_else() {
         .map(|(f, _, _)| (*f, sampler.current(f).unwrap()))
         .collect();
     let failures = |daemon: &DaemonProc| {
-        let logs = plain(&daemon.logs());
+        let logs = daemon.logs();
         lines(&logs)
             .iter()
             .filter(|l| {
@@ -1029,11 +1009,37 @@ async fn a_failed_output_write_is_logged_retried_and_stops_nothing_else() {
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
     assert!(samples.problems.is_empty(), "{:#?}", samples.problems);
-    let logs = plain(&daemon.logs());
+    let logs = daemon.logs();
     assert!(
         !lines(&logs)
             .iter()
             .any(|l| l.level == "WARN" && l.is("transatel", FAILED)),
         "no token request failed\n{logs}"
     );
+}
+
+// === Log lines themselves ===
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    for journal in [false, true] {
+        let envs: &[(&str, &str)] = if journal {
+            &[("JOURNAL_STREAM", "8:1234")]
+        } else {
+            &[]
+        };
+        let mut daemon = DaemonProc::start(&env.demo.config, envs);
+        daemon.wait_log("ready", Duration::from_secs(10)).await;
+        daemon.signal(Signal::SIGTERM);
+        assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+        let logs = daemon.logs();
+        assert!(!logs.contains('\u{1b}'), "journal {journal}:\n{logs:?}");
+        if journal {
+            assert!(logs.lines().all(|l| l.starts_with('<')), "{logs}");
+            assert!(logs.contains("client=\"transatel\""), "{logs}");
+        } else {
+            assert!(lines(&logs).iter().any(|l| l.level == "INFO"), "{logs}");
+        }
+    }
 }
