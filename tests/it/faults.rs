@@ -162,7 +162,8 @@ struct Samples {
 
 /// Reads every output and state file every 50 ms, checking each time that every output holds
 /// a whole token of its own client that is live at the provider, or one that has expired there
-/// (and that the daemon also knows to be past its expiry), never going back to an older one.
+/// and is past the `expires_at` the daemon stored for it; that a token newly written is live;
+/// and that an output never goes back to an older token.
 struct Sampler {
     samples: Arc<Mutex<Samples>>,
     stop: Arc<AtomicBool>,
@@ -270,9 +271,10 @@ fn sample_output(
     let live = provider.token_is_live(&token);
     if !live
         && let Some(exp) = s.expiry.get(&token)
-        && *exp > SystemTime::now() + Duration::from_secs(1)
+        && *exp > SystemTime::now()
     {
-        // The provider's expiry is never earlier than the daemon's (it counts from later).
+        // The daemon's expires_at counts from when it sent the request, the provider's from
+        // when it answered: expired at the provider means past the daemon's expires_at too.
         s.problems.push(format!(
             "{name}: the provider says the token expired, the daemon has it valid until {}",
             humantime::format_rfc3339_seconds(*exp)
@@ -458,16 +460,17 @@ async fn outage(sc: Scenario) {
     }
     let on = Instant::now();
     tokio::time::sleep_until((on + FAULT_FOR).into()).await;
+    // The tokens held at the end of the fault: the ones that expired during it.
+    let before: HashMap<&str, String> = CLIENTS
+        .iter()
+        .map(|(c, _)| (*c, sampler.current(main_output(c)).unwrap()))
+        .collect();
     let off = Instant::now();
     let off_wall = SystemTime::now();
     match &sc.outage {
         Outage::Fault(_) => env.provider.set_fault(None),
         Outage::Down => env.provider.resume().await.unwrap(),
     }
-    let before: HashMap<&str, String> = CLIENTS
-        .iter()
-        .map(|(c, _)| (*c, sampler.current(main_output(c)).unwrap()))
-        .collect();
 
     // Recovery: a new token in every output within retry_max (or Retry-After, or a hanging
     // attempt's timeout) of the provider's return.
