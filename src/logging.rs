@@ -7,6 +7,7 @@
 //! one of them explicitly still wins. The level can be changed at run time (config reload).
 
 use std::fmt;
+use std::io::IsTerminal as _;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::FmtContext;
@@ -84,14 +85,17 @@ pub fn init(format: LogFormat, level: &str) -> Result<LogHandle, String> {
                 .with_current_span(false)
                 .with_writer(std::io::stderr),
         ),
+        // Colours only on a terminal: a pipe, a file or journald would keep the escape codes.
         LogFormat::Text => Box::new(
             tracing_subscriber::fmt::layer()
                 .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr),
         ),
         LogFormat::Auto => Box::new(
             tracing_subscriber::fmt::layer()
                 .event_format(Journald)
+                .with_ansi(false)
                 .with_writer(std::io::stderr),
         ),
     };

@@ -17,8 +17,9 @@
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
-//! Faults ([`Fault`]) make it misbehave on demand. Every request is recorded
-//! ([`Provider::requests`]). Logs are at debug level and never carry secrets or tokens.
+//! Faults ([`Fault`]) make it misbehave on demand; [`Provider::pause`] takes it off the network
+//! (connections refused) and [`Provider::resume`] brings it back on the same port. Every request
+//! is recorded ([`Provider::requests`]). Logs are at debug level and never carry secrets or tokens.
 //!
 //! # Layout
 //! - [`dialect`](Dialect): paths, grants and response shapes per provider.
@@ -271,6 +272,8 @@ pub struct RecordedRequest {
     pub body: Vec<u8>,
     /// The form pairs as sent, when the body was declared `application/x-www-form-urlencoded`.
     pub form: Vec<(String, String)>,
+    /// When the provider took it in and decided its answer (and any fault) for it.
+    pub received_at: Instant,
 }
 
 impl RecordedRequest {
@@ -330,6 +333,8 @@ struct Shared {
     /// Signs Transatel's JWT access tokens and Talkdesk's id tokens.
     server_key: Secret,
     cancel: CancellationToken,
+    /// The current listener's accept loop; `None` while paused ([`Provider::pause`]).
+    serving: Mutex<Option<Serving>>,
     state: Mutex<State>,
 }
 
@@ -349,6 +354,21 @@ struct State {
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
+}
+
+/// A listener being served: cancelling `cancel` (a child of the provider's) closes it and its
+/// connections; `task` ends once the listening socket is closed.
+struct Serving {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    fn spawn(listener: TcpListener, shared: Arc<Shared>) -> Serving {
+        let cancel = shared.cancel.child_token();
+        let task = tokio::spawn(accept_loop(listener, shared, cancel.clone()));
+        Serving { cancel, task }
+    }
 }
 
 struct LiveToken {
@@ -390,9 +410,10 @@ impl Provider {
             addr,
             server_key,
             cancel: CancellationToken::new(),
+            serving: Mutex::new(None),
             state: Mutex::new(State::default()),
         });
-        tokio::spawn(accept_loop(listener, shared.clone()));
+        *shared.serving_slot() = Some(Serving::spawn(listener, shared.clone()));
         debug!(%addr, "provider: listening");
         Ok(Provider {
             inner: Arc::new(Inner { shared }),
@@ -506,6 +527,40 @@ impl Provider {
             .count()
     }
 
+    /// Takes the provider off the network, as a host going down does: when this returns, the
+    /// listening socket is closed (connections are refused) and open connections are being
+    /// closed, hanging answers included. Nothing is forgotten; [`Provider::resume`] brings it
+    /// back on the same address.
+    pub async fn pause(&self) {
+        let serving = self.shared().serving_slot().take();
+        if let Some(s) = serving {
+            s.cancel.cancel();
+            // The accept loop drops the listener as it ends.
+            let _ = s.task.await;
+            debug!(addr = %self.shared().addr, "provider: paused");
+        }
+    }
+
+    /// Listens again on the same address after [`Provider::pause`] (no-op when not paused).
+    /// Fails if the port was taken meanwhile, or after [`Provider::shutdown`].
+    pub async fn resume(&self) -> std::io::Result<()> {
+        let shared = &self.inner.shared;
+        if shared.cancel.is_cancelled() {
+            return Err(std::io::Error::other("the provider was shut down"));
+        }
+        if shared.serving_slot().is_some() {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(shared.addr).await?;
+        let mut slot = shared.serving_slot();
+        // A concurrent resume may have won; then this listener is simply dropped.
+        if slot.is_none() {
+            *slot = Some(Serving::spawn(listener, shared.clone()));
+            debug!(addr = %shared.addr, "provider: resumed");
+        }
+        Ok(())
+    }
+
     /// Stops the server: no new connection is accepted and open ones are closed.
     pub fn shutdown(&self) {
         debug!(addr = %self.shared().addr, "provider: shutting down");
@@ -515,15 +570,17 @@ impl Provider {
 
 // === serving ===
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts connections until `serving` is cancelled (pause or shutdown); dropping the listener
+/// then closes the port.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, serving: CancellationToken) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = serving.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, shared.clone()));
+                tokio::spawn(serve_connection(stream, shared.clone(), serving.clone()));
             }
             Err(e) => {
                 // Out of file descriptors, say: back off a little rather than spin.
@@ -534,9 +591,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Serves one connection in its own task, so a hanging answer blocks nothing else.
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    let cancel = shared.cancel.clone();
+/// Serves one connection in its own task, so a hanging answer blocks nothing else. Closed when
+/// `cancel` fires (pause or shutdown).
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) {
     let svc = service_fn(move |req| handle(shared.clone(), req));
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
@@ -589,7 +646,7 @@ async fn handle(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| request::check_content_type(Some(v)).is_ok());
-    let recorded = RecordedRequest {
+    let mut recorded = RecordedRequest {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         headers,
@@ -599,9 +656,11 @@ async fn handle(
             Vec::new()
         },
         body: bytes,
+        received_at: Instant::now(),
     };
     let fault = {
         let mut st = shared.lock();
+        recorded.received_at = Instant::now();
         st.requests.push(recorded.clone());
         st.faults.take()
     };
@@ -689,6 +748,10 @@ fn unix_now() -> u64 {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn serving_slot(&self) -> MutexGuard<'_, Option<Serving>> {
+        self.serving.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn base_url(&self) -> String {

@@ -1,13 +1,13 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
 #[allow(dead_code)]
 mod support;
-
 mod cli;
 mod config;
 mod crash;
 mod daemon;
 mod engine;
 mod examples;
+mod faults;
 mod fuzz_corpus;
 mod grpc;
 mod metrics;
