@@ -1,6 +1,4 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
-#[allow(dead_code)]
-mod support;
 mod cli;
 mod config;
 mod crash;
@@ -16,5 +14,7 @@ mod provider;
 mod reload;
 mod schedule;
 mod state;
+#[allow(dead_code)]
+mod support;
 mod unit;
 mod watcher;

@@ -195,6 +195,8 @@ impl Drop for NotifySocket {
 pub struct DaemonProc {
     pub child: tokio::process::Child,
     logs: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The stderr reader: done once the child's stderr is closed.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl DaemonProc {
@@ -218,7 +220,7 @@ impl DaemonProc {
         let stderr = child.stderr.take().unwrap();
         let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let l = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let mut g = l.lock().unwrap();
@@ -226,7 +228,11 @@ impl DaemonProc {
                 g.push('\n');
             }
         });
-        DaemonProc { child, logs }
+        DaemonProc {
+            child,
+            logs,
+            reader: Some(reader),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -257,7 +263,7 @@ impl DaemonProc {
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -265,6 +271,11 @@ impl DaemonProc {
                     self.logs()
                 )
             })
-            .unwrap()
+            .unwrap();
+        // Every line it wrote is in `logs()` once the reader has seen its stderr close.
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        status
     }
 }
