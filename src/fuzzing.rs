@@ -67,3 +67,25 @@ pub fn jwt_exp(data: &[u8]) {
         let _ = crate::oauth::jwt_expiry(s);
     }
 }
+
+/// Feeds the HTTP/2 client preface and then `data`, cut into pieces whose sizes come from the
+/// data itself, through the `:authority` adaptor: it must rewrite or refuse, never panic.
+pub fn authority(data: &[u8]) {
+    use bytes::BytesMut;
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(cut % 64) + 1;
+    let mut rw = crate::grpc::authority::Rewriter::new();
+    let mut input = BytesMut::from(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..]);
+    let mut out = BytesMut::new();
+    if rw.feed(&mut input, &mut out).is_err() {
+        return;
+    }
+    for chunk in rest.chunks(step) {
+        input.extend_from_slice(chunk);
+        if rw.feed(&mut input, &mut out).is_err() {
+            return;
+        }
+    }
+}

@@ -37,3 +37,8 @@ fn token_response_corpus() {
 fn jwt_exp_corpus() {
     assert!(replay("jwt_exp", tokenwarden::fuzzing::jwt_exp) >= 6);
 }
+
+#[test]
+fn authority_corpus() {
+    assert!(replay("authority", tokenwarden::fuzzing::authority) >= 9);
+}
