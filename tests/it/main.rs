@@ -16,5 +16,6 @@ mod schedule;
 mod state;
 #[allow(dead_code)]
 mod support;
+mod tls;
 mod unit;
 mod watcher;

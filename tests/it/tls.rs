@@ -1,0 +1,106 @@
+//! TLS to the token endpoint: verification is always on; `ca_file` adds a private CA on top of
+//! the system store; a certificate from an unknown CA is refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokenwarden::oauth::{self, OAuthError};
+use tokio_rustls::rustls;
+
+/// A CA (PEM) and a TLS token endpoint on 127.0.0.1 serving a leaf it signed for `localhost`.
+async fn tls_endpoint() -> (String, u16) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    let mut r = hyper::Response::new(Full::new(Bytes::from_static(
+                        br#"{"access_token":"tls-token","token_type":"Bearer","expires_in":60}"#,
+                    )));
+                    r.headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (ca_cert.pem(), port)
+}
+
+fn client(
+    dir: &std::path::Path,
+    port: u16,
+    ca_file: Option<&str>,
+) -> tokenwarden::config::ClientConfig {
+    let ca = ca_file
+        .map(|p| format!("ca_file = \"{p}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "[clients.tls]\ntoken_url = \"https://localhost:{port}/token\"\nclient_id = \"c\"\nclient_secret = {{ file = \"secret\" }}\ntimeout = \"5s\"\n{ca}"
+    );
+    std::fs::write(dir.join("secret"), "s3cret").unwrap();
+    let cfg = tokenwarden::config::load_str(&text, &dir.join("c.toml")).unwrap();
+    cfg.clients["tls"].clone()
+}
+
+#[tokio::test]
+async fn a_private_ca_works_only_through_ca_file() {
+    let (ca_pem, port) = tls_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca_pem).unwrap();
+
+    // Without ca_file the certificate is refused: verification is on.
+    let c = client(dir.path(), port, None);
+    let http = oauth::http_client(None).unwrap();
+    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // With it, the token comes.
+    let c = client(dir.path(), port, Some(ca_path.to_str().unwrap()));
+    let http = oauth::http_client(c.ca_file.as_deref()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), oauth::acquire(&http, &c, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.issued.token.access_token.expose(), "tls-token");
+    assert_eq!(got.issued.token.lifetime(), Duration::from_secs(60));
+
+    // A ca_file that holds no certificate is a clear error.
+    std::fs::write(&ca_path, "not a certificate").unwrap();
+    let e = oauth::http_client(Some(&ca_path)).unwrap_err();
+    assert!(e.to_string().contains("ca_file"), "{e}");
+}
