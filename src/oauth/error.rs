@@ -44,7 +44,7 @@ pub enum OAuthError {
     #[error("token request timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     /// The connection broke mid-request or mid-response (reset, truncated body).
-    #[error("token request failed: {0}")]
+    #[error("the connection broke: {0}")]
     Transport(String),
     /// A success status whose body is not a usable token response.
     #[error("malformed token response (HTTP {status}): {reason}")]

@@ -359,7 +359,7 @@ async fn every_failure_mode_gives_the_right_class_and_a_clear_message() {
             name: "dropped connection",
             fault: Fault::DropConnection,
             want: retryable,
-            message: "token request failed",
+            message: "the connection broke",
         },
         Case {
             name: "truncated body",
