@@ -11,6 +11,7 @@ mod grpc;
 mod metrics;
 mod outputs;
 mod provider;
+mod pyclient;
 mod reload;
 mod schedule;
 mod state;
