@@ -219,7 +219,7 @@ fn success(
             },
             None => ctx.default_lifetime,
         },
-        Some(v) => parse_expires_in(v).map_err(malformed)?,
+        Some(v) => parse_expires_in(v).map_err(|reason| malformed(scrub(&reason, ctx)))?,
     };
     let mut expires_at = ctx.sent_at + lifetime;
     // A JWT that says it expires sooner than expires_in is believed: never serve it past exp.
@@ -563,6 +563,15 @@ mod tests {
         let err = parse_token_response(&meta(200, "application/json"), &[0xff, 0xfe], &ctx())
             .unwrap_err();
         assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn values_echoed_in_malformed_answers_are_scrubbed() {
+        // Found by the token_response fuzz target: a provider echoing a sent secret inside
+        // `expires_in` must not get it into the error message.
+        let err = ok(r#"{"access_token":"a","expires_in":"s3cret-value"}"#).unwrap_err();
+        assert!(err.to_string().contains("[redacted]"), "{err}");
+        assert!(!err.to_string().contains("s3cret-value"), "{err}");
     }
 
     #[test]
