@@ -20,6 +20,7 @@
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
+//! - [`cli`]: the command line (SPEC §2), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@
 )]
 
 pub mod app;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -5,128 +5,32 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use clap::{Parser, Subcommand};
+use clap::FromArgMatches;
 
-use tokenwarden::client::{self, Format};
-use tokenwarden::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
+use tokenwarden::cli::{self, Cli, Command};
+use tokenwarden::client;
+use tokenwarden::config::{self, LogFormat};
 use tokenwarden::oauth::Human;
 use tokenwarden::{app, demo, logging};
 
-#[derive(Parser)]
-#[command(
-    name = "tokenwarden",
-    version,
-    about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args, Clone)]
-struct ConfigArg {
-    /// Config file.
-    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-}
-
-/// Where the daemon's socket is (SPEC §2).
-#[derive(clap::Args, Clone)]
-struct SocketArg {
-    /// The daemon's socket (default: the config's `daemon.socket`, else $TOKENWARDEN_SOCKET,
-    /// else /run/tokenwarden/tokenwarden.sock).
-    #[arg(short, long)]
-    socket: Option<PathBuf>,
-    /// Config file whose `daemon.socket` is the default socket (read only if it exists).
-    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-}
-
-impl SocketArg {
-    fn path(&self) -> PathBuf {
-        let env = std::env::var("TOKENWARDEN_SOCKET").ok();
-        client::resolve_socket(
-            self.socket.as_deref(),
-            client::socket_from_config(&self.config),
-            env.as_deref(),
-        )
-    }
-}
-
-/// `--format` of `get`.
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum FormatArg {
-    /// The access token.
-    Token,
-    /// A JSON object with the token, its type, times, scope and generation.
-    Json,
-    /// `Authorization: Bearer …`.
-    Header,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon in the foreground (what systemd starts).
-    Run {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Validate the config, its secrets and keys; exit 0, or 2 with one line per problem.
-    Check {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Fetch each client's token once (or reuse a stored valid one), write its outputs, exit.
-    Once {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Log level for this run (a tracing filter such as `info` or `tokenwarden=debug`).
-        #[arg(long, env = "TOKENWARDEN_LOG", default_value = "warn")]
-        log_level: String,
-        /// Only these clients (default: all).
-        clients: Vec<String>,
-    },
-    /// Print a client's current token, from the running daemon.
-    Get {
-        /// The client (a `[clients.NAME]` of the config).
-        client: String,
-        #[command(flatten)]
-        socket: SocketArg,
-        /// What to print.
-        #[arg(long, value_enum, default_value = "token")]
-        format: FormatArg,
-        /// Get a new token first if the current one expires sooner than this (e.g. `5m`).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        min_valid: Option<std::time::Duration>,
-    },
-    /// Show every client the daemon serves: state, expiry, next refresh, failures, last error.
-    Status {
-        #[command(flatten)]
-        socket: SocketArg,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make the daemon get a new token for a client now.
-    Refresh {
-        /// The client.
-        client: String,
-        #[command(flatten)]
-        socket: SocketArg,
-    },
-    /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
-    Demo {
-        /// Directory to work in (default: a new temporary directory).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Token lifetime the demo provider grants.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-        lifetime: std::time::Duration,
-    },
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = cli::command()
+        .subcommand(
+            // Writes the manual and completions for the .deb (scripts/package.sh); not a
+            // user's command, so not in --help nor in what it generates.
+            clap::Command::new("generate-assets").hide(true).arg(
+                clap::arg!(<DIR> "Directory to write into")
+                    .value_parser(clap::value_parser!(PathBuf)),
+            ),
+        )
+        .get_matches();
+    if let Some(("generate-assets", m)) = matches.subcommand() {
+        return generate_assets(m.get_one::<PathBuf>("DIR"));
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Run { config } => run(&config.config),
         Command::Check { config } => check(&config.config),
@@ -141,11 +45,7 @@ fn main() -> ExitCode {
             format,
             min_valid,
         } => {
-            let format = match format {
-                FormatArg::Token => Format::Token,
-                FormatArg::Json => Format::Json,
-                FormatArg::Header => Format::Header,
-            };
+            let format = format.into();
             let socket = socket.path();
             call(async {
                 let t = client::get(&socket, &client, min_valid).await?;
@@ -184,6 +84,28 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// `generate-assets DIR`: the manual pages and completions, one path per line.
+fn generate_assets(dir: Option<&PathBuf>) -> ExitCode {
+    let Some(dir) = dir else {
+        return ExitCode::from(2);
+    };
+    match cli::write_assets(dir) {
+        Ok(paths) => {
+            for p in paths {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "tokenwarden: cannot write the assets to {}: {e}",
+                dir.display()
+            );
+            ExitCode::from(1)
         }
     }
 }

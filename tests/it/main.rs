@@ -10,6 +10,7 @@ mod fuzz_corpus;
 mod grpc;
 mod metrics;
 mod outputs;
+mod package;
 mod provider;
 mod pyclient;
 mod reload;

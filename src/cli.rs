@@ -1,0 +1,430 @@
+//! The command line of SPEC §2 as one clap definition, and what is generated from it for the
+//! .deb: the manual (section 8) and the bash, zsh and fish completions.
+//!
+//! The binary parses [`Cli`]; `scripts/package.sh` runs the binary's hidden
+//! `generate-assets DIR` command, which calls [`write_assets`], so the manual and completions
+//! always describe the commands and flags the shipped binary accepts.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+use clap_mangen::roff::{Roff, bold, italic, roman};
+
+use crate::client;
+use crate::config::{DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR};
+
+/// The section of the manual tokenwarden's pages go in: system administration commands.
+pub const MAN_SECTION: &str = "8";
+
+/// The manual's name in the pages' headers.
+const MANUAL: &str = "System Manager's Manual";
+
+/// `tokenwarden`'s command line.
+#[derive(Parser)]
+#[command(
+    name = "tokenwarden",
+    version,
+    about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts",
+    long_about = "Keeps OAuth 2.0 access tokens fresh on Linux hosts.\n\
+        \n\
+        For each client its config names, tokenwarden gets an access token from the provider's \
+        token endpoint, refreshes it well ahead of expiry, writes it atomically to the files the \
+        config lists and serves it over gRPC on a Unix socket. `run` is the daemon systemd \
+        starts; `check` validates a config offline; `once` gets every token once and exits; \
+        `get`, `status` and `refresh` ask the running daemon; `demo` runs everything against a \
+        built-in token endpoint on loopback."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `-c CONFIG` of `run`, `check` and `once`.
+#[derive(clap::Args, Clone)]
+pub struct ConfigArg {
+    /// Config file.
+    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+/// Where the daemon's socket is (SPEC §2).
+#[derive(clap::Args, Clone)]
+pub struct SocketArg {
+    /// The daemon's socket (default: the config's `daemon.socket`, else $TOKENWARDEN_SOCKET,
+    /// else /run/tokenwarden/tokenwarden.sock).
+    #[arg(short, long)]
+    pub socket: Option<PathBuf>,
+    /// Config file whose `daemon.socket` is the default socket (read only if it exists).
+    #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+impl SocketArg {
+    /// The socket to call: `-s`, else the config's `daemon.socket`, else `$TOKENWARDEN_SOCKET`,
+    /// else the default.
+    pub fn path(&self) -> PathBuf {
+        let env = std::env::var("TOKENWARDEN_SOCKET").ok();
+        client::resolve_socket(
+            self.socket.as_deref(),
+            client::socket_from_config(&self.config),
+            env.as_deref(),
+        )
+    }
+}
+
+/// `--format` of `get`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    /// The access token.
+    Token,
+    /// A JSON object with the token, its type, times, scope and generation.
+    Json,
+    /// `Authorization: Bearer …`.
+    Header,
+}
+
+impl From<FormatArg> for client::Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Token => client::Format::Token,
+            FormatArg::Json => client::Format::Json,
+            FormatArg::Header => client::Format::Header,
+        }
+    }
+}
+
+/// The commands of SPEC §2.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (what systemd starts).
+    Run {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Validate the config, its secrets and keys; exit 0, or 2 with one line per problem.
+    Check {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Fetch each client's token once (or reuse a stored valid one), write its outputs, exit.
+    Once {
+        /// The config.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Log level for this run (a tracing filter such as `info` or `tokenwarden=debug`).
+        #[arg(long, env = "TOKENWARDEN_LOG", default_value = "warn")]
+        log_level: String,
+        /// Only these clients (default: all).
+        clients: Vec<String>,
+    },
+    /// Print a client's current token, from the running daemon.
+    Get {
+        /// The client (a `[clients.NAME]` of the config).
+        client: String,
+        /// The daemon's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// What to print.
+        #[arg(long, value_enum, default_value = "token")]
+        format: FormatArg,
+        /// Get a new token first if the current one expires sooner than this (e.g. `5m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_valid: Option<std::time::Duration>,
+    },
+    /// Show every client the daemon serves: state, expiry, next refresh, failures, last error.
+    Status {
+        /// The daemon's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the daemon get a new token for a client now.
+    Refresh {
+        /// The client.
+        client: String,
+        /// The daemon's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
+    Demo {
+        /// Directory to work in (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Token lifetime the demo provider grants.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        lifetime: std::time::Duration,
+    },
+}
+
+/// The clap command of [`Cli`], as the manual and the completions describe it.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// The file names [`write_assets`] writes, the names `Cargo.toml`'s `[package.metadata.deb]`
+/// expects under `target/assets/`: the main manual page, then the bash, zsh and fish
+/// completions. (The manual pages of the subcommands, `tokenwarden-NAME.8`, come on top.)
+pub const ASSETS: [&str; 4] = [
+    "tokenwarden.8",
+    "tokenwarden.bash",
+    "_tokenwarden",
+    "tokenwarden.fish",
+];
+
+/// Writes the manual pages (`tokenwarden.8` and `tokenwarden-NAME.8` for each command) and
+/// the bash, zsh and fish completions into `dir` (created if missing); returns the files
+/// written.
+pub fn write_assets(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let mut put = |name: &str, bytes: &[u8]| -> io::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)?;
+        written.push(path);
+        Ok(())
+    };
+
+    let cmd = man_command();
+    put(ASSETS[0], &man_page(&cmd)?)?;
+    let subcommands: Vec<clap::Command> = cmd.get_subcommands().cloned().collect();
+    for sub in subcommands {
+        let page = subcommand_page(&sub)?;
+        put(
+            &format!("tokenwarden-{}.{MAN_SECTION}", sub.get_name()),
+            &page,
+        )?;
+    }
+
+    let mut cmd = command();
+    for (shell, name) in [
+        (Shell::Bash, ASSETS[1]),
+        (Shell::Zsh, ASSETS[2]),
+        (Shell::Fish, ASSETS[3]),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "tokenwarden", &mut buf);
+        put(name, &buf)?;
+    }
+    Ok(written)
+}
+
+/// [`command`] built as the manual shows it: no `help` command (`--help` stays), and its
+/// commands under COMMANDS.
+fn man_command() -> clap::Command {
+    let mut cmd = command()
+        .disable_help_subcommand(true)
+        .subcommand_help_heading("COMMANDS")
+        .subcommand_value_name("command");
+    cmd.build();
+    cmd
+}
+
+/// `tokenwarden(8)`: clap's sections, then FILES, ENVIRONMENT, SIGNALS, EXIT STATUS and SEE
+/// ALSO.
+fn man_page(cmd: &clap::Command) -> io::Result<Vec<u8>> {
+    let man = clap_mangen::Man::new(cmd.clone())
+        .section(MAN_SECTION)
+        .manual(MANUAL);
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    man.render_subcommands_section(&mut out)?;
+    out.write_all(extra_sections(cmd).render().as_bytes())?;
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+/// `tokenwarden-NAME(8)`: clap's page for one command, with EXIT STATUS and SEE ALSO.
+fn subcommand_page(sub: &clap::Command) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(sub.clone())
+        .section(MAN_SECTION)
+        .source(format!("tokenwarden {}", env!("CARGO_PKG_VERSION")))
+        .manual(MANUAL)
+        .render(&mut out)?;
+    let mut roff = Roff::new();
+    exit_status(&mut roff);
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([bold("tokenwarden"), roman(format!("({MAN_SECTION})"))]);
+    out.write_all(roff.render().as_bytes())?;
+    Ok(out)
+}
+
+/// The sections clap knows nothing about (SPEC §2, §5, §6, §8).
+fn extra_sections(cmd: &clap::Command) -> Roff {
+    let mut r = Roff::new();
+    let item = |r: &mut Roff, term: &str, text: &str| {
+        r.control("TP", []);
+        r.text([bold(term)]);
+        r.text([roman(text)]);
+    };
+
+    r.control("SH", ["FILES"]);
+    item(
+        &mut r,
+        DEFAULT_CONFIG_PATH,
+        "The config (TOML), plus the files its include globs match. \
+         Annotated examples: /usr/share/doc/tokenwarden/examples/.",
+    );
+    item(
+        &mut r,
+        DEFAULT_STATE_DIR,
+        "state_dir: the last token and refresh token of each client (NAME.json, mode 0600), \
+         locked with flock(2) on .lock. Mode 0700.",
+    );
+    item(
+        &mut r,
+        DEFAULT_SOCKET_PATH,
+        "The gRPC socket get, status and refresh call (daemon.socket).",
+    );
+    item(
+        &mut r,
+        "/run/tokenwarden/",
+        "Token files the outputs name, written atomically (temporary file, fsync, rename).",
+    );
+    item(
+        &mut r,
+        "/usr/lib/systemd/system/tokenwarden.service",
+        "The sandboxed systemd unit (Type=notify). \
+         /usr/share/doc/tokenwarden/examples/tokenwarden-chown.conf is the drop-in that grants \
+         CAP_CHOWN to outputs with owner or group.",
+    );
+
+    r.control("SH", ["ENVIRONMENT"]);
+    item(
+        &mut r,
+        "TOKENWARDEN_CONFIG",
+        "The config when -c is not given.",
+    );
+    item(
+        &mut r,
+        "TOKENWARDEN_SOCKET",
+        "The socket when neither -s nor the config's daemon.socket names one.",
+    );
+    item(&mut r, "TOKENWARDEN_LOG", "The log level of once.");
+    item(
+        &mut r,
+        "CREDENTIALS_DIRECTORY",
+        "Where { credential = NAME } secrets are read (set by systemd's LoadCredential=).",
+    );
+    item(
+        &mut r,
+        "NOTIFY_SOCKET",
+        "Set by systemd: run sends READY=1, STATUS=, RELOADING=1, STOPPING=1 and WATCHDOG=1.",
+    );
+    item(
+        &mut r,
+        "JOURNAL_STREAM",
+        "Set by systemd: logs get syslog priority prefixes and no timestamps.",
+    );
+
+    r.control("SH", ["SIGNALS"]);
+    item(
+        &mut r,
+        "SIGHUP",
+        "Reload the config (systemctl reload). A bad new config is logged and the running one \
+         stays. A change to the config or a secret file reloads too.",
+    );
+    item(&mut r, "SIGUSR1", "Get a new token for every client now.");
+    item(
+        &mut r,
+        "SIGTERM, SIGINT",
+        "Stop: finish in-flight writes and exit 0 within 5 seconds.",
+    );
+
+    exit_status(&mut r);
+
+    r.control("SH", ["SEE ALSO"]);
+    let mut see_also = Vec::new();
+    for sub in cmd.get_subcommands() {
+        see_also.push(bold(format!("tokenwarden-{}", sub.get_name())));
+        see_also.push(roman(format!("({MAN_SECTION}), ")));
+    }
+    see_also.extend([
+        bold("systemd.exec"),
+        roman("(5), "),
+        bold("systemd-creds"),
+        roman("(1), "),
+        italic("/usr/share/doc/tokenwarden/README.md"),
+    ]);
+    r.text(see_also);
+    r
+}
+
+/// EXIT STATUS (SPEC §2).
+fn exit_status(r: &mut Roff) {
+    r.control("SH", ["EXIT STATUS"]);
+    for (code, text) in [
+        ("0", "Success."),
+        (
+            "1",
+            "A runtime failure: a token could not be had, or the daemon is not reachable.",
+        ),
+        (
+            "2",
+            "Bad usage or a bad config; one line per problem on standard error.",
+        ),
+    ] {
+        r.control("TP", []);
+        r.text([bold(code)]);
+        r.text([roman(text)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clap_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// SPEC §2's command lines parse as written there.
+    #[test]
+    fn spec_command_lines_parse() {
+        let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
+        for ok in [
+            "tokenwarden run",
+            "tokenwarden run -c /etc/x.toml",
+            "tokenwarden check --config x.toml",
+            "tokenwarden once -c x.toml a b",
+            "tokenwarden get api -s /run/x.sock --format header --min-valid 5m",
+            "tokenwarden status -s /run/x.sock --json",
+            "tokenwarden refresh api -s /run/x.sock",
+            "tokenwarden demo --dir /tmp/d --lifetime 30s",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tokenwarden",
+            "tokenwarden get",
+            "tokenwarden get api --format yaml",
+            "tokenwarden get api --min-valid 5",
+            "tokenwarden generate-assets /tmp",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let Ok(Cli {
+            command: Command::Get {
+                format, min_valid, ..
+            },
+        }) = parse("tokenwarden get api --format json --min-valid 90s")
+        else {
+            panic!("get did not parse as get");
+        };
+        assert_eq!(format, FormatArg::Json);
+        assert_eq!(min_valid, Some(std::time::Duration::from_secs(90)));
+    }
+}
