@@ -354,6 +354,8 @@ struct State {
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
+    /// Seconds added to the `Date` header of successful answers (a provider with a wrong clock).
+    date_offset: i64,
 }
 
 /// A listener being served: cancelling `cancel` (a child of the provider's) closes it and its
@@ -453,6 +455,12 @@ impl Provider {
         self.state()
             .clients
             .insert(client.client_id.clone(), client);
+    }
+
+    /// Makes the `Date` header of token answers run `seconds` ahead (negative: behind) of the
+    /// real clock, as a provider with a wrong clock would.
+    pub fn set_clock_offset(&self, seconds: i64) {
+        self.state().date_offset = seconds;
     }
 
     /// Changes the lifetime of the tokens a client gets from now on.
@@ -690,7 +698,20 @@ async fn handle(
     Ok(match outcome {
         Ok((client_id, value)) => {
             debug!(path = %recorded.path, client = %client_id, "provider: token issued");
-            json_response(200, &value)
+            let mut r = json_response(200, &value);
+            let offset = shared.lock().date_offset;
+            if offset != 0 {
+                let now = std::time::SystemTime::now();
+                let at = if offset > 0 {
+                    now + Duration::from_secs(offset.unsigned_abs())
+                } else {
+                    now - Duration::from_secs(offset.unsigned_abs())
+                };
+                if let Ok(v) = HeaderValue::from_str(&httpdate_fmt(at)) {
+                    r.headers_mut().insert(hyper::header::DATE, v);
+                }
+            }
+            r
         }
         Err(reject) => {
             debug!(
@@ -716,6 +737,26 @@ fn fault_name(f: &Fault) -> &'static str {
         Fault::TruncatedBody => "truncated_body",
         Fault::Custom { .. } => "custom",
     }
+}
+
+/// An IMF-fixdate (RFC 9110 §5.6.7) for a `Date` header.
+fn httpdate_fmt(t: std::time::SystemTime) -> String {
+    // humantime gives RFC 3339; rebuild it as `Sun, 06 Nov 1994 08:49:37 GMT`.
+    let secs = crate::token::unix_seconds(t);
+    let days = secs / 86_400;
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let rfc = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-23T18:00:00Z
+    let (y, m, d, time) = (&rfc[0..4], &rfc[5..7], &rfc[8..10], &rfc[11..19]);
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = m
+        .parse::<usize>()
+        .ok()
+        .and_then(|m| months.get(m.wrapping_sub(1)))
+        .copied()
+        .unwrap_or("Jan");
+    format!("{weekday}, {d} {month} {y} {time} GMT")
 }
 
 /// A JSON response with the no-cache headers of RFC 6749 §5.1.

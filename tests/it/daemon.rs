@@ -209,3 +209,35 @@ async fn a_bad_config_at_start_exits_2_with_its_location() {
     );
     assert!(logs.contains("refresh_at"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_clock_far_off_is_warned_about_once_and_does_not_stretch_expiry() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    env.provider.set_clock_offset(3600);
+    let notify = NotifySocket::bind();
+    let mut daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    daemon
+        .wait_log("s ahead of ours", Duration::from_secs(5))
+        .await;
+    // Every client again: still one warning per client.
+    daemon.signal(Signal::SIGUSR1);
+    crate::support::wait_for("second tokens", Duration::from_secs(10), || {
+        env.provider.issued(tokenwarden::demo::TRANSATEL_ID) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = daemon.logs();
+    let warnings = logs.matches("clock is").count();
+    assert_eq!(warnings, 5, "one per client:\n{logs}");
+    // Expiry counts from our clock: an hour of skew does not add an hour.
+    let json: Value = serde_json::from_str(&read(&env.out("talentsoft-user.json"))).unwrap();
+    let expires = humantime::parse_rfc3339(json["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires.duration_since(SystemTime::now()).unwrap();
+    assert!(left <= Duration::from_secs(600), "{left:?}");
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+}
