@@ -241,6 +241,12 @@ struct Entry {
     last: Option<Fingerprint>,
     /// Removed or renamed away since the last fingerprint: reported when it comes back.
     gone: bool,
+    /// What the path held before the first change of the current burst (`Some(None)`: it was
+    /// missing), to drop a burst that ends where it began (a file truncated then rewritten with
+    /// the same content, seen half-way).
+    baseline: Option<Option<Fingerprint>>,
+    /// It came back after being gone during the current burst: reported whatever its content.
+    came_back: bool,
 }
 
 /// Behind a mutex shared by the caller of `set_paths` and the watcher thread.
@@ -383,7 +389,10 @@ fn run(
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
-                let paths: Vec<PathBuf> = std::mem::take(&mut pending).into_iter().collect();
+                let paths = shared.settle(std::mem::take(&mut pending));
+                if paths.is_empty() {
+                    continue;
+                }
                 tracing::debug!(?paths, "watched files changed");
                 if tx
                     .blocking_send(Event::Reload(ReloadReason::Changed(paths)))
@@ -421,6 +430,8 @@ impl Shared {
                     absolute,
                     last: None,
                     gone: false,
+                    baseline: None,
+                    came_back: false,
                 });
             }
         }
@@ -477,6 +488,28 @@ impl Shared {
         }
         self.update_filter(&state);
         changed
+    }
+
+    /// Of the paths changed in a burst, those whose content at its end differs from before it
+    /// (or that came back); forgets the burst.
+    fn settle(&self, pending: BTreeSet<PathBuf>) -> Vec<PathBuf> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for entry in state.entries.iter_mut() {
+            let baseline = entry.baseline.take();
+            let came_back = std::mem::take(&mut entry.came_back);
+            if !pending.contains(&entry.path) {
+                continue;
+            }
+            let same = match (&baseline, &entry.last) {
+                (Some(Some(before)), Some(now)) => before.same_as(now),
+                _ => false,
+            };
+            if came_back || !same {
+                out.push(entry.path.clone());
+            }
+        }
+        out
     }
 
     fn update_filter(&self, state: &State) {
@@ -603,6 +636,14 @@ impl Entry {
             None => true,
             Some(last) => self.gone || !last.same_as(&now),
         };
+        if changed {
+            if self.gone || self.last.is_none() {
+                self.came_back = true;
+            }
+            if self.baseline.is_none() {
+                self.baseline = Some(self.last.clone());
+            }
+        }
         self.gone = false;
         self.last = Some(now);
         changed
@@ -863,6 +904,8 @@ mod tests {
             resolution: Resolution::default(),
             last: Some(fp(1, 1, Some("a"))),
             gone: false,
+            baseline: None,
+            came_back: false,
         };
         assert!(!e.observe(Some(fp(1, 2, Some("a")))));
         assert!(!e.observe(None)); // deleted: not reported
