@@ -1,5 +1,6 @@
 //! Replays every file of the fuzz corpora (`fuzz/corpus/<target>/`) through the same entry
-//! points the fuzz targets use, so an input that once crashed stays fixed.
+//! points the fuzz targets use, plus `fuzz/regressions/<target>/` (inputs that once crashed),
+//! so a crash once found stays fixed.
 
 use std::path::Path;
 
