@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokenwarden::demo::{CREADS_ID, TALKDESK_ID};
 use tokenwarden::provider::{Dialect, Provider, RegisteredClient, TalkdeskRegion};
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, read};
+use crate::support::{DaemonProc, DemoEnv, NotifySocket, read, token_in};
 
 /// Kills per run of the kill loop.
 const KILLS: usize = 50;
@@ -56,36 +56,6 @@ fn client_ids() -> HashMap<&'static str, &'static str> {
         ("talentsoft-user", TALENTSOFT_USER_ID),
         ("talkdesk", TALKDESK_ID),
     ])
-}
-
-/// The access token in an output file if the file is complete and well-formed in its format.
-fn token_in(name: &str, text: &str) -> Option<String> {
-    if name.ends_with(".token") {
-        return Some(text.to_string()).filter(|t| !t.is_empty() && !t.contains('\n'));
-    }
-    if name.ends_with(".json") {
-        let v: Value = serde_json::from_str(text).ok()?;
-        for key in ["token_type", "expires_at", "issued_at", "scope"] {
-            v[key].as_str()?;
-        }
-        return v["access_token"].as_str().map(str::to_string);
-    }
-    if name.ends_with(".header") {
-        let line = text.strip_suffix('\n')?;
-        return line
-            .strip_prefix("Authorization: Bearer ")
-            .map(str::to_string);
-    }
-    if name.ends_with(".env") {
-        let lines: Vec<&str> = text.strip_suffix('\n')?.split('\n').collect();
-        let [token, kind, expires] = lines.as_slice() else {
-            return None;
-        };
-        kind.strip_prefix("TS_TOKEN_TYPE=")?;
-        expires.strip_prefix("TS_TOKEN_EXPIRES_AT=")?;
-        return token.strip_prefix("TS_ACCESS_TOKEN=").map(str::to_string);
-    }
-    None
 }
 
 /// Temporary files (`.NAME.tw-XXXXXX`) in `dir`.

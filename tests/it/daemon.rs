@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, read};
+use crate::support::{DaemonProc, DemoEnv, NotifySocket, read, token_in};
 
 /// The client id each output belongs to.
 fn owners() -> HashMap<&'static str, &'static str> {
@@ -21,33 +21,6 @@ fn owners() -> HashMap<&'static str, &'static str> {
         ("talentsoft-user.json", TALENTSOFT_USER_ID),
         ("talkdesk.token", TALKDESK_ID),
     ])
-}
-
-/// Pulls the access token out of an output file of any format.
-fn token_in(name: &str, text: &str) -> Option<String> {
-    if name.ends_with(".token") {
-        return Some(text.to_string());
-    }
-    if name.ends_with(".json") {
-        let v: Value = serde_json::from_str(text).ok()?;
-        return v["access_token"].as_str().map(str::to_string);
-    }
-    if name.ends_with(".header") {
-        let line = text.strip_suffix('\n')?;
-        return line
-            .strip_prefix("Authorization: Bearer ")
-            .map(str::to_string);
-    }
-    if name.ends_with(".env") {
-        if !text.ends_with('\n') || text.lines().count() != 3 {
-            return None;
-        }
-        return text
-            .lines()
-            .find_map(|l| l.strip_prefix("TS_ACCESS_TOKEN="))
-            .map(str::to_string);
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread")]

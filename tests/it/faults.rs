@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokenwarden::demo;
 use tokenwarden::provider::{Fault, Provider, RecordedRequest};
 
-use crate::support::{DaemonProc, DemoEnv, read, wait_for};
+use crate::support::{DaemonProc, DemoEnv, read, token_in, wait_for};
 
 /// Token lifetime: refreshed between 3 s and 4.5 s after issue.
 const LIFETIME: Duration = Duration::from_secs(6);
@@ -60,33 +60,6 @@ fn main_output(client: &str) -> &'static str {
 
 fn client_id(client: &str) -> &'static str {
     CLIENTS.iter().find(|(c, _)| *c == client).unwrap().1
-}
-
-/// Pulls the access token out of an output file of any format; `None` for a partial file.
-fn token_in(name: &str, text: &str) -> Option<String> {
-    if name.ends_with(".token") {
-        return (!text.is_empty()).then(|| text.to_string());
-    }
-    if name.ends_with(".json") {
-        let v: Value = serde_json::from_str(text).ok()?;
-        return v["access_token"].as_str().map(str::to_string);
-    }
-    if name.ends_with(".header") {
-        let line = text.strip_suffix('\n')?;
-        return line
-            .strip_prefix("Authorization: Bearer ")
-            .map(str::to_string);
-    }
-    if name.ends_with(".env") {
-        if !text.ends_with('\n') || text.lines().count() != 3 {
-            return None;
-        }
-        return text
-            .lines()
-            .find_map(|l| l.strip_prefix("TS_ACCESS_TOKEN="))
-            .map(str::to_string);
-    }
-    None
 }
 
 /// The demo client a request came from.

@@ -279,3 +279,33 @@ impl DaemonProc {
         status
     }
 }
+
+/// The access token in an output file if the file is complete and well-formed in its format.
+pub fn token_in(name: &str, text: &str) -> Option<String> {
+    if name.ends_with(".token") {
+        return Some(text.to_string()).filter(|t| !t.is_empty() && !t.contains('\n'));
+    }
+    if name.ends_with(".json") {
+        let v = serde_json::from_str::<serde_json::Value>(text).ok()?;
+        for key in ["token_type", "expires_at", "issued_at", "scope"] {
+            v[key].as_str()?;
+        }
+        return v["access_token"].as_str().map(str::to_string);
+    }
+    if name.ends_with(".header") {
+        let line = text.strip_suffix('\n')?;
+        return line
+            .strip_prefix("Authorization: Bearer ")
+            .map(str::to_string);
+    }
+    if name.ends_with(".env") {
+        let lines: Vec<&str> = text.strip_suffix('\n')?.split('\n').collect();
+        let [token, kind, expires] = lines.as_slice() else {
+            return None;
+        };
+        kind.strip_prefix("TS_TOKEN_TYPE=")?;
+        expires.strip_prefix("TS_TOKEN_EXPIRES_AT=")?;
+        return token.strip_prefix("TS_ACCESS_TOKEN=").map(str::to_string);
+    }
+    None
+}
