@@ -92,9 +92,13 @@ async fn serve_inner<IO>(
     let mut calls = JoinSet::new();
     let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
     let mut stopping = false;
+    // One waiter for the whole connection: registering a new one on every turn of the loop
+    // would lock the token (shared by every connection) twice per request.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = stop.cancelled(), if !stopping => {
+            _ = &mut stopped, if !stopping => {
                 stopping = true;
                 conn.graceful_shutdown();
             }

@@ -194,9 +194,11 @@ impl Drop for GrpcServer {
 /// abort after [`STOP_GRACE`]) drops every connection with it.
 async fn accept_loop(listener: UnixListener, services: Arc<Services>, stop: CancellationToken) {
     let mut connections = JoinSet::new();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
