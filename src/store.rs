@@ -148,6 +148,12 @@ impl Store {
         self.read().get(name).cloned()
     }
 
+    /// Runs `f` on one client's slot under the read lock, without copying the slot (the
+    /// serving path's lookup).
+    pub fn with_slot<R>(&self, name: &str, f: impl FnOnce(&ClientSlot) -> R) -> Option<R> {
+        self.read().get(name).map(f)
+    }
+
     /// Every client's name and snapshot, in name order.
     pub fn snapshots(&self) -> Vec<(String, Snapshot)> {
         self.read()

@@ -3,6 +3,8 @@
 //!
 //! - [`pb`]: the code generated from `proto/tokenwarden/v1/tokenwarden.proto`.
 //! - [`service`]: the four RPCs over the store, and the one conversion into `tonic::Status`.
+//! - [`conn`]: one HTTP/2 connection, served on `h2` directly.
+//! - [`fast`]: `GetToken`'s common case answered from an encoded-once answer.
 //! - [`access`]: the caller's identity and the pure access rule.
 //! - [`server`]: binding the socket (stale file replaced, mode set before anyone can connect),
 //!   serving, stopping.
@@ -10,6 +12,8 @@
 
 pub mod access;
 pub mod authority;
+pub mod conn;
+pub mod fast;
 pub mod pb;
 pub mod server;
 pub mod service;

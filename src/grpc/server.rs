@@ -10,7 +10,9 @@
 //! Serving: `tokenwarden.v1.TokenService`, `grpc.health.v1.Health` (SERVING, NOT_SERVING once
 //! stopping) and server reflection v1 and v1alpha (Python's grpcio-reflection speaks only
 //! v1alpha). Each accepted connection goes through [`super::authority::FixAuthority`] so stock
-//! clients sending the socket path as `:authority` work.
+//! clients sending the socket path as `:authority` work, then is served by [`super::conn`]
+//! (HTTP/2 on `h2` directly, `GetToken`'s common case answered inline, the rest through the
+//! tonic services). No keep-alive pings: a Unix socket's peer going away closes it.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -18,12 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::authority::FixAuthority;
+use super::conn::{self, Services};
+use super::fast::{AnswerCache, TokenRoutes};
 use super::pb;
 use super::service::TokenApi;
 use crate::store::Store;
@@ -99,41 +104,24 @@ impl GrpcServer {
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
-        let tokens = pb::token_service_server::TokenServiceServer::new(api)
-            .max_decoding_message_size(MAX_REQUEST_SIZE);
-        let incoming = futures_util::stream::unfold(listener, |listener| async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        return Some((
-                            Ok::<_, std::io::Error>(FixAuthority::new(stream)),
-                            listener,
-                        ));
-                    }
-                    Err(e) => {
-                        // EMFILE and the like: wait a little instead of spinning.
-                        tracing::warn!("gRPC socket: cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-        let router = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(60)))
-            .add_service(health_service)
+        let answers = Arc::new(AnswerCache::default());
+        let tokens = TokenRoutes::new(
+            api.clone(),
+            answers.clone(),
+            pb::token_service_server::TokenServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_SIZE),
+        );
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(tokens);
-        let shutdown = stop.clone();
-        let shown = path.display().to_string();
-        let task = tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-                .await
-            {
-                tracing::error!("gRPC server on {shown} failed: {e}");
-            }
+            .add_service(tokens)
+            .prepare();
+        let services = Arc::new(Services {
+            routes,
+            api,
+            answers,
         });
+        let task = tokio::spawn(accept_loop(listener, services, stop.clone()));
         tracing::info!(socket = %path.display(), mode = format!("{mode:04o}"), "gRPC API listening");
         Ok(GrpcServer {
             path: path.to_path_buf(),
@@ -200,6 +188,34 @@ impl Drop for GrpcServer {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Accepts connections until `stop`, then waits for them to end. Dropping this future (an
+/// abort after [`STOP_GRACE`]) drops every connection with it.
+async fn accept_loop(listener: UnixListener, services: Arc<Services>, stop: CancellationToken) {
+    let mut connections = JoinSet::new();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let io = FixAuthority::new(stream);
+                    let info = io.connect_info();
+                    connections.spawn(conn::serve(io, info, services.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and the like: wait a little instead of spinning.
+                    tracing::warn!("gRPC socket: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 /// Binds a listener at `path` with `mode` (see the module doc), replacing a stale socket.

@@ -111,6 +111,23 @@ impl TokenApi {
         }
     }
 
+    /// The client's token valid now and its generation, if the name is well formed, the
+    /// client exists and `caller` may read it: `GetToken`'s common case, checked without
+    /// copying the slot. `None` for anything else (the full path then says why).
+    pub fn readable_token(&self, caller: &Caller, client: &str) -> Option<(Arc<Token>, u64)> {
+        check_name(client).ok()?;
+        self.store
+            .with_slot(client, |slot| {
+                if !caller.may_read(self.daemon_uid, &slot.allow_uids, &slot.allow_gids) {
+                    return None;
+                }
+                let snap = slot.snapshot.borrow();
+                snap.valid_token(SystemTime::now())
+                    .map(|t| (t.clone(), snap.generation))
+            })
+            .flatten()
+    }
+
     /// Waits for the client's first token (while PENDING) until `deadline`; then the valid
     /// token or UNAVAILABLE.
     async fn current(

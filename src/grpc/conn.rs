@@ -1,0 +1,473 @@
+//! One HTTP/2 connection on the socket, served with the `h2` crate directly.
+//!
+//! A general server (hyper under tonic's transport) spawns a task for every request, routes
+//! it through a stack of tower layers and hands each response frame back to the connection's
+//! task. For `GetToken` — a few bytes in, one cached answer out — that machinery costs far
+//! more than the answer. So the connection's own task answers `GetToken`'s common case
+//! inline, as soon as the request's headers and body are in (they arrive together): no task,
+//! no wake-up, and the response's three frames leave in one write ([`super::fast`]). Every
+//! other call gets a task of its own running the tonic services ([`tonic::service::Routes`]:
+//! the token service, health, reflection), with the request body and the response streamed
+//! through `h2` with flow control, as hyper would.
+//!
+//! Settings follow hyper's server defaults (1 MiB windows, 200 concurrent streams, 16 KiB
+//! header lists). On stop the connection sends GOAWAY and ends once its calls have.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::transport::server::UdsConnectInfo;
+
+use super::access::Caller;
+use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
+use super::service::TokenApi;
+
+/// Flow-control windows, as hyper's server sets them.
+const WINDOW: u32 = 1024 * 1024;
+/// Concurrent calls per connection, as hyper's server allows.
+const MAX_STREAMS: u32 = 200;
+/// Largest header list accepted, as hyper's server allows.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// What every connection serves.
+pub struct Services {
+    /// The tonic services: tokens (with the fast `GetToken` in front), health, reflection.
+    pub routes: tonic::service::Routes,
+    /// For `GetToken` answered inline.
+    pub api: TokenApi,
+    /// Encoded answers shared by every connection.
+    pub answers: Arc<AnswerCache>,
+}
+
+/// Serves one accepted connection until the peer closes it, or `stop` (GOAWAY, then the calls
+/// in flight end).
+pub async fn serve<IO>(
+    io: IO,
+    info: UdsConnectInfo,
+    services: Arc<Services>,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    NoSelfWake::new(serve_inner(io, info, services, stop)).await
+}
+
+async fn serve_inner<IO>(
+    io: IO,
+    info: UdsConnectInfo,
+    services: Arc<Services>,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::select! {
+        c = handshake => match c {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("gRPC connection: HTTP/2 handshake failed: {e}");
+                return;
+            }
+        },
+        _ = stop.cancelled() => return,
+    };
+    // Calls in tasks of their own, and `GetToken`s whose body is still on its way: those
+    // are polled by this task, woken by the very read that brings their body in.
+    let mut calls = JoinSet::new();
+    let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
+    let mut stopping = false;
+    // One waiter for the whole connection: registering a new one on every turn of the loop
+    // would lock the token (shared by every connection) twice per request.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped, if !stopping => {
+                stopping = true;
+                conn.graceful_shutdown();
+            }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            Some(call) = waiting.next(), if !waiting.is_empty() => {
+                if let Some(call) = call {
+                    calls.spawn(call);
+                }
+            }
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => match services.route(request, respond, &info) {
+                    Route::Done => {}
+                    Route::Wait(w) => waiting.push(w),
+                    Route::Spawn(call) => {
+                        calls.spawn(call);
+                    }
+                },
+                Some(Err(e)) => {
+                    tracing::debug!("gRPC connection ended: {e}");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// A call handed over to a task of its own.
+type Call = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// A `GetToken` waiting for its body, in the connection's task; then maybe a [`Call`].
+type Waiting = Pin<Box<dyn Future<Output = Option<Call>> + Send + 'static>>;
+
+/// What became of a new request.
+enum Route {
+    /// Answered.
+    Done,
+    /// A `GetToken` whose body has not all arrived.
+    Wait(Waiting),
+    /// Anything else.
+    Spawn(Call),
+}
+
+impl Services {
+    /// Answers `GetToken`'s common case now if its body is here, or sets it to wait for it;
+    /// sends anything else to a task.
+    fn route(
+        self: &Arc<Self>,
+        request: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+        info: &UdsConnectInfo,
+    ) -> Route {
+        let (mut parts, mut body) = request.into_parts();
+        parts.extensions.insert(info.clone());
+        let get_token = parts.uri.path() == GET_TOKEN_PATH
+            && parts
+                .headers
+                .get("grpc-encoding")
+                .is_none_or(|v| v == "identity")
+            && info.peer_cred.is_some();
+        if !get_token {
+            return Route::Spawn(Box::pin(call(
+                self.routes.clone(),
+                http::Request::from_parts(parts, Body::new(RecvBody::new(body))),
+                respond,
+            )));
+        }
+        let mut chunks = VecDeque::new();
+        match arrived(&mut body, &mut chunks) {
+            Arrived::Whole(whole) => match self.get_token(parts, whole, chunks, body, respond) {
+                Some(call) => Route::Spawn(call),
+                None => Route::Done,
+            },
+            Arrived::Pending => {
+                let this = self.clone();
+                Route::Wait(Box::pin(async move {
+                    let whole = read_whole(&mut body, &mut chunks).await;
+                    match whole {
+                        Some(whole) => this.get_token(parts, whole, chunks, body, respond),
+                        None => Some(this.full(parts, chunks, body, respond)),
+                    }
+                }))
+            }
+            Arrived::No => Route::Spawn(self.full(parts, chunks, body, respond)),
+        }
+    }
+
+    /// Answers a `GetToken` whose whole body is `whole` if it is the common case; else the
+    /// call to run.
+    fn get_token(
+        &self,
+        parts: http::request::Parts,
+        whole: Bytes,
+        chunks: VecDeque<Bytes>,
+        body: h2::RecvStream,
+        mut respond: h2::server::SendResponse<Bytes>,
+    ) -> Option<Call> {
+        let caller = parts
+            .extensions
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred.as_ref())
+            .map(Caller::from_cred);
+        if let Some(caller) = caller
+            && let Some(answer) = fast::answer(&self.api, &self.answers, &caller, &whole)
+        {
+            let (head, trailers) = fast::answered_parts();
+            // Errors mean the caller has gone: nothing to tell.
+            if let Ok(mut send) = respond.send_response(head, false)
+                && send.send_data(answer, false).is_ok()
+            {
+                let _ = send.send_trailers(trailers);
+            }
+            return None;
+        }
+        Some(self.full(parts, chunks, body, respond))
+    }
+
+    /// The call through the tonic services, its body replayed from what was read.
+    fn full(
+        &self,
+        parts: http::request::Parts,
+        chunks: VecDeque<Bytes>,
+        body: h2::RecvStream,
+        respond: h2::server::SendResponse<Bytes>,
+    ) -> Call {
+        let body = Body::new(Replay::new(chunks, RecvBody::new(body)));
+        Box::pin(call(
+            self.routes.clone(),
+            http::Request::from_parts(parts, body),
+            respond,
+        ))
+    }
+}
+
+/// How much of a request body is here.
+enum Arrived {
+    /// All of it.
+    Whole(Bytes),
+    /// Not all yet.
+    Pending,
+    /// More than the fast path reads, or an error: the full path will say.
+    No,
+}
+
+/// Takes what has arrived of `body` into `chunks`, releasing its flow-control capacity.
+fn arrived(body: &mut h2::RecvStream, chunks: &mut VecDeque<Bytes>) -> Arrived {
+    let mut total: usize = chunks.iter().map(Bytes::len).sum();
+    while !body.is_end_stream() {
+        match body.data().now_or_never() {
+            Some(Some(Ok(data))) => {
+                let _ = body.flow_control().release_capacity(data.len());
+                total += data.len();
+                chunks.push_back(data);
+                if total > fast::MAX_BODY {
+                    return Arrived::No;
+                }
+            }
+            Some(None) => break,
+            Some(Some(Err(_))) => return Arrived::No,
+            None => return Arrived::Pending,
+        }
+    }
+    Arrived::Whole(fast::concat(chunks, total))
+}
+
+/// Reads the rest of `body` into `chunks`: the whole body, or `None` when the fast path
+/// should not take it.
+async fn read_whole(body: &mut h2::RecvStream, chunks: &mut VecDeque<Bytes>) -> Option<Bytes> {
+    let mut total: usize = chunks.iter().map(Bytes::len).sum();
+    while !body.is_end_stream() {
+        match body.data().await {
+            Some(Ok(data)) => {
+                let _ = body.flow_control().release_capacity(data.len());
+                total += data.len();
+                chunks.push_back(data);
+                if total > fast::MAX_BODY {
+                    return None;
+                }
+            }
+            None => break,
+            Some(Err(_)) => return None,
+        }
+    }
+    Some(fast::concat(chunks, total))
+}
+
+/// Runs a call through the tonic services and streams its response back.
+async fn call(
+    mut routes: tonic::service::Routes,
+    request: http::Request<Body>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let response = tokio::select! {
+        r = tower::Service::call(&mut routes, request) => match r {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        // The caller reset the stream: drop the call.
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let (parts, mut body) = response.into_parts();
+    let end = body.is_end_stream();
+    let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
+        return;
+    };
+    if end {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return,
+        };
+        match frame {
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("gRPC response failed: {e}");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    // Backpressure: wait for window before queueing more.
+                    send.reserve_capacity(data.len());
+                    while send.capacity() == 0 && !data.is_empty() {
+                        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                            Some(Ok(_)) => {}
+                            _ => return,
+                        }
+                    }
+                    let end = body.is_end_stream();
+                    if send.send_data(data, end).is_err() || end {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// An `h2` request body as an `http_body::Body`, releasing flow-control capacity as it is
+/// read.
+pub struct RecvBody {
+    inner: h2::RecvStream,
+    data_done: bool,
+}
+
+impl RecvBody {
+    fn new(inner: h2::RecvStream) -> RecvBody {
+        RecvBody {
+            inner,
+            data_done: false,
+        }
+    }
+}
+
+impl HttpBody for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match std::task::ready!(this.inner.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.inner.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.inner.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// Polls a future again at once, instead of rescheduling its task, when it wakes itself
+/// while being polled.
+///
+/// Answering inline means queueing the response on `h2` from the connection's own task, and
+/// `h2` then wakes the connection's task to write it. A task woken while it runs is sent to
+/// the back of the run queue and an idle worker is unparked to take it (a futex call and
+/// often a move to another core) — for a wake whose only purpose is the write this poll is
+/// about to do anyway. This wrapper catches such wakes and polls again (a few times at most,
+/// so a future that yields on purpose still yields); wakes from elsewhere go to the task.
+struct NoSelfWake<F> {
+    inner: Pin<Box<F>>,
+    wake: Arc<SelfWake>,
+    waker: std::task::Waker,
+}
+
+/// Most polls in a row before a self-wake goes to the scheduler after all.
+const MAX_REPOLLS: usize = 4;
+
+#[derive(Default)]
+struct SelfWake {
+    task: futures_util::task::AtomicWaker,
+    polling: std::sync::atomic::AtomicBool,
+    woken: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for SelfWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.woken.store(true, SeqCst);
+        if !self.polling.load(SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+impl<F: Future> NoSelfWake<F> {
+    fn new(inner: F) -> NoSelfWake<F> {
+        let wake = Arc::new(SelfWake::default());
+        NoSelfWake {
+            inner: Box::pin(inner),
+            waker: std::task::Waker::from(wake.clone()),
+            wake,
+        }
+    }
+}
+
+impl<F: Future> Future for NoSelfWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let this = self.get_mut();
+        this.wake.task.register(cx.waker());
+        this.wake.polling.store(true, SeqCst);
+        let mut inner_cx = Context::from_waker(&this.waker);
+        for _ in 0..MAX_REPOLLS {
+            this.wake.woken.store(false, SeqCst);
+            if let Poll::Ready(out) = this.inner.as_mut().poll(&mut inner_cx) {
+                this.wake.polling.store(false, SeqCst);
+                return Poll::Ready(out);
+            }
+            if !this.wake.woken.load(SeqCst) {
+                break;
+            }
+        }
+        this.wake.polling.store(false, SeqCst);
+        // A wake that came while polling and was not served by a repoll.
+        if this.wake.woken.swap(false, SeqCst) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
