@@ -214,3 +214,35 @@ async fn a_provider_clock_far_off_is_warned_about_once_and_does_not_stretch_expi
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_concurrent_refreshes_bounds_requests_in_flight() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // Every request hangs until the client's 1 s timeout: with one permit they queue.
+    env.provider
+        .set_fault(Some(tokenwarden::provider::Fault::Hang));
+    env.edit_config(|t| {
+        t.replace("[daemon]", "[daemon]\nmax_concurrent_refreshes = 1")
+            .replace("[defaults]", "[defaults]\ntimeout = \"1s\"")
+    });
+    let mut daemon = DaemonProc::start(&env.demo.config, &[]);
+    crate::support::wait_for("three requests", Duration::from_secs(15), || {
+        env.provider.requests().len() >= 3
+    })
+    .await;
+    let times: Vec<_> = env
+        .provider
+        .requests()
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    for pair in times.windows(2).take(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(
+            gap >= Duration::from_millis(900),
+            "requests overlapped: {gap:?} apart"
+        );
+    }
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(8)).await.success());
+}
