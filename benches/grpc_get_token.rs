@@ -22,11 +22,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tokenwarden::grpc::{GrpcServer, pb};
 use tokenwarden::secret::Secret;
-use tokenwarden::store::{ClientSlot, Snapshot, Store};
+use tokenwarden::store::{ClientSlot, Mailbox, Snapshot, Store};
 use tokenwarden::token::Token;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 const CLIENT: &str = "bench";
 const PATH: &str = "/tokenwarden.v1.TokenService/GetToken";
@@ -111,13 +111,13 @@ fn store_with_token() -> (Arc<Store>, impl Sized) {
         settled: true,
         ..Snapshot::default()
     });
-    let (commands, mailbox) = mpsc::channel(8);
+    let mailbox = Arc::new(Mailbox::default());
     let store = Arc::new(Store::default());
     store.insert(
         CLIENT,
         ClientSlot {
             snapshot: rx,
-            commands,
+            mailbox: mailbox.clone(),
             allow_uids: Arc::new(vec![]),
             allow_gids: Arc::new(vec![]),
             ready_margin: Duration::from_secs(60),

@@ -226,10 +226,8 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<ClientResult>,
     let state = Arc::new(StateDir::open(&config.daemon.state_dir).map_err(|e| e.to_string())?);
     // With the lock held nobody else writes these outputs: temp files left by a killed writer
     // can go (as the daemon does at start).
-    for client in config.clients.values() {
-        for path in outputs::remove_stale_temp_files(client) {
-            tracing::info!(client = %client.name, path = %path.display(), "removed a stale temporary file");
-        }
+    for (client, path) in outputs::remove_stale_temp_files(config.clients.values().map(|c| &**c)) {
+        tracing::info!(client = %client, path = %path.display(), "removed a stale temporary file");
     }
     let http = Arc::new(HttpClients::default());
     let permits = Arc::new(Semaphore::new(

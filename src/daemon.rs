@@ -28,11 +28,14 @@ use crate::oauth::HttpClients;
 use crate::refresher::{self, Reconfigure, Shared};
 use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_paths};
 use crate::state::StateDir;
-use crate::store::{Command, Reason, Store};
+use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// How often the status (`STATUS=`, READY=1) is looked at before READY=1, and after.
+const STATUS_UNTIL_READY: Duration = Duration::from_millis(50);
+const STATUS_WHEN_READY: Duration = Duration::from_secs(1);
 /// Quiet time after the last file event before a reload.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -123,20 +126,19 @@ impl Daemon {
         if let Some(addr) = daemon.config.daemon.metrics_listen {
             daemon.start_metrics(addr).await?;
         }
-        let clients: Vec<ClientConfig> = daemon.config.clients.values().cloned().collect();
+        let clients: Vec<Arc<ClientConfig>> = daemon.config.clients.values().cloned().collect();
         // We hold the state lock and no refresher runs yet: any temporary file next to an
         // output is litter from a write that was killed midway (SPEC §6).
-        for c in &clients {
-            for path in crate::outputs::remove_stale_temp_files(c) {
-                tracing::info!(
-                    client = %c.name,
-                    path = %path.display(),
-                    "removed a temporary file left by an interrupted write"
-                );
-            }
+        for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
+        {
+            tracing::info!(
+                client = %client,
+                path = %path.display(),
+                "removed a temporary file left by an interrupted write"
+            );
         }
         for c in clients {
-            daemon.add_client(Arc::new(c)).await;
+            daemon.add_client(c).await;
         }
         if let Some(path) = daemon.config.daemon.socket.clone() {
             match GrpcServer::start(&path, daemon.config.daemon.socket_mode, daemon.store()).await {
@@ -168,8 +170,12 @@ impl Daemon {
 
     /// Runs until SIGTERM/SIGINT (or an `Event::Shutdown`), then stops within the grace time.
     pub async fn run(mut self) -> Result<(), DaemonError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // Until READY=1 the status is checked often, so that READY follows the last client's
+        // first token closely; then once a second: it walks every client (10,000 on a big
+        // host), which 20 times a second would cost a few percent of a core on an idle daemon.
+        let mut tick = tokio::time::interval(STATUS_UNTIL_READY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticking_fast = true;
         let mut watchdog = self.notifier.watchdog_interval().map(|d| {
             let mut i = tokio::time::interval(d);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,7 +188,17 @@ impl Daemon {
                     Some(Event::Reload(reason)) => self.reload(reason).await,
                     Some(Event::RefreshAll) => self.refresh_all(),
                 },
-                _ = tick.tick() => self.update_status(),
+                _ = tick.tick() => {
+                    self.update_status();
+                    if ticking_fast && self.ready_sent {
+                        ticking_fast = false;
+                        tick = tokio::time::interval_at(
+                            tokio::time::Instant::now() + STATUS_WHEN_READY,
+                            STATUS_WHEN_READY,
+                        );
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
                 _ = async {
                     match watchdog.as_mut() {
                         Some(i) => { i.tick().await; }
@@ -262,14 +278,11 @@ impl Daemon {
     fn refresh_all(&self) {
         tracing::info!("SIGUSR1: refreshing every client");
         for (name, slot) in self.store.slots() {
-            if slot
-                .commands
-                .try_send(Command::Refresh {
-                    reason: Reason::RefreshAll,
-                    reply: None,
-                })
-                .is_err()
-            {
+            let posted = slot.mailbox.post(Command::Refresh {
+                reason: Reason::RefreshAll,
+                reply: None,
+            });
+            if posted != Ok(Posted::Queued) {
                 tracing::debug!(client = %name, "refresh already queued");
             }
         }
@@ -320,14 +333,14 @@ impl Daemon {
             }
         }
         let Some(cron) = &self.cron else { return };
-        let commands = slot.commands.clone();
+        let mailbox = slot.mailbox.clone();
         let name = config.name.clone();
         let job = Job::new_async(expr.as_str(), move |_, _| {
-            let commands = commands.clone();
+            let mailbox = mailbox.clone();
             let name = name.clone();
             Box::pin(async move {
                 tracing::info!(client = %name, "rotate_cron: forcing a new token");
-                let _ = commands.try_send(Command::Refresh {
+                let _ = mailbox.post(Command::Refresh {
                     reason: Reason::Rotation,
                     reply: None,
                 });
@@ -367,7 +380,7 @@ impl Daemon {
             }
         }
         self.notifier.reloading();
-        let new = match config::load(&self.config.path) {
+        let mut new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(errors) => {
                 crate::metrics::reload(false);
@@ -397,6 +410,13 @@ impl Daemon {
         self.reload_error = None;
         crate::metrics::reload(true);
         let diff = config::diff(&self.config, &new);
+        // One copy of each client's config: an unchanged client keeps the one its refresher
+        // already holds, and the new parse of it is dropped.
+        for name in &diff.unchanged {
+            if let Some(old) = self.config.clients.get(name) {
+                new.clients.insert(name.clone(), old.clone());
+            }
+        }
         for name in &diff.removed {
             self.remove_client(name).await;
         }
@@ -404,7 +424,7 @@ impl Daemon {
             let Some(c) = new.clients.get(name) else {
                 continue;
             };
-            let c = Arc::new(c.clone());
+            let c = c.clone();
             tracing::info!(client = %name, "config changed ({change:?})");
             // A changed identity needs a fresh refresher: its old state must not leak in.
             if c.identity_fingerprint()
@@ -424,21 +444,18 @@ impl Daemon {
                 h.slot.allow_gids = Arc::new(c.allow_gids.clone());
                 h.slot.ready_margin = c.timing.refresh_margin;
                 self.store.insert(name, h.slot.clone());
-                let _ = h
-                    .reconfigure
-                    .send(Reconfigure {
-                        config: c.clone(),
-                        renew: *change == ClientChange::Renew,
-                        rewrite_outputs: *change == ClientChange::Outputs,
-                    })
-                    .await;
+                let _ = h.slot.mailbox.reconfigure(Reconfigure {
+                    config: c.clone(),
+                    renew: *change == ClientChange::Renew,
+                    rewrite_outputs: *change == ClientChange::Outputs,
+                });
             }
             self.set_cron(&c).await;
         }
         for name in &diff.added {
             if let Some(c) = new.clients.get(name) {
                 tracing::info!(client = %name, "client added");
-                self.add_client(Arc::new(c.clone())).await;
+                self.add_client(c.clone()).await;
             }
         }
         self.apply_daemon_settings(&new);

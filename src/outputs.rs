@@ -14,7 +14,7 @@
 //! file the link pointed to is never written. That is deliberate: following a link placed in a
 //! shared directory would let whoever placed it choose where tokens land.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -429,49 +429,61 @@ fn random_suffix() -> String {
 /// Whether `entry` is a temporary name [`write_atomic`] makes for a file named `name`:
 /// `.NAME.tw-` then six ASCII letters or digits. Pure.
 pub fn is_temp_name_for(entry: &str, name: &str) -> bool {
-    entry
-        .strip_prefix('.')
-        .and_then(|rest| rest.strip_prefix(name))
-        .and_then(|rest| rest.strip_prefix(".tw-"))
-        .is_some_and(|suffix| {
-            suffix.len() == TEMP_SUFFIX_LEN && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
-        })
+    temp_name_target(entry) == Some(name)
 }
 
-/// Removes the temporary files that writes of `client`'s outputs killed midway (SIGKILL, a
-/// crash, a power loss) left next to them, and returns their paths. Only regular files with
-/// the names [`write_atomic`] makes for these very outputs are touched; nothing else in the
-/// directories is. Best effort: a file that cannot be listed or removed is left.
+/// The file a temporary name is for: `NAME` of `.NAME.tw-XXXXXX`, or `None` when `entry` is
+/// not such a name. Pure.
+pub fn temp_name_target(entry: &str) -> Option<&str> {
+    let rest = entry.strip_prefix('.')?;
+    let cut = rest.len().checked_sub(".tw-".len() + TEMP_SUFFIX_LEN)?;
+    let (name, tail) = rest.split_at_checked(cut)?;
+    let suffix = tail.strip_prefix(".tw-")?;
+    (!name.is_empty() && suffix.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(name)
+}
+
+/// Removes the temporary files that writes of these clients' outputs killed midway (SIGKILL,
+/// a crash, a power loss) left next to them, and returns (client, path) for each. Only regular
+/// files with the names [`write_atomic`] makes for these very outputs are touched; nothing
+/// else in the directories is. Each directory is listed once, however many outputs it holds
+/// (10,000 outputs in one directory take one listing, not 10,000). Best effort: a file that
+/// cannot be listed or removed is left.
 ///
 /// Call it only when no write to these outputs can be in flight: the daemon does at start,
 /// holding the state directory's lock, which `tokenwarden once` takes too.
-pub fn remove_stale_temp_files(client: &ClientConfig) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    for out in &client.outputs {
-        let (Some(name), Some(dir)) = (out.path.file_name(), out.path.parent()) else {
-            continue;
-        };
-        let name = name.to_string_lossy();
-        let Ok(entries) = fs::read_dir(dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if is_file
-                && is_temp_name_for(&entry.file_name().to_string_lossy(), &name)
-                && fs::remove_file(entry.path()).is_ok()
-            {
-                removed.push(entry.path());
+pub fn remove_stale_temp_files<'a>(
+    clients: impl IntoIterator<Item = &'a ClientConfig>,
+) -> Vec<(String, PathBuf)> {
+    // Directory → output file name → client.
+    let mut dirs: HashMap<&Path, HashMap<String, &str>> = HashMap::new();
+    for client in clients {
+        for out in &client.outputs {
+            if let (Some(name), Some(dir)) = (out.path.file_name(), out.path.parent()) {
+                dirs.entry(dir)
+                    .or_default()
+                    .insert(name.to_string_lossy().into_owned(), &client.name);
             }
         }
     }
-    if !removed.is_empty() {
-        // Best effort, like the removal itself: a lost unlink only leaves the litter again.
-        for dir in removed
-            .iter()
-            .filter_map(|p| p.parent())
-            .collect::<HashSet<_>>()
-        {
+    let mut removed = Vec::new();
+    for (dir, names) in &dirs {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        let before = removed.len();
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let file_name = file_name.to_string_lossy();
+            let Some(client) = temp_name_target(&file_name).and_then(|n| names.get(n)) else {
+                continue;
+            };
+            if entry.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push((client.to_string(), entry.path()));
+            }
+        }
+        if removed.len() > before {
+            // Best effort, like the removal itself: a lost unlink only leaves the litter again.
             let _ = sync_dir(dir);
         }
     }
@@ -895,5 +907,13 @@ mod tests {
             let made = format!(".out.tw-{}", random_suffix());
             assert!(is_temp_name_for(&made, "out"), "{made}");
         }
+        assert_eq!(temp_name_target(".a.token.tw-zzzzzz"), Some("a.token"));
+        assert_eq!(
+            temp_name_target(".x.tw-123456.tw-abcdef"),
+            Some("x.tw-123456")
+        );
+        assert_eq!(temp_name_target("..tw-abcdef"), None);
+        assert_eq!(temp_name_target(".tw-abcdef"), None);
+        assert_eq!(temp_name_target(".é.tw-abcdef"), Some("é"));
     }
 }

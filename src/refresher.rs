@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,11 +25,9 @@ use crate::outputs;
 use crate::schedule::{self, Backoff, FailureKind, Trigger};
 use crate::secret::Secret;
 use crate::state::{StateDir, StoredState};
-use crate::store::{ClientSlot, Command, Reason, Snapshot};
+pub use crate::store::Reconfigure;
+use crate::store::{ClientSlot, Command, Mailbox, Reason, Snapshot};
 use crate::token::{Token, rfc3339};
-
-/// Commands a refresher can hold before senders wait.
-const MAILBOX: usize = 64;
 
 /// What every refresher shares.
 #[derive(Clone)]
@@ -42,20 +40,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
 }
 
-/// A change of a running client's config (from a reload).
-#[derive(Debug)]
-pub struct Reconfigure {
-    pub config: Arc<ClientConfig>,
-    /// Identity or credentials changed: get a new token now.
-    pub renew: bool,
-    /// Outputs changed: write the current token to them.
-    pub rewrite_outputs: bool,
-}
-
 /// The handle the daemon keeps on a running refresher.
 pub struct Handle {
     pub slot: ClientSlot,
-    pub reconfigure: mpsc::Sender<Reconfigure>,
     /// Stops the refresher; a request in flight still completes and is saved (shutdown).
     pub cancel: CancellationToken,
     /// The client was removed or replaced (its identity changed): a request in flight is
@@ -67,12 +54,11 @@ pub struct Handle {
 /// Starts the refresher of `config` under `cancel`, on `tracker`.
 pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToken) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
-    let (cmd_tx, cmd_rx) = mpsc::channel(MAILBOX);
-    let (re_tx, re_rx) = mpsc::channel(4);
+    let mailbox = Arc::new(Mailbox::default());
     let retire = CancellationToken::new();
     let slot = ClientSlot {
         snapshot: snap_rx,
-        commands: cmd_tx,
+        mailbox: mailbox.clone(),
         allow_uids: Arc::new(config.allow_uids.clone()),
         allow_gids: Arc::new(config.allow_gids.clone()),
         ready_margin: config.timing.refresh_margin,
@@ -81,8 +67,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
         config,
         shared: shared.clone(),
         snapshot: snap_tx,
-        commands: cmd_rx,
-        reconfigure: re_rx,
+        mailbox,
         cancel: cancel.clone(),
         retire: retire.clone(),
         refresh_token: None,
@@ -99,7 +84,6 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
     shared.tracker.spawn(refresher.run());
     Handle {
         slot,
-        reconfigure: re_tx,
         cancel,
         retire,
     }
@@ -109,8 +93,7 @@ struct Refresher {
     config: Arc<ClientConfig>,
     shared: Shared,
     snapshot: watch::Sender<Snapshot>,
-    commands: mpsc::Receiver<Command>,
-    reconfigure: mpsc::Receiver<Reconfigure>,
+    mailbox: Arc<Mailbox>,
     cancel: CancellationToken,
     /// See [`Handle::retire`].
     retire: CancellationToken,
@@ -176,6 +159,34 @@ fn unit() -> f64 {
     rand::rng().random::<f64>()
 }
 
+/// What the refresher's one timer is set for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// The planned refresh (or retry).
+    Refresh,
+    /// A retry of failed output writes.
+    Outputs,
+    /// The token's expiry (status and logs turn EXPIRED on time).
+    Expiry,
+}
+
+/// The earliest of the refresher's deadlines. Pure. On a tie the refresh wins (it also
+/// rewrites the outputs and replaces the expiring token).
+fn earliest(
+    refresh: Option<Instant>,
+    outputs: Option<Instant>,
+    expiry: Option<Instant>,
+) -> Option<(Instant, Due)> {
+    [
+        refresh.map(|t| (t, Due::Refresh)),
+        outputs.map(|t| (t, Due::Outputs)),
+        expiry.map(|t| (t, Due::Expiry)),
+    ]
+    .into_iter()
+    .flatten()
+    .min_by_key(|(t, _)| *t)
+}
+
 async fn sleep_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -194,8 +205,11 @@ impl Refresher {
         &self.config.name
     }
 
+    // The work each wake-up does is boxed: a refresher waiting for its next deadline (almost
+    // all of them, almost all the time) then holds only this loop's small state, not room for
+    // a whole token request (issue 6: memory per client).
     async fn run(mut self) {
-        self.start().await;
+        Box::pin(self.start()).await;
         loop {
             let expiry = self
                 .snapshot
@@ -204,20 +218,33 @@ impl Refresher {
                 .as_ref()
                 .filter(|_| !self.expired_logged)
                 .map(|t| to_instant(t.expires_at));
+            let due = earliest(self.next_at, self.output_retry, expiry);
+            let mailbox = self.mailbox.clone();
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(re) = self.reconfigure.recv() => self.apply(re).await,
-                Some(cmd) = self.commands.recv() => self.command(cmd).await,
-                _ = sleep_opt(self.next_at) => {
-                    let trigger = self.next_trigger;
-                    let _ = self.attempt(trigger).await;
-                }
-                _ = sleep_opt(self.output_retry) => self.retry_outputs().await,
-                _ = sleep_opt(expiry) => self.expired(),
+                _ = mailbox.wait() => Box::pin(self.read_mail()).await,
+                _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
+                    Some(Due::Refresh) => {
+                        let trigger = self.next_trigger;
+                        let _ = Box::pin(self.attempt(trigger)).await;
+                    }
+                    Some(Due::Outputs) => Box::pin(self.retry_outputs()).await,
+                    Some(Due::Expiry) => self.expired(),
+                    None => {}
+                },
             }
         }
         tracing::debug!(client = self.name(), "refresher stopped");
+    }
+
+    /// A config change first (a demand is then served with the new config), then one command.
+    async fn read_mail(&mut self) {
+        if let Some(re) = self.mailbox.take_reconfigure() {
+            self.apply(re).await;
+        } else if let Some(cmd) = self.mailbox.next_command() {
+            self.command(cmd).await;
+        }
     }
 
     /// Reuses a stored token when it is still good for this identity (no provider request);
@@ -291,7 +318,7 @@ impl Refresher {
             let _ = r.send(answer.clone());
         }
         // Demands that queued up meanwhile share this attempt's outcome (SPEC §4: coalesced).
-        while let Ok(Command::Refresh { reply, .. }) = self.commands.try_recv() {
+        while let Some(Command::Refresh { reply, .. }) = self.mailbox.next_command() {
             if let Some(r) = reply {
                 let _ = r.send(answer.clone());
             }
@@ -618,16 +645,50 @@ impl Refresher {
     }
 }
 
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        // Callers waiting on a reply see it close; later ones are refused.
+        self.mailbox.close();
+    }
+}
+
 /// Asks a refresher for a token and waits for the answer.
 pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
     let (tx, rx) = oneshot::channel();
-    slot.commands
-        .send(Command::Refresh {
+    slot.mailbox
+        .post(Command::Refresh {
             reason,
             reply: Some(tx),
         })
-        .await
         .map_err(|_| "the client is being removed".to_string())?;
     rx.await
         .map_err(|_| "the client was removed before it answered".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earliest_deadline_wins_and_a_refresh_wins_ties() {
+        let t0 = Instant::now();
+        let at = |s: u64| Some(t0 + Duration::from_secs(s));
+        let cases = [
+            (None, None, None, None),
+            (at(5), None, None, Some((5, Due::Refresh))),
+            (at(5), at(3), None, Some((3, Due::Outputs))),
+            (at(5), at(3), at(1), Some((1, Due::Expiry))),
+            (None, at(3), at(4), Some((3, Due::Outputs))),
+            (at(2), at(2), at(2), Some((2, Due::Refresh))),
+            (at(9), None, at(9), Some((9, Due::Refresh))),
+        ];
+        for (refresh, outputs, expiry, want) in cases {
+            let want = want.map(|(s, d)| (t0 + Duration::from_secs(s), d));
+            assert_eq!(
+                earliest(refresh, outputs, expiry),
+                want,
+                "{refresh:?} {outputs:?} {expiry:?}"
+            );
+        }
+    }
 }

@@ -174,6 +174,22 @@ pub const HASH_LIMIT: u64 = 1024 * 1024;
 /// still reloads this long after its first change (or after `debounce`, if that is longer).
 pub const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(3);
 
+/// The quiet time after a burst that ended with a finished write (a file closed after writing,
+/// or renamed into place): such a burst is over, and waiting the full debounce would only
+/// delay the reload (issue 6: a reload applied within 100 ms of the rename). A burst of
+/// writes still under way (modifications not yet closed) waits for the full debounce.
+pub const QUICK_SETTLE: Duration = Duration::from_millis(10);
+
+/// Whether `event` finishes a write: the file was closed after writing, or renamed into place.
+/// Pure.
+fn finishes_a_write(event: &notify::Event) -> bool {
+    matches!(
+        event.kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+    )
+}
+
 /// Symbolic links followed while resolving one path, as the kernel's `ELOOP` limit.
 const MAX_SYMLINKS: usize = 40;
 
@@ -190,8 +206,9 @@ const MAX_SYMLINKS: usize = 40;
 /// that is missing when watched and appears later is a change likewise.
 ///
 /// **Debounce.** Changed paths are collected until no relevant event has arrived for
-/// `debounce`, or at most [`MAX_DEBOUNCE_WAIT`] after the first change, then sent as one
-/// event.
+/// `debounce` ([`QUICK_SETTLE`] when the last events finished a write: a close after writing,
+/// a rename into place), or at most [`MAX_DEBOUNCE_WAIT`] after the first change, then sent
+/// as one event.
 ///
 /// **Missing directories.** A path whose parent directory does not exist is watched from its
 /// nearest existing ancestor (see the module docs); starting never fails for that.
@@ -361,11 +378,17 @@ fn run(
     let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
     let mut first_change = Instant::now();
     let mut last_event = Instant::now();
+    let mut finished = false;
     loop {
         let msg = if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
-            let deadline = (last_event + debounce).min(first_change + max_wait);
+            let quiet = if finished {
+                QUICK_SETTLE.min(debounce)
+            } else {
+                debounce
+            };
+            let deadline = (last_event + quiet).min(first_change + max_wait);
             rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
         };
         match msg {
@@ -379,6 +402,10 @@ fn run(
                     }
                 }
                 let changed = shared.on_events(&batch);
+                finished = match batch.last() {
+                    Some(Ok(event)) => finishes_a_write(event),
+                    _ => false,
+                };
                 let now = Instant::now();
                 last_event = now;
                 if !changed.is_empty() {

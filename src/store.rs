@@ -5,12 +5,13 @@
 //! clock when it is read ([`Snapshot::state_at`]), so a token past its expiry is never reported
 //! valid, and EXPIRED is reached on time even while a request hangs.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
+use crate::config::ClientConfig;
 use crate::token::Token;
 
 /// A client's state (SPEC §7 `State`).
@@ -114,11 +115,140 @@ pub enum Command {
     },
 }
 
+/// A change of a running client's config (from a reload).
+#[derive(Debug)]
+pub struct Reconfigure {
+    pub config: Arc<ClientConfig>,
+    /// Identity or credentials changed: get a new token now.
+    pub renew: bool,
+    /// Outputs changed: write the current token to them.
+    pub rewrite_outputs: bool,
+}
+
+impl Reconfigure {
+    /// One change that does what `self` then `newer` would: the newer config, and every
+    /// action either asked for.
+    fn then(self, newer: Reconfigure) -> Reconfigure {
+        Reconfigure {
+            config: newer.config,
+            renew: self.renew || newer.renew,
+            rewrite_outputs: self.rewrite_outputs || newer.rewrite_outputs,
+        }
+    }
+}
+
+/// What [`Mailbox::post`] did with a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Posted {
+    /// Queued: the refresher will act on it.
+    Queued,
+    /// Dropped: it wants no answer and a command already queued will make the same request.
+    AlreadyQueued,
+}
+
+/// The refresher has stopped (its client was removed, or the daemon is stopping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closed;
+
+/// A refresher's mailbox: demands from gRPC, signals and cron, and config changes from reloads,
+/// behind one wake-up.
+///
+/// It costs a few dozen bytes while empty (a client with nothing to say costs nothing more),
+/// where a pair of bounded channels cost about 2 KiB per client. It needs no bound: a command
+/// that wants no answer is dropped when another is already queued (they would make the same
+/// request), the ones that want an answer come from callers each waiting on one, and
+/// reconfigurations merge into one.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    commands: VecDeque<Command>,
+    reconfigure: Option<Reconfigure>,
+    closed: bool,
+}
+
+impl Mailbox {
+    /// Queues a command for the refresher.
+    pub fn post(&self, command: Command) -> Result<Posted, Closed> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(Closed);
+        }
+        let Command::Refresh { reply, .. } = &command;
+        if reply.is_none() && !q.commands.is_empty() {
+            return Ok(Posted::AlreadyQueued);
+        }
+        q.commands.push_back(command);
+        drop(q);
+        self.wake.notify_one();
+        Ok(Posted::Queued)
+    }
+
+    /// Hands the refresher a new config, merged with one not yet applied.
+    pub fn reconfigure(&self, change: Reconfigure) -> Result<(), Closed> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(Closed);
+        }
+        q.reconfigure = Some(match q.reconfigure.take() {
+            Some(older) => older.then(change),
+            None => change,
+        });
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Waits until something is in the mailbox (the refresher's side).
+    pub async fn wait(&self) {
+        loop {
+            {
+                let q = self.lock();
+                if q.reconfigure.is_some() || !q.commands.is_empty() {
+                    return;
+                }
+            }
+            // A post between the check and here leaves a permit: this returns at once.
+            self.wake.notified().await;
+        }
+    }
+
+    /// The pending config change, if any (the refresher's side).
+    pub fn take_reconfigure(&self) -> Option<Reconfigure> {
+        self.lock().reconfigure.take()
+    }
+
+    /// The oldest command, if any (the refresher's side).
+    pub fn next_command(&self) -> Option<Command> {
+        self.lock().commands.pop_front()
+    }
+
+    /// Refuses everything from now on and drops what is queued: waiting callers see their
+    /// reply channel close. The refresher calls it when it stops.
+    pub fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.commands.clear();
+        q.reconfigure = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        match self.queue.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
 /// The handle on one client: its snapshot and its refresher's mailbox.
 #[derive(Clone, Debug)]
 pub struct ClientSlot {
     pub snapshot: watch::Receiver<Snapshot>,
-    pub commands: mpsc::Sender<Command>,
+    pub mailbox: Arc<Mailbox>,
     /// Who may read it over gRPC.
     pub allow_uids: Arc<Vec<u32>>,
     pub allow_gids: Arc<Vec<u32>>,
@@ -228,6 +358,148 @@ mod tests {
             consecutive_failures: failures,
             ..Snapshot::default()
         }
+    }
+
+    fn client(scope: &str) -> Arc<ClientConfig> {
+        use crate::config::{ClientAuth, Grant, Timing};
+        Arc::new(ClientConfig {
+            name: "a".into(),
+            token_url: url::Url::parse("https://idp.example/token").unwrap(),
+            grant: Grant::ClientCredentials,
+            client_auth: ClientAuth::None,
+            client_id: Some("a".into()),
+            scope: vec![scope.into()],
+            audience: None,
+            resource: None,
+            extra_params: BTreeMap::new(),
+            extra_headers: BTreeMap::new(),
+            ca_file: None,
+            rotate_cron: None,
+            allow_uids: vec![],
+            allow_gids: vec![],
+            outputs: vec![],
+            timing: Timing::default(),
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn refresh(
+        reason: Reason,
+        reply: bool,
+    ) -> (
+        Command,
+        Option<oneshot::Receiver<Result<Arc<Token>, String>>>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Refresh {
+            reason,
+            reply: reply.then_some(tx),
+        };
+        (cmd, reply.then_some(rx))
+    }
+
+    #[test]
+    fn mailbox_coalesces_answerless_commands_and_keeps_callers() {
+        let mb = Mailbox::default();
+        let (c, _) = refresh(Reason::RefreshAll, false);
+        assert_eq!(mb.post(c), Ok(Posted::Queued));
+        // SIGUSR1 twice, cron on top: one request is enough.
+        let (c, _) = refresh(Reason::RefreshAll, false);
+        assert_eq!(mb.post(c), Ok(Posted::AlreadyQueued));
+        let (c, _) = refresh(Reason::Rotation, false);
+        assert_eq!(mb.post(c), Ok(Posted::AlreadyQueued));
+        // A caller waiting for an answer is always queued.
+        let (c, _rx) = refresh(Reason::Demand, true);
+        assert_eq!(mb.post(c), Ok(Posted::Queued));
+        assert!(matches!(
+            mb.next_command(),
+            Some(Command::Refresh {
+                reason: Reason::RefreshAll,
+                reply: None
+            })
+        ));
+        assert!(matches!(
+            mb.next_command(),
+            Some(Command::Refresh {
+                reason: Reason::Demand,
+                reply: Some(_)
+            })
+        ));
+        assert!(mb.next_command().is_none());
+        // Empty again: an answerless command is queued once more.
+        let (c, _) = refresh(Reason::Rotation, false);
+        assert_eq!(mb.post(c), Ok(Posted::Queued));
+    }
+
+    #[test]
+    fn mailbox_merges_reconfigurations() {
+        let mb = Mailbox::default();
+        let first = client("one");
+        let second = client("two");
+        let change = |config: &Arc<ClientConfig>, renew, rewrite_outputs| Reconfigure {
+            config: config.clone(),
+            renew,
+            rewrite_outputs,
+        };
+        mb.reconfigure(change(&first, true, false)).unwrap();
+        mb.reconfigure(change(&second, false, true)).unwrap();
+        let merged = mb.take_reconfigure().unwrap();
+        assert!(
+            Arc::ptr_eq(&merged.config, &second),
+            "the newer config wins"
+        );
+        assert!(
+            merged.renew && merged.rewrite_outputs,
+            "every action asked for is kept"
+        );
+        assert!(mb.take_reconfigure().is_none());
+    }
+
+    #[tokio::test]
+    async fn mailbox_close_answers_waiting_callers_and_refuses_more() {
+        let mb = Mailbox::default();
+        let (c, rx) = refresh(Reason::Demand, true);
+        mb.post(c).unwrap();
+        mb.close();
+        assert!(
+            rx.unwrap().await.is_err(),
+            "the waiting caller sees the reply close"
+        );
+        let (c, _) = refresh(Reason::Demand, true);
+        assert_eq!(mb.post(c), Err(Closed));
+        assert_eq!(
+            mb.reconfigure(Reconfigure {
+                config: client("one"),
+                renew: false,
+                rewrite_outputs: false,
+            }),
+            Err(Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn mailbox_wait_wakes_on_a_post_made_before_or_during_the_wait() {
+        let mb = Arc::new(Mailbox::default());
+        // Posted before anyone waits: the wait returns at once.
+        let (c, _) = refresh(Reason::Demand, false);
+        mb.post(c).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), mb.wait())
+            .await
+            .unwrap();
+        assert!(mb.next_command().is_some());
+        // Posted while waiting.
+        let waiter = tokio::spawn({
+            let mb = mb.clone();
+            async move { mb.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let (c, _) = refresh(Reason::Demand, false);
+        mb.post(c).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -337,7 +337,7 @@ client_secret = {{ file = "{d}/hmac" }}
     }
 
     fn client<'a>(c: &'a mut Config, name: &str) -> &'a mut ClientConfig {
-        c.clients.get_mut(name).unwrap()
+        std::sync::Arc::make_mut(c.clients.get_mut(name).unwrap())
     }
 
     type Edit = fn(&mut Config);
@@ -733,17 +733,17 @@ client_secret = {{ file = "{d}/hmac" }}
         let basic = new.clients.remove("basic").unwrap();
         new.clients.insert(
             "zeta".into(),
-            ClientConfig {
+            std::sync::Arc::new(ClientConfig {
                 name: "zeta".into(),
-                ..basic.clone()
-            },
+                ..(*basic).clone()
+            }),
         );
         new.clients.insert(
             "alpha".into(),
-            ClientConfig {
+            std::sync::Arc::new(ClientConfig {
                 name: "alpha".into(),
-                ..basic
-            },
+                ..(*basic).clone()
+            }),
         );
         new.clients.remove("pkjwt");
         let d = diff(&old, &new);

@@ -348,7 +348,7 @@ impl Loader {
         dir: &Path,
         defaults: &TimingSrc,
         files: &mut Vec<PathBuf>,
-        clients: &mut BTreeMap<String, ClientConfig>,
+        clients: &mut BTreeMap<String, std::sync::Arc<ClientConfig>>,
     ) {
         let (pattern, loc) = pattern;
         let full = if Path::new(pattern).is_absolute() {
@@ -412,7 +412,7 @@ impl Loader {
         dir: &Path,
         value: Spanned<DeValue<'_>>,
         defaults: &TimingSrc,
-        out: &mut BTreeMap<String, ClientConfig>,
+        out: &mut BTreeMap<String, std::sync::Arc<ClientConfig>>,
     ) {
         let span = value.span();
         let DeValue::Table(table) = value.into_inner() else {
@@ -438,7 +438,7 @@ impl Loader {
             }
             self.clients_seen.insert(name.clone(), header);
             if let Some(c) = self.client(file, dir, &name, value, defaults) {
-                out.insert(name, c);
+                out.insert(name, std::sync::Arc::new(c));
             }
         }
     }

@@ -27,7 +27,7 @@ pub struct Config {
     /// `[daemon]`.
     pub daemon: DaemonConfig,
     /// Every `[clients.NAME]`, from the main file and the included ones, by name.
-    pub clients: BTreeMap<String, ClientConfig>,
+    pub clients: BTreeMap<String, std::sync::Arc<ClientConfig>>,
     /// The main file and every included file that was read (what a reload watches).
     pub files: Vec<PathBuf>,
     /// Things that are allowed but worth telling the operator (an inline secret in a file

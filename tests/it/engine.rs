@@ -14,7 +14,7 @@ use tokenwarden::provider::{Fault, RecordedRequest};
 use crate::support::DemoEnv;
 
 fn client(env: &DemoEnv, name: &str) -> ClientConfig {
-    env.config().clients.get(name).unwrap().clone()
+    (**env.config().clients.get(name).unwrap()).clone()
 }
 
 fn last_request(env: &DemoEnv) -> RecordedRequest {

@@ -72,7 +72,7 @@ fn client(
     );
     std::fs::write(dir.join("secret"), "s3cret").unwrap();
     let cfg = tokenwarden::config::load_str(&text, &dir.join("c.toml")).unwrap();
-    cfg.clients["tls"].clone()
+    (*cfg.clients["tls"]).clone()
 }
 
 #[tokio::test]

@@ -300,3 +300,44 @@ async fn sighup_and_sigusr1_become_events() {
     // Closed: the channel ends.
     assert_eq!(timeout(DEADLINE, rx.recv()).await.unwrap(), None);
 }
+
+/// A finished write (renamed into place, or closed after writing) is reported after the short
+/// settle, not after the full debounce; a write still under way waits for the debounce.
+#[tokio::test]
+async fn a_finished_write_reloads_without_waiting_for_the_debounce() {
+    let long = Duration::from_secs(4);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "a = 1\n").unwrap();
+    let (tx, mut rx) = mpsc::channel(16);
+    let _watcher = FileWatcher::start(vec![config.clone()], long, tx).unwrap();
+
+    // Renamed into place: well before the 4 s debounce.
+    let renamed = std::time::Instant::now();
+    write_via_rename(&config, "a = 2\n");
+    let got = timeout(long / 2, rx.recv()).await;
+    assert!(
+        matches!(got, Ok(Some(Event::Reload(ReloadReason::Changed(_))))),
+        "a rename into place must not wait for the debounce: {got:?} after {:?}",
+        renamed.elapsed()
+    );
+
+    // Written in place and left open: nothing until the writer closes it…
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&config)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"a = 3\n").unwrap();
+    if let Ok(ev) = timeout(QUIET, rx.recv()).await {
+        panic!("a write still under way must wait for the debounce, got {ev:?}");
+    }
+    // …then soon after the close.
+    drop(file);
+    let got = timeout(long / 2, rx.recv()).await;
+    assert!(
+        matches!(got, Ok(Some(Event::Reload(ReloadReason::Changed(_))))),
+        "a closed write must not wait for the debounce: {got:?}"
+    );
+}
