@@ -21,7 +21,8 @@
 //! seconds, default 600), `TW_SCALE_WINDOW` (steady window in seconds, default 300: the first
 //! refreshes after the start-up burst begin at a quarter of the lifetime), `TW_SCALE_IDLE`
 //! (seconds the 5-client daemon idles before its RSS is read, default 30), `TW_SCALE_KEEP=1`
-//! (keep the work directory and print its path), `TW_SCALE_WRAP` (a command put in front of the
+//! (keep the work directory and print its path), `TW_SCALE_LOG` (the daemon's `log_level`,
+//! default `warn`; its log is `daemon.log` in the work directory), `TW_SCALE_WRAP` (a command put in front of the
 //! daemon's, e.g. `valgrind --tool=massif --massif-out-file=/tmp/massif.out`, for profiling).
 
 use std::collections::HashMap;
@@ -234,9 +235,10 @@ impl Setup {
         let mut s = String::with_capacity(self.clients * 260);
         let _ = write!(
             s,
-            "[daemon]\nsocket = {:?}\nstate_dir = {:?}\nlog_level = \"warn\"\nlog_format = \"text\"\n\n",
+            "[daemon]\nsocket = {:?}\nstate_dir = {:?}\nlog_level = {:?}\nlog_format = \"text\"\n\n",
             self.socket,
-            self.dir.join("state")
+            self.dir.join("state"),
+            std::env::var("TW_SCALE_LOG").unwrap_or_else(|_| "warn".into())
         );
         for i in 0..self.clients {
             let name = client_name(i);

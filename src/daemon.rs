@@ -380,7 +380,10 @@ impl Daemon {
             }
         }
         self.notifier.reloading();
-        let mut new = match config::load(&self.config.path) {
+        let began = std::time::Instant::now();
+        let loaded = config::load(&self.config.path);
+        let load_took = began.elapsed();
+        let mut new = match loaded {
             Ok(c) => c,
             Err(errors) => {
                 crate::metrics::reload(false);
@@ -480,6 +483,8 @@ impl Daemon {
             removed = diff.removed.len(),
             changed = diff.changed.len(),
             unchanged = diff.unchanged.len(),
+            load_ms = load_took.as_millis() as u64,
+            took_ms = began.elapsed().as_millis() as u64,
             "reloaded"
         );
         self.config = Arc::new(new);
