@@ -322,9 +322,7 @@ async fn every_rpc_and_error_code_over_the_socket() {
 
     // Stop: the socket is removed.
     hang_task.abort();
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(6)).await;
-    assert!(status.success());
+    daemon.stop().await;
     assert!(!socket.exists(), "socket left behind");
 }
 
@@ -561,8 +559,7 @@ async fn stale_socket_is_replaced_and_a_foreign_file_is_refused() {
     let mut daemon = DaemonProc::start(&env.demo.config, &[]);
     let mut c = connect(&socket, &daemon).await;
     c.get_token(get("transatel")).await.unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
     assert!(!socket.exists());
 
     // A regular file at the path: refused, left alone, exit 1.
