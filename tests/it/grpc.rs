@@ -427,15 +427,29 @@ async fn watch_token_follows_generations_and_ends_when_the_client_is_removed() {
     }
 }
 
-/// Runs `tokenwarden ARGS` as uid/gid 65534 (nobody).
+/// Runs `tokenwarden ARGS` as uid/gid 65534 (nobody), without supplementary groups.
 async fn run_as_nobody(args: &[&str]) -> (i32, String, String) {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(crate::support::bin());
-    cmd.args(args)
+    run_as(65534, 65534, &[], args).await
+}
+
+/// Runs `tokenwarden ARGS` as `uid`, with primary group `gid` and exactly the supplementary
+/// `groups`, through setpriv (util-linux). The test process must be root.
+async fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> (i32, String, String) {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        format!("--groups={}", list.join(","))
+    };
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg(groups)
+        .arg("--")
+        .arg(crate::support::bin())
+        .args(args)
         .env_remove("TOKENWARDEN_CONFIG")
-        .env_remove("TOKENWARDEN_SOCKET")
-        .uid(65534)
-        .gid(65534);
+        .env_remove("TOKENWARDEN_SOCKET");
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
@@ -444,6 +458,17 @@ async fn run_as_nobody(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The clients `status --json` shows to a caller.
+fn listed(status_json: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(status_json).unwrap_or_else(|e| panic!("{e}: {status_json:?}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -782,4 +807,80 @@ async fn a_client_sending_the_socket_path_as_authority_is_served() {
     }
     statuses.sort();
     assert_eq!(statuses, vec![(1, "0".into()), (3, "0".into())]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_groups_admits_members_by_primary_and_supplementary_group() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a child as another uid");
+        return;
+    }
+    // Groups that no user of this machine has: only the test's children are in them.
+    const READERS: u32 = 47_311;
+    const OTHERS: u32 = 47_312;
+    let env = DemoEnv::start(Duration::from_secs(30)).await;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.edit_config(|t| {
+        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
+            .replace(
+                "[clients.transatel]\n",
+                &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
+            )
+            .replace(
+                "[clients.talkdesk]\n",
+                &format!("[clients.talkdesk]\nallow_groups = [{OTHERS}, {READERS}]\n"),
+            )
+    });
+    let socket = env.demo.socket.clone();
+    let s = socket.to_str().unwrap();
+    let daemon = DaemonProc::start(&env.demo.config, &[]);
+    connect(&socket, &daemon).await;
+
+    // A member of READERS, by supplementary group or by primary group: transatel and talkdesk
+    // may be read, and only they are listed.
+    for (how, gid, groups) in [
+        ("supplementary", 65534, vec![READERS]),
+        ("primary", READERS, vec![]),
+    ] {
+        let (code, out, err) = run_as(65534, gid, &groups, &["get", "transatel", "-s", s]).await;
+        assert_eq!(code, 0, "{how}: {err}\n{}", daemon.logs());
+        assert_eq!(
+            env.provider.token_owner(out.trim_end()).as_deref(),
+            Some(tokenwarden::demo::TRANSATEL_ID),
+            "{how}"
+        );
+        let (code, _, err) = run_as(65534, gid, &groups, &["get", "talkdesk", "-s", s]).await;
+        assert_eq!(code, 0, "{how}: {err}");
+        let (code, _, err) = run_as(65534, gid, &groups, &["get", "creads-files", "-s", s]).await;
+        assert_eq!(code, 1, "{how}");
+        assert!(
+            err.contains("not allowed"),
+            "{how}: PERMISSION_DENIED: {err}"
+        );
+        let (code, out, err) = run_as(65534, gid, &groups, &["status", "-s", s, "--json"]).await;
+        assert_eq!(code, 0, "{how}: {err}");
+        assert_eq!(listed(&out), ["talkdesk", "transatel"], "{how}");
+    }
+
+    // A member of another group only: transatel is denied with PERMISSION_DENIED, talkdesk
+    // (which allows that group too) is readable, and only talkdesk is listed.
+    let (code, out, err) = run_as(65534, 65534, &[OTHERS], &["get", "transatel", "-s", s]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("not allowed") && err.contains("65534"),
+        "{err}"
+    );
+    let (code, _, err) = run_as(65534, OTHERS, &[], &["get", "transatel", "-s", s]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not allowed"), "{err}");
+    let (code, _, err) = run_as(65534, 65534, &[OTHERS], &["get", "talkdesk", "-s", s]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run_as(65534, 65534, &[OTHERS], &["status", "-s", s, "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(listed(&out), ["talkdesk"]);
+    // In no listed group: nothing.
+    let (code, out, _) = run_as(65534, 65534, &[], &["status", "-s", s, "--json"]).await;
+    assert_eq!(code, 0);
+    assert!(listed(&out).is_empty(), "{out}");
 }
