@@ -14,7 +14,7 @@ use tokenwarden::grpc::pb::token_service_client::TokenServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{DaemonProc, DemoEnv, run, run_env};
+use crate::support::{DaemonProc, DemoEnv, run, run_env, run_setpriv};
 
 /// Waits until the daemon answers on `socket`, and returns a client.
 async fn connect(socket: &Path, daemon: &DaemonProc) -> TokenServiceClient<Channel> {
@@ -433,7 +433,7 @@ async fn run_as_nobody(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Runs `tokenwarden ARGS` as `uid`, with primary group `gid` and exactly the supplementary
-/// `groups`, through setpriv (util-linux). The test process must be root.
+/// `groups`. The test process must be root.
 async fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> (i32, String, String) {
     let groups = if groups.is_empty() {
         "--clear-groups".to_string()
@@ -441,23 +441,10 @@ async fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> (i32, Stri
         let list: Vec<String> = groups.iter().map(u32::to_string).collect();
         format!("--groups={}", list.join(","))
     };
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={gid}"))
-        .arg(groups)
-        .arg("--")
-        .arg(crate::support::bin())
-        .args(args)
-        .env_remove("TOKENWARDEN_CONFIG")
-        .env_remove("TOKENWARDEN_SOCKET");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let ids = [format!("--reuid={uid}"), format!("--regid={gid}"), groups];
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let r = run_setpriv(&ids, args).await;
+    (r.code, r.stdout, r.stderr)
 }
 
 /// The clients `status --json` shows to a caller.

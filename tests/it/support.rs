@@ -96,9 +96,32 @@ pub async fn run(args: &[&str]) -> Run {
 
 /// Runs the binary with `args` and extra environment variables.
 pub async fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(bin());
+    run_wrapped(&[], args, env).await
+}
+
+/// Runs the binary through `setpriv SETPRIV --` (util-linux): as another uid, with other
+/// groups or without some capabilities. The test process must be root for most of that.
+pub async fn run_setpriv(setpriv: &[&str], args: &[&str]) -> Run {
+    let mut wrapper = vec!["setpriv"];
+    wrapper.extend_from_slice(setpriv);
+    wrapper.push("--");
+    run_wrapped(&wrapper, args, &[]).await
+}
+
+/// Runs `WRAPPER... tokenwarden ARGS` (just the binary when `wrapper` is empty) to completion
+/// (60 s at most), with a clean tokenwarden environment plus `env`.
+async fn run_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(rest).arg(bin());
+            cmd
+        }
+        None => tokio::process::Command::new(bin()),
+    };
     cmd.args(args)
         .env_remove("TOKENWARDEN_CONFIG")
+        .env_remove("TOKENWARDEN_SOCKET")
         .env_remove("TOKENWARDEN_LOG")
         .env_remove("JOURNAL_STREAM")
         .env_remove("RUST_LOG")
