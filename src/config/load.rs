@@ -665,7 +665,14 @@ impl Loader {
         {
             self.error(Self::at(file, c.span()), e);
         }
-        let ca_file = raw.ca_file.take().map(|p| resolve(dir, p.into_inner()));
+        let ca_file = raw.ca_file.take().map(|p| {
+            let span = p.span();
+            let path = resolve(dir, p.into_inner());
+            if let Err(e) = crate::oauth::check_ca_file(&path) {
+                self.error(Self::at(file, span), e);
+            }
+            path
+        });
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
         let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);
 

@@ -350,6 +350,22 @@ path = "/run/tw/dup"
      ))
 
 
+spec("ca-file", ok("a") + '''ca_file = «0»"../secrets/transatel"
+
+''' + ok("b") + '''ca_file = «1»"../secrets/empty"
+
+''' + ok("c") + '''ca_file = «2»"../keys/es256.pem"
+
+''' + ok("d") + '''ca_file = «3»"../keys/not-der.pem"
+
+''' + ok("e") + '''ca_file = «4»"../keys/no-such-ca.pem"
+
+''' + ok("f") + '''ca_file = "../keys/ca.pem"
+''', 'secrets/transatel holds no PEM certificate (-----BEGIN CERTIFICATE-----)',
+     'secrets/empty holds no PEM certificate', 'keys/es256.pem holds a private key, not a certificate',
+     'keys/not-der.pem holds a certificate that cannot be used', 'cannot read ca_file ')
+
+
 def render(name, body, texts, extra_header):
     marks = []
     clean = ""
