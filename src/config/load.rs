@@ -54,7 +54,7 @@ pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         warnings: Vec::new(),
         clients_seen: BTreeMap::new(),
         outputs_seen: BTreeMap::new(),
-        is_root: nix::unistd::geteuid().is_root(),
+        chown: crate::outputs::ChownRights::of_this_process(),
     };
     let config = loader.main(text, path);
     loader.finish(config)
@@ -83,7 +83,8 @@ struct Loader {
     clients_seen: BTreeMap<String, Loc>,
     /// Where each output path was used, and by which client.
     outputs_seen: BTreeMap<PathBuf, (Loc, String)>,
-    is_root: bool,
+    /// What owners and groups this process could give outputs, for the CAP_CHOWN warning.
+    chown: crate::outputs::ChownRights,
 }
 
 /// The timing of `[defaults]` with where each key was set, so that a bad combination is
@@ -664,7 +665,14 @@ impl Loader {
         {
             self.error(Self::at(file, c.span()), e);
         }
-        let ca_file = raw.ca_file.take().map(|p| resolve(dir, p.into_inner()));
+        let ca_file = raw.ca_file.take().map(|p| {
+            let span = p.span();
+            let path = resolve(dir, p.into_inner());
+            if let Err(e) = crate::oauth::check_ca_file(&path) {
+                self.error(Self::at(file, span), e);
+            }
+            path
+        });
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
         let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);
 
@@ -1156,12 +1164,13 @@ impl Loader {
             .group
             .as_ref()
             .and_then(|g| self.resolve_id(file, g, IdKind::Group));
-        if (raw.owner.is_some() || raw.group.is_some()) && !self.is_root {
+        if !self.chown.allow(owner, group) {
             self.warn(
                 header,
                 format!(
-                    "owner/group of output {} cannot be applied unless the daemon runs as root \
-                     or has CAP_CHOWN (AmbientCapabilities=CAP_CHOWN in the unit)",
+                    "owner/group of output {} cannot be applied: this process lacks CAP_CHOWN \
+                     (add AmbientCapabilities=CAP_CHOWN to the unit, as the \
+                     tokenwarden-chown.conf drop-in does)",
                     path.display()
                 ),
             );

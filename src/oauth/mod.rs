@@ -33,32 +33,54 @@ pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
 /// Builds an HTTP client for token requests: rustls with the OS trust store (plus `ca_file`),
 /// no redirects, no proxies from the environment surprises beyond reqwest's defaults.
 pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
+    build_http_client(ca_file).map_err(OAuthError::Request)
+}
+
+/// Checks a `ca_file` the way [`http_client`] uses it: readable, a PEM bundle of at least one
+/// certificate, each one accepted as a trust anchor. The error names the file and what is wrong
+/// (`tokenwarden check` reports it at the `ca_file` key).
+pub fn check_ca_file(path: &Path) -> Result<(), String> {
+    build_http_client(Some(path)).map(drop)
+}
+
+fn build_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90));
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            OAuthError::Request(format!("cannot read ca_file {}: {e}", path.display()))
-        })?;
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+        let path = path.display();
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            OAuthError::Request(format!(
-                "ca_file {} holds no usable PEM certificate: {e}",
-                path.display()
-            ))
+            format!(
+                "ca_file {path} holds no usable PEM certificate: {}",
+                chain(&e)
+            )
         })?;
+        if certs.is_empty() && pem.windows(16).any(|w| w == b"PRIVATE KEY-----") {
+            return Err(format!(
+                "ca_file {path} holds a private key, not a certificate: give the PEM certificate of the CA"
+            ));
+        }
         if certs.is_empty() {
-            return Err(OAuthError::Request(format!(
-                "ca_file {} holds no PEM certificate",
-                path.display()
-            )));
+            return Err(format!(
+                "ca_file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+            ));
         }
         builder = builder.tls_certs_merge(certs);
+        // A certificate whose PEM is fine but whose content is not is refused only here.
+        return builder.build().map_err(|e| {
+            format!(
+                "ca_file {path} holds a certificate that cannot be used: {}",
+                chain(&e)
+            )
+        });
     }
     builder
         .build()
-        .map_err(|e| OAuthError::Request(format!("cannot set up HTTPS: {}", chain(&e))))
+        .map_err(|e| format!("cannot set up HTTPS: {}", chain(&e)))
 }
 
 /// HTTP clients shared by every token client with the same `ca_file`: one connection pool per

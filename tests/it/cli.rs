@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{DemoEnv, read, run};
+use crate::support::{DemoEnv, read, run, secret_material};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn once_gets_every_dialect_then_reuses_the_stored_tokens() {
@@ -238,59 +238,6 @@ async fn check_accepts_good_configs_and_refuses_bad_ones_with_locations() {
     assert_eq!(r.code, 2);
 }
 
-/// Every secret value a run could leak: secret files (and each line of the key), tokens in the
-/// output and state files, and what the provider received (passwords, assertions, headers).
-fn secret_material(env: &DemoEnv) -> Vec<String> {
-    let mut v = Vec::new();
-    for entry in std::fs::read_dir(env.demo.dir.join("secrets")).unwrap() {
-        let text = read(&entry.unwrap().path());
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
-        {
-            v.push(line.to_string());
-        }
-        v.push(text);
-    }
-    for entry in std::fs::read_dir(&env.demo.state_dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "json") {
-            let s: Value = serde_json::from_str(&read(&p)).unwrap();
-            for k in ["refresh_token"] {
-                if let Some(t) = s[k].as_str() {
-                    v.push(t.to_string());
-                }
-            }
-            if let Some(t) = s["token"]["access_token"].as_str() {
-                v.push(t.to_string());
-            }
-        }
-    }
-    for r in env.provider.requests() {
-        for (k, val) in &r.form {
-            if [
-                "password",
-                "client_secret",
-                "assertion",
-                "client_assertion",
-                "refresh_token",
-            ]
-            .contains(&k.as_str())
-            {
-                v.push(val.clone());
-            }
-        }
-        if let Some(a) = r.header("authorization") {
-            v.push(a.to_string());
-            v.push(a.trim_start_matches("Basic ").to_string());
-        }
-    }
-    v.retain(|s| s.len() >= 8);
-    v.sort();
-    v.dedup();
-    v
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn trace_logs_of_whole_runs_hold_no_secret() {
     let env = DemoEnv::start(Duration::from_secs(3)).await;
@@ -314,7 +261,7 @@ async fn trace_logs_of_whole_runs_hold_no_secret() {
         "trace logs were captured: {logs}"
     );
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "{logs}");
-    let secrets = secret_material(&env);
+    let secrets = secret_material(&env, []);
     assert!(secrets.len() > 20, "{}", secrets.len());
     for s in &secrets {
         assert!(

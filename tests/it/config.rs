@@ -187,7 +187,7 @@ fn check_valid(name: &str, c: &Config) {
             assert_eq!(t.audience.as_deref(), Some("https://api.talent-soft.com"));
             assert_eq!(
                 t.ca_file.as_deref(),
-                Some(data().join("valid/../keys/es256.pub.pem").as_path())
+                Some(data().join("valid/../keys/ca.pem").as_path())
             );
         }
         "talentsoft-user" => {

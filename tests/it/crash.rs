@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokenwarden::demo::{CREADS_ID, TALKDESK_ID};
 use tokenwarden::provider::{Dialect, Provider, RegisteredClient, TalkdeskRegion};
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, read, token_in};
+use crate::support::{DaemonProc, DemoEnv, read, token_in};
 
 /// Kills per run of the kill loop.
 const KILLS: usize = 50;
@@ -134,12 +134,7 @@ struct Tally {
 /// `kills` times: starts it, lets it run a random 50–1500 ms, SIGKILLs it and checks what it
 /// left. Ends with a clean run to READY and a SIGTERM.
 async fn kill_loop(env: &DemoEnv, rng: &mut StdRng, kills: usize) -> Tally {
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     daemon.signal(Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10)).await;
     check_outputs(env, "after the first run");
@@ -179,16 +174,9 @@ async fn kill_loop(env: &DemoEnv, rng: &mut StdRng, kills: usize) -> Tally {
         litter.extend(temps);
     }
 
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    let ready = notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("5/5 clients valid"), "{ready}");
-    daemon.signal(Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(10)).await;
-    assert!(status.success(), "{status:?}; logs:\n{}", daemon.logs());
+    daemon.stop().await;
     check_outputs(env, "after the last run");
     for (name, _) in owners() {
         let token = token_in(name, &read(&env.out(name))).unwrap_or_default();
@@ -341,12 +329,7 @@ async fn kill_9_against_a_strict_provider_rarely_lands_between_rotation_and_save
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_after_kill_9_right_after_ready_reuses_every_token() {
     let env = DemoEnv::start(Duration::from_secs(600)).await;
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     daemon.signal(Signal::SIGKILL);
     let status = daemon.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
@@ -387,12 +370,7 @@ async fn a_restart_after_kill_9_right_after_ready_reuses_every_token() {
         std::fs::write(p, "partial").unwrap();
     }
 
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    let ready = notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("5/5 clients valid"), "{ready}");
     assert_eq!(
         env.provider.requests().len(),
@@ -432,8 +410,7 @@ async fn a_restart_after_kill_9_right_after_ready_reuses_every_token() {
         "{}",
         daemon.logs()
     );
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(10)).await.success());
+    daemon.stop().await;
 }
 
 // === the provider's reuse grace ===
@@ -552,12 +529,7 @@ async fn measure_the_window_between_rotation_and_save() {
     let env = DemoEnv::start(SHORT_LIFETIME).await;
     env.provider
         .set_refresh_reuse_grace(CREADS_ID, Some(Duration::from_secs(600)));
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     daemon.signal(Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10)).await;
 

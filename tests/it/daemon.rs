@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, read, token_in};
+use crate::support::{DaemonProc, DemoEnv, read, token_in};
 
 /// The client id each output belongs to.
 fn owners() -> HashMap<&'static str, &'static str> {
@@ -27,13 +27,7 @@ fn owners() -> HashMap<&'static str, &'static str> {
 async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
     let lifetime = Duration::from_secs(4);
     let env = DemoEnv::start(lifetime).await;
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(10)).await;
-    let ready = notify.wait_for("READY=1", Duration::from_secs(1)).await;
+    let (mut daemon, notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("STATUS=5/5 clients valid"), "{ready}");
 
     let owners = owners();
@@ -87,10 +81,8 @@ async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
         "{grants:?}"
     );
 
-    daemon.signal(Signal::SIGTERM);
     let t = Instant::now();
-    let status = daemon.wait_exit(Duration::from_secs(6)).await;
-    assert!(status.success(), "{status:?}\n{}", daemon.logs());
+    daemon.stop().await;
     assert!(t.elapsed() < Duration::from_secs(5));
     notify.wait_for("STOPPING=1", Duration::from_secs(1)).await;
     let logs = daemon.logs();
@@ -104,12 +96,7 @@ async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
     let env = DemoEnv::start(Duration::from_secs(600)).await;
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     let files: Vec<(String, String, SystemTime)> = owners()
         .keys()
         .map(|n| {
@@ -125,13 +112,8 @@ async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
     let requests = env.provider.requests().len();
 
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
     let t = Instant::now();
-    let ready = notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(ready.contains("5/5 clients valid"), "{ready}");
     assert_eq!(
@@ -164,8 +146,7 @@ async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
         second.logs()
     );
 
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,12 +168,7 @@ async fn a_bad_config_at_start_exits_2_with_its_location() {
 async fn a_provider_clock_far_off_is_warned_about_once_and_does_not_stretch_expiry() {
     let env = DemoEnv::start(Duration::from_secs(600)).await;
     env.provider.set_clock_offset(3600);
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     daemon
         .wait_log("s ahead of ours", Duration::from_secs(5))
         .await;
@@ -211,8 +187,7 @@ async fn a_provider_clock_far_off_is_warned_about_once_and_does_not_stretch_expi
     let expires = humantime::parse_rfc3339(json["expires_at"].as_str().unwrap()).unwrap();
     let left = expires.duration_since(SystemTime::now()).unwrap();
     assert!(left <= Duration::from_secs(600), "{left:?}");
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,6 +218,5 @@ async fn max_concurrent_refreshes_bounds_requests_in_flight() {
             "requests overlapped: {gap:?} apart"
         );
     }
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(8)).await.success());
+    daemon.stop().await;
 }

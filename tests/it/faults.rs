@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokenwarden::demo;
 use tokenwarden::provider::{Fault, Provider, RecordedRequest};
 
-use crate::support::{DaemonProc, DemoEnv, read, token_in, wait_for};
+use crate::support::{DaemonProc, DemoEnv, read, secret_material, token_in, wait_for};
 
 /// Token lifetime: refreshed between 3 s and 4.5 s after issue.
 const LIFETIME: Duration = Duration::from_secs(6);
@@ -461,8 +461,7 @@ async fn outage(sc: Scenario) {
         wait_line(&daemon, c, "recovered", Duration::from_secs(3)).await;
     }
     let samples = sampler.stop().await;
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
     let logs = daemon.logs();
     assert!(
         !logs.contains('\u{1b}'),
@@ -735,59 +734,15 @@ async fn a_paused_provider_refuses_connections_and_comes_back_on_the_same_port()
 
 // === Secrets in the logs of a faulty run ===
 
-/// Every secret of the demo and every credential or token that crossed the wire or landed in
-/// a file (after tests/it/cli.rs), plus the tokens and refresh tokens the sampler saw.
-fn secret_material(env: &DemoEnv, samples: &Samples) -> Vec<String> {
-    let mut v = Vec::new();
-    for entry in std::fs::read_dir(env.demo.dir.join("secrets")).unwrap() {
-        let text = read(&entry.unwrap().path());
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
-        {
-            v.push(line.to_string());
-        }
-        v.push(text);
-    }
-    for entry in std::fs::read_dir(&env.demo.state_dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "json") {
-            let s: Value = serde_json::from_str(&read(&p)).unwrap();
-            if let Some(t) = s["refresh_token"].as_str() {
-                v.push(t.to_string());
-            }
-            if let Some(t) = s["token"]["access_token"].as_str() {
-                v.push(t.to_string());
-            }
-        }
-    }
-    for r in env.provider.requests() {
-        for (k, val) in &r.form {
-            if [
-                "password",
-                "client_secret",
-                "assertion",
-                "client_assertion",
-                "refresh_token",
-            ]
-            .contains(&k.as_str())
-            {
-                v.push(val.clone());
-            }
-        }
-        if let Some(a) = r.header("authorization") {
-            v.push(a.to_string());
-            v.push(a.trim_start_matches("Basic ").to_string());
-        }
-    }
-    for history in samples.history.values() {
-        v.extend(history.iter().map(|(t, _)| t.clone()));
-    }
+/// What the sampler saw that must not be logged either: every access and refresh token.
+fn sampled_secrets(samples: &Samples) -> Vec<String> {
+    let mut v: Vec<String> = samples
+        .history
+        .values()
+        .flat_map(|h| h.iter().map(|(t, _)| t.clone()))
+        .collect();
     v.extend(samples.expiry.keys().cloned());
     v.extend(samples.refresh_tokens.iter().cloned());
-    v.retain(|s| s.len() >= 8);
-    v.sort();
-    v.dedup();
     v
 }
 
@@ -867,8 +822,7 @@ async fn trace_logs_of_a_faulty_run_hold_no_secret() {
     .await;
 
     let samples = sampler.stop().await;
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
     let logs = daemon.logs();
     assert!(samples.problems.is_empty(), "{:#?}", samples.problems);
     for needle in [
@@ -886,7 +840,7 @@ async fn trace_logs_of_a_faulty_run_hold_no_secret() {
     ] {
         assert!(logs.contains(needle), "no {needle:?} in the logs:\n{logs}");
     }
-    let secrets = secret_material(&env, &samples);
+    let secrets = secret_material(&env, sampled_secrets(&samples));
     let tokens: usize = samples.history.values().map(Vec::len).sum();
     assert!(tokens >= 12, "{tokens} tokens seen");
     assert!(secrets.len() > 30, "{}", secrets.len());
@@ -982,8 +936,7 @@ async fn a_failed_output_write_is_logged_retried_and_stops_nothing_else() {
     assert_eq!(mode, 0o755, "{mode:o}");
 
     let samples = sampler.stop().await;
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
     assert!(samples.problems.is_empty(), "{:#?}", samples.problems);
     let logs = daemon.logs();
     assert!(
@@ -1007,8 +960,7 @@ async fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
         };
         let mut daemon = DaemonProc::start(&env.demo.config, envs);
         daemon.wait_log("ready", Duration::from_secs(10)).await;
-        daemon.signal(Signal::SIGTERM);
-        assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+        daemon.stop().await;
         let logs = daemon.logs();
         assert!(!logs.contains('\u{1b}'), "journal {journal}:\n{logs:?}");
         if journal {

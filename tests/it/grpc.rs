@@ -14,7 +14,7 @@ use tokenwarden::grpc::pb::token_service_client::TokenServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{DaemonProc, DemoEnv, run, run_env};
+use crate::support::{DaemonProc, DemoEnv, run, run_env, run_setpriv};
 
 /// Waits until the daemon answers on `socket`, and returns a client.
 async fn connect(socket: &Path, daemon: &DaemonProc) -> TokenServiceClient<Channel> {
@@ -322,9 +322,7 @@ async fn every_rpc_and_error_code_over_the_socket() {
 
     // Stop: the socket is removed.
     hang_task.abort();
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(6)).await;
-    assert!(status.success());
+    daemon.stop().await;
     assert!(!socket.exists(), "socket left behind");
 }
 
@@ -429,23 +427,35 @@ async fn watch_token_follows_generations_and_ends_when_the_client_is_removed() {
     }
 }
 
-/// Runs `tokenwarden ARGS` as uid/gid 65534 (nobody).
+/// Runs `tokenwarden ARGS` as uid/gid 65534 (nobody), without supplementary groups.
 async fn run_as_nobody(args: &[&str]) -> (i32, String, String) {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(crate::support::bin());
-    cmd.args(args)
-        .env_remove("TOKENWARDEN_CONFIG")
-        .env_remove("TOKENWARDEN_SOCKET")
-        .uid(65534)
-        .gid(65534);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_as(65534, 65534, &[], args).await
+}
+
+/// Runs `tokenwarden ARGS` as `uid`, with primary group `gid` and exactly the supplementary
+/// `groups`. The test process must be root.
+async fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> (i32, String, String) {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        format!("--groups={}", list.join(","))
+    };
+    let ids = [format!("--reuid={uid}"), format!("--regid={gid}"), groups];
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let r = run_setpriv(&ids, args).await;
+    (r.code, r.stdout, r.stderr)
+}
+
+/// The clients `status --json` shows to a caller.
+fn listed(status_json: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(status_json).unwrap_or_else(|e| panic!("{e}: {status_json:?}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -561,8 +571,7 @@ async fn stale_socket_is_replaced_and_a_foreign_file_is_refused() {
     let mut daemon = DaemonProc::start(&env.demo.config, &[]);
     let mut c = connect(&socket, &daemon).await;
     c.get_token(get("transatel")).await.unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
     assert!(!socket.exists());
 
     // A regular file at the path: refused, left alone, exit 1.
@@ -785,4 +794,80 @@ async fn a_client_sending_the_socket_path_as_authority_is_served() {
     }
     statuses.sort();
     assert_eq!(statuses, vec![(1, "0".into()), (3, "0".into())]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_groups_admits_members_by_primary_and_supplementary_group() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a child as another uid");
+        return;
+    }
+    // Groups that no user of this machine has: only the test's children are in them.
+    const READERS: u32 = 47_311;
+    const OTHERS: u32 = 47_312;
+    let env = DemoEnv::start(Duration::from_secs(30)).await;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.edit_config(|t| {
+        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
+            .replace(
+                "[clients.transatel]\n",
+                &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
+            )
+            .replace(
+                "[clients.talkdesk]\n",
+                &format!("[clients.talkdesk]\nallow_groups = [{OTHERS}, {READERS}]\n"),
+            )
+    });
+    let socket = env.demo.socket.clone();
+    let s = socket.to_str().unwrap();
+    let daemon = DaemonProc::start(&env.demo.config, &[]);
+    connect(&socket, &daemon).await;
+
+    // A member of READERS, by supplementary group or by primary group: transatel and talkdesk
+    // may be read, and only they are listed.
+    for (how, gid, groups) in [
+        ("supplementary", 65534, vec![READERS]),
+        ("primary", READERS, vec![]),
+    ] {
+        let (code, out, err) = run_as(65534, gid, &groups, &["get", "transatel", "-s", s]).await;
+        assert_eq!(code, 0, "{how}: {err}\n{}", daemon.logs());
+        assert_eq!(
+            env.provider.token_owner(out.trim_end()).as_deref(),
+            Some(tokenwarden::demo::TRANSATEL_ID),
+            "{how}"
+        );
+        let (code, _, err) = run_as(65534, gid, &groups, &["get", "talkdesk", "-s", s]).await;
+        assert_eq!(code, 0, "{how}: {err}");
+        let (code, _, err) = run_as(65534, gid, &groups, &["get", "creads-files", "-s", s]).await;
+        assert_eq!(code, 1, "{how}");
+        assert!(
+            err.contains("not allowed"),
+            "{how}: PERMISSION_DENIED: {err}"
+        );
+        let (code, out, err) = run_as(65534, gid, &groups, &["status", "-s", s, "--json"]).await;
+        assert_eq!(code, 0, "{how}: {err}");
+        assert_eq!(listed(&out), ["talkdesk", "transatel"], "{how}");
+    }
+
+    // A member of another group only: transatel is denied with PERMISSION_DENIED, talkdesk
+    // (which allows that group too) is readable, and only talkdesk is listed.
+    let (code, out, err) = run_as(65534, 65534, &[OTHERS], &["get", "transatel", "-s", s]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("not allowed") && err.contains("65534"),
+        "{err}"
+    );
+    let (code, _, err) = run_as(65534, OTHERS, &[], &["get", "transatel", "-s", s]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not allowed"), "{err}");
+    let (code, _, err) = run_as(65534, 65534, &[OTHERS], &["get", "talkdesk", "-s", s]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run_as(65534, 65534, &[OTHERS], &["status", "-s", s, "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(listed(&out), ["talkdesk"]);
+    // In no listed group: nothing.
+    let (code, out, _) = run_as(65534, 65534, &[], &["status", "-s", s, "--json"]).await;
+    assert_eq!(code, 0);
+    assert!(listed(&out).is_empty(), "{out}");
 }

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
-use crate::support::{DaemonProc, DemoEnv, NotifySocket};
+use crate::support::{DaemonProc, DemoEnv};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -29,12 +27,7 @@ async fn metrics_and_health_endpoints() {
             &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\""),
         )
     });
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(get(&format!("{base}/healthz")).await, (200, "ok\n".into()));
     assert_eq!(
@@ -81,8 +74,7 @@ async fn metrics_and_health_endpoints() {
         text.contains("tokenwarden_config_reloads_total{result=\"success\"} 1"),
         "{text}"
     );
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -97,12 +89,7 @@ async fn readyz_names_the_clients_without_a_good_token() {
     });
     env.provider
         .set_fault(Some(tokenwarden::provider::Fault::ServerError));
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    let ready = notify.wait_for("READY=1", Duration::from_secs(10)).await;
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("0/5 clients valid"), "{ready}");
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
@@ -123,6 +110,5 @@ async fn readyz_names_the_clients_without_a_good_token() {
         text.contains("tokenwarden_token_valid{client=\"transatel\"} 0"),
         "{text}"
     );
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
+    daemon.stop().await;
 }

@@ -513,3 +513,135 @@ fn owner_and_group_are_applied_before_the_rename() {
         assert_eq!(fs::metadata(&path).unwrap().uid(), 0);
     }
 }
+
+// === CAP_CHOWN ===
+
+/// The warning `check` gives for an output whose owner this process cannot apply.
+const NO_CAP_CHOWN: &str = "lacks CAP_CHOWN";
+
+/// `setpriv` arguments that drop CAP_CHOWN: from the bounding set, so a root child does not
+/// get it back at exec, and from the inheritable set.
+const WITHOUT_CHOWN: [&str; 2] = ["--inh-caps=-chown", "--bounding-set=-chown"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_exactly_when_an_owner_needs_a_cap_chown_the_process_lacks() {
+    use crate::support::run_setpriv;
+    if !is_root() {
+        eprintln!("skipped: needs root to run children with other ids and capabilities");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let config = |owner: u32| {
+        let path = dir.path().join(format!("owner-{owner}.toml"));
+        fs::write(
+            &path,
+            format!(
+                "[clients.a]\ntoken_url = \"https://auth.example/token\"\nclient_id = \"c\"\n\
+                 client_secret = \"s\"\n[[clients.a.outputs]]\npath = \"/run/tw/a.token\"\n\
+                 owner = {owner}\n"
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (to_root, to_nobody) = (config(0), config(65534));
+    let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let nobody_with_chown = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+chown",
+        "--ambient-caps=+chown",
+    ];
+    // (who runs check, setpriv arguments, config, warned)
+    let cases: [(&str, &[&str], &str, bool); 6] = [
+        ("root", &[], &to_nobody, false),
+        ("root without CAP_CHOWN", &WITHOUT_CHOWN, &to_nobody, true),
+        (
+            "root without CAP_CHOWN, owner root",
+            &WITHOUT_CHOWN,
+            &to_root,
+            false,
+        ),
+        ("nobody", &nobody, &to_root, true),
+        ("nobody, owner itself", &nobody, &to_nobody, false),
+        (
+            "nobody with ambient CAP_CHOWN",
+            &nobody_with_chown,
+            &to_root,
+            false,
+        ),
+    ];
+    for (who, setpriv, config, warned) in cases {
+        let r = run_setpriv(setpriv, &["check", "-c", config]).await;
+        assert_eq!(r.code, 0, "{who}: {}", r.stderr);
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert_eq!(all.contains(NO_CAP_CHOWN), warned, "{who}: {all}");
+        if warned {
+            assert!(
+                all.contains("/run/tw/a.token"),
+                "{who}: names the output: {all}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_cap_chown_an_owned_output_fails_clearly_and_nothing_else_does() {
+    use crate::support::{DemoEnv, read, run, run_setpriv, token_in};
+    if !is_root() {
+        eprintln!("skipped: needs root to drop CAP_CHOWN from a child");
+        return;
+    }
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // The first transatel output (transatel.token) goes to nobody.
+    env.edit_config(|t| {
+        t.replacen(
+            "[[clients.transatel.outputs]]\n",
+            "[[clients.transatel.outputs]]\nowner = 65534\n",
+            1,
+        )
+    });
+    let owned = env.out("transatel.token");
+
+    let r = run_setpriv(&WITHOUT_CHOWN, &["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 1, "a write failed: exit 1; {}", r.stderr);
+    // Warned at load, then the write refused with what to do, on one line naming the file.
+    assert!(r.stderr.contains(NO_CAP_CHOWN), "{}", r.stderr);
+    let failure: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cannot give it owner 65534"))
+        .collect();
+    assert!(!failure.is_empty(), "{}", r.stderr);
+    for l in &failure {
+        assert!(
+            l.contains(&owned.display().to_string()) && l.contains("CAP_CHOWN"),
+            "{l}"
+        );
+    }
+    // The owned output is not written (no file rather than a file owned by the wrong user),
+    // no temporary file is left, and every other output has its token.
+    assert!(!owned.exists(), "written without its owner");
+    assert_eq!(leftovers(&env.demo.out_dir), Vec::<PathBuf>::new());
+    for name in [
+        "transatel.json",
+        "creads-files.header",
+        "talentsoft-app.env",
+        "talentsoft-user.json",
+        "talkdesk.token",
+    ] {
+        let text = read(&env.out(name));
+        assert!(token_in(name, &text).is_some(), "{name}: {text:?}");
+    }
+
+    // With CAP_CHOWN, the same config writes it with its owner.
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains(NO_CAP_CHOWN), "{}", r.stderr);
+    let meta = fs::metadata(&owned).unwrap();
+    assert_eq!(meta.uid(), 65534);
+    assert!(token_in("transatel.token", &read(&owned)).is_some());
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokenwarden::secret::fingerprint;
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, read};
+use crate::support::{DaemonProc, DemoEnv, read};
 
 /// The checks client_test.py prints as `ok   NAME: …` when they pass, in order.
 const CHECKS: [&str; 12] = [
@@ -85,12 +85,7 @@ async fn a_stock_python_grpcio_client_works_over_the_socket() {
         })
     };
 
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(15)).await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client_test.py");
     let socket = env.demo.socket.to_str().unwrap();

@@ -224,11 +224,7 @@ impl Rig {
     async fn start_with(prepare: impl FnOnce(&DemoEnv), vars: &[(&str, &str)]) -> Rig {
         let env = DemoEnv::start(LONG).await;
         prepare(&env);
-        let notify = NotifySocket::bind();
-        let mut vars = vars.to_vec();
-        vars.push(("NOTIFY_SOCKET", notify.path.to_str().unwrap()));
-        let daemon = DaemonProc::start(&env.demo.config, &vars);
-        let ready = notify.wait_for("READY=1", Duration::from_secs(20)).await;
+        let (daemon, notify, ready) = DaemonProc::start_ready(&env.demo.config, vars).await;
         assert!(ready.contains("STATUS=5/5 clients valid"), "{ready}");
         Rig {
             env,
@@ -313,10 +309,8 @@ impl Rig {
 
     /// SIGTERM; the daemon must say STOPPING=1 and exit 0 within 5 s.
     async fn stop(mut self) {
-        self.daemon.signal(Signal::SIGTERM);
         let t = Instant::now();
-        let status = self.daemon.wait_exit(Duration::from_secs(6)).await;
-        assert!(status.success(), "{status:?}\n{}", self.daemon.logs());
+        self.daemon.stop().await;
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         self.notify
             .wait_for("STOPPING=1", Duration::from_secs(1))
@@ -832,12 +826,7 @@ async fn ready_comes_with_a_failing_client_and_sigterm_stops_within_5s() {
     let bad = Provider::start().await.unwrap();
     bad.set_fault(Some(Fault::ServerError));
     transatel_on(&env, &bad, "");
-    let notify = NotifySocket::bind();
-    let mut daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    let ready = notify.wait_for("READY=1", Duration::from_secs(20)).await;
+    let (mut daemon, notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("STATUS=4/5 clients valid"), "{ready}");
     assert!(!bad.requests().is_empty());
     let ids = [
@@ -856,10 +845,8 @@ async fn ready_comes_with_a_failing_client_and_sigterm_stops_within_5s() {
         bad.requests().len() > n
     })
     .await;
-    daemon.signal(Signal::SIGTERM);
     let t = Instant::now();
-    let status = daemon.wait_exit(Duration::from_secs(6)).await;
-    assert!(status.success(), "{status:?}\n{}", daemon.logs());
+    daemon.stop().await;
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     notify.wait_for("STOPPING=1", Duration::from_secs(1)).await;
 }
@@ -1067,12 +1054,7 @@ async fn a_response_for_the_old_identity_arriving_after_a_reload_is_not_publishe
     let direct = env.provider.token_url(Dialect::Transatel);
     let proxied = direct.replace(&env.provider.addr().to_string(), &proxy.addr.to_string());
     env.edit_config(|t| t.replacen(&format!("\"{direct}\""), &format!("\"{proxied}\""), 1));
-    let notify = NotifySocket::bind();
-    let daemon = DaemonProc::start(
-        &env.demo.config,
-        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
-    );
-    notify.wait_for("READY=1", Duration::from_secs(20)).await;
+    let (daemon, notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     let rig = Rig {
         env,
         notify,

@@ -96,9 +96,32 @@ pub async fn run(args: &[&str]) -> Run {
 
 /// Runs the binary with `args` and extra environment variables.
 pub async fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(bin());
+    run_wrapped(&[], args, env).await
+}
+
+/// Runs the binary through `setpriv SETPRIV --` (util-linux): as another uid, with other
+/// groups or without some capabilities. The test process must be root for most of that.
+pub async fn run_setpriv(setpriv: &[&str], args: &[&str]) -> Run {
+    let mut wrapper = vec!["setpriv"];
+    wrapper.extend_from_slice(setpriv);
+    wrapper.push("--");
+    run_wrapped(&wrapper, args, &[]).await
+}
+
+/// Runs `WRAPPER... tokenwarden ARGS` (just the binary when `wrapper` is empty) to completion
+/// (60 s at most), with a clean tokenwarden environment plus `env`.
+async fn run_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(rest).arg(bin());
+            cmd
+        }
+        None => tokio::process::Command::new(bin()),
+    };
     cmd.args(args)
         .env_remove("TOKENWARDEN_CONFIG")
+        .env_remove("TOKENWARDEN_SOCKET")
         .env_remove("TOKENWARDEN_LOG")
         .env_remove("JOURNAL_STREAM")
         .env_remove("RUST_LOG")
@@ -308,4 +331,91 @@ pub fn token_in(name: &str, text: &str) -> Option<String> {
         return token.strip_prefix("TS_ACCESS_TOKEN=").map(str::to_string);
     }
     None
+}
+
+/// Every secret value a run on `env` could leak: the demo's secret files (and each line of a
+/// key), the access and refresh tokens in the state files, what the provider received
+/// (passwords, assertions, client secrets, Authorization headers), and `extra` (tokens a test
+/// saw elsewhere). Values under 8 characters are left out: too short to mean anything in logs.
+pub fn secret_material(env: &DemoEnv, extra: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir(env.demo.dir.join("secrets")).unwrap() {
+        let text = read(&entry.unwrap().path());
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
+        {
+            v.push(line.to_string());
+        }
+        v.push(text);
+    }
+    for entry in std::fs::read_dir(&env.demo.state_dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "json") {
+            let s: serde_json::Value = serde_json::from_str(&read(&p)).unwrap();
+            if let Some(t) = s["refresh_token"].as_str() {
+                v.push(t.to_string());
+            }
+            if let Some(t) = s["token"]["access_token"].as_str() {
+                v.push(t.to_string());
+            }
+        }
+    }
+    const SECRET_FORM_KEYS: [&str; 5] = [
+        "password",
+        "client_secret",
+        "assertion",
+        "client_assertion",
+        "refresh_token",
+    ];
+    for r in env.provider.requests() {
+        for (k, val) in &r.form {
+            if SECRET_FORM_KEYS.contains(&k.as_str()) {
+                v.push(val.clone());
+            }
+        }
+        if let Some(a) = r.header("authorization") {
+            v.push(a.to_string());
+            v.push(a.trim_start_matches("Basic ").to_string());
+        }
+    }
+    v.extend(extra);
+    v.retain(|s| s.len() >= 8);
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// How long a start may take to READY=1 (every client's first token) on a loaded machine.
+pub const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// SIGTERM's promise (SPEC §8: exit 0 within 5 s), with a second of slack for a busy machine.
+pub const STOPS_WITHIN: Duration = Duration::from_secs(6);
+
+impl DaemonProc {
+    /// Starts `tokenwarden run -c CONFIG` with `env` and a fresh `$NOTIFY_SOCKET`, and waits for
+    /// READY=1. Returns the daemon, its notify socket (keep it: the daemon talks to it until
+    /// it stops) and the READY=1 message (with its STATUS=).
+    pub async fn start_ready(
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> (DaemonProc, NotifySocket, String) {
+        let notify = NotifySocket::bind();
+        let mut vars = env.to_vec();
+        vars.push(("NOTIFY_SOCKET", notify.path.to_str().unwrap()));
+        let daemon = DaemonProc::start(config, &vars);
+        let ready = notify.wait_for("READY=1", READY_WITHIN).await;
+        (daemon, notify, ready)
+    }
+
+    /// Sends SIGTERM and waits for the exit; the daemon must exit 0 within [`STOPS_WITHIN`].
+    pub async fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(STOPS_WITHIN).await;
+        assert!(
+            status.success(),
+            "SIGTERM: {status:?}; logs:\n{}",
+            self.logs()
+        );
+    }
 }

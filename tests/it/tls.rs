@@ -99,8 +99,20 @@ async fn a_private_ca_works_only_through_ca_file() {
     assert_eq!(got.issued.token.access_token.expose(), "tls-token");
     assert_eq!(got.issued.token.lifetime(), Duration::from_secs(60));
 
-    // A ca_file that holds no certificate is a clear error.
+    // A ca_file that holds no certificate is a clear error, and a config error at load
+    // (`tokenwarden check`), located at the ca_file value.
     std::fs::write(&ca_path, "not a certificate").unwrap();
     let e = oauth::http_client(Some(&ca_path)).unwrap_err();
     assert!(e.to_string().contains("ca_file"), "{e}");
+    let text = format!(
+        "[clients.tls]\ntoken_url = \"https://localhost:{port}/token\"\nclient_id = \"c\"\n\
+         client_secret = {{ file = \"secret\" }}\nca_file = \"ca.pem\"\n"
+    );
+    let errors = tokenwarden::config::load_str(&text, &dir.path().join("c.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("c.toml:5:11: ca_file ") && errors.contains("holds no PEM certificate"),
+        "{errors}"
+    );
 }
