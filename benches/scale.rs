@@ -353,6 +353,18 @@ fn stop(child: &mut Child) {
     panic!("the daemon did not stop within 60 s of SIGTERM");
 }
 
+/// The number of threads of `pid`.
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// (VmRSS, VmHWM) in KiB.
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -498,7 +510,7 @@ fn main() {
     let (rss, hwm) = memory(pid);
     report.row(
         "RSS after start-up (VmRSS / VmHWM)",
-        format!("{} / {}", mib(rss), mib(hwm)),
+        format!("{} / {} ({} threads)", mib(rss), mib(hwm), threads(pid)),
         "≤ 64 MiB",
         Some(rss <= 64 * 1024),
     );

@@ -56,7 +56,7 @@ pub enum DaemonError {
 /// A running daemon.
 pub struct Daemon {
     config: Arc<Config>,
-    shared: Shared,
+    shared: Arc<Shared>,
     store: Arc<Store>,
     handles: BTreeMap<String, refresher::Handle>,
     root: CancellationToken,
@@ -96,12 +96,12 @@ impl Daemon {
                 }
             };
         let permits_total = config.daemon.max_concurrent_refreshes.max(1);
-        let shared = Shared {
+        let shared = Arc::new(Shared {
             state: Arc::new(state),
             http: Arc::new(HttpClients::default()),
             permits: Arc::new(Semaphore::new(permits_total)),
             tracker: TaskTracker::new(),
-        };
+        });
         let mut daemon = Daemon {
             config: Arc::new(config),
             shared,
@@ -415,9 +415,10 @@ impl Daemon {
         let diff = config::diff(&self.config, &new);
         // One copy of each client's config: an unchanged client keeps the one its refresher
         // already holds, and the new parse of it is dropped.
+        let mut replaced = Vec::with_capacity(diff.unchanged.len());
         for name in &diff.unchanged {
             if let Some(old) = self.config.clients.get(name) {
-                new.clients.insert(name.clone(), old.clone());
+                replaced.extend(new.clients.insert(name.clone(), old.clone()));
             }
         }
         for name in &diff.removed {
@@ -487,7 +488,10 @@ impl Daemon {
             took_ms = began.elapsed().as_millis() as u64,
             "reloaded"
         );
-        self.config = Arc::new(new);
+        // Freeing the old config and the duplicate parses walks every client (~10 ms at
+        // 10,000): not on the way to the changed clients' new tokens.
+        let old = std::mem::replace(&mut self.config, Arc::new(new));
+        tokio::task::spawn_blocking(move || drop((old, replaced)));
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;

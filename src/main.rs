@@ -131,9 +131,17 @@ fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -
     }
 }
 
+/// The most blocking threads the runtime may start (see [`runtime`]).
+const BLOCKING_THREADS: usize = 16;
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // File writes with fsync (state, outputs) run on blocking threads. Thousands of clients
+        // starting at once would otherwise grow the pool to its default of 512 threads, each
+        // with its own stack and malloc arena (issue 6: RSS at 10,000 clients); 16 keep the
+        // disk as busy as more would.
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,7 +52,7 @@ pub struct Handle {
 }
 
 /// Starts the refresher of `config` under `cancel`, on `tracker`.
-pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToken) -> Handle {
+pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: CancellationToken) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
     let retire = CancellationToken::new();
@@ -91,7 +91,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Shared, cancel: CancellationToke
 
 struct Refresher {
     config: Arc<ClientConfig>,
-    shared: Shared,
+    shared: Arc<Shared>,
     snapshot: watch::Sender<Snapshot>,
     mailbox: Arc<Mailbox>,
     cancel: CancellationToken,
@@ -101,7 +101,7 @@ struct Refresher {
     refresh_token: Option<Secret>,
     backoff: Backoff,
     /// A token obtained but not yet published because its state could not be saved.
-    held: Option<StoredState>,
+    held: Option<Box<StoredState>>,
     next_at: Option<Instant>,
     /// What the next planned attempt is for (burst accounting).
     next_trigger: Trigger,
@@ -363,12 +363,23 @@ impl Refresher {
         self.next_at = None;
         // A token obtained earlier whose state could not be saved: save it now, no request.
         if let Some(held) = self.held.take()
-            && let Some(answer) = self.commit(held, trigger).await
+            && let Some(answer) = Box::pin(self.commit(*held, trigger)).await
         {
             return answer;
         }
-        let permits = self.shared.permits.clone();
-        let _permit = permits.acquire_owned().await;
+        // The permit is waited for before the request's state is allocated: 10,000 clients
+        // starting at once queue here holding a few bytes each (issue 6: memory per client).
+        let permit = self.shared.permits.clone().acquire_owned().await;
+        Box::pin(self.request(permit, trigger)).await
+    }
+
+    /// The token request itself, under a `max_concurrent_refreshes` permit, then publication.
+    async fn request(
+        &mut self,
+        permit: Result<OwnedSemaphorePermit, AcquireError>,
+        trigger: Trigger,
+    ) -> Answer {
+        let _permit = permit;
         let http = match self.shared.http.get(self.config.ca_file.as_deref()) {
             Ok(h) => h,
             Err(e) => {
@@ -460,7 +471,7 @@ impl Refresher {
                 client = self.name(),
                 "cannot save state, holding the new token back: {e}"
             );
-            self.held = Some(state);
+            self.held = Some(Box::new(state));
             let _ = self.failed(
                 ErrorClass::Retryable { retry_after: None },
                 format!("cannot save state: {e}"),

@@ -174,19 +174,18 @@ pub const HASH_LIMIT: u64 = 1024 * 1024;
 /// still reloads this long after its first change (or after `debounce`, if that is longer).
 pub const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(3);
 
-/// The quiet time after a burst that ended with a finished write (a file closed after writing,
-/// or renamed into place): such a burst is over, and waiting the full debounce would only
-/// delay the reload (issue 6: a reload applied within 100 ms of the rename). A burst of
-/// writes still under way (modifications not yet closed) waits for the full debounce.
-pub const QUICK_SETTLE: Duration = Duration::from_millis(10);
+/// The quiet time after a burst that ended with a file renamed into place (an editor's save,
+/// configuration management, a Kubernetes `..data` swap): that replacement is whole, and
+/// waiting the full debounce would only delay the reload (issue 6: a reload applied within
+/// 100 ms of the rename). Renames closer together than this still make one reload. Writes in
+/// place wait for the full debounce: they often come in a series (`>` then `>>`).
+pub const QUICK_SETTLE: Duration = Duration::from_millis(15);
 
-/// Whether `event` finishes a write: the file was closed after writing, or renamed into place.
-/// Pure.
-fn finishes_a_write(event: &notify::Event) -> bool {
+/// Whether `event` puts a whole file in place: a rename onto a watched name. Pure.
+fn replaces_a_file(event: &notify::Event) -> bool {
     matches!(
         event.kind,
-        EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
     )
 }
 
@@ -206,8 +205,7 @@ const MAX_SYMLINKS: usize = 40;
 /// that is missing when watched and appears later is a change likewise.
 ///
 /// **Debounce.** Changed paths are collected until no relevant event has arrived for
-/// `debounce` ([`QUICK_SETTLE`] when the last events finished a write: a close after writing,
-/// a rename into place), or at most [`MAX_DEBOUNCE_WAIT`] after the first change, then sent
+/// `debounce` ([`QUICK_SETTLE`] when the last event renamed a file into place), or at most [`MAX_DEBOUNCE_WAIT`] after the first change, then sent
 /// as one event.
 ///
 /// **Missing directories.** A path whose parent directory does not exist is watched from its
@@ -378,12 +376,12 @@ fn run(
     let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
     let mut first_change = Instant::now();
     let mut last_event = Instant::now();
-    let mut finished = false;
+    let mut replaced = false;
     loop {
         let msg = if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
-            let quiet = if finished {
+            let quiet = if replaced {
                 QUICK_SETTLE.min(debounce)
             } else {
                 debounce
@@ -402,8 +400,8 @@ fn run(
                     }
                 }
                 let changed = shared.on_events(&batch);
-                finished = match batch.last() {
-                    Some(Ok(event)) => finishes_a_write(event),
+                replaced = match batch.last() {
+                    Some(Ok(event)) => replaces_a_file(event),
                     _ => false,
                 };
                 let now = Instant::now();

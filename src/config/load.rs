@@ -53,7 +53,7 @@ pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         errors: Vec::new(),
         warnings: Vec::new(),
         clients_seen: BTreeMap::new(),
-        outputs_seen: BTreeMap::new(),
+        outputs_seen: std::collections::HashMap::new(),
         chown: crate::outputs::ChownRights::of_this_process(),
     };
     let config = loader.main(text, path);
@@ -82,7 +82,7 @@ struct Loader {
     /// Where each client was defined, to report a second definition.
     clients_seen: BTreeMap<String, Loc>,
     /// Where each output path was used, and by which client.
-    outputs_seen: BTreeMap<PathBuf, (Loc, String)>,
+    outputs_seen: std::collections::HashMap<PathBuf, (Loc, String)>,
     /// What owners and groups this process could give outputs, for the CAP_CHOWN warning.
     chown: crate::outputs::ChownRights,
 }
@@ -1103,7 +1103,9 @@ impl Loader {
             return None;
         };
         let what = format!("[[clients.{client}.outputs]]");
-        let mut out = Some(Vec::new());
+        // Exactly as many as there are: a client's config lives as long as the client, and a
+        // grown Vec would keep room for four outputs (issue 6: memory per client).
+        let mut out = Some(Vec::with_capacity(items.len()));
         for item in items {
             let header = Self::at(file, item.span());
             let built = self

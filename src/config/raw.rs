@@ -204,7 +204,10 @@ pub(crate) struct Scope(pub Vec<String>);
 
 /// Splits a space-separated scope string.
 pub(crate) fn parse_scope_string(text: &str) -> Vec<String> {
-    text.split_whitespace().map(str::to_owned).collect()
+    let mut scopes: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    // Kept as long as the client: no spare room (issue 6: memory per client).
+    scopes.shrink_to_fit();
+    scopes
 }
 
 /// Checks one element of a scope array: RFC 6749 §3.3 scope-tokens have no spaces or quotes.
