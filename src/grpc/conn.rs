@@ -61,6 +61,9 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // A token of the connection's own: the loop below polls it on every turn, and polling
+    // a token locks its node; the server's token is shared by every connection.
+    let stop = stop.child_token();
     NoSelfWake::new(serve_inner(io, info, services, stop)).await
 }
 
@@ -94,7 +97,8 @@ async fn serve_inner<IO>(
     let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
     let mut stopping = false;
     // One waiter for the whole connection: registering a new one on every turn of the loop
-    // would lock the token (shared by every connection) twice per request.
+    // would cost two more locks per request. Polling it still locks `stop`'s node, which is
+    // why `stop` is the connection's own child token, not the server's shared one.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
