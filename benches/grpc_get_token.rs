@@ -423,29 +423,34 @@ fn bare_h2_server(path: &Path, answer: Bytes, batched: bool) {
                 let mut serve = std::future::poll_fn(|cx| {
                     loop {
                         match conn.poll_accept(cx) {
-                            Poll::Ready(Some(Ok((req, mut respond)))) => {
+                            Poll::Ready(Some(Ok((req, respond)))) => {
                                 let mut body = req.into_body();
-                                while let Some(Some(Ok(d))) = body.data().now_or_never() {
-                                    let _ = body.flow_control().release_capacity(d.len());
+                                let mut pending = false;
+                                while !body.is_end_stream() {
+                                    match body.data().now_or_never() {
+                                        Some(Some(Ok(d))) => {
+                                            let _ = body.flow_control().release_capacity(d.len());
+                                        }
+                                        Some(_) => break,
+                                        None => {
+                                            pending = true;
+                                            break;
+                                        }
+                                    }
                                 }
-                                let mut head = http::Response::new(());
-                                head.headers_mut().insert(
-                                    http::header::CONTENT_TYPE,
-                                    http::HeaderValue::from_static("application/grpc"),
-                                );
-                                let mut trailers = http::HeaderMap::with_capacity(1);
-                                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                                let Ok(mut send) = respond.send_response(head, false) else {
+                                if !pending {
+                                    bare_answer(respond, answer.clone(), batched);
                                     continue;
-                                };
-                                let sent = if batched {
-                                    fast::send_answer(&mut send, answer.clone())
-                                } else {
-                                    send.send_data(answer.clone(), false)
-                                };
-                                if sent.is_ok() {
-                                    let _ = send.send_trailers(trailers);
                                 }
+                                // The body is on its way: wait for it before answering, as
+                                // tokenwarden does (rare; in a task).
+                                let answer = answer.clone();
+                                tokio::spawn(async move {
+                                    while let Some(Ok(d)) = body.data().await {
+                                        let _ = body.flow_control().release_capacity(d.len());
+                                    }
+                                    bare_answer(respond, answer, batched);
+                                });
                             }
                             Poll::Ready(_) => return Poll::Ready(()),
                             Poll::Pending => return Poll::Pending,
@@ -457,6 +462,28 @@ fn bare_h2_server(path: &Path, answer: Bytes, batched: bool) {
             });
         }
     });
+}
+
+/// The bare server's answer: `answer`, then `grpc-status: 0`.
+fn bare_answer(mut respond: h2::server::SendResponse<Bytes>, answer: Bytes, batched: bool) {
+    let mut head = http::Response::new(());
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    let mut trailers = http::HeaderMap::with_capacity(1);
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let Ok(mut send) = respond.send_response(head, false) else {
+        return;
+    };
+    let sent = if batched {
+        fast::send_answer(&mut send, answer)
+    } else {
+        send.send_data(answer, false)
+    };
+    if sent.is_ok() {
+        let _ = send.send_trailers(trailers);
+    }
 }
 
 /// A bare server's connection, with or without tokenwarden's write adaptor.
