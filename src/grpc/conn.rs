@@ -32,6 +32,7 @@ use tonic::transport::server::UdsConnectInfo;
 use super::access::Caller;
 use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
 use super::service::TokenApi;
+use super::writes::WriteBatch;
 
 /// Flow-control windows, as hyper's server sets them.
 const WINDOW: u32 = 1024 * 1024;
@@ -60,6 +61,9 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // A token of the connection's own: the loop below polls it on every turn, and polling
+    // a token locks its node; the server's token is shared by every connection.
+    let stop = stop.child_token();
     NoSelfWake::new(serve_inner(io, info, services, stop)).await
 }
 
@@ -76,7 +80,7 @@ async fn serve_inner<IO>(
         .initial_connection_window_size(WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(io);
+        .handshake::<_, Bytes>(WriteBatch::new(io));
     let mut conn = tokio::select! {
         c = handshake => match c {
             Ok(c) => c,
@@ -93,7 +97,8 @@ async fn serve_inner<IO>(
     let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
     let mut stopping = false;
     // One waiter for the whole connection: registering a new one on every turn of the loop
-    // would lock the token (shared by every connection) twice per request.
+    // would cost two more locks per request. Polling it still locks `stop`'s node, which is
+    // why `stop` is the connection's own child token, not the server's shared one.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
@@ -150,80 +155,76 @@ impl Services {
         respond: h2::server::SendResponse<Bytes>,
         info: &UdsConnectInfo,
     ) -> Route {
-        let (mut parts, mut body) = request.into_parts();
-        parts.extensions.insert(info.clone());
+        let (parts, mut body) = request.into_parts();
+        let caller = info.peer_cred.as_ref().map(Caller::from_cred);
         let get_token = parts.uri.path() == GET_TOKEN_PATH
             && parts
                 .headers
                 .get("grpc-encoding")
-                .is_none_or(|v| v == "identity")
-            && info.peer_cred.is_some();
-        if !get_token {
-            return Route::Spawn(Box::pin(call(
-                self.routes.clone(),
-                http::Request::from_parts(parts, Body::new(RecvBody::new(body))),
-                respond,
-            )));
-        }
+                .is_none_or(|v| v == "identity");
+        let (true, Some(caller)) = (get_token, caller) else {
+            return Route::Spawn(self.full(parts, info, VecDeque::new(), body, respond));
+        };
         let mut chunks = VecDeque::new();
         match arrived(&mut body, &mut chunks) {
-            Arrived::Whole(whole) => match self.get_token(parts, whole, chunks, body, respond) {
-                Some(call) => Route::Spawn(call),
-                None => Route::Done,
+            Arrived::Whole(whole) => match self.answer(&caller, &whole, respond) {
+                Ok(()) => Route::Done,
+                Err(respond) => Route::Spawn(self.full(parts, info, chunks, body, respond)),
             },
             Arrived::Pending => {
                 let this = self.clone();
+                let info = info.clone();
                 Route::Wait(Box::pin(async move {
-                    let whole = read_whole(&mut body, &mut chunks).await;
-                    match whole {
-                        Some(whole) => this.get_token(parts, whole, chunks, body, respond),
-                        None => Some(this.full(parts, chunks, body, respond)),
-                    }
+                    let respond = match read_whole(&mut body, &mut chunks).await {
+                        Some(whole) => match this.answer(&caller, &whole, respond) {
+                            Ok(()) => return None,
+                            Err(respond) => respond,
+                        },
+                        None => respond,
+                    };
+                    Some(this.full(parts, &info, chunks, body, respond))
                 }))
             }
-            Arrived::No => Route::Spawn(self.full(parts, chunks, body, respond)),
+            Arrived::No => Route::Spawn(self.full(parts, info, chunks, body, respond)),
         }
     }
 
-    /// Answers a `GetToken` whose whole body is `whole` if it is the common case; else the
-    /// call to run.
-    fn get_token(
+    /// Answers a `GetToken` whose whole body is `whole` if it is the common case; else gives
+    /// `respond` back for the full path.
+    fn answer(
         &self,
-        parts: http::request::Parts,
-        whole: Bytes,
-        chunks: VecDeque<Bytes>,
-        body: h2::RecvStream,
+        caller: &Caller,
+        whole: &[u8],
         mut respond: h2::server::SendResponse<Bytes>,
-    ) -> Option<Call> {
-        let caller = parts
-            .extensions
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred.as_ref())
-            .map(Caller::from_cred);
-        if let Some(caller) = caller
-            && let Some(answer) = fast::answer(&self.api, &self.answers, &caller, &whole)
+    ) -> Result<(), h2::server::SendResponse<Bytes>> {
+        let Some(answer) = fast::answer(&self.api, &self.answers, caller, whole) else {
+            return Err(respond);
+        };
+        let (head, trailers) = fast::answered_parts();
+        // Errors mean the caller has gone: nothing to tell.
+        if let Ok(mut send) = respond.send_response(head, false)
+            && fast::send_answer(&mut send, answer).is_ok()
         {
-            let (head, trailers) = fast::answered_parts();
-            // Errors mean the caller has gone: nothing to tell.
-            if let Ok(mut send) = respond.send_response(head, false)
-                && send.send_data(answer, false).is_ok()
-            {
-                let _ = send.send_trailers(trailers);
-            }
-            return None;
+            let _ = send.send_trailers(trailers);
         }
-        Some(self.full(parts, chunks, body, respond))
+        Ok(())
     }
 
     /// The call through the tonic services, its body replayed from what was read.
     fn full(
         &self,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
+        info: &UdsConnectInfo,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
     ) -> Call {
-        let body = Body::new(Replay::new(chunks, RecvBody::new(body)));
+        parts.extensions.insert(info.clone());
+        let body = if chunks.is_empty() {
+            Body::new(RecvBody::new(body))
+        } else {
+            Body::new(Replay::new(chunks, RecvBody::new(body)))
+        };
         Box::pin(call(
             self.routes.clone(),
             http::Request::from_parts(parts, body),

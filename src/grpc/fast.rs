@@ -192,6 +192,21 @@ pub fn answer(
     Some(answers.answer(&request.client, &token, generation))
 }
 
+/// Largest piece of an answer given to h2 in one DATA frame: below the size from which h2
+/// keeps a payload aside instead of copying it into its write buffer (1 KiB on a
+/// [`super::writes::WriteBatch`] connection), so that the answer's frames leave in one write.
+pub const DATA_PIECE: usize = 1023;
+
+/// Queues `answer` (a length-prefixed message) on `send` in pieces of at most [`DATA_PIECE`]
+/// bytes (slices of the same buffer, no copy), not ending the stream.
+pub fn send_answer(send: &mut h2::SendStream<Bytes>, answer: Bytes) -> Result<(), h2::Error> {
+    let mut rest = answer;
+    while rest.len() > DATA_PIECE {
+        send.send_data(rest.split_to(DATA_PIECE), false)?;
+    }
+    send.send_data(rest, false)
+}
+
 /// The head and trailers of a successful unary answer, as tonic sends them:
 /// `content-type: application/grpc`, then `grpc-status: 0`.
 pub fn answered_parts() -> (http::Response<()>, HeaderMap) {

@@ -9,6 +9,8 @@
 //! - [`server`]: binding the socket (stale file replaced, mode set before anyone can connect),
 //!   serving, stopping.
 //! - [`authority`]: the per-connection adaptor that lets stock grpcio / grpc-java clients in.
+//! - [`writes`]: the per-connection adaptor that sends what h2 writes until a flush in one
+//!   system call.
 
 pub mod access;
 pub mod authority;
@@ -17,5 +19,6 @@ pub mod fast;
 pub mod pb;
 pub mod server;
 pub mod service;
+pub mod writes;
 
 pub use server::{GrpcServer, ServeError};
