@@ -129,8 +129,11 @@ pub fn burst_delay(t: &Timing, lifetime: Duration, u: f64) -> Duration {
 /// The exact rule, with `L = expires_at − issued_at` (zero if negative),
 /// `latest = expires_at − margin'` and `at = issued_at + delay`:
 /// - `now ≥ latest` (less than `margin'` left, or already expired): `now`;
-/// - otherwise `max(at, now)`: the computed time, or `now` if that has passed (a stored token
-///   reused after a restart late in its life).
+/// - otherwise `at`, if it has not passed;
+/// - otherwise (a stored token reused after a restart late in its life): for a burst, a time
+///   uniform over what is left, `now + u · (latest − now)`, so that a fleet restarted half-way
+///   through its tokens' lives does not ask for half of them at once (issue 6: a restart makes
+///   no token request); for a scheduled refresh, `now`.
 ///
 /// The answer is never after `latest` unless `now` is. A token with a zero (or negative)
 /// lifetime is due at once, every time: the caller should not take such a response as a token
@@ -160,7 +163,14 @@ pub fn next_refresh_at(
     let at = issued_at
         .checked_add(delay)
         .map_or(latest, |at| at.min(latest));
-    at.max(now)
+    if at >= now {
+        return at;
+    }
+    if burst {
+        let left = latest.duration_since(now).unwrap_or(Duration::ZERO);
+        return now + left.mul_f64(unit(u));
+    }
+    now
 }
 
 /// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
@@ -527,6 +537,16 @@ mod tests {
                 3000,
             ),
             ("restart, burst time passed", 0, 3600, 1800, 0.0, true, 1800),
+            // Spread over what is left (latest 3570 s): 1800 + 0.2 · 1770.
+            (
+                "restart, burst time passed, u = 0.2",
+                0,
+                3600,
+                1800,
+                0.2,
+                true,
+                2154,
+            ),
             (
                 "restart, inside the margin",
                 0,
@@ -552,6 +572,32 @@ mod tests {
         // Inside the margin of a short token: 6 s token at 5 s (margin' 1.5 s).
         let late = next_refresh_at(&t, at(0), at(6), at(5), 0.0, false);
         assert_eq!(late, at(5));
+    }
+
+    /// A fleet restarted half-way through its tokens' lives: the reused tokens whose burst
+    /// time has passed are spread over what is left, none is due at once, all before `latest`.
+    #[test]
+    fn reused_tokens_late_in_life_are_spread_not_due_at_once() {
+        let t = Timing::default();
+        let (issued, expires, now) = (at(0), at(600), at(400));
+        let latest = at(600 - 30);
+        let mut due_now = 0;
+        let mut buckets = [0usize; 4];
+        for i in 0..1000 {
+            let u = (i as f64 + 0.5) / 1000.0;
+            let got = next_refresh_at(&t, issued, expires, now, u, true);
+            assert!(got >= now && got < latest, "u = {u}: {got:?}");
+            if got == now {
+                due_now += 1;
+            }
+            let frac = got.duration_since(now).unwrap().as_secs_f64() / 170.0;
+            buckets[((frac * 4.0) as usize).min(3)] += 1;
+        }
+        assert_eq!(due_now, 0);
+        // The share planned in each quarter of what is left: spread, not piled up.
+        for b in buckets {
+            assert!(b < 450, "{buckets:?}");
+        }
     }
 
     #[test]
