@@ -762,14 +762,15 @@ fn main() {
         t.as_ref()
             .map(|t| UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32))
     };
-    let window_start_system = SystemTime::now() - ready.elapsed();
+    // A token's issue time is its expiry less the lifetime the endpoint gives every token.
+    let burst_end = SystemTime::now() - ready.elapsed() + Duration::from_secs(5);
     let ages: Vec<f64> = statuses
         .iter()
         .filter_map(|s| {
-            let last = to_system(&s.last_refresh_at)?;
+            let issued = to_system(&s.expires_at)?.checked_sub(lifetime)?;
             let next = to_system(&s.next_refresh_at)?;
-            (last > window_start_system + Duration::from_secs(5))
-                .then(|| next.duration_since(last).ok())
+            (issued > burst_end)
+                .then(|| next.duration_since(issued).ok())
                 .flatten()
                 .map(|d| d.as_secs_f64())
         })
@@ -820,7 +821,8 @@ fn main() {
         Some(bad_count == 0),
     );
 
-    // --- A restart late in the tokens' lives: READY without a request, and no burst after. ----
+    // --- A restart late in the tokens' lives: no burst. Refreshes fall due all the time by
+    // now, so the rate from exec to 10 s after READY=1 is compared with the steady mean. --------
     stop(&mut child);
     let before = endpoint.hit_count();
     let notify4 = Notify::bind(&dir, "notify4.sock");
@@ -828,20 +830,21 @@ fn main() {
     let ready4 = notify4.wait_ready(&mut child, Duration::from_secs(120));
     let by_ready = endpoint.hit_count() - before;
     std::thread::sleep(Duration::from_secs(10));
-    let after = endpoint.hits_since(ready4).len();
+    let total = endpoint.hit_count() - before;
+    let rate = total as f64 / exec.elapsed().as_secs_f64();
     let age = (ready4 - ready).as_secs_f64() / lifetime.as_secs_f64();
     report.row(
-        &format!("restart at {age:.2} of the lifetime: token requests by READY=1 / in 10 s after"),
+        &format!("restart at {age:.2} of the lifetime: token requests, exec → READY=1 + 10 s"),
         format!(
-            "{by_ready} / {after}{} (READY in {:.0} ms)",
+            "{total} ({by_ready} before READY=1, in {:.0} ms) = {rate:.1}/s{}",
+            (ready4 - exec).as_secs_f64() * 1000.0,
             match steady_rate {
-                Some(r) => format!(" = {:.2}× the steady mean", after as f64 / 10.0 / r),
+                Some(r) => format!(" = {:.2}× the steady mean", rate / r),
                 None => String::new(),
             },
-            (ready4 - exec).as_secs_f64() * 1000.0
         ),
-        "0 / ≤ 2× the steady mean",
-        steady_rate.map(|r| by_ready == 0 && after as f64 / 10.0 <= 2.0 * r),
+        "≤ 2× the steady mean",
+        steady_rate.map(|r| rate <= 2.0 * r),
     );
     stop(&mut child);
 
@@ -912,7 +915,7 @@ fn main() {
         assert_eq!(restart_requests, 0, "the restart made token requests");
         assert_eq!(
             by_ready, 0,
-            "the late restart made token requests before READY"
+            "the early restart made token requests before READY"
         );
     }
 }
