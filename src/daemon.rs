@@ -381,7 +381,18 @@ impl Daemon {
         }
         self.notifier.reloading();
         let began = std::time::Instant::now();
-        let loaded = config::load(&self.config.path);
+        // A change the watcher saw: clients whose tables and secret files did not change are
+        // taken as they are. SIGHUP builds everything again (and re-reads every secret).
+        let loaded = match &reason {
+            ReloadReason::Changed(paths) => config::load_reusing(
+                &self.config.path,
+                Some(config::Reuse {
+                    previous: &self.config,
+                    changed: paths,
+                }),
+            ),
+            ReloadReason::Signal => config::load(&self.config.path),
+        };
         let load_took = began.elapsed();
         let mut new = match loaded {
             Ok(c) => c,
@@ -417,8 +428,11 @@ impl Daemon {
         // already holds, and the new parse of it is dropped.
         let mut replaced = Vec::with_capacity(diff.unchanged.len());
         for name in &diff.unchanged {
-            if let Some(old) = self.config.clients.get(name) {
-                replaced.extend(new.clients.insert(name.clone(), old.clone()));
+            if let (Some(old), Some(new)) =
+                (self.config.clients.get(name), new.clients.get_mut(name))
+                && !Arc::ptr_eq(old, new)
+            {
+                replaced.push(std::mem::replace(new, old.clone()));
             }
         }
         for name in &diff.removed {

@@ -179,7 +179,7 @@ pub const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(3);
 /// waiting the full debounce would only delay the reload (issue 6: a reload applied within
 /// 100 ms of the rename). Renames closer together than this still make one reload. Writes in
 /// place wait for the full debounce: they often come in a series (`>` then `>>`).
-pub const QUICK_SETTLE: Duration = Duration::from_millis(15);
+pub const QUICK_SETTLE: Duration = Duration::from_millis(5);
 
 /// Whether `event` puts a whole file in place: a rename onto a watched name. Pure.
 fn replaces_a_file(event: &notify::Event) -> bool {

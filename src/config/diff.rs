@@ -133,6 +133,10 @@ pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     for (name, old_client) in &old.clients {
         match new.clients.get(name) {
             None => d.removed.push(name.clone()),
+            // Taken from the running config as it was (see `load_reusing`): nothing to compare.
+            Some(new_client) if std::sync::Arc::ptr_eq(old_client, new_client) => {
+                d.unchanged.push(name.clone())
+            }
             Some(new_client) => match client_change(old_client, new_client) {
                 None => d.unchanged.push(name.clone()),
                 Some(change) => d.changed.push((name.clone(), change)),

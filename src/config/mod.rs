@@ -18,5 +18,5 @@ mod types;
 
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
-pub use load::{load, load_str};
+pub use load::{Reuse, SourceDigest, load, load_reusing, load_str};
 pub use types::*;

@@ -33,6 +33,9 @@ pub struct Config {
     /// Things that are allowed but worth telling the operator (an inline secret in a file
     /// others can read, an `owner` the daemon cannot apply, …). Each is one line.
     pub warnings: Vec<String>,
+    /// What each client was built from, for a reload to take unchanged clients as they are
+    /// (see [`crate::config::load_reusing`]).
+    pub sources: std::collections::HashMap<String, crate::config::SourceDigest>,
 }
 
 impl Config {

@@ -424,3 +424,155 @@ fn credential_child() {
     );
     println!("credential-child-ok");
 }
+
+/// A reload that reuses the running config (`load_reusing`): unchanged clients are the very
+/// same `Arc`s, changed ones are built again, and the result is what a full load gives.
+mod reuse {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use tokenwarden::config::{self, Config, Reuse};
+
+    fn client(name: &str, scope: &str, secret: &str, out: &Path) -> String {
+        format!(
+            "[clients.{name}]\ntoken_url = \"https://idp.example/token\"\nclient_auth = \"client_secret_post\"\n\
+             client_id = \"{name}\"\nclient_secret = {secret}\nscope = \"{scope}\"\n\
+             outputs = [{{ path = {:?}, format = \"token\" }}]\n\n",
+            out.join(format!("{name}.token"))
+        )
+    }
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        config: PathBuf,
+    }
+
+    fn files() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("b.secret"), "secret-b\n").unwrap();
+        Files {
+            config: root.join("tw.toml"),
+            root,
+            _dir: dir,
+        }
+    }
+
+    impl Files {
+        fn write(&self, text: &str) {
+            std::fs::write(&self.config, text).unwrap();
+            std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+
+        fn text(&self, defaults: &str, a_scope: &str, b_secret_path: &str) -> String {
+            let out = self.root.join("out");
+            format!(
+                "{defaults}{}{}{}",
+                client("a", a_scope, "\"secret-a\"", &out),
+                client(
+                    "b",
+                    "read",
+                    &format!("{{ file = {b_secret_path:?} }}"),
+                    &out
+                ),
+                client("c", "read", "\"secret-c\"", &out),
+            )
+        }
+    }
+
+    fn same(a: &Config, b: &Config, name: &str) -> bool {
+        Arc::ptr_eq(&a.clients[name], &b.clients[name])
+    }
+
+    fn reload(f: &Files, previous: &Config, changed: &[PathBuf]) -> Config {
+        config::load_reusing(&f.config, Some(Reuse { previous, changed })).unwrap()
+    }
+
+    #[test]
+    fn unchanged_clients_are_taken_as_they_are() {
+        let f = files();
+        let secret = f.root.join("b.secret");
+        f.write(&f.text("", "read", &secret.to_string_lossy()));
+        let first = config::load(&f.config).unwrap();
+        assert_eq!(first.sources.len(), 3);
+
+        // One client's scope changes: only it is built again.
+        f.write(&f.text("", "read write", &secret.to_string_lossy()));
+        let second = reload(&f, &first, std::slice::from_ref(&f.config));
+        assert!(!same(&first, &second, "a"));
+        assert!(same(&first, &second, "b") && same(&first, &second, "c"));
+        assert_eq!(second, config::load(&f.config).unwrap(), "as a full load");
+        assert_eq!(second.clients["a"].scope, ["read", "write"]);
+        let d = config::diff(&first, &second);
+        assert_eq!(d.unchanged, ["b", "c"]);
+        assert_eq!(d.changed.len(), 1);
+
+        // Nothing changed in the text, but b's secret file did: b is built again with it.
+        std::fs::write(&secret, "secret-b2\n").unwrap();
+        let third = reload(&f, &second, std::slice::from_ref(&secret));
+        assert!(!same(&second, &third, "b"));
+        assert!(same(&second, &third, "a") && same(&second, &third, "c"));
+        assert_eq!(third, config::load(&f.config).unwrap());
+        assert_ne!(
+            third.clients["b"], second.clients["b"],
+            "the new secret is read"
+        );
+
+        // [defaults] apply to every client: all are built again.
+        f.write(&f.text(
+            "[defaults]\nrefresh_at = 0.5\n\n",
+            "read write",
+            &secret.to_string_lossy(),
+        ));
+        let fourth = reload(&f, &third, std::slice::from_ref(&f.config));
+        for name in ["a", "b", "c"] {
+            assert!(!same(&third, &fourth, name), "{name}");
+            assert_eq!(fourth.clients[name].timing.refresh_at, 0.5);
+        }
+    }
+
+    #[test]
+    fn a_client_that_warned_is_built_again_and_warns_again() {
+        let f = files();
+        let secret = f.root.join("b.secret");
+        f.write(&f.text("", "read", &secret.to_string_lossy()));
+        // Readable by others with inline secrets: a and c warn.
+        std::fs::set_permissions(&f.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let first = config::load(&f.config).unwrap();
+        assert_eq!(first.warnings.len(), 2, "{:?}", first.warnings);
+        assert_eq!(first.sources.len(), 1, "only b built without a warning");
+        let again = reload(&f, &first, std::slice::from_ref(&f.config));
+        assert_eq!(again.warnings, first.warnings);
+        assert!(same(&first, &again, "b"));
+        assert!(!same(&first, &again, "a"));
+    }
+
+    #[test]
+    fn an_output_clash_with_a_reused_client_is_still_an_error() {
+        let f = files();
+        let secret = f.root.join("b.secret");
+        let good = f.text("", "read", &secret.to_string_lossy());
+        f.write(&good);
+        let first = config::load(&f.config).unwrap();
+        // c now writes to b's file; b's table is unchanged.
+        let clash = good.replace("c.token", "b.token");
+        f.write(&clash);
+        let err = config::load_reusing(
+            &f.config,
+            Some(Reuse {
+                previous: &first,
+                changed: std::slice::from_ref(&f.config),
+            }),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert!(
+            err.errors[0]
+                .message
+                .contains("is already used by client \"b\""),
+            "{err}"
+        );
+    }
+}
