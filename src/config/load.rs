@@ -566,14 +566,14 @@ fn digest_value(ctx: &mut aws_lc_rs::digest::Context, value: &DeValue<'_>) {
         DeValue::Boolean(b) => ctx.update(&[b'b', u8::from(*b)]),
         DeValue::Datetime(d) => text(ctx, b'd', &d.to_string()),
         DeValue::Array(items) => {
-            ctx.update(&[b'a']);
+            ctx.update(b"a");
             ctx.update(&(items.len() as u64).to_le_bytes());
             for item in items {
                 digest_value(ctx, item.get_ref());
             }
         }
         DeValue::Table(table) => {
-            ctx.update(&[b't']);
+            ctx.update(b"t");
             ctx.update(&(table.len() as u64).to_le_bytes());
             for (k, v) in table {
                 text(ctx, b'k', k.get_ref());
