@@ -196,6 +196,18 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// How many client names `check` prints before "… and N more".
+const NAMES_SHOWN: usize = 10;
+
+/// `a, b, c`, or the first `shown` and how many more; `none` when empty.
+fn name_list(names: &[&str], shown: usize) -> String {
+    match names.len() {
+        0 => "none".to_string(),
+        n if n <= shown => names.join(", "),
+        n => format!("{}, … and {} more", names[..shown].join(", "), n - shown),
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -208,11 +220,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         path.display(),
         names.len(),
         if names.len() == 1 { "" } else { "s" },
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
-        },
+        name_list(&names, NAMES_SHOWN),
         outputs,
         if outputs == 1 { "" } else { "s" },
         config.files.len(),
@@ -274,5 +282,17 @@ fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_list;
+
+    #[test]
+    fn check_lists_a_few_names_then_counts() {
+        assert_eq!(name_list(&[], 2), "none");
+        assert_eq!(name_list(&["a", "b"], 2), "a, b");
+        assert_eq!(name_list(&["a", "b", "c", "d"], 2), "a, b, … and 2 more");
     }
 }
