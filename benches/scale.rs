@@ -338,6 +338,23 @@ fn start(setup: &Setup, notify: &Notify) -> (Child, Instant) {
     (child, exec)
 }
 
+/// Stops `child` and starts the daemon again on the same config and state: the new child, its
+/// notify socket (kept open while it runs), when it was started, when it said READY=1, and the
+/// endpoint's request count before the start.
+fn restart(
+    mut child: Child,
+    setup: &Setup,
+    endpoint: &Endpoint,
+    notify_name: &str,
+) -> (Child, Notify, Instant, Instant, usize) {
+    stop(&mut child);
+    let before = endpoint.hit_count();
+    let notify = Notify::bind(&setup.dir, notify_name);
+    let (mut child, exec) = start(setup, &notify);
+    let ready = notify.wait_ready(&mut child, Duration::from_secs(120));
+    (child, notify, exec, ready, before)
+}
+
 fn stop(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -675,11 +692,7 @@ fn main() {
         Some(others == 0),
     );
 
-    stop(&mut child);
-    let before = endpoint.hit_count();
-    let notify2 = Notify::bind(&dir, "notify2.sock");
-    let (mut child, exec) = start(&setup, &notify2);
-    let ready2 = notify2.wait_ready(&mut child, Duration::from_secs(120));
+    let (child, _notify2, exec, ready2, before) = restart(child, &setup, &endpoint, "notify2.sock");
     std::thread::sleep(Duration::from_secs(1));
     let restart_requests = endpoint.hit_count() - before;
     let secs = (ready2 - exec).as_secs_f64();
@@ -823,11 +836,8 @@ fn main() {
 
     // --- A restart late in the tokens' lives: no burst. Refreshes fall due all the time by
     // now, so the rate from exec to 10 s after READY=1 is compared with the steady mean. --------
-    stop(&mut child);
-    let before = endpoint.hit_count();
-    let notify4 = Notify::bind(&dir, "notify4.sock");
-    let (mut child, exec) = start(&setup, &notify4);
-    let ready4 = notify4.wait_ready(&mut child, Duration::from_secs(120));
+    let (mut child, _notify4, exec, ready4, before) =
+        restart(child, &setup, &endpoint, "notify4.sock");
     let by_ready = endpoint.hit_count() - before;
     std::thread::sleep(Duration::from_secs(10));
     let total = endpoint.hit_count() - before;
