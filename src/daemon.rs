@@ -101,6 +101,7 @@ impl Daemon {
             http: Arc::new(HttpClients::default()),
             permits: Arc::new(Semaphore::new(permits_total)),
             tracker: TaskTracker::new(),
+            holds: Default::default(),
         });
         let mut daemon = Daemon {
             config: Arc::new(config),

@@ -30,7 +30,6 @@ use crate::store::{ClientSlot, Command, Mailbox, Reason, Snapshot};
 use crate::token::{Token, rfc3339};
 
 /// What every refresher shares.
-#[derive(Clone)]
 pub struct Shared {
     pub state: Arc<StateDir>,
     pub http: Arc<HttpClients>,
@@ -38,6 +37,42 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// Background work that shutdown waits for (on_change commands).
     pub tracker: TaskTracker,
+    /// Token URLs whose provider asked to wait (`Retry-After`).
+    pub holds: UrlHolds,
+}
+
+/// Token URLs whose provider answered with `Retry-After` (RFC 9110 §10.2.3), and until when.
+///
+/// The provider asked its *client* to wait, and every client of that token URL is one to it:
+/// after one of them is told to wait, the others do not ask before the time either (SPEC §4:
+/// Retry-After is honoured).
+#[derive(Debug, Default)]
+pub struct UrlHolds(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
+
+impl UrlHolds {
+    /// Records that `url` asked to wait until `until` (a later time already known stays).
+    pub fn note(&self, url: &str, until: Instant) {
+        let mut map = self.lock();
+        let now = Instant::now();
+        map.retain(|_, t| *t > now);
+        let held = map.entry(url.to_owned()).or_insert(until);
+        *held = (*held).max(until);
+    }
+
+    /// Until when `url` asked to wait, if that is still ahead.
+    pub fn until(&self, url: &str) -> Option<Instant> {
+        self.lock()
+            .get(url)
+            .copied()
+            .filter(|t| *t > Instant::now())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 /// The handle the daemon keeps on a running refresher.
@@ -367,10 +402,32 @@ impl Refresher {
         {
             return answer;
         }
+        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+            return self.hold(until);
+        }
         // The permit is waited for before the request's state is allocated: 10,000 clients
         // starting at once queue here holding a few bytes each (issue 6: memory per client).
         let permit = self.shared.permits.clone().acquire_owned().await;
+        // Told to wait while this one waited for its permit.
+        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+            return self.hold(until);
+        }
         Box::pin(self.request(permit, trigger)).await
+    }
+
+    /// Another client of this token URL was told to wait (`Retry-After`): no request before
+    /// `until`. For this client it is a failed attempt like a 429 of its own (its status says
+    /// so, and the next attempt is planned by the same backoff, never before `until`).
+    fn hold(&mut self, until: Instant) -> Answer {
+        let wait = until.saturating_duration_since(Instant::now());
+        self.failed_and_log(
+            ErrorClass::Retryable {
+                retry_after: Some(wait),
+            },
+            "the provider of this token URL asked to wait (Retry-After): no request before then"
+                .to_string(),
+            false,
+        )
     }
 
     /// The token request itself, then publication, under a `max_concurrent_refreshes` permit.
@@ -443,6 +500,11 @@ impl Refresher {
                     self.save_without_refresh_token();
                 }
                 let class = failure.error.class();
+                if let Some(wait) = class.retry_after() {
+                    self.shared
+                        .holds
+                        .note(self.config.token_url.as_str(), Instant::now() + wait);
+                }
                 self.failed(class, failure.error.to_string())
             }
         }
@@ -554,6 +616,13 @@ impl Refresher {
     }
 
     fn failed(&mut self, class: ErrorClass, message: String) -> Answer {
+        self.failed_and_log(class, message, true)
+    }
+
+    /// [`Self::failed`]; `log`: through the WARN-three-times logger, else at DEBUG only (a
+    /// hold: the client told to wait logs the provider's answer itself, and a message that
+    /// alternated with it would defeat the repeat logger).
+    fn failed_and_log(&mut self, class: ErrorClass, message: String, log: bool) -> Answer {
         let kind = match class {
             ErrorClass::Retryable { .. } => FailureKind::Retryable,
             ErrorClass::Permanent { .. } => FailureKind::Permanent,
@@ -564,7 +633,11 @@ impl Refresher {
             .next_delay(&self.config.timing, kind, class.retry_after(), unit());
         let failures = self.backoff.failures();
         let name = self.config.name.clone();
-        self.repeated.log(&name, &message, delay);
+        if log {
+            self.repeated.log(&name, &message, delay);
+        } else {
+            tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
+        }
         let at = SystemTime::now() + delay;
         self.next_at = Some(Instant::now() + delay);
         self.next_trigger = Trigger::Retry;
@@ -683,6 +756,27 @@ pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_holds_keep_the_latest_time_and_end() {
+        let holds = UrlHolds::default();
+        let now = Instant::now();
+        assert_eq!(holds.until("https://a/token"), None);
+        holds.note("https://a/token", now + Duration::from_secs(60));
+        holds.note("https://a/token", now + Duration::from_secs(30));
+        assert_eq!(
+            holds.until("https://a/token"),
+            Some(now + Duration::from_secs(60)),
+            "a shorter wait does not shorten a longer one"
+        );
+        assert_eq!(holds.until("https://b/token"), None, "per token URL");
+        holds.note("https://b/token", now);
+        assert_eq!(
+            holds.until("https://b/token"),
+            None,
+            "a time passed holds nothing"
+        );
+    }
 
     #[test]
     fn the_earliest_deadline_wins_and_a_refresh_wins_ties() {

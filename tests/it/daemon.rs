@@ -220,3 +220,83 @@ async fn max_concurrent_refreshes_bounds_requests_in_flight() {
     }
     daemon.stop().await;
 }
+
+/// A `Retry-After` answer to one client holds every client of that token URL: the other one
+/// does not ask before the time (its demand is answered at once, without a request), clients of
+/// other token URLs are not held, and both held clients get new tokens once it has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_holds_every_client_of_the_token_url() {
+    use tokenwarden::provider::{Dialect, Fault};
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // A demand right after start would otherwise be answered with the fresh token.
+    env.edit_config(|c| c.replace(r#"min_interval = "2s""#, r#"min_interval = "0s""#));
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let socket = env.demo.socket.to_str().unwrap().to_string();
+    let talentsoft = env.provider.token_url(Dialect::TalentsoftApp);
+    let path = talentsoft.rsplit_once("//").unwrap().1;
+    let path = &path[path.find('/').unwrap()..];
+    let at_url = |since: Instant| -> Vec<Instant> {
+        env.provider
+            .requests()
+            .iter()
+            .filter(|r| r.path == path && r.received_at >= since)
+            .map(|r| r.received_at)
+            .collect()
+    };
+
+    let hold = Duration::from_secs(3);
+    env.provider.fault_next(
+        Fault::TooManyRequests {
+            retry_after: hold.as_secs(),
+        },
+        1,
+    );
+    let asked = Instant::now();
+    let r = crate::support::run(&["refresh", "talentsoft-app", "-s", &socket]).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("429"), "{}", r.stderr);
+    assert_eq!(at_url(asked).len(), 1);
+
+    // The other client of that URL is held: answered at once, no request.
+    let r = crate::support::run(&["refresh", "talentsoft-user", "-s", &socket]).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("Retry-After"), "{}", r.stderr);
+    assert_eq!(at_url(asked).len(), 1, "a held client asked the provider");
+    // Another token URL is not held.
+    let r = crate::support::run(&["refresh", "transatel", "-s", &socket]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // Both held clients come back on their own once the time has passed, not before.
+    crate::support::wait_for(
+        "both talentsoft clients asking again",
+        hold + Duration::from_secs(10),
+        || at_url(asked).len() >= 3,
+    )
+    .await;
+    let times = at_url(asked);
+    for t in &times[1..] {
+        assert!(
+            *t >= asked + hold,
+            "a request {:?} after the 429, inside the {hold:?} Retry-After",
+            *t - asked
+        );
+    }
+    crate::support::wait_for(
+        "both talentsoft outputs valid again",
+        Duration::from_secs(10),
+        || {
+            let status = std::process::Command::new(crate::support::bin())
+                .args(["status", "--json", "-s", &socket])
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&status.stdout).unwrap_or(Value::Null);
+            v.as_array().is_some_and(|a| {
+                a.iter()
+                    .filter(|c| c["client"].as_str().unwrap_or("").starts_with("talentsoft"))
+                    .all(|c| c["state"] == "VALID" && c["consecutive_failures"] == 0)
+            })
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
