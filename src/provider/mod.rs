@@ -335,6 +335,9 @@ struct Shared {
     cancel: CancellationToken,
     /// The current listener's accept loop; `None` while paused ([`Provider::pause`]).
     serving: Mutex<Option<Serving>>,
+    /// While paused: a socket bound to the port but not listening, so that connections are
+    /// refused and no listener on port 0 (another test's) is given the port meanwhile.
+    reserved: Mutex<Option<tokio::net::TcpSocket>>,
     state: Mutex<State>,
 }
 
@@ -413,6 +416,7 @@ impl Provider {
             server_key,
             cancel: CancellationToken::new(),
             serving: Mutex::new(None),
+            reserved: Mutex::new(None),
             state: Mutex::new(State::default()),
         });
         *shared.serving_slot() = Some(Serving::spawn(listener, shared.clone()));
@@ -545,6 +549,11 @@ impl Provider {
             s.cancel.cancel();
             // The accept loop drops the listener as it ends.
             let _ = s.task.await;
+            let reserved = reserve(self.shared().addr);
+            if let Err(e) = &reserved {
+                debug!(addr = %self.shared().addr, "provider: cannot hold the port while paused: {e}");
+            }
+            *self.shared().reserved_slot() = reserved.ok();
             debug!(addr = %self.shared().addr, "provider: paused");
         }
     }
@@ -559,6 +568,8 @@ impl Provider {
         if shared.serving_slot().is_some() {
             return Ok(());
         }
+        // Let go of the port just before listening on it again.
+        drop(shared.reserved_slot().take());
         let listener = TcpListener::bind(shared.addr).await?;
         let mut slot = shared.serving_slot();
         // A concurrent resume may have won; then this listener is simply dropped.
@@ -577,6 +588,23 @@ impl Provider {
 }
 
 // === serving ===
+
+/// A TCP socket bound to `addr` (with `SO_REUSEADDR`, as listeners are, so connections of the
+/// closed listener in TIME_WAIT do not stand in the way) and not listening: a connection to it
+/// is refused, and Linux does not hand the port to anyone binding port 0 (its first pass over
+/// the ephemeral range skips ports with any socket bound, whatever `SO_REUSEADDR` says). An
+/// explicit bind to the port with `SO_REUSEADDR` is still possible: this guards against other
+/// tests' listeners on port 0, not against someone choosing the port.
+fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
 
 /// Accepts connections until `serving` is cancelled (pause or shutdown); dropping the listener
 /// then closes the port.
@@ -793,6 +821,10 @@ impl Shared {
 
     fn serving_slot(&self) -> MutexGuard<'_, Option<Serving>> {
         self.serving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reserved_slot(&self) -> MutexGuard<'_, Option<tokio::net::TcpSocket>> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn base_url(&self) -> String {
