@@ -411,17 +411,23 @@ fn check_backoff(attempts: &BTreeMap<&str, Vec<f64>>, window: f64, attempt: f64)
     );
 }
 
-async fn outage(sc: Scenario) {
-    let env = DemoEnv::start(LIFETIME).await;
-    tune(&env, sc.log_level, sc.timeout);
-    let mut daemon = DaemonProc::start(&env.demo.config, &[]);
+/// The daemon on `env`'s config once every output holds a token, and a sampler of them.
+async fn start_sampled(env: &DemoEnv) -> (DaemonProc, Sampler) {
+    let daemon = DaemonProc::start(&env.demo.config, &[]);
     wait_for("a token in every output", Duration::from_secs(20), || {
         OUTPUTS
             .iter()
             .all(|(f, _)| token_in(f, &read(&env.out(f))).is_some())
     })
     .await;
-    let sampler = Sampler::start(&env, all_outputs(&env)).await;
+    let sampler = Sampler::start(env, all_outputs(env)).await;
+    (daemon, sampler)
+}
+
+async fn outage(sc: Scenario) {
+    let env = DemoEnv::start(LIFETIME).await;
+    tune(&env, sc.log_level, sc.timeout);
+    let (mut daemon, sampler) = start_sampled(&env).await;
     // Past the start-up burst: every client on its second token, each of another age.
     wait_for("a second token for every client", LIFETIME + SLACK, || {
         sampler.with(|s| {
@@ -776,14 +782,7 @@ fn sampled_secrets(samples: &Samples) -> Vec<String> {
 async fn trace_logs_of_a_faulty_run_hold_no_secret() {
     let env = DemoEnv::start(LIFETIME).await;
     tune(&env, "trace", Some(HANG_TIMEOUT));
-    let mut daemon = DaemonProc::start(&env.demo.config, &[]);
-    wait_for("a token in every output", Duration::from_secs(20), || {
-        OUTPUTS
-            .iter()
-            .all(|(f, _)| token_in(f, &read(&env.out(f))).is_some())
-    })
-    .await;
-    let sampler = Sampler::start(&env, all_outputs(&env)).await;
+    let (mut daemon, sampler) = start_sampled(&env).await;
     let p = &env.provider;
 
     // Each fault for a moment, every client asked at once (SIGUSR1) while it lasts.

@@ -326,49 +326,38 @@ async fn every_rpc_and_error_code_over_the_socket() {
     assert!(!socket.exists(), "socket left behind");
 }
 
-async fn reflect_v1(socket: &Path) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+/// `ListServices` over one version of the reflection protocol (v1 and v1alpha have the same
+/// shape in different generated modules).
+macro_rules! reflect {
+    ($name:ident, $version:ident) => {
+        async fn $name(socket: &Path) -> Vec<String> {
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut c = ServerReflectionClient::new(channel(socket).await);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = c
+                .server_reflection_info(futures_util::stream::iter([req]))
+                .await
+                .unwrap()
+                .into_inner();
+            let msg = stream.message().await.unwrap().unwrap();
+            match msg.message_response.unwrap() {
+                MessageResponse::ListServicesResponse(l) => {
+                    l.service.into_iter().map(|s| s.name).collect()
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     };
-    let mut c = ServerReflectionClient::new(channel(socket).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = c
-        .server_reflection_info(futures_util::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let msg = stream.message().await.unwrap().unwrap();
-    match msg.message_response.unwrap() {
-        MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("{other:?}"),
-    }
 }
-
-async fn reflect_v1alpha(socket: &Path) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut c = ServerReflectionClient::new(channel(socket).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = c
-        .server_reflection_info(futures_util::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let msg = stream.message().await.unwrap().unwrap();
-    match msg.message_response.unwrap() {
-        MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("{other:?}"),
-    }
-}
+reflect!(reflect_v1, v1);
+reflect!(reflect_v1alpha, v1alpha);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_token_follows_generations_and_ends_when_the_client_is_removed() {
