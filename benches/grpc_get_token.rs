@@ -132,12 +132,20 @@ fn store_with_token() -> (Arc<Store>, impl Sized) {
         ClientSlot {
             snapshot: rx,
             mailbox: mailbox.clone(),
-            allow_uids: Arc::new(vec![]),
-            allow_gids: Arc::new(vec![]),
-            ready_margin: Duration::from_secs(60),
+            config: bench_config(),
         },
     );
     (store, (tx, mailbox))
+}
+
+/// The bench client's config: anyone may read it.
+fn bench_config() -> Arc<tokenwarden::config::ClientConfig> {
+    let text = format!(
+        "[clients.{CLIENT}]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"{CLIENT}\"\nclient_secret = \"s\"\n"
+    );
+    let config = tokenwarden::config::load_str(&text, Path::new("/nonexistent/tokenwarden.toml"))
+        .expect("the bench's config loads");
+    config.clients[CLIENT].clone()
 }
 
 /// Drives `callers` loops of `call` for the warm-up then `secs`, each on its own connection

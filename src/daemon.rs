@@ -459,9 +459,7 @@ impl Daemon {
                 continue;
             }
             if let Some(h) = self.handles.get_mut(name) {
-                h.slot.allow_uids = Arc::new(c.allow_uids.clone());
-                h.slot.allow_gids = Arc::new(c.allow_gids.clone());
-                h.slot.ready_margin = c.timing.refresh_margin;
+                h.slot.config = c.clone();
                 self.store.insert(name, h.slot.clone());
                 let _ = h.slot.mailbox.reconfigure(Reconfigure {
                     config: c.clone(),

@@ -109,7 +109,12 @@ pub fn not_ready(store: &Store) -> Vec<String> {
     store
         .slots()
         .into_iter()
-        .filter(|(_, slot)| !slot.snapshot.borrow().valid_for(now, slot.ready_margin))
+        .filter(|(_, slot)| {
+            !slot
+                .snapshot
+                .borrow()
+                .valid_for(now, slot.config.timing.refresh_margin)
+        })
         .map(|(name, _)| name)
         .collect()
 }

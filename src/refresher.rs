@@ -94,9 +94,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
     let slot = ClientSlot {
         snapshot: snap_rx,
         mailbox: mailbox.clone(),
-        allow_uids: Arc::new(config.allow_uids.clone()),
-        allow_gids: Arc::new(config.allow_gids.clone()),
-        ready_margin: config.timing.refresh_margin,
+        config: config.clone(),
     };
     let refresher = Refresher {
         config,

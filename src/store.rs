@@ -249,11 +249,10 @@ impl Mailbox {
 pub struct ClientSlot {
     pub snapshot: watch::Receiver<Snapshot>,
     pub mailbox: Arc<Mailbox>,
-    /// Who may read it over gRPC.
-    pub allow_uids: Arc<Vec<u32>>,
-    pub allow_gids: Arc<Vec<u32>>,
-    /// `refresh_margin`: `/readyz` wants a token valid at least this long.
-    pub ready_margin: Duration,
+    /// The client's config (the refresher's own): who may read it over gRPC
+    /// (`allow_uids`, `allow_gids`), how long `/readyz` wants its token valid
+    /// (`timing.refresh_margin`).
+    pub config: Arc<ClientConfig>,
 }
 
 /// Every client's slot, by name.

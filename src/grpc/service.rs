@@ -95,7 +95,11 @@ impl TokenApi {
             .store
             .get(client)
             .ok_or_else(|| ApiError::NotFound(client.to_string()))?;
-        if caller.may_read(self.daemon_uid, &slot.allow_uids, &slot.allow_gids) {
+        if caller.may_read(
+            self.daemon_uid,
+            &slot.config.allow_uids,
+            &slot.config.allow_gids,
+        ) {
             Ok(slot)
         } else {
             tracing::info!(
@@ -118,7 +122,11 @@ impl TokenApi {
         check_name(client).ok()?;
         self.store
             .with_slot(client, |slot| {
-                if !caller.may_read(self.daemon_uid, &slot.allow_uids, &slot.allow_gids) {
+                if !caller.may_read(
+                    self.daemon_uid,
+                    &slot.config.allow_uids,
+                    &slot.config.allow_gids,
+                ) {
                     return None;
                 }
                 let snap = slot.snapshot.borrow();
@@ -488,7 +496,9 @@ impl pb::token_service_server::TokenService for TokenApi {
             .store
             .slots()
             .into_iter()
-            .filter(|(_, s)| caller.may_read(self.daemon_uid, &s.allow_uids, &s.allow_gids))
+            .filter(|(_, s)| {
+                caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
+            })
             .map(|(name, s)| status_message(&name, &s.snapshot.borrow(), now))
             .collect();
         Ok(Response::new(pb::ListClientsResponse { clients }))
