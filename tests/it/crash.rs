@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokenwarden::demo::{CREADS_ID, TALKDESK_ID};
 use tokenwarden::provider::{Dialect, Provider, RegisteredClient, TalkdeskRegion};
 
-use crate::support::{DaemonProc, DemoEnv, read, token_in};
+use crate::support::{DaemonProc, DemoEnv, assert_restart_reused, output_files, read, token_in};
 
 /// Kills per run of the kill loop.
 const KILLS: usize = 50;
@@ -337,17 +337,7 @@ async fn a_restart_after_kill_9_right_after_ready_reuses_every_token() {
     // READY=1 promised every token: each must be on disk, whole, when the daemon dies.
     check_outputs(&env, "killed right after READY=1");
     check_state(&env, "killed right after READY=1");
-    let files: Vec<(&str, String, SystemTime)> = owners()
-        .into_iter()
-        .map(|(name, _)| {
-            let p = env.out(name);
-            (
-                name,
-                read(&p),
-                std::fs::metadata(&p).unwrap().modified().unwrap(),
-            )
-        })
-        .collect();
+    let files = output_files(&env, owners().into_iter().map(|(name, _)| name));
     let requests = env.provider.requests().len();
     assert_eq!(requests, 5, "one request per client");
 
@@ -371,21 +361,7 @@ async fn a_restart_after_kill_9_right_after_ready_reuses_every_token() {
     }
 
     let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
-    assert!(ready.contains("5/5 clients valid"), "{ready}");
-    assert_eq!(
-        env.provider.requests().len(),
-        requests,
-        "no provider request on restart"
-    );
-    for (name, content, mtime) in files {
-        let p = env.out(name);
-        assert_eq!(read(&p), content, "{name}");
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().modified().unwrap(),
-            mtime,
-            "{name} rewritten"
-        );
-    }
+    assert_restart_reused(&env, &ready, requests, &files);
     for p in &litter {
         assert!(!p.exists(), "{} left", p.display());
     }

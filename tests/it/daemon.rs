@@ -97,17 +97,7 @@ async fn short_lived_tokens_stay_fresh_and_readers_never_see_a_bad_file() {
 async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
     let env = DemoEnv::start(Duration::from_secs(600)).await;
     let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
-    let files: Vec<(String, String, SystemTime)> = owners()
-        .keys()
-        .map(|n| {
-            let p = env.out(n);
-            (
-                n.to_string(),
-                read(&p),
-                std::fs::metadata(&p).unwrap().modified().unwrap(),
-            )
-        })
-        .collect();
+    let files = crate::support::output_files(&env, owners().into_keys());
     daemon.signal(Signal::SIGINT);
     assert!(daemon.wait_exit(Duration::from_secs(6)).await.success());
     let requests = env.provider.requests().len();
@@ -115,21 +105,7 @@ async fn a_restart_reuses_stored_tokens_without_asking_the_provider() {
     let t = Instant::now();
     let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    assert!(ready.contains("5/5 clients valid"), "{ready}");
-    assert_eq!(
-        env.provider.requests().len(),
-        requests,
-        "no provider request on restart"
-    );
-    for (name, content, mtime) in files {
-        let p = env.out(&name);
-        assert_eq!(read(&p), content, "{name}");
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().modified().unwrap(),
-            mtime,
-            "{name} rewritten"
-        );
-    }
+    crate::support::assert_restart_reused(&env, &ready, requests, &files);
     assert!(
         daemon.logs().contains("reusing the stored token"),
         "{}",

@@ -419,3 +419,43 @@ impl DaemonProc {
         );
     }
 }
+
+/// Each named output's content and modification time, to check later that nothing rewrote it.
+pub fn output_files<'a>(
+    env: &DemoEnv,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, String, std::time::SystemTime)> {
+    names
+        .into_iter()
+        .map(|name| {
+            let p = env.out(name);
+            let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+            (name.to_string(), read(&p), mtime)
+        })
+        .collect()
+}
+
+/// A restarted daemon said READY with every client valid, asked the provider nothing more than
+/// `requests` in all, and left every output of `files` as it was (content and mtime).
+pub fn assert_restart_reused(
+    env: &DemoEnv,
+    ready: &str,
+    requests: usize,
+    files: &[(String, String, std::time::SystemTime)],
+) {
+    assert!(ready.contains("5/5 clients valid"), "{ready}");
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "no provider request on restart"
+    );
+    for (name, content, mtime) in files {
+        let p = env.out(name);
+        assert_eq!(&read(&p), content, "{name}");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().modified().unwrap(),
+            *mtime,
+            "{name} rewritten"
+        );
+    }
+}
