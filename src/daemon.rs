@@ -248,8 +248,15 @@ impl Daemon {
     }
 
     fn status_line(&self) -> String {
-        let (valid, total) = self.store.counts(SystemTime::now());
+        let now = SystemTime::now();
+        let (valid, total) = self.store.counts(now);
         let mut s = format!("{valid}/{total} clients valid");
+        let behind = self.store.degraded(now);
+        if behind > 0 {
+            s.push_str(&format!(
+                "; {behind} with outputs not written or state not saved (see tokenwarden status)"
+            ));
+        }
         if let Some(e) = &self.reload_error {
             s.push_str(&format!(
                 "; reload failed, running the previous config: {e}"
