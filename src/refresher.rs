@@ -373,13 +373,15 @@ impl Refresher {
     async fn apply(&mut self, re: Reconfigure) {
         let identity_changed =
             re.config.identity_fingerprint() != self.config.identity_fingerprint();
+        let timing_changed = re.config.timing != self.config.timing;
         self.config = re.config;
         if identity_changed {
             // A token of another identity must not be refreshed with this one's refresh token.
             self.refresh_token = None;
         }
         if re.renew {
-            tracing::info!(
+            // The reload's own line said what changed and that a new token is requested.
+            tracing::debug!(
                 client = self.name(),
                 "credentials or identity changed: getting a new token"
             );
@@ -397,7 +399,8 @@ impl Refresher {
             if re.rewrite_outputs && token.is_valid_at(SystemTime::now()) {
                 self.write_outputs(&token, true).await;
             }
-            if self.snapshot.borrow().consecutive_failures == 0 {
+            // Only new timing moves the planned refresh (the reload's log line says which).
+            if timing_changed && self.snapshot.borrow().consecutive_failures == 0 {
                 self.plan_next(&token, Trigger::Schedule);
             }
         }

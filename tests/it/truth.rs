@@ -331,3 +331,221 @@ async fn state_that_cannot_be_saved_shows_everywhere_until_it_is_saved() {
     );
     daemon.stop().await;
 }
+
+// === reload logs ===
+
+/// The reload lines of `logs` (a client changed, added or removed; the summary), each without
+/// its timestamp, level and target, and the summary without its timings.
+fn reload_lines(logs: &str) -> Vec<String> {
+    logs.lines()
+        .filter_map(|l| {
+            let at = [
+                "client changed ",
+                "client added ",
+                "client removed ",
+                "reloaded ",
+            ]
+            .iter()
+            .filter_map(|m| l.find(m))
+            .min()?;
+            let line = &l[at..];
+            Some(match line.find(" load_ms=") {
+                Some(cut) if line.starts_with("reloaded ") => line[..cut].to_string(),
+                _ => line.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Saves `text` as the config like an editor does (a temporary file renamed over it).
+fn save(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The config text without the lines from `start` up to (not including) `next`.
+fn without_section(text: &str, start: &str, next: &str) -> String {
+    let a = text.find(start).unwrap();
+    let b = text.find(next).unwrap();
+    format!("{}{}", &text[..a], &text[b..])
+}
+
+/// A change made to the config text.
+type Edit<'a> = Box<dyn Fn(String) -> String + 'a>;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_reload_logs_what_changed_and_what_happens_once_per_client() {
+    let env = DemoEnv::start(LONG).await;
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    assert!(ready.contains("5/5 clients valid"), "{ready}");
+    let config = env.demo.config.clone();
+    let url = env.provider.token_url(Dialect::Transatel);
+    let moved = format!("{url}?tenant=2");
+    let added = env.out("talkdesk.json");
+    let transatel_requests = || env.grants_at(Dialect::Transatel.path()).len();
+
+    // Each step: an edit, then the exact lines its reload logs.
+    let steps: Vec<(&str, Edit<'_>, Vec<String>)> = vec![
+        (
+            "token_url",
+            Box::new(|t: String| t.replacen(&url, &moved, 1)),
+            vec![
+                format!(
+                    "client changed client=\"transatel\" changed=\"token_url: {url} -> {moved}\" action=\"new token requested now\""
+                ),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
+            "scope",
+            Box::new(|t: String| {
+                t.replace(
+                    "scope = [\"CATALOG_PRODUCTS_READ\", \"USER_READ\"]",
+                    "scope = [\"CATALOG_PRODUCTS_READ\"]",
+                )
+            }),
+            vec![
+                "client changed client=\"transatel\" changed=\"scope: [CATALOG_PRODUCTS_READ USER_READ] -> [CATALOG_PRODUCTS_READ]\" action=\"new token requested now\"".into(),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
+            "output added",
+            Box::new(move |t: String| {
+                t + &format!(
+                    "[[clients.talkdesk.outputs]]\npath = \"{}\"\nformat = \"json\"\n",
+                    added.display()
+                )
+            }),
+            vec![
+                format!(
+                    "client changed client=\"talkdesk\" changed=\"outputs: +{}\" action=\"current token written to the outputs; schedule kept, no new token\"",
+                    env.out("talkdesk.json").display()
+                ),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
+            "output removed",
+            Box::new(|t: String| {
+                let at = t.rfind("[[clients.talkdesk.outputs]]").unwrap();
+                t[..at].to_string()
+            }),
+            vec![
+                format!(
+                    "client changed client=\"talkdesk\" changed=\"outputs: -{}\" action=\"current token written to the outputs; schedule kept, no new token\"",
+                    env.out("talkdesk.json").display()
+                ),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
+            "client removed",
+            Box::new(|t: String| without_section(&t, "# Talentsoft user:", "# Talkdesk:")),
+            vec![
+                "client removed client=\"talentsoft-user\" action=\"stopped; its files are left in place\"".into(),
+                "reloaded added=0 removed=1 changed=0 unchanged=4".into(),
+            ],
+        ),
+    ];
+    let original = read(&config);
+    let next_refresh = |list: Vec<tokenwarden::grpc::pb::ClientStatus>, client: &str| {
+        list.into_iter()
+            .find(|c| c.client == client)
+            .and_then(|c| c.next_refresh_at)
+    };
+    let socket = env.demo.socket.clone();
+    let talkdesk_next = next_refresh(
+        tokenwarden::client::list(&socket).await.unwrap(),
+        "talkdesk",
+    );
+    assert!(talkdesk_next.is_some());
+    let mut seen = 0;
+    for (what, edit, want) in &steps {
+        let before = read(&config);
+        let after = edit(before.clone());
+        assert_ne!(before, after, "{what}: the edit changed nothing");
+        let requests = transatel_requests();
+        save(&config, &after);
+        wait_for(
+            &format!("the reload of {what}"),
+            Duration::from_secs(10),
+            || {
+                reload_lines(&daemon.logs())
+                    .iter()
+                    .filter(|l| l.starts_with("reloaded "))
+                    .count()
+                    > seen
+            },
+        )
+        .await;
+        let lines = reload_lines(&daemon.logs());
+        let from = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with("reloaded "))
+            .nth(seen)
+            .map(|(i, _)| i)
+            .unwrap();
+        let start = lines[..from]
+            .iter()
+            .rposition(|l| l.starts_with("reloaded "))
+            .map_or(0, |i| i + 1);
+        assert_eq!(&lines[start..=from], want.as_slice(), "{what}");
+        seen += 1;
+        if want[0].contains("new token requested now") {
+            wait_for(
+                &format!("{what}: a new token"),
+                Duration::from_secs(10),
+                || transatel_requests() > requests,
+            )
+            .await;
+        }
+    }
+    // "schedule kept" is true: two output changes left talkdesk's planned refresh alone.
+    assert_eq!(
+        next_refresh(
+            tokenwarden::client::list(&socket).await.unwrap(),
+            "talkdesk"
+        ),
+        talkdesk_next
+    );
+    // The removed client is added back.
+    save(
+        &config,
+        &original.replacen(&url, &moved, 1).replace(
+            "scope = [\"CATALOG_PRODUCTS_READ\", \"USER_READ\"]",
+            "scope = [\"CATALOG_PRODUCTS_READ\"]",
+        ),
+    );
+    wait_for(
+        "the reload adding a client",
+        Duration::from_secs(10),
+        || {
+            reload_lines(&daemon.logs())
+                .iter()
+                .filter(|l| l.starts_with("reloaded "))
+                .count()
+                > seen
+        },
+    )
+    .await;
+    let lines = reload_lines(&daemon.logs());
+    assert_eq!(
+        &lines[lines.len() - 2..],
+        [
+            "client added client=\"talentsoft-user\" action=\"started: a stored token still good is reused, else one is requested now\"".to_string(),
+            "reloaded added=1 removed=0 changed=0 unchanged=4".to_string(),
+        ]
+    );
+    let logs = daemon.logs();
+    assert!(
+        !logs.contains("(Renew)") && !logs.contains("(Outputs)"),
+        "{logs}"
+    );
+    for secret in crate::support::secret_material(&env, []) {
+        assert!(!logs.contains(&secret), "a secret in the logs");
+    }
+    daemon.stop().await;
+}
