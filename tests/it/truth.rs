@@ -549,3 +549,73 @@ async fn each_reload_logs_what_changed_and_what_happens_once_per_client() {
     }
     daemon.stop().await;
 }
+
+// === debug log of token requests ===
+
+/// The `token request` lines of `logs`, from the message on.
+fn request_lines(logs: &str) -> Vec<&str> {
+    logs.lines()
+        .filter_map(|l| l.find("token request").map(|at| &l[at..]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_logs_name_each_token_request_and_never_a_secret() {
+    let env = DemoEnv::start(LONG).await;
+    let config = env.config_path().to_string();
+    let once = run(&["once", "-c", &config, "--log-level", "debug"]).await;
+    assert_eq!(once.code, 0, "{}", once.stderr);
+    let lines = request_lines(&once.stderr);
+    // (client, grant, client authentication) of the demo's five clients.
+    let cases = [
+        ("transatel", "client_credentials", "client_secret_basic"),
+        ("creads-files", "password", "client_secret_basic"),
+        ("talentsoft-app", "client_credentials", "client_secret_post"),
+        (
+            "talentsoft-user",
+            "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "none",
+        ),
+        ("talkdesk", "client_credentials", "private_key_jwt"),
+    ];
+    let parsed = env.config();
+    for (client, grant, auth) in cases {
+        let url = parsed.clients[client].token_url.as_str();
+        let want = format!(
+            "token request client=\"{client}\" method=\"POST\" url=\"{url}\" grant=\"{grant}\" client_auth=\"{auth}\" proxy=\"none\" status=200 duration_ms="
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with(&want)),
+            "no {want:?} in:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(lines.len(), 5, "{}", lines.join("\n"));
+    let tokens: Vec<String> = std::fs::read_dir(&env.demo.out_dir)
+        .unwrap()
+        .map(|e| read(&e.unwrap().path()))
+        .collect();
+
+    // Nothing listens: the line says so.
+    let closed = free_port();
+    let refused = format!("http://127.0.0.1:{closed}/oauth/token");
+    env.edit_config(|t| t.replacen(&env.provider.token_url(Dialect::Transatel), &refused, 1));
+    let failed = run(&["once", "-c", &config, "--log-level", "debug", "transatel"]).await;
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    let lines = request_lines(&failed.stderr);
+    let want = format!(
+        "token request got no answer client=\"transatel\" method=\"POST\" url=\"{refused}\" grant=\"client_credentials\" client_auth=\"client_secret_basic\" proxy=\"none\" error=\""
+    );
+    assert!(
+        lines.len() == 1 && lines[0].starts_with(&want) && lines[0].contains("refused"),
+        "no {want:?} … refused in:\n{}",
+        failed.stderr
+    );
+    for secret in crate::support::secret_material(&env, tokens) {
+        assert!(!once.stderr.contains(&secret), "a secret in the debug log");
+        assert!(
+            !failed.stderr.contains(&secret),
+            "a secret in the debug log"
+        );
+    }
+}
