@@ -182,8 +182,14 @@ async fn an_output_that_cannot_be_written_shows_everywhere_until_it_is_written()
     let requests = env.grants_at(Dialect::Transatel.path()).len();
 
     // Fixed: the next retry creates the directory and writes the current token.
+    let table = run(&["status", "-s", socket.to_str().unwrap()])
+        .await
+        .stdout;
+    println!("status while the output fails:\n{table}");
     std::fs::remove_file(&sub).unwrap();
+    let fixed = std::time::Instant::now();
     wait_ready(port).await;
+    println!("output path fixed -> /readyz ready: {:?}", fixed.elapsed());
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&read(&broken)).unwrap()["access_token"],
         token.as_str()
@@ -315,7 +321,9 @@ async fn state_that_cannot_be_saved_shows_everywhere_until_it_is_saved() {
     // Space again: the next retry saves the held token (no new request) and publishes it.
     let out = in_namespace_of(pid, &format!("rm '{}/fill'", state.display()));
     assert!(out.status.success(), "{out:?}");
+    let fixed = std::time::Instant::now();
     wait_ready(port).await;
+    println!("space again -> /readyz ready: {:?}", fixed.elapsed());
     assert_valid(&socket, "transatel").await;
     let new = read(&env.out("transatel.token"));
     assert_ne!(new, old);
