@@ -133,8 +133,8 @@ impl Daemon {
         for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
         {
             tracing::info!(
-                client = %client,
-                path = %path.display(),
+                client = client.as_str(),
+                path = ?path,
                 "removed a temporary file left by an interrupted write"
             );
         }
@@ -152,7 +152,7 @@ impl Daemon {
         }
         tracing::info!(
             clients = daemon.handles.len(),
-            state_dir = %daemon.config.daemon.state_dir.display(),
+            state_dir = ?daemon.config.daemon.state_dir,
             "tokenwarden {} started",
             env!("CARGO_PKG_VERSION")
         );
@@ -291,7 +291,7 @@ impl Daemon {
                 reply: None,
             });
             if posted != Ok(Posted::Queued) {
-                tracing::debug!(client = %name, "refresh already queued");
+                tracing::debug!(client = name.as_str(), "refresh already queued");
             }
         }
     }
@@ -552,7 +552,7 @@ impl Daemon {
             if server.mode() != mode {
                 match server.set_mode(mode) {
                     Ok(()) => {
-                        tracing::info!(socket = %path.display(), "socket mode is now {mode:04o}")
+                        tracing::info!(socket = ?path, "socket mode is now {mode:04o}")
                     }
                     Err(e) => tracing::error!("{e}"),
                 }
