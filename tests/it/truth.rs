@@ -449,6 +449,32 @@ async fn each_reload_logs_what_changed_and_what_happens_once_per_client() {
             ],
         ),
         (
+            "allow_users",
+            Box::new(|t: String| {
+                t.replace(
+                    "client_id = \"demo-transatel\"",
+                    "client_id = \"demo-transatel\"\nallow_users = [\"65534\"]",
+                )
+            }),
+            vec![
+                "client changed client=\"transatel\" changed=\"allow_users: [] -> [65534]\" action=\"applied; schedule kept, no new token\"".into(),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
+            "timing",
+            Box::new(|t: String| {
+                t.replace(
+                    "client_id = \"demo-transatel\"",
+                    "client_id = \"demo-transatel\"\nretry_max = \"20s\"",
+                )
+            }),
+            vec![
+                "client changed client=\"transatel\" changed=\"retry_max: 10s -> 20s\" action=\"applied; next refresh planned again, no new token\"".into(),
+                "reloaded added=0 removed=0 changed=1 unchanged=4".into(),
+            ],
+        ),
+        (
             "client removed",
             Box::new(|t: String| without_section(&t, "# Talentsoft user:", "# Talkdesk:")),
             vec![
@@ -520,12 +546,11 @@ async fn each_reload_logs_what_changed_and_what_happens_once_per_client() {
         talkdesk_next
     );
     // The removed client is added back.
+    let section = &original
+        [original.find("# Talentsoft user:").unwrap()..original.find("# Talkdesk:").unwrap()];
     save(
         &config,
-        &original.replacen(&url, &moved, 1).replace(
-            "scope = [\"CATALOG_PRODUCTS_READ\", \"USER_READ\"]",
-            "scope = [\"CATALOG_PRODUCTS_READ\"]",
-        ),
+        &read(&config).replace("# Talkdesk:", &format!("{section}# Talkdesk:")),
     );
     wait_for(
         "the reload adding a client",
