@@ -23,7 +23,10 @@ pub(super) fn token_request(
     let url = loggable_url(&client.token_url);
     let duration_ms = took.as_millis() as u64;
     let (client, client_auth) = (client.name.as_str(), client.client_auth.method_name());
-    let proxy = proxy.unwrap_or("none");
+    let proxy: &str = match proxy {
+        Some(p) => p,
+        None => env_proxy(),
+    };
     match result {
         Ok((meta, _)) => tracing::debug!(
             client,
@@ -47,6 +50,27 @@ pub(super) fn token_request(
             duration_ms,
             "token request got no answer"
         ),
+    }
+}
+
+/// What to say when the caller names no proxy: the HTTP client may still take one from the
+/// environment, so say so rather than "none" (which proxy, and `NO_PROXY`, is for the caller).
+fn env_proxy() -> &'static str {
+    const VARS: [&str; 6] = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ];
+    if VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    {
+        "from the environment, if it applies"
+    } else {
+        "none"
     }
 }
 
