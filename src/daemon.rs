@@ -133,8 +133,8 @@ impl Daemon {
         for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
         {
             tracing::info!(
-                client = %client,
-                path = %path.display(),
+                client = client.as_str(),
+                path = ?path,
                 "removed a temporary file left by an interrupted write"
             );
         }
@@ -152,7 +152,7 @@ impl Daemon {
         }
         tracing::info!(
             clients = daemon.handles.len(),
-            state_dir = %daemon.config.daemon.state_dir.display(),
+            state_dir = ?daemon.config.daemon.state_dir,
             "tokenwarden {} started",
             env!("CARGO_PKG_VERSION")
         );
@@ -248,8 +248,15 @@ impl Daemon {
     }
 
     fn status_line(&self) -> String {
-        let (valid, total) = self.store.counts(SystemTime::now());
+        let now = SystemTime::now();
+        let (valid, total) = self.store.counts(now);
         let mut s = format!("{valid}/{total} clients valid");
+        let behind = self.store.degraded(now);
+        if behind > 0 {
+            s.push_str(&format!(
+                "; {behind} with outputs not written or state not saved (see tokenwarden status)"
+            ));
+        }
         if let Some(e) = &self.reload_error {
             s.push_str(&format!(
                 "; reload failed, running the previous config: {e}"
@@ -284,7 +291,7 @@ impl Daemon {
                 reply: None,
             });
             if posted != Ok(Posted::Queued) {
-                tracing::debug!(client = %name, "refresh already queued");
+                tracing::debug!(client = name.as_str(), "refresh already queued");
             }
         }
     }
@@ -297,6 +304,7 @@ impl Daemon {
         self.set_cron(&config).await;
     }
 
+    /// Stops a client's refresher and forgets it (its files are left in place).
     async fn remove_client(&mut self, name: &str) {
         if let Some(h) = self.handles.remove(name) {
             h.retire.cancel();
@@ -304,10 +312,6 @@ impl Daemon {
         }
         self.store.remove(name);
         self.clear_cron(name).await;
-        tracing::info!(
-            client = name,
-            "client removed (its files are left in place)"
-        );
     }
 
     async fn set_cron(&mut self, config: &ClientConfig) {
@@ -340,7 +344,7 @@ impl Daemon {
             let mailbox = mailbox.clone();
             let name = name.clone();
             Box::pin(async move {
-                tracing::info!(client = %name, "rotate_cron: forcing a new token");
+                tracing::info!(client = name.as_str(), "rotate_cron: forcing a new token");
                 let _ = mailbox.post(Command::Refresh {
                     reason: Reason::Rotation,
                     reply: None,
@@ -353,11 +357,17 @@ impl Daemon {
                     self.cron_jobs.insert(config.name.clone(), id);
                 }
                 Err(e) => {
-                    tracing::error!(client = %config.name, "cannot schedule rotate_cron: {e}")
+                    tracing::error!(
+                        client = config.name.as_str(),
+                        "cannot schedule rotate_cron: {e}"
+                    )
                 }
             },
             Err(e) => {
-                tracing::error!(client = %config.name, "cannot schedule rotate_cron {expr:?}: {e}")
+                tracing::error!(
+                    client = config.name.as_str(),
+                    "cannot schedule rotate_cron {expr:?}: {e}"
+                )
             }
         }
     }
@@ -436,21 +446,37 @@ impl Daemon {
                 replaced.push(std::mem::replace(new, old.clone()));
             }
         }
+        // One line per client saying what changed and what happens now, then one summary line;
+        // every field a quoted string except the summary's counts.
         for name in &diff.removed {
             self.remove_client(name).await;
+            tracing::info!(
+                client = name.as_str(),
+                action = "stopped; its files are left in place",
+                "client removed"
+            );
         }
         for (name, change) in &diff.changed {
             let Some(c) = new.clients.get(name) else {
                 continue;
             };
             let c = c.clone();
-            tracing::info!(client = %name, "config changed ({change:?})");
+            let old = self.config.clients.get(name).cloned();
+            let keys = old
+                .as_deref()
+                .map(|o| config::changed_keys(o, &c))
+                .unwrap_or_default();
+            let timing_changed = old.as_deref().is_some_and(|o| o.timing != c.timing);
+            tracing::info!(
+                client = name.as_str(),
+                changed = config::describe(&keys).as_str(),
+                action = reload_action(*change, timing_changed),
+                "client changed"
+            );
             // A changed identity needs a fresh refresher: its old state must not leak in.
             if c.identity_fingerprint()
-                != self
-                    .config
-                    .clients
-                    .get(name)
+                != old
+                    .as_deref()
                     .map(|o| o.identity_fingerprint())
                     .unwrap_or_default()
             {
@@ -471,7 +497,12 @@ impl Daemon {
         }
         for name in &diff.added {
             if let Some(c) = new.clients.get(name) {
-                tracing::info!(client = %name, "client added");
+                tracing::info!(
+                    client = name.as_str(),
+                    action =
+                        "started: a stored token still good is reused, else one is requested now",
+                    "client added"
+                );
                 self.add_client(c.clone()).await;
             }
         }
@@ -521,7 +552,7 @@ impl Daemon {
             if server.mode() != mode {
                 match server.set_mode(mode) {
                     Ok(()) => {
-                        tracing::info!(socket = %path.display(), "socket mode is now {mode:04o}")
+                        tracing::info!(socket = ?path, "socket mode is now {mode:04o}")
                     }
                     Err(e) => tracing::error!("{e}"),
                 }
@@ -577,6 +608,21 @@ impl Daemon {
                 .forget_permits(self.permits_total - want);
             self.permits_total -= gone;
         }
+    }
+}
+
+/// What a reload does to a changed client, for its log line (pure).
+fn reload_action(change: ClientChange, timing_changed: bool) -> &'static str {
+    match (change, timing_changed) {
+        (ClientChange::Renew, _) => "new token requested now",
+        (ClientChange::Outputs, false) => {
+            "current token written to the outputs; schedule kept, no new token"
+        }
+        (ClientChange::Outputs, true) => {
+            "current token written to the outputs; next refresh planned again, no new token"
+        }
+        (ClientChange::Settings, false) => "applied; schedule kept, no new token",
+        (ClientChange::Settings, true) => "applied; next refresh planned again, no new token",
     }
 }
 

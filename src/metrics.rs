@@ -7,7 +7,8 @@
 //! `tokenwarden_output_writes_total{client,result}`; `tokenwarden_config_reloads_total{result}`;
 //! `tokenwarden_grpc_requests_total{method,code}`.
 //! `GET /healthz`: 200 while the daemon runs. `GET /readyz`: 200 when every client holds a token
-//! valid for at least its `refresh_margin`, else 503 naming the clients that do not.
+//! valid for at least its `refresh_margin`, its outputs hold that token and its state is saved;
+//! else 503 naming each client that is not ready and why (`not ready: a (output not written)`).
 //!
 //! The recorder is installed only when `metrics_listen` is set; the `metrics` macros elsewhere
 //! are no-ops otherwise.
@@ -103,19 +104,20 @@ fn update_gauges(store: &Store) {
     }
 }
 
-/// Clients not holding a token valid for at least their margin.
-pub fn not_ready(store: &Store) -> Vec<String> {
+/// Clients that are not ready, each with why: no token valid for at least its
+/// `refresh_margin`, an output that does not hold the current token, or state not saved (what
+/// consumers read or what a restart would find is behind).
+pub fn not_ready(store: &Store) -> Vec<(String, &'static str)> {
     let now = SystemTime::now();
     store
         .slots()
         .into_iter()
-        .filter(|(_, slot)| {
-            !slot
-                .snapshot
+        .filter_map(|(name, slot)| {
+            slot.snapshot
                 .borrow()
-                .valid_for(now, slot.config.timing.refresh_margin)
+                .not_ready_reason(now, slot.config.timing.refresh_margin)
+                .map(|why| (name, why))
         })
-        .map(|(name, _)| name)
         .collect()
 }
 
@@ -154,7 +156,14 @@ fn handle(
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    format!("not ready: {}\n", missing.join(", ")),
+                    format!(
+                        "not ready: {}\n",
+                        missing
+                            .iter()
+                            .map(|(name, why)| format!("{name} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 )
             }
         }

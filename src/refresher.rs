@@ -111,6 +111,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
         output_retry: None,
         output_backoff: Backoff::new(),
         repeated: Repeated::default(),
+        output_repeated: Repeated::default(),
         expired_logged: false,
         skew_warned: false,
     };
@@ -142,6 +143,8 @@ struct Refresher {
     output_retry: Option<Instant>,
     output_backoff: Backoff,
     repeated: Repeated,
+    /// The same failed output writes, logged at WARN three times, then at DEBUG.
+    output_repeated: Repeated,
     expired_logged: bool,
     /// The clock-skew warning was given (once per client until the skew goes away).
     skew_warned: bool,
@@ -156,13 +159,7 @@ struct Repeated {
 
 impl Repeated {
     fn log(&mut self, client: &str, message: &str, retry_in: Duration) {
-        if self.last.as_deref() == Some(message) {
-            self.count += 1;
-        } else {
-            self.last = Some(message.to_string());
-            self.count = 1;
-        }
-        if self.count <= 3 {
+        if self.note(message) {
             tracing::warn!(client, retry_in = %Human(retry_in), "token request failed: {message}");
             if self.count == 3 {
                 tracing::warn!(
@@ -173,6 +170,18 @@ impl Repeated {
         } else {
             tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "token request failed: {message}");
         }
+    }
+
+    /// Counts `message` (a repeat of the last one, or a new one); true while it is worth a
+    /// WARN (the first three times in a row).
+    fn note(&mut self, message: &str) -> bool {
+        if self.last.as_deref() == Some(message) {
+            self.count += 1;
+        } else {
+            self.last = Some(message.to_string());
+            self.count = 1;
+        }
+        self.count <= 3
     }
 
     fn clear(&mut self) -> u32 {
@@ -229,6 +238,9 @@ async fn sleep_opt(at: Option<Instant>) {
 
 /// The answer to demands on a client that was removed or replaced meanwhile.
 const RETIRED: &str = "the client was removed or replaced by a reload";
+
+/// The answer to demands while a new token is held back because its state cannot be saved.
+const HELD_BACK: &str = "the new token is held back: its state could not be saved";
 
 /// Outcome of one attempt, for the replies to coalesced demands.
 type Answer = Result<Arc<Token>, String>;
@@ -361,13 +373,15 @@ impl Refresher {
     async fn apply(&mut self, re: Reconfigure) {
         let identity_changed =
             re.config.identity_fingerprint() != self.config.identity_fingerprint();
+        let timing_changed = re.config.timing != self.config.timing;
         self.config = re.config;
         if identity_changed {
             // A token of another identity must not be refreshed with this one's refresh token.
             self.refresh_token = None;
         }
         if re.renew {
-            tracing::info!(
+            // The reload's own line said what changed and that a new token is requested.
+            tracing::debug!(
                 client = self.name(),
                 "credentials or identity changed: getting a new token"
             );
@@ -385,7 +399,8 @@ impl Refresher {
             if re.rewrite_outputs && token.is_valid_at(SystemTime::now()) {
                 self.write_outputs(&token, true).await;
             }
-            if self.snapshot.borrow().consecutive_failures == 0 {
+            // Only new timing moves the planned refresh (the reload's log line says which).
+            if timing_changed && self.snapshot.borrow().consecutive_failures == 0 {
                 self.plan_next(&token, Trigger::Schedule);
             }
         }
@@ -395,10 +410,15 @@ impl Refresher {
     async fn attempt(&mut self, trigger: Trigger) -> Answer {
         self.next_at = None;
         // A token obtained earlier whose state could not be saved: save it now, no request.
-        if let Some(held) = self.held.take()
-            && let Some(answer) = Box::pin(self.commit(*held, trigger)).await
-        {
-            return answer;
+        // While the save keeps failing, no request either: another token would only be held
+        // back too (and a rotated refresh token would move on without reaching the disk).
+        if let Some(held) = self.held.take() {
+            if let Some(answer) = Box::pin(self.commit(*held, trigger)).await {
+                return answer;
+            }
+            if self.held.is_some() {
+                return Err(HELD_BACK.into());
+            }
         }
         if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
@@ -486,7 +506,7 @@ impl Refresher {
                 };
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
-                    None => Err("the new token is held back: its state could not be saved".into()),
+                    None => Err(HELD_BACK.into()),
                 }
             }
             Err(failure) => {
@@ -531,14 +551,21 @@ impl Refresher {
         };
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
-            tracing::error!(
-                client = self.name(),
-                "cannot save state, holding the new token back: {e}"
-            );
+            // Said once at ERROR; the retries (with backoff) at DEBUG, until a save succeeds.
+            if !self.snapshot.borrow().save_failing {
+                tracing::error!(
+                    client = self.name(),
+                    "cannot save state, holding the new token back until a save succeeds: {e}"
+                );
+            }
             self.held = Some(Box::new(state));
-            let _ = self.failed(
+            // What a restart would find, and what consumers read, is behind: status shows it
+            // and /readyz fails until a save succeeds.
+            self.snapshot.send_modify(|s| s.save_failing = true);
+            let _ = self.failed_and_log(
                 ErrorClass::Retryable { retry_after: None },
                 format!("cannot save state: {e}"),
+                false,
             );
             return None;
         }
@@ -585,6 +612,7 @@ impl Refresher {
             s.generation = generation;
             s.last_error = None;
             s.consecutive_failures = 0;
+            s.save_failing = false;
             s.last_refresh_at = Some(now);
             let _ = reused;
         });
@@ -673,44 +701,56 @@ impl Refresher {
     }
 
     /// Writes the token to every output (only those whose content differs), then runs
-    /// `on_change` in the background when any changed. Failed outputs are retried.
+    /// `on_change` in the background when any changed. Failed outputs are retried with
+    /// backoff, and shown in the snapshot (status, `ListClients`, `/readyz`) until every output
+    /// holds the token.
     async fn write_outputs(&mut self, token: &Arc<Token>, run_on_change: bool) {
         if self.config.outputs.is_empty() {
+            self.outputs_written();
             return;
         }
         let config = self.config.clone();
         let t = token.clone();
-        let reports =
-            match tokio::task::spawn_blocking(move || outputs::write_outputs(&config, &t)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(client = self.name(), "output writer failed: {e}");
-                    return;
-                }
-            };
         let mut changed = false;
-        let mut failed = false;
-        for r in reports {
-            crate::metrics::output_write(self.name(), r.result.is_ok());
-            match r.result {
-                Ok(c) => changed |= c,
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(client = self.name(), "{e}");
+        let mut errors = Vec::new();
+        match tokio::task::spawn_blocking(move || outputs::write_outputs(&config, &t)).await {
+            Ok(reports) => {
+                for r in reports {
+                    crate::metrics::output_write(self.name(), r.result.is_ok());
+                    match r.result {
+                        Ok(c) => changed |= c,
+                        Err(e) => errors.push(e.to_string()),
+                    }
                 }
             }
+            Err(e) => errors.push(format!("output writer failed: {e}")),
         }
-        if failed {
-            let delay = self.output_backoff.next_delay(
-                &self.config.timing,
-                FailureKind::Retryable,
-                None,
-                unit(),
-            );
-            self.output_retry = Some(Instant::now() + delay.max(Duration::from_millis(100)));
+        if errors.is_empty() {
+            self.outputs_written();
         } else {
-            self.output_retry = None;
-            self.output_backoff.reset();
+            let delay = self
+                .output_backoff
+                .next_delay(&self.config.timing, FailureKind::Retryable, None, unit())
+                .max(Duration::from_millis(100));
+            self.output_retry = Some(Instant::now() + delay);
+            let message = errors.join("; ");
+            let warn = self.output_repeated.note(&message);
+            let repeats = self.output_repeated.count;
+            for e in &errors {
+                if warn {
+                    tracing::warn!(client = self.name(), retry_in = %Human(delay), "{e}");
+                } else {
+                    tracing::debug!(client = self.name(), retry_in = %Human(delay), repeats, "{e}");
+                }
+            }
+            if warn && repeats == 3 {
+                tracing::warn!(
+                    client = self.name(),
+                    "the same output error again will be logged at debug level until it changes"
+                );
+            }
+            self.snapshot
+                .send_if_modified(|s| s.output_error.replace(message.clone()) != Some(message));
         }
         if changed && run_on_change {
             let config = self.config.clone();
@@ -719,6 +759,24 @@ impl Refresher {
                     crate::app::log_on_change(&config.name, &r);
                 }
             });
+        }
+    }
+
+    /// Every output holds the current token: no retry, and a recovery is logged and shown.
+    fn outputs_written(&mut self) {
+        self.output_retry = None;
+        let failures = self.output_backoff.failures();
+        self.output_backoff.reset();
+        self.output_repeated.clear();
+        let was_failing = self
+            .snapshot
+            .send_if_modified(|s| s.output_error.take().is_some());
+        if was_failing {
+            tracing::info!(
+                client = self.name(),
+                failures,
+                "every output holds the current token again"
+            );
         }
     }
 

@@ -21,7 +21,8 @@ pub enum State {
     Pending,
     /// A token valid now, and the last attempt (if any) succeeded.
     Valid,
-    /// A token valid now, but refreshes are failing.
+    /// A token valid now, but what consumers read is behind: refreshes are failing, an output
+    /// could not be written, or the state could not be saved.
     Stale,
     /// The last token has expired and no new one could be had.
     Expired,
@@ -51,8 +52,15 @@ pub struct Snapshot {
     pub generation: u64,
     /// When the next request is planned.
     pub next_refresh_at: Option<SystemTime>,
-    /// The last error, one line, no secrets; `None` after a success.
+    /// The last failed attempt's error (a token request or a state save), one line, no
+    /// secrets; `None` after a success.
     pub last_error: Option<String>,
+    /// Why some outputs do not hold the current token (one line naming each path); `None` once
+    /// every output holds it. Retried with backoff until it clears.
+    pub output_error: Option<String>,
+    /// The last state save failed: the newest token is held back (and a restart would not
+    /// find it) until a save succeeds. Its message is in `last_error`.
+    pub save_failing: bool,
     /// Failed attempts since the last success.
     pub consecutive_failures: u32,
     /// When the last token was obtained (or reused at start).
@@ -67,7 +75,7 @@ impl Snapshot {
     pub fn state_at(&self, now: SystemTime) -> State {
         match &self.token {
             Some(t) if t.is_valid_at(now) => {
-                if self.consecutive_failures > 0 {
+                if self.consecutive_failures > 0 || self.degraded() {
                     State::Stale
                 } else {
                     State::Valid
@@ -76,6 +84,39 @@ impl Snapshot {
             Some(_) => State::Expired,
             None if self.consecutive_failures > 0 => State::Failed,
             None => State::Pending,
+        }
+    }
+
+    /// Whether what consumers read lags behind the daemon: an output not written, or state
+    /// not saved.
+    pub fn degraded(&self) -> bool {
+        self.output_error.is_some() || self.save_failing
+    }
+
+    /// Everything that is wrong now, one line: the last failed attempt, then the outputs that
+    /// could not be written. `None` when all is well. This is the status's "last error".
+    pub fn problems(&self) -> Option<String> {
+        match (&self.last_error, &self.output_error) {
+            (Some(e), Some(o)) => Some(format!("{e}; {o}")),
+            (Some(e), None) => Some(e.clone()),
+            (None, Some(o)) => Some(o.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Why this client is not ready at `now` (the `/readyz` check): no token valid for at least
+    /// `margin`, an output not written, or state not saved. `None`: ready.
+    pub fn not_ready_reason(&self, now: SystemTime, margin: Duration) -> Option<&'static str> {
+        if self.valid_token(now).is_none() {
+            Some("no valid token")
+        } else if !self.valid_for(now, margin) {
+            Some("token expires within refresh_margin")
+        } else if self.save_failing {
+            Some("state not saved")
+        } else if self.output_error.is_some() {
+            Some("output not written")
+        } else {
+            None
         }
     }
 
@@ -314,6 +355,18 @@ impl Store {
         (valid, map.len())
     }
 
+    /// How many clients hold a valid token whose outputs or state lag behind (see
+    /// [`Snapshot::degraded`]).
+    pub fn degraded(&self, now: SystemTime) -> usize {
+        self.read()
+            .values()
+            .filter(|s| {
+                let snap = s.snapshot.borrow();
+                snap.degraded() && snap.valid_token(now).is_some()
+            })
+            .count()
+    }
+
     /// Whether every client has a token or has finished its first attempt.
     pub fn all_settled(&self) -> bool {
         self.read().values().all(|s| s.snapshot.borrow().settled)
@@ -521,5 +574,77 @@ mod tests {
         assert!(snap(Some(100), 0).valid_for(at(50), Duration::from_secs(50)));
         assert!(!snap(Some(100), 0).valid_for(at(50), Duration::from_secs(51)));
         assert!(snap(Some(100), 0).valid_token(at(100)).is_none());
+    }
+
+    #[test]
+    fn a_failing_output_or_state_save_is_stale_and_not_ready() {
+        let margin = Duration::from_secs(10);
+        let failing_output = |s: Snapshot| Snapshot {
+            output_error: Some("cannot write /o/t: not a directory".into()),
+            ..s
+        };
+        let failing_save = |s: Snapshot| Snapshot {
+            save_failing: true,
+            last_error: Some("cannot save state: no space".into()),
+            consecutive_failures: 1,
+            ..s
+        };
+        // (snapshot, now, state, not ready because)
+        let cases = [
+            (snap(Some(100), 0), 50, State::Valid, None),
+            (
+                snap(Some(100), 0),
+                95,
+                State::Valid,
+                Some("token expires within refresh_margin"),
+            ),
+            (
+                failing_output(snap(Some(100), 0)),
+                50,
+                State::Stale,
+                Some("output not written"),
+            ),
+            (
+                failing_save(snap(Some(100), 0)),
+                50,
+                State::Stale,
+                Some("state not saved"),
+            ),
+            // A refresh failing with a token still good for long enough is not "not ready".
+            (snap(Some(100), 2), 50, State::Stale, None),
+            (
+                failing_output(snap(Some(100), 0)),
+                100,
+                State::Expired,
+                Some("no valid token"),
+            ),
+            (
+                failing_save(snap(None, 0)),
+                50,
+                State::Failed,
+                Some("no valid token"),
+            ),
+        ];
+        for (s, now, state, reason) in cases {
+            assert_eq!(s.state_at(at(now)), state, "{s:?} at {now}");
+            assert_eq!(
+                s.not_ready_reason(at(now), margin),
+                reason,
+                "{s:?} at {now}"
+            );
+        }
+        assert_eq!(snap(Some(100), 0).problems(), None);
+        let both = Snapshot {
+            last_error: Some("invalid_client".into()),
+            ..failing_output(snap(Some(100), 1))
+        };
+        assert_eq!(
+            both.problems().as_deref(),
+            Some("invalid_client; cannot write /o/t: not a directory")
+        );
+        assert_eq!(
+            failing_output(snap(Some(100), 0)).problems().as_deref(),
+            Some("cannot write /o/t: not a directory")
+        );
     }
 }

@@ -8,15 +8,18 @@
 //!   parses keys and reports every problem at once, each with its file, line and column.
 //! - `error`: [`ConfigError`] / [`ConfigErrors`].
 //! - `diff`: what a reload changes, client by client (pure).
+//! - `explain`: which keys of a client a reload changed, in words for the log (pure).
 
 mod check;
 mod diff;
 mod error;
+mod explain;
 mod load;
 mod raw;
 mod types;
 
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
+pub use explain::{KeyChange, changed_keys, describe};
 pub use load::{Reuse, SourceDigest, load, load_reusing, load_str};
 pub use types::*;

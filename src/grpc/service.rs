@@ -341,7 +341,7 @@ pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::Cli
         state: state as i32,
         expires_at: snap.token.as_ref().map(|t| timestamp(t.expires_at)),
         next_refresh_at: snap.next_refresh_at.map(timestamp),
-        last_error: snap.last_error.clone().unwrap_or_default(),
+        last_error: snap.problems().unwrap_or_default(),
         consecutive_failures: snap.consecutive_failures,
         last_refresh_at: snap.last_refresh_at.map(timestamp),
     }

@@ -9,6 +9,7 @@
 mod error;
 mod request;
 mod response;
+mod trace;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -114,13 +115,22 @@ pub async fn request_token(
     attempt: Attempt<'_>,
 ) -> Result<Issued, OAuthError> {
     let sent_at = SystemTime::now();
+    let grant = match attempt {
+        Attempt::Refresh(_) => "refresh_token",
+        Attempt::Primary => client.grant_type(),
+    };
     let prepared = prepare(client, attempt, sent_at)?;
     let timeout = client.timing.timeout;
+    let started = std::time::Instant::now();
     let exchange = send(http, client, &prepared, timeout);
-    let (meta, body) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r?,
-        Err(_) => return Err(OAuthError::Timeout(timeout)),
+    let result = match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(OAuthError::Timeout(timeout)),
     };
+    // The proxy support names the proxy this request went through here.
+    let proxy: Option<&str> = None;
+    trace::token_request(client, grant, proxy, &result, started.elapsed());
+    let (meta, body) = result?;
     let secrets = prepared.secret_values();
     let ctx = RequestContext {
         requested_scope: &client.scope,

@@ -19,5 +19,6 @@ mod state;
 #[allow(dead_code)]
 mod support;
 mod tls;
+mod truth;
 mod unit;
 mod watcher;

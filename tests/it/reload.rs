@@ -409,7 +409,12 @@ async fn a_changed_scope_or_secret_renews_exactly_that_client() {
     rig.settle(&before, &each(&[TALENTSOFT_APP_ID], 1)).await;
     assert_eq!(rig.reloads(), 2);
     let logs = rig.daemon.logs();
-    assert!(logs.contains("credentials or identity changed"), "{logs}");
+    assert!(
+        logs.contains(
+            "client changed client=\"talentsoft-app\" changed=\"client_secret: new value\" action=\"new token requested now\""
+        ),
+        "{logs}"
+    );
     assert!(!logs.contains(&secret), "a secret in the logs");
     rig.stop().await;
 }

@@ -1,0 +1,113 @@
+//! The DEBUG line of each token request (`--log-level debug`): method, URL, grant, client
+//! authentication method, proxy, HTTP status or why there was none, duration. Never a body or
+//! a header value.
+
+use std::time::Duration;
+
+use super::OAuthError;
+use super::ResponseMeta;
+use crate::config::ClientConfig;
+
+/// One DEBUG line per token request: where it went, how and how it ended. Never a body or a
+/// header value; the URL without its query (it may carry a key) or user info.
+pub(super) fn token_request(
+    client: &ClientConfig,
+    grant: &str,
+    proxy: Option<&str>,
+    result: &Result<(ResponseMeta, Vec<u8>), OAuthError>,
+    took: Duration,
+) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let url = loggable_url(&client.token_url);
+    let duration_ms = took.as_millis() as u64;
+    let (client, client_auth) = (client.name.as_str(), client.client_auth.method_name());
+    let proxy: &str = match proxy {
+        Some(p) => p,
+        None => env_proxy(),
+    };
+    match result {
+        Ok((meta, _)) => tracing::debug!(
+            client,
+            method = "POST",
+            url = url.as_str(),
+            grant,
+            client_auth,
+            proxy,
+            status = meta.status,
+            duration_ms,
+            "token request"
+        ),
+        Err(e) => tracing::debug!(
+            client,
+            method = "POST",
+            url = url.as_str(),
+            grant,
+            client_auth,
+            proxy,
+            error = e.to_string().as_str(),
+            duration_ms,
+            "token request got no answer"
+        ),
+    }
+}
+
+/// What to say when the caller names no proxy: the HTTP client may still take one from the
+/// environment, so say so rather than "none" (which proxy, and `NO_PROXY`, is for the caller).
+fn env_proxy() -> &'static str {
+    const VARS: [&str; 6] = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ];
+    if VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    {
+        "from the environment, if it applies"
+    } else {
+        "none"
+    }
+}
+
+/// `url` without user info, and with `?…` for a query.
+fn loggable_url(url: &url::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut s = u.to_string();
+    if had_query {
+        s.push_str("?…");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_loses_user_info_and_query() {
+        let cases = [
+            (
+                "https://idp.example/oauth/token",
+                "https://idp.example/oauth/token",
+            ),
+            (
+                "https://u:p4ss@idp.example/t?api_key=k3y#f",
+                "https://idp.example/t?…",
+            ),
+            ("http://127.0.0.1:8080/t", "http://127.0.0.1:8080/t"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(loggable_url(&url::Url::parse(url).unwrap()), want);
+        }
+    }
+}
