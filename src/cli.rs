@@ -50,28 +50,41 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-/// Where the daemon's socket is (SPEC §2).
+/// Where the daemon's socket is.
 #[derive(clap::Args, Clone)]
 pub struct SocketArg {
-    /// The daemon's socket (default: the config's `daemon.socket`, else $TOKENWARDEN_SOCKET,
+    /// The daemon's socket (default: $TOKENWARDEN_SOCKET, else the config's `daemon.socket`,
     /// else /run/tokenwarden/tokenwarden.sock).
     #[arg(short, long)]
     pub socket: Option<PathBuf>,
-    /// Config file whose `daemon.socket` is the default socket (read only if it exists).
+    /// Config file whose `daemon.socket` is the default socket (read only if it exists; a
+    /// syntax error elsewhere in it does not hide the socket).
     #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
 }
 
 impl SocketArg {
-    /// The socket to call: `-s`, else the config's `daemon.socket`, else `$TOKENWARDEN_SOCKET`,
-    /// else the default.
-    pub fn path(&self) -> PathBuf {
+    /// The socket to call: `-s`, else `$TOKENWARDEN_SOCKET`, else the config's
+    /// `daemon.socket`, else the default; with a note for stderr when the config was read and
+    /// has errors.
+    pub fn resolve(&self) -> (PathBuf, Option<String>) {
         let env = std::env::var("TOKENWARDEN_SOCKET").ok();
-        client::resolve_socket(
-            self.socket.as_deref(),
-            client::socket_from_config(&self.config),
-            env.as_deref(),
-        )
+        let mut note = None;
+        let path = client::resolve_socket(self.socket.as_deref(), env.as_deref(), || {
+            let found = client::socket_from_config(&self.config);
+            note = found.note(&self.config);
+            found.socket
+        });
+        (path, note)
+    }
+
+    /// [`SocketArg::resolve`], printing its note on stderr.
+    pub fn path(&self) -> PathBuf {
+        let (path, note) = self.resolve();
+        if let Some(n) = note {
+            eprintln!("tokenwarden: {n}");
+        }
+        path
     }
 }
 
@@ -310,7 +323,8 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
     item(
         &mut r,
         "TOKENWARDEN_SOCKET",
-        "The socket when neither -s nor the config's daemon.socket names one.",
+        "The socket of get, status and refresh when -s is not given (before the config's \
+         daemon.socket).",
     );
     item(&mut r, "TOKENWARDEN_LOG", "The log level of once.");
     item(
