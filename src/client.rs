@@ -51,6 +51,10 @@ pub enum ClientError {
 }
 
 fn describe(s: &tonic::Status) -> String {
+    if s.code() == tonic::Code::FailedPrecondition && !s.message().is_empty() {
+        // "client "api": not renewed: …; next possible in 8s" says it all.
+        return s.message().lines().next().unwrap_or("").to_string();
+    }
     let what = match s.code() {
         tonic::Code::PermissionDenied => "not allowed",
         tonic::Code::NotFound => "not found",
@@ -272,14 +276,19 @@ pub async fn get(
     Ok(token.into_inner())
 }
 
-/// `RefreshToken`.
+/// `RefreshToken`, forced: a new token, or FAILED_PRECONDITION saying when one is possible
+/// (never the token `min_interval` would otherwise answer with; see the README's "Refreshing
+/// on demand").
 pub async fn refresh(socket: &Path, client: &str) -> Result<pb::Token, ClientError> {
     let mut c = connect(socket).await?;
-    let token = c
-        .refresh_token(request(pb::RefreshTokenRequest {
-            client: client.to_string(),
-        }))
-        .await?;
+    let mut req = request(pb::RefreshTokenRequest {
+        client: client.to_string(),
+    });
+    req.metadata_mut().insert(
+        crate::grpc::service::FORCE_METADATA,
+        tonic::metadata::MetadataValue::from_static("force"),
+    );
+    let token = c.refresh_token(req).await?;
     Ok(token.into_inner())
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::{DaemonProc, DemoEnv, read, run, run_env};
+use crate::support::{DaemonProc, DemoEnv, read, run, run_env, run_setpriv};
 
 /// A syntax error in the config (a reload the daemon rightly refused) does not hide the
 /// daemon: `status -c` still finds the socket, and says the config has errors.
@@ -82,5 +82,130 @@ async fn the_environment_names_the_socket_before_the_config() {
     )
     .await;
     assert_eq!(r.code, 0, "{}", r.stderr);
+    daemon.stop().await;
+}
+
+/// Runs `tokenwarden ARGS` as uid/gid 65534 (nobody), without supplementary groups.
+async fn as_nobody(args: &[&str]) -> crate::support::Run {
+    run_setpriv(&["--reuid=65534", "--regid=65534", "--clear-groups"], args).await
+}
+
+/// A demo whose socket uid 65534 may reach (directory traversable, socket 0666), with
+/// `min_interval` long enough that every refresh below falls inside it.
+async fn open_env(min_interval: &str) -> DemoEnv {
+    use std::os::unix::fs::PermissionsExt;
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.edit_config(|t| {
+        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
+            .replace(
+                r#"min_interval = "2s""#,
+                &format!("min_interval = {min_interval:?}"),
+            )
+    });
+    env
+}
+
+fn generation(get_json: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(get_json).unwrap();
+    v["generation"].as_u64().unwrap()
+}
+
+/// `tokenwarden refresh` never prints the old token as if it were new. Root (who may send
+/// SIGUSR1 anyway) gets a new token at once, inside `min_interval`, like SIGUSR1; another
+/// allowed user inside `min_interval` is told "not renewed … next possible in …" and exit 1,
+/// and the provider is not asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_renews_or_says_why_not() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: refresh_renews_or_says_why_not needs root to act as uid 65534");
+        return;
+    }
+    let env = open_env("60s").await;
+    env.edit_config(|t| {
+        t.replace(
+            "[clients.transatel]\n",
+            "[clients.transatel]\nallow_users = [65534]\n",
+        )
+    });
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    let id = tokenwarden::demo::TRANSATEL_ID;
+    let g0 = generation(
+        &run(&["get", "transatel", "-s", s, "--format", "json"])
+            .await
+            .stdout,
+    );
+    let issued = env.provider.issued(id);
+
+    // Root, twice inside min_interval: two new tokens.
+    for n in 1..=2 {
+        let r = run(&["refresh", "transatel", "-s", s]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(
+            r.stdout.contains(&format!("generation {}", g0 + n)),
+            "refresh {n}: {}",
+            r.stdout
+        );
+        assert_eq!(env.provider.issued(id), issued + n as usize);
+    }
+
+    // Another user, inside min_interval: why not, and when; no request.
+    let r = as_nobody(&["refresh", "transatel", "-s", s]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let err = r.stderr.trim_end();
+    assert!(
+        err.contains("not renewed: last token")
+            && err.contains("min_interval 1m")
+            && err.contains("next possible in"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(env.provider.issued(id), issued + 2);
+    // The token it has is still served to it.
+    let r = as_nobody(&["get", "transatel", "-s", s, "--format", "json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(generation(&r.stdout), g0 + 2);
+    daemon.stop().await;
+}
+
+/// Outside `min_interval`, any allowed user's `refresh` gets a new token.
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_by_another_user_renews_outside_min_interval() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to act as uid 65534");
+        return;
+    }
+    let env = open_env("1s").await;
+    env.edit_config(|t| {
+        t.replace(
+            "[clients.transatel]\n",
+            "[clients.transatel]\nallow_users = [65534]\n",
+        )
+    });
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    let g0 = generation(
+        &run(&["get", "transatel", "-s", s, "--format", "json"])
+            .await
+            .stdout,
+    );
+    // Retried until the second has passed: each early answer must say when.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = as_nobody(&["refresh", "transatel", "-s", s]).await;
+        if r.code == 0 {
+            assert!(
+                r.stdout.contains(&format!("generation {}", g0 + 1)),
+                "{}",
+                r.stdout
+            );
+            break;
+        }
+        assert!(r.stderr.contains("next possible in"), "{}", r.stderr);
+        assert!(std::time::Instant::now() < deadline, "{}", r.stderr);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     daemon.stop().await;
 }
