@@ -166,6 +166,19 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Print an annotated starting config for one client (fill in the lines marked CHANGE).
+    Init {
+        /// How the client gets its token.
+        #[arg(long, value_enum, default_value = "client-credentials")]
+        style: crate::init::Style,
+        /// The client's name (its `[clients.NAME]` table, and its token file's name).
+        #[arg(default_value = "example")]
+        name: String,
+        /// Write it to this new file (mode 0600) instead of standard output; an existing file
+        /// is never replaced.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
     Demo {
         /// Directory to work in (default: a new temporary directory).
@@ -418,6 +431,8 @@ mod tests {
             "tokenwarden status -s /run/x.sock --json",
             "tokenwarden refresh api -s /run/x.sock",
             "tokenwarden demo --dir /tmp/d --lifetime 30s",
+            "tokenwarden init",
+            "tokenwarden init --style private-key-jwt talkdesk -o /etc/x.toml",
         ] {
             assert!(parse(ok).is_ok(), "{ok}");
         }
@@ -427,6 +442,7 @@ mod tests {
             "tokenwarden get api --format yaml",
             "tokenwarden get api --min-valid 5",
             "tokenwarden generate-assets /tmp",
+            "tokenwarden init --style saml",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

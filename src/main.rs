@@ -73,6 +73,11 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Init {
+            style,
+            name,
+            output,
+        } => init(style, &name, output.as_deref()),
         Command::Demo { dir, lifetime } => {
             if let Err(e) = logging::init(LogFormat::Text, "warn") {
                 eprintln!("tokenwarden: {e}");
@@ -191,6 +196,46 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("tokenwarden: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `init`: the config on stdout, or in a new file with what to do next on stderr.
+fn init(style: tokenwarden::init::Style, name: &str, output: Option<&std::path::Path>) -> ExitCode {
+    use tokenwarden::init::{self, InitError};
+    let shown = output.map(|p| p.display().to_string());
+    let text = match init::render(
+        style,
+        name,
+        shown.as_deref().unwrap_or(init::default_path()),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tokenwarden init: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(path) = output else {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    };
+    match init::write_new(path, &text) {
+        Ok(()) => {
+            eprintln!(
+                "wrote {}: fill in the lines marked CHANGE and the secret files it names, then \
+                 `tokenwarden check -c {}`",
+                path.display(),
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ InitError::BadName(_)) => {
+            eprintln!("tokenwarden init: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("tokenwarden init: {e}");
             ExitCode::from(1)
         }
     }

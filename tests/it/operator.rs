@@ -209,3 +209,130 @@ async fn refresh_by_another_user_renews_outside_min_interval() {
     }
     daemon.stop().await;
 }
+
+/// `tokenwarden init` for every style: a 0600 file never overwritten; with its placeholders
+/// still in, `check` refuses it; once filled in (the built-in provider's token URL, the secret
+/// files it names), `check` accepts it and `once` gets a token the provider honours.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_writes_a_config_that_works_once_filled_in_for_every_style() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokenwarden::keys::{self, SigningAlg};
+    use tokenwarden::provider::{Dialect, Provider, RegisteredClient};
+
+    const ID: &str = "my-client-id";
+    const PLACEHOLDER_URL: &str = "https://auth.example.com/oauth/token";
+    for style in [
+        "client-credentials",
+        "password",
+        "jwt-bearer",
+        "private-key-jwt",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let file = d.join("tw.toml");
+        let f = file.to_str().unwrap();
+        let r = run(&["init", "--style", style, "api", "--output", f]).await;
+        assert_eq!(r.code, 0, "{style}: {}", r.stderr);
+        assert!(r.stderr.contains("CHANGE"), "{}", r.stderr);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{style}");
+        let text = read(&file);
+        // The same on stdout.
+        let printed = run(&["init", "--style", style, "api"]).await;
+        assert_eq!(printed.code, 0);
+        assert_eq!(
+            printed.stdout,
+            text.replace(f, "/etc/tokenwarden/tokenwarden.toml"),
+            "{style}"
+        );
+        // Never overwritten.
+        let r = run(&["init", "--style", style, "other", "-o", f]).await;
+        assert_eq!(r.code, 1, "{style}");
+        assert!(r.stderr.contains("refusing to overwrite"), "{}", r.stderr);
+        assert_eq!(read(&file), text);
+
+        // Moved under the temp dir; placeholders still in: refused.
+        let moved = text
+            .replace("/etc/tokenwarden", d.join("etc").to_str().unwrap())
+            .replace("/var/lib/tokenwarden", d.join("state").to_str().unwrap())
+            .replace("/run/tokenwarden", d.join("run").to_str().unwrap());
+        std::fs::write(&file, &moved).unwrap();
+        let r = run(&["check", "-c", f]).await;
+        assert_eq!(
+            r.code, 2,
+            "{style}: placeholders passed check: {}",
+            r.stdout
+        );
+
+        // Filled in.
+        let provider = Provider::start().await.unwrap();
+        let secrets = d.join("etc/secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let put = |name: &str, value: &str| {
+            let p = secrets.join(name);
+            std::fs::write(&p, value).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let secret = uuid::Uuid::new_v4().simple().to_string();
+        let (url, filled) = match style {
+            "client-credentials" => {
+                provider.register(RegisteredClient::transatel(ID, &secret));
+                put("api", &format!("{secret}\n"));
+                (provider.token_url(Dialect::Transatel), moved.clone())
+            }
+            "password" => {
+                provider.register(RegisteredClient::creads(
+                    ID,
+                    &secret,
+                    "user@example.com",
+                    "hunter2-but-longer",
+                ));
+                put("api", &secret);
+                put("api-password", "hunter2-but-longer\n");
+                (provider.token_url(Dialect::Creads), moved.clone())
+            }
+            "jwt-bearer" => {
+                let audience = "https://api.example.test";
+                provider.register(RegisteredClient::talentsoft_user(ID, &secret, audience));
+                put("api", &secret);
+                // This provider also wants the user's email and name.
+                let claims =
+                    format!(r#"aud = "{audience}", email = "jean@example.com", name = "Jean" }}"#);
+                let filled = moved.replace(r#"aud = "https://auth.example.com/" }"#, &claims);
+                assert_ne!(filled, moved);
+                (provider.token_url(Dialect::TalentsoftUser), filled)
+            }
+            _ => {
+                let (private, public) = keys::generate_es256().unwrap();
+                provider.register(RegisteredClient::talkdesk(
+                    ID,
+                    &public,
+                    Some("my-key-id"),
+                    SigningAlg::ES256,
+                ));
+                put("api.pem", &private);
+                (provider.token_url(Dialect::Talkdesk), moved.clone())
+            }
+        };
+        assert!(filled.contains(PLACEHOLDER_URL), "{style}");
+        std::fs::write(&file, filled.replace(PLACEHOLDER_URL, &url)).unwrap();
+        let r = run(&["check", "-c", f]).await;
+        assert_eq!(r.code, 0, "{style}: {}{}", r.stdout, r.stderr);
+        let r = run(&["once", "-c", f]).await;
+        assert_eq!(r.code, 0, "{style}: {}{}", r.stdout, r.stderr);
+        let token = read(&d.join("run/api.token"));
+        assert!(provider.token_is_live(&token), "{style}: {token:?}");
+        assert_eq!(provider.token_owner(&token).as_deref(), Some(ID));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_refuses_a_bad_name_or_style() {
+    let r = run(&["init", "a/b"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not a client name"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    let r = run(&["init", "--style", "saml"]).await;
+    assert_eq!(r.code, 2);
+}
