@@ -196,6 +196,83 @@ fn scan_daemon_socket(text: &str) -> Option<String> {
     found
 }
 
+/// The client names a config declares, read leniently for shell completion: the `[clients.*]`
+/// tables of the file and of the files its `include` globs match; a file that does not parse
+/// is scanned line by line for table headers. Sorted, without duplicates; empty when nothing
+/// can be read.
+pub fn clients_from_config(path: &Path) -> Vec<String> {
+    use std::io::Read as _;
+    let read = |p: &Path| -> Option<String> {
+        let mut text = String::new();
+        std::fs::File::open(p)
+            .and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text))
+            .ok()?;
+        Some(text)
+    };
+    let Some(text) = read(path) else {
+        return Vec::new();
+    };
+    let mut names = clients_in(&text);
+    if let Ok(table) = toml::from_str::<toml::Table>(&text) {
+        let globs = table
+            .get("daemon")
+            .and_then(|d| d.get("include"))
+            .and_then(|i| i.as_array())
+            .map(|a| a.iter().filter_map(|g| g.as_str()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let base = path.parent().unwrap_or(Path::new("/"));
+        // Bounded: completion must answer at once, whatever the globs match.
+        let files = globs
+            .iter()
+            .filter_map(|g| glob::glob(&base.join(g).to_string_lossy()).ok())
+            .flatten()
+            .filter_map(Result::ok)
+            .take(1000);
+        for f in files {
+            if let Some(t) = read(&f) {
+                names.extend(clients_in(&t));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The `[clients.NAME]` names in one file's text (whole parse, else a scan of table headers).
+fn clients_in(text: &str) -> Vec<String> {
+    if let Ok(table) = toml::from_str::<toml::Table>(text) {
+        return table
+            .get("clients")
+            .and_then(|c| c.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+    }
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if !l.starts_with('[') {
+                return None;
+            }
+            let header = l.split(']').next()?.trim_start_matches('[').trim();
+            // Parsed as a key path: `clients."a.b".outputs` → clients, a.b, outputs.
+            let t: toml::Table = toml::from_str(&format!("{header} = 0")).ok()?;
+            let clients = t.get("clients")?.as_table()?;
+            clients.keys().next().cloned()
+        })
+        .collect()
+}
+
+/// The names `tokenwarden __complete-clients` prints: the running daemon's (those the caller
+/// may read), else the config's. The daemon gets one second.
+pub async fn complete_clients(socket: &Path, config: &Path) -> Vec<String> {
+    let from_daemon = tokio::time::timeout(Duration::from_secs(1), list(socket)).await;
+    match from_daemon {
+        Ok(Ok(clients)) if !clients.is_empty() => clients.into_iter().map(|c| c.client).collect(),
+        _ => clients_from_config(config),
+    }
+}
+
 /// Connects to the daemon on `socket`.
 pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, ClientError> {
     let first = UnixStream::connect(socket)
@@ -567,6 +644,29 @@ mod tests {
             "{note}"
         );
         assert_eq!(socket_in("").note(Path::new("/x")), None);
+    }
+
+    #[test]
+    fn client_names_for_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("tw.toml");
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            &main,
+            "[daemon]\ninclude = [\"conf.d/*.toml\"]\n[clients.b]\n[clients.\"a.v2\"]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("conf.d/x.toml"), "[clients.c]\n").unwrap();
+        assert_eq!(clients_from_config(&main), ["a.v2", "b", "c"]);
+        // Broken: the headers, outputs and assertion tables counted once.
+        std::fs::write(
+            &main,
+            "[clients.b]\nx = \"\n[[clients.b.outputs]]\n[clients.\"a.v2\".assertion]\n\
+             [daemon]\n[ clients . d ] # d\n",
+        )
+        .unwrap();
+        assert_eq!(clients_from_config(&main), ["a.v2", "b", "d"]);
+        assert!(clients_from_config(&dir.path().join("absent")).is_empty());
     }
 
     fn token() -> pb::Token {

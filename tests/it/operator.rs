@@ -336,3 +336,167 @@ async fn init_refuses_a_bad_name_or_style() {
     let r = run(&["init", "--style", "saml"]).await;
     assert_eq!(r.code, 2);
 }
+
+/// `demo --lifetime`: a bare number gets the hint to add its unit; a lifetime too short for
+/// the demo's timing (0s made every client fail) is refused before anything starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_refuses_lifetimes_it_cannot_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let d = d.to_str().unwrap();
+    let r = run(&["demo", "--dir", d, "--lifetime", "20"]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("write 20s"), "{}", r.stderr);
+    for short in ["0s", "1s", "500ms"] {
+        let r = run(&["demo", "--dir", d, "--lifetime", short]).await;
+        assert_eq!(r.code, 2, "{short}: {}", r.stderr);
+        assert!(r.stderr.contains("5s to 24h"), "{}", r.stderr);
+    }
+    assert!(!std::path::Path::new(d).exists(), "the demo started anyway");
+    let r = run(&["get", "x", "-s", "/nonexistent", "--min-valid", "5"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("write 5s"), "{}", r.stderr);
+}
+
+/// `status` by a user who may read nothing says so, rather than printing an empty table;
+/// `--json` stays an empty array for scripts.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_says_when_nothing_is_visible() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: status_says_when_nothing_is_visible needs root to act as uid 65534");
+        return;
+    }
+    let env = open_env("2s").await;
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    let r = as_nobody(&["status", "-s", s]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("no client visible to uid 65534"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("CLIENT"), "{}", r.stdout);
+    let r = as_nobody(&["status", "-s", s, "--json"]).await;
+    assert_eq!(r.stdout.trim(), "[]");
+    // Root sees the table.
+    let r = run(&["status", "-s", s]).await;
+    assert!(r.stdout.starts_with("CLIENT"), "{}", r.stdout);
+    daemon.stop().await;
+}
+
+/// SIGHUP and SIGTERM/SIGINT are logged at info, naming the signal.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_and_stop_signals_are_logged_at_info() {
+    use nix::sys::signal::Signal;
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    for (sig, line) in [
+        (Signal::SIGTERM, "SIGTERM received: stopping"),
+        (Signal::SIGINT, "SIGINT received: stopping"),
+    ] {
+        let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+        daemon.signal(Signal::SIGHUP);
+        daemon
+            .wait_log("SIGHUP: reloading", Duration::from_secs(5))
+            .await;
+        daemon.signal(sig);
+        let status = daemon.wait_exit(Duration::from_secs(5)).await;
+        assert!(status.success(), "{status:?}");
+        let logs = daemon.logs();
+        let at_info = logs
+            .lines()
+            .any(|l| l.contains(" INFO ") && l.contains(line));
+        assert!(at_info, "{line}:\n{logs}");
+    }
+}
+
+/// Client names complete after get/refresh/once: from the running daemon, else from the
+/// config (even a broken one), through the hidden command the scripts call and through the
+/// bash script itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_completion_offers_client_names() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let c = env.config_path();
+    let names = |out: &str| -> Vec<String> { out.lines().map(String::from).collect() };
+    let want = env.demo.clients.clone();
+
+    // The daemon down: from the config, broken or not.
+    let r = run(&["__complete-clients", "tokenwarden", "get", "-c", c, ""]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(names(&r.stdout), want);
+    env.edit_config(|t| format!("{t}\nbroken = \"\n"));
+    let r = run_env(
+        &["__complete-clients", "tokenwarden", "refresh", ""],
+        &[("TOKENWARDEN_CONFIG", c)],
+    )
+    .await;
+    assert_eq!(names(&r.stdout), want, "{}", r.stderr);
+    env.edit_config(|t| t.replace("\nbroken = \"\n", ""));
+
+    // The daemon up: from it (the config named here does not exist).
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    let r = run(&[
+        "__complete-clients",
+        "tokenwarden",
+        "get",
+        "-s",
+        s,
+        "-c",
+        "/nonexistent",
+        "",
+    ])
+    .await;
+    assert_eq!(names(&r.stdout), want, "{}", r.stderr);
+
+    // The bash script, as bash runs it on TAB.
+    let assets = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::support::bin())
+        .arg("generate-assets")
+        .arg(assets.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = assets.path().join("tokenwarden.bash");
+    let bin_dir = std::path::Path::new(crate::support::bin())
+        .parent()
+        .unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let complete = |line: &str| {
+        let words: Vec<&str> = line.split(' ').collect();
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let program = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; \
+             _tokenwarden_with_clients tokenwarden; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            quoted.join(" "),
+            words.len() - 1,
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .env("PATH", &path)
+            .env_remove("TOKENWARDEN_CONFIG")
+            .env_remove("TOKENWARDEN_SOCKET")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(names(&complete(&format!("tokenwarden get -s {s} "))), want);
+    assert_eq!(
+        names(&complete(&format!("tokenwarden refresh -s {s} talent"))),
+        ["talentsoft-app", "talentsoft-user"]
+    );
+    daemon.stop().await;
+    // Down again: the config named on the command line.
+    assert_eq!(
+        names(&complete(&format!("tokenwarden once -c {c} tr"))),
+        ["transatel"]
+    );
+    // Not after a flag that takes a value, nor for other commands' arguments.
+    assert!(!complete(&format!("tokenwarden get -c {c} -s ")).contains("transatel"));
+    // zsh and fish: the scripts call the same command (not run here: no zsh or fish needed).
+    let zsh = read(&assets.path().join("_tokenwarden"));
+    assert!(zsh.contains(":_tokenwarden_clients'") && zsh.contains("__complete-clients"));
+    let fish = read(&assets.path().join("tokenwarden.fish"));
+    assert!(fish.contains("__complete-clients"), "{fish}");
+}
