@@ -365,18 +365,24 @@ complete -F _tokenwarden_with_clients -o bashdefault -o default tokenwarden
                 }
                 out.push('\n');
             }
-            text = out;
-            text.push_str(&format!(
-                r#"
-(( $+functions[_tokenwarden_clients] )) ||
+            let helper = format!(
+                r#"(( $+functions[_tokenwarden_clients] )) ||
 _tokenwarden_clients() {{
     local -a names
     names=(${{(f)"$(tokenwarden {hidden} ${{words[@]}} 2>/dev/null)"}})
     compadd -a names
 }}
+
 "#,
                 hidden = COMPLETE_CLIENTS,
-            ));
+            );
+            // Before the script's closing call of `_tokenwarden`: autoloaded from fpath, the
+            // file runs as that function's first call, which must find the helper defined.
+            const CLOSING: &str = "if [ \"$funcstack[1]\" = \"_tokenwarden\" ]";
+            text = match out.find(CLOSING) {
+                Some(at) => format!("{}{helper}{}", &out[..at], &out[at..]),
+                None => out + "\n" + &helper,
+            };
         }
         Shell::Fish => {
             let cond: Vec<String> = CLIENT_COMMANDS
