@@ -630,5 +630,18 @@ mod tests {
             code(ApiError::DeadlineExceeded("x".into())),
             tonic::Code::DeadlineExceeded
         );
+        let held = refresher::HeldBack {
+            age: Duration::from_secs(2),
+            min_interval: Duration::from_secs(10),
+        };
+        let s = Status::from(ApiError::NotRenewed {
+            client: "api".into(),
+            held,
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            s.message(),
+            "client \"api\": not renewed: last token 2s old, min_interval 10s; next possible in 8s"
+        );
     }
 }
