@@ -241,7 +241,7 @@ fn run(path: &std::path::Path) -> ExitCode {
 
 /// `init`: the config on stdout, or in a new file with what to do next on stderr.
 fn init(style: tokenwarden::init::Style, name: &str, output: Option<&std::path::Path>) -> ExitCode {
-    use tokenwarden::init::{self, InitError};
+    use tokenwarden::init;
     let shown = output.map(|p| p.display().to_string());
     let text = match init::render(
         style,
@@ -267,10 +267,6 @@ fn init(style: tokenwarden::init::Style, name: &str, output: Option<&std::path::
                 path.display()
             );
             ExitCode::SUCCESS
-        }
-        Err(e @ InitError::BadName(_)) => {
-            eprintln!("tokenwarden init: {e}");
-            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("tokenwarden init: {e}");
