@@ -50,29 +50,79 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-/// Where the daemon's socket is (SPEC §2).
+/// Where the daemon's socket is.
 #[derive(clap::Args, Clone)]
 pub struct SocketArg {
-    /// The daemon's socket (default: the config's `daemon.socket`, else $TOKENWARDEN_SOCKET,
+    /// The daemon's socket (default: $TOKENWARDEN_SOCKET, else the config's `daemon.socket`,
     /// else /run/tokenwarden/tokenwarden.sock).
     #[arg(short, long)]
     pub socket: Option<PathBuf>,
-    /// Config file whose `daemon.socket` is the default socket (read only if it exists).
+    /// Config file whose `daemon.socket` is the default socket (read only if it exists; a
+    /// syntax error elsewhere in it does not hide the socket).
     #[arg(short, long, env = "TOKENWARDEN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
 }
 
 impl SocketArg {
-    /// The socket to call: `-s`, else the config's `daemon.socket`, else `$TOKENWARDEN_SOCKET`,
-    /// else the default.
-    pub fn path(&self) -> PathBuf {
+    /// The socket to call: `-s`, else `$TOKENWARDEN_SOCKET`, else the config's
+    /// `daemon.socket`, else the default; with a note for stderr when the config was read and
+    /// has errors.
+    pub fn resolve(&self) -> (PathBuf, Option<String>) {
         let env = std::env::var("TOKENWARDEN_SOCKET").ok();
-        client::resolve_socket(
-            self.socket.as_deref(),
-            client::socket_from_config(&self.config),
-            env.as_deref(),
-        )
+        let mut note = None;
+        let path = client::resolve_socket(self.socket.as_deref(), env.as_deref(), || {
+            let found = client::socket_from_config(&self.config);
+            note = found.note(&self.config);
+            found.socket
+        });
+        (path, note)
     }
+
+    /// [`SocketArg::resolve`], printing its note on stderr.
+    pub fn path(&self) -> PathBuf {
+        let (path, note) = self.resolve();
+        if let Some(n) = note {
+            eprintln!("tokenwarden: {n}");
+        }
+        path
+    }
+}
+
+/// The hidden command the shell completions run to list client names.
+pub const COMPLETE_CLIENTS: &str = "__complete-clients";
+
+/// The socket and config a command line being completed names (`-s`, `--socket[=]`, `-c`,
+/// `--config[=]`), each falling back as the command itself would.
+pub fn completion_context(words: &[String]) -> (PathBuf, PathBuf) {
+    let mut socket = None;
+    let mut config = None;
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        let (slot, inline) = match w.as_str() {
+            "-s" | "--socket" => (&mut socket, None),
+            "-c" | "--config" => (&mut config, None),
+            w if w.starts_with("--socket=") => (&mut socket, Some(&w["--socket=".len()..])),
+            w if w.starts_with("--config=") => (&mut config, Some(&w["--config=".len()..])),
+            _ => continue,
+        };
+        let value = match inline {
+            Some(v) => Some(v.to_string()),
+            None => it.next().cloned(),
+        };
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            *slot = Some(PathBuf::from(v));
+        }
+    }
+    let config = config
+        .or_else(|| std::env::var_os("TOKENWARDEN_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let arg = SocketArg {
+        socket,
+        config: config.clone(),
+    };
+    // No note on stderr: it would land in the middle of the user's command line.
+    let (socket, _) = arg.resolve();
+    (socket, config)
 }
 
 /// `--format` of `get`.
@@ -133,7 +183,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "token")]
         format: FormatArg,
         /// Get a new token first if the current one expires sooner than this (e.g. `5m`).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration_arg)]
         min_valid: Option<std::time::Duration>,
     },
     /// Show every client the daemon serves: state, expiry, next refresh, failures, last error.
@@ -153,15 +203,63 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Print an annotated starting config for one client (fill in the lines marked CHANGE).
+    Init {
+        /// How the client gets its token.
+        #[arg(long, value_enum, default_value = "client-credentials")]
+        style: crate::init::Style,
+        /// The client's name (its `[clients.NAME]` table, and its token file's name).
+        #[arg(default_value = "example")]
+        name: String,
+        /// Write it to this new file (mode 0600) instead of standard output; an existing file
+        /// is never replaced.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Run against a built-in token endpoint on loopback, in a fresh temporary directory.
     Demo {
         /// Directory to work in (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Token lifetime the demo provider grants.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        /// Token lifetime the demo provider grants (5s to 24h).
+        #[arg(long, default_value = "20s", value_parser = demo_lifetime)]
         lifetime: std::time::Duration,
     },
+}
+
+/// A duration as the config writes them (`20s`, `5m`, `1h 30m`); a bare number gets the hint
+/// to add its unit.
+pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{t} has no unit: write {t}s (durations take a unit, as in the config: 20s, 5m, 1h)"
+        ));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{e} (write e.g. 20s, 5m, 1h)"))
+}
+
+/// The shortest token lifetime `demo` accepts: its config refreshes a short token between a
+/// quarter and half of its lifetime before expiry, retries from 1 s, and every token request
+/// takes a few milliseconds; below a few seconds tokens expire between refreshes.
+pub const DEMO_MIN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The longest: the demo shows rotation, and the provider's clock arithmetic stays far from
+/// overflow.
+pub const DEMO_MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `demo --lifetime`: a duration from [`DEMO_MIN_LIFETIME`] to [`DEMO_MAX_LIFETIME`].
+pub fn demo_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration_arg(s)?;
+    if d < DEMO_MIN_LIFETIME || d > DEMO_MAX_LIFETIME {
+        return Err(format!(
+            "{} is out of range: the demo's tokens live {}s to {}h",
+            humantime::format_duration(d),
+            DEMO_MIN_LIFETIME.as_secs(),
+            DEMO_MAX_LIFETIME.as_secs() / 3600,
+        ));
+    }
+    Ok(d)
 }
 
 /// The clap command of [`Cli`], as the manual and the completions describe it.
@@ -211,9 +309,96 @@ pub fn write_assets(dir: &Path) -> io::Result<Vec<PathBuf>> {
     ] {
         let mut buf = Vec::new();
         clap_complete::generate(shell, &mut cmd, "tokenwarden", &mut buf);
-        put(name, &buf)?;
+        put(name, &with_client_names(shell, buf))?;
     }
     Ok(written)
+}
+
+/// The commands whose positional arguments are client names.
+const CLIENT_COMMANDS: [&str; 3] = ["get", "refresh", "once"];
+
+/// clap's completion script for `shell`, plus completion of client names after `get`,
+/// `refresh` and `once`: from the running daemon, else from the config (`tokenwarden
+/// __complete-clients WORDS…`, given the command line so its -c and -s count).
+fn with_client_names(shell: Shell, generated: Vec<u8>) -> Vec<u8> {
+    let mut text = String::from_utf8_lossy(&generated).into_owned();
+    match shell {
+        Shell::Bash => text.push_str(&format!(
+            r#"
+# Client names after get, refresh and once: from the daemon, else the config.
+_tokenwarden_with_clients() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" sub="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            -*) ;;
+            *) sub="${{COMP_WORDS[i]}}"; break ;;
+        esac
+    done
+    case "$sub" in
+        {subs})
+            if [[ "$cur" != -* && "${{COMP_WORDS[COMP_CWORD-1]}}" != -* ]]; then
+                local IFS=$'
+'
+                COMPREPLY=($(compgen -W "$(tokenwarden {hidden} "${{COMP_WORDS[@]}}" 2>/dev/null)" -- "$cur"))
+                return 0
+            fi
+            ;;
+    esac
+    _tokenwarden "$@"
+}}
+complete -F _tokenwarden_with_clients -o bashdefault -o default tokenwarden
+"#,
+            subs = CLIENT_COMMANDS.join("|"),
+            hidden = COMPLETE_CLIENTS,
+        )),
+        Shell::Zsh => {
+            // Each client argument clap leaves to `_default` completes names instead.
+            let mut out = String::new();
+            for line in text.lines() {
+                let is_client_arg = line.contains("':client -- ")
+                    || line.contains("'::clients -- ")
+                    || line.contains("'*::clients -- ");
+                if is_client_arg && line.contains(":_default'") {
+                    out.push_str(&line.replace(":_default'", ":_tokenwarden_clients'"));
+                } else {
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            let helper = format!(
+                r#"(( $+functions[_tokenwarden_clients] )) ||
+_tokenwarden_clients() {{
+    local -a names
+    names=(${{(f)"$(tokenwarden {hidden} ${{words[@]}} 2>/dev/null)"}})
+    compadd -a names
+}}
+
+"#,
+                hidden = COMPLETE_CLIENTS,
+            );
+            // Before the script's closing call of `_tokenwarden`: autoloaded from fpath, the
+            // file runs as that function's first call, which must find the helper defined.
+            const CLOSING: &str = "if [ \"$funcstack[1]\" = \"_tokenwarden\" ]";
+            text = match out.find(CLOSING) {
+                Some(at) => format!("{}{helper}{}", &out[..at], &out[at..]),
+                None => out + "\n" + &helper,
+            };
+        }
+        Shell::Fish => {
+            let cond: Vec<String> = CLIENT_COMMANDS
+                .iter()
+                .map(|c| format!("__fish_tokenwarden_using_subcommand {c}"))
+                .collect();
+            text.push_str(&format!(
+                "\n# Client names after get, refresh and once: from the daemon, else the config.\n\
+                 complete -c tokenwarden -n \"{}\" -f -a \"(tokenwarden {} (commandline -opc))\"\n",
+                cond.join("; or "),
+                COMPLETE_CLIENTS,
+            ));
+        }
+        _ => {}
+    }
+    text.into_bytes()
 }
 
 /// [`command`] built as the manual shows it: no `help` command (`--help` stays), and its
@@ -310,7 +495,8 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
     item(
         &mut r,
         "TOKENWARDEN_SOCKET",
-        "The socket when neither -s nor the config's daemon.socket names one.",
+        "The socket of get, status and refresh when -s is not given (before the config's \
+         daemon.socket).",
     );
     item(&mut r, "TOKENWARDEN_LOG", "The log level of once.");
     item(
@@ -387,6 +573,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn durations_need_a_unit_and_demo_lifetimes_a_range() {
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(duration_arg("5m"), Ok(secs(300)));
+        let e = duration_arg("20").unwrap_err();
+        assert!(e.contains("write 20s"), "{e}");
+        assert!(duration_arg("soon").is_err());
+        assert_eq!(demo_lifetime("20s"), Ok(secs(20)));
+        assert_eq!(demo_lifetime("5s"), Ok(DEMO_MIN_LIFETIME));
+        for bad in ["0s", "4s", "500ms", "2d", "20"] {
+            assert!(demo_lifetime(bad).is_err(), "{bad}");
+        }
+        assert!(demo_lifetime("0s").unwrap_err().contains("5s to 24h"));
+    }
+
+    #[test]
+    fn completion_reads_socket_and_config_from_the_words() {
+        let w = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+        let (s, c) = completion_context(&w("tokenwarden get -s /a.sock -c /b.toml"));
+        assert_eq!((s.to_str(), c.to_str()), (Some("/a.sock"), Some("/b.toml")));
+        let (s, c) = completion_context(&w("tokenwarden refresh --socket=/a --config=/b x"));
+        assert_eq!((s.to_str(), c.to_str()), (Some("/a"), Some("/b")));
+        // A dangling -s names nothing.
+        let (_, c) = completion_context(&w("tokenwarden get -c /b.toml -s"));
+        assert_eq!(c.to_str(), Some("/b.toml"));
+    }
+
+    #[test]
     fn the_clap_definition_is_consistent() {
         command().debug_assert();
     }
@@ -404,6 +617,8 @@ mod tests {
             "tokenwarden status -s /run/x.sock --json",
             "tokenwarden refresh api -s /run/x.sock",
             "tokenwarden demo --dir /tmp/d --lifetime 30s",
+            "tokenwarden init",
+            "tokenwarden init --style private-key-jwt talkdesk -o /etc/x.toml",
         ] {
             assert!(parse(ok).is_ok(), "{ok}");
         }
@@ -413,6 +628,7 @@ mod tests {
             "tokenwarden get api --format yaml",
             "tokenwarden get api --min-valid 5",
             "tokenwarden generate-assets /tmp",
+            "tokenwarden init --style saml",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

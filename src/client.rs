@@ -1,9 +1,10 @@
-//! `tokenwarden get`, `status` and `refresh`: a tonic client over the daemon's Unix socket
-//! (SPEC §2, §7), and how their answers are printed.
+//! `tokenwarden get`, `status` and `refresh`: a tonic client over the daemon's Unix socket,
+//! and how their answers are printed.
 //!
-//! Which socket: `-s`, else the config's `daemon.socket` (when the config file exists and
-//! names one), else `$TOKENWARDEN_SOCKET`, else [`DEFAULT_SOCKET_PATH`] — the order SPEC §2
-//! gives. The config is only skimmed for that one key: reading it needs none of its secrets.
+//! Which socket: `-s`, else `$TOKENWARDEN_SOCKET`, else the config's `daemon.socket`, else
+//! [`DEFAULT_SOCKET_PATH`]. The config is only skimmed for that one key ([`socket_from_config`]):
+//! reading it needs none of its secrets, and a config with a syntax error elsewhere (the very
+//! moment an operator runs `status` to see why a reload was refused) still names its socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,10 @@ pub enum ClientError {
 }
 
 fn describe(s: &tonic::Status) -> String {
+    if s.code() == tonic::Code::FailedPrecondition && !s.message().is_empty() {
+        // "client "api": not renewed: …; next possible in 8s" says it all.
+        return s.message().lines().next().unwrap_or("").to_string();
+    }
     let what = match s.code() {
         tonic::Code::PermissionDenied => "not allowed",
         tonic::Code::NotFound => "not found",
@@ -72,30 +77,200 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-/// The socket to use: the flag, else the config's, else the environment's, else the default.
+/// The socket to use: the flag, else the environment's, else the config's, else the default.
+/// `from_config` is only called when neither the flag nor the environment names one.
 pub fn resolve_socket(
     flag: Option<&Path>,
-    from_config: Option<PathBuf>,
     env: Option<&str>,
+    from_config: impl FnOnce() -> Option<PathBuf>,
 ) -> PathBuf {
     if let Some(p) = flag {
         return p.to_path_buf();
     }
-    if let Some(p) = from_config {
-        return p;
+    if let Some(e) = env.filter(|e| !e.is_empty()) {
+        return PathBuf::from(e);
     }
-    match env {
-        Some(e) if !e.is_empty() => PathBuf::from(e),
-        _ => PathBuf::from(DEFAULT_SOCKET_PATH),
+    from_config().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH))
+}
+
+/// The most of a config file [`socket_from_config`] reads: far more than any real config.
+pub const CONFIG_SKIM_LIMIT: u64 = 1 << 20;
+
+/// What [`socket_from_config`] found in a config file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ConfigSocket {
+    /// `daemon.socket`, when the config names an absolute path.
+    pub socket: Option<PathBuf>,
+    /// The file is not valid TOML as a whole (the parser's first line of complaint): the
+    /// socket, if any, came from a line-by-line scan of its `[daemon]` table.
+    pub broken: Option<String>,
+}
+
+impl ConfigSocket {
+    /// The note for stderr when the config is broken: say so, and what shows its errors.
+    pub fn note(&self, config: &Path) -> Option<String> {
+        let first = self.broken.as_deref()?;
+        let used = match &self.socket {
+            Some(s) => format!("using its daemon.socket {}", s.display()),
+            None => format!("it names no daemon.socket; trying {DEFAULT_SOCKET_PATH}"),
+        };
+        Some(format!(
+            "note: {} has errors ({first}); `tokenwarden check -c {}` shows them all; {used}",
+            config.display(),
+            config.display(),
+        ))
     }
 }
 
-/// `daemon.socket` of the config at `path`, if the file exists, parses and names one.
-pub fn socket_from_config(path: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let table: toml::Table = toml::from_str(&text).ok()?;
-    let socket = table.get("daemon")?.get("socket")?.as_str()?;
-    Some(PathBuf::from(socket)).filter(|p| p.is_absolute())
+/// `daemon.socket` of the config at `path`: nothing when the file cannot be read. A file that
+/// does not parse as a whole is scanned line by line for the `[daemon]` table's `socket = ...`
+/// (a syntax error elsewhere must not hide the daemon from `status`).
+pub fn socket_from_config(path: &Path) -> ConfigSocket {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text));
+    if read.is_err() {
+        return ConfigSocket::default();
+    }
+    socket_in(&text)
+}
+
+/// [`socket_from_config`] on the file's text.
+pub fn socket_in(text: &str) -> ConfigSocket {
+    let absolute = |s: &str| Some(PathBuf::from(s)).filter(|p| p.is_absolute());
+    match toml::from_str::<toml::Table>(text) {
+        Ok(table) => ConfigSocket {
+            socket: table
+                .get("daemon")
+                .and_then(|d| d.get("socket"))
+                .and_then(|s| s.as_str())
+                .and_then(absolute),
+            broken: None,
+        },
+        Err(e) => ConfigSocket {
+            socket: scan_daemon_socket(text).as_deref().and_then(absolute),
+            broken: Some(e.message().lines().next().unwrap_or("").to_string()),
+        },
+    }
+}
+
+/// `socket` of the `[daemon]` table (or a top-level `daemon.socket = ...`), found line by line:
+/// each candidate line is parsed on its own, so a broken line elsewhere does not matter.
+fn scan_daemon_socket(text: &str) -> Option<String> {
+    let value_of = |line: &str| -> Option<String> {
+        let t: toml::Table = toml::from_str(line).ok()?;
+        let v = match t.get("daemon") {
+            Some(d) => d.get("socket")?,
+            None => t.get("socket")?,
+        };
+        v.as_str().map(str::to_string)
+    };
+    // The table a line is in: None before any header.
+    let mut table: Option<String> = None;
+    let mut found = None;
+    for line in text.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            let header = l.split('#').next().unwrap_or("").trim();
+            table = Some(
+                header
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .trim()
+                    .to_string(),
+            );
+            continue;
+        }
+        let key = l.split('=').next().unwrap_or("").trim();
+        let wanted = match table.as_deref() {
+            Some("daemon") => key == "socket" || key == "\"socket\"",
+            None => key.replace(' ', "") == "daemon.socket",
+            Some(_) => false,
+        };
+        if wanted && let Some(v) = value_of(l) {
+            // The last one wins, as the daemon would see it had the file parsed.
+            found = Some(v);
+        }
+    }
+    found
+}
+
+/// The client names a config declares, read leniently for shell completion: the `[clients.*]`
+/// tables of the file and of the files its `include` globs match; a file that does not parse
+/// is scanned line by line for table headers. Sorted, without duplicates; empty when nothing
+/// can be read.
+pub fn clients_from_config(path: &Path) -> Vec<String> {
+    use std::io::Read as _;
+    let read = |p: &Path| -> Option<String> {
+        let mut text = String::new();
+        std::fs::File::open(p)
+            .and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text))
+            .ok()?;
+        Some(text)
+    };
+    let Some(text) = read(path) else {
+        return Vec::new();
+    };
+    let mut names = clients_in(&text);
+    if let Ok(table) = toml::from_str::<toml::Table>(&text) {
+        let globs = table
+            .get("daemon")
+            .and_then(|d| d.get("include"))
+            .and_then(|i| i.as_array())
+            .map(|a| a.iter().filter_map(|g| g.as_str()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let base = path.parent().unwrap_or(Path::new("/"));
+        // Bounded: completion must answer at once, whatever the globs match.
+        let files = globs
+            .iter()
+            .filter_map(|g| glob::glob(&base.join(g).to_string_lossy()).ok())
+            .flatten()
+            .filter_map(Result::ok)
+            .take(1000);
+        for f in files {
+            if let Some(t) = read(&f) {
+                names.extend(clients_in(&t));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The `[clients.NAME]` names in one file's text (whole parse, else a scan of table headers).
+fn clients_in(text: &str) -> Vec<String> {
+    if let Ok(table) = toml::from_str::<toml::Table>(text) {
+        return table
+            .get("clients")
+            .and_then(|c| c.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+    }
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if !l.starts_with('[') {
+                return None;
+            }
+            let header = l.split(']').next()?.trim_start_matches('[').trim();
+            // Parsed as a key path: `clients."a.b".outputs` → clients, a.b, outputs.
+            let t: toml::Table = toml::from_str(&format!("{header} = 0")).ok()?;
+            let clients = t.get("clients")?.as_table()?;
+            clients.keys().next().cloned()
+        })
+        .collect()
+}
+
+/// The names `tokenwarden __complete-clients` prints: the running daemon's (those the caller
+/// may read), else the config's. The daemon gets one second.
+pub async fn complete_clients(socket: &Path, config: &Path) -> Vec<String> {
+    let from_daemon = tokio::time::timeout(Duration::from_secs(1), list(socket)).await;
+    match from_daemon {
+        Ok(Ok(clients)) if !clients.is_empty() => clients.into_iter().map(|c| c.client).collect(),
+        _ => clients_from_config(config),
+    }
 }
 
 /// Connects to the daemon on `socket`.
@@ -178,14 +353,19 @@ pub async fn get(
     Ok(token.into_inner())
 }
 
-/// `RefreshToken`.
+/// `RefreshToken`, forced: a new token, or FAILED_PRECONDITION saying when one is possible
+/// (never the token `min_interval` would otherwise answer with; see the README's "Refreshing
+/// on demand").
 pub async fn refresh(socket: &Path, client: &str) -> Result<pb::Token, ClientError> {
     let mut c = connect(socket).await?;
-    let token = c
-        .refresh_token(request(pb::RefreshTokenRequest {
-            client: client.to_string(),
-        }))
-        .await?;
+    let mut req = request(pb::RefreshTokenRequest {
+        client: client.to_string(),
+    });
+    req.metadata_mut().insert(
+        crate::grpc::service::FORCE_METADATA,
+        tonic::metadata::MetadataValue::from_static("force"),
+    );
+    let token = c.refresh_token(req).await?;
     Ok(token.into_inner())
 }
 
@@ -360,21 +540,30 @@ mod tests {
     #[test]
     fn socket_precedence() {
         let p = |s: &str| PathBuf::from(s);
+        // The flag, then the environment, then the config, then the default.
         let cases = [
-            (Some("/f"), Some("/c"), Some("/e"), "/f"),
-            (None, Some("/c"), Some("/e"), "/c"),
-            (None, None, Some("/e"), "/e"),
-            (None, None, Some(""), DEFAULT_SOCKET_PATH),
+            (Some("/f"), Some("/e"), Some("/c"), "/f"),
+            (None, Some("/e"), Some("/c"), "/e"),
+            (None, Some(""), Some("/c"), "/c"),
+            (None, None, Some("/c"), "/c"),
+            (None, Some(""), None, DEFAULT_SOCKET_PATH),
             (None, None, None, DEFAULT_SOCKET_PATH),
         ];
-        for (flag, config, env, want) in cases {
+        for (flag, env, config, want) in cases {
             let flag = flag.map(p);
             assert_eq!(
-                resolve_socket(flag.as_deref(), config.map(p), env),
+                resolve_socket(flag.as_deref(), env, || config.map(p)),
                 p(want),
-                "{flag:?} {config:?} {env:?}"
+                "{flag:?} {env:?} {config:?}"
             );
         }
+        // The config is not even read when the flag or the environment names the socket.
+        let read = std::cell::Cell::new(false);
+        resolve_socket(None, Some("/e"), || {
+            read.set(true);
+            None
+        });
+        assert!(!read.get());
     }
 
     #[test]
@@ -382,12 +571,102 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "[daemon]\nsocket = \"/run/x.sock\"\n[clients.a]\n").unwrap();
-        assert_eq!(socket_from_config(&f), Some(PathBuf::from("/run/x.sock")));
-        std::fs::write(&f, "[daemon]\nstate_dir = \"/x\"\n").unwrap();
-        assert_eq!(socket_from_config(&f), None);
-        std::fs::write(&f, "not toml [").unwrap();
-        assert_eq!(socket_from_config(&f), None);
-        assert_eq!(socket_from_config(&dir.path().join("absent")), None);
+        assert_eq!(
+            socket_from_config(&f),
+            ConfigSocket {
+                socket: Some(PathBuf::from("/run/x.sock")),
+                broken: None
+            }
+        );
+        assert_eq!(
+            socket_from_config(&dir.path().join("absent")),
+            ConfigSocket::default()
+        );
+    }
+
+    /// A config that does not parse as a whole still names its socket: the `[daemon]` table
+    /// is scanned line by line.
+    #[test]
+    fn socket_of_a_broken_config_table() {
+        let s = |text: &str| socket_in(text).socket.map(|p| p.display().to_string());
+        let broken = |text: &str| socket_in(text).broken.is_some();
+        let cases: [(&str, Option<&str>, bool); 12] = [
+            (
+                "[daemon]\nsocket = \"/run/a.sock\"\n",
+                Some("/run/a.sock"),
+                false,
+            ),
+            ("[daemon]\nstate_dir = \"/x\"\n", None, false),
+            ("[daemon]\nsocket = \"relative.sock\"\n", None, false),
+            // A syntax error after the socket, and before it.
+            (
+                "[daemon]\nsocket = \"/run/b.sock\"\n[clients.a]\ntoken_url = \"https://x\n",
+                Some("/run/b.sock"),
+                true,
+            ),
+            (
+                "[clients.a]\nscope = [\n[daemon] # the daemon\n  socket   =  '/run/c.sock'  # here\n",
+                Some("/run/c.sock"),
+                true,
+            ),
+            (
+                "daemon.socket = \"/run/d.sock\"\nbad line\n",
+                Some("/run/d.sock"),
+                true,
+            ),
+            // `socket` of another table is not the daemon's.
+            (
+                "[clients.a]\nsocket = \"/run/e.sock\"\nbad line\n",
+                None,
+                true,
+            ),
+            ("[daemon.x]\nsocket = \"/run/f.sock\"\nbad\n", None, true),
+            ("socket = \"/run/g.sock\"\nbad\n", None, true),
+            // A broken socket line itself gives nothing.
+            ("[daemon]\nsocket = \"/run/h.sock\nbad\n", None, true),
+            (
+                "[daemon]\n\"socket\" = \"/run/i.sock\"\n=\n",
+                Some("/run/i.sock"),
+                true,
+            ),
+            ("not toml [", None, true),
+        ];
+        for (text, want, is_broken) in cases {
+            assert_eq!(s(text).as_deref(), want, "{text:?}");
+            assert_eq!(broken(text), is_broken, "{text:?}");
+        }
+        let found = socket_in("[daemon]\nsocket = \"/run/a.sock\"\nx\n");
+        let note = found.note(Path::new("/etc/tw.toml")).unwrap();
+        assert!(
+            note.contains("/etc/tw.toml has errors")
+                && note.contains("tokenwarden check -c /etc/tw.toml")
+                && note.contains("/run/a.sock"),
+            "{note}"
+        );
+        assert_eq!(socket_in("").note(Path::new("/x")), None);
+    }
+
+    #[test]
+    fn client_names_for_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("tw.toml");
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            &main,
+            "[daemon]\ninclude = [\"conf.d/*.toml\"]\n[clients.b]\n[clients.\"a.v2\"]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("conf.d/x.toml"), "[clients.c]\n").unwrap();
+        assert_eq!(clients_from_config(&main), ["a.v2", "b", "c"]);
+        // Broken: the headers, outputs and assertion tables counted once.
+        std::fs::write(
+            &main,
+            "[clients.b]\nx = \"\n[[clients.b.outputs]]\n[clients.\"a.v2\".assertion]\n\
+             [daemon]\n[ clients . d ] # d\n",
+        )
+        .unwrap();
+        assert_eq!(clients_from_config(&main), ["a.v2", "b", "d"]);
+        assert!(clients_from_config(&dir.path().join("absent")).is_empty());
     }
 
     fn token() -> pb::Token {

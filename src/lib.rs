@@ -11,6 +11,7 @@
 //! - [`logging`]: text, JSON or journald-style logs, with third-party crates capped.
 //! - [`daemon`]: `tokenwarden run`: refreshers, reloads, signals, systemd.
 //! - [`app`]: the commands wired together (`once`).
+//! - [`init`]: `tokenwarden init`, an annotated starting config for one client.
 //! - [`demo`]: `tokenwarden demo`, one client per seed dialect against the built-in provider.
 //! - [`fuzzing`]: the fuzz targets' entry points, also replayed by the tests.
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
@@ -37,6 +38,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fuzzing;
 pub mod grpc;
+pub mod init;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

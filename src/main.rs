@@ -23,9 +23,38 @@ fn main() -> ExitCode {
                     .value_parser(clap::value_parser!(PathBuf)),
             ),
         )
+        .subcommand(
+            // What the shell completions run to complete a client name: the words of the
+            // command line being completed (for its -c and -s). Not a user's command.
+            clap::Command::new(cli::COMPLETE_CLIENTS).hide(true).arg(
+                clap::Arg::new("WORDS")
+                    .num_args(0..)
+                    .trailing_var_arg(true)
+                    .allow_hyphen_values(true),
+            ),
+        )
         .get_matches();
-    if let Some(("generate-assets", m)) = matches.subcommand() {
-        return generate_assets(m.get_one::<PathBuf>("DIR"));
+    match matches.subcommand() {
+        Some(("generate-assets", m)) => return generate_assets(m.get_one::<PathBuf>("DIR")),
+        Some((cli::COMPLETE_CLIENTS, m)) => {
+            let words: Vec<String> = m
+                .get_many::<String>("WORDS")
+                .map(|w| w.cloned().collect())
+                .unwrap_or_default();
+            let (socket, config) = cli::completion_context(&words);
+            let names = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(client::complete_clients(&socket, &config)),
+                Err(_) => client::clients_from_config(&config),
+            };
+            for n in names {
+                println!("{n}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -59,6 +88,13 @@ fn main() -> ExitCode {
                 let clients = client::list(&socket).await?;
                 if json {
                     println!("{:#}", client::status_json(&clients));
+                } else if clients.is_empty() {
+                    // Not an empty table: say whose view it is.
+                    println!(
+                        "no client visible to uid {} (the daemon serves none, or none whose \
+                         allow_users / allow_groups name this user)",
+                        nix::unistd::geteuid()
+                    );
                 } else {
                     print!("{}", client::status_table(&clients, SystemTime::now()));
                 }
@@ -73,8 +109,15 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Init {
+            style,
+            name,
+            output,
+        } => init(style, &name, output.as_deref()),
         Command::Demo { dir, lifetime } => {
-            if let Err(e) = logging::init(LogFormat::Text, "warn") {
+            // Warnings, and what the daemon does on a signal (reloading, stopping).
+            let filter = "warn,tokenwarden::daemon=info,tokenwarden::reload=info";
+            if let Err(e) = logging::init(LogFormat::Text, filter) {
                 eprintln!("tokenwarden: {e}");
             }
             match runtime().and_then(|rt| rt.block_on(demo::run(dir, lifetime))) {
@@ -191,6 +234,42 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("tokenwarden: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `init`: the config on stdout, or in a new file with what to do next on stderr.
+fn init(style: tokenwarden::init::Style, name: &str, output: Option<&std::path::Path>) -> ExitCode {
+    use tokenwarden::init;
+    let shown = output.map(|p| p.display().to_string());
+    let text = match init::render(
+        style,
+        name,
+        shown.as_deref().unwrap_or(init::default_path()),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tokenwarden init: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(path) = output else {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    };
+    match init::write_new(path, &text) {
+        Ok(()) => {
+            eprintln!(
+                "wrote {}: fill in the lines marked CHANGE and the secret files it names, then \
+                 `tokenwarden check -c {}`",
+                path.display(),
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokenwarden init: {e}");
             ExitCode::from(1)
         }
     }

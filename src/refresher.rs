@@ -337,15 +337,9 @@ impl Refresher {
             Reason::MinValid(d) => current.valid_for(now, d),
             // At most one provider request per client per min_interval: a caller right after
             // a fresh token gets that token.
-            Reason::Demand => {
-                current.valid_token(now).is_some()
-                    && current.consecutive_failures == 0
-                    && current.last_refresh_at.is_some_and(|t| {
-                        now.duration_since(t).unwrap_or(Duration::ZERO)
-                            < self.config.timing.min_interval
-                    })
-            }
-            Reason::RefreshAll | Reason::Rotation => false,
+            Reason::Demand => held_back(&current, self.config.timing.min_interval, now).is_some(),
+            // The operator's requests: SIGUSR1, a forced `tokenwarden refresh`, and cron.
+            Reason::RefreshAll | Reason::Rotation | Reason::Forced => false,
         };
         if satisfied && let Some(t) = current.token {
             if let Some(r) = reply {
@@ -354,7 +348,7 @@ impl Refresher {
             return;
         }
         let trigger = match reason {
-            Reason::Demand | Reason::MinValid(_) => Trigger::Demand,
+            Reason::Demand | Reason::Forced | Reason::MinValid(_) => Trigger::Demand,
             Reason::RefreshAll => Trigger::RefreshAll,
             Reason::Rotation => Trigger::Rotation,
         };
@@ -796,6 +790,45 @@ impl Drop for Refresher {
     }
 }
 
+/// Why a refresh demand made now gets the current token instead of a new one: the token is
+/// younger than `min_interval` (and valid, and not followed by failures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldBack {
+    /// How old the current token is.
+    pub age: Duration,
+    /// The client's `min_interval`.
+    pub min_interval: Duration,
+}
+
+impl std::fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::oauth::Human;
+        // Rounded up to whole seconds: a retry after the time it names must succeed.
+        let wait = self.min_interval.saturating_sub(self.age);
+        let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+        write!(
+            f,
+            "not renewed: last token {} old, min_interval {}; next possible in {}",
+            Human(self.age),
+            Human(self.min_interval),
+            Human(wait),
+        )
+    }
+}
+
+/// The one rule for a refresh demand that `min_interval` holds back (gRPC `RefreshToken`,
+/// `tokenwarden refresh` by a user who may not force it): `Some` when the current token is
+/// valid, no failure followed it and it is younger than `min_interval` at `now`.
+pub fn held_back(snap: &Snapshot, min_interval: Duration, now: SystemTime) -> Option<HeldBack> {
+    if snap.valid_token(now).is_none() || snap.consecutive_failures > 0 {
+        return None;
+    }
+    let age = now
+        .duration_since(snap.last_refresh_at?)
+        .unwrap_or(Duration::ZERO);
+    (age < min_interval).then_some(HeldBack { age, min_interval })
+}
+
 /// Asks a refresher for a token and waits for the answer.
 pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
     let (tx, rx) = oneshot::channel();
@@ -812,6 +845,52 @@ pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_back_within_min_interval_only() {
+        let t0 = SystemTime::now();
+        let token = Arc::new(Token {
+            access_token: crate::secret::Secret::new("t"),
+            token_type: "Bearer".into(),
+            issued_at: t0,
+            expires_at: t0 + Duration::from_secs(600),
+            scope: Vec::new(),
+        });
+        let snap = |failures: u32, token: Option<Arc<Token>>| Snapshot {
+            token,
+            consecutive_failures: failures,
+            last_refresh_at: Some(t0),
+            ..Snapshot::default()
+        };
+        let ten = Duration::from_secs(10);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let held = held_back(&snap(0, Some(token.clone())), ten, at(2_300)).unwrap();
+        assert_eq!(
+            held.to_string(),
+            "not renewed: last token 2s old, min_interval 10s; next possible in 8s"
+        );
+        assert_eq!(
+            held_back(&snap(0, Some(token.clone())), ten, at(9_999))
+                .unwrap()
+                .to_string(),
+            "not renewed: last token 9s old, min_interval 10s; next possible in 1s"
+        );
+        assert_eq!(
+            held_back(&snap(0, Some(token.clone())), ten, at(10_000)),
+            None
+        );
+        assert_eq!(
+            held_back(&snap(1, Some(token.clone())), ten, at(1)),
+            None,
+            "failing"
+        );
+        assert_eq!(held_back(&snap(0, None), ten, at(1)), None, "no token");
+        assert_eq!(
+            held_back(&snap(0, Some(token)), ten, t0 + Duration::from_secs(700)),
+            None,
+            "expired"
+        );
+    }
 
     #[test]
     fn url_holds_keep_the_latest_time_and_end() {

@@ -157,6 +157,15 @@ pub fn signals(tx: mpsc::Sender<Event>) -> std::io::Result<SignalTask> {
                 continue;
             };
             tracing::debug!(signal, ?event, "signal received");
+            // SIGHUP and SIGUSR1 are logged by what they start; a stop names its signal here.
+            if matches!(event, Event::Shutdown) {
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                tracing::info!("{name} received: stopping");
+            }
             if tx.send(event).await.is_err() {
                 break;
             }

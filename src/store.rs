@@ -136,8 +136,12 @@ impl Snapshot {
 /// Why a refresh is asked for outside the schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// gRPC `RefreshToken`, `tokenwarden refresh`.
+    /// gRPC `RefreshToken`, `tokenwarden refresh`: within `min_interval` of the last token,
+    /// answered with that token.
     Demand,
+    /// `tokenwarden refresh` by root or the daemon's user (who may send SIGUSR1 anyway): a new
+    /// token even within `min_interval`.
+    Forced,
     /// gRPC `GetToken` with `min_valid_for`, `get --min-valid`.
     MinValid(Duration),
     /// SIGUSR1: every client.

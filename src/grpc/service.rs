@@ -23,6 +23,10 @@ use crate::refresher;
 use crate::store::{ClientSlot, Reason, Snapshot, State, Store};
 use crate::token::Token;
 
+/// The request metadata with which `RefreshToken` asks for a token newer than the call
+/// (`tokenwarden refresh` sends it): value `force`.
+pub const FORCE_METADATA: &str = "tokenwarden-refresh";
+
 /// The longest `min_valid_for` accepted: longer asks are mistakes (no provider issues tokens
 /// living that long, and each call would force a token request).
 pub const MAX_MIN_VALID: Duration = Duration::from_secs(24 * 3600);
@@ -45,6 +49,13 @@ pub enum ApiError {
     /// A malformed request.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A `RefreshToken` that asked for a new token (`tokenwarden-refresh: force`) from a
+    /// caller who may not force one, within the client's `min_interval`.
+    #[error("client {client:?}: {held}")]
+    NotRenewed {
+        client: String,
+        held: refresher::HeldBack,
+    },
     /// The call's deadline passed while waiting for a token.
     #[error("client {0:?}: no token before the call's deadline")]
     DeadlineExceeded(String),
@@ -64,6 +75,7 @@ impl From<ApiError> for Status {
             ApiError::Unavailable { .. } | ApiError::Stopping => Status::unavailable(message),
             ApiError::InvalidArgument(_) => Status::invalid_argument(message),
             ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            ApiError::NotRenewed { .. } => Status::failed_precondition(message),
         }
     }
 }
@@ -167,6 +179,38 @@ impl TokenApi {
                 }
                 _ = self.stop.cancelled() => return Err(ApiError::Stopping),
             }
+        }
+    }
+
+    /// The rule for `RefreshToken` and `min_interval`: an application's demand within
+    /// `min_interval` of the last token gets that token (one provider request answers a burst
+    /// of 401s); a forced demand from root or the daemon's user (who may send SIGUSR1 anyway)
+    /// always gets a new one; a forced demand from anyone else within `min_interval` is refused
+    /// with when it becomes possible.
+    fn refresh_reason(
+        &self,
+        caller: &Caller,
+        client: &str,
+        slot: &ClientSlot,
+        force: bool,
+    ) -> Result<Reason, ApiError> {
+        if !force {
+            return Ok(Reason::Demand);
+        }
+        if caller.uid == 0 || caller.uid == self.daemon_uid {
+            return Ok(Reason::Forced);
+        }
+        let held = refresher::held_back(
+            &slot.snapshot.borrow(),
+            slot.config.timing.min_interval,
+            SystemTime::now(),
+        );
+        match held {
+            Some(held) => Err(ApiError::NotRenewed {
+                client: client.to_string(),
+                held,
+            }),
+            None => Ok(Reason::Demand),
         }
     }
 
@@ -477,11 +521,14 @@ impl pb::token_service_server::TokenService for TokenApi {
     ) -> Result<Response<pb::Token>, Status> {
         let caller = caller_of(&request)?;
         let deadline = deadline_of(&request);
+        let force = request
+            .metadata()
+            .get(FORCE_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"force");
         let client = request.into_inner().client;
         let slot = self.slot(&caller, &client)?;
-        let (token, generation) = self
-            .refresh(&client, &slot, Reason::Demand, deadline)
-            .await?;
+        let reason = self.refresh_reason(&caller, &client, &slot, force)?;
+        let (token, generation) = self.refresh(&client, &slot, reason, deadline).await?;
         tracing::debug!(client, uid = caller.uid, token = %token.fingerprint(), "RefreshToken");
         Ok(Response::new(token_message(&client, &token, generation)))
     }
@@ -582,6 +629,19 @@ mod tests {
         assert_eq!(
             code(ApiError::DeadlineExceeded("x".into())),
             tonic::Code::DeadlineExceeded
+        );
+        let held = refresher::HeldBack {
+            age: Duration::from_secs(2),
+            min_interval: Duration::from_secs(10),
+        };
+        let s = Status::from(ApiError::NotRenewed {
+            client: "api".into(),
+            held,
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            s.message(),
+            "client \"api\": not renewed: last token 2s old, min_interval 10s; next possible in 8s"
         );
     }
 }

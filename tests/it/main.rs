@@ -9,6 +9,7 @@ mod faults;
 mod fuzz_corpus;
 mod grpc;
 mod metrics;
+mod operator;
 mod outputs;
 mod package;
 mod provider;

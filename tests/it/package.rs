@@ -8,8 +8,10 @@ use std::process::Command;
 
 use crate::support::{bin, read};
 
-/// SPEC §2's commands.
-const COMMANDS: [&str; 7] = ["run", "check", "once", "get", "status", "refresh", "demo"];
+/// The commands: those of the command-line contract, then `init`.
+const COMMANDS: [&str; 8] = [
+    "run", "check", "once", "get", "status", "refresh", "init", "demo",
+];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
