@@ -523,7 +523,7 @@ fn create_temp(
 }
 
 /// Six random letters and digits.
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     rand::rng()
         .sample_iter(Alphanumeric)
         .take(TEMP_SUFFIX_LEN)
@@ -613,11 +613,6 @@ pub(crate) fn list_dir(dir: &SafeDir) -> Vec<String> {
         .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
         .filter(|n| n != "." && n != "..")
         .collect()
-}
-
-/// fsync of a directory, so a rename or unlink in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 // === Writing a client's outputs ===

@@ -152,6 +152,17 @@ pub struct SafeDir {
 }
 
 impl SafeDir {
+    /// A directory the caller opened and checked itself (the state directory, whose rules are
+    /// stricter).
+    pub(crate) fn from_fd(fd: OwnedFd, path: PathBuf, uid: u32, mode: u32) -> SafeDir {
+        SafeDir {
+            fd,
+            path,
+            uid,
+            mode,
+        }
+    }
+
     /// The path it was reached by (for messages).
     pub fn path(&self) -> &Path {
         &self.path
@@ -214,6 +225,37 @@ impl AsFd for SafeDir {
     }
 }
 
+/// Like [`open_dir`], for the directory that holds one entry the caller then opens itself
+/// (the state directory in its parent): the directory may be open to others if it is sticky
+/// and trusted, like `/tmp`; the caller must then refuse an entry not owned by root or the
+/// daemon's user (see [`Trust::may_step`] with [`SafeDir::uid`] and [`SafeDir::mode`]).
+pub fn open_parent_dir(
+    path: &Path,
+    trust: &Trust,
+    create: Option<u32>,
+) -> Result<SafeDir, SafePathError> {
+    let missing = match create {
+        Some(mode) => Missing::Create(mode),
+        None => Missing::Fail,
+    };
+    match walk_to(path, trust, missing, Last::Entry)? {
+        Walked::Dir(dir) => Ok(dir),
+        Walked::Stopped => Err(SafePathError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        }),
+    }
+}
+
+/// What the last directory of a walk must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Last {
+    /// Files are created in it: not open to others at all.
+    Files,
+    /// One entry owned by root or the daemon's user is stepped into: sticky is enough.
+    Entry,
+}
+
 /// What to do about a missing component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Missing {
@@ -264,6 +306,15 @@ enum Walked {
 }
 
 fn walk(path: &Path, trust: &Trust, missing: Missing) -> Result<Walked, SafePathError> {
+    walk_to(path, trust, missing, Last::Files)
+}
+
+fn walk_to(
+    path: &Path,
+    trust: &Trust,
+    missing: Missing,
+    last: Last,
+) -> Result<Walked, SafePathError> {
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return Err(SafePathError::NotAbsolute(path.to_path_buf()));
     }
@@ -352,8 +403,13 @@ fn walk(path: &Path, trust: &Trust, missing: Missing) -> Result<Walked, SafePath
         cur_path = next_path;
     }
 
-    if trust.is_open(cur_stat.st_uid, cur_stat.st_mode & 0o7777) {
-        return Err(untrusted(&cur_path, &cur_stat, trust, true));
+    let (uid, mode) = (cur_stat.st_uid, cur_stat.st_mode & 0o7777);
+    let refused = match last {
+        Last::Files => trust.is_open(uid, mode),
+        Last::Entry => !trust.may_step(uid, mode, trust.user()),
+    };
+    if refused {
+        return Err(untrusted(&cur_path, &cur_stat, trust, last == Last::Files));
     }
     let fd = openat(
         &cur,
