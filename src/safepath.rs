@@ -300,6 +300,20 @@ pub fn check_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
     }
 }
 
+/// [`check_dir`] for the directory holding an entry (see [`open_parent_dir`]): it may be
+/// sticky and open, like `/tmp`.
+pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
+    match walk_to(path, trust, Missing::Stop, Last::Entry) {
+        Ok(_) => Ok(()),
+        Err(SafePathError::Io { source, .. })
+            if source.kind() == io::ErrorKind::PermissionDenied =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 enum Walked {
     Dir(SafeDir),
     Stopped,
