@@ -373,6 +373,10 @@ fn walk_to(
                     return Ok(Walked::Stopped);
                 }
                 Missing::Create(mode) => {
+                    // Nothing is created where the step into it would be refused.
+                    if !trust.may_step(cur_stat.st_uid, cur_stat.st_mode & 0o7777, trust.user()) {
+                        return Err(untrusted(&cur_path, &cur_stat, trust, false));
+                    }
                     let made = match mkdirat(&cur, name, Mode::from_bits_truncate(0o700)) {
                         Ok(()) => true,
                         Err(Errno::EEXIST) => false,
