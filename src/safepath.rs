@@ -107,6 +107,19 @@ pub enum SafePathError {
         /// The refused directory is the one files are created in (sticky does not help there).
         last: bool,
     },
+    /// A file the daemon takes orders or credentials from (the config, an included file, a
+    /// secret file) can be written by a user other than root and the daemon's user.
+    #[error(
+        "{path} (owner uid {owner}, mode {mode:04o}) can be written by users other than root and \
+         uid {user}: make it owned by root or uid {user} and not writable by group or others"
+    )]
+    UntrustedFile {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+        /// The daemon's user.
+        user: u32,
+    },
     /// The path is relative or has a `..` component.
     #[error("{0} is not an absolute path without \"..\"")]
     NotAbsolute(PathBuf),
@@ -125,7 +138,9 @@ impl SafePathError {
     pub fn is_unsafe(&self) -> bool {
         matches!(
             self,
-            SafePathError::Symlink(_) | SafePathError::Untrusted { .. }
+            SafePathError::Symlink(_)
+                | SafePathError::Untrusted { .. }
+                | SafePathError::UntrustedFile { .. }
         )
     }
 
@@ -137,6 +152,7 @@ impl SafePathError {
             | SafePathError::NotAbsolute(p)
             | SafePathError::Io { path: p, .. } => p,
             SafePathError::Untrusted { dir, .. } => dir,
+            SafePathError::UntrustedFile { path, .. } => path,
         }
     }
 }
@@ -312,6 +328,54 @@ pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError>
         }
         Err(e) => Err(e),
     }
+}
+
+/// Checks a file the daemon reads orders or credentials from (the config, an included file, a
+/// secret file): neither it nor a directory on its way may be writable by a user other than
+/// root and the daemon's user (sticky directories aside, for an entry root or the daemon's
+/// user owns). Symbolic links are allowed here (Kubernetes secret volumes and
+/// `/var/run -> /run` are made of them): the real path is walked as [`check_parent_dir`]
+/// does, and the directory holding the link itself is checked too. A file that is missing or
+/// that this process may not look at is not judged (reading it reports that).
+pub fn check_file(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
+    use std::os::unix::fs::MetadataExt;
+    let real = match std::fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(_) => return Ok(()),
+    };
+    if let Some(parent) = real.parent() {
+        check_parent_dir(parent, trust)?;
+    }
+    let meta = match std::fs::metadata(&real) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
+    if trust.is_open(owner, mode) {
+        return Err(SafePathError::UntrustedFile {
+            path: path.to_path_buf(),
+            owner,
+            mode,
+            user: trust.user(),
+        });
+    }
+    // The directory holding the name as written, when that name is a link: whoever can
+    // write there can point the link elsewhere.
+    if real != path
+        && let Some(parent) = path.parent()
+        && let Ok(link) = std::fs::symlink_metadata(path)
+        && let Ok(dir) = std::fs::metadata(parent)
+        && !trust.may_step(dir.uid(), dir.mode() & 0o7777, link.uid())
+    {
+        return Err(SafePathError::Untrusted {
+            dir: parent.to_path_buf(),
+            owner: dir.uid(),
+            mode: dir.mode() & 0o7777,
+            user: trust.user(),
+            last: false,
+        });
+    }
+    Ok(())
 }
 
 enum Walked {

@@ -347,6 +347,15 @@ impl Loader<'_> {
             },
             None => (Some(DaemonConfig::default()), Vec::new()),
         };
+        // After [daemon]: the daemon's user may come from state_dir (see `daemon_user`).
+        if let Err(e) = safepath::check_file(path, &self.trust) {
+            self.error(
+                Loc { file, offset: 0 },
+                format!(
+                    "{e}; whoever can write the config can run commands as the daemon (on_change)"
+                ),
+            );
+        }
         let defaults = match root.remove("defaults") {
             Some(v) => {
                 let raw = self
@@ -410,6 +419,17 @@ impl Loader<'_> {
                 }
             };
             if files.contains(&path) || !path.is_file() {
+                continue;
+            }
+            if let Err(e) = safepath::check_file(&path, &self.trust) {
+                self.error(
+                    *loc,
+                    format!(
+                        "included file {}: {e}; whoever can write it can run commands as the \
+                         daemon (on_change)",
+                        path.display()
+                    ),
+                );
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
@@ -1165,6 +1185,11 @@ impl Loader<'_> {
                 SecretSource::Inline(s)
             }
         };
+        if let Some(path) = source.path()
+            && !self.secret_file_trusted(loc, key, &path)
+        {
+            return None;
+        }
         match source.load() {
             Ok(value) => Some(Credential { source, value }),
             Err(e) => {
@@ -1172,6 +1197,33 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// A secret file must not be writable by others (an error: whoever can write it controls
+    /// the credential); one any user can read gives a warning.
+    fn secret_file_trusted(&mut self, loc: Loc, key: &str, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if let Err(e) = safepath::check_file(path, &self.trust) {
+            self.error(
+                loc,
+                format!("{key}: secret file: {e}; whoever can write it controls this credential"),
+            );
+            return false;
+        }
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.mode() & 0o004 != 0
+        {
+            self.warn(
+                loc,
+                format!(
+                    "{key}: secret file {} can be read by any user (mode {:04o}): chmod o-r it \
+                     (0600, or 0640 with the daemon's group)",
+                    path.display(),
+                    meta.mode() & 0o7777
+                ),
+            );
+        }
+        true
     }
 
     fn extra(
