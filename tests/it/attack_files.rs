@@ -431,3 +431,175 @@ async fn planted_state_files_are_refused_without_hanging() {
     eprintln!("stopped {took:?} after SIGTERM");
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
+
+// === Who may change what the daemon does ===
+
+/// A client like the demo's transatel (same provider and credentials) named `name`, writing
+/// `out`, and touching `marker` from its `on_change` when given.
+fn extra_client(env: &DemoEnv, name: &str, out: &Path, marker: Option<&Path>) -> String {
+    let text = read(&env.demo.config);
+    let start = text.find("[clients.transatel]\n").unwrap() + "[clients.transatel]\n".len();
+    let body: String = text[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("scope"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let on_change = marker
+        .map(|m| {
+            format!(
+                "on_change = [\"/bin/sh\", \"-c\", \"touch {}\"]\n",
+                m.display()
+            )
+        })
+        .unwrap_or_default();
+    format!("[clients.{name}]\n{body}[[clients.{name}.outputs]]\npath = {out:?}\n{on_change}")
+}
+
+/// Adds `include = ["conf.d/*.toml"]` to the demo config and makes `conf.d` (root, 0755).
+fn with_conf_d(env: &DemoEnv) -> PathBuf {
+    env.edit_config(|t| t.replacen("[daemon]\n", "[daemon]\ninclude = [\"conf.d/*.toml\"]\n", 1));
+    let conf_d = env.demo.config.parent().unwrap().join("conf.d");
+    fs::create_dir_all(&conf_d).unwrap();
+    chmod(&conf_d, 0o755);
+    conf_d
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_include_others_can_write_is_a_config_error_and_its_on_change_never_runs() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to give an included file to uid {NOBODY}");
+        return;
+    }
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let conf_d = with_conf_d(&env);
+    let marker = env.dir.path().join("on_change-ran");
+    let evil = conf_d.join("evil.toml");
+    let text = extra_client(&env, "evil", &env.out("evil.token"), Some(&marker));
+
+    // (what, the include's owner and mode, conf.d's mode, words in the error)
+    let cases: [(&str, u32, u32, u32, &str); 3] = [
+        (
+            "owned by another user",
+            NOBODY,
+            0o644,
+            0o755,
+            "owner uid 65534",
+        ),
+        ("group-writable", 0, 0o664, 0o755, "mode 0664"),
+        ("in a group-writable conf.d", 0, 0o644, 0o775, "mode 0775"),
+    ];
+    for (what, owner, mode, dir_mode, words) in cases {
+        fs::write(&evil, &text).unwrap();
+        chown(&evil, owner);
+        chmod(&evil, mode);
+        chmod(&conf_d, dir_mode);
+        let r = run(&["check", "-c", env.config_path()]).await;
+        assert_eq!(r.code, 2, "{what}: {}", r.stderr);
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("evil.toml"))
+            .unwrap_or_else(|| panic!("{what}: no error naming the file: {}", r.stderr));
+        assert!(
+            line.contains(words) && line.contains("run commands as the daemon"),
+            "{what}: {line}"
+        );
+        let r = run(&["once", "-c", env.config_path()]).await;
+        assert_eq!(r.code, 2, "{what}: {}", r.stderr);
+        assert!(!marker.exists(), "{what}: its on_change ran");
+    }
+    // As root's own file in a root-owned conf.d, it is taken (and its on_change runs).
+    chown(&evil, 0);
+    chmod(&evil, 0o644);
+    chmod(&conf_d, 0o755);
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(marker.exists(), "a trusted include's on_change did not run");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_files_readable_by_others_warn_and_writable_by_others_are_refused() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let secret = env.demo.dir.join("secrets").join("transatel");
+    chmod(&secret, 0o644);
+    let r = run(&["check", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let warning = r
+        .stderr
+        .lines()
+        .find(|l| l.contains(&secret.display().to_string()))
+        .unwrap_or_else(|| panic!("no warning naming the secret file: {}", r.stderr));
+    assert!(
+        warning.contains("can be read by any user") && warning.contains("0644"),
+        "{warning}"
+    );
+    assert!(
+        !warning.contains(env.secret("transatel").trim()),
+        "{warning}"
+    );
+
+    chmod(&secret, 0o666);
+    let r = run(&["check", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&secret.display().to_string()) && r.stderr.contains("mode 0666"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains(env.secret("transatel").trim()));
+}
+
+/// A file dropped into an included directory while the daemon runs is read without SIGHUP:
+/// its client starts. One dropped by another user is refused (the reload is), and its
+/// `on_change` never runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_include_file_is_picked_up_without_sighup() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let conf_d = with_conf_d(&env);
+    let mut daemon = DaemonProc::start(&env.demo.config, &[]);
+    let first = env.out("transatel.token");
+    wait_for("the first token", Duration::from_secs(20), || {
+        token_in("transatel.token", &read(&first)).is_some()
+    })
+    .await;
+
+    if is_root() {
+        let marker = env.dir.path().join("evil-ran");
+        let evil = conf_d.join("evil.toml");
+        // Written elsewhere and moved in whole, owned by the attacker.
+        let staging = env.dir.path().join("evil.staging");
+        fs::write(
+            &staging,
+            extra_client(&env, "evil", &env.out("evil.token"), Some(&marker)),
+        )
+        .unwrap();
+        chown(&staging, NOBODY);
+        fs::rename(&staging, &evil).unwrap();
+        daemon
+            .wait_log("reload refused", Duration::from_secs(20))
+            .await;
+        let logs = daemon.logs();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("reload refused") && l.contains("evil.toml")),
+            "{logs}"
+        );
+        assert!(!marker.exists() && !env.out("evil.token").exists());
+        fs::remove_file(&evil).unwrap();
+    } else {
+        eprintln!("SKIPPED (part): needs root to drop a file owned by uid {NOBODY}");
+    }
+
+    let extra = env.out("extra.token");
+    let staging = env.dir.path().join("extra.staging");
+    fs::write(&staging, extra_client(&env, "extra", &extra, None)).unwrap();
+    chmod(&staging, 0o600);
+    fs::rename(&staging, conf_d.join("extra.toml")).unwrap();
+    wait_for("the new client's token", Duration::from_secs(20), || {
+        token_in("extra.token", &read(&extra)).is_some()
+    })
+    .await;
+    assert!(!daemon.logs().contains("SIGHUP"));
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).await.success());
+}
