@@ -603,3 +603,29 @@ async fn a_new_include_file_is_picked_up_without_sighup() {
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(10)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_under_a_symlinked_directory_is_refused() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    let real = env.dir.path().join("run-real");
+    fs::create_dir_all(&real).unwrap();
+    let link = env.dir.path().join("run");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let socket = link.join("tw.sock");
+    env.edit_config(|t| {
+        let start = t.find("socket = ").unwrap();
+        let end = start + t[start..].find('\n').unwrap();
+        format!("{}socket = {:?}{}", &t[..start], socket, &t[end..])
+    });
+    let r = run(&["check", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("socket") && r.stderr.contains("symbolic link"),
+        "{}",
+        r.stderr
+    );
+    // At bind time too (the link swapped in after the check).
+    let e = tokenwarden::grpc::server::bind(&socket, 0o600).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(entries(&real), Vec::<PathBuf>::new());
+}
