@@ -1,10 +1,12 @@
 //! Token files (SPEC §5): rendering a token in each output format, writing files atomically, and
 //! running a client's `on_change` commands.
 //!
-//! Every write goes through [`write_atomic`]: a temporary file `.NAME.tw-XXXXXX` in the same
-//! directory, created exclusively without following symlinks and given the final mode
-//! explicitly (so the umask never matters), written, fsynced, chowned, renamed over the final
-//! path, and the directory fsynced. A reader sees the old file or the new one, never a mix; a
+//! Every write goes through [`write_atomic`]: the output's directory is opened by the safe walk
+//! of [`crate::safepath`] (no symbolic link, no directory others can write), then a temporary
+//! file `.NAME.tw-XXXXXX` is created in it exclusively, 0600, without following symlinks, given
+//! its group, its final mode and its owner, written, fsynced, renamed over the final name and
+//! the directory fsynced, all relative to the opened directory. A reader sees the old file or
+//! the new one, never a mix; a
 //! failure removes the temporary file and leaves the old file as it was. The state directory
 //! ([`crate::state`]) uses the same function. A write killed midway (SIGKILL, power loss) can
 //! only leave a temporary file behind, never a partial output: [`remove_stale_temp_files`]
