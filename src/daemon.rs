@@ -26,7 +26,7 @@ use crate::grpc::GrpcServer;
 use crate::logging::LogHandle;
 use crate::oauth::HttpClients;
 use crate::refresher::{self, Reconfigure, Shared};
-use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_paths};
+use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
 use crate::state::StateDir;
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
@@ -89,7 +89,12 @@ impl Daemon {
             .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
         let watcher =
             match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
-                Ok(w) => Some(w),
+                Ok(w) => {
+                    if let Err(e) = w.set_globs(watched_globs(&config)) {
+                        tracing::warn!("new included files are not watched (SIGHUP reloads): {e}");
+                    }
+                    Some(w)
+                }
                 Err(e) => {
                     tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
                     None
@@ -519,7 +524,9 @@ impl Daemon {
         }
         self.apply_socket(&new).await;
         if let Some(w) = &self.watcher
-            && let Err(e) = w.set_paths(watched_paths(&new))
+            && let Err(e) = w
+                .set_paths(watched_paths(&new))
+                .and_then(|()| w.set_globs(watched_globs(&new)))
         {
             tracing::warn!("cannot watch the new set of files: {e}");
         }

@@ -23,6 +23,7 @@
 //! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
 //! - [`cli`]: the command line (SPEC §2), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
+//! - [`safepath`]: directories reached without following links or trusting what others can write.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -47,6 +48,7 @@ pub mod outputs;
 pub mod provider;
 pub mod refresher;
 pub mod reload;
+pub mod safepath;
 pub mod schedule;
 pub mod secret;
 pub mod state;

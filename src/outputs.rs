@@ -1,10 +1,12 @@
 //! Token files (SPEC §5): rendering a token in each output format, writing files atomically, and
 //! running a client's `on_change` commands.
 //!
-//! Every write goes through [`write_atomic`]: a temporary file `.NAME.tw-XXXXXX` in the same
-//! directory, created exclusively without following symlinks and given the final mode
-//! explicitly (so the umask never matters), written, fsynced, chowned, renamed over the final
-//! path, and the directory fsynced. A reader sees the old file or the new one, never a mix; a
+//! Every write goes through [`write_atomic`]: the output's directory is opened by the safe walk
+//! of [`crate::safepath`] (no symbolic link, no directory others can write), then a temporary
+//! file `.NAME.tw-XXXXXX` is created in it exclusively, 0600, without following symlinks, given
+//! its group, its final mode and its owner, written, fsynced, renamed over the final name and
+//! the directory fsynced, all relative to the opened directory. A reader sees the old file or
+//! the new one, never a mix; a
 //! failure removes the temporary file and leaves the old file as it was. The state directory
 //! ([`crate::state`]) uses the same function. A write killed midway (SIGKILL, power loss) can
 //! only leave a temporary file behind, never a partial output: [`remove_stale_temp_files`]
@@ -30,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, OutputConfig, OutputFormat};
+use crate::safepath::{self, SafeDir, Trust};
 use crate::token::{Token, rfc3339};
 
 /// How many bytes of each of stdout and stderr of an `on_change` command are kept for the log.
@@ -60,6 +63,15 @@ pub enum OutputError {
     /// The path has no file name (it ends in `/`, `.` or `..`).
     #[error("cannot write {0}: not a file path")]
     BadPath(PathBuf),
+    /// A directory on the way to the output is a symbolic link, or can be written by a user
+    /// other than root and the daemon's user (who could redirect the write); nothing was
+    /// written.
+    #[error("refusing to write {path}: {source}")]
+    UnsafeDir {
+        path: PathBuf,
+        #[source]
+        source: crate::safepath::SafePathError,
+    },
     /// A missing parent directory could not be created (or a parent is not a directory).
     #[error("cannot write {path}: cannot create directory {dir}: {source}")]
     CreateDir {
@@ -358,38 +370,88 @@ fn write_atomic_named(
     group: Option<u32>,
     suffix: &mut dyn FnMut() -> String,
 ) -> Result<(), OutputError> {
-    let mode = mode & 0o7777;
-    let name = match path.file_name() {
-        Some(n) => n.to_string_lossy().into_owned(),
+    let (dir_path, name) = split_path(path)?;
+    let dir = open_parent(path, dir_path)?;
+    write_in(&dir, path, &name, contents, mode, owner, group, suffix)
+}
+
+/// The directory and file name of `path`.
+fn split_path(path: &Path) -> Result<(&Path, String), OutputError> {
+    let name = match path.file_name().and_then(|n| n.to_str()) {
+        Some(n) => n.to_owned(),
         None => return Err(OutputError::BadPath(path.to_path_buf())),
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    create_parents(path, dir)?;
-    let (temp, mut file) = create_temp(path, dir, &name, mode, suffix)?;
+    match path.parent() {
+        Some(d) if d.is_absolute() => Ok((d, name)),
+        _ => Err(OutputError::BadPath(path.to_path_buf())),
+    }
+}
 
+/// Opens the directory `dir` of output `path` through [`safepath::open_dir`] (no symlinks,
+/// no directory others can write), creating missing directories with mode 0755.
+pub(crate) fn open_parent(path: &Path, dir: &Path) -> Result<SafeDir, OutputError> {
+    use crate::safepath::SafePathError as E;
+    safepath::open_dir(dir, &Trust::of_this_process(), Some(0o755)).map_err(|e| match e {
+        E::NotADirectory(dir) => OutputError::CreateDir {
+            path: path.to_path_buf(),
+            dir,
+            source: io::Error::from(io::ErrorKind::NotADirectory),
+        },
+        E::Io { path: dir, source } => OutputError::CreateDir {
+            path: path.to_path_buf(),
+            dir,
+            source,
+        },
+        E::NotAbsolute(_) => OutputError::BadPath(path.to_path_buf()),
+        source => OutputError::UnsafeDir {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// The write of [`write_atomic`] in an already opened directory: temporary file, fill,
+/// `renameat`, fsync of the directory. Everything is relative to `dir`, so nothing swapped
+/// in the path after `dir` was opened is ever followed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_in(
+    dir: &SafeDir,
+    path: &Path,
+    name: &str,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+    suffix: &mut dyn FnMut() -> String,
+) -> Result<(), OutputError> {
+    let mode = mode & 0o7777;
+    let (temp, mut file) = create_temp(path, dir, name, suffix)?;
     let filled = fill(path, &mut file, contents, mode, owner, group);
     let renamed = filled.and_then(|()| {
         drop(file);
-        fs::rename(&temp, path).map_err(|source| OutputError::Rename {
-            path: path.to_path_buf(),
-            source,
-        })
+        dir.rename(&temp, name)
+            .map_err(|source| OutputError::Rename {
+                path: path.to_path_buf(),
+                source,
+            })
     });
     if let Err(e) = renamed {
         // Best effort: the error that matters is the one that stopped the write.
-        let _ = fs::remove_file(&temp);
+        let _ = dir.unlink(&temp);
         return Err(e);
     }
-    sync_dir(dir).map_err(|source| OutputError::SyncDir {
+    dir.sync().map_err(|source| OutputError::SyncDir {
         path: path.to_path_buf(),
         source,
     })
 }
 
-/// The temporary file's contents, mode, durability and owner: everything before the rename.
+/// The temporary file's owner, mode, contents and durability: everything before the rename.
+///
+/// The file was created 0600, so nobody but the daemon can open it. Its group is given first
+/// (the daemon still owns it), then its final mode, then its owner: when the mode lets a group
+/// or others read, that is the configured group, never the daemon's, and no byte is written
+/// before all three are in place.
 fn fill(
     path: &Path,
     file: &mut File,
@@ -402,88 +464,54 @@ fn fill(
         path: path.to_path_buf(),
         source,
     };
-    // fchmod: the mode given to open() was cut down by the umask.
+    let chown_err = |source| OutputError::Chown {
+        path: path.to_path_buf(),
+        owner,
+        group,
+        source,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let give_owner = owner.filter(|&u| u != euid);
+    if group.is_some() {
+        std::os::unix::fs::fchown(&*file, None, group).map_err(chown_err)?;
+    }
+    // fchmod: the mode given to open() was 0600 (cut down by the umask, besides).
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(write_err)?;
-    file.write_all(contents).map_err(write_err)?;
-    if owner.is_some() || group.is_some() {
-        std::os::unix::fs::fchown(&*file, owner, group).map_err(|source| OutputError::Chown {
-            path: path.to_path_buf(),
-            owner,
-            group,
-            source,
-        })?;
+    if give_owner.is_some() {
+        std::os::unix::fs::fchown(&*file, give_owner, None).map_err(chown_err)?;
         // chown clears the set-id bits; put back exactly what was asked for.
-        if mode & 0o7000 != 0 {
+        if mode & 0o6000 != 0 {
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(write_err)?;
         }
     }
+    file.write_all(contents).map_err(write_err)?;
     // After the chown, so that the owner is as durable as the content.
     file.sync_all().map_err(write_err)?;
     Ok(())
 }
 
-/// Creates `dir` and its missing ancestors, each with mode exactly 0755.
-fn create_parents(path: &Path, dir: &Path) -> Result<(), OutputError> {
-    let err = |d: &Path, source| OutputError::CreateDir {
-        path: path.to_path_buf(),
-        dir: d.to_path_buf(),
-        source,
-    };
-    let mut missing = Vec::new();
-    let mut cur = dir;
-    loop {
-        match fs::metadata(cur) {
-            Ok(m) if m.is_dir() => break,
-            Ok(_) => {
-                return Err(err(
-                    cur,
-                    io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                missing.push(cur);
-                match cur.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => cur = p,
-                    _ => break,
-                }
-            }
-            Err(e) => return Err(err(cur, e)),
-        }
-    }
-    for d in missing.into_iter().rev() {
-        match fs::create_dir(d) {
-            Ok(()) => {
-                fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|e| err(d, e))?
-            }
-            // Someone else made it meanwhile: fine if it is a directory.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
-            Err(e) => return Err(err(d, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Creates `dir/.NAME.tw-XXXXXX` exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`): an
-/// existing file or symlink at that name is never opened, another random name is tried.
+/// Creates `.NAME.tw-XXXXXX` in `dir` exclusively, mode 0600
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`): an existing file or symlink at that name is never
+/// opened, another random name is tried.
 fn create_temp(
     path: &Path,
-    dir: &Path,
+    dir: &SafeDir,
     name: &str,
-    mode: u32,
     suffix: &mut dyn FnMut() -> String,
-) -> Result<(PathBuf, File), OutputError> {
+) -> Result<(String, File), OutputError> {
     let mut last = io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name");
     for _ in 0..TEMP_ATTEMPTS {
-        let temp = dir.join(format!(".{name}.tw-{}", suffix()));
-        match open_exclusive(&temp, mode) {
+        let temp = format!(".{name}.tw-{}", suffix());
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
+        match dir.open(&temp, flags, 0o600) {
             Ok(file) => return Ok((temp, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
             Err(source) => {
                 return Err(OutputError::CreateTemp {
                     path: path.to_path_buf(),
-                    dir: dir.to_path_buf(),
+                    dir: dir.path().to_path_buf(),
                     source,
                 });
             }
@@ -491,13 +519,13 @@ fn create_temp(
     }
     Err(OutputError::CreateTemp {
         path: path.to_path_buf(),
-        dir: dir.to_path_buf(),
+        dir: dir.path().to_path_buf(),
         source: last,
     })
 }
 
 /// Six random letters and digits.
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     rand::rng()
         .sample_iter(Alphanumeric)
         .take(TEMP_SUFFIX_LEN)
@@ -545,43 +573,48 @@ pub fn remove_stale_temp_files<'a>(
         }
     }
     let mut removed = Vec::new();
+    let trust = Trust::of_this_process();
     for (dir, names) in &dirs {
-        let Ok(entries) = fs::read_dir(dir) else {
+        // Through the safe walk: a directory swapped for a link never sends the removal
+        // elsewhere.
+        let Ok(safe) = safepath::open_dir(dir, &trust, None) else {
             continue;
         };
         let before = removed.len();
-        for entry in entries.flatten() {
-            let file_name = entry.file_name();
-            let file_name = file_name.to_string_lossy();
-            let Some(client) = temp_name_target(&file_name).and_then(|n| names.get(n)) else {
+        for entry in list_dir(&safe) {
+            let Some(client) = temp_name_target(&entry).and_then(|n| names.get(n)) else {
                 continue;
             };
-            if entry.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(entry.path()).is_ok()
-            {
-                removed.push((client.to_string(), entry.path()));
+            let regular = safe
+                .stat(&entry)
+                .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG);
+            if regular && safe.unlink(&entry).is_ok() {
+                removed.push((client.to_string(), dir.join(&entry)));
             }
         }
         if removed.len() > before {
             // Best effort, like the removal itself: a lost unlink only leaves the litter again.
-            let _ = sync_dir(dir);
+            let _ = safe.sync();
         }
     }
     removed
 }
 
-/// `open(path, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode)`.
-pub(crate) fn open_exclusive(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-        .open(path)
-}
-
-/// fsync of a directory, so a rename or unlink in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// The UTF-8 names in `dir` (others cannot be ours), `.` and `..` left out; empty when it
+/// cannot be listed.
+pub(crate) fn list_dir(dir: &SafeDir) -> Vec<String> {
+    let Ok(fd) = dir.try_clone_fd() else {
+        return Vec::new();
+    };
+    let Ok(mut listing) = nix::dir::Dir::from_fd(fd) else {
+        return Vec::new();
+    };
+    listing
+        .iter()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+        .filter(|n| n != "." && n != "..")
+        .collect()
 }
 
 // === Writing a client's outputs ===

@@ -296,10 +296,17 @@ impl Refresher {
     /// otherwise asks for one now.
     async fn start(&mut self) {
         let fingerprint = self.config.identity_fingerprint();
-        let stored = match self.shared.state.load(self.name()) {
-            Ok(s) => s,
-            Err(e) => {
+        // Off the async workers: file I/O may stall (a slow disk), and must never hold up
+        // the runtime (signals, other clients).
+        let (state, name) = (self.shared.state.clone(), self.config.name.clone());
+        let stored = match tokio::task::spawn_blocking(move || state.load(&name)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 tracing::warn!(client = self.name(), "ignoring the stored state: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(client = self.name(), "state reader failed: {e}");
                 None
             }
         };
@@ -509,7 +516,7 @@ impl Refresher {
                         client = self.name(),
                         "forgetting the refresh token the provider refused"
                     );
-                    self.save_without_refresh_token();
+                    self.save_without_refresh_token().await;
                 }
                 let class = failure.error.class();
                 if let Some(wait) = class.retry_after() {
@@ -671,7 +678,7 @@ impl Refresher {
         Err(message)
     }
 
-    fn save_without_refresh_token(&self) {
+    async fn save_without_refresh_token(&self) {
         let snap = self.snapshot.borrow().clone();
         let state = StoredState {
             fingerprint: self.config.identity_fingerprint(),
@@ -679,8 +686,12 @@ impl Refresher {
             refresh_token: None,
             generation: snap.generation,
         };
-        if let Err(e) = self.shared.state.save(self.name(), &state) {
-            tracing::warn!(client = self.name(), "cannot save state: {e}");
+        let (store, name) = (self.shared.state.clone(), self.config.name.clone());
+        // Off the async workers, and awaited: a later save must not be overtaken by this one.
+        match tokio::task::spawn_blocking(move || store.save(&name, &state)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(client = self.name(), "cannot save state: {e}"),
+            Err(e) => tracing::warn!(client = self.name(), "state writer failed: {e}"),
         }
     }
 

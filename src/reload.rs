@@ -93,6 +93,28 @@ pub enum ReloadError {
     Thread(#[source] std::io::Error),
 }
 
+/// The `include` globs of `config`, absolute (relative ones are taken from the main file's
+/// directory): a new file matching one is a change like an edited one.
+pub fn watched_globs(config: &Config) -> Vec<PathBuf> {
+    let dir = match config.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    config
+        .daemon
+        .include
+        .iter()
+        .map(|g| {
+            let g = Path::new(g);
+            if g.is_absolute() {
+                g.to_path_buf()
+            } else {
+                dir.join(g)
+            }
+        })
+        .collect()
+}
+
 /// Every file a reload depends on: the config files that were read and every secret file.
 pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = config.files.clone();
@@ -246,11 +268,64 @@ struct Filter {
     triggers: HashSet<PathBuf>,
     /// The watched directories (events about the directory itself: deleted, moved).
     dirs: HashSet<PathBuf>,
+    /// The include globs: a file appearing that matches one is a change.
+    globs: Vec<glob::Pattern>,
 }
 
 impl Filter {
     fn matches(&self, path: &Path) -> bool {
-        self.triggers.contains(path) || self.dirs.contains(path)
+        self.triggers.contains(path)
+            || self.dirs.contains(path)
+            || self.globs.iter().any(|g| g.matches_path(path))
+    }
+}
+
+/// One include glob.
+struct GlobEntry {
+    /// The absolute pattern.
+    text: PathBuf,
+    pattern: glob::Pattern,
+    /// The directory watched for new names: the pattern's longest prefix without wildcards
+    /// (a new file under a new subdirectory of it is seen at the next reload).
+    dir: PathBuf,
+    /// The files it matched when last looked at.
+    seen: BTreeSet<PathBuf>,
+}
+
+impl GlobEntry {
+    fn new(text: PathBuf) -> Option<GlobEntry> {
+        let pattern = glob::Pattern::new(&text.to_string_lossy()).ok()?;
+        let mut dir = PathBuf::new();
+        for c in text.parent()?.components() {
+            if c.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+                break;
+            }
+            dir.push(c);
+        }
+        let mut entry = GlobEntry {
+            text,
+            pattern,
+            dir,
+            seen: BTreeSet::new(),
+        };
+        entry.seen = entry.matches();
+        Some(entry)
+    }
+
+    /// The regular files matching now.
+    fn matches(&self) -> BTreeSet<PathBuf> {
+        match glob::glob(&self.text.to_string_lossy()) {
+            Ok(paths) => paths.flatten().filter(|p| p.is_file()).collect(),
+            Err(_) => BTreeSet::new(),
+        }
+    }
+
+    /// The files that match now and did not before (remembered).
+    fn appeared(&mut self) -> Vec<PathBuf> {
+        let now = self.matches();
+        let new = now.difference(&self.seen).cloned().collect();
+        self.seen = now;
+        new
     }
 }
 
@@ -280,6 +355,8 @@ struct State {
     entries: Vec<Entry>,
     /// Watched directories with the (dev, inode) they had when the watch was added.
     watched: HashMap<PathBuf, (u64, u64)>,
+    /// The include globs.
+    globs: Vec<GlobEntry>,
 }
 
 struct Shared {
@@ -319,6 +396,7 @@ impl FileWatcher {
                 watcher,
                 entries: Vec::new(),
                 watched: HashMap::new(),
+                globs: Vec::new(),
             }),
         });
         shared.set_paths(paths)?;
@@ -336,6 +414,24 @@ impl FileWatcher {
     /// not seen.
     pub fn set_paths(&self, paths: Vec<PathBuf>) -> Result<(), ReloadError> {
         self.shared.set_paths(paths)
+    }
+
+    /// Replaces the include globs: a regular file that starts matching one (dropped into
+    /// `conf.d`, say) is reported as changed, as an edited file is.
+    pub fn set_globs(&self, globs: Vec<PathBuf>) -> Result<(), ReloadError> {
+        let mut state = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.globs = globs.into_iter().filter_map(GlobEntry::new).collect();
+        let result = state.sync_watches().map(drop);
+        // Matches taken after the watches are in place: a file created in between is seen.
+        for g in &mut state.globs {
+            g.seen = g.matches();
+        }
+        self.shared.update_filter(&state);
+        result
     }
 
     /// The directories watched right now (for tests and diagnostics).
@@ -507,6 +603,19 @@ impl Shared {
                 }
             }
         }
+        let mut appeared = Vec::new();
+        let touches_glob = |g: &GlobEntry| {
+            rescan
+                || batch
+                    .iter()
+                    .flatten()
+                    .any(|e| e.paths.iter().any(|p| g.pattern.matches_path(p)))
+        };
+        for g in state.globs.iter_mut() {
+            if touches_glob(g) {
+                appeared.extend(g.appeared());
+            }
+        }
         let affected: Vec<usize> = affected.into_iter().collect();
         if let Err(err) = state.refresh(&affected) {
             tracing::warn!("{err}; changes of that file may be missed until the next reload");
@@ -518,6 +627,11 @@ impl Shared {
             };
             if entry.observe(fingerprint(&entry.absolute)) {
                 changed.push(entry.path.clone());
+            }
+        }
+        for p in appeared {
+            if !state.entries.iter().any(|e| e.absolute == p) {
+                changed.push(p);
             }
         }
         self.update_filter(&state);
@@ -543,6 +657,13 @@ impl Shared {
                 out.push(entry.path.clone());
             }
         }
+        // New files matching an include glob (not watched entries yet).
+        for p in pending {
+            if !state.entries.iter().any(|e| e.path == p) {
+                out.push(p);
+            }
+        }
+        out.sort();
         out
     }
 
@@ -554,6 +675,7 @@ impl Shared {
                 .extend(entry.resolution.triggers.iter().cloned());
         }
         filter.dirs.extend(state.watched.keys().cloned());
+        filter.globs = state.globs.iter().map(|g| g.pattern.clone()).collect();
         *self.filter.write().unwrap_or_else(PoisonError::into_inner) = filter;
     }
 }
@@ -598,6 +720,11 @@ impl State {
         for entry in &self.entries {
             for dir in &entry.resolution.dirs {
                 desired.entry(dir.as_path()).or_insert(entry.path.as_path());
+            }
+        }
+        for g in &self.globs {
+            if g.dir.is_dir() {
+                desired.entry(g.dir.as_path()).or_insert(g.text.as_path());
             }
         }
         let stale: Vec<PathBuf> = self

@@ -32,17 +32,20 @@
 //! may add fields and keep this file name; a change older versions could not read safely must
 //! use another file name.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use nix::fcntl::OFlag;
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::outputs::{OutputError, sync_dir, write_atomic};
+use crate::outputs::{OutputError, list_dir, random_suffix, write_in};
+use crate::safepath::{self, SafeDir, Trust};
 use crate::secret::Secret;
 use crate::token::{Token, rfc3339, unix_seconds};
 
@@ -65,7 +68,28 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    /// The path exists but is not a directory.
+    /// A directory on the way to the state directory is a symbolic link or can be written by
+    /// a user other than root and the daemon's user.
+    #[error("refusing state directory {path}: {source}")]
+    UnsafePath {
+        path: PathBuf,
+        #[source]
+        source: crate::safepath::SafePathError,
+    },
+    /// The state directory is owned by another user, or group or others may write it: whoever
+    /// can write it could plant the token the daemon publishes.
+    #[error(
+        "refusing state directory {path}: it is owned by uid {owner} with mode {mode:04o}; it must \
+         be owned by the daemon's user (uid {user}) and not writable by group or others \
+         (chown {user} and chmod 0700 it, or choose another state_dir)"
+    )]
+    Untrusted {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+        user: u32,
+    },
+    /// The path exists but is not a directory (or is a symbolic link).
     #[error("state directory {0} is not a directory")]
     NotADirectory(PathBuf),
     /// The directory's mode could not be tightened to 0700.
@@ -179,6 +203,9 @@ impl StoredState {
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
+    /// The directory, reached by the safe walk: every file operation is relative to it, so a
+    /// path component swapped after the start changes nothing.
+    dir: SafeDir,
     /// Open with an exclusive `flock`; closing it releases the lock.
     _lock: File,
 }
@@ -186,53 +213,87 @@ pub struct StateDir {
 impl StateDir {
     /// Opens (creating it with mode 0700 if missing) and locks the state directory.
     ///
-    /// A directory owned by this user with a looser mode is tightened to 0700. The lock is an
-    /// exclusive, non-blocking `flock` on `PATH/.lock`: [`StateError::Locked`] if another
-    /// process (or another open of the same directory) holds it. Temporary files left by a
-    /// write that was killed midway are removed.
+    /// Its parent directories are walked without following symbolic links or trusting a
+    /// directory others can write ([`crate::safepath`]). The directory itself must be owned
+    /// by this process's user and not writable by group or others
+    /// ([`StateError::Untrusted`]: whoever can write it could plant the token the daemon
+    /// publishes); read or search bits for group or others on a directory it owns are
+    /// removed (mode 0700). The lock is an exclusive, non-blocking `flock` on `PATH/.lock`:
+    /// [`StateError::Locked`] if another process (or another open of the same directory)
+    /// holds it. Temporary files left by a write that was killed midway are removed.
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
-        match fs::metadata(path) {
-            Ok(meta) if !meta.is_dir() => {
-                return Err(StateError::NotADirectory(path.to_path_buf()));
+        let create_err = |source| StateError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            (Some(p), Some(n)) if path.is_absolute() => (p, n),
+            _ => {
+                return Err(create_err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not an absolute path to a directory",
+                )));
             }
-            Ok(meta) => {
-                if meta.mode() & 0o077 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
-                    set_mode_0700(path)?;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(path)
-                    .map_err(|source| StateError::CreateDir {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
-                // The umask may have cut the mode down (to nothing useful) or it may have existed.
-                set_mode_0700(path)?;
-            }
-            Err(source) => {
-                return Err(StateError::CreateDir {
+        };
+        let trust = Trust::of_this_process();
+        let parent =
+            safepath::open_parent_dir(parent, &trust, Some(0o755)).map_err(|e| match e {
+                e if e.is_unsafe() => StateError::UnsafePath {
                     path: path.to_path_buf(),
-                    source,
-                });
-            }
+                    source: e,
+                },
+                e => create_err(io::Error::other(e.to_string())),
+            })?;
+        match mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(create_err(e.into())),
         }
+        let fd = openat(
+            &parent,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::ENOTDIR | Errno::ELOOP => StateError::NotADirectory(path.to_path_buf()),
+            e => create_err(e.into()),
+        })?;
+        let st = fstat(&fd).map_err(|e| create_err(e.into()))?;
+        let (owner, mode) = (st.st_uid, st.st_mode & 0o7777);
+        // Owned by us: in a sticky parent (/tmp) nobody else can swap it either.
+        if owner != trust.user() || mode & 0o022 != 0 {
+            return Err(StateError::Untrusted {
+                path: path.to_path_buf(),
+                owner,
+                mode,
+                user: trust.user(),
+            });
+        }
+        if mode & 0o077 != 0 {
+            fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(|e| StateError::Permissions {
+                path: path.to_path_buf(),
+                source: e.into(),
+            })?;
+        }
+        let dir = SafeDir::from_fd(fd, path.to_path_buf(), owner, 0o700);
 
         let lock_err = |source| StateError::Lock {
             path: path.to_path_buf(),
             source,
         };
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(path.join(LOCK_FILE))
+        let lock = dir
+            .open(
+                LOCK_FILE,
+                OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NONBLOCK,
+                0o600,
+            )
             .map_err(lock_err)?;
+        let meta = lock.metadata().map_err(lock_err)?;
+        if !meta.file_type().is_file() || meta.uid() != trust.user() {
+            return Err(lock_err(io::Error::other(
+                "the lock file .lock is not a regular file owned by this user; remove it",
+            )));
+        }
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -243,6 +304,7 @@ impl StateDir {
 
         let dir = StateDir {
             path: path.to_path_buf(),
+            dir,
             _lock: lock,
         };
         dir.remove_stale_temp_files();
@@ -256,10 +318,15 @@ impl StateDir {
 
     /// The stored state of `client`: `Ok(None)` when it has none. A corrupt file gives
     /// [`StateError::Corrupt`] after being renamed to `NAME.json.corrupt-TIMESTAMP`; the caller
-    /// logs it and goes on as if there were no state.
+    /// logs it and goes on as if there were no state. A state file that is not a regular file
+    /// owned by this user (a FIFO, a link, a file someone else planted) is never read: it gives
+    /// [`StateError::Read`] saying why.
+    ///
+    /// Blocking file I/O: call it from a blocking thread (`spawn_blocking`), never on an async
+    /// worker.
     pub fn load(&self, client: &str) -> Result<Option<StoredState>, StateError> {
-        let path = self.file(client)?;
-        let bytes = match read_limited(&path) {
+        let (name, path) = self.file(client)?;
+        let bytes = match self.read_limited(&name) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Read { path, source }),
@@ -267,7 +334,7 @@ impl StateDir {
         match parse(&bytes) {
             Ok(state) => Ok(Some(state)),
             Err(reason) => {
-                let kept_as = self.keep_corrupt(&path);
+                let kept_as = self.keep_corrupt(&name);
                 Err(StateError::Corrupt {
                     path,
                     kept_as,
@@ -278,11 +345,22 @@ impl StateDir {
     }
 
     /// Stores `state` for `client` atomically and durably (mode 0600). When this returns, the
-    /// state (a rotated refresh token in particular) survives a crash.
+    /// state (a rotated refresh token in particular) survives a crash. Blocking file I/O, like
+    /// [`StateDir::load`].
     pub fn save(&self, client: &str, state: &StoredState) -> Result<(), StateError> {
-        let path = self.file(client)?;
+        let (name, path) = self.file(client)?;
         let contents = serialize(client, state, SystemTime::now());
-        write_atomic(&path, &contents, 0o600, None, None).map_err(|source| StateError::Write {
+        write_in(
+            &self.dir,
+            &path,
+            &name,
+            &contents,
+            0o600,
+            None,
+            None,
+            &mut random_suffix,
+        )
+        .map_err(|source| StateError::Write {
             client: client.to_string(),
             source,
         })
@@ -290,83 +368,102 @@ impl StateDir {
 
     /// Forgets `client`'s state (no error if it has none).
     pub fn remove(&self, client: &str) -> Result<(), StateError> {
-        let path = self.file(client)?;
-        match fs::remove_file(&path) {
+        let (name, path) = self.file(client)?;
+        match self.dir.unlink(&name) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(source) => return Err(StateError::Remove { path, source }),
         }
-        sync_dir(&self.path).map_err(|source| StateError::Remove { path, source })
+        self.dir
+            .sync()
+            .map_err(|source| StateError::Remove { path, source })
     }
 
     /// Names of the clients that have a state file, sorted.
     pub fn clients(&self) -> Result<Vec<String>, StateError> {
-        let list_err = |source| StateError::List {
-            path: self.path.clone(),
-            source,
-        };
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&self.path).map_err(list_err)? {
-            let entry = entry.map_err(list_err)?;
-            let file_name = entry.file_name();
-            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if valid_name(name) && entry.file_type().is_ok_and(|t| t.is_file()) {
-                names.push(name.to_string());
-            }
-        }
+        let mut names: Vec<String> = list_dir(&self.dir)
+            .into_iter()
+            .filter_map(|entry| {
+                let name = entry.strip_suffix(".json")?;
+                let regular = self
+                    .dir
+                    .stat(&entry)
+                    .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG);
+                (valid_name(name) && regular).then(|| name.to_string())
+            })
+            .collect();
         names.sort();
         Ok(names)
     }
 
-    /// `PATH/NAME.json`, for a name that cannot escape the directory.
-    fn file(&self, client: &str) -> Result<PathBuf, StateError> {
+    /// `NAME.json` and `PATH/NAME.json`, for a name that cannot escape the directory.
+    fn file(&self, client: &str) -> Result<(String, PathBuf), StateError> {
         if !valid_name(client) {
             return Err(StateError::BadName(client.to_string()));
         }
-        Ok(self.path.join(format!("{client}.json")))
+        let name = format!("{client}.json");
+        let path = self.path.join(&name);
+        Ok((name, path))
+    }
+
+    /// Reads `name` if it is a regular file owned by this user and at most
+    /// [`MAX_STATE_FILE`] bytes (plus one, for the size check of `parse`). Opened with
+    /// `O_NOFOLLOW|O_NONBLOCK`: a link is refused by the kernel, a FIFO never blocks.
+    fn read_limited(&self, name: &str) -> io::Result<Zeroizing<Vec<u8>>> {
+        let file = self
+            .dir
+            .open(name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0)
+            .map_err(|e| match e.raw_os_error() {
+                Some(nix::libc::ELOOP) => io::Error::other(
+                    "it is a symbolic link, not a regular file; state files are never followed",
+                ),
+                _ => e,
+            })?;
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::other(
+                "not a regular file (a FIFO, a device or a directory); remove it",
+            ));
+        }
+        let user = nix::unistd::geteuid().as_raw();
+        if meta.uid() != user {
+            return Err(io::Error::other(format!(
+                "owned by uid {}, not by this daemon's user (uid {user}): not trusted; remove it",
+                meta.uid()
+            )));
+        }
+        let mut bytes = Zeroizing::new(Vec::with_capacity(
+            usize::try_from(meta.len().min(MAX_STATE_FILE) + 1).unwrap_or(0),
+        ));
+        file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// Renames a corrupt file to `NAME.json.corrupt-TIMESTAMP` (never over an older one).
-    fn keep_corrupt(&self, path: &Path) -> Option<PathBuf> {
+    fn keep_corrupt(&self, name: &str) -> Option<PathBuf> {
         let stamp = rfc3339(SystemTime::now()).replace(':', "");
-        let base = format!("{}.corrupt-{stamp}", path.display());
+        let base = format!("{name}.corrupt-{stamp}");
         let kept = (0..100)
             .map(|i| match i {
-                0 => PathBuf::from(&base),
-                i => PathBuf::from(format!("{base}.{i}")),
+                0 => base.clone(),
+                i => format!("{base}.{i}"),
             })
-            .find(|p| fs::symlink_metadata(p).is_err())?;
-        fs::rename(path, &kept).ok()?;
+            .find(|p| self.dir.stat(p).is_err())?;
+        self.dir.rename(name, &kept).ok()?;
         // Best effort: the rename is what matters; the directory is flushed on the next save.
-        let _ = sync_dir(&self.path);
-        Some(kept)
+        let _ = self.dir.sync();
+        Some(self.path.join(kept))
     }
 
     /// Removes `.NAME.tw-XXXXXX` files a killed write left behind (we hold the lock: no write
     /// of ours is in flight).
     fn remove_stale_temp_files(&self) {
-        let Ok(entries) = fs::read_dir(&self.path) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
+        for name in list_dir(&self.dir) {
             if name.starts_with('.') && name.contains(".tw-") && name != LOCK_FILE {
-                let _ = fs::remove_file(entry.path());
+                let _ = self.dir.unlink(&name);
             }
         }
     }
-}
-
-fn set_mode_0700(path: &Path) -> Result<(), StateError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|source| {
-        StateError::Permissions {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
 }
 
 /// Client names as the config allows them (`[A-Za-z0-9_.-]{1,64}`), and never `/` or a leading
@@ -377,16 +474,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-fn read_limited(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-        .open(path)?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 // === The file format ===

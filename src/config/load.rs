@@ -27,6 +27,7 @@ use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{Id, RawAssertion, RawClient, RawDaemon, RawOutput, RawSecret, RawTiming};
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
+use crate::safepath::{self, Trust};
 use crate::secret::SecretSource;
 
 /// Reads the config at `path` with its included files, secrets and keys.
@@ -81,6 +82,7 @@ fn load_text(text: &str, path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config
         clients_seen: std::collections::HashMap::new(),
         outputs_seen: std::collections::HashMap::new(),
         chown: crate::outputs::ChownRights::of_this_process(),
+        trust: Trust::of_this_process(),
     };
     let config = loader.main(text, path);
     loader.finish(config)
@@ -116,6 +118,9 @@ struct Loader<'r> {
     outputs_seen: std::collections::HashMap<PathBuf, (Loc, String)>,
     /// What owners and groups this process could give outputs, for the CAP_CHOWN warning.
     chown: crate::outputs::ChownRights,
+    /// Who may own the directories and files the daemon trusts: root and the daemon's user
+    /// (see [`daemon_user`]).
+    trust: Trust,
 }
 
 /// The timing of `[defaults]` with where each key was set, so that a bad combination is
@@ -342,6 +347,15 @@ impl Loader<'_> {
             },
             None => (Some(DaemonConfig::default()), Vec::new()),
         };
+        // After [daemon]: the daemon's user may come from state_dir (see `daemon_user`).
+        if let Err(e) = safepath::check_file(path, &self.trust) {
+            self.error(
+                Loc { file, offset: 0 },
+                format!(
+                    "{e}; whoever can write the config can run commands as the daemon (on_change)"
+                ),
+            );
+        }
         let defaults = match root.remove("defaults") {
             Some(v) => {
                 let raw = self
@@ -405,6 +419,17 @@ impl Loader<'_> {
                 }
             };
             if files.contains(&path) || !path.is_file() {
+                continue;
+            }
+            if let Err(e) = safepath::check_file(&path, &self.trust) {
+                self.error(
+                    *loc,
+                    format!(
+                        "included file {}: {e}; whoever can write it can run commands as the \
+                         daemon (on_change)",
+                        path.display()
+                    ),
+                );
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
@@ -602,16 +627,33 @@ impl Loader<'_> {
     ) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
         let before = self.errors.len();
         let mut d = DaemonConfig::default();
+        let mut raw_socket_loc = None;
         if let Some(s) = raw.socket {
+            raw_socket_loc = Some(Self::at(file, s.span()));
             d.socket = self.absolute(file, "socket", s);
         }
         if let Some(m) = raw.socket_mode {
             d.socket_mode = m.into_inner().0;
         }
-        if let Some(s) = raw.state_dir
-            && let Some(p) = self.absolute(file, "state_dir", s)
+        let mut state_dir_loc = None;
+        if let Some(s) = raw.state_dir {
+            let loc = Self::at(file, s.span());
+            if let Some(p) = self.absolute(file, "state_dir", s) {
+                d.state_dir = p;
+                state_dir_loc = Some(loc);
+            }
+        }
+        self.trust = Trust::for_user(daemon_user(&d.state_dir));
+        if let Some(loc) = state_dir_loc
+            && let Err(e) = check_state_dir(&d.state_dir, &self.trust)
         {
-            d.state_dir = p;
+            self.error(loc, format!("state_dir \"{}\": {e}", d.state_dir.display()));
+        }
+        if let (Some(socket), Some(raw)) = (&d.socket, &raw_socket_loc)
+            && let Some(dir) = socket.parent()
+            && let Err(e) = safepath::check_dir(dir, &self.trust)
+        {
+            self.error(*raw, format!("socket \"{}\": {e}", socket.display()));
         }
         if let Some(m) = raw.metrics_listen {
             match m.get_ref().parse() {
@@ -1143,6 +1185,11 @@ impl Loader<'_> {
                 SecretSource::Inline(s)
             }
         };
+        if let Some(path) = source.path()
+            && !self.secret_file_trusted(loc, key, &path)
+        {
+            return None;
+        }
         match source.load() {
             Ok(value) => Some(Credential { source, value }),
             Err(e) => {
@@ -1150,6 +1197,33 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// A secret file must not be writable by others (an error: whoever can write it controls
+    /// the credential); one any user can read gives a warning.
+    fn secret_file_trusted(&mut self, loc: Loc, key: &str, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if let Err(e) = safepath::check_file(path, &self.trust) {
+            self.error(
+                loc,
+                format!("{key}: secret file: {e}; whoever can write it controls this credential"),
+            );
+            return false;
+        }
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.mode() & 0o004 != 0
+        {
+            self.warn(
+                loc,
+                format!(
+                    "{key}: secret file {} can be read by any user (mode {:04o}): chmod o-r it \
+                     (0600, or 0640 with the daemon's group)",
+                    path.display(),
+                    meta.mode() & 0o7777
+                ),
+            );
+        }
+        true
     }
 
     fn extra(
@@ -1188,6 +1262,47 @@ impl Loader<'_> {
             Id::Name(name) => resolve_name(name, kind),
         };
         self.ok_at(file, id.span(), result)
+    }
+}
+
+/// The daemon's user, as the config is checked: this process's effective user, except that
+/// root checking a config whose `state_dir` exists and belongs to another user (the packaged
+/// `tokenwarden` user, say) checks it as that user would run it. The daemon itself refuses
+/// to start on a state directory it does not own, so this never widens what a running daemon
+/// trusts.
+fn daemon_user(state_dir: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return euid;
+    }
+    match std::fs::symlink_metadata(state_dir) {
+        Ok(m) if m.is_dir() => m.uid(),
+        _ => euid,
+    }
+}
+
+/// `state_dir` as [`crate::state::StateDir::open`] will judge it, creating nothing: its
+/// parents walked safely; if it exists, a directory (not a link) owned by the daemon's user
+/// and not writable by group or others.
+fn check_state_dir(path: &Path, trust: &Trust) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(parent) = path.parent() {
+        safepath::check_parent_dir(parent, trust).map_err(|e| e.to_string())?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            Err("it is a symbolic link; give the real directory".into())
+        }
+        Ok(m) if !m.is_dir() => Err("it is not a directory".into()),
+        Ok(m) if m.uid() != trust.user() || m.mode() & 0o022 != 0 => Err(format!(
+            "it is owned by uid {} with mode {:04o}; it must be owned by the daemon's user \
+             (uid {}) and not writable by group or others",
+            m.uid(),
+            m.mode() & 0o7777,
+            trust.user()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -1284,6 +1399,11 @@ impl Loader<'_> {
         } else {
             self.outputs_seen
                 .insert(path.clone(), (path_loc, client.to_owned()));
+            if let Some(dir) = path.parent()
+                && let Err(e) = safepath::check_dir(dir, &self.trust)
+            {
+                self.error(path_loc, format!("output path \"{}\": {e}", path.display()));
+            }
         }
         let format = match &raw.format {
             Some(f) => self.ok_at(file, f.span(), check::parse_output_format(f.get_ref())),

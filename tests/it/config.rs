@@ -72,6 +72,14 @@ fn load(path: &Path) -> Config {
 
 #[test]
 fn fixtures_load_or_fail_as_listed() {
+    // git keeps no mode but +x: secret files readable by others would warn.
+    for entry in std::fs::read_dir(data().join("secrets")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
+    }
     let valid = fixtures("valid");
     assert!(valid.len() >= 8, "{} valid fixtures", valid.len());
     for path in &valid {
@@ -453,6 +461,12 @@ mod reuse {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         std::fs::write(root.join("b.secret"), "secret-b\n").unwrap();
+        // Not readable by others: that would warn.
+        std::fs::set_permissions(
+            root.join("b.secret"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         Files {
             config: root.join("tw.toml"),
             root,

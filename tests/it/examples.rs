@@ -123,6 +123,12 @@ fn credentials_dir(files: &[PathBuf]) -> tempfile::TempDir {
                 format!("dummy-{name}-{}", uuid::Uuid::new_v4().simple())
             };
             std::fs::write(dir.path().join(&name), value).unwrap();
+            // As LoadCredential= gives them: not readable by others (that would warn).
+            std::fs::set_permissions(
+                dir.path().join(&name),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
         }
     }
     dir
