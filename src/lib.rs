@@ -23,7 +23,9 @@
 //! - [`cli`]: the command line (SPEC §2), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
-#![forbid(unsafe_code)]
+//! - [`sys`]: the two system calls std and nix do not wrap (peer groups, close-on-exec), the
+//!   crate's only `unsafe` code.
+#![deny(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -49,5 +51,6 @@ pub mod schedule;
 pub mod secret;
 pub mod state;
 pub mod store;
+pub mod sys;
 pub mod systemd;
 pub mod token;

@@ -225,8 +225,21 @@ pub struct DaemonProc {
 impl DaemonProc {
     /// Starts `tokenwarden run -c CONFIG` with extra environment variables.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> DaemonProc {
+        DaemonProc::start_wrapped(&[], config, env)
+    }
+
+    /// Starts `WRAPPER... tokenwarden run -c CONFIG` (a wrapper that ends by exec'ing its
+    /// arguments, e.g. `sh -c '...; exec "$@"' sh`, keeps the daemon's pid).
+    pub fn start_wrapped(wrapper: &[&str], config: &Path, env: &[(&str, &str)]) -> DaemonProc {
         use tokio::io::AsyncBufReadExt;
-        let mut cmd = tokio::process::Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            None => tokio::process::Command::new(bin()),
+        };
         cmd.args(["run", "-c"])
             .arg(config)
             .env_remove("NOTIFY_SOCKET")

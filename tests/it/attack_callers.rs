@@ -1,0 +1,201 @@
+//! Attacks on who may call the daemon and on what its hooks are given: supplementary groups
+//! taken from the socket (not from `/proc`), client names not enumerable by strangers, and
+//! `on_change` commands that get a clean environment, no inherited descriptor, and leave
+//! nothing running.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::{DaemonProc, DemoEnv, NotifySocket, READY_WITHIN, STOPS_WITHIN, wait_for};
+
+/// Whether `pid` no longer runs (gone, or a zombie nobody reaped).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn pids_in(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+/// The demo config with transatel's secret taken from `$TW_ATTACK_SECRET` and one more
+/// transatel output whose `on_change` is `script` (run by /bin/sh).
+fn with_hook(env: &DemoEnv, script: &str) {
+    let hook = env.out("hook.token");
+    env.edit_config(|text| {
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with("client_secret = { file = ") && line.contains("transatel") {
+                out.push_str("client_secret = { env = \"TW_ATTACK_SECRET\" }\n");
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        assert!(out.contains("TW_ATTACK_SECRET"), "{text}");
+        out.push_str(&format!(
+            "\n[[clients.transatel.outputs]]\npath = {:?}\nformat = \"token\"\non_change = [\"/bin/sh\", \"-c\", {:?}]\n",
+            hook.display().to_string(),
+            script
+        ));
+        out
+    });
+}
+
+/// Starts the daemon through a shell that leaves descriptors 7 and 9 open (not
+/// close-on-exec) across its exec, as a careless parent would; waits for READY=1.
+async fn start_leaky(env: &DemoEnv, vars: &[(&str, &str)]) -> (DaemonProc, NotifySocket) {
+    let notify = NotifySocket::bind();
+    let mut vars = vars.to_vec();
+    vars.push(("NOTIFY_SOCKET", notify.path.to_str().unwrap()));
+    let daemon = DaemonProc::start_wrapped(
+        &[
+            "/bin/sh",
+            "-c",
+            "exec 7</dev/null 9<\"$0\"; exec \"$@\"",
+            env.config_path(),
+        ],
+        Path::new(env.config_path()),
+        &vars,
+    );
+    notify.wait_for("READY=1", READY_WITHIN).await;
+    (daemon, notify)
+}
+
+#[tokio::test]
+async fn a_hook_gets_a_clean_environment_no_inherited_descriptor_and_leaves_nothing_running() {
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    let secret = env.secret("transatel");
+    let d = env.dir.path().join("hook");
+    std::fs::create_dir(&d).unwrap();
+    // Its environment as the daemon gave it; a background child; then, once its pid is
+    // written, the hook becomes `sleep` (no shell descriptor of its own) for the test to look at.
+    let script = format!(
+        "d='{}'; tr '\\0' '\\n' < /proc/$$/environ > \"$d/env\"; \
+         sleep 300 >/dev/null 2>&1 & echo $! > \"$d/bg\"; echo $$ > \"$d/pid\"; exec sleep 300",
+        d.display()
+    );
+    with_hook(&env, &script);
+    let (mut daemon, _notify) = start_leaky(
+        &env,
+        &[
+            ("TW_ATTACK_SECRET", secret.trim()),
+            (
+                "CREDENTIALS_DIRECTORY",
+                "/run/credentials/tokenwarden.service",
+            ),
+            ("TW_ATTACK_OTHER", "inherited"),
+            ("LANG", "de_DE.UTF-8"),
+            ("PATH", "/opt/attacker/bin:/usr/bin:/bin"),
+        ],
+    )
+    .await;
+    let pid = d.join("pid");
+    wait_for("the hook to run", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid).is_ok_and(|p| {
+            std::fs::read_to_string(format!("/proc/{}/comm", p.trim()))
+                .is_ok_and(|c| c.trim() == "sleep")
+        })
+    })
+    .await;
+    let pid = pids_in(&pid)[0];
+
+    // The environment: exactly these five, nothing of the daemon's.
+    let text = std::fs::read_to_string(d.join("env")).unwrap();
+    let vars: BTreeMap<&str, &str> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split_once('=').unwrap())
+        .collect();
+    let names: Vec<&str> = vars.keys().copied().collect();
+    assert_eq!(
+        names,
+        [
+            "LANG",
+            "PATH",
+            "TOKENWARDEN_CLIENT",
+            "TOKENWARDEN_EXPIRES_AT",
+            "TOKENWARDEN_GENERATION"
+        ],
+        "{text}"
+    );
+    assert_eq!(vars["PATH"], tokenwarden::outputs::HOOK_PATH);
+    assert_eq!(vars["LANG"], "de_DE.UTF-8");
+    assert_eq!(vars["TOKENWARDEN_CLIENT"], "transatel");
+    assert_eq!(vars["TOKENWARDEN_GENERATION"], "1");
+    let expires = humantime::parse_rfc3339(vars["TOKENWARDEN_EXPIRES_AT"]).unwrap();
+    assert!(expires > std::time::SystemTime::now() + Duration::from_secs(3000));
+    assert!(!text.contains(secret.trim()), "the secret reached the hook");
+
+    // Descriptors: 0, 1 and 2 only (not the 7 and 9 the daemon inherited, nor its own).
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    fds.sort_unstable();
+    let targets: Vec<String> = fds
+        .iter()
+        .map(|fd| {
+            let t = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+            format!("{fd} -> {}", t.display())
+        })
+        .collect();
+    assert_eq!(fds, [0, 1, 2], "{targets:?}");
+
+    // The hook ends (killed, as it would exit): what it left running in its group goes too.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // What it left running in its group is killed when it exits.
+    let bg = pids_in(&d.join("bg"))[0];
+    wait_for(
+        "the hook's background child to be killed",
+        Duration::from_secs(10),
+        || gone(bg),
+    )
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_hook_running_when_the_daemon_stops_is_killed_with_its_group() {
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    let secret = env.secret("transatel");
+    let d = env.dir.path().join("hook");
+    std::fs::create_dir(&d).unwrap();
+    let script = format!(
+        "sleep 300 >/dev/null 2>&1 & echo $$ $! > '{}/pids'; wait",
+        d.display()
+    );
+    with_hook(&env, &script);
+    let (mut daemon, _notify) = start_leaky(&env, &[("TW_ATTACK_SECRET", secret.trim())]).await;
+    let pids = d.join("pids");
+    wait_for("the hook to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pids).is_ok_and(|t| t.split_whitespace().count() == 2)
+    })
+    .await;
+    let pids = pids_in(&pids);
+    assert!(pids.iter().all(|&p| !gone(p)));
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(STOPS_WITHIN).await;
+    assert!(status.success(), "{status:?}; logs:\n{}", daemon.logs());
+    for pid in pids {
+        wait_for(
+            &format!("hook process {pid} to die"),
+            Duration::from_secs(5),
+            || gone(pid),
+        )
+        .await;
+    }
+}
