@@ -302,11 +302,10 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     grpc_timeout(v).map(|d| Instant::now() + d - (d / 10).min(Duration::from_millis(100)))
 }
 
-fn caller_of<T>(req: &Request<T>) -> Result<Caller, ApiError> {
+fn caller_of<T>(req: &Request<T>) -> Result<Arc<Caller>, ApiError> {
     req.extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|i| i.peer_cred.as_ref())
-        .map(Caller::from_cred)
+        .get::<Arc<Caller>>()
+        .cloned()
         .ok_or(ApiError::UnknownCaller)
 }
 
@@ -353,7 +352,7 @@ pub type TokenStream = Pin<Box<dyn Stream<Item = Result<pb::Token, Status>> + Se
 /// What a watch stream carries from one item to the next.
 struct Watch {
     api: TokenApi,
-    caller: Caller,
+    caller: Arc<Caller>,
     client: String,
     rx: watch::Receiver<Snapshot>,
     /// The generation last sent.

@@ -199,3 +199,122 @@ async fn a_hook_running_when_the_daemon_stops_is_killed_with_its_group() {
         .await;
     }
 }
+
+// === callers ===
+
+/// Groups no user of this machine has: only the test's children are in them.
+const READERS: u32 = 47_321;
+/// The group allowed to see every process in the daemon's private /proc (none of ours).
+const PROC_VIEWERS: u32 = 47_322;
+
+/// Runs `tokenwarden ARGS` as uid/gid 65534 with exactly the supplementary `groups`.
+async fn run_as_nobody(groups: &[u32], args: &[&str]) -> crate::support::Run {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        format!("--groups={}", list.join(","))
+    };
+    crate::support::run_setpriv(&["--reuid=65534", "--regid=65534", &groups], args).await
+}
+
+/// Whether this machine lets a test give a child a private /proc (a mount namespace and
+/// `mount -t proc`): root with CAP_SYS_ADMIN, `unshare` and `setpriv` present.
+fn private_proc_possible() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root to run children as other users".into());
+    }
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t proc -o hidepid=invisible proc /proc")
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "cannot mount a private /proc: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run unshare: {e}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_by_supplementary_group_is_allowed_when_the_daemon_cannot_see_its_process() {
+    if let Err(why) = private_proc_possible() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    // Let nobody reach the socket: the directory traversable, the socket world-writable.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.edit_config(|t| {
+        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
+            .replace(
+                "[clients.transatel]\n",
+                &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
+            )
+    });
+    // The daemon as under `ProtectProc=invisible`: its own /proc shows other users'
+    // processes only to members of PROC_VIEWERS, and it runs without CAP_SYS_PTRACE.
+    let notify = NotifySocket::bind();
+    let daemon = DaemonProc::start_wrapped(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &format!(
+                "mount -t proc -o hidepid=invisible,gid={PROC_VIEWERS} proc /proc && \
+                 exec setpriv --bounding-set=-sys_ptrace --inh-caps=-sys_ptrace -- \"$@\""
+            ),
+            "sh",
+        ],
+        Path::new(env.config_path()),
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    notify.wait_for("READY=1", READY_WITHIN).await;
+    let s = env.demo.socket.to_str().unwrap();
+
+    // The daemon really cannot see a process of uid 65534.
+    let mut sleeper = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sleep",
+            "300",
+        ])
+        .spawn()
+        .unwrap();
+    let seen = std::process::Command::new("nsenter")
+        .arg(format!("--mount=/proc/{}/ns/mnt", daemon.pid()))
+        .args([
+            "setpriv",
+            "--bounding-set=-sys_ptrace",
+            "--inh-caps=-sys_ptrace",
+            "--",
+        ])
+        .args(["test", "-e", &format!("/proc/{}/status", sleeper.id())])
+        .status()
+        .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(
+        !seen.success(),
+        "the daemon's /proc shows other users' processes"
+    );
+
+    let r = run_as_nobody(&[READERS], &["get", "transatel", "-s", s]).await;
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, daemon.logs());
+    assert_eq!(
+        env.provider.token_owner(r.stdout.trim_end()).as_deref(),
+        Some(tokenwarden::demo::TRANSATEL_ID)
+    );
+    // Not a member: denied.
+    let r = run_as_nobody(&[], &["get", "transatel", "-s", s]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stderr.contains("not allowed"), "{}", r.stderr);
+}
