@@ -318,3 +318,145 @@ async fn a_member_by_supplementary_group_is_allowed_when_the_daemon_cannot_see_i
     assert_eq!(r.code, 1, "{}", r.stdout);
     assert!(r.stderr.contains("not allowed"), "{}", r.stderr);
 }
+
+/// Set (to the socket's path) in the environment of the test binary re-run as another user by
+/// [`name_enumeration_is_refused_to_strangers`]: [`rpc_helper`] then makes the calls.
+const HELPER_SOCKET: &str = "TW_ATTACK_RPC_SOCKET";
+/// The names [`rpc_helper`] tries, comma-separated.
+const HELPER_NAMES: &str = "TW_ATTACK_RPC_NAMES";
+
+/// Not a test on its own: does nothing unless [`HELPER_SOCKET`] is set. Then calls
+/// `GetToken`, `WatchToken` and `RefreshToken` for each of [`HELPER_NAMES`] and prints one
+/// `RPC NAME CODE MESSAGE` line per call.
+#[tokio::test]
+async fn rpc_helper() {
+    let (Ok(socket), Ok(names)) = (std::env::var(HELPER_SOCKET), std::env::var(HELPER_NAMES))
+    else {
+        return;
+    };
+    use tokenwarden::grpc::pb;
+    let mut c = tokenwarden::client::connect(Path::new(&socket))
+        .await
+        .unwrap();
+    let line = |rpc: &str, name: &str, r: Result<(), tonic::Status>| match r {
+        Ok(()) => println!("RPC {rpc} {name} Ok"),
+        Err(s) => println!("RPC {rpc} {name} {:?} {}", s.code(), s.message()),
+    };
+    for name in names.split(',') {
+        let r = c
+            .get_token(pb::GetTokenRequest {
+                client: name.into(),
+                min_valid_for: None,
+            })
+            .await;
+        line("GetToken", name, r.map(drop));
+        let r = c
+            .watch_token(pb::WatchTokenRequest {
+                client: name.into(),
+            })
+            .await;
+        line("WatchToken", name, r.map(drop));
+        let r = c
+            .refresh_token(pb::RefreshTokenRequest {
+                client: name.into(),
+            })
+            .await;
+        line("RefreshToken", name, r.map(drop));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn name_enumeration_is_refused_to_strangers() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to run a caller as uid 65534");
+        return;
+    }
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.edit_config(|t| t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n"));
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(Path::new(env.config_path()), &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    const MISSING: &str = "no-such-client";
+
+    // Every RPC taking a name, as uid 65534: the same answer for a client it may not read
+    // and for a name no client has.
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args(["--exact", "attack_callers::rpc_helper", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env(HELPER_SOCKET, s)
+        .env(HELPER_NAMES, format!("talkdesk,{MISSING}"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: BTreeMap<(String, String), String> = stdout
+        .lines()
+        // The test harness may print its "test ... " on the first line.
+        .filter_map(|l| l.split_once("RPC ").map(|(_, rest)| rest))
+        .map(|l| {
+            let mut p = l.splitn(3, ' ');
+            let (rpc, name, rest) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
+            ((rpc.to_string(), name.to_string()), rest.to_string())
+        })
+        .collect();
+    for rpc in ["GetToken", "WatchToken", "RefreshToken"] {
+        let answer = |name: &str| {
+            answers
+                .get(&(rpc.to_string(), name.to_string()))
+                .unwrap_or_else(|| panic!("no {rpc} answer for {name}: {stdout}"))
+        };
+        let (existing, missing) = (answer("talkdesk"), answer(MISSING));
+        assert!(
+            existing.starts_with("PermissionDenied "),
+            "{rpc}: {existing}"
+        );
+        assert_eq!(
+            missing.replace(MISSING, "NAME"),
+            existing.replace("talkdesk", "NAME"),
+            "{rpc}: a stranger can tell a missing name from a forbidden one"
+        );
+    }
+
+    // The command line says the same for both.
+    for cmd in ["get", "refresh"] {
+        let existing = run_as_nobody(&[], &[cmd, "talkdesk", "-s", s]).await;
+        let missing = run_as_nobody(&[], &[cmd, MISSING, "-s", s]).await;
+        assert_eq!(existing.code, 1, "{cmd}: {}", existing.stderr);
+        assert!(
+            existing.stderr.contains("not allowed"),
+            "{}",
+            existing.stderr
+        );
+        assert_eq!(
+            (missing.code, missing.stderr.replace(MISSING, "NAME")),
+            (existing.code, existing.stderr.replace("talkdesk", "NAME")),
+            "{cmd}"
+        );
+    }
+
+    // Root (and the daemon's user) still hear NOT_FOUND.
+    let mut c = tokenwarden::client::connect(&env.demo.socket)
+        .await
+        .unwrap();
+    let e = c
+        .get_token(tokenwarden::grpc::pb::GetTokenRequest {
+            client: MISSING.into(),
+            min_valid_for: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let r = crate::support::run(&["get", MISSING, "-s", s]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    daemon.stop().await;
+}
