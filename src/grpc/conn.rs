@@ -51,8 +51,8 @@ pub struct Services {
 }
 
 /// Serves one accepted connection until the peer closes it, or `stop` (GOAWAY, then the calls
-/// in flight end).
-/// `caller` is the peer, as the kernel recorded it when it connected.
+/// in flight end). `caller` is the peer as the kernel recorded it when it connected
+/// ([`Caller::of_stream`]); `None` gets `PERMISSION_DENIED` on every call that names a client.
 pub async fn serve<IO>(
     io: IO,
     caller: Option<Arc<Caller>>,
