@@ -165,6 +165,9 @@ async fn a_hook_gets_a_clean_environment_no_inherited_descriptor_and_leaves_noth
         || gone(bg),
     )
     .await;
+    daemon
+        .wait_log("on_change left processes running", Duration::from_secs(10))
+        .await;
     daemon.stop().await;
 }
 

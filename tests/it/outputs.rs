@@ -468,22 +468,26 @@ async fn a_missing_program_is_a_clear_error() {
 async fn a_background_child_holding_the_output_does_not_hold_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
-    // The command exits at once but leaves a process holding stdout open.
+    // The command exits at once but leaves a process holding stdout open: it is killed when
+    // the command exits, and the report says so.
     let script = format!("sleep 300 & echo $! > '{}'; echo bye", pid_file.display());
-    let out = run_command(&sh(&script), &EVENT, Duration::from_secs(2))
+    let started = Instant::now();
+    let out = run_command(&sh(&script), &EVENT, Duration::from_secs(30))
         .await
         .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "held until the timeout"
+    );
     assert!(out.status.success());
     assert_eq!(out.stdout, "bye\n");
+    assert!(out.left_running);
     let pid: i32 = fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    wait_until("the background child to be killed", || gone(pid));
 }
 
 #[test]
