@@ -1,4 +1,4 @@
-//! Who is calling, and whether they may read a client (SPEC §7).
+//! Who is calling, and whether they may read a client.
 //!
 //! The caller is known by what the kernel recorded about the socket's peer when it connected:
 //! its uid, primary gid and pid (`SO_PEERCRED`) and its supplementary groups

@@ -1,5 +1,5 @@
 //! `tokenwarden.v1.TokenService`: tokens and status out of the [`Store`], refreshes through
-//! each client's refresher (SPEC §7).
+//! each client's refresher.
 //!
 //! Every call names a client; [`TokenApi::slot`] finds it and checks the caller may read it
 //! (`PERMISSION_DENIED`; `NOT_FOUND` for a name no client has, told only to root and the
@@ -247,7 +247,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}` (SPEC §3).
+/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}`.
 fn check_name(client: &str) -> Result<(), ApiError> {
     if client.is_empty() {
         return Err(ApiError::InvalidArgument(
