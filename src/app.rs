@@ -81,7 +81,7 @@ pub async fn obtain(
             expires_at = %crate::token::rfc3339(token.expires_at),
             "reusing stored token"
         );
-        let output_errors = publish(client, &token).await;
+        let output_errors = publish(client, &token, generation).await;
         return Ok(Obtained {
             token,
             reused: true,
@@ -116,7 +116,7 @@ pub async fn obtain(
                 expires_at = %crate::token::rfc3339(token.expires_at),
                 "new token"
             );
-            let output_errors = publish(client, &token).await;
+            let output_errors = publish(client, &token, generation + 1).await;
             Ok(Obtained {
                 token,
                 reused: false,
@@ -142,7 +142,7 @@ pub async fn obtain(
 
 /// Writes every output of the client and runs `on_change` if any changed. Returns one line per
 /// failed output (each already logged).
-pub async fn publish(client: &ClientConfig, token: &Token) -> Vec<String> {
+pub async fn publish(client: &ClientConfig, token: &Token, generation: u64) -> Vec<String> {
     let reports = {
         let client = client.clone();
         let token = token.clone();
@@ -169,7 +169,12 @@ pub async fn publish(client: &ClientConfig, token: &Token) -> Vec<String> {
         }
     }
     if changed {
-        for r in outputs::run_on_change(client, ON_CHANGE_TIMEOUT).await {
+        let event = outputs::OnChangeEvent {
+            client: &client.name,
+            generation,
+            expires_at: token.expires_at,
+        };
+        for r in outputs::run_on_change(client, &event, ON_CHANGE_TIMEOUT).await {
             log_on_change(&client.name, &r);
         }
     }
@@ -180,6 +185,14 @@ pub fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
     let program = r.argv.first().map(String::as_str).unwrap_or("");
     match &r.result {
         Ok(out) => {
+            if out.left_running {
+                tracing::warn!(
+                    client,
+                    program,
+                    "on_change left processes running when it exited; they were killed (start \
+                     long-running work through systemd instead)"
+                );
+            }
             let stdout = out.stdout.trim();
             let stderr = out.stderr.trim();
             if out.status.success() {

@@ -25,7 +25,9 @@
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`safepath`]: directories reached without following links or trusting what others can write.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
-#![forbid(unsafe_code)]
+//! - [`sys`]: the two system calls std and nix do not wrap (peer groups, close-on-exec), the
+//!   crate's only `unsafe` code.
+#![deny(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -53,5 +55,6 @@ pub mod schedule;
 pub mod secret;
 pub mod state;
 pub mod store;
+pub mod sys;
 pub mod systemd;
 pub mod token;

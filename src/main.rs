@@ -14,6 +14,12 @@ use tokenwarden::oauth::Human;
 use tokenwarden::{app, demo, logging};
 
 fn main() -> ExitCode {
+    // Before any thread starts: nothing the daemon inherited from its parent may reach an
+    // `on_change` command.
+    if let Err(e) = tokenwarden::sys::close_inherited_on_exec() {
+        eprintln!("tokenwarden: cannot mark inherited descriptors close-on-exec: {e}");
+        return ExitCode::from(1);
+    }
     let matches = cli::command()
         .subcommand(
             // Writes the manual and completions for the .deb (scripts/package.sh); not a

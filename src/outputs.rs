@@ -17,13 +17,14 @@
 //! shared directory would let whoever placed it choose where tokens land.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::OFlag;
 use rand::Rng;
@@ -686,6 +687,43 @@ fn is_current(out: &OutputConfig, contents: &[u8]) -> bool {
 
 // === on_change ===
 
+/// The `PATH` of an `on_change` command: the system's directories, never the daemon's own.
+pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The `LANG` of an `on_change` command when the daemon has none.
+pub const HOOK_LANG: &str = "C.UTF-8";
+
+/// The new token an `on_change` command is told about, in its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct OnChangeEvent<'a> {
+    /// The client's name (`TOKENWARDEN_CLIENT`).
+    pub client: &'a str,
+    /// The token's generation, rising by one per new token (`TOKENWARDEN_GENERATION`).
+    pub generation: u64,
+    /// When the token expires (`TOKENWARDEN_EXPIRES_AT`, RFC 3339 UTC).
+    pub expires_at: SystemTime,
+}
+
+impl OnChangeEvent<'_> {
+    /// The whole environment of an `on_change` command: [`HOOK_PATH`], `LANG` (`lang`, the
+    /// daemon's, else [`HOOK_LANG`]) and the three `TOKENWARDEN_*` variables. Nothing else of
+    /// the daemon's environment: it may hold secrets (`{ env = NAME }` sources) and
+    /// `CREDENTIALS_DIRECTORY`.
+    pub fn environment(&self, lang: Option<OsString>) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("PATH", HOOK_PATH.into()),
+            (
+                "LANG",
+                lang.filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| HOOK_LANG.into()),
+            ),
+            ("TOKENWARDEN_CLIENT", self.client.into()),
+            ("TOKENWARDEN_GENERATION", self.generation.to_string().into()),
+            ("TOKENWARDEN_EXPIRES_AT", rfc3339(self.expires_at).into()),
+        ]
+    }
+}
+
 /// The result of one `on_change` command.
 #[derive(Debug)]
 pub struct OnChangeReport {
@@ -706,6 +744,8 @@ pub struct CommandOutput {
     pub stderr: String,
     /// How long it ran.
     pub elapsed: Duration,
+    /// Processes it left running in its process group when it exited (killed then).
+    pub left_running: bool,
 }
 
 /// Why an `on_change` command did not run to its end.
@@ -734,9 +774,13 @@ pub enum OnChangeError {
 }
 
 /// Runs each distinct non-empty `on_change` argv of `client`'s outputs once, one after the
-/// other in the order the outputs list them (SPEC §5: after all of the client's outputs are
-/// written; the timeout there is 30 s).
-pub async fn run_on_change(client: &ClientConfig, timeout: Duration) -> Vec<OnChangeReport> {
+/// other in the order the outputs list them: after all of the client's outputs are written,
+/// each within `timeout` (30 s in the daemon).
+pub async fn run_on_change(
+    client: &ClientConfig,
+    event: &OnChangeEvent<'_>,
+    timeout: Duration,
+) -> Vec<OnChangeReport> {
     let mut seen = HashSet::new();
     let mut reports = Vec::new();
     for out in &client.outputs {
@@ -745,20 +789,23 @@ pub async fn run_on_change(client: &ClientConfig, timeout: Duration) -> Vec<OnCh
         }
         reports.push(OnChangeReport {
             argv: out.on_change.clone(),
-            result: run_command(&out.on_change, timeout).await,
+            result: run_command(&out.on_change, event, timeout).await,
         });
     }
     reports
 }
 
-/// Runs `argv` without a shell, stdin from /dev/null, stdout and stderr captured (the first
-/// [`CAPTURE_LIMIT`] bytes of each). The command runs in its own process group; if it outlives
-/// `timeout`, the whole group is killed with SIGKILL.
+/// Runs `argv` without a shell, with the environment of [`OnChangeEvent::environment`] only,
+/// stdin from /dev/null, stdout and stderr captured (the first [`CAPTURE_LIMIT`] bytes of
+/// each), and no other descriptor (the daemon's are all close-on-exec: see
+/// [`crate::sys::close_inherited_on_exec`]).
 ///
-/// When the command exits but something it left in the background still holds its output open,
-/// the output read until the deadline is reported and the background process is left alone.
+/// The command runs in a process group of its own, and nothing in that group outlives it:
+/// whatever it left running when it exits, the whole group when it outlives `timeout`, and the
+/// whole group when this future is dropped (the daemon stopping) are killed with SIGKILL.
 pub async fn run_command(
     argv: &[String],
+    event: &OnChangeEvent<'_>,
     timeout: Duration,
 ) -> Result<CommandOutput, OnChangeError> {
     let Some((program, args)) = argv.split_first() else {
@@ -768,6 +815,8 @@ pub async fn run_command(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut child = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .envs(event.environment(std::env::var_os("LANG")))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -778,10 +827,17 @@ pub async fn run_command(
             program: program.clone(),
             source,
         })?;
+    // Armed before anything can fail or be cancelled.
+    let mut group = ProcessGroup(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw),
+    );
 
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let stderr = Arc::new(Mutex::new(Vec::new()));
-    let readers = [
+    let readers = Readers([
         child
             .stdout
             .take()
@@ -790,34 +846,33 @@ pub async fn run_command(
             .stderr
             .take()
             .map(|r| tokio::spawn(read_capped(r, Arc::clone(&stderr)))),
-    ];
+    ]);
 
     let status = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(Ok(status)) => status,
         Ok(Err(source)) => {
-            abort_all(&readers);
+            group.kill();
             return Err(OnChangeError::Wait {
                 program: program.clone(),
                 source,
             });
         }
         Err(_elapsed) => {
-            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-                // The group may already be gone; the kill below is the fallback.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            // The group first, while its leader (not yet reaped) still holds the group's id.
+            group.kill();
             let _ = child.kill().await;
-            abort_all(&readers);
             return Err(OnChangeError::Timeout {
                 program: program.clone(),
                 timeout,
             });
         }
     };
-    for reader in readers.into_iter().flatten() {
+    // What it left in its group: killed now. The group's id is the leader's pid, which stays
+    // reserved while the group has a member; an empty group's id could only have been taken by
+    // a new group in the instant since the leader was reaped (pids are handed out in rising
+    // order up to pid_max before any is reused).
+    let left_running = group.kill();
+    for reader in readers.take() {
         let abort = reader.abort_handle();
         if tokio::time::timeout_at(deadline, reader).await.is_err() {
             abort.abort();
@@ -833,12 +888,42 @@ pub async fn run_command(
         stdout: text(&stdout),
         stderr: text(&stderr),
         elapsed: started.elapsed(),
+        left_running,
     })
 }
 
-fn abort_all(readers: &[Option<tokio::task::JoinHandle<()>>]) {
-    for r in readers.iter().flatten() {
-        r.abort();
+/// A command's process group, killed (SIGKILL) at the latest when this is dropped.
+struct ProcessGroup(Option<nix::unistd::Pid>);
+
+impl ProcessGroup {
+    /// Kills every process left in the group, once; whether there was any.
+    fn kill(&mut self) -> bool {
+        self.0.take().is_some_and(|pgid| {
+            nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).is_ok()
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The tasks reading a command's stdout and stderr, aborted when dropped.
+struct Readers([Option<tokio::task::JoinHandle<()>>; 2]);
+
+impl Readers {
+    fn take(mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.0.iter_mut().filter_map(Option::take).collect()
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for r in self.0.iter().flatten() {
+            r.abort();
+        }
     }
 }
 
@@ -861,6 +946,34 @@ async fn read_capped(mut r: impl AsyncRead + Unpin, kept: Arc<Mutex<Vec<u8>>>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn on_change_environment_is_these_five_only() {
+        let event = OnChangeEvent {
+            client: "api",
+            generation: 7,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_400),
+        };
+        let env = |lang: Option<&str>| -> Vec<(&str, String)> {
+            event
+                .environment(lang.map(OsString::from))
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string_lossy().into_owned()))
+                .collect()
+        };
+        let want = |lang: &str| -> Vec<(&str, String)> {
+            vec![
+                ("PATH", HOOK_PATH.to_string()),
+                ("LANG", lang.to_string()),
+                ("TOKENWARDEN_CLIENT", "api".to_string()),
+                ("TOKENWARDEN_GENERATION", "7".to_string()),
+                ("TOKENWARDEN_EXPIRES_AT", "2026-11-23T19:00:00Z".to_string()),
+            ]
+        };
+        assert_eq!(env(Some("fr_FR.UTF-8")), want("fr_FR.UTF-8"));
+        assert_eq!(env(None), want("C.UTF-8"));
+        assert_eq!(env(Some("")), want("C.UTF-8"));
+    }
+
     #[test]
     fn chown_rights_table() {
         let rights = |cap_chown| super::ChownRights {

@@ -759,8 +759,16 @@ impl Refresher {
         }
         if changed && run_on_change {
             let config = self.config.clone();
+            let generation = self.snapshot.borrow().generation;
+            let expires_at = token.expires_at;
             self.shared.tracker.spawn(async move {
-                for r in outputs::run_on_change(&config, crate::app::ON_CHANGE_TIMEOUT).await {
+                let event = outputs::OnChangeEvent {
+                    client: &config.name,
+                    generation,
+                    expires_at,
+                };
+                let timeout = crate::app::ON_CHANGE_TIMEOUT;
+                for r in outputs::run_on_change(&config, &event, timeout).await {
                     crate::app::log_on_change(&config.name, &r);
                 }
             });

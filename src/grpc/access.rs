@@ -1,79 +1,78 @@
-//! Who is calling, and whether they may read a client (SPEC §7).
+//! Who is calling, and whether they may read a client.
 //!
-//! The caller is known by the socket's peer credentials (SO_PEERCRED, taken by the kernel when
-//! the caller connected): its uid, primary gid and pid. Its supplementary groups are read from
-//! `/proc/PID/status` only when a client's `allow_groups` needs them, and only trusted when that
-//! process still has the peer's effective uid (a pid reused by another user's process gives no
-//! groups).
+//! The caller is known by what the kernel recorded about the socket's peer when it connected:
+//! its uid, primary gid and pid (`SO_PEERCRED`) and its supplementary groups
+//! (`SO_PEERGROUPS`), both taken once, when the connection is accepted. Nothing is read from
+//! `/proc`: that works under systemd's `ProtectProc=invisible`, and a pid reused by another
+//! process cannot lend the caller its groups.
 
-use std::sync::OnceLock;
-
-use tokio::net::unix::UCred;
+use tokio::net::UnixStream;
 
 /// The peer of a connection on the socket.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// Effective uid at connect time.
     pub uid: u32,
     /// Effective primary gid at connect time.
     pub gid: u32,
-    /// Process id at connect time, when the kernel gave one.
+    /// Process id at connect time, when the kernel gave one (for logs only).
     pub pid: Option<i32>,
-    /// Supplementary groups, read on first need.
-    groups: OnceLock<Vec<u32>>,
+    /// Supplementary groups at connect time.
+    pub groups: Vec<u32>,
 }
 
 impl Caller {
-    /// The caller of a connection with these peer credentials.
-    pub fn from_cred(cred: &UCred) -> Caller {
-        Caller {
+    /// The peer of an accepted connection; `None` when the kernel gives no credentials (not
+    /// a Unix socket peer). Supplementary groups that cannot be had (a kernel before 4.13)
+    /// are taken as none: membership by supplementary group then fails closed.
+    pub fn of_stream(stream: &UnixStream) -> Option<Caller> {
+        let cred = stream.peer_cred().ok()?;
+        let groups = match crate::sys::peer_groups(stream) {
+            Ok(groups) => groups,
+            Err(e) => {
+                tracing::debug!(
+                    uid = cred.uid(),
+                    pid = cred.pid(),
+                    "cannot read the caller's supplementary groups (SO_PEERGROUPS): {e}"
+                );
+                Vec::new()
+            }
+        };
+        Some(Caller {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
-            groups: OnceLock::new(),
-        }
+            groups,
+        })
     }
 
-    /// A caller with known supplementary groups (tests).
+    /// A caller with these ids and supplementary groups (tests).
     pub fn with_groups(uid: u32, gid: u32, groups: Vec<u32>) -> Caller {
-        let cell = OnceLock::new();
-        let _ = cell.set(groups);
         Caller {
             uid,
             gid,
             pid: None,
-            groups: cell,
+            groups,
         }
-    }
-
-    /// Supplementary groups from `/proc/PID/status`; empty when they cannot be known.
-    pub fn groups(&self) -> &[u32] {
-        self.groups.get_or_init(|| {
-            let Some(pid) = self.pid else {
-                return Vec::new();
-            };
-            match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                Ok(text) => groups_from_status(&text, self.uid).unwrap_or_default(),
-                Err(_) => Vec::new(),
-            }
-        })
     }
 
     /// Whether this caller may read a client with these allow lists, in a daemon running as
     /// `daemon_uid`.
     pub fn may_read(&self, daemon_uid: u32, allow_uids: &[u32], allow_gids: &[u32]) -> bool {
-        if may_read(self.uid, self.gid, &[], daemon_uid, allow_uids, allow_gids) {
-            return true;
-        }
-        !allow_gids.is_empty()
-            && may_read(
-                self.uid,
-                self.gid,
-                self.groups(),
-                daemon_uid,
-                allow_uids,
-                allow_gids,
-            )
+        may_read(
+            self.uid,
+            self.gid,
+            &self.groups,
+            daemon_uid,
+            allow_uids,
+            allow_gids,
+        )
+    }
+
+    /// Whether this caller is root or the daemon's own user: the callers told that a client
+    /// does not exist (everyone else hears only that they may not read it).
+    pub fn is_privileged(&self, daemon_uid: u32) -> bool {
+        self.uid == 0 || self.uid == daemon_uid
     }
 }
 
@@ -92,22 +91,6 @@ pub fn may_read(
         || allow_uids.contains(&uid)
         || allow_gids.contains(&gid)
         || groups.iter().any(|g| allow_gids.contains(g))
-}
-
-/// The `Groups:` of a `/proc/PID/status` text, if its effective uid (the second `Uid:` field)
-/// is `uid`.
-pub fn groups_from_status(text: &str, uid: u32) -> Option<Vec<u32>> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
-    };
-    let uids = field("Uid:")?;
-    if uids.get(1)?.parse::<u32>().ok()? != uid {
-        return None;
-    }
-    let groups = field("Groups:")?;
-    Some(groups.iter().filter_map(|g| g.parse().ok()).collect())
 }
 
 #[cfg(test)]
@@ -147,20 +130,5 @@ mod tests {
         let c = Caller::with_groups(1000, 1000, vec![50]);
         assert!(c.may_read(990, &[], &[50]));
         assert!(!c.may_read(990, &[], &[51]));
-    }
-
-    #[test]
-    fn groups_from_proc_status() {
-        let text = "Name:\tcat\nUid:\t1000\t1000\t1000\t1000\nGid:\t100\t100\t100\t100\n\
-                    Groups:\t4 24 27 100 \nVmPeak:\t1 kB\n";
-        assert_eq!(groups_from_status(text, 1000), Some(vec![4, 24, 27, 100]));
-        assert_eq!(
-            groups_from_status(text, 1001),
-            None,
-            "another user's process"
-        );
-        let empty = "Uid:\t5\t5\t5\t5\nGroups:\t\n";
-        assert_eq!(groups_from_status(empty, 5), Some(vec![]));
-        assert_eq!(groups_from_status("Name:\tx\n", 5), None);
     }
 }

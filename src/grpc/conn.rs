@@ -27,7 +27,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
-use tonic::transport::server::UdsConnectInfo;
 
 use super::access::Caller;
 use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
@@ -52,10 +51,11 @@ pub struct Services {
 }
 
 /// Serves one accepted connection until the peer closes it, or `stop` (GOAWAY, then the calls
-/// in flight end).
+/// in flight end). `caller` is the peer as the kernel recorded it when it connected
+/// ([`Caller::of_stream`]); `None` gets `PERMISSION_DENIED` on every call that names a client.
 pub async fn serve<IO>(
     io: IO,
-    info: UdsConnectInfo,
+    caller: Option<Arc<Caller>>,
     services: Arc<Services>,
     stop: CancellationToken,
 ) where
@@ -64,12 +64,12 @@ pub async fn serve<IO>(
     // A token of the connection's own: the loop below polls it on every turn, and polling
     // a token locks its node; the server's token is shared by every connection.
     let stop = stop.child_token();
-    NoSelfWake::new(serve_inner(io, info, services, stop)).await
+    NoSelfWake::new(serve_inner(io, caller, services, stop)).await
 }
 
 async fn serve_inner<IO>(
     io: IO,
-    info: UdsConnectInfo,
+    caller: Option<Arc<Caller>>,
     services: Arc<Services>,
     stop: CancellationToken,
 ) where
@@ -114,7 +114,7 @@ async fn serve_inner<IO>(
                 }
             }
             next = conn.accept() => match next {
-                Some(Ok((request, respond))) => match services.route(request, respond, &info) {
+                Some(Ok((request, respond))) => match services.route(request, respond, &caller) {
                     Route::Done => {}
                     Route::Wait(w) => waiting.push(w),
                     Route::Spawn(call) => {
@@ -153,39 +153,39 @@ impl Services {
         self: &Arc<Self>,
         request: http::Request<h2::RecvStream>,
         respond: h2::server::SendResponse<Bytes>,
-        info: &UdsConnectInfo,
+        caller: &Option<Arc<Caller>>,
     ) -> Route {
         let (parts, mut body) = request.into_parts();
-        let caller = info.peer_cred.as_ref().map(Caller::from_cred);
         let get_token = parts.uri.path() == GET_TOKEN_PATH
             && parts
                 .headers
                 .get("grpc-encoding")
                 .is_none_or(|v| v == "identity");
-        let (true, Some(caller)) = (get_token, caller) else {
-            return Route::Spawn(self.full(parts, info, VecDeque::new(), body, respond));
+        let (true, Some(peer)) = (get_token, caller) else {
+            return Route::Spawn(self.full(parts, caller, VecDeque::new(), body, respond));
         };
         let mut chunks = VecDeque::new();
         match arrived(&mut body, &mut chunks) {
-            Arrived::Whole(whole) => match self.answer(&caller, &whole, respond) {
+            Arrived::Whole(whole) => match self.answer(peer, &whole, respond) {
                 Ok(()) => Route::Done,
-                Err(respond) => Route::Spawn(self.full(parts, info, chunks, body, respond)),
+                Err(respond) => Route::Spawn(self.full(parts, caller, chunks, body, respond)),
             },
             Arrived::Pending => {
                 let this = self.clone();
-                let info = info.clone();
+                let peer = peer.clone();
                 Route::Wait(Box::pin(async move {
                     let respond = match read_whole(&mut body, &mut chunks).await {
-                        Some(whole) => match this.answer(&caller, &whole, respond) {
+                        Some(whole) => match this.answer(&peer, &whole, respond) {
                             Ok(()) => return None,
                             Err(respond) => respond,
                         },
                         None => respond,
                     };
-                    Some(this.full(parts, &info, chunks, body, respond))
+                    let caller = Some(peer);
+                    Some(this.full(parts, &caller, chunks, body, respond))
                 }))
             }
-            Arrived::No => Route::Spawn(self.full(parts, info, chunks, body, respond)),
+            Arrived::No => Route::Spawn(self.full(parts, caller, chunks, body, respond)),
         }
     }
 
@@ -214,12 +214,14 @@ impl Services {
     fn full(
         &self,
         mut parts: http::request::Parts,
-        info: &UdsConnectInfo,
+        caller: &Option<Arc<Caller>>,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
     ) -> Call {
-        parts.extensions.insert(info.clone());
+        if let Some(caller) = caller {
+            parts.extensions.insert(caller.clone());
+        }
         let body = if chunks.is_empty() {
             Body::new(RecvBody::new(body))
         } else {

@@ -147,11 +147,7 @@ impl TokenRoutes {
             .headers()
             .get("grpc-encoding")
             .is_none_or(|v| v == "identity");
-        let caller = req
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred.as_ref())
-            .map(Caller::from_cred);
+        let caller = req.extensions().get::<Arc<Caller>>().cloned();
         let (parts, mut body) = req.into_parts();
         let read = read_message(&mut body).await;
         let (chunks, whole) = match read {

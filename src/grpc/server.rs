@@ -22,10 +22,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use super::access::Caller;
 use super::authority::FixAuthority;
 use super::conn::{self, Services};
 use super::fast::{AnswerCache, TokenRoutes};
@@ -202,9 +202,10 @@ async fn accept_loop(listener: UnixListener, services: Arc<Services>, stop: Canc
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // Who connected, now: the kernel's record of the peer at connect time.
+                    let caller = Caller::of_stream(&stream).map(Arc::new);
                     let io = FixAuthority::new(stream);
-                    let info = io.connect_info();
-                    connections.spawn(conn::serve(io, info, services.clone(), stop.clone()));
+                    connections.spawn(conn::serve(io, caller, services.clone(), stop.clone()));
                 }
                 Err(e) => {
                     // EMFILE and the like: wait a little instead of spinning.

@@ -1,8 +1,9 @@
 //! `tokenwarden.v1.TokenService`: tokens and status out of the [`Store`], refreshes through
-//! each client's refresher (SPEC §7).
+//! each client's refresher.
 //!
-//! Every call names a client; [`TokenApi::slot`] finds it (`NOT_FOUND`) and checks the caller
-//! may read it (`PERMISSION_DENIED`). A token is only ever taken from a snapshot through
+//! Every call names a client; [`TokenApi::slot`] finds it and checks the caller may read it
+//! (`PERMISSION_DENIED`; `NOT_FOUND` for a name no client has, told only to root and the
+//! daemon's user). A token is only ever taken from a snapshot through
 //! [`Snapshot::valid_token`], so an expired token is never served. Errors are [`ApiError`]s,
 //! turned into a `tonic::Status` in one place; none carries a secret.
 
@@ -101,12 +102,19 @@ impl TokenApi {
     }
 
     /// The slot of `client` if it exists and `caller` may read it.
+    ///
+    /// Only root and the daemon's user hear `NOT_FOUND` for a name no client has; anyone else
+    /// gets the same `PERMISSION_DENIED` for it as for a client it may not read, so that
+    /// client names cannot be found out by trying them.
     fn slot(&self, caller: &Caller, client: &str) -> Result<ClientSlot, ApiError> {
         check_name(client)?;
-        let slot = self
-            .store
-            .get(client)
-            .ok_or_else(|| ApiError::NotFound(client.to_string()))?;
+        let slot = match self.store.get(client) {
+            Some(slot) => slot,
+            None if caller.is_privileged(self.daemon_uid) => {
+                return Err(ApiError::NotFound(client.to_string()));
+            }
+            None => return Err(self.denied(caller, client)),
+        };
         if caller.may_read(
             self.daemon_uid,
             &slot.config.allow_uids,
@@ -114,16 +122,22 @@ impl TokenApi {
         ) {
             Ok(slot)
         } else {
-            tracing::info!(
-                client,
-                uid = caller.uid,
-                pid = caller.pid,
-                "gRPC caller denied"
-            );
-            Err(ApiError::PermissionDenied {
-                client: client.to_string(),
-                uid: caller.uid,
-            })
+            Err(self.denied(caller, client))
+        }
+    }
+
+    /// `PERMISSION_DENIED` for `caller` on `client`, logged; the same whether or not a client
+    /// has that name.
+    fn denied(&self, caller: &Caller, client: &str) -> ApiError {
+        tracing::info!(
+            client,
+            uid = caller.uid,
+            pid = caller.pid,
+            "gRPC caller denied"
+        );
+        ApiError::PermissionDenied {
+            client: client.to_string(),
+            uid: caller.uid,
         }
     }
 
@@ -277,7 +291,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}` (SPEC §3).
+/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}`.
 fn check_name(client: &str) -> Result<(), ApiError> {
     if client.is_empty() {
         return Err(ApiError::InvalidArgument(
@@ -346,11 +360,10 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     grpc_timeout(v).map(|d| Instant::now() + d - (d / 10).min(Duration::from_millis(100)))
 }
 
-fn caller_of<T>(req: &Request<T>) -> Result<Caller, ApiError> {
+fn caller_of<T>(req: &Request<T>) -> Result<Arc<Caller>, ApiError> {
     req.extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|i| i.peer_cred.as_ref())
-        .map(Caller::from_cred)
+        .get::<Arc<Caller>>()
+        .cloned()
         .ok_or(ApiError::UnknownCaller)
 }
 
@@ -397,7 +410,7 @@ pub type TokenStream = Pin<Box<dyn Stream<Item = Result<pb::Token, Status>> + Se
 /// What a watch stream carries from one item to the next.
 struct Watch {
     api: TokenApi,
-    caller: Caller,
+    caller: Arc<Caller>,
     client: String,
     rx: watch::Receiver<Snapshot>,
     /// The generation last sent.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokenwarden::config::{ClientAuth, ClientConfig, Grant, OutputConfig, OutputFormat, Timing};
 use tokenwarden::outputs::{
-    CAPTURE_LIMIT, OnChangeError, OutputError, render, run_command, run_on_change, write_atomic,
-    write_outputs,
+    CAPTURE_LIMIT, OnChangeError, OnChangeEvent, OutputError, render, run_command, run_on_change,
+    write_atomic, write_outputs,
 };
 use tokenwarden::secret::Secret;
 use tokenwarden::token::Token;
@@ -357,6 +357,13 @@ fn a_symlink_holding_the_same_content_is_still_replaced() {
 
 // === on_change ===
 
+/// The event every `on_change` here is told about.
+const EVENT: OnChangeEvent<'static> = OnChangeEvent {
+    client: "api",
+    generation: 1,
+    expires_at: std::time::SystemTime::UNIX_EPOCH,
+};
+
 fn sh(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
@@ -376,7 +383,7 @@ async fn on_change_runs_each_distinct_command_once_and_captures_output() {
     a.on_change = sh(&script);
     b.on_change = sh(&script);
     c.on_change = sh("echo second");
-    let reports = run_on_change(&client(vec![a, b, c, d]), Duration::from_secs(30)).await;
+    let reports = run_on_change(&client(vec![a, b, c, d]), &EVENT, Duration::from_secs(30)).await;
 
     assert_eq!(reports.len(), 2);
     assert_eq!(reports[0].argv, sh(&script));
@@ -394,6 +401,7 @@ async fn on_change_runs_each_distinct_command_once_and_captures_output() {
 async fn on_change_output_is_capped_and_drained() {
     let out = run_command(
         &sh("head -c 1000000 /dev/zero; echo done >&2"),
+        &EVENT,
         Duration::from_secs(30),
     )
     .await
@@ -427,7 +435,7 @@ async fn a_command_over_its_timeout_is_killed_with_its_children() {
     let pids = dir.path().join("pids");
     let script = format!("sleep 300 & echo $$ $! > '{}'; wait", pids.display());
     let started = Instant::now();
-    let e = run_command(&sh(&script), Duration::from_secs(2))
+    let e = run_command(&sh(&script), &EVENT, Duration::from_secs(2))
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -443,7 +451,7 @@ async fn a_command_over_its_timeout_is_killed_with_its_children() {
 #[tokio::test]
 async fn a_missing_program_is_a_clear_error() {
     let argv = vec!["/nonexistent/tokenwarden-hook".to_string(), "x".into()];
-    let e = run_command(&argv, Duration::from_secs(5))
+    let e = run_command(&argv, &EVENT, Duration::from_secs(5))
         .await
         .unwrap_err();
     assert!(matches!(e, OnChangeError::Spawn { .. }), "{e:?}");
@@ -451,7 +459,7 @@ async fn a_missing_program_is_a_clear_error() {
     assert!(msg.contains("/nonexistent/tokenwarden-hook"), "{msg}");
     assert!(msg.contains("No such file"), "{msg}");
     assert!(matches!(
-        run_command(&[], Duration::from_secs(5)).await,
+        run_command(&[], &EVENT, Duration::from_secs(5)).await,
         Err(OnChangeError::Empty)
     ));
 }
@@ -460,22 +468,26 @@ async fn a_missing_program_is_a_clear_error() {
 async fn a_background_child_holding_the_output_does_not_hold_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
-    // The command exits at once but leaves a process holding stdout open.
+    // The command exits at once but leaves a process holding stdout open: it is killed when
+    // the command exits, and the report says so.
     let script = format!("sleep 300 & echo $! > '{}'; echo bye", pid_file.display());
-    let out = run_command(&sh(&script), Duration::from_secs(2))
+    let started = Instant::now();
+    let out = run_command(&sh(&script), &EVENT, Duration::from_secs(30))
         .await
         .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "held until the timeout"
+    );
     assert!(out.status.success());
     assert_eq!(out.stdout, "bye\n");
+    assert!(out.left_running);
     let pid: i32 = fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    wait_until("the background child to be killed", || gone(pid));
 }
 
 #[test]

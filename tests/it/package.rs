@@ -265,3 +265,107 @@ fn every_deb_asset_exists_or_is_generated() {
         assert!(scripts.join(s).is_file(), "{s}");
     }
 }
+
+#[test]
+fn maintainer_scripts_parse() {
+    for s in ["postinst", "prerm", "postrm"] {
+        let path = repo().join("systemd/debian").join(s);
+        let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{s}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(read(&path).starts_with("#!/bin/sh\n"), "{s}");
+    }
+}
+
+/// Runs the postinst with `args` under systemd as far as it can tell (a private /run holding
+/// /run/systemd/system, in a mount namespace of its own), with every command it calls replaced
+/// by a stub that logs its arguments; `sysusers_fails` makes systemd-sysusers exit 1.
+/// Returns its exit status, stderr and the stubs' log; `None` where no namespace can be had.
+fn postinst(args: &[&str], sysusers_fails: bool) -> Option<(bool, String, Vec<String>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls");
+    let stubs = dir.path().join("bin");
+    std::fs::create_dir(&stubs).unwrap();
+    for (name, code) in [
+        ("systemd-sysusers", if sysusers_fails { 1 } else { 0 }),
+        ("systemd-tmpfiles", 0),
+        ("systemctl", 0),
+        ("deb-systemd-invoke", 0),
+        ("getent", 2),
+        ("chgrp", 0),
+    ] {
+        let stub = stubs.join(name);
+        std::fs::write(
+            &stub,
+            format!(
+                "#!/bin/sh\necho \"{name} $*\" >> '{}'\nexit {code}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let script = repo().join("systemd/debian/postinst");
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs tmpfs /run || exit 99; mkdir -p /run/systemd/system; \
+             PATH=\"$STUBS:$PATH\" exec sh \"$@\"",
+        )
+        .arg("sh")
+        .arg(&script)
+        .args(args)
+        .env("STUBS", &stubs)
+        .output()
+        .ok()?;
+    if out.status.code() == Some(99) || (!out.status.success() && log.metadata().is_err()) {
+        eprintln!(
+            "SKIPPED: cannot give the postinst a private /run: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let calls = read(&log).lines().map(str::to_string).collect();
+    Some((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        calls,
+    ))
+}
+
+#[test]
+fn postinst_restarts_on_upgrade_only_and_fails_without_its_user() {
+    // First install: the user, the directories, a daemon-reload; nothing started.
+    let Some((ok, err, calls)) = postinst(&["configure"], false) else {
+        return;
+    };
+    assert!(ok, "{err}");
+    let reload = |calls: &[String]| calls.iter().any(|c| c.ends_with(" daemon-reload"));
+    let starts = |calls: &[String]| calls.iter().any(|c| c.contains("start"));
+    assert_eq!(
+        calls[..2],
+        [
+            "systemd-sysusers tokenwarden.conf",
+            "systemd-tmpfiles --create tokenwarden.conf"
+        ]
+    );
+    assert!(reload(&calls) && !starts(&calls), "{calls:?}");
+    // Upgrade from 0.0.9: the same, then a running service is restarted.
+    let (ok, err, calls) = postinst(&["configure", "0.0.9"], false).unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("deb-systemd-invoke try-restart tokenwarden.service"),
+        "{calls:?}"
+    );
+    assert!(reload(&calls), "{calls:?}");
+    // The user cannot be created: the installation fails, saying why, before anything else.
+    let (ok, err, calls) = postinst(&["configure", "0.0.9"], true).unwrap();
+    assert!(!ok, "{calls:?}");
+    assert!(err.contains("systemd-sysusers"), "{err}");
+    assert_eq!(calls, ["systemd-sysusers tokenwarden.conf"]);
+}
