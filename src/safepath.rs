@@ -312,6 +312,9 @@ pub fn check_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
         {
             Ok(())
         }
+        // Not a matter of trust: the write (or the daemon's start) reports it, and a running
+        // daemon shows the output as not written until the path is mended.
+        Err(SafePathError::NotADirectory(_)) => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -326,6 +329,9 @@ pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError>
         {
             Ok(())
         }
+        // Not a matter of trust: the write (or the daemon's start) reports it, and a running
+        // daemon shows the output as not written until the path is mended.
+        Err(SafePathError::NotADirectory(_)) => Ok(()),
         Err(e) => Err(e),
     }
 }
