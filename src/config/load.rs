@@ -1012,6 +1012,7 @@ impl Loader<'_> {
                     assertion: Assertion {
                         key,
                         key_source: cred.source,
+                        key_material: cred.value,
                         key_id: a.key_id.map(Spanned::into_inner),
                         lifetime: lifetime?,
                         claims,
@@ -1108,6 +1109,7 @@ impl Loader<'_> {
                 Some(ClientAuth::PrivateKeyJwt {
                     key,
                     key_source: cred.source,
+                    key_material: cred.value,
                     key_id: raw.key_id.take().map(Spanned::into_inner),
                     lifetime: lifetime?,
                 })

@@ -307,6 +307,8 @@ pub struct Assertion {
     /// Parsed key with its algorithm (`signing_alg`, default HS256).
     pub key: SigningKey,
     pub key_source: SecretSource,
+    /// The key as read, only to mask it in provider text.
+    pub key_material: Secret,
     /// Optional `kid` header.
     pub key_id: Option<String>,
     /// `exp - iat` (default 5 min).
@@ -332,6 +334,8 @@ pub enum ClientAuth {
     PrivateKeyJwt {
         key: SigningKey,
         key_source: SecretSource,
+        /// The PEM as read, only to mask it in provider text.
+        key_material: Secret,
         key_id: Option<String>,
         lifetime: Duration,
     },

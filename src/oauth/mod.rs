@@ -24,8 +24,8 @@ pub use response::{
     jwt_expiry, parse_expires_in, parse_retry_after, parse_token_response,
 };
 
-use crate::config::{ClientConfig, Grant};
-use crate::secret::Secret;
+use crate::config::{ClientAuth, ClientConfig, Grant};
+use crate::secret::{Redactor, Secret};
 
 /// The `User-Agent` of every token request.
 pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
@@ -115,26 +115,91 @@ pub async fn request_token(
 ) -> Result<Issued, OAuthError> {
     let sent_at = SystemTime::now();
     let prepared = prepare(client, attempt, sent_at)?;
+    let redactor = redactor(client, &prepared);
     let timeout = client.timing.timeout;
-    let exchange = send(http, client, &prepared, timeout);
+    let exchange = send(http, client, &prepared, &redactor, timeout);
     let (meta, body) = match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r?,
         Err(_) => return Err(OAuthError::Timeout(timeout)),
     };
-    let secrets = prepared.secret_values();
     let ctx = RequestContext {
         requested_scope: &client.scope,
         default_lifetime: client.timing.default_lifetime,
         sent_at,
-        sent_secrets: &secrets,
+        redactor: &redactor,
     };
     parse_token_response(&meta, &body, &ctx)
+}
+
+/// Form parameters whose values are not secret: shown in provider text as they are.
+const PUBLIC_PARAMS: [&str; 7] = [
+    "grant_type",
+    "client_assertion_type",
+    "client_id",
+    "username",
+    "scope",
+    "audience",
+    "resource",
+];
+
+/// Whether an extra header's value is a credential, judging by its name.
+fn secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "auth",
+        "token",
+        "key",
+        "secret",
+        "password",
+        "cookie",
+        "session",
+        "signature",
+        "credential",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// Masks every secret `client` is configured with (whether or not this request carries it),
+/// every value `prepared` carries but the public parameters, and token-shaped values.
+pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
+    let mut r = Redactor::new();
+    match &client.grant {
+        Grant::Password { password, .. } => r.add(password.value.expose()),
+        Grant::RefreshToken { refresh_token } => r.add(refresh_token.value.expose()),
+        Grant::JwtBearer { assertion } => r.add(assertion.key_material.expose()),
+        Grant::ClientCredentials => {}
+    }
+    match &client.client_auth {
+        ClientAuth::Basic { secret } | ClientAuth::Post { secret } => r.add(secret.value.expose()),
+        ClientAuth::SecretJwt { secret, .. } => r.add(secret.value.expose()),
+        ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
+        ClientAuth::None => {}
+    }
+    for (k, v) in &prepared.form {
+        if !PUBLIC_PARAMS.contains(&k.as_ref()) {
+            r.add(v.expose());
+        }
+    }
+    if let Some(a) = &prepared.authorization {
+        r.add_basic(a.expose());
+    }
+    for (k, v) in &prepared.headers {
+        if secret_header(k) {
+            r.add(v);
+            if let Some((_, credential)) = v.split_once(' ') {
+                r.add(credential);
+            }
+        }
+    }
+    r
 }
 
 async fn send(
     http: &reqwest::Client,
     client: &ClientConfig,
     prepared: &PreparedRequest,
+    redactor: &Redactor,
     timeout: Duration,
 ) -> Result<(ResponseMeta, Vec<u8>), OAuthError> {
     let mut req = http
@@ -176,7 +241,8 @@ async fn send(
     let retry_after =
         header(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
     if (300..400).contains(&status) {
-        let location = header(reqwest::header::LOCATION).map(|l| printable(&l, 200));
+        let location =
+            header(reqwest::header::LOCATION).map(|l| printable(&redactor.mask(&l), 200));
         return Err(OAuthError::Redirect { status, location });
     }
     if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {

@@ -419,7 +419,7 @@ async fn every_failure_mode_gives_the_right_class_and_a_clear_message() {
             name: "non-JSON 200",
             fault: custom(200, "text/html", "<html>hi</html>"),
             want: retryable,
-            message: "not a JSON object: <html>hi</html>",
+            message: "(HTTP 200, text/html, 15 bytes): body is not a JSON object (syntax error at line 1 column 1)",
         },
         Case {
             name: "empty 200",
