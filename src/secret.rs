@@ -235,12 +235,18 @@ fn mask_token_fields(text: &str) -> String {
                 }
             };
             skip(&mut j);
-            if !matches!(bytes.get(j), Some(b'=' | b':')) {
+            if matches!(bytes.get(j), Some(b'=' | b':')) {
+                j += 1;
+                skip(&mut j);
+            } else if !matches!(bytes.get(j.wrapping_sub(1)), Some(b'"' | b'\'')) {
+                // `the refresh_token is revoked`: a name in a sentence, no value after it;
+                // `access_token "…"` quotes one.
                 continue;
             }
-            j += 1;
-            skip(&mut j);
             let start = j;
+            if text[start..].starts_with(MASK) {
+                continue;
+            }
             while j < bytes.len()
                 && !bytes[j].is_ascii_whitespace()
                 && !matches!(
@@ -250,7 +256,7 @@ fn mask_token_fields(text: &str) -> String {
             {
                 j += 1;
             }
-            if j > start && &text[start..j] != MASK {
+            if j > start {
                 cuts.push((start, j));
             }
         }
@@ -506,6 +512,14 @@ mod tests {
             (
                 "the refresh_token is revoked",
                 "the refresh_token is revoked",
+            ),
+            (
+                r#"access_token "tok-2" is bad"#,
+                r#"access_token "[redacted]" is bad"#,
+            ),
+            (
+                "refresh_token=[redacted] again",
+                "refresh_token=[redacted] again",
             ),
         ];
         for (text, want) in cases {

@@ -702,6 +702,10 @@ async fn handle(
     };
     if let Some(fault) = fault {
         debug!(path = %recorded.path, fault = fault_name(&fault), "provider: applying fault");
+        let fault = match fault {
+            Fault::Echo { status, html, pad } => fault::echo(status, html, pad, &recorded),
+            other => other,
+        };
         return match fault::action(&fault) {
             Action::Respond(r) => Ok(r),
             Action::Hang => {
@@ -764,6 +768,7 @@ fn fault_name(f: &Fault) -> &'static str {
         Fault::DropConnection => "drop_connection",
         Fault::TruncatedBody => "truncated_body",
         Fault::Custom { .. } => "custom",
+        Fault::Echo { .. } => "echo",
     }
 }
 
