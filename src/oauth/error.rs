@@ -68,6 +68,17 @@ pub enum OAuthError {
     /// The request could not be built (an assertion could not be signed).
     #[error("cannot build the token request: {0}")]
     Request(String),
+    /// A `refresh_token`-grant client has no refresh token left that was never presented: its
+    /// chain died and the configured one was used already. Only a new value helps.
+    #[error(
+        "supply a new refresh token: {reason}; a refresh token is never presented twice (a provider enforcing rotation revokes the whole chain on reuse), so put a new one in the {supply_in}"
+    )]
+    ChainEnded {
+        /// What ended the chain (the provider's refusal, masked).
+        reason: String,
+        /// Where the configured refresh token is read from (`file /etc/…`, `environment variable …`).
+        supply_in: String,
+    },
 }
 
 fn provider_message(
@@ -179,9 +190,9 @@ impl OAuthError {
                 retry_after,
                 ..
             } => status_class(*status, *retry_after),
-            OAuthError::Redirect { .. } | OAuthError::Request(_) => {
-                ErrorClass::Permanent { retry_after: None }
-            }
+            OAuthError::Redirect { .. }
+            | OAuthError::Request(_)
+            | OAuthError::ChainEnded { .. } => ErrorClass::Permanent { retry_after: None },
             OAuthError::Connect(_)
             | OAuthError::Timeout(_)
             | OAuthError::Transport(_)
@@ -210,6 +221,7 @@ impl OAuthError {
             OAuthError::Malformed { .. } => "malformed".into(),
             OAuthError::TooLarge { .. } => "too_large".into(),
             OAuthError::Request(_) => "request".into(),
+            OAuthError::ChainEnded { .. } => "chain_ended".into(),
         }
     }
 }

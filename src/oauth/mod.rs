@@ -323,6 +323,8 @@ pub struct Acquired {
     /// The `invalid_grant` that killed the stored refresh token, when the primary grant had to
     /// step in.
     pub refresh_token_refused: Option<OAuthError>,
+    /// The configured bootstrap `refresh_token` has now been presented (see [`acquire`]).
+    pub bootstrap_spent: bool,
 }
 
 /// A failed [`acquire`].
@@ -331,15 +333,31 @@ pub struct AcquireFailure {
     pub error: OAuthError,
     /// The stored refresh token was refused (`invalid_grant`) and must be forgotten.
     pub forget_refresh_token: bool,
+    /// The configured bootstrap `refresh_token` has now been presented (see [`acquire`]).
+    pub bootstrap_spent: bool,
 }
 
 /// Gets a token for `client`: with the stored refresh token when there is one, falling back to
-/// the client's primary grant when the provider refuses it as `invalid_grant` (SPEC §4).
+/// the client's primary grant when the provider refuses it as `invalid_grant`.
+///
+/// A refresh token once presented is never presented again (RFC 9700 §4.14.2: a provider
+/// enforcing rotation takes a reused one for a stolen one and revokes the whole chain). So a
+/// `refresh_token`-grant client does not fall back to the bootstrap token its chain started
+/// from: once the provider has answered a request carrying it (`bootstrap_spent`, kept in the
+/// state directory by the caller), a dead chain ends in [`OAuthError::ChainEnded`] until the
+/// operator supplies a new value. Password and client-credentials clients fall back to their
+/// grant, which replays nothing. Only a definitive answer spends the bootstrap: after a timeout
+/// or a 5xx it is presented again, as the provider may never have seen it.
 pub async fn acquire(
     http: &reqwest::Client,
     client: &ClientConfig,
     stored_refresh_token: Option<&Secret>,
+    bootstrap_spent: bool,
 ) -> Result<Acquired, AcquireFailure> {
+    let bootstrap = match &client.grant {
+        Grant::RefreshToken { refresh_token } => Some(refresh_token),
+        _ => None,
+    };
     let mut refused = None;
     if let Some(rt) = stored_refresh_token {
         match request_token(http, client, Attempt::Refresh(rt)).await {
@@ -350,17 +368,19 @@ pub async fn acquire(
                     refresh_token: keep,
                     grant_type: "refresh_token",
                     refresh_token_refused: None,
+                    bootstrap_spent: bootstrap.is_some() || bootstrap_spent,
                 });
             }
             Err(error) if error.class() == ErrorClass::InvalidGrant => {
-                let bootstrap_differs = match &client.grant {
-                    Grant::RefreshToken { refresh_token } => refresh_token.value != *rt,
-                    _ => true,
-                };
-                if !(client.grant.is_primary() || bootstrap_differs) {
+                if let Some(bootstrap) = bootstrap {
+                    // The chain this token belongs to started from the bootstrap: spent.
                     return Err(AcquireFailure {
-                        error,
+                        error: OAuthError::ChainEnded {
+                            reason: format!("the stored refresh token was refused: {error}"),
+                            supply_in: bootstrap.source.to_string(),
+                        },
                         forget_refresh_token: true,
+                        bootstrap_spent: true,
                     });
                 }
                 refused = Some(error);
@@ -369,29 +389,57 @@ pub async fn acquire(
                 return Err(AcquireFailure {
                     error,
                     forget_refresh_token: false,
+                    bootstrap_spent,
                 });
             }
         }
+    }
+    if let Some(bootstrap) = bootstrap
+        && bootstrap_spent
+    {
+        return Err(AcquireFailure {
+            error: OAuthError::ChainEnded {
+                reason: format!(
+                    "the configured refresh token (fingerprint {}) was already presented and no refresh token of its chain is left",
+                    bootstrap.value.fingerprint()
+                ),
+                supply_in: bootstrap.source.to_string(),
+            },
+            forget_refresh_token: false,
+            bootstrap_spent: true,
+        });
     }
     match request_token(http, client, Attempt::Primary).await {
         Ok(issued) => {
             let keep = issued
                 .refresh_token
                 .clone()
-                .or_else(|| match &client.grant {
-                    Grant::RefreshToken { refresh_token } => Some(refresh_token.value.clone()),
-                    _ => None,
-                });
+                .or_else(|| bootstrap.map(|b| b.value.clone()));
             Ok(Acquired {
                 issued,
                 refresh_token: keep,
                 grant_type: client.grant_type(),
                 refresh_token_refused: refused,
+                bootstrap_spent: bootstrap.is_some() || bootstrap_spent,
             })
         }
-        Err(error) => Err(AcquireFailure {
-            error,
-            forget_refresh_token: refused.is_some(),
-        }),
+        Err(error) => {
+            let answered = matches!(error, OAuthError::Provider { .. });
+            match bootstrap {
+                Some(b) if error.class() == ErrorClass::InvalidGrant => Err(AcquireFailure {
+                    error: OAuthError::ChainEnded {
+                        reason: format!("the configured refresh token was refused: {error}"),
+                        supply_in: b.source.to_string(),
+                    },
+                    forget_refresh_token: false,
+                    bootstrap_spent: true,
+                }),
+                _ => Err(AcquireFailure {
+                    error,
+                    forget_refresh_token: refused.is_some(),
+                    bootstrap_spent: bootstrap_spent || (bootstrap.is_some() && answered),
+                }),
+            }
+        }
     }
 }

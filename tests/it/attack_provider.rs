@@ -255,3 +255,184 @@ async fn hostile_answers_leak_no_secret() {
         "token request failed",
     );
 }
+
+// === refresh-token chains ===
+
+/// Turns the demo's creads-files client into a `refresh_token`-grant client bootstrapped from
+/// the refresh token in `secrets/creads-rt`, retrying fast.
+fn refresh_token_client(env: &DemoEnv, bootstrap: &str) -> std::path::PathBuf {
+    let rt_file = env.demo.dir.join("secrets").join("creads-rt");
+    write_secret(&rt_file, bootstrap);
+    let q = format!("{:?}", rt_file.display().to_string());
+    env.edit_config(|t| {
+        t.lines()
+            .filter(|l| !l.starts_with("username =") && !l.starts_with("password ="))
+            .map(|l| {
+                if l == "grant_type = \"password\"" {
+                    format!("grant_type = \"refresh_token\"\nrefresh_token = {{ file = {q} }}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("retry_max = \"10s\"", "retry_max = \"2s\"")
+            .replace("min_interval = \"2s\"", "min_interval = \"0s\"")
+    });
+    rt_file
+}
+
+/// Replaces a secret file the way an operator's tooling does: a new file renamed over it.
+fn write_secret(path: &std::path::Path, value: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, value).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Every refresh token the provider was shown for creads, in order.
+fn presented(env: &DemoEnv) -> Vec<String> {
+    env.provider
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("creads"))
+        .filter_map(|r| r.form_value("refresh_token").map(str::to_string))
+        .collect()
+}
+
+fn assert_never_presented_twice(env: &DemoEnv) {
+    let seen = presented(env);
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "a refresh token presented twice");
+    assert_eq!(env.provider.reuse_detected(tokenwarden::demo::CREADS_ID), 0);
+}
+
+fn creads_status(socket: &str) -> serde_json::Value {
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["status", "--json", "-s", socket])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .and_then(|a| a.iter().find(|c| c["client"] == "creads-files").cloned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_chain_never_replays_its_bootstrap() {
+    use tokenwarden::demo::CREADS_ID;
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    let bootstrap = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    let rt_file = refresh_token_client(&env, &bootstrap);
+    let socket = env.demo.socket.to_str().unwrap().to_string();
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    assert!(ready.contains("5/5 clients valid"), "{ready}");
+    assert_eq!(presented(&env), [bootstrap.clone()]);
+
+    // The provider ends the chain: the stored (rotated) refresh token is refused.
+    env.provider.revoke_refresh_tokens(CREADS_ID);
+    let r = run(&["refresh", "creads-files", "-s", &socket]).await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("supply a new refresh token"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&rt_file.display().to_string()),
+        "names the secret file: {}",
+        r.stderr
+    );
+    // Retries come and go (at most 2 s apart) without presenting anything.
+    crate::support::wait_for("three failures", Duration::from_secs(20), || {
+        creads_status(&socket)["consecutive_failures"]
+            .as_u64()
+            .is_some_and(|n| n >= 3)
+    })
+    .await;
+    let status = creads_status(&socket);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("supply a new refresh token")),
+        "{status}"
+    );
+    assert_eq!(presented(&env).len(), 2, "{:?}", presented(&env));
+    assert_never_presented_twice(&env);
+
+    // A restart remembers that the bootstrap was used.
+    daemon.stop().await;
+    let before = env.provider.requests().len();
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let r = run(&["refresh", "creads-files", "-s", &socket]).await;
+    assert!(
+        r.stderr.contains("supply a new refresh token"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        env.provider.requests()[before..]
+            .iter()
+            .filter(|r| r.path.contains("creads"))
+            .count(),
+        0,
+        "no request for a chain known dead"
+    );
+
+    // A new refresh token in the secret file resumes the client.
+    let fresh = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    write_secret(&rt_file, &fresh);
+    crate::support::wait_for("creads-files valid again", Duration::from_secs(20), || {
+        let s = creads_status(&socket);
+        s["state"] == "VALID" && s["consecutive_failures"] == 0
+    })
+    .await;
+    assert!(presented(&env).contains(&fresh));
+    assert_never_presented_twice(&env);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_bootstrap_is_not_presented_again() {
+    use tokenwarden::demo::CREADS_ID;
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    let bootstrap = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    let rt_file = refresh_token_client(&env, &bootstrap);
+    env.provider.revoke_refresh_tokens(CREADS_ID);
+    let config = env.config_path().to_string();
+    for _ in 0..2 {
+        let r = run(&["once", "-c", &config, "creads-files"]).await;
+        assert_ne!(r.code, 0);
+        assert!(
+            r.stderr.contains("supply a new refresh token"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert_eq!(presented(&env), [bootstrap.clone()], "presented once");
+
+    // The daemon starts with it FAILED, asking nothing.
+    let socket = env.demo.socket.to_str().unwrap().to_string();
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let status = creads_status(&socket);
+    assert_eq!(status["state"], "FAILED", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("supply a new refresh token")),
+        "{status}"
+    );
+    assert_eq!(presented(&env), [bootstrap.clone()], "presented once");
+
+    let fresh = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    write_secret(&rt_file, &fresh);
+    crate::support::wait_for("creads-files valid", Duration::from_secs(20), || {
+        creads_status(&socket)["state"] == "VALID"
+    })
+    .await;
+    assert_never_presented_twice(&env);
+    daemon.stop().await;
+}

@@ -85,17 +85,23 @@ async fn a_private_ca_works_only_through_ca_file() {
     // Without ca_file the certificate is refused: verification is on.
     let c = client(dir.path(), port, None);
     let http = oauth::http_client(None).unwrap();
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 
     // With it, the token comes.
     let c = client(dir.path(), port, Some(ca_path.to_str().unwrap()));
     let http = oauth::http_client(c.ca_file.as_deref()).unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), oauth::acquire(&http, &c, None))
-        .await
-        .unwrap()
-        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        oauth::acquire(&http, &c, None, false),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(got.issued.token.access_token.expose(), "tls-token");
     assert_eq!(got.issued.token.lifetime(), Duration::from_secs(60));
 
