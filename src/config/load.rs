@@ -309,10 +309,32 @@ fn rewrite_serde_message(message: &str, what: &str, key: Option<&str>) -> String
     {
         return format!("missing key \"{name}\" in {what}");
     }
+    let message = without_values(message);
     match key {
         Some(k) => format!("{k}: {message}"),
         None => format!("{what}: {message}"),
     }
+}
+
+/// serde's "invalid type" and "invalid value" messages quote the value found (``integer
+/// `314159265` ``, `string "…"`); where a secret belongs, that value is the secret, whatever its
+/// type. Only its kind is kept.
+fn without_values(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (found, expected) = match rest.find(", expected ") {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let kind = found
+                .split(['`', '"'])
+                .next()
+                .unwrap_or_default()
+                .trim_end();
+            return format!("{prefix}{kind}{expected}");
+        }
+    }
+    message.to_string()
 }
 
 // === impl Loader: the files ===
