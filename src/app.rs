@@ -268,7 +268,7 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<ClientResult>,
         let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = match http.get(client.ca_file.as_deref()) {
+            let outcome = match http.get(&client) {
                 Ok(h) => obtain(&client, &state, &h).await,
                 Err(e) => Err(ClientFailure::Token(e)),
             };

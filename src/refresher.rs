@@ -470,7 +470,7 @@ impl Refresher {
         trigger: Trigger,
     ) -> Answer {
         let _permit = permit;
-        let http = match self.shared.http.get(self.config.ca_file.as_deref()) {
+        let http = match self.shared.http.get(&self.config) {
             Ok(h) => h,
             Err(e) => {
                 return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());

@@ -833,6 +833,17 @@ impl Loader<'_> {
             }
             path
         });
+        let proxy = match raw.proxy.take() {
+            None => Some(ProxyConfig::Env),
+            Some(p) if p.get_ref() == "none" => Some(ProxyConfig::None),
+            Some(p) => self.ok_at(
+                file,
+                p.span(),
+                ProxyUrl::parse(p.get_ref())
+                    .map(ProxyConfig::Url)
+                    .map_err(|e| format!("proxy: {e}")),
+            ),
+        };
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
         let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);
 
@@ -877,6 +888,7 @@ impl Loader<'_> {
             extra_params,
             extra_headers,
             ca_file,
+            proxy: proxy?,
             rotate_cron: raw.rotate_cron.map(Spanned::into_inner),
             allow_uids,
             allow_gids,

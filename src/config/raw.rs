@@ -69,6 +69,7 @@ pub(crate) struct RawClient {
     pub extra_params: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub extra_headers: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub ca_file: Option<Spanned<PathBuf>>,
+    pub proxy: Option<Spanned<String>>,
     pub rotate_cron: Option<Spanned<String>>,
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,

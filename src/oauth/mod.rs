@@ -5,10 +5,13 @@
 //!   and each client authentication method (RFC 6749 §2.3; RFC 7523 §2.2).
 //! - `response`: lenient reading and strict checking of answers (RFC 6749 §5.1, §5.2).
 //! - `error`: the error type and its one classification into retryable or not.
+//! - `route`: whether a request goes through a proxy (the client's `proxy`, the environment's
+//!   proxy variables as curl reads them; loopback never).
 
 mod error;
 mod request;
 mod response;
+mod route;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,32 +26,44 @@ pub use response::{
     Issued, MAX_BODY, MAX_CLOCK_SKEW, RequestContext, ResponseMeta, clock_skew, httpdate,
     jwt_expiry, parse_expires_in, parse_retry_after, parse_token_response,
 };
+pub use route::{Route, no_proxy_matches, route};
 
-use crate::config::{ClientAuth, ClientConfig, Grant};
+use crate::config::{ClientAuth, ClientConfig, Grant, ProxyUrl};
 use crate::secret::{Redactor, Secret};
 
 /// The `User-Agent` of every token request.
 pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
 
-/// Builds an HTTP client for token requests: rustls with the OS trust store (plus `ca_file`),
-/// no redirects, no proxies from the environment surprises beyond reqwest's defaults.
+/// Builds an HTTP client for direct token requests: rustls with the OS trust store (plus
+/// `ca_file`), no redirects, no proxy (whatever the environment says: [`HttpClients`] decides
+/// proxies per client, see [`route`]).
 pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
-    build_http_client(ca_file).map_err(OAuthError::Request)
+    build_http_client(ca_file, None).map_err(OAuthError::Request)
 }
 
 /// Checks a `ca_file` the way [`http_client`] uses it: readable, a PEM bundle of at least one
 /// certificate, each one accepted as a trust anchor. The error names the file and what is wrong
 /// (`tokenwarden check` reports it at the `ca_file` key).
 pub fn check_ca_file(path: &Path) -> Result<(), String> {
-    build_http_client(Some(path)).map(drop)
+    build_http_client(Some(path), None).map(drop)
 }
 
-fn build_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
+fn build_http_client(
+    ca_file: Option<&Path>,
+    proxy: Option<&ProxyUrl>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90));
+        .pool_idle_timeout(Duration::from_secs(90))
+        // reqwest's own reading of the proxy variables would proxy loopback too.
+        .no_proxy();
+    if let Some(p) = proxy {
+        let proxy = reqwest::Proxy::all(p.expose().as_str())
+            .map_err(|e| format!("proxy {p} cannot be used: {}", chain(&e.without_url())))?;
+        builder = builder.proxy(proxy);
+    }
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
@@ -83,17 +98,22 @@ fn build_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> 
         .map_err(|e| format!("cannot set up HTTPS: {}", chain(&e)))
 }
 
-/// HTTP clients shared by every token client with the same `ca_file`: one connection pool per
-/// trust configuration, so many clients of one provider reuse connections.
+/// HTTP clients shared by every token client with the same `ca_file` and proxy: one connection
+/// pool per trust configuration and route, so many clients of one provider reuse connections.
 #[derive(Default)]
 pub struct HttpClients {
-    clients: Mutex<HashMap<Option<PathBuf>, reqwest::Client>>,
+    clients: Mutex<HashMap<(Option<PathBuf>, Option<ProxyUrl>), reqwest::Client>>,
 }
 
 impl HttpClients {
-    /// The client for `ca_file`, built on first use.
-    pub fn get(&self, ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
-        let key = ca_file.map(Path::to_path_buf);
+    /// The HTTP client for `client`'s next request (its `ca_file`, and the proxy [`route`]
+    /// picks from its `proxy` and the daemon's environment now), built on first use.
+    pub fn get(&self, client: &ClientConfig) -> Result<reqwest::Client, OAuthError> {
+        let proxy = match route(client, env_var)? {
+            Route::Proxy { url, .. } => Some(url),
+            Route::Direct(_) => None,
+        };
+        let key = (client.ca_file.clone(), proxy);
         let mut map = match self.clients.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -101,10 +121,15 @@ impl HttpClients {
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let c = http_client(ca_file)?;
+        let c = build_http_client(key.0.as_deref(), key.1.as_ref()).map_err(OAuthError::Request)?;
         map.insert(key, c.clone());
         Ok(c)
     }
+}
+
+/// A variable of the daemon's environment, when set and not empty.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 /// Sends one token request and reads the answer.
@@ -117,7 +142,9 @@ pub async fn request_token(
     let prepared = prepare(client, attempt, sent_at)?;
     let redactor = redactor(client, &prepared);
     let timeout = client.timing.timeout;
-    let exchange = send(http, client, &prepared, &redactor, timeout);
+    let route = route(client, env_var)?;
+    tracing::debug!(client = %client.name, grant_type = prepared.grant_type, %route, "token request");
+    let exchange = send(http, client, &prepared, &redactor, &route, timeout);
     let (meta, body) = match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r?,
         Err(_) => return Err(OAuthError::Timeout(timeout)),
@@ -176,6 +203,16 @@ pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
         ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
         ClientAuth::None => {}
     }
+    if let crate::config::ProxyConfig::Url(p) = &client.proxy
+        && let Some(password) = p.password()
+    {
+        r.add(&password);
+    }
+    if let Ok(Route::Proxy { url, .. }) = route(client, env_var)
+        && let Some(password) = url.password()
+    {
+        r.add(&password);
+    }
     for (k, v) in &prepared.form {
         if !PUBLIC_PARAMS.contains(&k.as_ref()) {
             r.add(v.expose());
@@ -200,6 +237,7 @@ async fn send(
     client: &ClientConfig,
     prepared: &PreparedRequest,
     redactor: &Redactor,
+    route: &Route,
     timeout: Duration,
 ) -> Result<(ResponseMeta, Vec<u8>), OAuthError> {
     let mut req = http
@@ -222,7 +260,15 @@ async fn send(
             .map_err(|_| OAuthError::Request(format!("extra header {k} has an invalid value")))?;
         req = req.header(name, value);
     }
-    let mut resp = req.send().await.map_err(|e| map_reqwest(e, timeout))?;
+    let mut resp = req
+        .send()
+        .await
+        .map_err(|e| match map_reqwest(e, timeout) {
+            OAuthError::Connect(m) => {
+                OAuthError::Connect(format!("{route}: {}", redactor.mask(&m)))
+            }
+            other => other,
+        })?;
     let status = resp.status().as_u16();
     let header = |name: reqwest::header::HeaderName| {
         resp.headers()
