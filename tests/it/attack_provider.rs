@@ -436,3 +436,221 @@ async fn a_refused_bootstrap_is_not_presented_again() {
     assert_never_presented_twice(&env);
     daemon.stop().await;
 }
+
+// === proxies ===
+
+/// The host name the proxied token URL uses: never resolved by tokenwarden when proxied.
+const PROXIED_HOST: &str = "tokens.example.invalid";
+
+/// A CA (PEM) and a TLS acceptor for a leaf it signed for [`PROXIED_HOST`].
+fn proxied_tls() -> (String, tokio_rustls::TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tokio_rustls::rustls;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec![PROXIED_HOST.to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    (
+        ca_cert.pem(),
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+    )
+}
+
+/// A forward proxy on 127.0.0.1:0 that records the head of every request (`CONNECT host:port`
+/// and its headers, or a plain `POST http://…`), answers `CONNECT` to [`PROXIED_HOST`]:443 by
+/// terminating TLS for it and passing the plaintext on to `upstream`, and anything else 502.
+struct FakeProxy {
+    port: u16,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeProxy {
+    async fn start(upstream: std::net::SocketAddr, tls: tokio_rustls::TlsAcceptor) -> FakeProxy {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let seen = seen.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    seen.lock().unwrap().push(head.clone());
+                    if !head.starts_with(&format!("CONNECT {PROXIED_HOST}:443 ")) {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    if conn
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let Ok(mut tunnel) = tls.accept(conn).await else {
+                        return;
+                    };
+                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut up).await;
+                });
+            }
+        });
+        FakeProxy { port, heads }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// The demo's transatel client moved to `https://tokens.example.invalid/…` with the test CA
+/// (and `proxy_line` added when not empty); every other client stays on loopback.
+fn proxied_config(env: &DemoEnv, ca_pem: &str, proxy_line: &str) {
+    let ca = env.demo.dir.join("proxied-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let base = env.provider.base_url();
+    let transatel = env
+        .provider
+        .token_url(tokenwarden::provider::Dialect::Transatel);
+    let path = transatel.strip_prefix(&base).unwrap().to_string();
+    let text = std::fs::read_to_string(&env.demo.config).unwrap();
+    let original = format!("token_url = {transatel:?}");
+    let moved = format!(
+        "token_url = \"https://{PROXIED_HOST}{path}\"\nca_file = {:?}\n{proxy_line}",
+        ca.display().to_string()
+    );
+    let text = if text.contains(&original) {
+        text.replace(&original, &moved)
+    } else {
+        // Replace whatever was written after the moved token_url last time.
+        let start = text
+            .find(&format!("token_url = \"https://{PROXIED_HOST}"))
+            .unwrap();
+        let end = text[start..].find("grant_type =").unwrap() + start;
+        format!("{}{moved}\n{}", &text[..start], &text[end..])
+    };
+    std::fs::write(&env.demo.config, text).unwrap();
+    // A fresh request each time: no stored transatel token to reuse.
+    let _ = std::fs::remove_file(env.demo.state_dir.join("transatel.json"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_are_used_where_configured_and_never_for_loopback() {
+    let env = DemoEnv::start(Duration::from_secs(3600)).await;
+    let (ca_pem, tls) = proxied_tls();
+    let proxy = FakeProxy::start(env.provider.addr(), tls).await;
+    let config = env.config_path().to_string();
+    let with_creds = format!("http://proxyuser:proxy-pass-4f9e2@127.0.0.1:{}", proxy.port);
+    let all_vars = [
+        ("HTTPS_PROXY", with_creds.as_str()),
+        ("HTTP_PROXY", with_creds.as_str()),
+        ("ALL_PROXY", with_creds.as_str()),
+        ("TOKENWARDEN_LOG", "trace"),
+    ];
+
+    // The proxy variables: the non-loopback client goes through the proxy (credentials
+    // included), the four loopback ones never do.
+    proxied_config(&env, &ca_pem, "");
+    let r = run_env(&["once", "-c", &config], &all_vars).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let heads = proxy.heads();
+    assert!(!heads.is_empty(), "nothing went through the proxy");
+    for h in &heads {
+        assert!(
+            h.starts_with(&format!("CONNECT {PROXIED_HOST}:443 ")),
+            "{h}"
+        );
+        assert!(
+            h.to_ascii_lowercase()
+                .contains("proxy-authorization: basic "),
+            "{h}"
+        );
+    }
+    assert!(
+        r.stderr
+            .contains(&format!("through proxy {} (from HTTPS_PROXY)", proxy.url())),
+        "the route is in the debug log:\n{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("proxy-pass-4f9e2"), "{}", r.stderr);
+    let grants = env.grants_at("transatel");
+    assert!(!grants.is_empty(), "the tunnel reached the provider");
+
+    // proxy = "none": straight to a name that does not resolve, and the error says so.
+    let before = proxy.heads().len();
+    proxied_config(&env, &ca_pem, "proxy = \"none\"");
+    let r = run_env(&["once", "-c", &config, "transatel"], &all_vars).await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(
+            "cannot connect to the token endpoint: directly (no proxy: proxy = \"none\")"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        proxy.heads().len(),
+        before,
+        "proxy = none went through the proxy"
+    );
+
+    // The client's own proxy, no variables at all.
+    proxied_config(&env, &ca_pem, &format!("proxy = \"{}\"", proxy.url()));
+    let r = run_env(&["once", "-c", &config, "transatel"], &[]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(proxy.heads().len(), before + 1);
+
+    // An unreachable proxy is named in the error.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    proxied_config(
+        &env,
+        &ca_pem,
+        &format!("proxy = \"http://u:proxy-pass-4f9e2@127.0.0.1:{closed}\""),
+    );
+    let r = run_env(&["once", "-c", &config, "transatel"], &[]).await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(&format!(
+            "cannot connect to the token endpoint: through proxy http://127.0.0.1:{closed} (from the client's proxy)"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("proxy-pass-4f9e2"), "{}", r.stderr);
+}
