@@ -122,3 +122,31 @@ async fn a_private_ca_works_only_through_ca_file() {
         "{errors}"
     );
 }
+
+/// A certificate verification failure is told once: our own error names the client and the
+/// failure; rustls-platform-verifier's second, context-free ERROR line is capped.
+#[tokio::test]
+async fn a_verification_failure_is_one_error_line() {
+    let (_ca_pem, port) = tls_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[daemon]\nstate_dir = \"{}\"\n[clients.tls]\ntoken_url = \"https://localhost:{port}/token\"\nclient_id = \"c\"\nclient_secret = {{ file = \"secret\" }}\ntimeout = \"5s\"\n",
+        dir.path().join("state").display()
+    );
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).unwrap();
+    for level in ["warn", "trace"] {
+        let r =
+            crate::support::run(&["once", "-c", config.to_str().unwrap(), "--log-level", level])
+                .await;
+        assert_ne!(r.code, 0);
+        let errors: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("certificate"))
+            .collect();
+        assert_eq!(errors.len(), 1, "at {level}:\n{}", r.stderr);
+        assert!(errors[0].contains("tls"), "names the client: {}", errors[0]);
+    }
+}
