@@ -102,8 +102,11 @@ fn build_http_client(
 /// pool per trust configuration and route, so many clients of one provider reuse connections.
 #[derive(Default)]
 pub struct HttpClients {
-    clients: Mutex<HashMap<(Option<PathBuf>, Option<ProxyUrl>), reqwest::Client>>,
+    clients: Mutex<HashMap<PoolKey, reqwest::Client>>,
 }
+
+/// What sets one pool apart: the `ca_file` and the proxy (`None`: direct).
+type PoolKey = (Option<PathBuf>, Option<ProxyUrl>);
 
 impl HttpClients {
     /// The HTTP client for `client`'s next request (its `ca_file`, and the proxy [`route`]

@@ -207,7 +207,8 @@ mod tests {
             ProxyConfig::Url(ProxyUrl::parse("http://user:pw-secret@proxy.corp:3128").unwrap());
         let env = ProxyConfig::Env;
         let ext = "https://idp.example/token";
-        let cases: Vec<(&str, ProxyConfig, Vec<(&str, &str)>, &str)> = vec![
+        type Case<'a> = (&'a str, ProxyConfig, Vec<(&'a str, &'a str)>, &'a str);
+        let cases: Vec<Case> = vec![
             (
                 ext,
                 env.clone(),

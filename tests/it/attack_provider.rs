@@ -330,7 +330,7 @@ async fn a_dead_chain_never_replays_its_bootstrap() {
     let socket = env.demo.socket.to_str().unwrap().to_string();
     let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
     assert!(ready.contains("5/5 clients valid"), "{ready}");
-    assert_eq!(presented(&env), [bootstrap.clone()]);
+    assert_eq!(presented(&env), std::slice::from_ref(&bootstrap));
 
     // The provider ends the chain: the stored (rotated) refresh token is refused.
     env.provider.revoke_refresh_tokens(CREADS_ID);
@@ -412,7 +412,11 @@ async fn a_refused_bootstrap_is_not_presented_again() {
             r.stderr
         );
     }
-    assert_eq!(presented(&env), [bootstrap.clone()], "presented once");
+    assert_eq!(
+        presented(&env),
+        std::slice::from_ref(&bootstrap),
+        "presented once"
+    );
 
     // The daemon starts with it FAILED, asking nothing.
     let socket = env.demo.socket.to_str().unwrap().to_string();
@@ -425,7 +429,11 @@ async fn a_refused_bootstrap_is_not_presented_again() {
             .is_some_and(|e| e.contains("supply a new refresh token")),
         "{status}"
     );
-    assert_eq!(presented(&env), [bootstrap.clone()], "presented once");
+    assert_eq!(
+        presented(&env),
+        std::slice::from_ref(&bootstrap),
+        "presented once"
+    );
 
     let fresh = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
     write_secret(&rt_file, &fresh);
