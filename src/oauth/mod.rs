@@ -152,6 +152,13 @@ pub async fn request_token(
         Ok(r) => r?,
         Err(_) => return Err(OAuthError::Timeout(timeout)),
     };
+    tracing::trace!(
+        client = %client.name,
+        status = meta.status,
+        content_type = meta.content_type.as_deref().unwrap_or("none"),
+        length = body.len(),
+        "token response"
+    );
     let ctx = RequestContext {
         requested_scope: &client.scope,
         default_lifetime: client.timing.default_lifetime,
