@@ -836,13 +836,24 @@ impl Loader<'_> {
         let proxy = match raw.proxy.take() {
             None => Some(ProxyConfig::Env),
             Some(p) if p.get_ref() == "none" => Some(ProxyConfig::None),
-            Some(p) => self.ok_at(
-                file,
-                p.span(),
-                ProxyUrl::parse(p.get_ref())
-                    .map(ProxyConfig::Url)
-                    .map_err(|e| format!("proxy: {e}")),
-            ),
+            Some(p) => {
+                let loopback = token_url
+                    .as_ref()
+                    .is_some_and(|u| crate::oauth::is_loopback(u.host_str().unwrap_or_default()));
+                if loopback {
+                    self.warn(
+                        Self::at(file, p.span()),
+                        format!("proxy of client \"{name}\" is not used: its token_url is a loopback address, which is never proxied"),
+                    );
+                }
+                self.ok_at(
+                    file,
+                    p.span(),
+                    ProxyUrl::parse(p.get_ref())
+                        .map(ProxyConfig::Url)
+                        .map_err(|e| format!("proxy: {e}")),
+                )
+            }
         };
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
         let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);

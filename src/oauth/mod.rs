@@ -26,7 +26,7 @@ pub use response::{
     Issued, MAX_BODY, MAX_CLOCK_SKEW, RequestContext, ResponseMeta, clock_skew, httpdate,
     jwt_expiry, parse_expires_in, parse_retry_after, parse_token_response,
 };
-pub use route::{Route, no_proxy_matches, route};
+pub use route::{Route, is_loopback, no_proxy_matches, route};
 
 use crate::config::{ClientAuth, ClientConfig, Grant, ProxyUrl};
 use crate::secret::{Redactor, Secret};

@@ -93,8 +93,8 @@ pub fn route(
     })
 }
 
-/// Whether `host` is a loopback name or address.
-fn is_loopback(host: &str) -> bool {
+/// Whether `host` (as a URL spells it) is a loopback name or address.
+pub fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<IpAddr>() {
         Ok(ip) => ip.is_loopback(),
@@ -315,6 +315,33 @@ mod tests {
         for (list, host, want) in cases {
             assert_eq!(no_proxy_matches(list, host), want, "{list:?} {host}");
         }
+    }
+
+    #[test]
+    fn proxy_key_in_the_config() {
+        let load = |url: &str, proxy: &str| {
+            crate::config::load_str(
+                &format!(
+                    "[clients.c]\ntoken_url = \"{url}\"\nclient_id = \"c\"\nclient_secret = \"s3cret\"\nproxy = \"{proxy}\"\n"
+                ),
+                std::path::Path::new("/nonexistent/c.toml"),
+            )
+        };
+        let c = load("https://idp.example/token", "none").unwrap();
+        assert_eq!(c.clients["c"].proxy, ProxyConfig::None);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = load("http://127.0.0.1:9/token", "http://u:pw-7@p.example:3128").unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("never proxied"), "{:?}", c.warnings);
+        assert!(!c.warnings[0].contains("pw-7"), "{:?}", c.warnings);
+        let e = load("https://idp.example/token", "socks5://u:pw-7@p:1080")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("5:9: proxy: socks5://p:1080: SOCKS proxies are not supported"),
+            "{e}"
+        );
+        assert!(!e.contains("pw-7"), "{e}");
     }
 
     #[test]
