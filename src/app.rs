@@ -94,7 +94,20 @@ pub async fn obtain(
         .as_ref()
         .and_then(|s| s.refresh_token_for(&fingerprint))
         .cloned();
-    match oauth::acquire(http, client, refresh.as_ref()).await {
+    // A configured refresh token already presented is never presented again (see acquire).
+    let bootstrap = crate::refresher::bootstrap_fingerprint(client);
+    let spent_before = stored
+        .as_ref()
+        .and_then(|s| crate::refresher::spent_bootstrap(s, &fingerprint, client));
+    let spent = bootstrap.is_some() && spent_before == bootstrap;
+    let spent_bootstrap = |now_spent: bool| {
+        if now_spent {
+            bootstrap.clone()
+        } else {
+            spent_before.clone()
+        }
+    };
+    match oauth::acquire(http, client, refresh.as_ref(), spent).await {
         Ok(acquired) => {
             if let Some(e) = &acquired.refresh_token_refused {
                 tracing::warn!(client = %client.name, "stored refresh token refused, used the {} grant instead: {e}", acquired.grant_type);
@@ -105,6 +118,7 @@ pub async fn obtain(
                 token: Some(token.clone()),
                 refresh_token: acquired.refresh_token,
                 generation: generation + 1,
+                spent_bootstrap: spent_bootstrap(acquired.bootstrap_spent),
             };
             state
                 .save(&client.name, &new_state)
@@ -126,11 +140,21 @@ pub async fn obtain(
             })
         }
         Err(failure) => {
-            if failure.forget_refresh_token
-                && let Some(mut s) = stored
-                && s.refresh_token.is_some()
-            {
-                s.refresh_token = None;
+            let forget = failure.forget_refresh_token
+                && stored.as_ref().is_some_and(|s| s.refresh_token.is_some());
+            let newly_spent = failure.bootstrap_spent && !spent;
+            if forget || newly_spent {
+                let mut s = stored.unwrap_or(StoredState {
+                    fingerprint,
+                    token: None,
+                    refresh_token: None,
+                    generation,
+                    spent_bootstrap: None,
+                });
+                if forget {
+                    s.refresh_token = None;
+                }
+                s.spent_bootstrap = spent_bootstrap(failure.bootstrap_spent);
                 if let Err(e) = state.save(&client.name, &s) {
                     tracing::warn!(client = %client.name, "cannot forget the dead refresh token: {e}");
                 }
@@ -257,7 +281,7 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<ClientResult>,
         let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = match http.get(client.ca_file.as_deref()) {
+            let outcome = match http.get(&client) {
                 Ok(h) => obtain(&client, &state, &h).await,
                 Err(e) => Err(ClientFailure::Token(e)),
             };

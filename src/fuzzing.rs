@@ -41,11 +41,13 @@ pub fn token_response(data: &[u8]) {
         date: None,
     };
     let scope = vec!["a".to_string()];
+    let mut redactor = crate::secret::Redactor::new();
+    redactor.add("fuzz-secret");
     let ctx = RequestContext {
         requested_scope: &scope,
         default_lifetime: Duration::from_secs(3600),
         sent_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_456_800),
-        sent_secrets: &["fuzz-secret"],
+        redactor: &redactor,
     };
     match parse_token_response(&meta, body, &ctx) {
         Ok(issued) => {

@@ -4,7 +4,9 @@
 //!
 //! Third-party crates (hyper, h2, reqwest, rustls, tonic, …) are capped at `info` whatever the
 //! configured level, because their trace output can carry request headers; a directive naming
-//! one of them explicitly still wins. The level can be changed at run time (config reload).
+//! one of them (the crate, or a module in it) still wins. rustls-platform-verifier is silenced:
+//! it logs a second, context-free ERROR line for a certificate our own error already reports.
+//! The level can be changed at run time (config reload).
 
 use std::fmt;
 use std::io::IsTerminal as _;
@@ -19,29 +21,49 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::LogFormat;
 
-/// Crates whose verbose output could show request headers or bodies.
-const CAPPED: &[&str] = &[
-    "hyper",
-    "hyper_util",
-    "h2",
-    "reqwest",
-    "rustls",
-    "tonic",
-    "tower",
-    "tokio_cron_scheduler",
-    "notify",
+/// Crates whose verbose output could show request headers or bodies (or is only noise), and
+/// the most each may log unless the configured level names it.
+const CAPPED: &[(&str, &str)] = &[
+    ("h2", "info"),
+    ("hyper", "info"),
+    ("hyper_util", "info"),
+    ("iana_time_zone", "info"),
+    ("loona_hpack", "info"),
+    ("mio", "info"),
+    ("notify", "info"),
+    ("notify_debouncer_full", "info"),
+    ("reqwest", "info"),
+    ("rustls", "info"),
+    // Its one ERROR ("failed to verify TLS certificate") repeats, without the client or the
+    // host, what our own connect error says.
+    ("rustls_platform_verifier", "off"),
+    ("tokio_cron_scheduler", "warn"),
+    ("tokio_util", "info"),
+    ("tonic", "info"),
+    ("tower", "info"),
 ];
+
+/// Whether the directives in `level` name `krate`: a directive's target is the crate itself or
+/// a module in it (`hyper_util=trace` names `hyper_util`, not `hyper`).
+fn names_crate(level: &str, krate: &str) -> bool {
+    level.split(',').any(|directive| {
+        let target = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        target == krate
+            || target
+                .strip_prefix(krate)
+                .is_some_and(|rest| rest.starts_with("::"))
+    })
+}
 
 /// Builds the filter for a configured level: the level itself plus the caps above.
 pub fn filter(level: &str) -> Result<EnvFilter, String> {
     let mut directives = level.trim().to_string();
-    for krate in CAPPED {
-        if !level.contains(krate) {
-            let cap = if *krate == "tokio_cron_scheduler" {
-                "warn"
-            } else {
-                "info"
-            };
+    for (krate, cap) in CAPPED {
+        if !names_crate(level, krate) {
             directives.push_str(&format!(",{krate}={cap}"));
         }
     }
@@ -158,6 +180,22 @@ mod tests {
         assert!(f.contains("tokio_cron_scheduler=warn"), "{f}");
         let f = filter("debug,hyper=trace").unwrap().to_string();
         assert!(!f.contains("hyper=info"), "{f}");
+        assert!(f.contains("hyper_util=info"), "{f}");
+        // Naming hyper_util (or a module of h2) does not uncap hyper (or h2's neighbours).
+        let f = filter("trace,hyper_util=trace,h2::codec=debug")
+            .unwrap()
+            .to_string();
+        assert!(f.contains("hyper=info"), "{f}");
+        assert!(!f.contains("hyper_util=info"), "{f}");
+        assert!(!f.contains("h2=info"), "{f}");
+        let f = filter("trace").unwrap().to_string();
+        for cap in [
+            "loona_hpack=info",
+            "mio=info",
+            "rustls_platform_verifier=off",
+        ] {
+            assert!(f.contains(cap), "{cap} in {f}");
+        }
         assert!(filter("info,=[").is_err());
     }
 

@@ -104,6 +104,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
         cancel: cancel.clone(),
         retire: retire.clone(),
         refresh_token: None,
+        spent_bootstrap: None,
         backoff: Backoff::new(),
         held: None,
         next_at: None,
@@ -133,6 +134,8 @@ struct Refresher {
     retire: CancellationToken,
     /// The refresh token to use next (from the state directory or the last response).
     refresh_token: Option<Secret>,
+    /// SHA-256 of the configured bootstrap refresh token once presented: never again.
+    spent_bootstrap: Option<String>,
     backoff: Backoff,
     /// A token obtained but not yet published because its state could not be saved.
     held: Option<Box<StoredState>>,
@@ -236,6 +239,32 @@ async fn sleep_opt(at: Option<Instant>) {
     }
 }
 
+/// SHA-256 of a `refresh_token`-grant client's configured refresh token: how the state
+/// directory remembers that it was presented, without keeping it.
+pub fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
+    match &config.grant {
+        crate::config::Grant::RefreshToken { refresh_token } => {
+            Some(refresh_token.value.fingerprint_full())
+        }
+        _ => None,
+    }
+}
+
+/// The spent bootstrap a stored state records. A state saved for this very identity (which
+/// includes the bootstrap's digest) before the record existed also means the bootstrap was
+/// presented: a token or a refusal came of it.
+pub fn spent_bootstrap(
+    stored: &StoredState,
+    identity: &str,
+    config: &ClientConfig,
+) -> Option<String> {
+    match (&stored.spent_bootstrap, bootstrap_fingerprint(config)) {
+        (Some(spent), _) => Some(spent.clone()),
+        (None, Some(b)) if stored.fingerprint == identity => Some(b),
+        _ => None,
+    }
+}
+
 /// The answer to demands on a client that was removed or replaced meanwhile.
 const RETIRED: &str = "the client was removed or replaced by a reload";
 
@@ -313,6 +342,7 @@ impl Refresher {
         let now = SystemTime::now();
         if let Some(s) = &stored {
             self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
+            self.spent_bootstrap = spent_bootstrap(s, &fingerprint, &self.config);
             if let Some(t) = s.reusable_token(&fingerprint, self.config.timing.refresh_margin, now)
             {
                 let token = Arc::new(t.clone());
@@ -461,7 +491,7 @@ impl Refresher {
         trigger: Trigger,
     ) -> Answer {
         let _permit = permit;
-        let http = match self.shared.http.get(self.config.ca_file.as_deref()) {
+        let http = match self.shared.http.get(&self.config) {
             Ok(h) => h,
             Err(e) => {
                 return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());
@@ -469,11 +499,20 @@ impl Refresher {
         };
         let config = self.config.clone();
         let started = std::time::Instant::now();
+        let bootstrap = bootstrap_fingerprint(&config);
+        let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let result = tokio::select! {
             biased;
             _ = self.retire.cancelled() => return Err(RETIRED.into()),
-            r = oauth::acquire(&http, &config, self.refresh_token.as_ref()) => r,
+            r = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent) => r,
         };
+        let now_spent = match &result {
+            Ok(a) => a.bootstrap_spent,
+            Err(f) => f.bootstrap_spent,
+        };
+        if now_spent && !spent {
+            self.spent_bootstrap = bootstrap;
+        }
         crate::metrics::refresh_attempt(self.name(), result.is_ok(), started.elapsed());
         match result {
             Ok(acquired) => {
@@ -504,6 +543,7 @@ impl Refresher {
                     token: Some(acquired.issued.token),
                     refresh_token: acquired.refresh_token,
                     generation,
+                    spent_bootstrap: self.spent_bootstrap.clone(),
                 };
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
@@ -511,11 +551,14 @@ impl Refresher {
                 }
             }
             Err(failure) => {
-                if failure.forget_refresh_token && self.refresh_token.take().is_some() {
+                let forgot = failure.forget_refresh_token && self.refresh_token.take().is_some();
+                if forgot {
                     tracing::warn!(
                         client = self.name(),
                         "forgetting the refresh token the provider refused"
                     );
+                }
+                if forgot || (now_spent && !spent) {
                     self.save_without_refresh_token().await;
                 }
                 let class = failure.error.class();
@@ -685,6 +728,7 @@ impl Refresher {
             token: snap.token.as_deref().cloned(),
             refresh_token: None,
             generation: snap.generation,
+            spent_bootstrap: self.spent_bootstrap.clone(),
         };
         let (store, name) = (self.shared.state.clone(), self.config.name.clone());
         // Off the async workers, and awaited: a later save must not be overtaken by this one.

@@ -63,6 +63,222 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What replaces a masked value in text shown to people.
+pub const MASK: &str = "[redacted]";
+
+/// Values shorter than this are not masked inside other text: masking `ab` everywhere would
+/// garble messages while hiding nothing worth hiding.
+const MIN_MASKED_LEN: usize = 4;
+
+/// Masks secrets in text that came from elsewhere (a provider's error description, an HTML
+/// page) before it reaches a log line, an error or a status reply.
+///
+/// It masks every value added to it (with the encodings a provider may echo it in: form- and
+/// percent-encoded, JSON-escaped), then anything shaped like a token: a JWT, and the value of an
+/// `access_token`, `refresh_token` or `id_token` field. Mask first, then cut to length: a
+/// secret cut in half by a length limit is not recognised any more.
+#[derive(Default, Clone)]
+pub struct Redactor {
+    /// Longest first, so a value containing another is masked whole.
+    needles: Vec<Zeroizing<String>>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactor({} values)", self.needles.len())
+    }
+}
+
+impl Redactor {
+    /// A redactor masking only token-shaped values.
+    pub fn new() -> Self {
+        Redactor::default()
+    }
+
+    /// Masks `value` too, and the forms it takes in a form body, a URL or a JSON string.
+    pub fn add(&mut self, value: &str) {
+        let form: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
+        let percent = form.replace('+', "%20");
+        let json = serde_json::to_string(value).unwrap_or_default();
+        let json = json
+            .strip_prefix('"')
+            .and_then(|j| j.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_string();
+        for v in [value.to_string(), form, percent, json] {
+            self.push(v);
+        }
+        // A multi-line value (a PEM key): each line alone too.
+        if value.contains('\n') {
+            for line in value.lines() {
+                let line = line.trim();
+                if !line.starts_with("-----") {
+                    self.push(line.to_string());
+                }
+            }
+        }
+    }
+
+    /// Masks an `Authorization: Basic` value (RFC 7617), its base64 part, and the decoded
+    /// `id:secret` with its secret (RFC 6749 §2.3.1 form-encodes both before base64).
+    pub fn add_basic(&mut self, header: &str) {
+        use base64::Engine as _;
+        self.add(header);
+        let Some(b64) = header.strip_prefix("Basic ") else {
+            return;
+        };
+        self.add(b64);
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+            return;
+        };
+        let raw = Zeroizing::new(String::from_utf8_lossy(&raw).into_owned());
+        self.add(&raw);
+        if let Some((_, secret)) = raw.split_once(':') {
+            self.add(secret);
+            let decoded: Zeroizing<String> = Zeroizing::new(
+                url::form_urlencoded::parse(format!("s={secret}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default(),
+            );
+            self.add(&decoded);
+        }
+    }
+
+    fn push(&mut self, v: String) {
+        if v.len() < MIN_MASKED_LEN || self.needles.iter().any(|n| **n == v) {
+            return;
+        }
+        let at = self
+            .needles
+            .iter()
+            .position(|n| n.len() < v.len())
+            .unwrap_or(self.needles.len());
+        self.needles.insert(at, Zeroizing::new(v));
+    }
+
+    /// `text` with every added value and every token-shaped value replaced by `[redacted]`.
+    pub fn mask(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for n in &self.needles {
+            if out.contains(n.as_str()) {
+                out = out.replace(n.as_str(), MASK);
+            }
+        }
+        mask_token_shapes(&out)
+    }
+}
+
+/// Field names whose values are tokens wherever they appear (`name=value`, `"name": "value"`).
+const TOKEN_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
+
+/// `text` with JWTs and the values of `access_token`/`refresh_token`/`id_token` fields masked.
+pub fn mask_token_shapes(text: &str) -> String {
+    let text = mask_jwts(text);
+    mask_token_fields(&text)
+}
+
+fn is_b64url(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Masks every `eyJ….….…` (a JWS compact serialization whose header is a JSON object; the
+/// signature may be empty, as with `alg: none`).
+fn mask_jwts(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(found) = text[i..].find("eyJ") {
+        let start = i + found;
+        let run = |from: usize| {
+            let mut j = from;
+            while j < bytes.len() && is_b64url(bytes[j]) {
+                j += 1;
+            }
+            j
+        };
+        let header_end = run(start);
+        let is_jwt = header_end - start >= 10 && bytes.get(header_end) == Some(&b'.') && {
+            let payload_end = run(header_end + 1);
+            payload_end - header_end > 2 && bytes.get(payload_end) == Some(&b'.')
+        };
+        if is_jwt {
+            let payload_end = run(header_end + 1);
+            let sig_end = run(payload_end + 1);
+            out.push_str(&text[copied..start]);
+            out.push_str(MASK);
+            copied = sig_end;
+            i = sig_end;
+        } else {
+            i = start + 3;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// Masks the value after `access_token`, `refresh_token` or `id_token` followed by `=` or `:`
+/// (quotes and spaces allowed around them), whatever the case of the name.
+fn mask_token_fields(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    for name in TOKEN_FIELDS {
+        let mut from = 0;
+        while let Some(found) = lower[from..].find(name) {
+            let mut j = from + found + name.len();
+            from = j;
+            let skip = |j: &mut usize| {
+                while *j < bytes.len() && matches!(bytes[*j], b'"' | b'\'' | b' ' | b'\t') {
+                    *j += 1;
+                }
+            };
+            skip(&mut j);
+            if matches!(bytes.get(j), Some(b'=' | b':')) {
+                j += 1;
+                skip(&mut j);
+            } else if !matches!(bytes.get(j.wrapping_sub(1)), Some(b'"' | b'\'')) {
+                // `the refresh_token is revoked`: a name in a sentence, no value after it;
+                // `access_token "…"` quotes one.
+                continue;
+            }
+            let start = j;
+            if text[start..].starts_with(MASK) {
+                continue;
+            }
+            while j < bytes.len()
+                && !bytes[j].is_ascii_whitespace()
+                && !matches!(
+                    bytes[j],
+                    b'"' | b'\'' | b'&' | b',' | b';' | b'}' | b']' | b')' | b'<'
+                )
+            {
+                j += 1;
+            }
+            if j > start {
+                cuts.push((start, j));
+            }
+        }
+    }
+    if cuts.is_empty() {
+        return text.to_string();
+    }
+    cuts.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for (start, end) in cuts {
+        if start < copied {
+            continue;
+        }
+        out.push_str(&text[copied..start]);
+        out.push_str(MASK);
+        copied = end;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 /// Where a secret comes from (SPEC §3).
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretSource {
@@ -232,5 +448,82 @@ mod tests {
         assert!(e.to_string().contains("TW_TEST_SURELY_UNSET_VAR"));
         let e = SecretSource::Credential("../x".into()).load().unwrap_err();
         assert!(matches!(e, SecretError::BadCredentialName(_)));
+    }
+
+    #[test]
+    fn redactor_masks_values_in_every_encoding() {
+        let mut r = Redactor::new();
+        r.add("s3cr:t/é x");
+        r.add("ab");
+        for shown in [
+            "secret s3cr:t/é x is wrong",
+            "secret s3cr%3At%2F%C3%A9+x is wrong",
+            "secret s3cr%3At%2F%C3%A9%20x is wrong",
+        ] {
+            assert_eq!(r.mask(shown), "secret [redacted] is wrong", "{shown}");
+        }
+        // Too short to mask inside text.
+        assert_eq!(r.mask("ab cd"), "ab cd");
+    }
+
+    #[test]
+    fn redactor_masks_basic_and_its_parts() {
+        use base64::Engine as _;
+        let raw = "my+id:p%40ss-word";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        let mut r = Redactor::new();
+        r.add_basic(&format!("Basic {b64}"));
+        for (shown, want) in [
+            (format!("got Basic {b64}"), "got [redacted]"),
+            (format!("got {b64}"), "got [redacted]"),
+            (format!("got {raw}"), "got [redacted]"),
+            ("secret p@ss-word".to_string(), "secret [redacted]"),
+            ("secret p%40ss-word".to_string(), "secret [redacted]"),
+        ] {
+            assert_eq!(r.mask(&shown), want, "{shown}");
+        }
+    }
+
+    #[test]
+    fn token_shapes_are_masked() {
+        let r = Redactor::new();
+        let cases = [
+            (
+                "bad eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln here",
+                "bad [redacted] here",
+            ),
+            (
+                "unsigned eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+                "unsigned [redacted]",
+            ),
+            (
+                "eyJ alone and eyJabc.d are not JWTs",
+                "eyJ alone and eyJabc.d are not JWTs",
+            ),
+            ("refresh_token=abc123&x=1", "refresh_token=[redacted]&x=1"),
+            (
+                r#"{"Access_Token" : "tok-1", "id_token":"z"}"#,
+                r#"{"Access_Token" : "[redacted]", "id_token":"[redacted]"}"#,
+            ),
+            (
+                "refresh_token: r-1 is revoked",
+                "refresh_token: [redacted] is revoked",
+            ),
+            (
+                "the refresh_token is revoked",
+                "the refresh_token is revoked",
+            ),
+            (
+                r#"access_token "tok-2" is bad"#,
+                r#"access_token "[redacted]" is bad"#,
+            ),
+            (
+                "refresh_token=[redacted] again",
+                "refresh_token=[redacted] again",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(r.mask(text), want, "{text}");
+        }
     }
 }

@@ -22,11 +22,12 @@
 //!     "expires_at": "2026-11-23T19:00:00Z", "expires_at_unix": 1795460400,
 //!     "scope": ["a", "b"]
 //!   },
-//!   "refresh_token": "…"
+//!   "refresh_token": "…",
+//!   "spent_bootstrap": "<SHA-256 hex of a configured refresh_token already presented>"
 //! }
 //! ```
 //!
-//! `token` and `refresh_token` may be `null`. The `*_unix` fields are what is read back (the
+//! `token`, `refresh_token` and `spent_bootstrap` may be `null` (or, for the last, absent). The `*_unix` fields are what is read back (the
 //! RFC 3339 ones are for people); times are kept to the second, rounded down, so a reloaded
 //! token never looks valid for longer than it is. Readers ignore unknown fields: a later version
 //! may add fields and keep this file name; a change older versions could not read safely must
@@ -167,6 +168,10 @@ pub struct StoredState {
     pub refresh_token: Option<Secret>,
     /// The generation of `token` (SPEC §7): rises by one with each new token.
     pub generation: u64,
+    /// SHA-256 (hex) of the configured bootstrap `refresh_token` once it has been presented:
+    /// a refresh token is never presented twice (RFC 9700 §4.14.2 treats a reused one as
+    /// stolen), so this one is not tried again after its chain ends. A new value resumes.
+    pub spent_bootstrap: Option<String>,
 }
 
 impl StoredState {
@@ -488,6 +493,7 @@ struct FileOut<'a> {
     saved_at_unix: u64,
     token: Option<TokenOut<'a>>,
     refresh_token: Option<&'a str>,
+    spent_bootstrap: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -512,6 +518,8 @@ struct FileIn {
     token: Option<TokenIn>,
     #[serde(default)]
     refresh_token: Option<String>,
+    #[serde(default)]
+    spent_bootstrap: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -542,6 +550,7 @@ fn serialize(client: &str, state: &StoredState, now: SystemTime) -> Zeroizing<Ve
             scope: &t.scope,
         }),
         refresh_token: state.refresh_token.as_ref().map(Secret::expose),
+        spent_bootstrap: state.spent_bootstrap.as_deref(),
     };
     // Room for the whole file, so the buffer never reallocates and leaves an un-zeroed copy.
     let secrets_len = state.token.as_ref().map_or(0, |t| {
@@ -587,6 +596,7 @@ fn parse(bytes: &[u8]) -> Result<StoredState, String> {
         }),
         refresh_token: file.refresh_token.map(Secret::new),
         generation: file.generation,
+        spent_bootstrap: file.spent_bootstrap,
     })
 }
 
@@ -606,6 +616,7 @@ mod tests {
             }),
             refresh_token: Some(Secret::new("refresh")),
             generation: 7,
+            spent_bootstrap: None,
         }
     }
 

@@ -430,6 +430,7 @@ mod tests {
             extra_params: BTreeMap::new(),
             extra_headers: BTreeMap::new(),
             ca_file: None,
+            proxy: Default::default(),
             rotate_cron: None,
             allow_uids: vec![],
             allow_gids: vec![],

@@ -18,7 +18,7 @@
 //! | `outputs` reordered, none with an `on_change` | — | order matters only to the commands |
 //! | `outputs`: paths, `format`, `mode`, `owner`, `group`, `env_prefix`; outputs added or removed | `Outputs` | the current token is written to the new outputs |
 //! | `outputs`: only `on_change`, or only the order of outputs that carry one (commands run in that order) | `Settings` | no write now: the new command runs after the next new token (writing now would run it for a token the program already has) |
-//! | `timing` (every key), `rotate_cron`, `allow_uids`, `allow_gids` | `Settings` | applied to the running client; no token, no write |
+//! | `timing` (every key), `rotate_cron`, `allow_uids`, `allow_gids`, `proxy` | `Settings` | applied to the running client; no token, no write (the next request takes the new route) |
 //!
 //! A client whose every field is equal is `unchanged` (it keeps its token, SPEC §8).
 //! A changed CA file *content* under the same `ca_file` path is not seen here: `Config` holds
@@ -175,6 +175,7 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
         extra_params: _,
         extra_headers: _,
         ca_file: _,
+        proxy,
         rotate_cron,
         allow_uids,
         allow_gids,
@@ -186,7 +187,8 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
     if old_files != new_files {
         return Some(ClientChange::Outputs);
     }
-    let settings = *rotate_cron != new.rotate_cron
+    let settings = *proxy != new.proxy
+        || *rotate_cron != new.rotate_cron
         || *allow_uids != new.allow_uids
         || *allow_gids != new.allow_gids
         || *timing != new.timing

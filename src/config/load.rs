@@ -314,10 +314,32 @@ fn rewrite_serde_message(message: &str, what: &str, key: Option<&str>) -> String
     {
         return format!("missing key \"{name}\" in {what}");
     }
+    let message = without_values(message);
     match key {
         Some(k) => format!("{k}: {message}"),
         None => format!("{what}: {message}"),
     }
+}
+
+/// serde's "invalid type" and "invalid value" messages quote the value found (``integer
+/// `314159265` ``, `string "…"`); where a secret belongs, that value is the secret, whatever its
+/// type. Only its kind is kept.
+fn without_values(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (found, expected) = match rest.find(", expected ") {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let kind = found
+                .split(['`', '"'])
+                .next()
+                .unwrap_or_default()
+                .trim_end();
+            return format!("{prefix}{kind}{expected}");
+        }
+    }
+    message.to_string()
 }
 
 // === impl Loader: the files ===
@@ -853,6 +875,28 @@ impl Loader<'_> {
             }
             path
         });
+        let proxy = match raw.proxy.take() {
+            None => Some(ProxyConfig::Env),
+            Some(p) if p.get_ref() == "none" => Some(ProxyConfig::None),
+            Some(p) => {
+                let loopback = token_url
+                    .as_ref()
+                    .is_some_and(|u| crate::oauth::is_loopback(u.host_str().unwrap_or_default()));
+                if loopback {
+                    self.warn(
+                        Self::at(file, p.span()),
+                        format!("proxy of client \"{name}\" is not used: its token_url is a loopback address, which is never proxied"),
+                    );
+                }
+                self.ok_at(
+                    file,
+                    p.span(),
+                    ProxyUrl::parse(p.get_ref())
+                        .map(ProxyConfig::Url)
+                        .map_err(|e| format!("proxy: {e}")),
+                )
+            }
+        };
         let allow_uids = self.ids(file, raw.allow_users.take(), IdKind::User);
         let allow_gids = self.ids(file, raw.allow_groups.take(), IdKind::Group);
 
@@ -897,6 +941,7 @@ impl Loader<'_> {
             extra_params,
             extra_headers,
             ca_file,
+            proxy: proxy?,
             rotate_cron: raw.rotate_cron.map(Spanned::into_inner),
             allow_uids,
             allow_gids,
@@ -1054,6 +1099,7 @@ impl Loader<'_> {
                     assertion: Assertion {
                         key,
                         key_source: cred.source,
+                        key_material: cred.value,
                         key_id: a.key_id.map(Spanned::into_inner),
                         lifetime: lifetime?,
                         claims,
@@ -1150,6 +1196,7 @@ impl Loader<'_> {
                 Some(ClientAuth::PrivateKeyJwt {
                     key,
                     key_source: cred.source,
+                    key_material: cred.value,
                     key_id: raw.key_id.take().map(Spanned::into_inner),
                     lifetime: lifetime?,
                 })

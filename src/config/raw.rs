@@ -69,6 +69,7 @@ pub(crate) struct RawClient {
     pub extra_params: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub extra_headers: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub ca_file: Option<Spanned<PathBuf>>,
+    pub proxy: Option<Spanned<String>>,
     pub rotate_cron: Option<Spanned<String>>,
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,
@@ -313,6 +314,12 @@ impl<'de> Deserialize<'de> for RawSecret {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
                 let mut found: Option<RawSecret> = None;
                 while let Some(key) = map.next_key::<String>()? {
+                    if key.starts_with("$__toml_private") {
+                        // How the toml crate hands over a date-time: never quote it.
+                        return Err(de::Error::custom(
+                            "invalid type: date-time, expected a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+                        ));
+                    }
                     if !SECRET_KEYS.contains(&key.as_str()) {
                         let hint = super::error::did_you_mean(&key, SECRET_KEYS)
                             .map(|s| format!("did you mean \"{s}\"?"))

@@ -163,6 +163,8 @@ pub struct ClientConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// Extra trust anchors (PEM) on top of the OS store.
     pub ca_file: Option<PathBuf>,
+    /// How token requests reach the endpoint: the proxy variables, none, or this proxy.
+    pub proxy: ProxyConfig,
     /// Forced rotation times: 6-field cron (seconds first), UTC. Checked at load.
     pub rotate_cron: Option<String>,
     /// Users (resolved to uids) who may read this client over gRPC, besides root and the daemon.
@@ -263,6 +265,88 @@ impl Secret {
     }
 }
 
+/// `proxy` of a client. Loopback token URLs are never proxied, whatever this says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ProxyConfig {
+    /// Not set: `https_proxy`/`HTTPS_PROXY`, `http_proxy`/`HTTP_PROXY`, `all_proxy`/`ALL_PROXY`
+    /// and `no_proxy`/`NO_PROXY`, read as curl reads them.
+    #[default]
+    Env,
+    /// `"none"`: always straight to the token endpoint.
+    None,
+    /// A proxy URL: this proxy, whatever the environment says.
+    Url(ProxyUrl),
+}
+
+/// An `http://` or `https://` proxy URL, perhaps with `user:password@`. The password is a
+/// secret: `Display` and `Debug` show the URL without its credentials.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ProxyUrl(url::Url);
+
+impl ProxyUrl {
+    /// Checks a proxy URL: `http` or `https` (what the HTTP client here speaks), a host, and
+    /// nothing after it but `/`. The error never quotes the text (it may hold a password).
+    pub fn parse(text: &str) -> Result<ProxyUrl, String> {
+        let url = url::Url::parse(text.trim())
+            .map_err(|e| format!("not a URL ({e}); write it like \"http://proxy.example:3128\""))?;
+        let shown = ProxyUrl(url.clone()).to_string();
+        match url.scheme() {
+            "http" | "https" => {}
+            s if s.starts_with("socks") => {
+                return Err(format!(
+                    "{shown}: SOCKS proxies are not supported; use an http:// or https:// proxy"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "{shown}: a proxy URL starts with http:// or https://"
+                ));
+            }
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!("{shown}: the proxy URL names no host"));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "{shown}: a proxy URL has no path or query; write scheme://host:port"
+            ));
+        }
+        Ok(ProxyUrl(url))
+    }
+
+    /// The URL with its credentials, for the HTTP client only.
+    pub fn expose(&self) -> &url::Url {
+        &self.0
+    }
+
+    /// The password (percent-decoded), to mask it in provider text.
+    pub fn password(&self) -> Option<String> {
+        self.0.password().map(|p| {
+            url::form_urlencoded::parse(format!("p={p}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+    }
+}
+
+impl std::fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = self.0.host_str().unwrap_or_default();
+        write!(f, "{}://{host}", self.0.scheme())?;
+        if let Some(port) = self.0.port_or_known_default() {
+            write!(f, ":{port}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProxyUrl({self})")
+    }
+}
+
 /// The grant a client uses to get its token (RFC 6749 §4, RFC 7523 §2.1).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Grant {
@@ -307,6 +391,8 @@ pub struct Assertion {
     /// Parsed key with its algorithm (`signing_alg`, default HS256).
     pub key: SigningKey,
     pub key_source: SecretSource,
+    /// The key as read, only to mask it in provider text.
+    pub key_material: Secret,
     /// Optional `kid` header.
     pub key_id: Option<String>,
     /// `exp - iat` (default 5 min).
@@ -332,6 +418,8 @@ pub enum ClientAuth {
     PrivateKeyJwt {
         key: SigningKey,
         key_source: SecretSource,
+        /// The PEM as read, only to mask it in provider text.
+        key_material: Secret,
         key_id: Option<String>,
         lifetime: Duration,
     },

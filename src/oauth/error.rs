@@ -4,8 +4,9 @@ use std::fmt;
 use std::time::Duration;
 
 /// A failed token request. Messages carry what the operator needs (the provider's own
-/// `error` and `error_description`, the HTTP status, the first bytes of an unexpected body) and
-/// never a secret: descriptions are scrubbed of the values the request carried.
+/// `error` and `error_description`, the HTTP status, the first characters of an error page) and
+/// never a secret: provider text is masked (every secret of the client, every value the request
+/// carried, anything token-shaped) before it is cut to length.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OAuthError {
     /// The provider answered with an OAuth error response (RFC 6749 §5.2).
@@ -15,7 +16,7 @@ pub enum OAuthError {
         status: u16,
         /// The `error` code (`invalid_client`, `invalid_grant`, …).
         error: String,
-        /// `error_description`, printable characters only, at most 300.
+        /// `error_description`, masked, printable characters only, at most 300.
         description: Option<String>,
         /// `error_uri`.
         uri: Option<String>,
@@ -26,7 +27,7 @@ pub enum OAuthError {
     #[error("HTTP {status} from the token endpoint{}", snippet_suffix(.snippet))]
     Http {
         status: u16,
-        /// The first 200 printable characters of the body.
+        /// The first 200 printable characters of the masked body.
         snippet: String,
         /// `Retry-After`, when sent.
         retry_after: Option<Duration>,
@@ -46,15 +47,38 @@ pub enum OAuthError {
     /// The connection broke mid-request or mid-response (reset, truncated body).
     #[error("the connection broke: {0}")]
     Transport(String),
-    /// A success status whose body is not a usable token response.
-    #[error("malformed token response (HTTP {status}): {reason}")]
-    Malformed { status: u16, reason: String },
+    /// A success status whose body is not a usable token response. Told by status, content
+    /// type, length and what is wrong, never by the body's content: it may hold a token.
+    #[error(
+        "malformed token response (HTTP {status}, {}, {length} bytes): {reason}",
+        .content_type.as_deref().unwrap_or("no content type")
+    )]
+    Malformed {
+        status: u16,
+        /// `Content-Type` without parameters.
+        content_type: Option<String>,
+        /// Length of the body in bytes.
+        length: usize,
+        /// What is wrong, naming fields and JSON positions, never quoting a value.
+        reason: String,
+    },
     /// The body was larger than the 1 MiB tokenwarden accepts.
     #[error("token response larger than {limit} bytes refused (HTTP {status})")]
     TooLarge { status: u16, limit: usize },
     /// The request could not be built (an assertion could not be signed).
     #[error("cannot build the token request: {0}")]
     Request(String),
+    /// A `refresh_token`-grant client has no refresh token left that was never presented: its
+    /// chain died and the configured one was used already. Only a new value helps.
+    #[error(
+        "supply a new refresh token: {reason}; a refresh token is never presented twice (a provider enforcing rotation revokes the whole chain on reuse), so put a new one in the {supply_in}"
+    )]
+    ChainEnded {
+        /// What ended the chain (the provider's refusal, masked).
+        reason: String,
+        /// Where the configured refresh token is read from (`file /etc/…`, `environment variable …`).
+        supply_in: String,
+    },
 }
 
 fn provider_message(
@@ -166,9 +190,9 @@ impl OAuthError {
                 retry_after,
                 ..
             } => status_class(*status, *retry_after),
-            OAuthError::Redirect { .. } | OAuthError::Request(_) => {
-                ErrorClass::Permanent { retry_after: None }
-            }
+            OAuthError::Redirect { .. }
+            | OAuthError::Request(_)
+            | OAuthError::ChainEnded { .. } => ErrorClass::Permanent { retry_after: None },
             OAuthError::Connect(_)
             | OAuthError::Timeout(_)
             | OAuthError::Transport(_)
@@ -197,6 +221,7 @@ impl OAuthError {
             OAuthError::Malformed { .. } => "malformed".into(),
             OAuthError::TooLarge { .. } => "too_large".into(),
             OAuthError::Request(_) => "request".into(),
+            OAuthError::ChainEnded { .. } => "chain_ended".into(),
         }
     }
 }
@@ -350,6 +375,8 @@ mod tests {
             (
                 OAuthError::Malformed {
                     status: 200,
+                    content_type: None,
+                    length: 0,
                     reason: "x".into(),
                 },
                 ErrorClass::Retryable { retry_after: None },

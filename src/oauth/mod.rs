@@ -5,10 +5,13 @@
 //!   and each client authentication method (RFC 6749 §2.3; RFC 7523 §2.2).
 //! - `response`: lenient reading and strict checking of answers (RFC 6749 §5.1, §5.2).
 //! - `error`: the error type and its one classification into retryable or not.
+//! - `route`: whether a request goes through a proxy (the client's `proxy`, the environment's
+//!   proxy variables as curl reads them; loopback never).
 
 mod error;
 mod request;
 mod response;
+mod route;
 mod trace;
 
 use std::collections::HashMap;
@@ -24,32 +27,44 @@ pub use response::{
     Issued, MAX_BODY, MAX_CLOCK_SKEW, RequestContext, ResponseMeta, clock_skew, httpdate,
     jwt_expiry, parse_expires_in, parse_retry_after, parse_token_response,
 };
+pub use route::{Route, is_loopback, no_proxy_matches, route};
 
-use crate::config::{ClientConfig, Grant};
-use crate::secret::Secret;
+use crate::config::{ClientAuth, ClientConfig, Grant, ProxyUrl};
+use crate::secret::{Redactor, Secret};
 
 /// The `User-Agent` of every token request.
 pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
 
-/// Builds an HTTP client for token requests: rustls with the OS trust store (plus `ca_file`),
-/// no redirects, no proxies from the environment surprises beyond reqwest's defaults.
+/// Builds an HTTP client for direct token requests: rustls with the OS trust store (plus
+/// `ca_file`), no redirects, no proxy (whatever the environment says: [`HttpClients`] decides
+/// proxies per client, see [`route`]).
 pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
-    build_http_client(ca_file).map_err(OAuthError::Request)
+    build_http_client(ca_file, None).map_err(OAuthError::Request)
 }
 
 /// Checks a `ca_file` the way [`http_client`] uses it: readable, a PEM bundle of at least one
 /// certificate, each one accepted as a trust anchor. The error names the file and what is wrong
 /// (`tokenwarden check` reports it at the `ca_file` key).
 pub fn check_ca_file(path: &Path) -> Result<(), String> {
-    build_http_client(Some(path)).map(drop)
+    build_http_client(Some(path), None).map(drop)
 }
 
-fn build_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
+fn build_http_client(
+    ca_file: Option<&Path>,
+    proxy: Option<&ProxyUrl>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90));
+        .pool_idle_timeout(Duration::from_secs(90))
+        // reqwest's own reading of the proxy variables would proxy loopback too.
+        .no_proxy();
+    if let Some(p) = proxy {
+        let proxy = reqwest::Proxy::all(p.expose().as_str())
+            .map_err(|e| format!("proxy {p} cannot be used: {}", chain(&e.without_url())))?;
+        builder = builder.proxy(proxy);
+    }
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
@@ -84,17 +99,25 @@ fn build_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> 
         .map_err(|e| format!("cannot set up HTTPS: {}", chain(&e)))
 }
 
-/// HTTP clients shared by every token client with the same `ca_file`: one connection pool per
-/// trust configuration, so many clients of one provider reuse connections.
+/// HTTP clients shared by every token client with the same `ca_file` and proxy: one connection
+/// pool per trust configuration and route, so many clients of one provider reuse connections.
 #[derive(Default)]
 pub struct HttpClients {
-    clients: Mutex<HashMap<Option<PathBuf>, reqwest::Client>>,
+    clients: Mutex<HashMap<PoolKey, reqwest::Client>>,
 }
 
+/// What sets one pool apart: the `ca_file` and the proxy (`None`: direct).
+type PoolKey = (Option<PathBuf>, Option<ProxyUrl>);
+
 impl HttpClients {
-    /// The client for `ca_file`, built on first use.
-    pub fn get(&self, ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
-        let key = ca_file.map(Path::to_path_buf);
+    /// The HTTP client for `client`'s next request (its `ca_file`, and the proxy [`route`]
+    /// picks from its `proxy` and the daemon's environment now), built on first use.
+    pub fn get(&self, client: &ClientConfig) -> Result<reqwest::Client, OAuthError> {
+        let proxy = match route(client, env_var)? {
+            Route::Proxy { url, .. } => Some(url),
+            Route::Direct(_) => None,
+        };
+        let key = (client.ca_file.clone(), proxy);
         let mut map = match self.clients.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -102,10 +125,15 @@ impl HttpClients {
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let c = http_client(ca_file)?;
+        let c = build_http_client(key.0.as_deref(), key.1.as_ref()).map_err(OAuthError::Request)?;
         map.insert(key, c.clone());
         Ok(c)
     }
+}
+
+/// A variable of the daemon's environment, when set and not empty.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 /// Sends one token request and reads the answer.
@@ -120,31 +148,113 @@ pub async fn request_token(
         Attempt::Primary => client.grant_type(),
     };
     let prepared = prepare(client, attempt, sent_at)?;
+    let redactor = redactor(client, &prepared);
     let timeout = client.timing.timeout;
+    let route = route(client, env_var)?;
     let started = std::time::Instant::now();
-    let exchange = send(http, client, &prepared, timeout);
+    let exchange = send(http, client, &prepared, &redactor, &route, timeout);
     let result = match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
         Err(_) => Err(OAuthError::Timeout(timeout)),
     };
-    // The proxy support names the proxy this request went through here.
-    let proxy: Option<&str> = None;
-    trace::token_request(client, grant, proxy, &result, started.elapsed());
+    trace::token_request(client, grant, &route, &result, started.elapsed());
     let (meta, body) = result?;
-    let secrets = prepared.secret_values();
+    tracing::trace!(
+        client = %client.name,
+        status = meta.status,
+        content_type = meta.content_type.as_deref().unwrap_or("none"),
+        length = body.len(),
+        "token response"
+    );
     let ctx = RequestContext {
         requested_scope: &client.scope,
         default_lifetime: client.timing.default_lifetime,
         sent_at,
-        sent_secrets: &secrets,
+        redactor: &redactor,
     };
     parse_token_response(&meta, &body, &ctx)
+}
+
+/// Form parameters whose values are not secret: shown in provider text as they are.
+const PUBLIC_PARAMS: [&str; 7] = [
+    "grant_type",
+    "client_assertion_type",
+    "client_id",
+    "username",
+    "scope",
+    "audience",
+    "resource",
+];
+
+/// Whether an extra header's value is a credential, judging by its name.
+fn secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "auth",
+        "token",
+        "key",
+        "secret",
+        "password",
+        "cookie",
+        "session",
+        "signature",
+        "credential",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// Masks every secret `client` is configured with (whether or not this request carries it),
+/// every value `prepared` carries but the public parameters, and token-shaped values.
+pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
+    let mut r = Redactor::new();
+    match &client.grant {
+        Grant::Password { password, .. } => r.add(password.value.expose()),
+        Grant::RefreshToken { refresh_token } => r.add(refresh_token.value.expose()),
+        Grant::JwtBearer { assertion } => r.add(assertion.key_material.expose()),
+        Grant::ClientCredentials => {}
+    }
+    match &client.client_auth {
+        ClientAuth::Basic { secret } | ClientAuth::Post { secret } => r.add(secret.value.expose()),
+        ClientAuth::SecretJwt { secret, .. } => r.add(secret.value.expose()),
+        ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
+        ClientAuth::None => {}
+    }
+    if let crate::config::ProxyConfig::Url(p) = &client.proxy
+        && let Some(password) = p.password()
+    {
+        r.add(&password);
+    }
+    if let Ok(Route::Proxy { url, .. }) = route(client, env_var)
+        && let Some(password) = url.password()
+    {
+        r.add(&password);
+    }
+    for (k, v) in &prepared.form {
+        if !PUBLIC_PARAMS.contains(&k.as_ref()) {
+            r.add(v.expose());
+        }
+    }
+    if let Some(a) = &prepared.authorization {
+        r.add_basic(a.expose());
+    }
+    for (k, v) in &prepared.headers {
+        if secret_header(k) {
+            r.add(v);
+            if let Some((_, credential)) = v.split_once(' ') {
+                r.add(credential);
+            }
+        }
+    }
+    r
 }
 
 async fn send(
     http: &reqwest::Client,
     client: &ClientConfig,
     prepared: &PreparedRequest,
+    redactor: &Redactor,
+    route: &Route,
     timeout: Duration,
 ) -> Result<(ResponseMeta, Vec<u8>), OAuthError> {
     let mut req = http
@@ -167,7 +277,15 @@ async fn send(
             .map_err(|_| OAuthError::Request(format!("extra header {k} has an invalid value")))?;
         req = req.header(name, value);
     }
-    let mut resp = req.send().await.map_err(|e| map_reqwest(e, timeout))?;
+    let mut resp = req
+        .send()
+        .await
+        .map_err(|e| match map_reqwest(e, timeout) {
+            OAuthError::Connect(m) => {
+                OAuthError::Connect(format!("{route}: {}", redactor.mask(&m)))
+            }
+            other => other,
+        })?;
     let status = resp.status().as_u16();
     let header = |name: reqwest::header::HeaderName| {
         resp.headers()
@@ -186,7 +304,8 @@ async fn send(
     let retry_after =
         header(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
     if (300..400).contains(&status) {
-        let location = header(reqwest::header::LOCATION).map(|l| printable(&l, 200));
+        let location =
+            header(reqwest::header::LOCATION).map(|l| printable(&redactor.mask(&l), 200));
         return Err(OAuthError::Redirect { status, location });
     }
     if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
@@ -267,6 +386,8 @@ pub struct Acquired {
     /// The `invalid_grant` that killed the stored refresh token, when the primary grant had to
     /// step in.
     pub refresh_token_refused: Option<OAuthError>,
+    /// The configured bootstrap `refresh_token` has now been presented (see [`acquire`]).
+    pub bootstrap_spent: bool,
 }
 
 /// A failed [`acquire`].
@@ -275,15 +396,31 @@ pub struct AcquireFailure {
     pub error: OAuthError,
     /// The stored refresh token was refused (`invalid_grant`) and must be forgotten.
     pub forget_refresh_token: bool,
+    /// The configured bootstrap `refresh_token` has now been presented (see [`acquire`]).
+    pub bootstrap_spent: bool,
 }
 
 /// Gets a token for `client`: with the stored refresh token when there is one, falling back to
-/// the client's primary grant when the provider refuses it as `invalid_grant` (SPEC §4).
+/// the client's primary grant when the provider refuses it as `invalid_grant`.
+///
+/// A refresh token once presented is never presented again (RFC 9700 §4.14.2: a provider
+/// enforcing rotation takes a reused one for a stolen one and revokes the whole chain). So a
+/// `refresh_token`-grant client does not fall back to the bootstrap token its chain started
+/// from: once the provider has answered a request carrying it (`bootstrap_spent`, kept in the
+/// state directory by the caller), a dead chain ends in [`OAuthError::ChainEnded`] until the
+/// operator supplies a new value. Password and client-credentials clients fall back to their
+/// grant, which replays nothing. Only a definitive answer spends the bootstrap: after a timeout
+/// or a 5xx it is presented again, as the provider may never have seen it.
 pub async fn acquire(
     http: &reqwest::Client,
     client: &ClientConfig,
     stored_refresh_token: Option<&Secret>,
+    bootstrap_spent: bool,
 ) -> Result<Acquired, AcquireFailure> {
+    let bootstrap = match &client.grant {
+        Grant::RefreshToken { refresh_token } => Some(refresh_token),
+        _ => None,
+    };
     let mut refused = None;
     if let Some(rt) = stored_refresh_token {
         match request_token(http, client, Attempt::Refresh(rt)).await {
@@ -294,17 +431,19 @@ pub async fn acquire(
                     refresh_token: keep,
                     grant_type: "refresh_token",
                     refresh_token_refused: None,
+                    bootstrap_spent: bootstrap.is_some() || bootstrap_spent,
                 });
             }
             Err(error) if error.class() == ErrorClass::InvalidGrant => {
-                let bootstrap_differs = match &client.grant {
-                    Grant::RefreshToken { refresh_token } => refresh_token.value != *rt,
-                    _ => true,
-                };
-                if !(client.grant.is_primary() || bootstrap_differs) {
+                if let Some(bootstrap) = bootstrap {
+                    // The chain this token belongs to started from the bootstrap: spent.
                     return Err(AcquireFailure {
-                        error,
+                        error: OAuthError::ChainEnded {
+                            reason: format!("the stored refresh token was refused: {error}"),
+                            supply_in: bootstrap.source.to_string(),
+                        },
                         forget_refresh_token: true,
+                        bootstrap_spent: true,
                     });
                 }
                 refused = Some(error);
@@ -313,29 +452,57 @@ pub async fn acquire(
                 return Err(AcquireFailure {
                     error,
                     forget_refresh_token: false,
+                    bootstrap_spent,
                 });
             }
         }
+    }
+    if let Some(bootstrap) = bootstrap
+        && bootstrap_spent
+    {
+        return Err(AcquireFailure {
+            error: OAuthError::ChainEnded {
+                reason: format!(
+                    "the configured refresh token (fingerprint {}) was already presented and no refresh token of its chain is left",
+                    bootstrap.value.fingerprint()
+                ),
+                supply_in: bootstrap.source.to_string(),
+            },
+            forget_refresh_token: false,
+            bootstrap_spent: true,
+        });
     }
     match request_token(http, client, Attempt::Primary).await {
         Ok(issued) => {
             let keep = issued
                 .refresh_token
                 .clone()
-                .or_else(|| match &client.grant {
-                    Grant::RefreshToken { refresh_token } => Some(refresh_token.value.clone()),
-                    _ => None,
-                });
+                .or_else(|| bootstrap.map(|b| b.value.clone()));
             Ok(Acquired {
                 issued,
                 refresh_token: keep,
                 grant_type: client.grant_type(),
                 refresh_token_refused: refused,
+                bootstrap_spent: bootstrap.is_some() || bootstrap_spent,
             })
         }
-        Err(error) => Err(AcquireFailure {
-            error,
-            forget_refresh_token: refused.is_some(),
-        }),
+        Err(error) => {
+            let answered = matches!(error, OAuthError::Provider { .. });
+            match bootstrap {
+                Some(b) if error.class() == ErrorClass::InvalidGrant => Err(AcquireFailure {
+                    error: OAuthError::ChainEnded {
+                        reason: format!("the configured refresh token was refused: {error}"),
+                        supply_in: b.source.to_string(),
+                    },
+                    forget_refresh_token: false,
+                    bootstrap_spent: true,
+                }),
+                _ => Err(AcquireFailure {
+                    error,
+                    forget_refresh_token: refused.is_some(),
+                    bootstrap_spent: bootstrap_spent || (bootstrap.is_some() && answered),
+                }),
+            }
+        }
     }
 }

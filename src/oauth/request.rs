@@ -51,29 +51,6 @@ pub struct PreparedRequest {
 }
 
 impl PreparedRequest {
-    /// Values that must never be echoed back into a log (for scrubbing provider text).
-    pub fn secret_values(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self
-            .form
-            .iter()
-            .filter(|(k, _)| {
-                matches!(
-                    k.as_ref(),
-                    "client_secret"
-                        | "password"
-                        | "refresh_token"
-                        | "assertion"
-                        | "client_assertion"
-                )
-            })
-            .map(|(_, s)| s.expose())
-            .collect();
-        if let Some(a) = &self.authorization {
-            v.push(a.expose());
-        }
-        v
-    }
-
     /// The form encoded as the request body.
     pub fn body(&self) -> String {
         let mut ser = url::form_urlencoded::Serializer::new(String::new());

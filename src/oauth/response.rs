@@ -5,13 +5,18 @@
 //! absent the `exp` claim of a JWT access token, or `default_lifetime`, gives the lifetime.
 //! An error (RFC 6749 §5.2) is shown with its `error`, `error_description` and `error_uri`.
 //! Everything here is pure: the caller passes the status, a few headers and the body.
+//!
+//! Nothing from a success body is ever shown: a 2xx that is not a usable token response is
+//! reported by its status, content type, length and what is wrong (a JSON error by position and
+//! kind), since it may hold the very token it failed to deliver. Text from an error body is
+//! shown only masked (see [`Redactor`]), then cut to length.
 
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 
 use super::error::{OAuthError, printable};
-use crate::secret::Secret;
+use crate::secret::{Redactor, Secret};
 use crate::token::Token;
 
 /// The largest body accepted from a token endpoint.
@@ -41,8 +46,8 @@ pub struct RequestContext<'a> {
     pub default_lifetime: Duration,
     /// Local time the request was sent: the token's `issued_at`.
     pub sent_at: SystemTime,
-    /// Values sent in the request that must never be echoed (secrets, assertions).
-    pub sent_secrets: &'a [&'a str],
+    /// Masks every secret of the client and every value the request carried.
+    pub redactor: &'a Redactor,
 }
 
 /// A token and what came with it.
@@ -70,26 +75,20 @@ pub fn parse_token_response(
     }
     let object = decode_object(meta, body);
     if !(200..300).contains(&status) {
-        return Err(error_response(meta, body, object.as_ref(), ctx));
+        return Err(error_response(meta, body, object.as_ref().ok(), ctx));
     }
-    let Some(object) = object else {
-        let reason = if body.is_empty() {
-            "empty body".to_string()
-        } else if std::str::from_utf8(body).is_err() {
-            "body is not UTF-8 text".to_string()
-        } else {
-            format!(
-                "body is not a JSON object: {}",
-                scrub(&printable(&String::from_utf8_lossy(body), 200), ctx)
-            )
-        };
-        return Err(OAuthError::Malformed { status, reason });
+    let malformed = |reason: String| OAuthError::Malformed {
+        status,
+        content_type: meta.content_type.as_deref().map(|c| printable(c, 60)),
+        length: body.len(),
+        reason,
     };
+    let object = object.map_err(malformed)?;
     // Some providers answer 200 with an error object.
     if object.get("access_token").is_none() && object.get("error").is_some_and(Value::is_string) {
         return Err(error_response(meta, body, Some(&object), ctx));
     }
-    let mut issued = success(status, &object, ctx)?;
+    let mut issued = success(&object, ctx).map_err(malformed)?;
     issued.server_date = meta.date;
     Ok(issued)
 }
@@ -111,23 +110,54 @@ pub fn clock_skew(server_date: Option<SystemTime>, now: SystemTime) -> Option<(u
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// Reads the body as a JSON object, or as a form-encoded one (GitHub-style providers answer
-/// `application/x-www-form-urlencoded` unless asked otherwise).
-fn decode_object(meta: &ResponseMeta, body: &[u8]) -> Option<Map<String, Value>> {
-    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
-        return Some(map);
+/// `application/x-www-form-urlencoded` unless asked otherwise). The error says what is wrong
+/// without quoting the body.
+fn decode_object(meta: &ResponseMeta, body: &[u8]) -> Result<Map<String, Value>, String> {
+    let json = serde_json::from_slice::<Value>(body);
+    if let Ok(Value::Object(map)) = json {
+        return Ok(map);
     }
     if meta.content_type.as_deref() == Some("application/x-www-form-urlencoded") {
         let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
         if !pairs.is_empty() {
-            return Some(
-                pairs
-                    .into_iter()
-                    .map(|(k, v)| (k, Value::String(v)))
-                    .collect(),
-            );
+            return Ok(pairs
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect());
         }
     }
-    None
+    Err(if body.is_empty() {
+        "empty body".to_string()
+    } else if std::str::from_utf8(body).is_err() {
+        "body is not UTF-8 text".to_string()
+    } else {
+        match json {
+            Ok(v) => format!("body is a JSON {}, not a JSON object", json_type(&v)),
+            Err(e) => format!("body is not a JSON object ({})", json_error(&e)),
+        }
+    })
+}
+
+/// A JSON parse error by kind and position only: serde_json's own message can quote the input
+/// (and the input may be a token).
+pub fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "unexpected value",
+        Category::Eof => "truncated",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
+}
+
+/// Provider text as it may be shown: masked, made printable, masked again (a secret split by
+/// control characters is whole once they are gone), then cut to `max` characters.
+fn shown(text: &str, max: usize, ctx: &RequestContext<'_>) -> String {
+    let masked = ctx.redactor.mask(text);
+    let flat = printable(&masked, usize::MAX);
+    let masked = ctx.redactor.mask(&flat);
+    printable(&masked, max)
 }
 
 fn error_response(
@@ -142,12 +172,12 @@ fn error_response(
             object
                 .and_then(|o| o.get(k))
                 .and_then(Value::as_str)
-                .map(|s| scrub(&printable(s, 300), ctx))
+                .map(|s| shown(s, 300, ctx))
                 .filter(|s| !s.is_empty())
         };
         return OAuthError::Provider {
             status,
-            error: scrub(&printable(error, 64), ctx),
+            error: shown(error, 64, ctx),
             description: field("error_description"),
             uri: field("error_uri"),
             retry_after: meta.retry_after,
@@ -161,37 +191,31 @@ fn error_response(
     }
     OAuthError::Http {
         status,
-        snippet: scrub(&printable(&String::from_utf8_lossy(body), 200), ctx),
+        snippet: shown(&String::from_utf8_lossy(body), 200, ctx),
         retry_after: meta.retry_after,
     }
 }
 
-fn success(
-    status: u16,
-    object: &Map<String, Value>,
-    ctx: &RequestContext<'_>,
-) -> Result<Issued, OAuthError> {
-    let malformed = |reason: String| OAuthError::Malformed { status, reason };
+/// The token in a success body, or what is wrong with it, never quoting a value of the body.
+fn success(object: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<Issued, String> {
     let access_token = match object.get("access_token") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::String(_)) => return Err(malformed("access_token is empty".into())),
+        Some(Value::String(_)) => return Err("access_token is empty".into()),
         Some(Value::Null) | None => {
-            return Err(malformed("no access_token in the response".into()));
+            return Err("no access_token in the response".into());
         }
         Some(other) => {
-            return Err(malformed(format!(
+            return Err(format!(
                 "access_token is a {}, not a string",
                 json_type(other)
-            )));
+            ));
         }
     };
     if access_token
         .chars()
         .any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(malformed(
-            "access_token contains whitespace or control characters".into(),
-        ));
+        return Err("access_token contains whitespace or control characters".into());
     }
     let token_type = match object.get("token_type") {
         None | Some(Value::Null) => "Bearer".to_string(),
@@ -200,10 +224,11 @@ fn success(
             s.clone()
         }
         Some(other) => {
-            return Err(malformed(format!(
-                "token_type {} is not a token type",
-                scrub(&printable(&other.to_string(), 40), ctx)
-            )));
+            return Err(format!(
+                "token_type (a {} of {} characters) is not a token type",
+                json_type(other),
+                other.to_string().chars().count()
+            ));
         }
     };
     let jwt_exp = jwt_expiry(&access_token);
@@ -212,14 +237,14 @@ fn success(
             Some(exp) => match exp.duration_since(ctx.sent_at) {
                 Ok(d) if !d.is_zero() => d,
                 _ => {
-                    return Err(malformed(
+                    return Err(
                         "no expires_in, and the access token's exp claim is already past".into(),
-                    ));
+                    );
                 }
             },
             None => ctx.default_lifetime,
         },
-        Some(v) => parse_expires_in(v).map_err(|reason| malformed(scrub(&reason, ctx)))?,
+        Some(v) => parse_expires_in(v)?,
     };
     let mut expires_at = ctx.sent_at + lifetime;
     // A JWT that says it expires sooner than expires_in is believed: never serve it past exp.
@@ -227,9 +252,7 @@ fn success(
         && exp < expires_at
     {
         if exp <= ctx.sent_at {
-            return Err(malformed(
-                "the access token's exp claim is already past".into(),
-            ));
+            return Err("the access token's exp claim is already past".into());
         }
         expires_at = exp;
     }
@@ -241,16 +264,13 @@ fn success(
             for item in items {
                 match item.as_str() {
                     Some(s) => v.push(s.to_string()),
-                    None => return Err(malformed("scope array holds a non-string".into())),
+                    None => return Err("scope array holds a non-string".into()),
                 }
             }
             v
         }
         Some(other) => {
-            return Err(malformed(format!(
-                "scope is a {}, not a string",
-                json_type(other)
-            )));
+            return Err(format!("scope is a {}, not a string", json_type(other)));
         }
     };
     let refresh_token = match object.get("refresh_token") {
@@ -258,10 +278,10 @@ fn success(
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(Secret::new(s.clone())),
         Some(other) => {
-            return Err(malformed(format!(
+            return Err(format!(
                 "refresh_token is a {}, not a string",
                 json_type(other)
-            )));
+            ));
         }
     };
     Ok(Issued {
@@ -286,7 +306,7 @@ pub fn parse_expires_in(v: &Value) -> Result<Duration, String> {
         Value::String(s) => s
             .trim()
             .parse::<f64>()
-            .map_err(|_| format!("expires_in {:?} is not a number", printable(s, 40)))?,
+            .map_err(|_| "expires_in is a string that is not a number".to_string())?,
         other => {
             return Err(format!(
                 "expires_in is a {}, not a number",
@@ -298,7 +318,7 @@ pub fn parse_expires_in(v: &Value) -> Result<Duration, String> {
         return Err("expires_in is out of range".into());
     }
     if secs < 1.0 {
-        return Err(format!("expires_in must be positive, got {secs}"));
+        return Err("expires_in must be positive".to_string());
     }
     // Whole seconds, rounded down: never believe a token lives longer than it does.
     Ok(Duration::from_secs(secs.floor() as u64))
@@ -381,17 +401,6 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// Removes any value the request carried from provider text before it is shown.
-fn scrub(text: &str, ctx: &RequestContext<'_>) -> String {
-    let mut out = text.to_string();
-    for s in ctx.sent_secrets {
-        if s.len() >= 4 && out.contains(s) {
-            out = out.replace(s, "[redacted]");
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,11 +409,13 @@ mod tests {
     const T0: u64 = 1_795_456_800;
 
     fn ctx() -> RequestContext<'static> {
+        let mut redactor = Redactor::new();
+        redactor.add("s3cret-value");
         RequestContext {
             requested_scope: &[],
             default_lifetime: Duration::from_secs(3600),
             sent_at: SystemTime::UNIX_EPOCH + Duration::from_secs(T0),
-            sent_secrets: &["s3cret-value"],
+            redactor: Box::leak(Box::new(redactor)),
         }
     }
 
@@ -545,7 +556,7 @@ mod tests {
             (r#"{"access_token":"abc""#, "not a JSON object"),
             (
                 "<html><body>Hello</body></html>",
-                "not a JSON object: <html><body>Hello",
+                "(HTTP 200, application/json, 31 bytes): body is not a JSON object (syntax error at line 1 column 1)",
             ),
             ("", "empty body"),
         ];
@@ -570,8 +581,107 @@ mod tests {
         // Found by the token_response fuzz target: a provider echoing a sent secret inside
         // `expires_in` must not get it into the error message.
         let err = ok(r#"{"access_token":"a","expires_in":"s3cret-value"}"#).unwrap_err();
-        assert!(err.to_string().contains("[redacted]"), "{err}");
+        assert!(err.to_string().contains("not a number"), "{err}");
         assert!(!err.to_string().contains("s3cret-value"), "{err}");
+    }
+
+    #[test]
+    fn odd_success_bodies_never_show_their_content() {
+        let at = "AT-tok-0123456789";
+        let rt = "RT-tok-9876543210";
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "text/plain",
+                format!("access_token={at}&refresh_token={rt}&expires_in=60"),
+                "syntax error at line 1 column 1",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":"{at}","refresh_token":"{rt}"}} trailing"#),
+                "syntax error at line 1 column",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":"{at}","refresh_token":"{rt}","expires_in":1e400}}"#),
+                "syntax error at line 1 column",
+            ),
+            (
+                "application/json",
+                format!(
+                    r#"{{"access_token":"{at}","refresh_token":"{rt}","expires_in":123456789012345678901234567890}}"#
+                ),
+                "expires_in is out of range",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":"{at}","expires_in":"{rt}"}}"#),
+                "expires_in is a string that is not a number",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":"{at}","token_type":["{rt}"]}}"#),
+                "token_type (a array of",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":{{"value":"{at}"}},"refresh_token":"{rt}"}}"#),
+                "access_token is a object",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"access_token":"{at}","refresh_token":{{"v":"{rt}"}}}}"#),
+                "refresh_token is a object",
+            ),
+            (
+                "text/html",
+                format!("<html><p>access_token {at}</p><p>{rt}</p></html>"),
+                "(HTTP 200, text/html,",
+            ),
+            (
+                "application/json",
+                format!(r#"["{at}","{rt}"]"#),
+                "body is a JSON array, not a JSON object",
+            ),
+        ];
+        for (ct, body, want) in cases {
+            let err = parse_token_response(&meta(200, ct), body.as_bytes(), &ctx()).unwrap_err();
+            let m = err.to_string();
+            assert!(matches!(err, OAuthError::Malformed { .. }), "{body}: {m}");
+            assert!(m.contains(want), "{body}: {m}");
+            assert!(m.contains(&format!("{} bytes", body.len())), "{m}");
+            assert!(!m.contains("tok-"), "{body}: {m}");
+        }
+    }
+
+    #[test]
+    fn provider_text_is_masked_before_it_is_cut() {
+        let jwt = jwt(json!({"sub": "someone"}));
+        let cases = [
+            // A sent secret straddling the 300-character cut.
+            format!("{}s3cret-value and more", "x".repeat(295)),
+            format!("assertion {jwt} is expired"),
+            "refresh_token=opaque-refresh-1 is revoked".to_string(),
+            // Split by a control character, whole once it is dropped.
+            "bad s3cret\u{7}-value".to_string(),
+        ];
+        for description in cases {
+            let body = json!({"error": "invalid_grant", "error_description": description});
+            let err = parse_token_response(
+                &meta(400, "application/json"),
+                body.to_string().as_bytes(),
+                &ctx(),
+            )
+            .unwrap_err();
+            let m = err.to_string();
+            for leak in ["s3cr", "opaque-refresh-1", &jwt[..20]] {
+                assert!(!m.contains(leak), "{leak} in {m}");
+            }
+        }
+        // The same in an HTML error page.
+        let page = format!("<html>{}s3cret-value</html>", "y".repeat(190));
+        let err =
+            parse_token_response(&meta(502, "text/html"), page.as_bytes(), &ctx()).unwrap_err();
+        assert!(!err.to_string().contains("s3cr"), "{err}");
     }
 
     #[test]

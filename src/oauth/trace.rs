@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use super::OAuthError;
-use super::ResponseMeta;
+use super::{OAuthError, ResponseMeta, Route};
 use crate::config::ClientConfig;
 
 /// One DEBUG line per token request: where it went, how and how it ended. Never a body or a
@@ -13,7 +12,7 @@ use crate::config::ClientConfig;
 pub(super) fn token_request(
     client: &ClientConfig,
     grant: &str,
-    proxy: Option<&str>,
+    route: &Route,
     result: &Result<(ResponseMeta, Vec<u8>), OAuthError>,
     took: Duration,
 ) {
@@ -23,10 +22,12 @@ pub(super) fn token_request(
     let url = loggable_url(&client.token_url);
     let duration_ms = took.as_millis() as u64;
     let (client, client_auth) = (client.name.as_str(), client.client_auth.method_name());
-    let proxy: &str = match proxy {
-        Some(p) => p,
-        None => env_proxy(),
+    // "none", or the proxy and what chose it (never its credentials).
+    let proxy = match route {
+        Route::Direct(_) => "none".to_owned(),
+        Route::Proxy { url, from } => format!("{url} (from {from})"),
     };
+    let proxy = proxy.as_str();
     match result {
         Ok((meta, _)) => tracing::debug!(
             client,
@@ -50,27 +51,6 @@ pub(super) fn token_request(
             duration_ms,
             "token request got no answer"
         ),
-    }
-}
-
-/// What to say when the caller names no proxy: the HTTP client may still take one from the
-/// environment, so say so rather than "none" (which proxy, and `NO_PROXY`, is for the caller).
-fn env_proxy() -> &'static str {
-    const VARS: [&str; 6] = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ];
-    if VARS
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
-    {
-        "from the environment, if it applies"
-    } else {
-        "none"
     }
 }
 

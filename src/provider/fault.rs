@@ -32,6 +32,16 @@ pub enum Fault {
     DropConnection,
     /// 200 with a `Content-Length` larger than the body sent, then close the connection.
     TruncatedBody,
+    /// A provider that quotes what it was sent: an error whose text holds every form value,
+    /// the `Authorization` header, its base64 part, and the decoded `id:secret` and secret.
+    Echo {
+        /// The HTTP status (an invalid one becomes 500).
+        status: u16,
+        /// An HTML page instead of an OAuth error object (RFC 6749 §5.2).
+        html: bool,
+        /// Characters of filler before the first quoted value (to put it across a length cut).
+        pad: usize,
+    },
     /// Any raw response, for malformed-response tests.
     Custom {
         /// The HTTP status (an invalid one becomes 500).
@@ -120,6 +130,48 @@ pub(crate) fn action(fault: &Fault) -> Action {
             content_type,
             body,
         } => Action::Respond(raw(*status, content_type, body.clone())),
+        // Resolved against the request by `echo` before it gets here.
+        Fault::Echo { .. } => Action::Respond(raw(500, "text/plain", Vec::new())),
+    }
+}
+
+/// The response of [`Fault::Echo`] to `request`, as a [`Fault::Custom`].
+pub(crate) fn echo(status: u16, html: bool, pad: usize, request: &super::RecordedRequest) -> Fault {
+    use base64::Engine as _;
+    let mut quoted: Vec<String> = request.form.iter().map(|(_, v)| v.clone()).collect();
+    if let Some(auth) = request.header("authorization") {
+        quoted.push(auth.to_string());
+        if let Some(b64) = auth.strip_prefix("Basic ") {
+            quoted.push(b64.to_string());
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default();
+            let raw = String::from_utf8_lossy(&raw).into_owned();
+            if let Some((_, secret)) = raw.split_once(':') {
+                quoted.push(secret.to_string());
+            }
+            quoted.push(raw);
+        }
+    }
+    let text = format!(
+        "{}client secret {} is wrong",
+        "x".repeat(pad),
+        quoted.join(" and ")
+    );
+    if html {
+        let page = format!("<html><body><p>{text}</p></body></html>");
+        Fault::Custom {
+            status,
+            content_type: "text/html".into(),
+            body: page.into_bytes(),
+        }
+    } else {
+        let body = serde_json::json!({"error": "invalid_client", "error_description": text});
+        Fault::Custom {
+            status,
+            content_type: "application/json".into(),
+            body: body.to_string().into_bytes(),
+        }
     }
 }
 

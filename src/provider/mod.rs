@@ -12,8 +12,9 @@
 //!   `iat`, `jti` never reused);
 //! - grants `client_credentials` (§4.4), `password` (§4.3), `refresh_token` (§6, single use,
 //!   rotated on every use, unless the client is given a reuse grace:
-//!   [`RegisteredClient::refresh_reuse_grace`]) and jwt-bearer (RFC 7523 §2.1), each only where
-//!   its dialect has it;
+//!   [`RegisteredClient::refresh_reuse_grace`]; a used one presented again is taken for a
+//!   stolen one and revokes every refresh token of the client, RFC 9700 §4.14.2) and
+//!   jwt-bearer (RFC 7523 §2.1), each only where its dialect has it;
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
@@ -354,6 +355,10 @@ struct State {
     /// Refresh token → what it may be exchanged for. Removed on use (RFC 6749 §6 rotation), or
     /// marked rotated and kept for the client's reuse grace.
     refresh: HashMap<String, RefreshGrant>,
+    /// Refresh token → client id, for every one used up: presenting one again is reuse.
+    spent_refresh: HashMap<String, String>,
+    /// Client id → how many times a used refresh token was presented again.
+    reuse_detected: HashMap<String, usize>,
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
@@ -529,6 +534,35 @@ impl Provider {
         self.state().refresh.retain(|_, g| g.client_id != client_id);
     }
 
+    /// A new refresh token for a client granting `scope`, as if issued with an earlier token
+    /// (what an operator copies into a `refresh_token`-grant client's secret).
+    pub fn mint_refresh_token(&self, client_id: &str, scope: &[&str]) -> String {
+        let rt = format!(
+            "twr_{}_minted_{}",
+            fingerprint(client_id.as_bytes()),
+            uuid::Uuid::new_v4().simple()
+        );
+        self.state().refresh.insert(
+            rt.clone(),
+            RefreshGrant {
+                client_id: client_id.into(),
+                scope: scope.iter().map(|s| s.to_string()).collect(),
+                rotated_at: None,
+            },
+        );
+        rt
+    }
+
+    /// How many times a client presented a refresh token it had used up already (each time
+    /// every refresh token of the client was revoked).
+    pub fn reuse_detected(&self, client_id: &str) -> usize {
+        self.state()
+            .reuse_detected
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// How many unused refresh tokens a client holds (rotated ones still in their reuse grace
     /// are not counted).
     pub fn live_refresh_tokens(&self, client_id: &str) -> usize {
@@ -702,6 +736,10 @@ async fn handle(
     };
     if let Some(fault) = fault {
         debug!(path = %recorded.path, fault = fault_name(&fault), "provider: applying fault");
+        let fault = match fault {
+            Fault::Echo { status, html, pad } => fault::echo(status, html, pad, &recorded),
+            other => other,
+        };
         return match fault::action(&fault) {
             Action::Respond(r) => Ok(r),
             Action::Hang => {
@@ -764,6 +802,7 @@ fn fault_name(f: &Fault) -> &'static str {
         Fault::DropConnection => "drop_connection",
         Fault::TruncatedBody => "truncated_body",
         Fault::Custom { .. } => "custom",
+        Fault::Echo { .. } => "echo",
     }
 }
 
@@ -1093,6 +1132,18 @@ impl State {
                     "the refresh token was issued to another client",
                 ));
             }
+            None if self.spent_refresh.get(rt) == Some(&client.client_id) => {
+                // RFC 9700 §4.14.2: a used refresh token presented again may be a stolen
+                // one; whoever holds the newer ones loses them too.
+                self.refresh.retain(|_, g| g.client_id != client.client_id);
+                *self
+                    .reuse_detected
+                    .entry(client.client_id.clone())
+                    .or_default() += 1;
+                return Err(Reject::invalid_grant(
+                    "refresh token reuse detected: every refresh token of this client is revoked",
+                ));
+            }
             None => {
                 return Err(Reject::invalid_grant(
                     "the refresh token is unknown, revoked or already used",
@@ -1111,6 +1162,8 @@ impl State {
             }
             _ => {
                 self.refresh.remove(rt);
+                self.spent_refresh
+                    .insert(rt.clone(), client.client_id.clone());
             }
         }
         Ok(if requested.is_empty() {

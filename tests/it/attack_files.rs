@@ -367,6 +367,7 @@ fn plant(env: &DemoEnv, client: &str, token: &str) -> Vec<u8> {
             }),
             refresh_token: None,
             generation: 41,
+            spent_bootstrap: None,
         },
     )
     .unwrap();

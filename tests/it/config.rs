@@ -319,6 +319,27 @@ fn loading_twice_gives_equal_configs() {
 }
 
 #[test]
+fn secrets_of_any_type_never_reach_errors() {
+    let path = data().join("invalid/secret-types.toml");
+    let rendered = format!("{}", config::load(&path).unwrap_err());
+    for value in [
+        "314159265",
+        "2.718281828",
+        "true",
+        "hunter2-in-an-array",
+        "271828182",
+        "1979-05-27",
+        "161803398",
+        "hunter2-in-a-table",
+        "141421356",
+        "173205080",
+        "223606797",
+    ] {
+        assert!(!rendered.contains(value), "{value} in:\n{rendered}");
+    }
+}
+
+#[test]
 fn secrets_never_reach_errors_or_debug() {
     let path = data().join("invalid/inline-secret-redacted.toml");
     let errors: ConfigErrors = config::load(&path).unwrap_err();

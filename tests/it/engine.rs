@@ -48,7 +48,7 @@ fn common_headers(r: &RecordedRequest) {
 
 async fn get(_env: &DemoEnv, c: &ClientConfig) -> oauth::Acquired {
     let http = oauth::http_client(None).unwrap();
-    oauth::acquire(&http, c, None).await.unwrap()
+    oauth::acquire(&http, c, None, false).await.unwrap()
 }
 
 #[tokio::test]
@@ -110,7 +110,7 @@ async fn creads_password_then_rotating_refresh_tokens() {
     let rt1 = got.refresh_token.clone().unwrap();
 
     let http = oauth::http_client(None).unwrap();
-    let second = oauth::acquire(&http, &c, Some(&rt1)).await.unwrap();
+    let second = oauth::acquire(&http, &c, Some(&rt1), false).await.unwrap();
     let r = last_request(&env);
     assert_eq!(form_names(&r), ["grant_type", "refresh_token", "scope"]);
     assert_eq!(r.form_value("refresh_token"), Some(rt1.expose()));
@@ -119,7 +119,7 @@ async fn creads_password_then_rotating_refresh_tokens() {
     assert_ne!(rt1, rt2, "rotated");
 
     // The used refresh token is dead: the provider refuses it and the password grant steps in.
-    let third = oauth::acquire(&http, &c, Some(&rt1)).await.unwrap();
+    let third = oauth::acquire(&http, &c, Some(&rt1), false).await.unwrap();
     assert_eq!(third.grant_type, "password");
     let refused = third.refresh_token_refused.unwrap();
     assert_eq!(refused.oauth_code(), Some("invalid_grant"));
@@ -240,7 +240,10 @@ async fn wrong_credentials_and_scopes_are_refused_as_a_provider_would() {
     if let tokenwarden::config::ClientAuth::Basic { secret } = &mut c.client_auth {
         secret.value = tokenwarden::secret::Secret::new("wrong-secret");
     }
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert_eq!(e.oauth_code(), Some("invalid_client"));
     assert_eq!(e.class(), ErrorClass::Permanent { retry_after: None });
     assert!(e.to_string().contains("check client_id"), "{e}");
@@ -253,12 +256,18 @@ async fn wrong_credentials_and_scopes_are_refused_as_a_provider_would() {
             secret: secret.clone(),
         };
     }
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert_eq!(e.oauth_code(), Some("invalid_client"), "{e}");
 
     let mut c = client(&env, "creads-files");
     c.scope = vec!["admin".into()];
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert_eq!(e.oauth_code(), Some("invalid_scope"), "{e}");
 
     // An assertion for the wrong audience.
@@ -268,7 +277,10 @@ async fn wrong_credentials_and_scopes_are_refused_as_a_provider_would() {
             .claims
             .insert("aud".into(), "https://elsewhere.example".into());
     }
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert_eq!(e.class(), ErrorClass::InvalidGrant, "{e}");
 
     // A wrong password: invalid_grant from the primary grant, nothing to fall back to.
@@ -276,7 +288,7 @@ async fn wrong_credentials_and_scopes_are_refused_as_a_provider_would() {
     if let tokenwarden::config::Grant::Password { password, .. } = &mut c.grant {
         password.value = tokenwarden::secret::Secret::new("nope-nope");
     }
-    let f = oauth::acquire(&http, &c, None).await.unwrap_err();
+    let f = oauth::acquire(&http, &c, None, false).await.unwrap_err();
     assert_eq!(f.error.oauth_code(), Some("invalid_grant"));
     assert!(!f.forget_refresh_token);
 }
@@ -419,7 +431,7 @@ async fn every_failure_mode_gives_the_right_class_and_a_clear_message() {
             name: "non-JSON 200",
             fault: custom(200, "text/html", "<html>hi</html>"),
             want: retryable,
-            message: "not a JSON object: <html>hi</html>",
+            message: "(HTTP 200, text/html, 15 bytes): body is not a JSON object (syntax error at line 1 column 1)",
         },
         Case {
             name: "empty 200",
@@ -556,7 +568,7 @@ async fn every_failure_mode_gives_the_right_class_and_a_clear_message() {
     assert!(cases.len() >= 25);
     for case in cases {
         env.provider.fault_next(case.fault, 1);
-        let r = oauth::acquire(&http, &c, None).await;
+        let r = oauth::acquire(&http, &c, None, false).await;
         assert!(
             (case.want)(&r),
             "{}: {:?}",
@@ -584,7 +596,10 @@ async fn an_unreachable_provider_is_a_retryable_connect_error() {
     drop(closed);
     c.token_url = format!("http://127.0.0.1:{port}/token").parse().unwrap();
     let http = oauth::http_client(None).unwrap();
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
     assert_eq!(e.class(), ErrorClass::Retryable { retry_after: None });
     assert!(

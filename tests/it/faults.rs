@@ -754,7 +754,9 @@ async fn a_paused_provider_refuses_connections_and_comes_back_on_the_same_port()
     assert_eq!(env.provider.addr(), addr);
     let c = env.config().clients.get("transatel").unwrap().clone();
     let http = tokenwarden::oauth::http_client(None).unwrap();
-    let got = tokenwarden::oauth::acquire(&http, &c, None).await.unwrap();
+    let got = tokenwarden::oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap();
     assert!(
         env.provider
             .token_is_live(got.issued.token.access_token.expose())

@@ -53,6 +53,7 @@ fn client(outputs: Vec<OutputConfig>) -> ClientConfig {
         extra_params: Default::default(),
         extra_headers: Default::default(),
         ca_file: None,
+        proxy: Default::default(),
         rotate_cron: None,
         allow_uids: Vec::new(),
         allow_gids: Vec::new(),

@@ -429,16 +429,6 @@ async fn creads_password_then_single_use_rotating_refresh_tokens() {
         .unwrap()
         .to_string();
     assert_ne!(rt1, rt2);
-    let reused = post(
-        &url,
-        Some(&auth),
-        &[("grant_type", "refresh_token"), ("refresh_token", &rt1)],
-    )
-    .await;
-    assert_eq!(
-        (reused.status, reused.error().as_str()),
-        (400, "invalid_grant")
-    );
     let third = post(
         &url,
         Some(&auth),
@@ -457,6 +447,21 @@ async fn creads_password_then_single_use_rotating_refresh_tokens() {
     )
     .await;
     assert_eq!(stolen.error(), "invalid_grant");
+    // A used one presented again is taken for a stolen one (RFC 9700 §4.14.2): refused, and
+    // the newer ones of the client go with it.
+    assert_eq!(p.live_refresh_tokens("cr"), 1);
+    let reused = post(
+        &url,
+        Some(&auth),
+        &[("grant_type", "refresh_token"), ("refresh_token", &rt1)],
+    )
+    .await;
+    assert_eq!(
+        (reused.status, reused.error().as_str()),
+        (400, "invalid_grant")
+    );
+    assert_eq!(p.reuse_detected("cr"), 1);
+    assert_eq!(p.live_refresh_tokens("cr"), 0);
 }
 
 #[tokio::test]

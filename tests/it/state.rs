@@ -28,6 +28,7 @@ fn stored(fingerprint: &str, issued: u64, expires: u64) -> StoredState {
         }),
         refresh_token: Some(Secret::new(REFRESH)),
         generation: 4,
+        spent_bootstrap: None,
     }
 }
 

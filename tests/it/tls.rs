@@ -85,17 +85,23 @@ async fn a_private_ca_works_only_through_ca_file() {
     // Without ca_file the certificate is refused: verification is on.
     let c = client(dir.path(), port, None);
     let http = oauth::http_client(None).unwrap();
-    let e = oauth::acquire(&http, &c, None).await.unwrap_err().error;
+    let e = oauth::acquire(&http, &c, None, false)
+        .await
+        .unwrap_err()
+        .error;
     assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 
     // With it, the token comes.
     let c = client(dir.path(), port, Some(ca_path.to_str().unwrap()));
     let http = oauth::http_client(c.ca_file.as_deref()).unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), oauth::acquire(&http, &c, None))
-        .await
-        .unwrap()
-        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        oauth::acquire(&http, &c, None, false),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(got.issued.token.access_token.expose(), "tls-token");
     assert_eq!(got.issued.token.lifetime(), Duration::from_secs(60));
 
@@ -115,4 +121,32 @@ async fn a_private_ca_works_only_through_ca_file() {
         errors.contains("c.toml:5:11: ca_file ") && errors.contains("holds no PEM certificate"),
         "{errors}"
     );
+}
+
+/// A certificate verification failure is told once: our own error names the client and the
+/// failure; rustls-platform-verifier's second, context-free ERROR line is capped.
+#[tokio::test]
+async fn a_verification_failure_is_one_error_line() {
+    let (_ca_pem, port) = tls_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[daemon]\nstate_dir = \"{}\"\n[clients.tls]\ntoken_url = \"https://localhost:{port}/token\"\nclient_id = \"c\"\nclient_secret = {{ file = \"secret\" }}\ntimeout = \"5s\"\n",
+        dir.path().join("state").display()
+    );
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, text).unwrap();
+    for level in ["warn", "trace"] {
+        let r =
+            crate::support::run(&["once", "-c", config.to_str().unwrap(), "--log-level", level])
+                .await;
+        assert_ne!(r.code, 0);
+        let errors: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("certificate"))
+            .collect();
+        assert_eq!(errors.len(), 1, "at {level}:\n{}", r.stderr);
+        assert!(errors[0].contains("tls"), "names the client: {}", errors[0]);
+    }
 }

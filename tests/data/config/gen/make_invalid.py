@@ -366,6 +366,37 @@ spec("ca-file", ok("a") + '''ca_file = «0»"../secrets/transatel"
      'keys/not-der.pem holds a certificate that cannot be used', 'cannot read ca_file ')
 
 
+# Secrets of every TOML type: the error names the type, never the value.
+spec("secret-types", table("a") + URL + '''client_id = "c"
+client_secret = «0»314159265
+''' + table("b") + URL + '''client_id = "c"
+client_secret = «1»2.718281828
+''' + table("c") + URL + '''client_id = "c"
+client_secret = «2»true
+''' + table("d") + URL + '''client_id = "c"
+client_secret = «3»["hunter2-in-an-array"]
+''' + table("e") + URL + '''client_id = "c"
+client_secret = { file = «4»271828182 }
+''' + table("f") + URL + '''client_id = "c"
+client_secret = «5»1979-05-27T07:32:00Z
+''' + table("g") + URL + '''grant_type = "password"
+''' + ID_AND_SECRET + '''username = "u"
+password = «6»161803398
+''' + table("h") + URL + '''grant_type = "refresh_token"
+''' + ID_AND_SECRET + '''refresh_token = «7»{ value = "hunter2-in-a-table" }
+''' + table("i") + KEY_JWT + '''private_key = «8»141421356
+''' + table("j") + URL + '''grant_type = "jwt_bearer"
+client_id = "c"
+«11»[clients.j.assertion]
+key = «9»-173205080
+''' + table("k") + OK_CLIENT + '''extra_headers = { Authorization = «10»223606797 }
+''', 'client_secret: invalid type: integer, expected a secret', 'client_secret: invalid type: floating point, expected a secret',
+     'client_secret: invalid type: boolean, expected a secret', 'client_secret: invalid type: sequence, expected a secret',
+     'client_secret: invalid type: integer, expected a string', 'client_secret: invalid type: date-time, expected a secret',
+     'password: invalid type: integer, expected a secret', 'refresh_token: unknown key "value" in a secret',
+     'private_key: invalid type: integer, expected a secret', 'key: invalid type: integer, expected a secret',
+     'extra_headers: invalid type: integer, expected a string', 'missing key "key" in [clients.j.assertion]')
+
 def render(name, body, texts, extra_header):
     marks = []
     clean = ""
