@@ -609,7 +609,7 @@ async fn proxies_are_used_where_configured_and_never_for_loopback() {
     }
     assert!(
         r.stderr
-            .contains(&format!("through proxy {} (from HTTPS_PROXY)", proxy.url())),
+            .contains(&format!("proxy=\"{} (from HTTPS_PROXY)\"", proxy.url())),
         "the route is in the debug log:\n{}",
         r.stderr
     );
