@@ -6,7 +6,8 @@
 //! (`#` is the title, `##` a section, `###` a subsection), paragraphs, lists, fenced code,
 //! tables (one tagged paragraph per row: the first cell as the tag, the others labelled with
 //! their column's header), inline code and strong text (bold), emphasis (italic) and links
-//! (their text; an absolute URL follows in angle brackets).
+//! (their text in italics, naming a page of the installed docs; an absolute URL follows in
+//! angle brackets).
 
 use clap_mangen::roff::{Inline, Roff, bold, italic, roman};
 use pulldown_cmark::{Event, HeadingLevel, Options, Parser, Tag, TagEnd};
@@ -188,8 +189,12 @@ fn render_markdown(markdown: &str) -> String {
             Event::End(TagEnd::Strong) => strong = strong.saturating_sub(1),
             Event::Start(Tag::Emphasis) => emphasis += 1,
             Event::End(TagEnd::Emphasis) => emphasis = emphasis.saturating_sub(1),
-            Event::Start(Tag::Link { dest_url, .. }) => link_url.push(dest_url.to_string()),
+            Event::Start(Tag::Link { dest_url, .. }) => {
+                link_url.push(dest_url.to_string());
+                emphasis += 1;
+            }
             Event::End(TagEnd::Link) => {
+                emphasis = emphasis.saturating_sub(1);
                 if let Some(url) = link_url.pop()
                     && (url.starts_with("https://") || url.starts_with("http://"))
                 {
@@ -217,8 +222,9 @@ fn render_markdown(markdown: &str) -> String {
         roman("(8), "),
         bold("systemd.exec"),
         roman("(5), "),
-        italic("/usr/share/doc/tokenwarden/docs/configuration.md"),
-        roman(", "),
+        roman("the pages of "),
+        italic("/usr/share/doc/tokenwarden/docs/"),
+        roman(" (this page is configuration.md there), "),
         italic("/usr/share/doc/tokenwarden/examples/"),
     ]);
     r.render()
@@ -319,7 +325,7 @@ mod tests {
             ".TP\n\\fBsocket\\fR\n\\fItype\\fR: path; \\fIdefault\\fR: none. the socket",
             ".SS [daemon]",
             ".IP \\(bu 4\none",
-            "two link <https://example.com/x>",
+            "two \\fIlink\\fR <https://example.com/x>",
             ".nf\n\\&.dot = 1\n[daemon]\n.fi",
             ".SH \"SEE ALSO\"",
         ] {
