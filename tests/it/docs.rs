@@ -584,6 +584,106 @@ fn every_config_key_is_documented_and_nothing_else() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
+/// Every key a TOML example uses that its table does not accept, as `where: key`.
+fn unknown_example_keys(
+    example: &toml::Table,
+    tables: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
+    let accepts = |table: &str, key: &str| tables[table].iter().any(|k| k == key);
+    let mut out = Vec::new();
+    let check =
+        |out: &mut Vec<String>, what: &str, table: &str, t: &toml::Table, extra: &[&str]| {
+            for key in t.keys() {
+                if !accepts(table, key) && !extra.contains(&key.as_str()) {
+                    out.push(format!("{what}: {key}"));
+                }
+            }
+        };
+    for (top, value) in example {
+        match (top.as_str(), value) {
+            ("daemon", toml::Value::Table(t)) => check(&mut out, "[daemon]", "RawDaemon", t, &[]),
+            ("defaults", toml::Value::Table(t)) => {
+                check(&mut out, "[defaults]", "RawTiming", t, &[])
+            }
+            ("clients", toml::Value::Table(clients)) => {
+                for (name, client) in clients {
+                    let Some(client) = client.as_table() else {
+                        out.push(format!("[clients.{name}] is not a table"));
+                        continue;
+                    };
+                    let what = format!("[clients.{name}]");
+                    check(
+                        &mut out,
+                        &what,
+                        "RawClient",
+                        client,
+                        &["assertion", "outputs"],
+                    );
+                    if let Some(a) = client.get("assertion").and_then(toml::Value::as_table) {
+                        check(
+                            &mut out,
+                            &format!("{what}.assertion"),
+                            "RawAssertion",
+                            a,
+                            &[],
+                        );
+                    }
+                    for o in client
+                        .get("outputs")
+                        .and_then(toml::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(toml::Value::as_table)
+                    {
+                        check(&mut out, &format!("{what}.outputs"), "RawOutput", o, &[]);
+                    }
+                }
+            }
+            _ => out.push(format!("unknown table [{top}]")),
+        }
+    }
+    out
+}
+
+#[test]
+fn the_toml_examples_of_the_docs_use_only_real_keys() {
+    let tables = raw_tables(&read(&repo().join("src/config/raw.rs")));
+    let mut errors = Vec::new();
+    let mut examples = 0;
+    for file in files_under(&repo().join("docs"), &[".md"])
+        .into_iter()
+        .chain([repo().join("README.md")])
+    {
+        let text = read(&file);
+        for block in text.split("```toml\n").skip(1) {
+            let block = block.split("```").next().unwrap_or_default();
+            examples += 1;
+            let shown = file
+                .strip_prefix(repo())
+                .unwrap_or(&file)
+                .display()
+                .to_string();
+            match block.parse::<toml::Table>() {
+                Ok(t) => errors.extend(
+                    unknown_example_keys(&t, &tables)
+                        .into_iter()
+                        .map(|e| format!("{shown}: {e}")),
+                ),
+                Err(e) => errors.push(format!("{shown}: an example is not TOML: {e}")),
+            }
+        }
+    }
+    assert!(examples >= 10, "only {examples} TOML examples found");
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+
+    // The walk itself: a misspelt key at each level is caught.
+    let bad: toml::Table = "[daemon]\nsockett = 'x'\n[clients.a]\ntoken_ur = 'x'\n\
+        [clients.a.assertion]\nkeyy = 'x'\n[[clients.a.outputs]]\npathh = 'x'\n"
+        .parse()
+        .unwrap();
+    assert_eq!(unknown_example_keys(&bad, &tables).len(), 4);
+}
+
 #[test]
 fn raw_tables_reads_fields_renames_and_only_serde_structs() {
     let tables = raw_tables(
