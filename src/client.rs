@@ -354,8 +354,8 @@ pub async fn get(
 }
 
 /// `RefreshToken`, forced: a new token, or FAILED_PRECONDITION saying when one is possible
-/// (never the token `min_interval` would otherwise answer with; see the README's "Refreshing
-/// on demand").
+/// (never the token `min_interval` would otherwise answer with; see
+/// docs/cli.md#refreshing-on-demand-and-min_interval).
 pub async fn refresh(socket: &Path, client: &str) -> Result<pb::Token, ClientError> {
     let mut c = connect(socket).await?;
     let mut req = request(pb::RefreshTokenRequest {
