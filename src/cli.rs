@@ -1,4 +1,4 @@
-//! The command line of SPEC §2 as one clap definition, and what is generated from it for the
+//! The command line (docs/cli.md) as one clap definition, and what is generated from it for the
 //! .deb: the manual (section 8) and the bash, zsh and fish completions; plus the config's
 //! manual page, `tokenwarden.toml(5)`, rendered from `docs/configuration.md` ([`config_page`]).
 //!
@@ -149,7 +149,7 @@ impl From<FormatArg> for client::Format {
     }
 }
 
-/// The commands of SPEC §2.
+/// The commands (docs/cli.md).
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (what systemd starts).
@@ -451,7 +451,7 @@ fn subcommand_page(sub: &clap::Command) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The sections clap knows nothing about (SPEC §2, §5, §6, §8).
+/// The sections clap knows nothing about (docs/cli.md, docs/configuration.md, docs/operations.md).
 fn extra_sections(cmd: &clap::Command) -> Roff {
     let mut r = Roff::new();
     let item = |r: &mut Roff, term: &str, text: &str| {
@@ -555,7 +555,7 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
     r
 }
 
-/// EXIT STATUS (SPEC §2).
+/// EXIT STATUS (docs/cli.md#config-exit-codes-and-errors).
 fn exit_status(r: &mut Roff) {
     r.control("SH", ["EXIT STATUS"]);
     for (code, text) in [
@@ -611,7 +611,7 @@ mod tests {
         command().debug_assert();
     }
 
-    /// SPEC §2's command lines parse as written there.
+    /// The command lines of docs/cli.md parse as written there.
     #[test]
     fn spec_command_lines_parse() {
         let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());

@@ -381,7 +381,8 @@ pub async fn list(socket: &Path) -> Result<Vec<pb::ClientStatus>, ClientError> {
 pub enum Format {
     /// The access token and a newline.
     Token,
-    /// One JSON object: the fields of the `json` output format (SPEC §5), plus `client` and
+    /// One JSON object: the fields of the `json` output format
+    /// (docs/configuration.md#output-formats), plus `client` and
     /// `generation`.
     Json,
     /// `Authorization: Bearer …` and a newline.

@@ -78,7 +78,7 @@ class Checks:
         try:
             detail = fn()
         except grpc.RpcError as e:
-            # The status and the daemon's message: never a token (SPEC §7).
+            # The status and the daemon's message: never a token (docs/grpc.md#the-service).
             self.failed += 1
             print(f"FAIL {name}: {e.code().name}: {e.details()}", flush=True)
             return
