@@ -1,5 +1,6 @@
-//! The command line of SPEC §2 as one clap definition, and what is generated from it for the
-//! .deb: the manual (section 8) and the bash, zsh and fish completions.
+//! The command line (docs/cli.md) as one clap definition, and what is generated from it for the
+//! .deb: the manual (section 8) and the bash, zsh and fish completions; plus the config's
+//! manual page, `tokenwarden.toml(5)`, rendered from `docs/configuration.md` ([`config_page`]).
 //!
 //! The binary parses [`Cli`]; `scripts/package.sh` runs the binary's hidden
 //! `generate-assets DIR` command, which calls [`write_assets`], so the manual and completions
@@ -14,6 +15,8 @@ use clap_mangen::roff::{Roff, bold, italic, roman};
 
 use crate::client;
 use crate::config::{DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR};
+
+pub mod config_page;
 
 /// The section of the manual tokenwarden's pages go in: system administration commands.
 pub const MAN_SECTION: &str = "8";
@@ -146,7 +149,7 @@ impl From<FormatArg> for client::Format {
     }
 }
 
-/// The commands of SPEC §2.
+/// The commands (docs/cli.md).
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (what systemd starts).
@@ -269,7 +272,8 @@ pub fn command() -> clap::Command {
 
 /// The file names [`write_assets`] writes, the names `Cargo.toml`'s `[package.metadata.deb]`
 /// expects under `target/assets/`: the main manual page, then the bash, zsh and fish
-/// completions. (The manual pages of the subcommands, `tokenwarden-NAME.8`, come on top.)
+/// completions. (The manual pages of the subcommands, `tokenwarden-NAME.8`, and the config's,
+/// [`config_page::FILE`], come on top.)
 pub const ASSETS: [&str; 4] = [
     "tokenwarden.8",
     "tokenwarden.bash",
@@ -277,9 +281,9 @@ pub const ASSETS: [&str; 4] = [
     "tokenwarden.fish",
 ];
 
-/// Writes the manual pages (`tokenwarden.8` and `tokenwarden-NAME.8` for each command) and
-/// the bash, zsh and fish completions into `dir` (created if missing); returns the files
-/// written.
+/// Writes the manual pages (`tokenwarden.8`, `tokenwarden-NAME.8` for each command and
+/// `tokenwarden.toml.5`) and the bash, zsh and fish completions into `dir` (created if
+/// missing); returns the files written.
 pub fn write_assets(dir: &Path) -> io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
@@ -300,6 +304,7 @@ pub fn write_assets(dir: &Path) -> io::Result<Vec<PathBuf>> {
             &page,
         )?;
     }
+    put(config_page::FILE, config_page::render().as_bytes())?;
 
     let mut cmd = command();
     for (shell, name) in [
@@ -446,7 +451,7 @@ fn subcommand_page(sub: &clap::Command) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The sections clap knows nothing about (SPEC §2, §5, §6, §8).
+/// The sections clap knows nothing about (docs/cli.md, docs/configuration.md, docs/operations.md).
 fn extra_sections(cmd: &clap::Command) -> Roff {
     let mut r = Roff::new();
     let item = |r: &mut Roff, term: &str, text: &str| {
@@ -538,6 +543,8 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
         see_also.push(roman(format!("({MAN_SECTION}), ")));
     }
     see_also.extend([
+        bold("tokenwarden.toml"),
+        roman("(5), "),
         bold("systemd.exec"),
         roman("(5), "),
         bold("systemd-creds"),
@@ -548,7 +555,7 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
     r
 }
 
-/// EXIT STATUS (SPEC §2).
+/// EXIT STATUS (docs/cli.md#config-exit-codes-and-errors).
 fn exit_status(r: &mut Roff) {
     r.control("SH", ["EXIT STATUS"]);
     for (code, text) in [
@@ -604,7 +611,7 @@ mod tests {
         command().debug_assert();
     }
 
-    /// SPEC §2's command lines parse as written there.
+    /// The command lines of docs/cli.md parse as written there.
     #[test]
     fn spec_command_lines_parse() {
         let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());

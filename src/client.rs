@@ -354,8 +354,8 @@ pub async fn get(
 }
 
 /// `RefreshToken`, forced: a new token, or FAILED_PRECONDITION saying when one is possible
-/// (never the token `min_interval` would otherwise answer with; see the README's "Refreshing
-/// on demand").
+/// (never the token `min_interval` would otherwise answer with; see
+/// docs/cli.md#refreshing-on-demand-and-min_interval).
 pub async fn refresh(socket: &Path, client: &str) -> Result<pb::Token, ClientError> {
     let mut c = connect(socket).await?;
     let mut req = request(pb::RefreshTokenRequest {
@@ -381,7 +381,8 @@ pub async fn list(socket: &Path) -> Result<Vec<pb::ClientStatus>, ClientError> {
 pub enum Format {
     /// The access token and a newline.
     Token,
-    /// One JSON object: the fields of the `json` output format (SPEC §5), plus `client` and
+    /// One JSON object: the fields of the `json` output format
+    /// (docs/configuration.md#output-formats), plus `client` and
     /// `generation`.
     Json,
     /// `Authorization: Bearer …` and a newline.

@@ -1,4 +1,4 @@
-//! `tokenwarden run`: the long-running daemon (SPEC §4–§8).
+//! `tokenwarden run`: the long-running daemon (docs/operations.md).
 //!
 //! It opens (and locks) the state directory, removes the temporary files that writes killed
 //! midway left next to the outputs, starts one refresher per client under a root cancellation
@@ -134,7 +134,7 @@ impl Daemon {
         }
         let clients: Vec<Arc<ClientConfig>> = daemon.config.clients.values().cloned().collect();
         // We hold the state lock and no refresher runs yet: any temporary file next to an
-        // output is litter from a write that was killed midway (SPEC §6).
+        // output is litter from a write that was killed midway (docs/operations.md#restarts).
         for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
         {
             tracing::info!(

@@ -1,4 +1,4 @@
-//! `tokenwarden demo` (SPEC §9): the real token engine against the built-in provider on
+//! `tokenwarden demo` (docs/cli.md#demo): the real token engine against the built-in provider on
 //! loopback, one client of each seed dialect, in a fresh directory, with short lifetimes.
 //!
 //! [`setup`] writes the secrets, the keys and a config for a running [`Provider`]; the

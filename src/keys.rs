@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use crate::secret::Secret;
 
-/// The signing algorithms of SPEC §3 (`signing_alg`).
+/// The signing algorithms of `signing_alg` (docs/configuration.md#clientsname).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SigningAlg {
     HS256,

@@ -21,7 +21,7 @@
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
-//! - [`cli`]: the command line (SPEC §2), and the manual and completions generated from it.
+//! - [`cli`]: the command line (docs/cli.md), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`safepath`]: directories reached without following links or trusting what others can write.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).

@@ -1,6 +1,6 @@
-//! Logs (SPEC §8): `tracing` to stderr, as text, as JSON for log shippers, or journald style
-//! (one line per event, a syslog priority prefix such as `<4>`, no timestamp, since journald
-//! stamps lines itself) when `log_format = "auto"` and `JOURNAL_STREAM` is set.
+//! Logs (docs/operations.md#logs): `tracing` to stderr, as text, as JSON for log shippers, or
+//! journald style (one line per event, a syslog priority prefix such as `<4>`, no timestamp, since
+//! journald stamps lines itself) when `log_format = "auto"` and `JOURNAL_STREAM` is set.
 //!
 //! Third-party crates (hyper, h2, reqwest, rustls, tonic, …) are capped at `info` whatever the
 //! configured level, because their trace output can carry request headers; a directive naming

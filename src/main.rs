@@ -1,5 +1,6 @@
 //! The `tokenwarden` command: parses the command line, runs the command, maps the outcome to
-//! an exit code (0 success, 1 runtime failure, 2 bad usage or bad config; SPEC §2).
+//! an exit code (0 success, 1 runtime failure, 2 bad usage or bad config;
+//! docs/cli.md#config-exit-codes-and-errors).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -159,7 +160,7 @@ fn generate_assets(dir: Option<&PathBuf>) -> ExitCode {
     }
 }
 
-/// Runs a client command: its error on one line, exit 1 (SPEC §2).
+/// Runs a client command: its error on one line, exit 1 (docs/cli.md#get-status-refresh).
 fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

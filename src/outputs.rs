@@ -1,5 +1,5 @@
-//! Token files (SPEC §5): rendering a token in each output format, writing files atomically, and
-//! running a client's `on_change` commands.
+//! Token files (docs/configuration.md#how-files-are-written): rendering a token in each output
+//! format, writing files atomically, and running a client's `on_change` commands.
 //!
 //! Every write goes through [`write_atomic`]: the output's directory is opened by the safe walk
 //! of [`crate::safepath`] (no symbolic link, no directory others can write), then a temporary
@@ -208,7 +208,7 @@ pub fn status_has_cap_chown(status: &str) -> Option<bool> {
 
 // === Rendering ===
 
-/// The bytes of `token` in `out`'s format (SPEC §5). Pure.
+/// The bytes of `token` in `out`'s format (docs/configuration.md#output-formats). Pure.
 ///
 /// - `token`: the access token, no trailing newline.
 /// - `json`: one line `{"access_token":…,"token_type":…,"expires_at":…,"issued_at":…,"scope":…}`
@@ -346,8 +346,9 @@ fn env_value(buf: &mut Vec<u8>, value: &str) {
 
 // === Atomic writes ===
 
-/// Replaces `path` with `contents`, atomically and durably (SPEC §5), with permission bits
-/// exactly `mode` whatever the umask, and the given owner and group when set.
+/// Replaces `path` with `contents`, atomically and durably
+/// (docs/configuration.md#how-files-are-written), with permission bits exactly `mode` whatever the
+/// umask, and the given owner and group when set.
 ///
 /// Missing parent directories are created with mode 0755. A symlink at `path` is replaced by
 /// the new file (its target is left alone). On any failure the temporary file is removed, the

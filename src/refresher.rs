@@ -1,5 +1,5 @@
 //! One task per client: get a token, keep it fresh ahead of expiry, publish it (store, state,
-//! outputs), answer on-demand requests, and back off on failure (SPEC §4–§6).
+//! outputs), answer on-demand requests, and back off on failure (docs/operations.md).
 //!
 //! The loop waits on whichever comes first: the planned refresh, a command (demand, SIGUSR1,
 //! cron rotation, reconfiguration), the token's expiry (so status and logs turn EXPIRED on
@@ -44,8 +44,8 @@ pub struct Shared {
 /// Token URLs whose provider answered with `Retry-After` (RFC 9110 §10.2.3), and until when.
 ///
 /// The provider asked its *client* to wait, and every client of that token URL is one to it:
-/// after one of them is told to wait, the others do not ask before the time either (SPEC §4:
-/// Retry-After is honoured).
+/// after one of them is told to wait, the others do not ask before the time either
+/// (docs/operations.md#failures-and-retries: Retry-After is honoured).
 #[derive(Debug, Default)]
 pub struct UrlHolds(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
 
@@ -393,7 +393,8 @@ impl Refresher {
         if let Some(r) = reply {
             let _ = r.send(answer.clone());
         }
-        // Demands that queued up meanwhile share this attempt's outcome (SPEC §4: coalesced).
+        // Demands that queued up meanwhile share this attempt's outcome
+        // (docs/operations.md#concurrency).
         while let Some(Command::Refresh { reply, .. }) = self.mailbox.next_command() {
             if let Some(r) = reply {
                 let _ = r.send(answer.clone());
@@ -664,7 +665,7 @@ impl Refresher {
 
     /// Marks the first attempt as finished. Called after the outputs are written, not when the
     /// token is published: READY=1 waits for every client to settle, and a unit ordered after
-    /// tokenwarden must find the token files in place (SPEC §8).
+    /// tokenwarden must find the token files in place (docs/operations.md#systemd).
     fn settle(&mut self) {
         self.snapshot
             .send_if_modified(|s| !std::mem::replace(&mut s.settled, true));

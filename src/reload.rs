@@ -1,5 +1,5 @@
-//! What makes the daemon reload (SPEC §8 "Reload"): signals and changed files, turned into one
-//! [`Event`] stream.
+//! What makes the daemon reload (docs/operations.md#reload): signals and changed files, turned into
+//! one [`Event`] stream.
 //!
 //! - [`signals`]: SIGHUP → [`Event::Reload`]`(`[`ReloadReason::Signal`]`)`, SIGUSR1 →
 //!   [`Event::RefreshAll`], SIGTERM/SIGINT → [`Event::Shutdown`].

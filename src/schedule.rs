@@ -1,4 +1,5 @@
-//! When to refresh a token and how long to wait after a failure (SPEC §4), as pure functions.
+//! When to refresh a token and how long to wait after a failure
+//! (docs/operations.md#refresh-schedule), as pure functions.
 //!
 //! Nothing here reads a clock or a random source: the time `now` and the uniform random draw `u`
 //! (in `[0, 1)`) are parameters, so the refresher decides with real time and real randomness and
@@ -8,7 +9,8 @@
 //!
 //! # The refresh time
 //!
-//! A token issued at `t0` with lifetime `L` is refreshed `delay` after `t0`, where (SPEC §4)
+//! A token issued at `t0` with lifetime `L` is refreshed `delay` after `t0`, where
+//! (docs/operations.md#refresh-schedule)
 //!
 //! ```text
 //! raw     = L · (refresh_at − u · jitter)
@@ -69,7 +71,8 @@ const MAX_BACKOFF_EXPONENT: u32 = 31;
 /// How far below `retry_max` a permanent error's delay may land (a fraction of `retry_max`).
 pub const PERMANENT_JITTER: f64 = 0.10;
 
-/// The lower end of the burst spread, as a fraction of the lifetime (SPEC §4).
+/// The lower end of the burst spread, as a fraction of the lifetime
+/// (docs/operations.md#refresh-schedule).
 pub const BURST_START: f64 = 0.25;
 
 /// `u` (or any fraction) read into `[0, 1]`; NaN reads as 0.
@@ -84,7 +87,8 @@ fn fraction_of(d: Duration, f: f64) -> Duration {
 
 /// `margin'`: how long before expiry a token of this lifetime must be refreshed at the latest,
 /// `min(refresh_margin, L/4)`. Also what the store should use for "valid for at least the
-/// margin" (SPEC §6 reuse, §8 `/readyz`) when it wants the short-token rule.
+/// margin" (docs/operations.md#restarts, `/readyz` in #metrics-and-health) when it wants the
+/// short-token rule.
 pub fn effective_margin(t: &Timing, lifetime: Duration) -> Duration {
     t.refresh_margin.min(lifetime / 4)
 }
@@ -95,14 +99,15 @@ pub fn effective_floor(t: &Timing, lifetime: Duration) -> Duration {
     t.min_interval.min(lifetime / 2)
 }
 
-/// The two clamps of SPEC §4, the upper one last so that it wins.
+/// The two clamps of docs/operations.md#refresh-schedule, the upper one last so that it wins.
 fn clamp(t: &Timing, lifetime: Duration, raw: Duration) -> Duration {
     let latest = lifetime.saturating_sub(effective_margin(t, lifetime));
     raw.max(effective_floor(t, lifetime)).min(latest)
 }
 
 /// Delay after issue of the next scheduled refresh of a token with this lifetime:
-/// `L · (refresh_at − u · jitter)` clamped into `[floor', L − margin']` (module docs, SPEC §4).
+/// `L · (refresh_at − u · jitter)` clamped into `[floor', L − margin']` (module docs,
+/// docs/operations.md#refresh-schedule).
 /// `u` is a uniform draw in `[0, 1)`.
 pub fn refresh_delay(t: &Timing, lifetime: Duration, u: f64) -> Duration {
     let f = unit(t.refresh_at) - unit(u) * unit(t.jitter);
@@ -174,7 +179,7 @@ pub fn next_refresh_at(
 }
 
 /// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
-/// expiry (SPEC §4: an expired token is never served or reported as valid).
+/// expiry (docs/operations.md#expiry: an expired token is never served or reported as valid).
 pub fn is_servable(expires_at: SystemTime, now: SystemTime) -> bool {
     now < expires_at
 }
@@ -218,12 +223,12 @@ pub enum FailureKind {
     /// May heal by itself: network errors, timeouts, 5xx, 429, `temporarily_unavailable`.
     Retryable,
     /// Cannot heal without the operator: `invalid_client`, `unauthorized_client`,
-    /// `unsupported_grant_type`, `invalid_scope` (SPEC §4).
+    /// `unsupported_grant_type`, `invalid_scope` (docs/operations.md#failures-and-retries).
     Permanent,
     /// `invalid_grant` (RFC 6749 §5.2) with no grant left to fall back to. When a refresh-token
     /// grant gets it and the client has a primary grant, the refresher forgets the refresh
-    /// token and tries the primary grant at once instead (SPEC §4): that is not a backoff. Timed
-    /// like [`FailureKind::Permanent`].
+    /// token and tries the primary grant at once instead (docs/oauth.md#refresh-tokens): that is
+    /// not a backoff. Timed like [`FailureKind::Permanent`].
     InvalidGrant,
 }
 

@@ -30,7 +30,8 @@ impl Secret {
         self.0.is_empty()
     }
 
-    /// A short, stable name for the value: the first 8 hex digits of its SHA-256 (SPEC §8).
+    /// A short, stable name for the value: the first 8 hex digits of its SHA-256
+    /// (docs/security.md#secrets).
     pub fn fingerprint(&self) -> String {
         fingerprint(self.expose().as_bytes())
     }
@@ -279,7 +280,7 @@ fn mask_token_fields(text: &str) -> String {
     out
 }
 
-/// Where a secret comes from (SPEC §3).
+/// Where a secret comes from (docs/configuration.md#secrets).
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// `{ file = PATH }`: the file's contents with one trailing newline trimmed.

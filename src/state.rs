@@ -1,5 +1,5 @@
-//! The state directory (SPEC §6): per client, the last token, its expiry and any refresh token,
-//! kept across restarts.
+//! The state directory (docs/operations.md#files-and-state): per client, the last token, its expiry
+//! and any refresh token, kept across restarts.
 //!
 //! The directory is mode 0700 and locked with an exclusive `flock` on `.lock` for as long as the
 //! daemon holds its [`StateDir`], so a second daemon on the same directory refuses to start.
@@ -166,7 +166,7 @@ pub struct StoredState {
     pub token: Option<Token>,
     /// The last refresh token (RFC 6749 §6), if the provider issued one.
     pub refresh_token: Option<Secret>,
-    /// The generation of `token` (SPEC §7): rises by one with each new token.
+    /// The generation of `token` (docs/grpc.md#the-service): rises by one with each new token.
     pub generation: u64,
     /// SHA-256 (hex) of the configured bootstrap `refresh_token` once it has been presented:
     /// a refresh token is never presented twice (RFC 9700 §4.14.2 treats a reused one as
@@ -175,9 +175,9 @@ pub struct StoredState {
 }
 
 impl StoredState {
-    /// The stored token, if it may be reused at `now` instead of asking the provider (SPEC §6):
-    /// the client's identity is unchanged (`fingerprint` matches) and the token has more than
-    /// `margin` left to live.
+    /// The stored token, if it may be reused at `now` instead of asking the provider
+    /// (docs/operations.md#restarts): the client's identity is unchanged (`fingerprint` matches)
+    /// and the token has more than `margin` left to live.
     pub fn reusable_token(
         &self,
         fingerprint: &str,

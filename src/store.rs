@@ -14,7 +14,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use crate::config::ClientConfig;
 use crate::token::Token;
 
-/// A client's state (SPEC §7 `State`).
+/// A client's state (`State` in docs/grpc.md#the-service).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// No token yet; the first attempt is under way.

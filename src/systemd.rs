@@ -1,5 +1,6 @@
-//! Talking to systemd (SPEC §8): `READY=1` once every client has a token or has failed its
-//! first attempt, `STATUS=` with "N/M clients valid" (or the reload error), `RELOADING=1` /
+//! Talking to systemd (docs/operations.md#systemd): `READY=1` once every client has a token or has
+//! failed its first attempt, `STATUS=` with "N/M clients valid" (or the reload error),
+//! `RELOADING=1` /
 //! `READY=1` around reloads, `STOPPING=1`, and `WATCHDOG=1` at half of `WATCHDOG_USEC`.
 //! Everything is a no-op without `$NOTIFY_SOCKET`.
 

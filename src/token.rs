@@ -48,7 +48,8 @@ impl Token {
         now < self.expires_at
     }
 
-    /// The scope as one space-separated string (SPEC §5 `json` format).
+    /// The scope as one space-separated string (the `json` format of
+    /// docs/configuration.md#output-formats).
     pub fn scope_string(&self) -> String {
         self.scope.join(" ")
     }

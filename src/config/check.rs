@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::error::suggestion;
 use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, Timing};
 
-/// The grants of SPEC §1, before their keys are read.
+/// The grants (docs/configuration.md#clientsname), before their keys are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GrantKind {
     ClientCredentials,
@@ -48,8 +48,8 @@ impl AuthKind {
         }
     }
 
-    /// SPEC §1: the jwt_bearer assertion authenticates the client itself, so no method is
-    /// needed there; everything else defaults to HTTP Basic.
+    /// docs/oauth.md#client-authentication: the jwt_bearer assertion authenticates the client
+    /// itself, so no method is needed there; everything else defaults to HTTP Basic.
     pub fn default_for(grant: GrantKind) -> AuthKind {
         match grant {
             GrantKind::JwtBearer => AuthKind::None,
@@ -147,7 +147,7 @@ pub(crate) fn parse_log_format(text: &str) -> Result<LogFormat, String> {
     })
 }
 
-/// Client names: `[A-Za-z0-9_.-]{1,64}` (SPEC §3).
+/// Client names: `[A-Za-z0-9_.-]{1,64}` (docs/configuration.md#clientsname).
 pub(crate) fn check_client_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -323,8 +323,9 @@ pub(crate) enum TimingKey {
     Timeout,
 }
 
-/// The rules of SPEC §4 on one timing: 0 < refresh_at ≤ 1, 0 ≤ jitter < refresh_at,
-/// retry_initial ≤ retry_max, and no zero where zero means nothing.
+/// The rules of docs/configuration.md#defaults-and-per-client-timing on one timing:
+/// 0 < refresh_at ≤ 1, 0 ≤ jitter < refresh_at, retry_initial ≤ retry_max, and no zero where
+/// zero means nothing.
 pub(crate) fn check_timing(t: &Timing) -> Vec<(TimingKey, String)> {
     let mut out = Vec::new();
     if !(t.refresh_at > 0.0 && t.refresh_at <= 1.0) {

@@ -1,5 +1,5 @@
-//! What a reload changes (SPEC §8 "Reload"): a pure comparison of the running config with the
-//! new one, so the daemon does no more than the change needs.
+//! What a reload changes (docs/operations.md#reload): a pure comparison of the running config with
+//! the new one, so the daemon does no more than the change needs.
 //!
 //! Each client present in both configs falls in exactly one class; when several apply, the
 //! strongest wins (`Renew` > `Outputs` > `Settings`):
@@ -20,9 +20,9 @@
 //! | `outputs`: only `on_change`, or only the order of outputs that carry one (commands run in that order) | `Settings` | no write now: the new command runs after the next new token (writing now would run it for a token the program already has) |
 //! | `timing` (every key), `rotate_cron`, `allow_uids`, `allow_gids`, `proxy` | `Settings` | applied to the running client; no token, no write (the next request takes the new route) |
 //!
-//! A client whose every field is equal is `unchanged` (it keeps its token, SPEC §8).
-//! A changed CA file *content* under the same `ca_file` path is not seen here: `Config` holds
-//! the path only.
+//! A client whose every field is equal is `unchanged` (it keeps its token,
+//! docs/operations.md#reload). A changed CA file *content* under the same `ca_file` path is not
+//! seen here: `Config` holds the path only.
 
 use super::types::{ClientAuth, ClientConfig, Config, DaemonConfig, Grant, OutputConfig};
 

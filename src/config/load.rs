@@ -5,8 +5,8 @@
 //! assertion) is deserialized into its raw type on its own. When that fails on one key, the
 //! error is recorded at that key, the key is removed and the table is tried again, until it
 //! deserializes; a missing required key is recorded at the table header. The raw values then
-//! go through the semantic checks of SPEC §3, each recorded at its key. Secrets are read and
-//! keys parsed here, so a config that loads is one the daemon can run with.
+//! go through the semantic checks of docs/configuration.md, each recorded at its key. Secrets are
+//! read and keys parsed here, so a config that loads is one the daemon can run with.
 //!
 //! Relative paths: `include` globs and secret `file` paths are resolved against the directory
 //! of the file they are written in (for the main file, its directory; for an included file,

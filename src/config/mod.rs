@@ -1,4 +1,4 @@
-//! Configuration: the TOML of SPEC §3 read into checked runtime types.
+//! Configuration: the TOML of docs/configuration.md read into checked runtime types.
 //!
 //! - `types`: the checked types the rest of the crate uses.
 //! - `raw`: the serde types of the file, one per table, and the value syntaxes (durations,

@@ -1,5 +1,5 @@
-//! The raw serde types of the TOML config (SPEC §3), one per table, and the parsers of the
-//! small value syntaxes (durations, modes, scopes, secrets).
+//! The raw serde types of the TOML config (docs/configuration.md), one per table, and the parsers
+//! of the small value syntaxes (durations, modes, scopes, secrets).
 //!
 //! Every struct denies unknown keys. Values that later checks must locate are wrapped in
 //! [`Spanned`], so an error about them points at the value in the file. Value syntaxes that can
@@ -32,7 +32,7 @@ pub(crate) struct RawDaemon {
     pub max_concurrent_refreshes: Option<Spanned<i64>>,
 }
 
-/// `[defaults]`: the per-client timing keys (SPEC §4).
+/// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTiming {
@@ -283,8 +283,8 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
-/// A secret as written in the config (SPEC §3). Relative `file` paths are resolved later,
-/// against the directory of the file the secret is written in.
+/// A secret as written in the config (docs/configuration.md#secrets). Relative `file` paths are
+/// resolved later, against the directory of the file the secret is written in.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RawSecret {
     File(PathBuf),

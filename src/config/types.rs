@@ -97,7 +97,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// When to refresh and how to retry (SPEC §4); `[defaults]` and per client.
+/// When to refresh and how to retry (docs/operations.md#refresh-schedule); `[defaults]` and per
+/// client.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Timing {
     /// Refresh once this fraction of the lifetime has passed (0 < x ≤ 1; default 0.75).
@@ -182,9 +183,9 @@ impl ClientConfig {
         self.grant.grant_type()
     }
 
-    /// A digest of what makes a token this client's (SPEC §6): token URL, client id, grant,
-    /// user, scope, audience and resource (and, for the `refresh_token` grant, the
-    /// supplied refresh token). A stored token is reused only when it matches.
+    /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL,
+    /// client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
+    /// the supplied refresh token). A stored token is reused only when it matches.
     pub fn identity_fingerprint(&self) -> String {
         let username = match &self.grant {
             Grant::Password { username, .. } => username.as_str(),
@@ -379,7 +380,7 @@ impl Grant {
     }
 
     /// Whether a token can be had without a refresh token: what a dead refresh token falls
-    /// back to (SPEC §4).
+    /// back to (docs/oauth.md#refresh-tokens).
     pub fn is_primary(&self) -> bool {
         !matches!(self, Grant::RefreshToken { .. })
     }
@@ -458,7 +459,7 @@ pub struct OutputConfig {
     pub env_prefix: String,
 }
 
-/// `format` of an output (SPEC §5).
+/// `format` of an output (docs/configuration.md#output-formats).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
     /// The access token, no trailing newline.

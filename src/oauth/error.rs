@@ -137,7 +137,7 @@ fn location_suffix(location: &Option<String>) -> String {
     }
 }
 
-/// How the refresher should react to an error (SPEC §4).
+/// How the refresher should react to an error (docs/operations.md#failures-and-retries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// May heal by itself: back off exponentially from `retry_initial` (network, timeout, 5xx,

@@ -1,4 +1,5 @@
-//! Reading token endpoint answers: leniently in form, strictly in substance (SPEC §1).
+//! Reading token endpoint answers: leniently in form, strictly in substance
+//! (docs/oauth.md#responses).
 //!
 //! A success (RFC 6749 §5.1) must carry a non-empty `access_token`; `token_type` may be any
 //! case or absent; `expires_in` may be an integer, a float or a numeric string, and when it is

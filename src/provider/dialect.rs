@@ -1,5 +1,5 @@
-//! The seed dialects of SPEC §1: where each one's token endpoint lives on the provider, which
-//! grants it accepts, and how its successful responses are shaped.
+//! The seed dialects (docs/oauth.md#provider-styles): where each one's token endpoint lives on the
+//! provider, which grants it accepts, and how its successful responses are shaped.
 //!
 //! Everything here is a pure table, so the quirks of each provider can be read in one place:
 //!
@@ -15,7 +15,8 @@ use std::fmt;
 
 use serde_json::{Map, Value, json};
 
-/// A provider style of SPEC §1. Each one is served at its own path on the one provider.
+/// A provider style (docs/oauth.md#provider-styles). Each one is served at its own path on the one
+/// provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dialect {
     /// Transatel: client credentials, HTTP Basic, and an access token that is itself a JWT.

@@ -1,6 +1,6 @@
 //! A built-in, strict OAuth 2.0 token endpoint on loopback, speaking each seed dialect of
-//! SPEC §1 the way the real provider does. The integration tests run tokenwarden against it, and
-//! `tokenwarden demo` shows tokens rotating without any network.
+//! docs/oauth.md#provider-styles the way the real provider does. The integration tests run
+//! tokenwarden against it, and `tokenwarden demo` shows tokens rotating without any network.
 //!
 //! It is deliberately unforgiving, so that tokenwarden's client code is tested against
 //! realistic behaviour rather than our own assumptions:

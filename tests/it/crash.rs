@@ -1,7 +1,7 @@
-//! Crash safety (SPEC §6): `tokenwarden run` killed with SIGKILL at random instants of a
-//! refresh-heavy run leaves no partial output or state file and no lasting litter, and never
-//! breaks a refresh-token chain; a restart right after a kill reuses every stored token. Also
-//! the built-in provider's refresh token reuse grace, which the main test relies on.
+//! Crash safety (docs/operations.md#restarts): `tokenwarden run` killed with SIGKILL at random
+//! instants of a refresh-heavy run leaves no partial output or state file and no lasting litter,
+//! and never breaks a refresh-token chain; a restart right after a kill reuses every stored token.
+//! Also the built-in provider's refresh token reuse grace, which the main test relies on.
 //!
 //! The random instants come from a seeded RNG whose seed is printed; set
 //! `TOKENWARDEN_CRASH_SEED` to replay a run.

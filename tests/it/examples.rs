@@ -23,7 +23,7 @@ const EXAMPLES: &[(&str, &[&str])] = &[
 /// The main config; every other example is a provider file for its `conf.d`.
 const MAIN: &str = "tokenwarden.toml";
 
-/// Keys whose value is a secret (SPEC §3).
+/// Keys whose value is a secret (docs/configuration.md#secrets).
 const SECRET_KEYS: [&str; 5] = [
     "client_secret",
     "password",

@@ -1,10 +1,10 @@
-//! `tokenwarden run` under provider faults (SPEC §4): 500s, 429 with `Retry-After`, invalid
-//! JSON, an HTML error page, hanging and dropped connections, and the provider down (its port
-//! closed, then reopened). For each, while the fault lasts every output keeps a live token
-//! until that token expires, the error is logged at WARN three times and then at debug level,
-//! the token expires on time, requests thin out under exponential backoff, and a new token
-//! lands soon after the provider is back. Also: the trace logs of a faulty run hold no secret,
-//! and a failed output write is logged and retried without stopping anything else.
+//! `tokenwarden run` under provider faults (docs/operations.md#failures-and-retries): 500s, 429
+//! with `Retry-After`, invalid JSON, an HTML error page, hanging and dropped connections, and the
+//! provider down (its port closed, then reopened). For each, while the fault lasts every output
+//! keeps a live token until that token expires, the error is logged at WARN three times and then at
+//! debug level, the token expires on time, requests thin out under exponential backoff, and a new
+//! token lands soon after the provider is back. Also: the trace logs of a faulty run hold no
+//! secret, and a failed output write is logged and retried without stopping anything else.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod crash;
 mod daemon;
+mod docs;
 mod engine;
 mod examples;
 mod faults;

@@ -1,4 +1,5 @@
-//! Token files (SPEC §5): atomic writes, modes, failures, `write_outputs` and `on_change`.
+//! Token files (docs/configuration.md#how-files-are-written): atomic writes, modes, failures,
+//! `write_outputs` and `on_change`.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -1,9 +1,9 @@
-//! Reloads, signals and systemd notifications (SPEC §8), against the real binary and the
-//! built-in provider with 600 s tokens (so no scheduled refresh interferes): every case counts
-//! the provider's token requests per client id and asserts that exactly the expected clients
-//! asked. Also: the file watcher (`tokenwarden::reload::FileWatcher`) on its own, READY /
-//! STATUS / STOPPING / WATCHDOG on a test `$NOTIFY_SOCKET`, `rotate_cron`, and (through a
-//! proxy that holds a response back) a late answer for an identity a reload replaced.
+//! Reloads, signals and systemd notifications (docs/operations.md#reload, #signals, #systemd),
+//! against the real binary and the built-in provider with 600 s tokens (so no scheduled refresh
+//! interferes): every case counts the provider's token requests per client id and asserts that
+//! exactly the expected clients asked. Also: the file watcher (`tokenwarden::reload::FileWatcher`)
+//! on its own, READY / STATUS / STOPPING / WATCHDOG on a test `$NOTIFY_SOCKET`, `rotate_cron`, and
+//! (through a proxy that holds a response back) a late answer for an identity a reload replaced.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

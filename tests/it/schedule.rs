@@ -1,5 +1,5 @@
-//! Properties of the refresh schedule and backoff (SPEC §4) over random timings, and a
-//! simulation of 1,000 clients that got their tokens at the same instant.
+//! Properties of the refresh schedule and backoff (docs/operations.md#refresh-schedule) over random
+//! timings, and a simulation of 1,000 clients that got their tokens at the same instant.
 
 use std::time::{Duration, SystemTime};
 
@@ -41,7 +41,7 @@ fn lifetime() -> impl Strategy<Value = Duration> {
     (1_000u64..=30 * 86_400_000).prop_map(Duration::from_millis)
 }
 
-/// The clamps of SPEC §4, computed independently of the module.
+/// The clamps of docs/operations.md#refresh-schedule, computed independently of the module.
 fn clamp(t: &Timing, l: Duration, raw: Duration) -> Duration {
     let latest = l - effective_margin(t, l);
     raw.max(effective_floor(t, l)).min(latest)
@@ -171,8 +171,9 @@ fn buckets(times: &[Duration], window: Duration, horizon: Duration) -> Vec<usize
     counts
 }
 
-/// The simulation of SPEC §4's burst rule: 1,000 clients issued a 600 s token at the same
-/// instant, refresh times of the first two lifetimes counted per 10 s window.
+/// The simulation of the burst rule of docs/operations.md#refresh-schedule: 1,000 clients issued a
+/// 600 s token at the same instant, refresh times of the first two lifetimes counted per 10 s
+/// window.
 struct Burst {
     timing: Timing,
     clients: usize,

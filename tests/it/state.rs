@@ -1,4 +1,5 @@
-//! The state directory (SPEC §6): round trips, modes, the lock, corrupt files, reuse rules.
+//! The state directory (docs/operations.md#files-and-state): round trips, modes, the lock, corrupt
+//! files, reuse rules.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -402,7 +402,8 @@ pub fn secret_material(env: &DemoEnv, extra: impl IntoIterator<Item = String>) -
 /// How long a start may take to READY=1 (every client's first token) on a loaded machine.
 pub const READY_WITHIN: Duration = Duration::from_secs(20);
 
-/// SIGTERM's promise (SPEC §8: exit 0 within 5 s), with a second of slack for a busy machine.
+/// SIGTERM's promise (docs/operations.md#signals: in-flight work gets up to 4.5 s, then exit 0),
+/// with slack for a busy machine.
 pub const STOPS_WITHIN: Duration = Duration::from_secs(6);
 
 impl DaemonProc {

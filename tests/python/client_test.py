@@ -5,7 +5,7 @@ Generates Python stubs from proto/tokenwarden/v1/tokenwarden.proto with grpcio-t
 temporary directory (nothing generated is committed), then talks to a running daemon over its
 Unix socket through `grpc.insecure_channel("unix:" + path)` with no channel options, exactly as
 a user's program would. Stock grpcio sends the percent-encoded socket path as `:authority`;
-tokenwarden must accept it (README, "Any gRPC client works with a plain `unix:` target").
+tokenwarden must accept it (docs/grpc.md#serving, "Any gRPC client works with a plain `unix:` target").
 
 Usage: client_test.py SOCKET CLIENT [--failing NAME]
 
@@ -78,7 +78,7 @@ class Checks:
         try:
             detail = fn()
         except grpc.RpcError as e:
-            # The status and the daemon's message: never a token (SPEC §7).
+            # The status and the daemon's message: never a token (docs/grpc.md#the-service).
             self.failed += 1
             print(f"FAIL {name}: {e.code().name}: {e.details()}", flush=True)
             return
