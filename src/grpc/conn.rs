@@ -10,12 +10,19 @@
 //! the token service, health, reflection), with the request body and the response streamed
 //! through `h2` with flow control, as hyper would.
 //!
-//! Settings follow hyper's server defaults (1 MiB windows, 200 concurrent streams, 16 KiB
-//! header lists). On stop the connection sends GOAWAY and ends once its calls have.
+//! Every bound on what a peer can make the connection hold comes from [`Limits`]: the h2
+//! settings (streams per connection, decoded header list, windows, send buffer), the deadline
+//! for the client's preface and SETTINGS (the connection is dropped), the idle close (GOAWAY
+//! when no stream has been open for [`Limits::idle_timeout`], dropped if the peer has not
+//! finished [`Limits::close_grace`] later), the Watch streams in all (`RESOURCE_EXHAUSTED`
+//! beyond [`Limits::max_watch_streams`]) and the request message size (`RESOURCE_EXHAUSTED`,
+//! as gRPC core answers, checked on the message's length prefix before tonic buffers it). On
+//! stop the connection sends GOAWAY and ends once its calls have.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,22 +31,25 @@ use futures_util::{FutureExt, StreamExt};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::transport::server::UdsConnectInfo;
 
 use super::access::Caller;
+use super::authority::FixAuthority;
 use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
 use super::service::TokenApi;
 use super::writes::WriteBatch;
+use crate::limits::Limits;
 
-/// Flow-control windows, as hyper's server sets them.
-const WINDOW: u32 = 1024 * 1024;
-/// Concurrent calls per connection, as hyper's server allows.
-const MAX_STREAMS: u32 = 200;
-/// Largest header list accepted, as hyper's server allows.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The HTTP/2 paths of the streams counted against [`Limits::max_watch_streams`].
+pub const WATCH_PATHS: [&str; 2] = [
+    "/tokenwarden.v1.TokenService/WatchToken",
+    "/grpc.health.v1.Health/Watch",
+];
 
 /// What every connection serves.
 pub struct Services {
@@ -49,10 +59,14 @@ pub struct Services {
     pub api: TokenApi,
     /// Encoded answers shared by every connection.
     pub answers: Arc<AnswerCache>,
+    /// The bounds of every connection.
+    pub limits: Limits,
+    /// Places for Watch streams, shared by every connection.
+    pub watches: Arc<Semaphore>,
 }
 
-/// Serves one accepted connection until the peer closes it, or `stop` (GOAWAY, then the calls
-/// in flight end).
+/// Serves one accepted connection (through the `:authority` adaptor) until the peer closes
+/// it, `stop` (GOAWAY, then the calls in flight end), or a deadline of [`Limits`].
 pub async fn serve<IO>(
     io: IO,
     info: UdsConnectInfo,
@@ -64,22 +78,36 @@ pub async fn serve<IO>(
     // A token of the connection's own: the loop below polls it on every turn, and polling
     // a token locks its node; the server's token is shared by every connection.
     let stop = stop.child_token();
-    NoSelfWake::new(serve_inner(io, info, services, stop)).await
+    let io = FixAuthority::new(io);
+    let handshaken = io.handshaken();
+    NoSelfWake::new(serve_inner(io, handshaken, info, services, stop)).await
+}
+
+/// What the connection's one timer is waiting for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// The client's preface and SETTINGS.
+    Handshake,
+    /// A stream, while none is open.
+    Idle,
+    /// The peer finishing after our GOAWAY.
+    Closing,
 }
 
 async fn serve_inner<IO>(
-    io: IO,
+    io: FixAuthority<IO>,
+    handshaken: Arc<AtomicBool>,
     info: UdsConnectInfo,
     services: Arc<Services>,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
+    let limits = &services.limits;
+    let timer = tokio::time::sleep(limits.handshake_timeout);
+    tokio::pin!(timer);
+    let handshake = limits
+        .h2_builder()
         .handshake::<_, Bytes>(WriteBatch::new(io));
     let mut conn = tokio::select! {
         c = handshake => match c {
@@ -90,7 +118,17 @@ async fn serve_inner<IO>(
             }
         },
         _ = stop.cancelled() => return,
+        _ = &mut timer => {
+            tracing::debug!(
+                "gRPC connection closed: no HTTP/2 preface within {:?}",
+                limits.handshake_timeout
+            );
+            return;
+        }
     };
+    let mut waiting_for = Timer::Handshake;
+    // When the last stream ended (or the connection began): the idle deadline counts from it.
+    let mut last_active = Instant::now();
     // Calls in tasks of their own, and `GetToken`s whose body is still on its way: those
     // are polled by this task, woken by the very read that brings their body in.
     let mut calls = JoinSet::new();
@@ -107,20 +145,52 @@ async fn serve_inner<IO>(
                 stopping = true;
                 conn.graceful_shutdown();
             }
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            Some(_) = calls.join_next(), if !calls.is_empty() => {
+                last_active = Instant::now();
+            }
             Some(call) = waiting.next(), if !waiting.is_empty() => {
                 if let Some(call) = call {
                     calls.spawn(call);
                 }
             }
-            next = conn.accept() => match next {
-                Some(Ok((request, respond))) => match services.route(request, respond, &info) {
-                    Route::Done => {}
-                    Route::Wait(w) => waiting.push(w),
-                    Route::Spawn(call) => {
-                        calls.spawn(call);
+            _ = &mut timer => match waiting_for {
+                Timer::Handshake if !handshaken.load(Ordering::Acquire) => {
+                    tracing::debug!(
+                        "gRPC connection closed: no HTTP/2 SETTINGS within {:?}",
+                        limits.handshake_timeout
+                    );
+                    return;
+                }
+                Timer::Handshake | Timer::Idle => {
+                    let open = !calls.is_empty() || !waiting.is_empty();
+                    let due = last_active + limits.idle_timeout;
+                    if open || due > Instant::now() {
+                        waiting_for = Timer::Idle;
+                        timer.as_mut().reset(due.max(Instant::now() + limits.idle_timeout / 8));
+                    } else {
+                        tracing::debug!(
+                            "gRPC connection closed: no stream for {:?}",
+                            limits.idle_timeout
+                        );
+                        conn.graceful_shutdown();
+                        stopping = true;
+                        waiting_for = Timer::Closing;
+                        timer.as_mut().reset(Instant::now() + limits.close_grace);
                     }
-                },
+                }
+                Timer::Closing => return,
+            },
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    last_active = Instant::now();
+                    match services.route(request, respond, &info) {
+                        Route::Done => {}
+                        Route::Wait(w) => waiting.push(w),
+                        Route::Spawn(call) => {
+                            calls.spawn(call);
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::debug!("gRPC connection ended: {e}");
                     break;
@@ -157,6 +227,29 @@ impl Services {
     ) -> Route {
         let (parts, mut body) = request.into_parts();
         let caller = info.peer_cred.as_ref().map(Caller::from_cred);
+        if WATCH_PATHS.contains(&parts.uri.path()) {
+            return match self.watches.clone().try_acquire_owned() {
+                Ok(permit) => Route::Spawn(self.full_holding(
+                    parts,
+                    info,
+                    VecDeque::new(),
+                    body,
+                    respond,
+                    Some(permit),
+                )),
+                Err(_) => {
+                    refuse(
+                        respond,
+                        tonic::Code::ResourceExhausted,
+                        &format!(
+                            "{} watch streams open, the most the daemon serves; retry later",
+                            self.limits.max_watch_streams
+                        ),
+                    );
+                    Route::Done
+                }
+            };
+        }
         let get_token = parts.uri.path() == GET_TOKEN_PATH
             && parts
                 .headers
@@ -213,25 +306,165 @@ impl Services {
     /// The call through the tonic services, its body replayed from what was read.
     fn full(
         &self,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         info: &UdsConnectInfo,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
     ) -> Call {
+        self.full_holding(parts, info, chunks, body, respond, None)
+    }
+
+    /// [`Services::full`], holding `permit` (a Watch stream's place) until the call ends.
+    fn full_holding(
+        &self,
+        mut parts: http::request::Parts,
+        info: &UdsConnectInfo,
+        chunks: VecDeque<Bytes>,
+        body: h2::RecvStream,
+        respond: h2::server::SendResponse<Bytes>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Call {
         parts.extensions.insert(info.clone());
+        let max = self.limits.max_message;
         let body = if chunks.is_empty() {
-            Body::new(RecvBody::new(body))
+            Body::new(MessageLimit::new(RecvBody::new(body), max))
         } else {
-            Body::new(Replay::new(chunks, RecvBody::new(body)))
+            Body::new(MessageLimit::new(
+                Replay::new(chunks, RecvBody::new(body)),
+                max,
+            ))
         };
-        Box::pin(call(
+        let call = call(
             self.routes.clone(),
             http::Request::from_parts(parts, body),
             respond,
-        ))
+        );
+        Box::pin(async move {
+            call.await;
+            drop(permit);
+        })
     }
 }
+
+/// Answers a call with a gRPC status and no message (a trailers-only response).
+fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: tonic::Code, message: &str) {
+    let status = tonic::Status::new(code, message);
+    let mut head = http::Response::new(());
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    if status.add_header(head.headers_mut()).is_err() {
+        head.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from(code as i32));
+    }
+    // An error means the caller has gone: nothing to tell.
+    let _ = respond.send_response(head, true);
+}
+
+/// A request body whose gRPC messages (RFC-less but fixed framing: a compressed flag and a
+/// 4-byte big-endian length before each message) are checked against a size limit as their
+/// length prefix arrives: a longer message ends the body with `RESOURCE_EXHAUSTED` (what gRPC
+/// core answers) before tonic buffers any of it.
+pub struct MessageLimit<B> {
+    inner: B,
+    max: usize,
+    /// The length prefix being read, and how many of its bytes are in.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to pass.
+    skip: usize,
+    failed: bool,
+}
+
+impl<B> MessageLimit<B> {
+    /// `inner` with messages over `max` bytes refused.
+    pub fn new(inner: B, max: usize) -> MessageLimit<B> {
+        MessageLimit {
+            inner,
+            max,
+            prefix: [0; 5],
+            have: 0,
+            skip: 0,
+            failed: false,
+        }
+    }
+
+    /// Follows the framing through `data`; the length of the first message over the limit.
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), u64> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                let len = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > self.max {
+                    return Err(len as u64);
+                }
+                self.skip = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B> HttpBody for MessageLimit<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(len) = this.scan(data)
+                {
+                    this.failed = true;
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "request message of {len} bytes is over the limit of {} bytes",
+                        this.max
+                    ));
+                    return Poll::Ready(Some(Err(Box::new(status))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+}
+
+/// A boxed error, as tonic's body takes it.
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How much of a request body is here.
 enum Arrived {
