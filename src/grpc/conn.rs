@@ -327,18 +327,17 @@ impl Services {
     ) -> Call {
         parts.extensions.insert(info.clone());
         let max = self.limits.max_message;
-        let body = if chunks.is_empty() {
-            Body::new(MessageLimit::new(RecvBody::new(body), max))
+        let limit = if chunks.is_empty() {
+            MessageLimit::new(Either::Left(RecvBody::new(body)), max)
         } else {
-            Body::new(MessageLimit::new(
-                Replay::new(chunks, RecvBody::new(body)),
-                max,
-            ))
+            MessageLimit::new(Either::Right(Replay::new(chunks, RecvBody::new(body))), max)
         };
+        let tripped = limit.tripped.clone();
         let call = call(
             self.routes.clone(),
-            http::Request::from_parts(parts, body),
+            http::Request::from_parts(parts, Body::new(limit)),
             respond,
+            tripped,
         );
         Box::pin(async move {
             call.await;
@@ -363,6 +362,9 @@ fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: tonic::Code, messa
     let _ = respond.send_response(head, true);
 }
 
+/// The request body of the full path: as it comes, or with what the fast path read first.
+type Either<A, B> = http_body_util::Either<A, B>;
+
 /// A request body whose gRPC messages (RFC-less but fixed framing: a compressed flag and a
 /// 4-byte big-endian length before each message) are checked against a size limit as their
 /// length prefix arrives: a longer message ends the body with `RESOURCE_EXHAUSTED` (what gRPC
@@ -376,6 +378,9 @@ pub struct MessageLimit<B> {
     /// Bytes of the current message still to pass.
     skip: usize,
     failed: bool,
+    /// Set when a message was refused: whatever the service then answers, the call ends with
+    /// `RESOURCE_EXHAUSTED` (a streaming service may end its stream quietly instead).
+    tripped: Arc<AtomicBool>,
 }
 
 impl<B> MessageLimit<B> {
@@ -388,6 +393,7 @@ impl<B> MessageLimit<B> {
             have: 0,
             skip: 0,
             failed: false,
+            tripped: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -445,6 +451,7 @@ where
                     && let Err(len) = this.scan(data)
                 {
                     this.failed = true;
+                    this.tripped.store(true, Ordering::Release);
                     let status = tonic::Status::resource_exhausted(format!(
                         "request message of {len} bytes is over the limit of {} bytes",
                         this.max
@@ -523,6 +530,7 @@ async fn call(
     mut routes: tonic::service::Routes,
     request: http::Request<Body>,
     mut respond: h2::server::SendResponse<Bytes>,
+    tripped: Arc<AtomicBool>,
 ) {
     let response = tokio::select! {
         r = tower::Service::call(&mut routes, request) => match r {
@@ -532,8 +540,11 @@ async fn call(
         // The caller reset the stream: drop the call.
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     let end = body.is_end_stream();
+    if end {
+        over_limit_status(&mut parts.headers, &tripped);
+    }
     let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
         return;
     };
@@ -547,7 +558,13 @@ async fn call(
         };
         match frame {
             None => {
-                let _ = send.send_data(Bytes::new(), true);
+                if tripped.load(Ordering::Acquire) {
+                    let mut trailers = http::HeaderMap::new();
+                    over_limit_status(&mut trailers, &tripped);
+                    let _ = send.send_trailers(trailers);
+                } else {
+                    let _ = send.send_data(Bytes::new(), true);
+                }
                 return;
             }
             Some(Err(e)) => {
@@ -571,7 +588,8 @@ async fn call(
                     }
                 }
                 Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        over_limit_status(&mut trailers, &tripped);
                         let _ = send.send_trailers(trailers);
                     }
                     return;
@@ -579,6 +597,26 @@ async fn call(
             },
         }
     }
+}
+
+/// When a request message was refused for its size (`tripped`), makes the call's status
+/// `RESOURCE_EXHAUSTED` whatever the service answered.
+fn over_limit_status(headers: &mut http::HeaderMap, tripped: &AtomicBool) {
+    if !tripped.load(Ordering::Acquire)
+        || headers
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"8")
+    {
+        return;
+    }
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+    );
+    headers.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("request%20message%20over%20the%20size%20limit"),
+    );
 }
 
 /// An `h2` request body as an `http_body::Body`, releasing flow-control capacity as it is
@@ -703,5 +741,244 @@ impl<F: Future> Future for NoSelfWake<F> {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::grpc::authority::PREFACE;
+    use crate::grpc::server::build_services;
+    use crate::store::Store;
+
+    /// One connection served over an in-memory pipe; the client's end is returned.
+    async fn serve_pipe(
+        limits: Limits,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        CancellationToken,
+        tonic_health::server::HealthReporter,
+    ) {
+        let stop = CancellationToken::new();
+        let (services, health) = build_services(Arc::new(Store::default()), stop.clone(), limits)
+            .await
+            .unwrap();
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let info = UdsConnectInfo {
+            peer_addr: None,
+            peer_cred: None,
+        };
+        let task = tokio::spawn(serve(server, info, services, stop.clone()));
+        (client, task, stop, health)
+    }
+
+    async fn h2_client(io: tokio::io::DuplexStream) -> h2::client::SendRequest<Bytes> {
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send
+    }
+
+    /// Starts a gRPC call to `path` with one message `msg` (prefixed here), ending the request
+    /// when `end` (a unary or server-streaming call starts only then).
+    async fn start_call(
+        send: &mut h2::client::SendRequest<Bytes>,
+        path: &str,
+        msg: &[u8],
+        end: bool,
+    ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, mut body) = ready.send_request(req, false).unwrap();
+        let mut framed = vec![0u8];
+        framed.extend((msg.len() as u32).to_be_bytes());
+        framed.extend(msg);
+        body.send_data(Bytes::from(framed), end).unwrap();
+        *send = ready;
+        (resp, body)
+    }
+
+    /// The call's grpc-status: from a trailers-only answer's headers, else its trailers.
+    async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
+        let resp = resp.await.unwrap();
+        if let Some(s) = resp.headers().get("grpc-status") {
+            return s.to_str().unwrap().to_string();
+        }
+        let mut body = resp.into_body();
+        while let Some(d) = body.data().await {
+            let _ = d.unwrap();
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        trailers["grpc-status"].to_str().unwrap().to_string()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_without_preface_or_settings_is_dropped_at_the_deadline() {
+        let limits = Limits::default();
+        for sent in [&b""[..], PREFACE, &PREFACE[..10]] {
+            let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+            client.write_all(sent).await.unwrap();
+            let t0 = Instant::now();
+            tokio::time::timeout(Duration::from_secs(3600), task)
+                .await
+                .expect("never closed")
+                .unwrap();
+            let took = t0.elapsed();
+            assert!(
+                took >= limits.handshake_timeout
+                    && took < limits.handshake_timeout + Duration::from_secs(1),
+                "{took:?} after {} bytes",
+                sent.len()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_streams_is_closed_after_the_idle_time() {
+        let limits = Limits::default();
+        // The preface and SETTINGS, then silence (not even the ack of our GOAWAY's ping).
+        let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        client.write_all(PREFACE).await.unwrap();
+        client
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("never closed")
+            .unwrap();
+        let took = t0.elapsed();
+        let closes = limits.idle_timeout + limits.close_grace;
+        assert!(
+            took >= limits.idle_timeout && took <= closes + Duration::from_secs(1),
+            "{took:?}"
+        );
+        // An open Watch keeps a connection; once it ends, the idle time runs again.
+        let (client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        let mut send = h2_client(client).await;
+        let (resp, mut body) =
+            start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(limits.idle_timeout * 3).await;
+        assert!(!task.is_finished(), "closed with a stream open");
+        body.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("never closed")
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(
+            took >= limits.idle_timeout - Duration::from_secs(1)
+                && took <= closes + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_streams_are_capped_in_all_and_places_come_back() {
+        let limits = Limits {
+            max_watch_streams: 2,
+            ..Limits::default()
+        };
+        let (client, _task, _stop, _h) = serve_pipe(limits).await;
+        let mut send = h2_client(client).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let (resp, body) =
+                start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(resp.headers().get("grpc-status").is_none());
+            open.push((resp, body));
+        }
+        let (resp, _b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+        assert_eq!(grpc_status(resp).await, "8", "a third Watch is refused");
+        let (resp, _b) = start_call(
+            &mut send,
+            "/tokenwarden.v1.TokenService/WatchToken",
+            &[],
+            true,
+        )
+        .await;
+        assert_eq!(grpc_status(resp).await, "8", "WatchToken counts too");
+        // One ends: its place comes back.
+        let (resp, mut body) = open.pop().unwrap();
+        body.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (resp, b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+            let resp = resp.await.unwrap();
+            if resp.headers().get("grpc-status").is_none() {
+                drop(b);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the place never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_gets_resource_exhausted() {
+        let (client, _task, _stop, _h) = serve_pipe(Limits::default()).await;
+        let mut send = h2_client(client).await;
+        let big = vec![0x0a; crate::limits::MAX_MESSAGE + 1];
+        for path in [
+            GET_TOKEN_PATH,
+            "/tokenwarden.v1.TokenService/ListClients",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            let (resp, _b) = start_call(&mut send, path, &big, true).await;
+            assert_eq!(grpc_status(resp).await, "8", "{path}");
+        }
+        // At the limit: not refused for its size.
+        let (resp, _b) = start_call(
+            &mut send,
+            "/grpc.health.v1.Health/Check",
+            &vec![0x0a; 10],
+            true,
+        )
+        .await;
+        assert_ne!(grpc_status(resp).await, "8");
+        // The server's SETTINGS allowed 16 streams.
+        assert_eq!(send.current_max_send_streams(), 16);
+    }
+
+    #[test]
+    fn the_message_limit_follows_the_framing_across_chunks() {
+        let mut m = MessageLimit::new((), 10);
+        let mut stream = Vec::new();
+        for len in [0u32, 10, 3] {
+            stream.push(0);
+            stream.extend(len.to_be_bytes());
+            stream.extend(vec![7; len as usize]);
+        }
+        for step in [1, 2, 5, 7, stream.len()] {
+            m = MessageLimit::new((), 10);
+            for c in stream.chunks(step) {
+                assert_eq!(m.scan(c), Ok(()), "step {step}");
+            }
+        }
+        let mut over = vec![0u8];
+        over.extend(11u32.to_be_bytes());
+        assert_eq!(m.scan(&over[..3]), Ok(()));
+        assert_eq!(m.scan(&over[3..]), Err(11));
     }
 }

@@ -113,45 +113,8 @@ impl GrpcServer {
         let meta = nix::sys::stat::fstat(&file)
             .map_err(|e| io(path, "stat the socket")(std::io::Error::from(e)))?;
         let stop = CancellationToken::new();
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let health_service = health_service.max_decoding_message_size(limits.max_message);
-        health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
-            .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?
-            .max_decoding_message_size(limits.max_message);
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?
-            .max_decoding_message_size(limits.max_message);
-        let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
-        let answers = Arc::new(AnswerCache::default());
-        let tokens = TokenRoutes::new(
-            api.clone(),
-            answers.clone(),
-            pb::token_service_server::TokenServiceServer::new(api.clone())
-                .max_decoding_message_size(limits.max_message),
-        );
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(tokens)
-            .prepare();
-        let gate = ConnGate::new(limits.max_connections);
-        let services = Arc::new(Services {
-            routes,
-            api,
-            answers,
-            watches: Arc::new(Semaphore::new(limits.max_watch_streams)),
-            limits,
-        });
+        let (services, health) = build_services(store, stop.clone(), limits).await?;
+        let gate = ConnGate::new(services.limits.max_connections);
         let task = tokio::spawn(accept_loop(listener, services, gate.clone(), stop.clone()));
         tracing::info!(socket = %path.display(), mode = format!("{mode:04o}"), "gRPC API listening");
         Ok(GrpcServer {
@@ -239,6 +202,54 @@ impl Drop for GrpcServer {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// What every connection serves, over `store`, within `limits`; `stop` ends waits and
+/// streams. Health reports SERVING. (The fuzz target serves connections with it too.)
+pub async fn build_services(
+    store: Arc<Store>,
+    stop: CancellationToken,
+    limits: Limits,
+) -> Result<(Arc<Services>, HealthReporter), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service.max_decoding_message_size(limits.max_message);
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(limits.max_message);
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(limits.max_message);
+    let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
+    let answers = Arc::new(AnswerCache::default());
+    let tokens = TokenRoutes::new(
+        api.clone(),
+        answers.clone(),
+        pb::token_service_server::TokenServiceServer::new(api.clone())
+            .max_decoding_message_size(limits.max_message),
+    );
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tokens)
+        .prepare();
+    let services = Arc::new(Services {
+        routes,
+        api,
+        answers,
+        watches: Arc::new(Semaphore::new(limits.max_watch_streams)),
+        limits,
+    });
+    Ok((services, health))
 }
 
 /// Accepts connections until `stop`, then waits for them to end: one at a time, each only
