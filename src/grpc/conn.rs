@@ -949,13 +949,8 @@ mod tests {
             assert_eq!(grpc_status(resp).await, "8", "{path}");
         }
         // At the limit: not refused for its size.
-        let (resp, _b) = start_call(
-            &mut send,
-            "/grpc.health.v1.Health/Check",
-            &vec![0x0a; 10],
-            true,
-        )
-        .await;
+        let (resp, _b) =
+            start_call(&mut send, "/grpc.health.v1.Health/Check", &[0x0a; 10], true).await;
         assert_ne!(grpc_status(resp).await, "8");
         // The server's SETTINGS allowed 16 streams.
         assert_eq!(send.current_max_send_streams(), 16);
