@@ -1,4 +1,5 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
+mod attack_listeners;
 mod cli;
 mod config;
 mod crash;

@@ -225,8 +225,20 @@ pub struct DaemonProc {
 impl DaemonProc {
     /// Starts `tokenwarden run -c CONFIG` with extra environment variables.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> DaemonProc {
+        DaemonProc::start_wrapped(&[], config, env)
+    }
+
+    /// Starts `WRAPPER... tokenwarden run -c CONFIG` (e.g. `prlimit --nofile=512:512`).
+    pub fn start_wrapped(wrapper: &[&str], config: &Path, env: &[(&str, &str)]) -> DaemonProc {
         use tokio::io::AsyncBufReadExt;
-        let mut cmd = tokio::process::Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            None => tokio::process::Command::new(bin()),
+        };
         cmd.args(["run", "-c"])
             .arg(config)
             .env_remove("NOTIFY_SOCKET")
@@ -400,10 +412,19 @@ impl DaemonProc {
         config: &Path,
         env: &[(&str, &str)],
     ) -> (DaemonProc, NotifySocket, String) {
+        DaemonProc::start_ready_wrapped(&[], config, env).await
+    }
+
+    /// [`DaemonProc::start_ready`] through `WRAPPER...` (see [`DaemonProc::start_wrapped`]).
+    pub async fn start_ready_wrapped(
+        wrapper: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> (DaemonProc, NotifySocket, String) {
         let notify = NotifySocket::bind();
         let mut vars = env.to_vec();
         vars.push(("NOTIFY_SOCKET", notify.path.to_str().unwrap()));
-        let daemon = DaemonProc::start(config, &vars);
+        let daemon = DaemonProc::start_wrapped(wrapper, config, &vars);
         let ready = notify.wait_for("READY=1", READY_WITHIN).await;
         (daemon, notify, ready)
     }
