@@ -338,7 +338,7 @@ async fn two_thousand_idle_connections_starve_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_to_the_metrics_port_starve_nothing() {
-    under_attack("idle", true, 600, 32).await;
+    under_attack("idle", true, 300, 32).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
