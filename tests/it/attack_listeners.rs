@@ -196,12 +196,9 @@ async fn daemon(lifetime: Duration) -> (DemoEnv, DaemonProc, NotifySocket) {
     // The attacker must reach the socket inside the test's private temp dir.
     set_mode(env.dir.path(), 0o711);
     set_mode(&env.demo.dir, 0o711);
-    let (daemon, notify, _) = DaemonProc::start_ready_wrapped(
-        &["prlimit", "--nofile=512:512"],
-        &env.demo.config,
-        &[],
-    )
-    .await;
+    let (daemon, notify, _) =
+        DaemonProc::start_ready_wrapped(&["prlimit", "--nofile=512:512"], &env.demo.config, &[])
+            .await;
     (env, daemon, notify)
 }
 
@@ -316,7 +313,11 @@ async fn under_attack(mode: &str, target_metrics: bool, n: usize, bound_mib: u64
         rss0 / 1024
     );
     let logs = daemon.logs();
-    for bad in ["cannot save state", "Too many open files", "holding the new token back"] {
+    for bad in [
+        "cannot save state",
+        "Too many open files",
+        "holding the new token back",
+    ] {
         assert!(!logs.contains(bad), "{mode}: {bad:?} in logs:\n{logs}");
     }
     for s in secret_material(&env, []) {
