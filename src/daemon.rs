@@ -76,6 +76,8 @@ pub struct Daemon {
     reload_error: Option<String>,
     /// The metrics endpoint's address and its stop switch.
     metrics: Option<(std::net::SocketAddr, CancellationToken)>,
+    /// The listeners' bounds, caps fitted into the descriptor limit.
+    limits: crate::limits::Limits,
 }
 
 impl Daemon {
@@ -101,6 +103,7 @@ impl Daemon {
                 }
             };
         let permits_total = config.daemon.max_concurrent_refreshes.max(1);
+        let limits = crate::limits::for_daemon(&config.daemon);
         let shared = Arc::new(Shared {
             state: Arc::new(state),
             http: Arc::new(HttpClients::default()),
@@ -128,6 +131,7 @@ impl Daemon {
             last_status: String::new(),
             reload_error: None,
             metrics: None,
+            limits,
         };
         if let Some(addr) = daemon.config.daemon.metrics_listen {
             daemon.start_metrics(addr).await?;
@@ -147,7 +151,14 @@ impl Daemon {
             daemon.add_client(c).await;
         }
         if let Some(path) = daemon.config.daemon.socket.clone() {
-            match GrpcServer::start(&path, daemon.config.daemon.socket_mode, daemon.store()).await {
+            match GrpcServer::start_limited(
+                &path,
+                daemon.config.daemon.socket_mode,
+                daemon.store(),
+                daemon.limits.clone(),
+            )
+            .await
+            {
                 Ok(server) => daemon.grpc = Some(server),
                 Err(e) => {
                     daemon.root.cancel();
@@ -221,7 +232,7 @@ impl Daemon {
     async fn start_metrics(&mut self, addr: std::net::SocketAddr) -> Result<(), DaemonError> {
         let prom = crate::metrics::install().map_err(DaemonError::Setup)?;
         let cancel = self.root.child_token();
-        crate::metrics::serve(addr, prom, self.store.clone(), cancel.clone())
+        crate::metrics::serve(addr, prom, self.store.clone(), cancel.clone(), &self.limits)
             .await
             .map_err(|e| {
                 DaemonError::Setup(format!("cannot listen on metrics_listen {addr}: {e}"))
@@ -512,6 +523,12 @@ impl Daemon {
             }
         }
         self.apply_daemon_settings(&new);
+        if diff.daemon.max_connections || diff.daemon.metrics_listen {
+            self.limits = crate::limits::for_daemon(&new.daemon);
+            if let Some(server) = &self.grpc {
+                server.set_max_connections(self.limits.max_connections);
+            }
+        }
         if self.config.daemon.metrics_listen != new.daemon.metrics_listen {
             if let Some((_, cancel)) = self.metrics.take() {
                 cancel.cancel();
@@ -567,15 +584,19 @@ impl Daemon {
             return;
         }
         let new_server = match &want {
-            Some(path) => match GrpcServer::start(path, mode, self.store.clone()).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(
-                        "gRPC API not moved, still serving the old socket (if any): {e}"
-                    );
-                    return;
+            Some(path) => {
+                match GrpcServer::start_limited(path, mode, self.store.clone(), self.limits.clone())
+                    .await
+                {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::error!(
+                            "gRPC API not moved, still serving the old socket (if any): {e}"
+                        );
+                        return;
+                    }
                 }
-            },
+            }
             None => None,
         };
         if let Some(old) = self.grpc.take() {

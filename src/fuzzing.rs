@@ -91,3 +91,85 @@ pub fn authority(data: &[u8]) {
         }
     }
 }
+
+/// Serves one whole HTTP/2 connection whose client sends the preface and then `data`, over an
+/// in-memory pipe, with the real services (tokens, health, reflection) over an empty store, and
+/// reads everything the server answers until it closes. Nothing may panic, and the connection
+/// must end (bounded in time by its own deadlines and the peer's end of input).
+pub fn connection(data: &[u8]) {
+    use std::sync::{Arc, OnceLock};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    static SERVICES: OnceLock<Option<Arc<crate::grpc::conn::Services>>> = OnceLock::new();
+    let Some(rt) = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()
+        })
+        .as_ref()
+    else {
+        return;
+    };
+    let Some(services) = SERVICES
+        .get_or_init(|| {
+            let limits = crate::limits::Limits {
+                handshake_timeout: Duration::from_millis(200),
+                idle_timeout: Duration::from_millis(500),
+                close_grace: Duration::from_millis(50),
+                ..crate::limits::Limits::default()
+            };
+            rt.block_on(crate::grpc::server::build_services(
+                Arc::new(crate::store::Store::default()),
+                tokio_util::sync::CancellationToken::new(),
+                limits,
+            ))
+            .ok()
+            .map(|(services, health)| {
+                // The reporter stays: health answers SERVING for every input.
+                std::mem::forget(health);
+                services
+            })
+        })
+        .clone()
+    else {
+        return;
+    };
+    rt.block_on(async move {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        // A root caller, so that every call reaches its service.
+        let caller = Some(std::sync::Arc::new(
+            crate::grpc::access::Caller::with_groups(0, 0, Vec::new()),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(crate::grpc::conn::serve(
+            server,
+            caller,
+            services,
+            stop.clone(),
+        ));
+        let mut input = crate::grpc::authority::PREFACE.to_vec();
+        input.extend_from_slice(data);
+        let exchange = async {
+            let (mut rx, mut tx) = tokio::io::split(&mut client);
+            let write = async {
+                let _ = tx.write_all(&input).await;
+                let _ = tx.shutdown().await;
+            };
+            let read = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            tokio::join!(write, read);
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), serving).await;
+    });
+}

@@ -20,6 +20,8 @@
 //! - [`reload`]: signals and watched files turned into daemon events.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
+//! - [`limits`]: every bound the listeners put on their peers (connections, streams, headers,
+//!   messages, timeouts) and the descriptor budget.
 //! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
 //! - [`cli`]: the command line (docs/cli.md), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
@@ -43,6 +45,7 @@ pub mod fuzzing;
 pub mod grpc;
 pub mod init;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;

@@ -1,4 +1,5 @@
-//! Prometheus metrics and health endpoints on `metrics_listen` (SPEC §8).
+//! Prometheus metrics and health endpoints on `metrics_listen`
+//! (docs/operations.md#metrics-and-health).
 //!
 //! `GET /metrics`: Prometheus text. Per client: `tokenwarden_token_expiry_timestamp_seconds`,
 //! `tokenwarden_token_seconds_until_expiry`, `tokenwarden_token_valid`,
@@ -12,6 +13,11 @@
 //!
 //! The recorder is installed only when `metrics_listen` is set; the `metrics` macros elsewhere
 //! are no-ops otherwise.
+//!
+//! The listener is bounded like the gRPC socket ([`crate::limits`]): at most
+//! [`Limits::metrics_max_connections`] connections (at the cap it stops accepting), 10 s to
+//! send a request's headers (hyper's `header_read_timeout`, which also closes a kept-alive
+//! connection that sends nothing more), and a small read buffer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,7 +30,12 @@ use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::{self, ConnGate, Limits};
 use crate::store::Store;
+
+/// hyper's read buffer per connection (its minimum is 8 KiB): a request is a line and a few
+/// headers.
+const MAX_BUF: usize = 16 * 1024;
 
 /// Buckets of the refresh latency histogram, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -175,18 +186,26 @@ fn handle(
     }
 }
 
-/// Serves the endpoints on `addr` until `cancel`.
+/// Serves the endpoints on `addr` until `cancel`, within `limits`.
 pub async fn serve(
     addr: SocketAddr,
     prom: PrometheusHandle,
     store: Arc<Store>,
     cancel: CancellationToken,
+    limits: &Limits,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let gate = ConnGate::new(limits.metrics_max_connections);
+    let header_timeout = limits.handshake_timeout;
     tracing::info!(address = %local, "metrics and health endpoints listening");
     tokio::spawn(async move {
         loop {
+            // At the cap, accept nothing until a connection closes.
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = limits::admit_logged(&gate, "metrics listener") => p,
+            };
             let (stream, _) = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
@@ -208,12 +227,14 @@ pub async fn serve(
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(header_timeout)
+                    .max_buf_size(MAX_BUF)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     r = conn => if let Err(e) = r { tracing::debug!("metrics connection: {e}"); }
                 }
+                drop(permit);
             });
         }
     });

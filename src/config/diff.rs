@@ -85,6 +85,8 @@ pub struct DaemonChanges {
     pub state_dir: bool,
     /// `max_concurrent_refreshes`.
     pub max_concurrent_refreshes: bool,
+    /// `max_connections`.
+    pub max_connections: bool,
     /// `include` (the globs as written).
     pub include: bool,
 }
@@ -99,6 +101,7 @@ impl DaemonChanges {
             logging: old.log_level != new.log_level || old.log_format != new.log_format,
             state_dir: old.state_dir != new.state_dir,
             max_concurrent_refreshes: old.max_concurrent_refreshes != new.max_concurrent_refreshes,
+            max_connections: old.max_connections != new.max_connections,
             include: old.include != new.include,
         }
     }
@@ -112,6 +115,7 @@ impl DaemonChanges {
             logging,
             state_dir,
             max_concurrent_refreshes,
+            max_connections,
             include,
         } = *self;
         socket
@@ -120,6 +124,7 @@ impl DaemonChanges {
             || logging
             || state_dir
             || max_concurrent_refreshes
+            || max_connections
             || include
     }
 }
@@ -817,6 +822,13 @@ client_secret = {{ file = "{d}/hmac" }}
                 |d| d.max_concurrent_refreshes = 1,
                 DaemonChanges {
                     max_concurrent_refreshes: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.max_connections = 8,
+                DaemonChanges {
+                    max_connections: true,
                     ..Default::default()
                 },
             ),

@@ -710,6 +710,15 @@ impl Loader<'_> {
                 ),
             }
         }
+        if let Some(n) = raw.max_connections {
+            match usize::try_from(*n.get_ref()) {
+                Ok(v) if (1..=1_000_000).contains(&v) => d.max_connections = v,
+                _ => self.error(
+                    Self::at(file, n.span()),
+                    "max_connections must be between 1 and 1000000",
+                ),
+            }
+        }
         let include: Vec<(String, Loc)> = raw
             .include
             .unwrap_or_default()

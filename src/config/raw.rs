@@ -30,6 +30,7 @@ pub(crate) struct RawDaemon {
     pub log_level: Option<Spanned<String>>,
     pub include: Option<Vec<Spanned<String>>>,
     pub max_concurrent_refreshes: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).

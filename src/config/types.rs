@@ -71,6 +71,9 @@ pub struct DaemonConfig {
     pub include: Vec<String>,
     /// Token requests in flight at once across all clients (default 32).
     pub max_concurrent_refreshes: usize,
+    /// Connections at once on the gRPC socket (default 256); the metrics listener takes at
+    /// most 32, and never more than this.
+    pub max_connections: usize,
 }
 
 impl Default for DaemonConfig {
@@ -84,6 +87,7 @@ impl Default for DaemonConfig {
             log_level: "info".into(),
             include: Vec::new(),
             max_concurrent_refreshes: 32,
+            max_connections: crate::limits::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

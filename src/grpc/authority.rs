@@ -14,6 +14,12 @@
 //! encoder and re-encoded with our own encoder, whose table h2's decoder mirrors. Other frames
 //! pass through untouched, streamed as they arrive (frames split across reads are handled).
 //!
+//! Every header block the adaptor decodes is bounded by its decoded size (RFC 7541 §4.1: name,
+//! value and 32 bytes per field) as it is decoded: a field past
+//! [`crate::limits::MAX_HEADER_LIST`] is not kept and the connection is refused, so a small
+//! block naming one large dynamic-table entry thousands of times costs nothing proportional to
+//! what it would expand to. The encoded block is bounded by the same number.
+//!
 //! The decision is taken on the connection's first header block: a client whose first
 //! `:authority` is valid (tonic, grpc-go, curl) gets a plain pass-through for the whole
 //! connection, with no per-request cost. A client's authority is fixed per channel, so a later
@@ -21,6 +27,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -33,12 +41,14 @@ pub const REPLACEMENT: &[u8] = b"localhost";
 /// Largest frame payload we emit: the HTTP/2 default SETTINGS_MAX_FRAME_SIZE, which the
 /// server (h2 under tonic) keeps.
 pub const MAX_FRAME: usize = 16_384;
-/// Largest header block accepted: far above any gRPC request's headers.
-pub const MAX_BLOCK: usize = 64 * 1024;
+/// Largest header block accepted, encoded (as received) and decoded (RFC 7541 §4.1): far
+/// above any gRPC request's headers.
+pub const MAX_BLOCK: usize = crate::limits::MAX_HEADER_LIST;
 /// The HPACK dynamic table size h2 advertises (the default; RFC 7541 §4.2).
 pub const TABLE_SIZE: usize = 4096;
 
 const FRAME_HEADERS: u8 = 0x1;
+const FRAME_SETTINGS: u8 = 0x4;
 const FRAME_CONTINUATION: u8 = 0x9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
@@ -52,6 +62,9 @@ pub enum RewriteError {
     /// frame, or a header block over [`MAX_BLOCK`].
     #[error("HTTP/2 header frame too large or malformed")]
     FrameSize,
+    /// A header block whose decoded size is over [`MAX_BLOCK`].
+    #[error("HTTP/2 header list over {MAX_BLOCK} bytes decoded")]
+    HeaderListTooLarge,
     /// A frame other than CONTINUATION (of the same stream) inside a header block.
     #[error("HTTP/2 header block interrupted by another frame")]
     Interrupted,
@@ -102,6 +115,8 @@ pub struct Rewriter {
     mode: Mode,
     /// Preface bytes still to pass.
     preface_left: usize,
+    /// Where the client is in its handshake: the preface, then a SETTINGS frame.
+    handshake: Handshake,
     /// Bytes of the current non-header frame still to pass through.
     passing: usize,
     block: Option<Block>,
@@ -109,6 +124,18 @@ pub struct Rewriter {
     encoder: loona_hpack::Encoder<'static>,
     /// Header blocks whose `:authority` was rewritten (for tests and logs).
     pub rewritten: u64,
+}
+
+/// How far the client's handshake (RFC 9113 §3.4: the preface, then SETTINGS) has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// Before the first frame after the preface.
+    Preface,
+    /// Inside the first SETTINGS frame: this many payload bytes still to come.
+    Settings(usize),
+    /// The preface and a whole SETTINGS frame are in (or the bytes are not HTTP/2: h2 refuses
+    /// them itself).
+    Done,
 }
 
 impl Default for Rewriter {
@@ -125,6 +152,7 @@ impl Rewriter {
         Rewriter {
             mode: Mode::Undecided,
             preface_left: PREFACE.len(),
+            handshake: Handshake::Preface,
             passing: 0,
             block: None,
             decoder,
@@ -136,6 +164,11 @@ impl Rewriter {
     /// Whether every further byte passes through untouched.
     pub fn is_pass_through(&self) -> bool {
         self.mode == Mode::PassThrough && self.block.is_none() && self.preface_left == 0
+    }
+
+    /// Whether the client has sent the preface and a whole SETTINGS frame.
+    pub fn handshake_done(&self) -> bool {
+        self.handshake == Handshake::Done
     }
 
     /// Consumes what it can of `input` (leaving an incomplete header frame there) and appends
@@ -165,6 +198,12 @@ impl Rewriter {
                 let n = self.passing.min(input.len());
                 out.put(input.split_to(n));
                 self.passing -= n;
+                if let Handshake::Settings(left) = self.handshake {
+                    self.handshake = match left.saturating_sub(n) {
+                        0 => Handshake::Done,
+                        left => Handshake::Settings(left),
+                    };
+                }
                 if self.passing > 0 {
                     return Ok(());
                 }
@@ -180,6 +219,14 @@ impl Rewriter {
             let stream_id =
                 u32::from_be_bytes([input[5], input[6], input[7], input[8]]) & 0x7fff_ffff;
             let is_header = kind == FRAME_HEADERS || kind == FRAME_CONTINUATION;
+            if self.handshake == Handshake::Preface {
+                // The first frame must be SETTINGS; anything else h2 refuses.
+                self.handshake = match (kind, len) {
+                    (FRAME_SETTINGS, 0) => Handshake::Done,
+                    (FRAME_SETTINGS, len) => Handshake::Settings(len),
+                    _ => Handshake::Done,
+                };
+            }
             if self.block.is_some()
                 && (kind != FRAME_CONTINUATION
                     || self
@@ -237,10 +284,21 @@ impl Rewriter {
             out.put_slice(&block.original);
             return Ok(());
         }
-        let mut headers = self
-            .decoder
-            .decode(&block.fragment)
+        // Counted field by field as it is decoded; past the bound nothing more is kept (a
+        // field named from the dynamic table is only borrowed until then).
+        let mut size = 0usize;
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_BLOCK {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| RewriteError::Hpack(format!("{e:?}")))?;
+        if size > MAX_BLOCK {
+            return Err(RewriteError::HeaderListTooLarge);
+        }
         let mut fixed = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !valid_authority(value) {
@@ -352,6 +410,8 @@ pub struct FixAuthority<S> {
     /// Rewritten, not yet handed to h2.
     ready: BytesMut,
     eof: bool,
+    /// Set once the client's preface and first SETTINGS frame are in.
+    handshaken: Arc<AtomicBool>,
 }
 
 impl<S> FixAuthority<S> {
@@ -363,7 +423,14 @@ impl<S> FixAuthority<S> {
             raw: BytesMut::new(),
             ready: BytesMut::new(),
             eof: false,
+            handshaken: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A flag set once the client has sent the HTTP/2 preface and a whole SETTINGS frame
+    /// (for the handshake deadline, read while h2 owns the connection).
+    pub fn handshaken(&self) -> Arc<AtomicBool> {
+        self.handshaken.clone()
     }
 
     /// The wrapped connection.
@@ -404,6 +471,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
             }
             this.raw.extend_from_slice(rb.filled());
             this.rewriter.feed(&mut this.raw, &mut this.ready)?;
+            if this.rewriter.handshake_done() {
+                this.handshaken.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -627,27 +697,39 @@ mod tests {
     }
 
     #[test]
-    fn large_blocks_are_split_into_continuations() {
+    fn large_blocks_are_gathered_and_long_ones_split_into_continuations() {
         let mut client = loona_hpack::Encoder::new();
         let mut req = grpcio_request("/tokenwarden.v1.TokenService/GetToken");
-        req.push((b"x-big".to_vec(), vec![b'a'; 20_000]));
+        req.push((b"x-big".to_vec(), vec![b'a'; 15_000]));
         let block = encode(&mut client, &req);
         let mut input = PREFACE.to_vec();
-        let (a, rest) = block.split_at(MAX_FRAME);
+        let (a, rest) = block.split_at(8000);
         input.extend(frame(FRAME_HEADERS, 0, 1, a));
         input.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, rest));
         let (out, _) = run(&input, 4096);
         let f = frames(&out[PREFACE.len()..]);
-        assert_eq!(f.len(), 2);
-        assert_eq!((f[0].0, f[0].1), (FRAME_HEADERS, 0));
-        assert_eq!((f[1].0, f[1].1), (FRAME_CONTINUATION, FLAG_END_HEADERS));
-        assert!(f.iter().all(|x| x.3.len() <= MAX_FRAME));
-        let joined: Vec<u8> = f.iter().flat_map(|x| x.3.clone()).collect();
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].0, f[0].1), (FRAME_HEADERS, FLAG_END_HEADERS));
         let mut h2 = loona_hpack::Decoder::new();
         assert_eq!(
-            h2.decode(&joined).unwrap(),
+            h2.decode(&f[0].3).unwrap(),
             with_authority(&req, "localhost")
         );
+        // A re-encoded block over one frame goes out as HEADERS and CONTINUATIONs.
+        let long: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        let mut out = BytesMut::new();
+        write_block(&mut out, 3, true, Some([0, 0, 0, 1, 15]), &long);
+        let f = frames(&out);
+        assert_eq!(f.len(), 3);
+        assert_eq!(
+            (f[0].0, f[0].1),
+            (FRAME_HEADERS, FLAG_END_STREAM | FLAG_PRIORITY)
+        );
+        assert_eq!((f[1].0, f[1].1), (FRAME_CONTINUATION, 0));
+        assert_eq!((f[2].0, f[2].1), (FRAME_CONTINUATION, FLAG_END_HEADERS));
+        assert!(f.iter().all(|x| x.3.len() <= MAX_FRAME));
+        let joined: Vec<u8> = f.iter().flat_map(|x| x.3.clone()).skip(5).collect();
+        assert_eq!(joined, long);
     }
 
     #[test]
@@ -717,6 +799,90 @@ mod tests {
             &[9, 0x82],
         ));
         assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+    }
+
+    /// A header block naming one 4 KB dynamic-table entry a thousand times: 5 KB on the wire,
+    /// 4 MB decoded. Refused at the bound, whatever the first `:authority` was.
+    pub(crate) fn table_bomb(refs: usize, authority: &str) -> Vec<u8> {
+        let mut block = Vec::new();
+        // :authority as a literal without indexing, its name from the static table (index 1).
+        block.push(0x01);
+        block.push(authority.len() as u8);
+        block.extend(authority.as_bytes());
+        // x-bomb: 4000 x 'a', a literal with incremental indexing (new name): dynamic index 62.
+        block.push(0x40);
+        block.push(6);
+        block.extend(b"x-bomb");
+        block.extend([0x7f, 0xa1, 0x1e]); // 4000 = 127 + 3873
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        block.extend(std::iter::repeat_n(0xbe, refs));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        let mut chunks = block.chunks(1024).peekable();
+        let mut first = true;
+        while let Some(c) = chunks.next() {
+            let flags = if chunks.peek().is_none() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            let kind = if first {
+                FRAME_HEADERS
+            } else {
+                FRAME_CONTINUATION
+            };
+            input.extend(frame(kind, flags, 1, c));
+            first = false;
+        }
+        input
+    }
+
+    #[test]
+    fn a_block_over_the_decoded_bound_is_refused() {
+        for authority in ["%2Ftmp%2Fx.sock", "localhost"] {
+            let mut r = Rewriter::new();
+            let mut out = BytesMut::new();
+            let mut input = BytesMut::from(&table_bomb(1000, authority)[..]);
+            assert_eq!(
+                r.feed(&mut input, &mut out),
+                Err(RewriteError::HeaderListTooLarge),
+                "{authority}"
+            );
+        }
+        // Just under the bound: accepted and rewritten.
+        let mut r = Rewriter::new();
+        let mut out = BytesMut::new();
+        let mut input = BytesMut::from(&table_bomb(2, "%2Ftmp%2Fx.sock")[..]);
+        r.feed(&mut input, &mut out).unwrap();
+        assert_eq!(r.rewritten, 1);
+    }
+
+    #[test]
+    fn the_handshake_is_done_after_preface_and_a_whole_settings_frame() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(FRAME_SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        for step in [1, 5, input.len()] {
+            let mut r = Rewriter::new();
+            let mut raw = BytesMut::new();
+            let mut out = BytesMut::new();
+            let mut fed = 0;
+            for chunk in input.chunks(step) {
+                assert!(
+                    !r.handshake_done(),
+                    "done after {fed} of {} bytes",
+                    input.len()
+                );
+                raw.extend_from_slice(chunk);
+                r.feed(&mut raw, &mut out).unwrap();
+                fed += chunk.len();
+            }
+            assert!(r.handshake_done(), "step {step}");
+        }
+        // The preface alone, or the preface and half a SETTINGS frame: not done.
+        let mut r = Rewriter::new();
+        let mut raw = BytesMut::from(&input[..input.len() - 3]);
+        r.feed(&mut raw, &mut BytesMut::new()).unwrap();
+        assert!(!r.handshake_done());
     }
 
     /// Serves one h2 connection over `io`, returning the authority and path of each request.

@@ -10,12 +10,19 @@
 //! the token service, health, reflection), with the request body and the response streamed
 //! through `h2` with flow control, as hyper would.
 //!
-//! Settings follow hyper's server defaults (1 MiB windows, 200 concurrent streams, 16 KiB
-//! header lists). On stop the connection sends GOAWAY and ends once its calls have.
+//! Every bound on what a peer can make the connection hold comes from [`Limits`]: the h2
+//! settings (streams per connection, decoded header list, windows, send buffer), the deadline
+//! for the client's preface and SETTINGS (the connection is dropped), the idle close (GOAWAY
+//! when no stream has been open for [`Limits::idle_timeout`], dropped if the peer has not
+//! finished [`Limits::close_grace`] later), the Watch streams in all (`RESOURCE_EXHAUSTED`
+//! beyond [`Limits::max_watch_streams`]) and the request message size (`RESOURCE_EXHAUSTED`,
+//! as gRPC core answers, checked on the message's length prefix before tonic buffers it). On
+//! stop the connection sends GOAWAY and ends once its calls have.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,21 +31,24 @@ use futures_util::{FutureExt, StreamExt};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
 use super::access::Caller;
+use super::authority::FixAuthority;
 use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
 use super::service::TokenApi;
 use super::writes::WriteBatch;
+use crate::limits::Limits;
 
-/// Flow-control windows, as hyper's server sets them.
-const WINDOW: u32 = 1024 * 1024;
-/// Concurrent calls per connection, as hyper's server allows.
-const MAX_STREAMS: u32 = 200;
-/// Largest header list accepted, as hyper's server allows.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The HTTP/2 paths of the streams counted against [`Limits::max_watch_streams`].
+pub const WATCH_PATHS: [&str; 2] = [
+    "/tokenwarden.v1.TokenService/WatchToken",
+    "/grpc.health.v1.Health/Watch",
+];
 
 /// What every connection serves.
 pub struct Services {
@@ -48,11 +58,16 @@ pub struct Services {
     pub api: TokenApi,
     /// Encoded answers shared by every connection.
     pub answers: Arc<AnswerCache>,
+    /// The bounds of every connection.
+    pub limits: Limits,
+    /// Places for Watch streams, shared by every connection.
+    pub watches: Arc<Semaphore>,
 }
 
-/// Serves one accepted connection until the peer closes it, or `stop` (GOAWAY, then the calls
-/// in flight end). `caller` is the peer as the kernel recorded it when it connected
-/// ([`Caller::of_stream`]); `None` gets `PERMISSION_DENIED` on every call that names a client.
+/// Serves one accepted connection (through the `:authority` adaptor) until the peer closes
+/// it, `stop` (GOAWAY, then the calls in flight end), or a deadline of [`Limits`]. `caller` is
+/// the peer as the kernel recorded it when it connected ([`Caller::of_stream`]); `None` gets
+/// `PERMISSION_DENIED` on every call that names a client.
 pub async fn serve<IO>(
     io: IO,
     caller: Option<Arc<Caller>>,
@@ -64,22 +79,36 @@ pub async fn serve<IO>(
     // A token of the connection's own: the loop below polls it on every turn, and polling
     // a token locks its node; the server's token is shared by every connection.
     let stop = stop.child_token();
-    NoSelfWake::new(serve_inner(io, caller, services, stop)).await
+    let io = FixAuthority::new(io);
+    let handshaken = io.handshaken();
+    NoSelfWake::new(serve_inner(io, handshaken, caller, services, stop)).await
+}
+
+/// What the connection's one timer is waiting for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// The client's preface and SETTINGS.
+    Handshake,
+    /// A stream, while none is open.
+    Idle,
+    /// The peer finishing after our GOAWAY.
+    Closing,
 }
 
 async fn serve_inner<IO>(
-    io: IO,
+    io: FixAuthority<IO>,
+    handshaken: Arc<AtomicBool>,
     caller: Option<Arc<Caller>>,
     services: Arc<Services>,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
+    let limits = &services.limits;
+    let timer = tokio::time::sleep(limits.handshake_timeout);
+    tokio::pin!(timer);
+    let handshake = limits
+        .h2_builder()
         .handshake::<_, Bytes>(WriteBatch::new(io));
     let mut conn = tokio::select! {
         c = handshake => match c {
@@ -90,7 +119,17 @@ async fn serve_inner<IO>(
             }
         },
         _ = stop.cancelled() => return,
+        _ = &mut timer => {
+            tracing::debug!(
+                "gRPC connection closed: no HTTP/2 preface within {:?}",
+                limits.handshake_timeout
+            );
+            return;
+        }
     };
+    let mut waiting_for = Timer::Handshake;
+    // When the last stream ended (or the connection began): the idle deadline counts from it.
+    let mut last_active = Instant::now();
     // Calls in tasks of their own, and `GetToken`s whose body is still on its way: those
     // are polled by this task, woken by the very read that brings their body in.
     let mut calls = JoinSet::new();
@@ -107,20 +146,52 @@ async fn serve_inner<IO>(
                 stopping = true;
                 conn.graceful_shutdown();
             }
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            Some(_) = calls.join_next(), if !calls.is_empty() => {
+                last_active = Instant::now();
+            }
             Some(call) = waiting.next(), if !waiting.is_empty() => {
                 if let Some(call) = call {
                     calls.spawn(call);
                 }
             }
-            next = conn.accept() => match next {
-                Some(Ok((request, respond))) => match services.route(request, respond, &caller) {
-                    Route::Done => {}
-                    Route::Wait(w) => waiting.push(w),
-                    Route::Spawn(call) => {
-                        calls.spawn(call);
+            _ = &mut timer => match waiting_for {
+                Timer::Handshake if !handshaken.load(Ordering::Acquire) => {
+                    tracing::debug!(
+                        "gRPC connection closed: no HTTP/2 SETTINGS within {:?}",
+                        limits.handshake_timeout
+                    );
+                    return;
+                }
+                Timer::Handshake | Timer::Idle => {
+                    let open = !calls.is_empty() || !waiting.is_empty();
+                    let due = last_active + limits.idle_timeout;
+                    if open || due > Instant::now() {
+                        waiting_for = Timer::Idle;
+                        timer.as_mut().reset(due.max(Instant::now() + limits.idle_timeout / 8));
+                    } else {
+                        tracing::debug!(
+                            "gRPC connection closed: no stream for {:?}",
+                            limits.idle_timeout
+                        );
+                        conn.graceful_shutdown();
+                        stopping = true;
+                        waiting_for = Timer::Closing;
+                        timer.as_mut().reset(Instant::now() + limits.close_grace);
                     }
-                },
+                }
+                Timer::Closing => return,
+            },
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    last_active = Instant::now();
+                    match services.route(request, respond, &caller) {
+                        Route::Done => {}
+                        Route::Wait(w) => waiting.push(w),
+                        Route::Spawn(call) => {
+                            calls.spawn(call);
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::debug!("gRPC connection ended: {e}");
                     break;
@@ -156,6 +227,29 @@ impl Services {
         caller: &Option<Arc<Caller>>,
     ) -> Route {
         let (parts, mut body) = request.into_parts();
+        if WATCH_PATHS.contains(&parts.uri.path()) {
+            return match self.watches.clone().try_acquire_owned() {
+                Ok(permit) => Route::Spawn(self.full_holding(
+                    parts,
+                    caller,
+                    VecDeque::new(),
+                    body,
+                    respond,
+                    Some(permit),
+                )),
+                Err(_) => {
+                    refuse(
+                        respond,
+                        tonic::Code::ResourceExhausted,
+                        &format!(
+                            "{} watch streams open, the most the daemon serves; retry later",
+                            self.limits.max_watch_streams
+                        ),
+                    );
+                    Route::Done
+                }
+            };
+        }
         let get_token = parts.uri.path() == GET_TOKEN_PATH
             && parts
                 .headers
@@ -213,27 +307,174 @@ impl Services {
     /// The call through the tonic services, its body replayed from what was read.
     fn full(
         &self,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         caller: &Option<Arc<Caller>>,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
     ) -> Call {
+        self.full_holding(parts, caller, chunks, body, respond, None)
+    }
+
+    /// [`Services::full`], holding `permit` (a Watch stream's place) until the call ends.
+    fn full_holding(
+        &self,
+        mut parts: http::request::Parts,
+        caller: &Option<Arc<Caller>>,
+        chunks: VecDeque<Bytes>,
+        body: h2::RecvStream,
+        respond: h2::server::SendResponse<Bytes>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Call {
         if let Some(caller) = caller {
             parts.extensions.insert(caller.clone());
         }
-        let body = if chunks.is_empty() {
-            Body::new(RecvBody::new(body))
+        let max = self.limits.max_message;
+        let limit = if chunks.is_empty() {
+            MessageLimit::new(Either::Left(RecvBody::new(body)), max)
         } else {
-            Body::new(Replay::new(chunks, RecvBody::new(body)))
+            MessageLimit::new(Either::Right(Replay::new(chunks, RecvBody::new(body))), max)
         };
-        Box::pin(call(
+        let tripped = limit.tripped.clone();
+        let call = call(
             self.routes.clone(),
-            http::Request::from_parts(parts, body),
+            http::Request::from_parts(parts, Body::new(limit)),
             respond,
-        ))
+            tripped,
+        );
+        Box::pin(async move {
+            call.await;
+            drop(permit);
+        })
     }
 }
+
+/// Answers a call with a gRPC status and no message (a trailers-only response).
+fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: tonic::Code, message: &str) {
+    let status = tonic::Status::new(code, message);
+    let mut head = http::Response::new(());
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    if status.add_header(head.headers_mut()).is_err() {
+        head.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from(code as i32));
+    }
+    // An error means the caller has gone: nothing to tell.
+    let _ = respond.send_response(head, true);
+}
+
+/// The request body of the full path: as it comes, or with what the fast path read first.
+type Either<A, B> = http_body_util::Either<A, B>;
+
+/// A request body whose gRPC messages (RFC-less but fixed framing: a compressed flag and a
+/// 4-byte big-endian length before each message) are checked against a size limit as their
+/// length prefix arrives: a longer message ends the body with `RESOURCE_EXHAUSTED` (what gRPC
+/// core answers) before tonic buffers any of it.
+pub struct MessageLimit<B> {
+    inner: B,
+    max: usize,
+    /// The length prefix being read, and how many of its bytes are in.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to pass.
+    skip: usize,
+    failed: bool,
+    /// Set when a message was refused: whatever the service then answers, the call ends with
+    /// `RESOURCE_EXHAUSTED` (a streaming service may end its stream quietly instead).
+    tripped: Arc<AtomicBool>,
+}
+
+impl<B> MessageLimit<B> {
+    /// `inner` with messages over `max` bytes refused.
+    pub fn new(inner: B, max: usize) -> MessageLimit<B> {
+        MessageLimit {
+            inner,
+            max,
+            prefix: [0; 5],
+            have: 0,
+            skip: 0,
+            failed: false,
+            tripped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Follows the framing through `data`; the length of the first message over the limit.
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), u64> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                let len = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > self.max {
+                    return Err(len as u64);
+                }
+                self.skip = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B> HttpBody for MessageLimit<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(len) = this.scan(data)
+                {
+                    this.failed = true;
+                    this.tripped.store(true, Ordering::Release);
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "request message of {len} bytes is over the limit of {} bytes",
+                        this.max
+                    ));
+                    return Poll::Ready(Some(Err(Box::new(status))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+}
+
+/// A boxed error, as tonic's body takes it.
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How much of a request body is here.
 enum Arrived {
@@ -292,6 +533,7 @@ async fn call(
     mut routes: tonic::service::Routes,
     request: http::Request<Body>,
     mut respond: h2::server::SendResponse<Bytes>,
+    tripped: Arc<AtomicBool>,
 ) {
     let response = tokio::select! {
         r = tower::Service::call(&mut routes, request) => match r {
@@ -301,8 +543,11 @@ async fn call(
         // The caller reset the stream: drop the call.
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     let end = body.is_end_stream();
+    if end {
+        over_limit_status(&mut parts.headers, &tripped);
+    }
     let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
         return;
     };
@@ -316,7 +561,13 @@ async fn call(
         };
         match frame {
             None => {
-                let _ = send.send_data(Bytes::new(), true);
+                if tripped.load(Ordering::Acquire) {
+                    let mut trailers = http::HeaderMap::new();
+                    over_limit_status(&mut trailers, &tripped);
+                    let _ = send.send_trailers(trailers);
+                } else {
+                    let _ = send.send_data(Bytes::new(), true);
+                }
                 return;
             }
             Some(Err(e)) => {
@@ -340,7 +591,8 @@ async fn call(
                     }
                 }
                 Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        over_limit_status(&mut trailers, &tripped);
                         let _ = send.send_trailers(trailers);
                     }
                     return;
@@ -348,6 +600,26 @@ async fn call(
             },
         }
     }
+}
+
+/// When a request message was refused for its size (`tripped`), makes the call's status
+/// `RESOURCE_EXHAUSTED` whatever the service answered.
+fn over_limit_status(headers: &mut http::HeaderMap, tripped: &AtomicBool) {
+    if !tripped.load(Ordering::Acquire)
+        || headers
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"8")
+    {
+        return;
+    }
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+    );
+    headers.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("request%20message%20over%20the%20size%20limit"),
+    );
 }
 
 /// An `h2` request body as an `http_body::Body`, releasing flow-control capacity as it is
@@ -472,5 +744,235 @@ impl<F: Future> Future for NoSelfWake<F> {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::grpc::authority::PREFACE;
+    use crate::grpc::server::build_services;
+    use crate::store::Store;
+
+    /// One connection served over an in-memory pipe; the client's end is returned.
+    async fn serve_pipe(
+        limits: Limits,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        CancellationToken,
+        tonic_health::server::HealthReporter,
+    ) {
+        let stop = CancellationToken::new();
+        let (services, health) = build_services(Arc::new(Store::default()), stop.clone(), limits)
+            .await
+            .unwrap();
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let task = tokio::spawn(serve(server, None, services, stop.clone()));
+        (client, task, stop, health)
+    }
+
+    async fn h2_client(io: tokio::io::DuplexStream) -> h2::client::SendRequest<Bytes> {
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send
+    }
+
+    /// Starts a gRPC call to `path` with one message `msg` (prefixed here), ending the request
+    /// when `end` (a unary or server-streaming call starts only then).
+    async fn start_call(
+        send: &mut h2::client::SendRequest<Bytes>,
+        path: &str,
+        msg: &[u8],
+        end: bool,
+    ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, mut body) = ready.send_request(req, false).unwrap();
+        let mut framed = vec![0u8];
+        framed.extend((msg.len() as u32).to_be_bytes());
+        framed.extend(msg);
+        body.send_data(Bytes::from(framed), end).unwrap();
+        *send = ready;
+        (resp, body)
+    }
+
+    /// The call's grpc-status: from a trailers-only answer's headers, else its trailers.
+    async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
+        let resp = resp.await.unwrap();
+        if let Some(s) = resp.headers().get("grpc-status") {
+            return s.to_str().unwrap().to_string();
+        }
+        let mut body = resp.into_body();
+        while let Some(d) = body.data().await {
+            let _ = d.unwrap();
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        trailers["grpc-status"].to_str().unwrap().to_string()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_without_preface_or_settings_is_dropped_at_the_deadline() {
+        let limits = Limits::default();
+        for sent in [&b""[..], PREFACE, &PREFACE[..10]] {
+            let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+            client.write_all(sent).await.unwrap();
+            let t0 = Instant::now();
+            tokio::time::timeout(Duration::from_secs(3600), task)
+                .await
+                .expect("never closed")
+                .unwrap();
+            let took = t0.elapsed();
+            assert!(
+                took >= limits.handshake_timeout
+                    && took < limits.handshake_timeout + Duration::from_secs(1),
+                "{took:?} after {} bytes",
+                sent.len()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_streams_is_closed_after_the_idle_time() {
+        let limits = Limits::default();
+        // The preface and SETTINGS, then silence (not even the ack of our GOAWAY's ping).
+        let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        client.write_all(PREFACE).await.unwrap();
+        client
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("never closed")
+            .unwrap();
+        let took = t0.elapsed();
+        let closes = limits.idle_timeout + limits.close_grace;
+        assert!(
+            took >= limits.idle_timeout && took <= closes + Duration::from_secs(1),
+            "{took:?}"
+        );
+        // An open Watch keeps a connection; once it ends, the idle time runs again.
+        let (client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        let mut send = h2_client(client).await;
+        let (resp, mut body) =
+            start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(limits.idle_timeout * 3).await;
+        assert!(!task.is_finished(), "closed with a stream open");
+        body.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("never closed")
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(
+            took >= limits.idle_timeout - Duration::from_secs(1)
+                && took <= closes + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_streams_are_capped_in_all_and_places_come_back() {
+        let limits = Limits {
+            max_watch_streams: 2,
+            ..Limits::default()
+        };
+        let (client, _task, _stop, _h) = serve_pipe(limits).await;
+        let mut send = h2_client(client).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let (resp, body) =
+                start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(resp.headers().get("grpc-status").is_none());
+            open.push((resp, body));
+        }
+        let (resp, _b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+        assert_eq!(grpc_status(resp).await, "8", "a third Watch is refused");
+        let (resp, _b) = start_call(
+            &mut send,
+            "/tokenwarden.v1.TokenService/WatchToken",
+            &[],
+            true,
+        )
+        .await;
+        assert_eq!(grpc_status(resp).await, "8", "WatchToken counts too");
+        // One ends: its place comes back.
+        let (resp, mut body) = open.pop().unwrap();
+        body.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (resp, b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
+            let resp = resp.await.unwrap();
+            if resp.headers().get("grpc-status").is_none() {
+                drop(b);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the place never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_gets_resource_exhausted() {
+        let (client, _task, _stop, _h) = serve_pipe(Limits::default()).await;
+        let mut send = h2_client(client).await;
+        let big = vec![0x0a; crate::limits::MAX_MESSAGE + 1];
+        for path in [
+            GET_TOKEN_PATH,
+            "/tokenwarden.v1.TokenService/ListClients",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            let (resp, _b) = start_call(&mut send, path, &big, true).await;
+            assert_eq!(grpc_status(resp).await, "8", "{path}");
+        }
+        // At the limit: not refused for its size.
+        let (resp, _b) =
+            start_call(&mut send, "/grpc.health.v1.Health/Check", &[0x0a; 10], true).await;
+        assert_ne!(grpc_status(resp).await, "8");
+        // The server's SETTINGS allowed 16 streams.
+        assert_eq!(send.current_max_send_streams(), 16);
+    }
+
+    #[test]
+    fn the_message_limit_follows_the_framing_across_chunks() {
+        let mut m = MessageLimit::new((), 10);
+        let mut stream = Vec::new();
+        for len in [0u32, 10, 3] {
+            stream.push(0);
+            stream.extend(len.to_be_bytes());
+            stream.extend(vec![7; len as usize]);
+        }
+        for step in [1, 2, 5, 7, stream.len()] {
+            m = MessageLimit::new((), 10);
+            for c in stream.chunks(step) {
+                assert_eq!(m.scan(c), Ok(()), "step {step}");
+            }
+        }
+        let mut over = vec![0u8];
+        over.extend(11u32.to_be_bytes());
+        assert_eq!(m.scan(&over[..3]), Ok(()));
+        assert_eq!(m.scan(&over[3..]), Err(11));
     }
 }

@@ -1,5 +1,5 @@
-//! The gRPC API on `daemon.socket` (SPEC §7): `tokenwarden.v1.TokenService`, health and
-//! reflection, over a Unix socket whose peers are identified by SO_PEERCRED.
+//! The gRPC API on `daemon.socket` (docs/grpc.md#the-service): `tokenwarden.v1.TokenService`,
+//! health and reflection, over a Unix socket whose peers are identified by SO_PEERCRED.
 //!
 //! - [`pb`]: the code generated from `proto/tokenwarden/v1/tokenwarden.proto`.
 //! - [`service`]: the four RPCs over the store, and the one conversion into `tonic::Status`.

@@ -1,11 +1,14 @@
-//! The socket and the server on it: bind, serve, stop (SPEC §7).
+//! The socket and the server on it: bind, serve, stop (docs/grpc.md#serving).
 //!
 //! Binding: a stale socket file at the path (nobody accepts on it) is replaced; a live one (a
 //! daemon is serving there) or anything that is not a socket is left alone and refused. The
 //! socket is bound inside a fresh 0700 directory next to the final path, given `socket_mode`
 //! there, and renamed into place: nobody can connect before the mode is right, and unlike a
 //! umask change this touches no other thread's files. The path is removed on stop, if it
-//! still is our socket.
+//! still is our socket. An `O_PATH` descriptor of the socket file is opened while it is still
+//! in the private directory and kept: a later `socket_mode` change is applied through it
+//! (`/proc/self/fd/N`), to the file the daemon bound, never through the path, which someone
+//! may have swapped for a symlink since.
 //!
 //! Serving: `tokenwarden.v1.TokenService`, `grpc.health.v1.Health` (SERVING, NOT_SERVING once
 //! stopping) and server reflection v1 and v1alpha (Python's grpcio-reflection speaks only
@@ -13,28 +16,34 @@
 //! clients sending the socket path as `:authority` work, then is served by [`super::conn`]
 //! (HTTP/2 on `h2` directly, `GetToken`'s common case answered inline, the rest through the
 //! tonic services). No keep-alive pings: a Unix socket's peer going away closes it.
+//!
+//! Connections are capped ([`crate::limits::Limits::max_connections`]): at the cap the loop
+//! stops accepting until one closes, so peers wait in the kernel's backlog and hold no
+//! descriptor of ours.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::access::Caller;
-use super::authority::FixAuthority;
 use super::conn::{self, Services};
 use super::fast::{AnswerCache, TokenRoutes};
 use super::pb;
 use super::service::TokenApi;
+use crate::limits::{self, ConnGate, Limits};
 use crate::store::Store;
 
 /// Largest request message accepted: requests carry a client name and a duration.
-pub const MAX_REQUEST_SIZE: usize = 4 * 1024;
+pub const MAX_REQUEST_SIZE: usize = limits::MAX_MESSAGE;
 /// How long stop waits for calls in flight before dropping the connections.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -73,60 +82,47 @@ pub struct GrpcServer {
     mode: u32,
     /// (device, inode) of the socket we bound: removed on stop only if still there.
     inode: (u64, u64),
+    /// An `O_PATH` descriptor of the socket file we bound: its mode is changed through it.
+    file: OwnedFd,
+    /// The connection cap (changed by a reload).
+    gate: Arc<ConnGate>,
     stop: CancellationToken,
     health: HealthReporter,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl GrpcServer {
-    /// Binds `path` with `mode` and serves the API over `store` until [`GrpcServer::stop`].
+    /// Binds `path` with `mode` and serves the API over `store` until [`GrpcServer::stop`],
+    /// with the default [`Limits`].
     pub async fn start(
         path: &Path,
         mode: u32,
         store: Arc<Store>,
     ) -> Result<GrpcServer, ServeError> {
-        let listener = bind(path, mode)?;
-        let meta = std::fs::symlink_metadata(path).map_err(io(path, "stat the socket"))?;
+        Self::start_limited(path, mode, store, Limits::default()).await
+    }
+
+    /// [`GrpcServer::start`] with the given bounds.
+    pub async fn start_limited(
+        path: &Path,
+        mode: u32,
+        store: Arc<Store>,
+        limits: Limits,
+    ) -> Result<GrpcServer, ServeError> {
+        let (listener, file) = bind(path, mode)?;
+        let meta = nix::sys::stat::fstat(&file)
+            .map_err(|e| io(path, "stat the socket")(std::io::Error::from(e)))?;
         let stop = CancellationToken::new();
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
-            .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
-        let answers = Arc::new(AnswerCache::default());
-        let tokens = TokenRoutes::new(
-            api.clone(),
-            answers.clone(),
-            pb::token_service_server::TokenServiceServer::new(api.clone())
-                .max_decoding_message_size(MAX_REQUEST_SIZE),
-        );
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(tokens)
-            .prepare();
-        let services = Arc::new(Services {
-            routes,
-            api,
-            answers,
-        });
-        let task = tokio::spawn(accept_loop(listener, services, stop.clone()));
+        let (services, health) = build_services(store, stop.clone(), limits).await?;
+        let gate = ConnGate::new(services.limits.max_connections);
+        let task = tokio::spawn(accept_loop(listener, services, gate.clone(), stop.clone()));
         tracing::info!(socket = %path.display(), mode = format!("{mode:04o}"), "gRPC API listening");
         Ok(GrpcServer {
             path: path.to_path_buf(),
             mode,
-            inode: (meta.dev(), meta.ino()),
+            inode: (meta.st_dev, meta.st_ino),
+            file,
+            gate,
             stop,
             health,
             task,
@@ -143,12 +139,30 @@ impl GrpcServer {
         self.mode
     }
 
-    /// Changes the socket file's mode in place.
+    /// Changes the mode of the socket file the daemon bound, through the descriptor kept
+    /// since (never through the path: whatever is at the path now may not be ours).
     pub fn set_mode(&mut self, mode: u32) -> Result<(), ServeError> {
-        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
-            .map_err(io(&self.path, "change the socket's mode"))?;
+        // fchmod on an O_PATH descriptor fails (EBADF), and on the listening socket it would
+        // change the socket object, not the file; the magic link in /proc names the inode.
+        let link = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            io(
+                &self.path,
+                "change the socket's mode (through /proc/self/fd; restart the daemon to apply it)",
+            )(e)
+        })?;
         self.mode = mode;
         Ok(())
+    }
+
+    /// Changes the connection cap; connections over a lowered cap stay until they close.
+    pub fn set_max_connections(&self, max: usize) {
+        self.gate.set_max(max);
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.gate.open()
     }
 
     /// Reports NOT_SERVING, ends waits and streams, lets calls in flight finish (up to
@@ -190,22 +204,84 @@ impl Drop for GrpcServer {
     }
 }
 
-/// Accepts connections until `stop`, then waits for them to end. Dropping this future (an
-/// abort after [`STOP_GRACE`]) drops every connection with it.
-async fn accept_loop(listener: UnixListener, services: Arc<Services>, stop: CancellationToken) {
+/// What every connection serves, over `store`, within `limits`; `stop` ends waits and
+/// streams. Health reports SERVING. (The fuzz target serves connections with it too.)
+pub async fn build_services(
+    store: Arc<Store>,
+    stop: CancellationToken,
+    limits: Limits,
+) -> Result<(Arc<Services>, HealthReporter), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service.max_decoding_message_size(limits.max_message);
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(limits.max_message);
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(limits.max_message);
+    let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
+    let answers = Arc::new(AnswerCache::default());
+    let tokens = TokenRoutes::new(
+        api.clone(),
+        answers.clone(),
+        pb::token_service_server::TokenServiceServer::new(api.clone())
+            .max_decoding_message_size(limits.max_message),
+    );
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tokens)
+        .prepare();
+    let services = Arc::new(Services {
+        routes,
+        api,
+        answers,
+        watches: Arc::new(Semaphore::new(limits.max_watch_streams)),
+        limits,
+    });
+    Ok((services, health))
+}
+
+/// Accepts connections until `stop`, then waits for them to end: one at a time, each only
+/// once `gate` has a place for it. Dropping this future (an abort after [`STOP_GRACE`]) drops
+/// every connection with it.
+async fn accept_loop(
+    listener: UnixListener,
+    services: Arc<Services>,
+    gate: Arc<ConnGate>,
+    stop: CancellationToken,
+) {
     let mut connections = JoinSet::new();
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    let mut permit = None;
     loop {
         tokio::select! {
             _ = &mut stopped => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            p = limits::admit_logged(&gate, "gRPC socket"), if permit.is_none() => {
+                permit = Some(p);
+            }
+            accepted = listener.accept(), if permit.is_some() => match accepted {
                 Ok((stream, _)) => {
                     // Who connected, now: the kernel's record of the peer at connect time.
                     let caller = Caller::of_stream(&stream).map(Arc::new);
-                    let io = FixAuthority::new(stream);
-                    connections.spawn(conn::serve(io, caller, services.clone(), stop.clone()));
+                    let held = permit.take();
+                    let serve = conn::serve(stream, caller, services.clone(), stop.clone());
+                    connections.spawn(async move {
+                        serve.await;
+                        drop(held);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and the like: wait a little instead of spinning.
@@ -220,24 +296,19 @@ async fn accept_loop(listener: UnixListener, services: Arc<Services>, stop: Canc
 }
 
 /// Binds a listener at `path` with `mode` (see the module doc), replacing a stale socket.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+/// Returns it with an `O_PATH` descriptor of the socket file, opened before the file was
+/// moved into place.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedFd), ServeError> {
     check_existing(path)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    // Reached (and created, 0755, when missing) without following a symlink or trusting a
-    // directory others can write: they could move the socket or answer in its place.
-    crate::safepath::open_dir(
-        &parent,
-        &crate::safepath::Trust::of_this_process(),
-        Some(0o755),
-    )
-    .map_err(|e| ServeError::Io {
-        path: path.to_path_buf(),
-        what: "use the socket's directory",
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    if !parent.exists() {
+        std::fs::create_dir_all(&parent).map_err(io(&parent, "create the socket's directory"))?;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&parent, "set the mode of the socket's directory"))?;
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -256,8 +327,16 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
         let listener = UnixListener::bind(&temp).map_err(io(path, "bind the socket"))?;
         std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
             .map_err(io(path, "set the socket's mode"))?;
+        let file = nix::fcntl::open(
+            &temp,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io(path, "open the socket file")(std::io::Error::from(e)))?;
         std::fs::rename(&temp, path).map_err(io(path, "move the socket into place"))?;
-        Ok(listener)
+        Ok((listener, file))
     })();
     let _ = std::fs::remove_dir_all(&private);
     result
@@ -293,7 +372,7 @@ mod tests {
     async fn bind_sets_the_mode_replaces_stale_and_refuses_others() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run").join("tw.sock");
-        let l = bind(&path, 0o660).unwrap();
+        let (l, _file) = bind(&path, 0o660).unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
@@ -315,6 +394,33 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("tw.sock")]);
+    }
+
+    #[tokio::test]
+    async fn a_mode_change_applies_to_the_bound_socket_not_to_a_swapped_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tw.sock");
+        let mut server = GrpcServer::start(&path, 0o600, Arc::new(Store::default()))
+            .await
+            .unwrap();
+        // Someone able to write the directory moves our socket aside and leaves a symlink to
+        // a file of root's in its place.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let moved = dir.path().join("moved.sock");
+        std::fs::rename(&path, &moved).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        server.set_mode(0o666).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&victim), 0o600, "the symlink's target was chmodded");
+        assert_eq!(mode(&moved), 0o666, "our socket did not get the new mode");
+        assert_eq!(server.mode(), 0o666);
+        server.stop().await;
+        assert!(
+            victim.exists() && path.is_symlink(),
+            "stop removed what is not ours"
+        );
     }
 
     #[tokio::test]

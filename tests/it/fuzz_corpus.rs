@@ -43,3 +43,8 @@ fn jwt_exp_corpus() {
 fn authority_corpus() {
     assert!(replay("authority", tokenwarden::fuzzing::authority) >= 9);
 }
+
+#[test]
+fn connection_corpus() {
+    assert!(replay("connection", tokenwarden::fuzzing::connection) >= 8);
+}

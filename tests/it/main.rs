@@ -1,6 +1,7 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
 mod attack_callers;
 mod attack_files;
+mod attack_listeners;
 mod attack_provider;
 mod cli;
 mod config;

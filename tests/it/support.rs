@@ -414,10 +414,19 @@ impl DaemonProc {
         config: &Path,
         env: &[(&str, &str)],
     ) -> (DaemonProc, NotifySocket, String) {
+        DaemonProc::start_ready_wrapped(&[], config, env).await
+    }
+
+    /// [`DaemonProc::start_ready`] through `WRAPPER...` (see [`DaemonProc::start_wrapped`]).
+    pub async fn start_ready_wrapped(
+        wrapper: &[&str],
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> (DaemonProc, NotifySocket, String) {
         let notify = NotifySocket::bind();
         let mut vars = env.to_vec();
         vars.push(("NOTIFY_SOCKET", notify.path.to_str().unwrap()));
-        let daemon = DaemonProc::start(config, &vars);
+        let daemon = DaemonProc::start_wrapped(wrapper, config, &vars);
         let ready = notify.wait_for("READY=1", READY_WITHIN).await;
         (daemon, notify, ready)
     }

@@ -26,6 +26,7 @@ fn the_unit_says_what_spec_section_8_asks() {
         "#LoadCredential=",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
+        "LimitNOFILE=8192",
     ] {
         assert!(u.lines().any(|l| l.starts_with(line)), "missing {line}");
     }
