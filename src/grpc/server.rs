@@ -304,11 +304,18 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedFd), ServeErro
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if !parent.exists() {
-        std::fs::create_dir_all(&parent).map_err(io(&parent, "create the socket's directory"))?;
-        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755))
-            .map_err(io(&parent, "set the mode of the socket's directory"))?;
-    }
+    // Reached (and created, 0755, when missing) without following a symlink or trusting a
+    // directory others can write: they could move the socket or answer in its place.
+    crate::safepath::open_dir(
+        &parent,
+        &crate::safepath::Trust::of_this_process(),
+        Some(0o755),
+    )
+    .map_err(|e| ServeError::Io {
+        path: path.to_path_buf(),
+        what: "use the socket's directory",
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
