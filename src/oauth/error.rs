@@ -79,6 +79,15 @@ pub enum OAuthError {
         /// Where the configured refresh token is read from (`file /etc/…`, `environment variable …`).
         supply_in: String,
     },
+    /// Any of the above, with where and how the request was sent: every error of a token
+    /// request names its endpoint, grant and client authentication method (never a secret).
+    #[error("{error} ({endpoint})")]
+    At {
+        /// The failure itself.
+        error: Box<OAuthError>,
+        /// `token_url …, grant_type …, client_auth …`.
+        endpoint: Box<str>,
+    },
 }
 
 fn provider_message(
@@ -164,9 +173,33 @@ impl ErrorClass {
 }
 
 impl OAuthError {
+    /// Adds where and how the request was sent: `token_url` as the caller may log it (without
+    /// user info or query), the `grant_type`, the `client_auth` method. Once: an error that
+    /// already names its endpoint is returned as it is.
+    pub fn at(self, loggable_url: &str, grant: &str, client_auth: &str) -> OAuthError {
+        match self {
+            e @ OAuthError::At { .. } => e,
+            e => OAuthError::At {
+                error: Box::new(e),
+                endpoint: format!(
+                    "token_url {loggable_url}, grant_type {grant}, client_auth {client_auth}"
+                )
+                .into(),
+            },
+        }
+    }
+
+    /// The failure without the endpoint context [`OAuthError::at`] added.
+    pub fn inner(&self) -> &OAuthError {
+        match self {
+            OAuthError::At { error, .. } => error.inner(),
+            e => e,
+        }
+    }
+
     /// Classifies the error: the one place that decides what is worth retrying soon.
     pub fn class(&self) -> ErrorClass {
-        match self {
+        match self.inner() {
             OAuthError::Provider {
                 status,
                 error,
@@ -198,12 +231,13 @@ impl OAuthError {
             | OAuthError::Transport(_)
             | OAuthError::Malformed { .. }
             | OAuthError::TooLarge { .. } => ErrorClass::Retryable { retry_after: None },
+            OAuthError::At { error, .. } => error.class(),
         }
     }
 
     /// The OAuth `error` code, when the provider sent one.
     pub fn oauth_code(&self) -> Option<&str> {
-        match self {
+        match self.inner() {
             OAuthError::Provider { error, .. } => Some(error),
             _ => None,
         }
@@ -211,7 +245,7 @@ impl OAuthError {
 
     /// A short label for metrics and logs: the OAuth code, `http_503`, `timeout`, …
     pub fn kind(&self) -> String {
-        match self {
+        match self.inner() {
             OAuthError::Provider { error, .. } => error.clone(),
             OAuthError::Http { status, .. } => format!("http_{status}"),
             OAuthError::Redirect { .. } => "redirect".into(),
@@ -222,6 +256,7 @@ impl OAuthError {
             OAuthError::TooLarge { .. } => "too_large".into(),
             OAuthError::Request(_) => "request".into(),
             OAuthError::ChainEnded { .. } => "chain_ended".into(),
+            OAuthError::At { error, .. } => error.kind(),
         }
     }
 }
@@ -411,6 +446,25 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("check client_id"), "{m}");
+    }
+
+    #[test]
+    fn the_endpoint_is_named_once_and_class_and_kind_see_through_it() {
+        let e = provider(401, "invalid_client")
+            .at("https://idp.example/t?…", "password", "client_secret_post")
+            .at("https://other.example/t", "x", "y");
+        let m = e.to_string();
+        assert!(
+            m.ends_with(
+                "(token_url https://idp.example/t?…, grant_type password, client_auth client_secret_post)"
+            ),
+            "{m}"
+        );
+        assert_eq!(m.matches("token_url").count(), 1, "{m}");
+        assert_eq!(e.class(), ErrorClass::Permanent { retry_after: None });
+        assert_eq!(e.kind(), "invalid_client");
+        assert_eq!(e.oauth_code(), Some("invalid_client"));
+        assert_eq!(e.inner(), &provider(401, "invalid_client"));
     }
 
     #[test]

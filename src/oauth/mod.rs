@@ -142,11 +142,27 @@ pub async fn request_token(
     client: &ClientConfig,
     attempt: Attempt<'_>,
 ) -> Result<Issued, OAuthError> {
-    let sent_at = SystemTime::now();
     let grant = match attempt {
         Attempt::Refresh(_) => "refresh_token",
         Attempt::Primary => client.grant_type(),
     };
+    // The one place a token request's error gets its endpoint, grant and client auth.
+    exchange(http, client, attempt, grant).await.map_err(|e| {
+        e.at(
+            &trace::loggable_url(&client.token_url),
+            grant,
+            client.client_auth.method_name(),
+        )
+    })
+}
+
+async fn exchange(
+    http: &reqwest::Client,
+    client: &ClientConfig,
+    attempt: Attempt<'_>,
+    grant: &str,
+) -> Result<Issued, OAuthError> {
+    let sent_at = SystemTime::now();
     let prepared = prepare(client, attempt, sent_at)?;
     let redactor = redactor(client, &prepared);
     let timeout = client.timing.timeout;
@@ -487,7 +503,7 @@ pub async fn acquire(
             })
         }
         Err(error) => {
-            let answered = matches!(error, OAuthError::Provider { .. });
+            let answered = matches!(error.inner(), OAuthError::Provider { .. });
             match bootstrap {
                 Some(b) if error.class() == ErrorClass::InvalidGrant => Err(AcquireFailure {
                     error: OAuthError::ChainEnded {

@@ -55,7 +55,7 @@ pub(super) fn token_request(
 }
 
 /// `url` without user info, and with `?…` for a query.
-fn loggable_url(url: &url::Url) -> String {
+pub(super) fn loggable_url(url: &url::Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);

@@ -600,11 +600,19 @@ async fn an_unreachable_provider_is_a_retryable_connect_error() {
         .await
         .unwrap_err()
         .error;
-    assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
+    assert!(matches!(e.inner(), OAuthError::Connect(_)), "{e:?}");
     assert_eq!(e.class(), ErrorClass::Retryable { retry_after: None });
     assert!(
         e.to_string()
             .starts_with("cannot connect to the token endpoint"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().ends_with(&format!(
+            "(token_url http://127.0.0.1:{port}/token, grant_type {}, client_auth {})",
+            c.grant_type(),
+            c.client_auth.method_name()
+        )),
         "{e}"
     );
 }

@@ -89,7 +89,7 @@ async fn a_private_ca_works_only_through_ca_file() {
         .await
         .unwrap_err()
         .error;
-    assert!(matches!(e, OAuthError::Connect(_)), "{e:?}");
+    assert!(matches!(e.inner(), OAuthError::Connect(_)), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 
     // With it, the token comes.

@@ -652,3 +652,53 @@ async fn debug_logs_name_each_token_request_and_never_a_secret() {
         );
     }
 }
+
+/// Every token-request error names the token URL, the grant and the client authentication
+/// method, so an operator with many clients knows which endpoint failed; never a secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_request_errors_name_the_endpoint_grant_and_client_auth() {
+    let env = DemoEnv::start(LONG).await;
+    let config = env.config_path().to_string();
+
+    // Nothing listens on the port: a refused connection.
+    let closed = free_port();
+    let refused = format!("http://127.0.0.1:{closed}/oauth/token");
+    env.edit_config(|t| t.replacen(&env.provider.token_url(Dialect::Transatel), &refused, 1));
+    let refused_run = run(&["once", "-c", &config, "transatel"]).await;
+    assert_eq!(refused_run.code, 1, "{}", refused_run.stderr);
+    let line = refused_run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("transatel: cannot connect to the token endpoint"))
+        .unwrap_or_else(|| panic!("no connect error in:\n{}", refused_run.stderr));
+    assert!(
+        line.ends_with(&format!(
+            "(token_url {refused}, grant_type client_credentials, client_auth client_secret_basic)"
+        )),
+        "{line}"
+    );
+
+    // An endpoint that accepts the request and never answers: the client's timeout.
+    env.provider
+        .set_fault(Some(tokenwarden::provider::Fault::Hang));
+    env.edit_config(|t| t.replace("[defaults]", "[defaults]\ntimeout = \"1s\""));
+    let hang_url = env.config().clients["talkdesk"].token_url.to_string();
+    let hung = run(&["once", "-c", &config, "talkdesk"]).await;
+    assert_eq!(hung.code, 1, "{}", hung.stderr);
+    let line = hung
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("talkdesk: token request timed out after 1s"))
+        .unwrap_or_else(|| panic!("no timeout in:\n{}", hung.stderr));
+    assert!(
+        line.ends_with(&format!(
+            "(token_url {hang_url}, grant_type client_credentials, client_auth private_key_jwt)"
+        )),
+        "{line}"
+    );
+
+    for secret in crate::support::secret_material(&env, Vec::new()) {
+        assert!(!refused_run.stderr.contains(&secret), "a secret in stderr");
+        assert!(!hung.stderr.contains(&secret), "a secret in stderr");
+    }
+}

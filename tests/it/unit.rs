@@ -22,6 +22,8 @@ fn the_unit_says_what_spec_section_8_asks() {
         "User=tokenwarden",
         "StateDirectory=tokenwarden",
         "RuntimeDirectory=tokenwarden",
+        // The docs say token files are left in place when the service stops.
+        "RuntimeDirectoryPreserve=yes",
         "ConfigurationDirectory=tokenwarden",
         "#LoadCredential=",
         "NoNewPrivileges=yes",
