@@ -1,5 +1,5 @@
-//! `check` warns when the user running it could not run the daemon with the config (a state
-//! directory or socket directory it cannot create or write), and `run` says why it stops once.
+//! What `check` tells about a config in one run: every problem at once, and whether the user
+//! running it could run the daemon with it; and `run` saying why it stops, once.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -117,4 +117,80 @@ async fn run_says_why_it_stops_once() {
         .collect();
     assert_eq!(why.len(), 1, "{}", r.stderr);
     assert!(why[0].contains(state.to_str().unwrap()), "{}", r.stderr);
+}
+
+/// `check` reports every problem in one run: a stray key in one client, the missing secret
+/// file of another, a stray `[daemon]` key, and the same two in an included file, each on
+/// its own line, exit 2 (docs/cli.md#check).
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_stray_keys_and_missing_secrets_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let secret = d.join("secret");
+    std::fs::write(&secret, "s3cret-value").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let missing = d.join("missing");
+    let missing_inc = d.join("missing-inc");
+    let inc = d.join("inc.toml");
+    std::fs::write(
+        &inc,
+        format!(
+            "[clients.z]\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"z\"\n\
+             client_secret = {{ file = {:?} }}\nshade = 2\n",
+            missing_inc.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = d.join("tw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = {:?}\ninclude = [{:?}]\nbogus = 3\n\n\
+             [clients.x]\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"x\"\n\
+             client_secret = {{ file = {:?} }}\ncolour = \"blue\"\n\n\
+             [clients.y]\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"y\"\n\
+             client_secret = {{ file = {:?} }}\n",
+            d.join("state").to_str().unwrap(),
+            inc.to_str().unwrap(),
+            secret.to_str().unwrap(),
+            missing.to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    for f in [&config, &inc] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let r = crate::support::run(&["check", "-c", config.to_str().unwrap()]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let has = |needle: &str| r.stderr.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(has("unknown key \"bogus\" in [daemon]"), 1, "{}", r.stderr);
+    assert_eq!(
+        has("unknown key \"colour\" in [clients.x]"),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        has(&format!("cannot read secret file {}:", missing.display())),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        has("unknown key \"shade\" in [clients.z]"),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        has(&format!(
+            "cannot read secret file {}:",
+            missing_inc.display()
+        )),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 5, "{}", r.stderr);
+    assert!(!r.stderr.contains("s3cret-value"), "{}", r.stderr);
 }
