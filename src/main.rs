@@ -239,8 +239,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("tokenwarden: {e}");
+            // Once: the logs already go to stderr, in the configured format; only when they
+            // would drop an error (log_level "off") is it printed plainly.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e}");
+            } else {
+                eprintln!("tokenwarden: {e}");
+            }
             ExitCode::from(1)
         }
     }
@@ -299,6 +304,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // After the config's own warnings: whether this user could run the daemon with it.
+    for w in config::access_warnings(&config) {
+        eprintln!("warning: {w}");
+    }
     let names: Vec<&str> = config.clients.keys().map(String::as_str).collect();
     let outputs: usize = config.clients.values().map(|c| c.outputs.len()).sum();
     println!(

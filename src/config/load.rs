@@ -1362,6 +1362,62 @@ fn check_state_dir(path: &Path, trust: &Trust) -> Result<(), String> {
     }
 }
 
+/// What would stop the user running `check` from running the daemon with `config`, one line
+/// per problem: the state directory or the socket's directory neither there and writable nor
+/// creatable by this user. `check` prints them as warnings: the daemon is usually run by
+/// another user than the operator checking its config (docs/cli.md#check).
+pub fn access_warnings(config: &Config) -> Vec<String> {
+    let uid = nix::unistd::getuid();
+    let mut warnings = Vec::new();
+    let state = &config.daemon.state_dir;
+    if let Some(w) = not_writable(state, uid.as_raw()) {
+        warnings.push(format!(
+            "state_dir \"{}\": {w}; the daemon run as uid {uid} would stop at startup: run it \
+             as the directory's owner, or create it owned by that user with mode 0700",
+            state.display()
+        ));
+    }
+    if let Some(socket) = &config.daemon.socket
+        && let Some(dir) = socket.parent()
+        && let Some(w) = not_writable(dir, uid.as_raw())
+    {
+        warnings.push(format!(
+            "socket \"{}\": {w}; the daemon run as uid {uid} could not bind its socket: \
+             create {} writable by the daemon's user (systemd: RuntimeDirectory=)",
+            socket.display(),
+            dir.display()
+        ));
+    }
+    warnings
+}
+
+/// Why `uid` (this process's real user) could not create files in `dir`, if it could not:
+/// an existing directory it cannot write, or a missing one whose nearest existing ancestor it
+/// cannot write (so it could not be created).
+fn not_writable(dir: &Path, uid: u32) -> Option<String> {
+    use nix::unistd::{AccessFlags, access};
+    let wx = AccessFlags::W_OK | AccessFlags::X_OK;
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return access(dir, wx)
+            .err()
+            .map(|e| format!("{} is not writable by uid {uid} ({e})", dir.display()));
+    }
+    let mut up = dir.parent();
+    while let Some(a) = up {
+        if std::fs::symlink_metadata(a).is_ok() {
+            return access(a, wx).err().map(|e| {
+                format!(
+                    "{} does not exist and uid {uid} cannot create it in {} ({e})",
+                    dir.display(),
+                    a.display()
+                )
+            });
+        }
+        up = a.parent();
+    }
+    None
+}
+
 fn resolve(dir: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { dir.join(p) }
 }

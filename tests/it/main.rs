@@ -1,4 +1,5 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
+mod access;
 mod attack_callers;
 mod attack_files;
 mod attack_listeners;
