@@ -305,25 +305,19 @@ pub fn open_dir(path: &Path, trust: &Trust, create: Option<u32>) -> Result<SafeD
 /// tail is fine when the directory it would be created in may be stepped out of; a component
 /// this process may not search is not judged (the daemon's user may be another).
 pub fn check_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
-    match walk(path, trust, Missing::Stop) {
-        Ok(_) => Ok(()),
-        Err(SafePathError::Io { source, .. })
-            if source.kind() == io::ErrorKind::PermissionDenied =>
-        {
-            Ok(())
-        }
-        // Not a matter of trust: the write (or the daemon's start) reports it, and a running
-        // daemon shows the output as not written until the path is mended.
-        Err(SafePathError::NotADirectory(_)) => Ok(()),
-        Err(e) => Err(e),
-    }
+    judged(walk(path, trust, Missing::Stop).map(drop))
 }
 
 /// [`check_dir`] for the directory holding an entry (see [`open_parent_dir`]): it may be
 /// sticky and open, like `/tmp`.
 pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
-    match walk_to(path, trust, Missing::Stop, Last::Entry) {
-        Ok(_) => Ok(()),
+    judged(walk_to(path, trust, Missing::Stop, Last::Entry).map(drop))
+}
+
+/// What a check without creating anything reports of a walk: only matters of trust.
+fn judged(walked: Result<(), SafePathError>) -> Result<(), SafePathError> {
+    match walked {
+        // A component this process may not search: the daemon's user may be another.
         Err(SafePathError::Io { source, .. })
             if source.kind() == io::ErrorKind::PermissionDenied =>
         {
@@ -332,7 +326,7 @@ pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError>
         // Not a matter of trust: the write (or the daemon's start) reports it, and a running
         // daemon shows the output as not written until the path is mended.
         Err(SafePathError::NotADirectory(_)) => Ok(()),
-        Err(e) => Err(e),
+        other => other,
     }
 }
 
