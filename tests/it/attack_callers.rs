@@ -248,15 +248,12 @@ async fn a_member_by_supplementary_group_is_allowed_when_the_daemon_cannot_see_i
         return;
     }
     let env = DemoEnv::start(Duration::from_secs(3600)).await;
-    // Let nobody reach the socket: the directory traversable, the socket world-writable.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.open_socket_to_everyone();
     env.edit_config(|t| {
-        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
-            .replace(
-                "[clients.transatel]\n",
-                &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
-            )
+        t.replace(
+            "[clients.transatel]\n",
+            &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
+        )
     });
     // The daemon as under `ProtectProc=invisible`: its own /proc shows other users'
     // processes only to members of PROC_VIEWERS, and it runs without CAP_SYS_PTRACE.
@@ -375,9 +372,7 @@ async fn name_enumeration_is_refused_to_strangers() {
         return;
     }
     let env = DemoEnv::start(Duration::from_secs(3600)).await;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    env.edit_config(|t| t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n"));
+    env.open_socket_to_everyone();
     let (mut daemon, _notify, _) = DaemonProc::start_ready(Path::new(env.config_path()), &[]).await;
     let s = env.demo.socket.to_str().unwrap();
     const MISSING: &str = "no-such-client";

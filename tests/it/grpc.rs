@@ -455,8 +455,7 @@ async fn peer_credentials_decide_who_may_read() {
     }
     let env = DemoEnv::start(Duration::from_secs(30)).await;
     // Let nobody reach the socket: the directory traversable, the socket world-writable.
-    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    env.edit_config(|t| t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n"));
+    env.open_socket_to_everyone();
     let socket = env.demo.socket.clone();
     let s = socket.to_str().unwrap();
     let daemon = DaemonProc::start(&env.demo.config, &[]);
@@ -795,17 +794,16 @@ async fn allow_groups_admits_members_by_primary_and_supplementary_group() {
     const READERS: u32 = 47_311;
     const OTHERS: u32 = 47_312;
     let env = DemoEnv::start(Duration::from_secs(30)).await;
-    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.open_socket_to_everyone();
     env.edit_config(|t| {
-        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
-            .replace(
-                "[clients.transatel]\n",
-                &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
-            )
-            .replace(
-                "[clients.talkdesk]\n",
-                &format!("[clients.talkdesk]\nallow_groups = [{OTHERS}, {READERS}]\n"),
-            )
+        t.replace(
+            "[clients.transatel]\n",
+            &format!("[clients.transatel]\nallow_groups = [{READERS}]\n"),
+        )
+        .replace(
+            "[clients.talkdesk]\n",
+            &format!("[clients.talkdesk]\nallow_groups = [{OTHERS}, {READERS}]\n"),
+        )
     });
     let socket = env.demo.socket.clone();
     let s = socket.to_str().unwrap();

@@ -93,15 +93,13 @@ async fn as_nobody(args: &[&str]) -> crate::support::Run {
 /// A demo whose socket uid 65534 may reach (directory traversable, socket 0666), with
 /// `min_interval` long enough that every refresh below falls inside it.
 async fn open_env(min_interval: &str) -> DemoEnv {
-    use std::os::unix::fs::PermissionsExt;
     let env = DemoEnv::start(Duration::from_secs(600)).await;
-    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.open_socket_to_everyone();
     env.edit_config(|t| {
-        t.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n")
-            .replace(
-                r#"min_interval = "2s""#,
-                &format!("min_interval = {min_interval:?}"),
-            )
+        t.replace(
+            r#"min_interval = "2s""#,
+            &format!("min_interval = {min_interval:?}"),
+        )
     });
     env
 }

@@ -49,6 +49,14 @@ impl DemoEnv {
         std::fs::write(&self.demo.config, f(text)).unwrap();
     }
 
+    /// Lets every local user reach the demo's socket (the directory traversable, the socket
+    /// 0666), as an unprivileged attacker or caller in a test needs.
+    pub fn open_socket_to_everyone(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.edit_config(|t| t.replacen("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n", 1));
+    }
+
     /// The grant types the provider saw on paths containing `path_part`, in order.
     pub fn grants_at(&self, path_part: &str) -> Vec<String> {
         self.provider
