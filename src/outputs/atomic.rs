@@ -238,14 +238,8 @@ pub(crate) fn random_suffix() -> String {
         .collect()
 }
 
-/// Whether `entry` is a temporary name [`write_atomic`] makes for a file named `name`:
-/// `.NAME.tw-` then six ASCII letters or digits. Pure.
-pub fn is_temp_name_for(entry: &str, name: &str) -> bool {
-    temp_name_target(entry) == Some(name)
-}
-
-/// The file a temporary name is for: `NAME` of `.NAME.tw-XXXXXX`, or `None` when `entry` is
-/// not such a name. Pure.
+/// The file a temporary name [`write_atomic`] makes is for: `NAME` of `.NAME.tw-XXXXXX` (six
+/// ASCII letters or digits), or `None` when `entry` is not such a name. Pure.
 pub fn temp_name_target(entry: &str) -> Option<&str> {
     let rest = entry.strip_prefix('.')?;
     let cut = rest.len().checked_sub(".tw-".len() + TEMP_SUFFIX_LEN)?;
@@ -370,11 +364,15 @@ mod tests {
             (".lock", "out", false),
         ];
         for (entry, name, want) in cases {
-            assert_eq!(is_temp_name_for(entry, name), want, "{entry} for {name}");
+            assert_eq!(
+                temp_name_target(entry) == Some(name),
+                want,
+                "{entry} for {name}"
+            );
         }
         for _ in 0..100 {
             let made = format!(".out.tw-{}", random_suffix());
-            assert!(is_temp_name_for(&made, "out"), "{made}");
+            assert_eq!(temp_name_target(&made), Some("out"), "{made}");
         }
         assert_eq!(temp_name_target(".a.token.tw-zzzzzz"), Some("a.token"));
         assert_eq!(

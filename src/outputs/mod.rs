@@ -1,14 +1,7 @@
-//! Token files (docs/configuration.md#how-files-are-written): a client's outputs rendered and
-//! written, and its `on_change` commands run.
-//!
-//! # Layout
-//! - [`render`](render()): a token in each output format (pure).
-//! - `atomic`: atomic, durable writes through the safe walk of [`crate::safepath`], and the
-//!   clean-up of temporary files a killed write left ([`write_atomic`],
-//!   [`remove_stale_temp_files`]).
-//! - `rights`: which owners and groups this process may give its files ([`ChownRights`]).
-//! - `command`: `on_change` commands and their process groups ([`run_on_change`]).
-//! - here: [`write_outputs`], which skips an output already up to date, and [`OutputError`].
+//! Token files (docs/configuration.md#how-files-are-written): a client's outputs rendered
+//! ([`render`](render())), written atomically (`atomic`) with the owners this process may give
+//! (`rights`), and its `on_change` commands run (`command`). Here: [`write_outputs`], which
+//! leaves an output already up to date alone, and [`OutputError`].
 
 mod atomic;
 mod command;
@@ -24,7 +17,7 @@ use nix::fcntl::OFlag;
 use zeroize::Zeroizing;
 
 pub(crate) use atomic::{NewFile, list_dir, random_suffix, write_in};
-pub use atomic::{is_temp_name_for, remove_stale_temp_files, temp_name_target, write_atomic};
+pub use atomic::{remove_stale_temp_files, temp_name_target, write_atomic};
 pub use command::{
     CAPTURE_LIMIT, CommandOutput, HOOK_LANG, HOOK_PATH, OnChangeError, OnChangeEvent,
     OnChangeReport, run_command, run_on_change,

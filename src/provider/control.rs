@@ -325,7 +325,8 @@ pub(super) fn shift_date(endpoint: &Endpoint, mut r: Response<Body>) -> Response
         } else {
             now - Duration::from_secs(offset.unsigned_abs())
         };
-        if let Ok(v) = HeaderValue::from_str(&httpdate_fmt(at)) {
+        // An IMF-fixdate (RFC 9110 §5.6.7).
+        if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
             r.headers_mut().insert(DATE, v);
         }
     }
@@ -344,24 +345,4 @@ fn fault_name(f: &Fault) -> &'static str {
         Fault::Custom { .. } => "custom",
         Fault::Echo { .. } => "echo",
     }
-}
-
-/// An IMF-fixdate (RFC 9110 §5.6.7) for a `Date` header.
-fn httpdate_fmt(t: std::time::SystemTime) -> String {
-    // humantime gives RFC 3339; rebuild it as `Sun, 06 Nov 1994 08:49:37 GMT`.
-    let secs = crate::token::unix_seconds(t);
-    let days = secs / 86_400;
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    let rfc = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-23T18:00:00Z
-    let (y, m, d, time) = (&rfc[0..4], &rfc[5..7], &rfc[8..10], &rfc[11..19]);
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = m
-        .parse::<usize>()
-        .ok()
-        .and_then(|m| months.get(m.wrapping_sub(1)))
-        .copied()
-        .unwrap_or("Jan");
-    format!("{weekday}, {d} {month} {y} {time} GMT")
 }
