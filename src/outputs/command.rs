@@ -167,16 +167,14 @@ pub async fn run_command(
 
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let stderr = Arc::new(Mutex::new(Vec::new()));
-    let readers = Readers([
-        child
-            .stdout
-            .take()
-            .map(|r| tokio::spawn(read_capped(r, Arc::clone(&stdout)))),
-        child
-            .stderr
-            .take()
-            .map(|r| tokio::spawn(read_capped(r, Arc::clone(&stderr)))),
-    ]);
+    // The readers are aborted when the set is dropped, however this function ends.
+    let mut readers = tokio::task::JoinSet::new();
+    if let Some(r) = child.stdout.take() {
+        readers.spawn(read_capped(r, Arc::clone(&stdout)));
+    }
+    if let Some(r) = child.stderr.take() {
+        readers.spawn(read_capped(r, Arc::clone(&stderr)));
+    }
 
     let status = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(Ok(status)) => status,
@@ -202,12 +200,10 @@ pub async fn run_command(
     // a new group in the instant since the leader was reaped (pids are handed out in rising
     // order up to pid_max before any is reused).
     let left_running = group.kill();
-    for reader in readers.take() {
-        let abort = reader.abort_handle();
-        if tokio::time::timeout_at(deadline, reader).await.is_err() {
-            abort.abort();
-        }
-    }
+    // Readers still reading at the deadline (a pipe held open by a grandchild that left the
+    // group) are aborted with the set.
+    let drained = async { while readers.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout_at(deadline, drained).await;
     let text = |buf: &Mutex<Vec<u8>>| {
         buf.lock()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -237,23 +233,6 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// The tasks reading a command's stdout and stderr, aborted when dropped.
-struct Readers([Option<tokio::task::JoinHandle<()>>; 2]);
-
-impl Readers {
-    fn take(mut self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.0.iter_mut().filter_map(Option::take).collect()
-    }
-}
-
-impl Drop for Readers {
-    fn drop(&mut self) {
-        for r in self.0.iter().flatten() {
-            r.abort();
-        }
     }
 }
 
