@@ -25,7 +25,7 @@ mod schedule;
 mod state;
 #[allow(dead_code)]
 mod support;
+mod systemd_unit;
 mod tls;
 mod truth;
-mod unit;
 mod watcher;
