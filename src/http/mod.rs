@@ -273,21 +273,11 @@ impl HttpApi {
             _ => false,
         };
         if !same_socket {
-            let new = match &daemon.http_socket {
-                Some(path) => match HttpServer::start_socket(path, mode, store.clone(), limits) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::error!(
-                            "HTTP socket not moved, still serving the old one (if any): {e}"
-                        );
-                        return self.set_max_connections(limits);
-                    }
-                },
-                None => None,
-            };
-            if let Some(old) = std::mem::replace(&mut self.socket, new) {
-                old.stop().await;
-            }
+            let new = daemon
+                .http_socket
+                .as_ref()
+                .map(|path| HttpServer::start_socket(path, mode, store.clone(), limits));
+            replace(&mut self.socket, new, "HTTP socket").await;
         }
         let asked = |s: &HttpServer| match s.bound {
             Bound::Tcp { asked, .. } => Some(asked),
@@ -295,20 +285,10 @@ impl HttpApi {
         };
         if self.tcp.as_ref().and_then(asked) != daemon.http_listen {
             let new = match daemon.http_listen {
-                Some(addr) => match HttpServer::start_tcp(addr, store, limits).await {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::error!(
-                            "HTTP listener not moved, still serving the old one (if any): {e}"
-                        );
-                        return self.set_max_connections(limits);
-                    }
-                },
+                Some(addr) => Some(HttpServer::start_tcp(addr, store, limits).await),
                 None => None,
             };
-            if let Some(old) = std::mem::replace(&mut self.tcp, new) {
-                old.stop().await;
-            }
+            replace(&mut self.tcp, new, "HTTP listener").await;
         }
         self.set_max_connections(limits);
     }
@@ -331,6 +311,25 @@ impl HttpApi {
         }
         if let Some(s) = self.tcp.take() {
             s.stop().await;
+        }
+    }
+}
+
+/// Puts the `new` server (none, or one just started) in `slot` and stops the one it replaces;
+/// when `new` failed, logs why and keeps the old one serving.
+async fn replace(
+    slot: &mut Option<HttpServer>,
+    new: Option<Result<HttpServer, HttpError>>,
+    what: &str,
+) {
+    match new.transpose() {
+        Ok(new) => {
+            if let Some(old) = std::mem::replace(slot, new) {
+                old.stop().await;
+            }
+        }
+        Err(e) => {
+            tracing::error!("{what} not moved, still serving the old one (if any): {e}");
         }
     }
 }

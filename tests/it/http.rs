@@ -202,6 +202,18 @@ async fn curl(as_nobody: bool, args: &[&str]) -> Option<(u16, String)> {
     Some((code, body.to_string()))
 }
 
+/// `tokenwarden get transatel` over the gRPC socket, which must succeed.
+async fn grpc_get(h: &Http) {
+    let r = run(&[
+        "get",
+        "transatel",
+        "-s",
+        h.env.demo.socket.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
 fn have_curl_and_root(test: &str) -> bool {
     let curl = std::process::Command::new("curl")
         .arg("--version")
@@ -597,14 +609,7 @@ async fn limits_under_a_connection_flood_and_slow_senders() {
     h.daemon
         .wait_log("HTTP socket: 4 connections open", Duration::from_secs(5))
         .await;
-    let r = run(&[
-        "get",
-        "transatel",
-        "-s",
-        h.env.demo.socket.to_str().unwrap(),
-    ])
-    .await;
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    grpc_get(&h).await;
     // One closes: the fifth is served.
     drop(idle_unix.pop());
     fifth
@@ -663,14 +668,7 @@ async fn reads_are_audited_once_per_reader() {
         assert_eq!(get_tcp(h.tcp, "/v1/token/transatel").status, 200);
     }
     for _ in 0..2 {
-        let r = run(&[
-            "get",
-            "transatel",
-            "-s",
-            h.env.demo.socket.to_str().unwrap(),
-        ])
-        .await;
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        grpc_get(&h).await;
     }
     let reads = |logs: &str| -> Vec<String> {
         logs.lines()
@@ -857,4 +855,42 @@ async fn config_errors_of_the_http_keys() {
     .unwrap();
     let r = run(&["check", "-c", env.config_path()]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// A reload moves `http_socket` (the new one serves, the old file goes), applies a new
+/// `socket_mode` to the bound HTTP socket, and stops `http_listen` when it is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_moves_the_listeners_and_applies_the_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = start(Duration::from_secs(60), "").await;
+    let moved = h.socket.with_file_name("http2.sock");
+    let old_tcp = h.tcp;
+    h.env.edit_config(|t| {
+        t.replace(
+            &format!("http_socket = {:?}\n", h.socket.to_str().unwrap()),
+            &format!("http_socket = {:?}\n", moved.to_str().unwrap()),
+        )
+        .replace("http_listen = \"127.0.0.1:0\"\n", "")
+    });
+    let old = h.socket.clone();
+    crate::support::wait_for("the HTTP socket to move", Duration::from_secs(10), || {
+        moved.exists() && !old.exists()
+    })
+    .await;
+    assert_eq!(get_unix(&moved, "/healthz").status, 200);
+    crate::support::wait_for("http_listen to stop", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(old_tcp).is_err()
+    })
+    .await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&moved), 0o666);
+    h.env
+        .edit_config(|t| t.replace("socket_mode = \"0666\"", "socket_mode = \"0640\""));
+    crate::support::wait_for("the new mode", Duration::from_secs(10), || {
+        mode(&moved) == 0o640
+    })
+    .await;
+    assert_eq!(get_unix(&moved, "/healthz").status, 200);
+    h.daemon.stop().await;
+    assert!(!moved.exists());
 }
