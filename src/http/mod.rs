@@ -191,7 +191,8 @@ impl HttpServer {
     /// [`STOP_GRACE`]), then removes the socket file if it is still ours.
     pub async fn stop(mut self) {
         self.stop.cancel();
-        if tokio::time::timeout(STOP_GRACE * 2, &mut self.task)
+        // Each connection gets STOP_GRACE after the cancel; a little more for them all.
+        if tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), &mut self.task)
             .await
             .is_err()
         {
@@ -304,14 +305,14 @@ impl HttpApi {
         self.tcp.as_ref().and_then(HttpServer::local_addr)
     }
 
-    /// Stops both listeners.
+    /// Stops both listeners, at the same time (each within its grace).
     pub async fn stop(&mut self) {
-        if let Some(s) = self.socket.take() {
-            s.stop().await;
-        }
-        if let Some(s) = self.tcp.take() {
-            s.stop().await;
-        }
+        let stop = |s: Option<HttpServer>| async move {
+            if let Some(s) = s {
+                s.stop().await;
+            }
+        };
+        tokio::join!(stop(self.socket.take()), stop(self.tcp.take()));
     }
 }
 

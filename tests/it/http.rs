@@ -568,7 +568,19 @@ async fn a_long_poll_is_woken_by_a_rotation() {
     );
     assert_eq!(r.json()["generation"].as_u64().unwrap(), now + 1);
     assert!(began.elapsed() < Duration::from_secs(5));
+    // SIGTERM during a long poll: the poll is answered 503 and the daemon stops in time.
+    let s = h.socket.clone();
+    let target = format!("/v1/token/transatel?after_generation={}", now + 1);
+    let poll = tokio::task::spawn_blocking(move || get_unix(&s, &target));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!poll.is_finished());
     h.daemon.stop().await;
+    let r = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    r.assert_error(503, "unavailable");
+    assert!(r.body.contains("stopping"), "{r:?}");
 }
 
 /// The bounds: with `max_connections = 4`, a flood of idle connections on each HTTP listener
