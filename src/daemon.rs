@@ -534,7 +534,7 @@ impl Daemon {
             }
         }
         self.apply_daemon_settings(&new);
-        if diff.daemon.max_connections || diff.daemon.metrics_listen {
+        if diff.daemon.max_connections || diff.daemon.metrics_listen || diff.daemon.http {
             self.limits = crate::limits::for_daemon(&new.daemon);
             if let Some(server) = &self.grpc {
                 server.set_max_connections(self.limits.max_connections);
