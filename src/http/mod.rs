@@ -4,7 +4,7 @@
 //! [`peer`]).
 //!
 //! - [`routes`]: the routes, the header rules and the JSON errors.
-//! - [`peer`]: the uid of a loopback TCP peer, from `/proc/net/tcp{,6}`.
+//! - [`peer`]: the uid of a loopback TCP peer, from `/proc/self/net/tcp{,6}`.
 //!
 //! The socket is bound as the gRPC one is ([`crate::grpc::server::bind`]: stale file replaced,
 //! mode set before anyone can connect, later modes applied through the descriptor). Each
@@ -141,6 +141,13 @@ impl HttpServer {
         let listener = TcpListener::bind(addr).await.map_err(fail)?;
         let local = listener.local_addr().map_err(fail)?;
         tracing::info!(address = %local, "HTTP API listening");
+        if let Err(e) = std::fs::File::open(peer::TABLES[0]) {
+            tracing::error!(
+                "http_listen {local}: cannot read {} ({e}): every caller over TCP will be \
+                 refused; use http_socket, or give the daemon its network namespace's /proc",
+                peer::TABLES[0]
+            );
+        }
         let bound = Bound::Tcp { asked: addr, local };
         Ok(HttpServer::serve(
             Listener::Tcp(listener),

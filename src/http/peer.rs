@@ -2,7 +2,7 @@
 //! gives the peer's socket, as identd does (RFC 1413 answers the same question by asking the
 //! table).
 //!
-//! The peer's socket is the row of `/proc/net/tcp` (or `/proc/net/tcp6`) whose local address
+//! The peer's socket is the row of `/proc/self/net/tcp` (or `tcp6`) whose local address
 //! and port are the connection's remote end and whose remote address and port are its local
 //! end, in state ESTABLISHED. An IPv6 socket talking to an IPv4 listener shows IPv4-mapped
 //! addresses (`::ffff:127.0.0.1`) in `tcp6`: they are compared as the IPv4 address they map.
@@ -21,8 +21,10 @@ use crate::grpc::access::Caller;
 
 /// The longest line read from a socket table (a `tcp6` row is about 170 bytes).
 pub const MAX_LINE: usize = 512;
-/// The tables read, in order.
-pub const TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
+/// The tables read, in order: this process's network namespace's, through `/proc/self`,
+/// which systemd's `ProcSubset=pid` (set by the unit) leaves visible where it hides
+/// `/proc/net`.
+pub const TABLES: [&str; 2] = ["/proc/self/net/tcp", "/proc/self/net/tcp6"];
 /// The state column's value for ESTABLISHED (include/net/tcp_states.h).
 const ESTABLISHED: u8 = 0x01;
 
@@ -54,7 +56,9 @@ pub fn uid_of(peer: SocketAddr, local: SocketAddr) -> Result<u32, PeerError> {
         let file = match std::fs::File::open(table) {
             Ok(f) => f,
             // No IPv6 in this kernel: no tcp6 table.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && table.ends_with('6') => {
+                continue;
+            }
             Err(e) => {
                 return Err(PeerError::Unreadable {
                     table,
@@ -171,7 +175,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// One row of `/proc/net/tcp{,6}`:
+/// One row of `/proc/self/net/tcp{,6}`:
 /// `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...`.
 /// `None` for the header line or anything malformed.
 pub fn parse_row(line: &str) -> Option<Row> {

@@ -29,6 +29,11 @@ struct Http {
 /// Starts the demo daemon with `http_socket`, `http_listen = "127.0.0.1:0"` and the extra
 /// `[daemon]` lines `extra`; uid 65534 may reach both sockets and read `transatel`.
 async fn start(lifetime: Duration, extra: &str) -> Http {
+    start_wrapped(&[], lifetime, extra).await
+}
+
+/// [`start`] through `WRAPPER...` (see [`DaemonProc::start_wrapped`]).
+async fn start_wrapped(wrapper: &[&str], lifetime: Duration, extra: &str) -> Http {
     let env = DemoEnv::start(lifetime).await;
     env.open_socket_to_everyone();
     // A client whose provider is not listening: no token, 503.
@@ -57,7 +62,7 @@ async fn start(lifetime: Duration, extra: &str) -> Http {
             1,
         )
     });
-    let (daemon, notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let (daemon, notify, _) = DaemonProc::start_ready_wrapped(wrapper, &env.demo.config, &[]).await;
     let tcp = logged_address(&daemon, "HTTP API listening address=").await;
     Http {
         env,
@@ -905,4 +910,42 @@ async fn a_reload_moves_the_listeners_and_applies_the_mode() {
     assert_eq!(get_unix(&moved, "/healthz").status, 200);
     h.daemon.stop().await;
     assert!(!moved.exists());
+}
+
+/// The shipped unit sets `ProcSubset=pid` and `ProtectProc=invisible`, which hide
+/// `/proc/net`: the daemon under such a /proc still finds its TCP callers (it reads
+/// `/proc/self/net`), and still refuses what it must.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_callers_are_found_under_the_units_proc_subset() {
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t proc -o subset=pid,hidepid=invisible proc /proc && ! test -e /proc/net/tcp")
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED: tcp_callers_are_found_under_the_units_proc_subset: cannot mount a \
+             private /proc with subset=pid (needs root, unshare and Linux 5.8)"
+        );
+        return;
+    }
+    let mut h = start_wrapped(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec \"$@\"",
+            "sh",
+        ],
+        Duration::from_secs(60),
+        "",
+    )
+    .await;
+    let r = get_tcp(h.tcp, "/v1/token/transatel?format=token");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body.trim(), read(&h.env.out("transatel.token")));
+    get_tcp(h.tcp, "/v1/token/nosuch").assert_error(404, "not_found");
+    h.daemon.stop().await;
 }
