@@ -134,7 +134,7 @@ impl TokenApi {
             client,
             uid = caller.uid,
             pid = caller.pid,
-            "gRPC caller denied"
+            "caller denied"
         );
         ApiError::PermissionDenied {
             client: client.to_string(),
