@@ -130,12 +130,7 @@ impl TokenApi {
     /// `PERMISSION_DENIED` for `caller` on `client`, logged; the same whether or not a client
     /// has that name.
     fn denied(&self, caller: &Caller, client: &str) -> ApiError {
-        tracing::info!(
-            client,
-            uid = caller.uid,
-            pid = caller.pid,
-            "caller denied"
-        );
+        tracing::info!(client, uid = caller.uid, pid = caller.pid, "caller denied");
         ApiError::PermissionDenied {
             client: client.to_string(),
             uid: caller.uid,

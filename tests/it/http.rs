@@ -642,6 +642,18 @@ async fn limits_under_a_connection_flood_and_slow_senders() {
     drop(idle_unix);
     drop(idle_tcp);
 
+    // A request announcing a 1 GB body it never sends: answered without it (no body is
+    // read), and the connection is closed rather than kept waiting for the body.
+    let mut s = unix(&h.socket);
+    s.write_all(
+        b"POST /v1/token/transatel/refresh HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
     // A header block over 16 KiB: 431, nothing served.
     let big = format!("X-Big: {}", "a".repeat(20 * 1024));
     let r = exchange(unix(&h.socket), &req("GET", path, &[&big]));
@@ -687,6 +699,16 @@ async fn reads_are_audited_once_per_reader() {
     for _ in 0..2 {
         grpc_get(&h).await;
     }
+    // RefreshToken (tokenwarden refresh) is a read too: counted, and not logged again for
+    // the same (uid, executable).
+    let r = run(&[
+        "refresh",
+        "transatel",
+        "-s",
+        h.env.demo.socket.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
     let reads = |logs: &str| -> Vec<String> {
         logs.lines()
             .filter(|l| l.contains("token read") && l.contains("client=\"transatel\""))
@@ -766,7 +788,7 @@ async fn reads_are_audited_once_per_reader() {
             .unwrap_or(0.0)
     };
     assert!(count("http") >= 6.0, "{text}");
-    assert_eq!(count("grpc"), 2.0, "{text}");
+    assert_eq!(count("grpc"), 3.0, "{text}");
     h.daemon.stop().await;
 }
 
