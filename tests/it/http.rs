@@ -598,7 +598,6 @@ async fn limits_under_a_connection_flood_and_slow_senders() {
     let path = "/v1/token/transatel?format=token";
     // Four idle connections on each listener (kept open), and one more.
     let mut idle_unix: Vec<UnixStream> = (0..4).map(|_| unix(&h.socket)).collect();
-    let idle_tcp: Vec<std::net::TcpStream> = (0..4).map(|_| tcp(h.tcp)).collect();
     // Each of the four is served (one request each, kept alive) before the fifth comes.
     for s in idle_unix.iter_mut() {
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
@@ -640,6 +639,44 @@ async fn limits_under_a_connection_flood_and_slow_senders() {
         String::from_utf8_lossy(&rest)
     );
     drop(idle_unix);
+
+    // The same on the TCP listener.
+    let mut idle_tcp: Vec<std::net::TcpStream> = (0..4).map(|_| tcp(h.tcp)).collect();
+    for s in idle_tcp.iter_mut() {
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nTokenwarden: 1\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let mut fifth = tcp(h.tcp);
+    fifth
+        .write_all(req("GET", path, &["Tokenwarden: 1"]).as_bytes())
+        .unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let waited = fifth.read(&mut buf);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a fifth TCP connection was served at the cap: {waited:?}"
+    );
+    h.daemon
+        .wait_log("HTTP listener: 4 connections open", Duration::from_secs(5))
+        .await;
+    drop(idle_tcp.pop());
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    fifth.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
     drop(idle_tcp);
 
     // A request announcing a 1 GB body it never sends: answered without it (no body is
