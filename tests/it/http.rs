@@ -588,6 +588,76 @@ async fn a_long_poll_is_woken_by_a_rotation() {
     assert!(r.body.contains("stopping"), "{r:?}");
 }
 
+/// A stream whose reads can be given a timeout.
+trait Timed: Read + Write {
+    fn read_timeout(&self, d: Duration);
+}
+
+impl Timed for UnixStream {
+    fn read_timeout(&self, d: Duration) {
+        self.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
+impl Timed for std::net::TcpStream {
+    fn read_timeout(&self, d: Duration) {
+        self.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
+/// With `max_connections = 4`: four connections from `connect`, each served one request and
+/// kept alive, fill the listener `what`; a fifth's request gets no answer while they stay
+/// (the daemon logs that the listener is full), and is answered once one closes.
+async fn fifth_waits_for_a_place<S: Timed>(
+    connect: impl Fn() -> S,
+    headers: &[&str],
+    daemon: &DaemonProc,
+    what: &str,
+) {
+    let target = "/v1/token/transatel?format=token";
+    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    extra.push_str("\r\n");
+    let mut idle: Vec<S> = (0..4).map(|_| connect()).collect();
+    for s in idle.iter_mut() {
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{extra}").as_bytes())
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    let mut fifth = connect();
+    fifth
+        .write_all(req("GET", target, headers).as_bytes())
+        .unwrap();
+    fifth.read_timeout(Duration::from_millis(1500));
+    let mut buf = [0u8; 64];
+    let waited = fifth.read(&mut buf);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{what}: a fifth connection was served at the cap: {waited:?}"
+    );
+    daemon
+        .wait_log(
+            &format!("{what}: 4 connections open"),
+            Duration::from_secs(5),
+        )
+        .await;
+    // One closes: the fifth is served.
+    drop(idle.pop());
+    fifth.read_timeout(Duration::from_secs(30));
+    let mut rest = Vec::new();
+    fifth.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.starts_with(b"HTTP/1.1 200"),
+        "{what}: {}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// The bounds: with `max_connections = 4`, a flood of idle connections on each HTTP listener
 /// holds 4 places each, a fifth gets no answer until one closes, and the gRPC socket and the
 /// token files carry on; a header block over 16 KiB gets 431; a sender that never finishes
@@ -596,88 +666,17 @@ async fn a_long_poll_is_woken_by_a_rotation() {
 async fn limits_under_a_connection_flood_and_slow_senders() {
     let mut h = start(Duration::from_secs(30), "max_connections = 4\n").await;
     let path = "/v1/token/transatel?format=token";
-    // Four idle connections on each listener (kept open), and one more.
-    let mut idle_unix: Vec<UnixStream> = (0..4).map(|_| unix(&h.socket)).collect();
-    // Each of the four is served (one request each, kept alive) before the fifth comes.
-    for s in idle_unix.iter_mut() {
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        let n = s.read(&mut buf).unwrap();
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 200"),
-            "{:?}",
-            String::from_utf8_lossy(&buf[..n])
-        );
-    }
-    let mut fifth = unix(&h.socket);
-    fifth.write_all(req("GET", path, &[]).as_bytes()).unwrap();
-    fifth
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let waited = fifth.read(&mut buf);
-    assert!(
-        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "a fifth connection was served at the cap: {waited:?}"
-    );
-    // The daemon said so, and the rest of it carries on.
-    h.daemon
-        .wait_log("HTTP socket: 4 connections open", Duration::from_secs(5))
-        .await;
+    // On each listener: four kept-alive connections, then a fifth that must wait; the
+    // daemon says so, and the gRPC socket carries on meanwhile.
+    fifth_waits_for_a_place(|| unix(&h.socket), &[], &h.daemon, "HTTP socket").await;
     grpc_get(&h).await;
-    // One closes: the fifth is served.
-    drop(idle_unix.pop());
-    fifth
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut rest = Vec::new();
-    fifth.read_to_end(&mut rest).unwrap();
-    assert!(
-        rest.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&rest)
-    );
-    drop(idle_unix);
-
-    // The same on the TCP listener.
-    let mut idle_tcp: Vec<std::net::TcpStream> = (0..4).map(|_| tcp(h.tcp)).collect();
-    for s in idle_tcp.iter_mut() {
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nTokenwarden: 1\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        let mut buf = [0u8; 1024];
-        let n = s.read(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    }
-    let mut fifth = tcp(h.tcp);
-    fifth
-        .write_all(req("GET", path, &["Tokenwarden: 1"]).as_bytes())
-        .unwrap();
-    fifth
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
-    let waited = fifth.read(&mut buf);
-    assert!(
-        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "a fifth TCP connection was served at the cap: {waited:?}"
-    );
-    h.daemon
-        .wait_log("HTTP listener: 4 connections open", Duration::from_secs(5))
-        .await;
-    drop(idle_tcp.pop());
-    fifth
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut rest = Vec::new();
-    fifth.read_to_end(&mut rest).unwrap();
-    assert!(
-        rest.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&rest)
-    );
-    drop(idle_tcp);
+    fifth_waits_for_a_place(
+        || tcp(h.tcp),
+        &["Tokenwarden: 1"],
+        &h.daemon,
+        "HTTP listener",
+    )
+    .await;
 
     // A request announcing a 1 GB body it never sends: answered without it (no body is
     // read), and the connection is closed rather than kept waiting for the body.
