@@ -70,6 +70,8 @@ pub struct Daemon {
     cron_jobs: HashMap<String, uuid::Uuid>,
     /// The gRPC API, when `daemon.socket` is set.
     grpc: Option<GrpcServer>,
+    /// The HTTP API on `daemon.http_socket` and `daemon.http_listen` (docs/http.md).
+    http: crate::http::HttpApi,
     permits_total: usize,
     ready_sent: bool,
     last_status: String,
@@ -126,6 +128,7 @@ impl Daemon {
             cron: None,
             cron_jobs: HashMap::new(),
             grpc: None,
+            http: Default::default(),
             permits_total,
             ready_sent: false,
             last_status: String::new(),
@@ -166,6 +169,13 @@ impl Daemon {
                 }
             }
         }
+        crate::audit::set_enabled(daemon.config.daemon.audit);
+        let http =
+            crate::http::HttpApi::start(&daemon.config.daemon, daemon.store(), &daemon.limits);
+        daemon.http = http.await.map_err(|e| {
+            daemon.root.cancel();
+            DaemonError::Setup(e.to_string())
+        })?;
         tracing::info!(
             clients = daemon.handles.len(),
             state_dir = ?daemon.config.daemon.state_dir,
@@ -249,6 +259,7 @@ impl Daemon {
         if let Some(grpc) = self.grpc.take() {
             grpc.stop().await;
         }
+        self.http.stop().await;
         self.root.cancel();
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
@@ -523,7 +534,7 @@ impl Daemon {
             }
         }
         self.apply_daemon_settings(&new);
-        if diff.daemon.max_connections || diff.daemon.metrics_listen {
+        if diff.daemon.max_connections || diff.daemon.metrics_listen || diff.daemon.http {
             self.limits = crate::limits::for_daemon(&new.daemon);
             if let Some(server) = &self.grpc {
                 server.set_max_connections(self.limits.max_connections);
@@ -540,6 +551,10 @@ impl Daemon {
             }
         }
         self.apply_socket(&new).await;
+        crate::audit::set_enabled(new.daemon.audit);
+        self.http
+            .apply(&new.daemon, self.store.clone(), &self.limits)
+            .await;
         if let Some(w) = &self.watcher
             && let Err(e) = w
                 .set_paths(watched_paths(&new))

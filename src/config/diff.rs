@@ -66,7 +66,8 @@ pub enum ClientChange {
 }
 
 /// Which `[daemon]` keys changed, one boolean each. Each tells the daemon what to redo:
-/// rebind the gRPC socket (`socket`, `socket_mode`), the metrics listener (`metrics_listen`),
+/// rebind the gRPC socket (`socket`, `socket_mode`), the metrics listener (`metrics_listen`), the
+/// HTTP listeners and the connection caps counting them (`http`),
 /// reinstall the log filter/format (`logging`), reopen the state directory (`state_dir`),
 /// resize the refresh semaphore (`max_concurrent_refreshes`). A change of `include` alone
 /// needs nothing beyond the client diff (which already reflects the included files) and the
@@ -89,6 +90,8 @@ pub struct DaemonChanges {
     pub max_connections: bool,
     /// `include` (the globs as written).
     pub include: bool,
+    /// `http_socket`, `http_listen` or `audit` (the HTTP API and the audit of reads).
+    pub http: bool,
 }
 
 impl DaemonChanges {
@@ -103,6 +106,9 @@ impl DaemonChanges {
             max_concurrent_refreshes: old.max_concurrent_refreshes != new.max_concurrent_refreshes,
             max_connections: old.max_connections != new.max_connections,
             include: old.include != new.include,
+            http: old.http_socket != new.http_socket
+                || old.http_listen != new.http_listen
+                || old.audit != new.audit,
         }
     }
 
@@ -117,6 +123,7 @@ impl DaemonChanges {
             max_concurrent_refreshes,
             max_connections,
             include,
+            http,
         } = *self;
         socket
             || socket_mode
@@ -126,6 +133,7 @@ impl DaemonChanges {
             || max_concurrent_refreshes
             || max_connections
             || include
+            || http
     }
 }
 
@@ -836,6 +844,27 @@ client_secret = {{ file = "{d}/hmac" }}
                 |d| d.include = vec!["conf.d/*.toml".into()],
                 DaemonChanges {
                     include: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.http_listen = "127.0.0.1:8089".parse().ok(),
+                DaemonChanges {
+                    http: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.http_socket = Some("/run/tw/http.sock".into()),
+                DaemonChanges {
+                    http: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.audit = true,
+                DaemonChanges {
+                    http: true,
                     ..Default::default()
                 },
             ),

@@ -31,6 +31,10 @@ pub(crate) struct RawDaemon {
     pub include: Option<Vec<Spanned<String>>>,
     pub max_concurrent_refreshes: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    // Plain HTTP for local programs and the audit of reads (docs/http.md).
+    pub http_socket: Option<Spanned<PathBuf>>,
+    pub http_listen: Option<Spanned<String>>,
+    pub audit: Option<bool>,
 }
 
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).

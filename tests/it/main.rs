@@ -14,6 +14,7 @@ mod examples;
 mod faults;
 mod fuzz_corpus;
 mod grpc;
+mod http;
 mod metrics;
 mod operator;
 mod outputs;
