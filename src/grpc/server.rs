@@ -19,7 +19,9 @@
 //!
 //! Connections are capped ([`crate::limits::Limits::max_connections`]): at the cap the loop
 //! stops accepting until one closes, so peers wait in the kernel's backlog and hold no
-//! descriptor of ours.
+//! descriptor of ours. One peer uid holds at most [`crate::limits::uid_share`] of the cap; a
+//! connection beyond it is closed as soon as it is accepted, so that a local user holding
+//! connections by the thousand cannot keep everyone else in the backlog.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -276,7 +278,18 @@ async fn accept_loop(
                 Ok((stream, _)) => {
                     // Who connected, now: the kernel's record of the peer at connect time.
                     let caller = Caller::of_stream(&stream).map(Arc::new);
-                    let held = permit.take();
+                    let uid = caller.as_ref().map(|c| c.uid);
+                    let Some(held) = permit.take().and_then(|p| p.charge(uid)) else {
+                        // Over its uid's share of the cap: closed (dropped) at once.
+                        tracing::debug!(
+                            uid,
+                            "gRPC socket: connection closed: this uid holds {} connections, \
+                             its most (a quarter of daemon.max_connections, at least 8)",
+                            limits::uid_share(gate.max())
+                        );
+                        crate::metrics::connection_refused("uid_share");
+                        continue;
+                    };
                     let serve = conn::serve(stream, caller, services.clone(), stop.clone());
                     connections.spawn(async move {
                         serve.await;

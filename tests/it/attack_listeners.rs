@@ -375,3 +375,48 @@ async fn a_slowloris_is_dropped_after_the_handshake_deadline() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holding_thousands_of_connections_cannot_keep_root_waiting() {
+    // uid 65534 opens 3000 idle connections and re-opens each one the daemon closes. It may
+    // hold 64 (a quarter of max_connections); the rest are closed as soon as they are
+    // accepted, so root's connection never waits behind them in the backlog.
+    let (env, mut daemon, _notify) = daemon(Duration::from_secs(600)).await;
+    let socket = env.demo.socket.to_str().unwrap().to_string();
+    let attacker = Attacker::start("idle", &socket, 3000).await;
+    let client = &env.demo.clients[0];
+    let within = Duration::from_secs(5);
+    let t0 = Instant::now();
+    loop {
+        let left = within.saturating_sub(t0.elapsed());
+        let r = tokio::time::timeout(left, run(&["get", client, "-s", &socket]))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("root's get still waiting after {within:?} while uid 65534 attacks")
+            });
+        if r.code == 0 && !r.stdout.trim().is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "root's get failed for {within:?}: {} {}",
+            r.code,
+            r.stderr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t0.elapsed();
+    let metrics = reqwest::get(format!("http://{}/metrics", metrics_addr(&daemon)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let last = attacker.stop().await;
+    eprintln!("root's get answered in {took:?} under 3000 idle connections of uid 65534 ({last})");
+    assert!(
+        metrics.contains("tokenwarden_grpc_connections_refused_total{reason=\"uid_share\"}"),
+        "no connection refused for its uid's share:\n{metrics}"
+    );
+    daemon.stop().await;
+}
