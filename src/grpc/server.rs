@@ -38,14 +38,12 @@ use tonic_health::server::HealthReporter;
 
 use super::access::Caller;
 use super::conn::{self, Services};
-use super::fast::{AnswerCache, TokenRoutes};
+use super::fast::AnswerCache;
 use super::pb;
 use super::service::TokenApi;
 use crate::limits::{self, ConnGate, Limits};
 use crate::store::Store;
 
-/// Largest request message accepted: requests carry a client name and a duration.
-pub const MAX_REQUEST_SIZE: usize = limits::MAX_MESSAGE;
 /// How long stop waits for calls in flight before dropping the connections.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -232,13 +230,8 @@ pub async fn build_services(
         .map_err(|e| ServeError::Reflection(e.to_string()))?
         .max_decoding_message_size(limits.max_message);
     let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
-    let answers = Arc::new(AnswerCache::default());
-    let tokens = TokenRoutes::new(
-        api.clone(),
-        answers.clone(),
-        pb::token_service_server::TokenServiceServer::new(api.clone())
-            .max_decoding_message_size(limits.max_message),
-    );
+    let tokens = pb::token_service_server::TokenServiceServer::new(api.clone())
+        .max_decoding_message_size(limits.max_message);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -247,7 +240,7 @@ pub async fn build_services(
     let services = Arc::new(Services {
         routes,
         api,
-        answers,
+        answers: Arc::new(AnswerCache::default()),
         watches: Arc::new(Semaphore::new(limits.max_watch_streams)),
         limits,
     });
