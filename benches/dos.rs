@@ -14,7 +14,12 @@
 //! small run (3 s phases, 200 idle connections, 100 Watches) checks that it works and that what
 //! must hold holds: every client refreshed in every phase, nothing expired, the daemon alive.
 //!
-//! Environment: `TW_DOS_PHASE` (seconds per phase).
+//! The idle connections and the Watch streams come from a child of this binary running as
+//! uid 65534 (`setpriv`), as a local attacker would: the daemon gives each peer uid only a
+//! share of its connection cap, so a legitimate caller of another uid is never one of theirs.
+//!
+//! Environment: `TW_DOS_PHASE` (seconds per phase); `TW_DOS_ATTACK` (internal: the child's
+//! `KIND:COUNT:SOCKET`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -219,7 +224,86 @@ async fn measure(
     }
 }
 
+/// The attacker's side (`TW_DOS_ATTACK=KIND:COUNT:SOCKET`, as uid 65534): opens `COUNT` idle
+/// connections, or `COUNT` `Health/Watch` streams 16 to a connection, prints `ready N` and
+/// holds them until stdin closes.
+fn attack(spec: &str) {
+    let mut it = spec.splitn(3, ':');
+    let (kind, n, socket) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    let n: usize = n.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (mut idle, mut watches) = (Vec::new(), Vec::new());
+        if kind == "idle" {
+            for _ in 0..n {
+                let connect = UnixStream::connect(socket);
+                match tokio::time::timeout(Duration::from_millis(200), connect).await {
+                    Ok(Ok(s)) => idle.push(s),
+                    _ => break,
+                }
+            }
+        } else {
+            for _ in 0..n.div_ceil(16) {
+                let mut c = h2_conn(Path::new(socket)).await;
+                for _ in 0..16 {
+                    let Ok(mut ready) = c.clone().ready().await else {
+                        break;
+                    };
+                    if let Ok((resp, mut body)) =
+                        ready.send_request(grpc_request("/grpc.health.v1.Health/Watch"), false)
+                    {
+                        let _ = body.send_data(framed(&[]), true);
+                        watches.push((resp, body));
+                    }
+                    c = ready;
+                }
+            }
+        }
+        println!("ready {}", idle.len() + watches.len());
+        let held = || std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = tokio::task::spawn_blocking(held).await;
+    });
+}
+
+/// Starts [`attack`] in a child running as uid 65534; returns once it holds what it opened.
+fn attacker(kind: &str, n: usize, socket: &Path) -> Child {
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .env("TW_DOS_ATTACK", format!("{kind}:{n}:{}", socket.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(
+        line.starts_with("ready"),
+        "the {kind} attacker failed: {line:?}"
+    );
+    child
+}
+
+/// Ends an [`attacker`]: closes its stdin and waits for it.
+fn stop_attacker(mut child: Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("TW_DOS_ATTACK") {
+        return attack(&spec);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "SKIPPED: the DoS benchmark runs its attacker as uid 65534 (setpriv): run it as root"
+        );
+        return;
+    }
     let full = std::env::args().any(|a| a == "--bench");
     let phase_s = std::env::var("TW_DOS_PHASE")
         .ok()
@@ -236,6 +320,14 @@ fn main() {
         let tmp = tempfile::tempdir().unwrap();
         let provider = tokenwarden::provider::Provider::start().await.unwrap();
         let demo = tokenwarden::demo::setup(tmp.path(), &provider, Duration::from_secs(4)).unwrap();
+        // The attacker (uid 65534) must reach the socket.
+        let config = std::fs::read_to_string(&demo.config).unwrap();
+        let config = config.replacen("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n", 1);
+        std::fs::write(&demo.config, config).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [tmp.path(), demo.socket.parent().unwrap()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
         let mut daemon: Child = Command::new(BIN)
             .args(["run", "-c"])
             .arg(&demo.config)
@@ -278,32 +370,13 @@ fn main() {
         }
         phases.push(m!("unattacked").await);
 
-        let mut idle = Vec::new();
-        for _ in 0..idle_n {
-            match tokio::time::timeout(Duration::from_millis(200), UnixStream::connect(&demo.socket)).await {
-                Ok(Ok(s)) => idle.push(s),
-                _ => break,
-            }
-        }
+        let idle = attacker("idle", idle_n, &demo.socket);
         phases.push(m!("idle connections").await);
-        drop(idle);
+        stop_attacker(idle);
 
-        let mut watches = Vec::new();
-        for _ in 0..watch_n.div_ceil(16) {
-            let mut c = h2_conn(&demo.socket).await;
-            for _ in 0..16 {
-                let Ok(mut ready) = c.clone().ready().await else { break };
-                if let Ok((resp, mut body)) =
-                    ready.send_request(grpc_request("/grpc.health.v1.Health/Watch"), false)
-                {
-                    let _ = body.send_data(framed(&[]), true);
-                    watches.push((resp, body));
-                }
-                c = ready;
-            }
-        }
+        let watches = attacker("watch", watch_n, &demo.socket);
         phases.push(m!("Watch streams").await);
-        drop(watches);
+        stop_attacker(watches);
 
         let socket = demo.socket.clone();
         let stop = tokio_util::sync::CancellationToken::new();

@@ -7,7 +7,9 @@
 //!
 //! - connections per listener ([`Limits::max_connections`], `daemon.max_connections`; the
 //!   metrics listener [`Limits::metrics_max_connections`]): at the cap a listener stops
-//!   accepting, peers wait in the kernel's backlog, and no descriptor is spent on them;
+//!   accepting, peers wait in the kernel's backlog, and no descriptor is spent on them; on the
+//!   gRPC socket one peer uid holds at most [`uid_share`] of the cap, and a connection beyond
+//!   its uid's share is closed at once, so no local user can keep the others waiting;
 //! - the HTTP/2 preface and SETTINGS within [`Limits::handshake_timeout`], and no connection
 //!   kept without an open stream past [`Limits::idle_timeout`];
 //! - streams per connection ([`Limits::max_concurrent_streams`], RFC 9113 §5.1.2), and
@@ -23,8 +25,9 @@
 //! `RLIMIT_NOFILE` to the hard one at start and, when the connection caps plus a reserve for
 //! that work do not fit, lowers the caps until they do (with a warning naming the fix).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -256,9 +259,19 @@ pub fn for_daemon(config: &crate::config::DaemonConfig) -> Limits {
 
 // === impl ConnGate ===
 
-/// Counts one listener's open connections against its cap. The accept loop waits in
-/// [`ConnGate::admit`] before it accepts, so at the cap nothing is accepted (and no
-/// descriptor taken) until a connection closes.
+/// The most connections one peer uid may hold on a listener capped at `max`: a quarter of
+/// the cap, at least 8, never more than the cap (pure). With the default cap of 256, 64: a
+/// local user opening connections by the thousand holds 64 and the other 192 stay free for
+/// everyone else.
+pub fn uid_share(max: usize) -> usize {
+    (max / 4).max(8).min(max)
+}
+
+/// Counts one listener's open connections against its cap, and on the gRPC socket each peer
+/// uid's against its [`uid_share`]. The accept loop waits in [`ConnGate::admit`] before it
+/// accepts, so at the cap nothing is accepted (and no descriptor taken) until a connection
+/// closes; once it knows the peer it charges the connection to its uid
+/// ([`ConnPermit::charge`]) and closes it at once when the uid already holds its share.
 #[derive(Debug)]
 pub struct ConnGate {
     max: AtomicUsize,
@@ -266,12 +279,17 @@ pub struct ConnGate {
     /// Signalled when a connection closes or the cap is raised. One waiter (the accept
     /// loop); `notify_one` keeps the signal when nobody waits yet, so none is lost.
     freed: Notify,
+    /// Open connections per peer uid (`None`: a peer without credentials); a uid leaves the
+    /// map with its last connection, so the map is never larger than the connections open.
+    by_uid: Mutex<HashMap<Option<u32>, usize>>,
 }
 
-/// One admitted connection; dropping it frees its place.
+/// One admitted connection; dropping it frees its place (and its uid's).
 #[derive(Debug)]
 pub struct ConnPermit {
     gate: Arc<ConnGate>,
+    /// The uid this connection is charged to, once [`ConnPermit::charge`]d.
+    uid: Option<Option<u32>>,
 }
 
 impl ConnGate {
@@ -281,6 +299,7 @@ impl ConnGate {
             max: AtomicUsize::new(max),
             open: AtomicUsize::new(0),
             freed: Notify::new(),
+            by_uid: Mutex::new(HashMap::new()),
         })
     }
 
@@ -292,7 +311,10 @@ impl ConnGate {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| ConnPermit { gate: self.clone() })
+            .map(|_| ConnPermit {
+                gate: self.clone(),
+                uid: None,
+            })
     }
 
     /// Waits for a place for one more connection.
@@ -320,10 +342,51 @@ impl ConnGate {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
+
+    /// Open connections charged to `uid`.
+    pub fn open_by(&self, uid: Option<u32>) -> usize {
+        let by_uid = self.by_uid.lock().unwrap_or_else(PoisonError::into_inner);
+        by_uid.get(&uid).copied().unwrap_or(0)
+    }
+}
+
+impl ConnPermit {
+    /// Charges this connection to the peer `uid` (`None`: no credentials). `None` back, and
+    /// the place freed, when that uid already holds its [`uid_share`] of the cap.
+    pub fn charge(mut self, uid: Option<u32>) -> Option<ConnPermit> {
+        let share = uid_share(self.gate.max());
+        {
+            let mut by_uid = self
+                .gate
+                .by_uid
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let held = by_uid.get(&uid).copied().unwrap_or(0);
+            if held >= share {
+                return None;
+            }
+            by_uid.insert(uid, held + 1);
+        }
+        self.uid = Some(uid);
+        Some(self)
+    }
 }
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
+        if let Some(uid) = self.uid {
+            let mut by_uid = self
+                .gate
+                .by_uid
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(held) = by_uid.get_mut(&uid) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    by_uid.remove(&uid);
+                }
+            }
+        }
         self.gate.open.fetch_sub(1, Ordering::AcqRel);
         self.gate.freed.notify_one();
     }
@@ -394,6 +457,54 @@ mod tests {
             32
         );
         assert_eq!(Limits::with_max_connections(8).metrics_max_connections, 8);
+    }
+
+    #[test]
+    fn a_uid_share_is_a_quarter_of_the_cap_at_least_eight() {
+        for (max, share) in [
+            (1, 1),
+            (8, 8),
+            (20, 8),
+            (35, 8),
+            (40, 10),
+            (256, 64),
+            (1000, 250),
+        ] {
+            assert_eq!(uid_share(max), share, "{max}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_uid_holds_its_share_and_others_still_get_in() {
+        let gate = ConnGate::new(40); // share 10
+        let nobody = Some(65534);
+        let mut held: Vec<_> = (0..10)
+            .map(|_| gate.try_admit().unwrap().charge(nobody).unwrap())
+            .collect();
+        // Over its share: refused at once, and the place it took is free again.
+        for _ in 0..100 {
+            assert!(gate.try_admit().unwrap().charge(nobody).is_none());
+        }
+        assert_eq!((gate.open(), gate.open_by(nobody)), (10, 10));
+        // Another uid, and a peer without credentials, get in without waiting.
+        let hour = Duration::from_secs(3600);
+        let root = tokio::time::timeout(hour, gate.admit()).await.unwrap();
+        let root = root.charge(Some(0)).unwrap();
+        let anon = gate.try_admit().unwrap().charge(None).unwrap();
+        assert_eq!(gate.open(), 12);
+        // One of the uid's closes: it may open one more, not two.
+        drop(held.pop());
+        held.push(gate.try_admit().unwrap().charge(nobody).unwrap());
+        assert!(gate.try_admit().unwrap().charge(nobody).is_none());
+        // The global cap still makes the accept loop wait (not refuse).
+        let others: Vec<_> = (1..=28)
+            .map(|uid| gate.try_admit().unwrap().charge(Some(uid)).unwrap())
+            .collect();
+        assert_eq!(gate.open(), 40);
+        assert!(tokio::time::timeout(hour, gate.admit()).await.is_err());
+        drop((held, root, anon, others));
+        assert_eq!(gate.open(), 0);
+        assert!(gate.by_uid.lock().unwrap().is_empty(), "uids left behind");
     }
 
     #[tokio::test]

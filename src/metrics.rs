@@ -86,6 +86,12 @@ pub fn grpc_request(method: &str, code: &str) {
     metrics::counter!("tokenwarden_grpc_requests_total", "method" => method.to_string(), "code" => code.to_string()).increment(1);
 }
 
+/// Records a connection to the gRPC socket closed as soon as it was accepted, and why.
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!("tokenwarden_grpc_connections_refused_total", "reason" => reason)
+        .increment(1);
+}
+
 /// Sets the per-client gauges from the store (at scrape time, so "seconds until expiry" is now).
 fn update_gauges(store: &Store) {
     let now = SystemTime::now();

@@ -39,7 +39,7 @@ use tonic::body::Body;
 
 use super::access::Caller;
 use super::authority::FixAuthority;
-use super::fast::{self, AnswerCache, GET_TOKEN_PATH, Replay};
+use super::fast::{self, AnswerCache, GET_TOKEN_PATH};
 use super::service::TokenApi;
 use super::writes::WriteBatch;
 use crate::limits::Limits;
@@ -52,7 +52,7 @@ pub const WATCH_PATHS: [&str; 2] = [
 
 /// What every connection serves.
 pub struct Services {
-    /// The tonic services: tokens (with the fast `GetToken` in front), health, reflection.
+    /// The tonic services: tokens, health, reflection.
     pub routes: tonic::service::Routes,
     /// For `GetToken` answered inline.
     pub api: TokenApi,
@@ -259,28 +259,30 @@ impl Services {
             return Route::Spawn(self.full(parts, caller, VecDeque::new(), body, respond));
         };
         let mut chunks = VecDeque::new();
-        match arrived(&mut body, &mut chunks) {
-            Arrived::Whole(whole) => match self.answer(peer, &whole, respond) {
-                Ok(()) => Route::Done,
-                Err(respond) => Route::Spawn(self.full(parts, caller, chunks, body, respond)),
+        let max = self.limits.max_message + fast::PREFIX;
+        // What has arrived: usually all of it, with the headers.
+        let respond = match read_body(&mut body, &mut chunks, max).now_or_never() {
+            Some(Some(whole)) => match self.answer(peer, &whole, respond) {
+                Ok(()) => return Route::Done,
+                Err(respond) => respond,
             },
-            Arrived::Pending => {
+            Some(None) => respond,
+            None => {
                 let this = self.clone();
                 let peer = peer.clone();
-                Route::Wait(Box::pin(async move {
-                    let respond = match read_whole(&mut body, &mut chunks).await {
+                return Route::Wait(Box::pin(async move {
+                    let respond = match read_body(&mut body, &mut chunks, max).await {
                         Some(whole) => match this.answer(&peer, &whole, respond) {
                             Ok(()) => return None,
                             Err(respond) => respond,
                         },
                         None => respond,
                     };
-                    let caller = Some(peer);
-                    Some(this.full(parts, &caller, chunks, body, respond))
-                }))
+                    Some(this.full(parts, &Some(peer), chunks, body, respond))
+                }));
             }
-            Arrived::No => Route::Spawn(self.full(parts, caller, chunks, body, respond)),
-        }
+        };
+        Route::Spawn(self.full(parts, caller, chunks, body, respond))
     }
 
     /// Answers a `GetToken` whose whole body is `whole` if it is the common case; else gives
@@ -329,12 +331,7 @@ impl Services {
         if let Some(caller) = caller {
             parts.extensions.insert(caller.clone());
         }
-        let max = self.limits.max_message;
-        let limit = if chunks.is_empty() {
-            MessageLimit::new(Either::Left(RecvBody::new(body)), max)
-        } else {
-            MessageLimit::new(Either::Right(Replay::new(chunks, RecvBody::new(body))), max)
-        };
+        let limit = MessageLimit::new(RecvBody::new(chunks, body), self.limits.max_message);
         let tripped = limit.tripped.clone();
         let call = call(
             self.routes.clone(),
@@ -364,9 +361,6 @@ fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: tonic::Code, messa
     // An error means the caller has gone: nothing to tell.
     let _ = respond.send_response(head, true);
 }
-
-/// The request body of the full path: as it comes, or with what the fast path read first.
-type Either<A, B> = http_body_util::Either<A, B>;
 
 /// A request body whose gRPC messages (RFC-less but fixed framing: a compressed flag and a
 /// 4-byte big-endian length before each message) are checked against a size limit as their
@@ -476,40 +470,15 @@ where
 /// A boxed error, as tonic's body takes it.
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// How much of a request body is here.
-enum Arrived {
-    /// All of it.
-    Whole(Bytes),
-    /// Not all yet.
-    Pending,
-    /// More than the fast path reads, or an error: the full path will say.
-    No,
-}
-
-/// Takes what has arrived of `body` into `chunks`, releasing its flow-control capacity.
-fn arrived(body: &mut h2::RecvStream, chunks: &mut VecDeque<Bytes>) -> Arrived {
-    let mut total: usize = chunks.iter().map(Bytes::len).sum();
-    while !body.is_end_stream() {
-        match body.data().now_or_never() {
-            Some(Some(Ok(data))) => {
-                let _ = body.flow_control().release_capacity(data.len());
-                total += data.len();
-                chunks.push_back(data);
-                if total > fast::MAX_BODY {
-                    return Arrived::No;
-                }
-            }
-            Some(None) => break,
-            Some(Some(Err(_))) => return Arrived::No,
-            None => return Arrived::Pending,
-        }
-    }
-    Arrived::Whole(fast::concat(chunks, total))
-}
-
-/// Reads the rest of `body` into `chunks`: the whole body, or `None` when the fast path
-/// should not take it.
-async fn read_whole(body: &mut h2::RecvStream, chunks: &mut VecDeque<Bytes>) -> Option<Bytes> {
+/// Reads the rest of `body` into `chunks` (what was read before included), releasing its
+/// flow-control capacity: the whole body, or `None` when it is over `max` bytes or fails (the
+/// full path will say). Polled once with no waker first: whatever has arrived is kept in
+/// `chunks` for the next call.
+async fn read_body(
+    body: &mut h2::RecvStream,
+    chunks: &mut VecDeque<Bytes>,
+    max: usize,
+) -> Option<Bytes> {
     let mut total: usize = chunks.iter().map(Bytes::len).sum();
     while !body.is_end_stream() {
         match body.data().await {
@@ -517,7 +486,7 @@ async fn read_whole(body: &mut h2::RecvStream, chunks: &mut VecDeque<Bytes>) -> 
                 let _ = body.flow_control().release_capacity(data.len());
                 total += data.len();
                 chunks.push_back(data);
-                if total > fast::MAX_BODY {
+                if total > max {
                     return None;
                 }
             }
@@ -623,15 +592,17 @@ fn over_limit_status(headers: &mut http::HeaderMap, tripped: &AtomicBool) {
 }
 
 /// An `h2` request body as an `http_body::Body`, releasing flow-control capacity as it is
-/// read.
+/// read: first the chunks the fast path read already, then the rest.
 pub struct RecvBody {
+    read: VecDeque<Bytes>,
     inner: h2::RecvStream,
     data_done: bool,
 }
 
 impl RecvBody {
-    fn new(inner: h2::RecvStream) -> RecvBody {
+    fn new(read: VecDeque<Bytes>, inner: h2::RecvStream) -> RecvBody {
         RecvBody {
+            read,
             inner,
             data_done: false,
         }
@@ -647,6 +618,9 @@ impl HttpBody for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
+        if let Some(data) = this.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         if !this.data_done {
             match std::task::ready!(this.inner.poll_data(cx)) {
                 Some(Ok(data)) => {
@@ -665,7 +639,7 @@ impl HttpBody for RecvBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.read.is_empty() && self.inner.is_end_stream()
     }
 }
 
@@ -758,22 +732,209 @@ mod tests {
     use crate::grpc::server::build_services;
     use crate::store::Store;
 
-    /// One connection served over an in-memory pipe; the client's end is returned.
-    async fn serve_pipe(
-        limits: Limits,
-    ) -> (
+    /// The client's end of a connection served over an in-memory pipe, the task serving it,
+    /// its stop token, health reporter and services.
+    type Pipe = (
         tokio::io::DuplexStream,
         tokio::task::JoinHandle<()>,
         CancellationToken,
         tonic_health::server::HealthReporter,
-    ) {
+        Arc<Services>,
+    );
+
+    /// One connection served over an in-memory pipe, over an empty store, without credentials.
+    async fn serve_pipe(limits: Limits) -> Pipe {
+        serve_store(Arc::new(Store::default()), None, limits).await
+    }
+
+    /// [`serve_pipe`] over `store`, the peer being `caller`.
+    async fn serve_store(store: Arc<Store>, caller: Option<Caller>, limits: Limits) -> Pipe {
         let stop = CancellationToken::new();
-        let (services, health) = build_services(Arc::new(Store::default()), stop.clone(), limits)
-            .await
-            .unwrap();
+        let (services, health) = build_services(store, stop.clone(), limits).await.unwrap();
         let (client, server) = tokio::io::duplex(256 * 1024);
-        let task = tokio::spawn(serve(server, None, services, stop.clone()));
-        (client, task, stop, health)
+        let serving = serve(server, caller.map(Arc::new), services.clone(), stop.clone());
+        (client, tokio::spawn(serving), stop, health, services)
+    }
+
+    /// A store whose one client, `c`, holds a token valid for an hour (the second value keeps
+    /// its channel open).
+    fn store_with_token() -> (Arc<Store>, impl Sized) {
+        use crate::store::{ClientSlot, Mailbox, Snapshot};
+        let now = std::time::SystemTime::now();
+        let token = crate::token::Token {
+            access_token: crate::secret::Secret::new("at-1".to_string()),
+            token_type: "Bearer".into(),
+            issued_at: now,
+            expires_at: now + Duration::from_secs(3600),
+            scope: vec!["read".into()],
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Snapshot {
+            token: Some(Arc::new(token)),
+            generation: 7,
+            last_refresh_at: Some(now),
+            settled: true,
+            ..Snapshot::default()
+        });
+        let text = "[clients.c]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let config = crate::config::load_str(text, std::path::Path::new("/nonexistent.toml"));
+        let store = Arc::new(Store::default());
+        store.insert(
+            "c",
+            ClientSlot {
+                snapshot: rx,
+                mailbox: Arc::new(Mailbox::default()),
+                config: config.unwrap().clients["c"].clone(),
+            },
+        );
+        (store, tx)
+    }
+
+    /// A `GetToken` request message for `client`, `min_valid_for` seconds.
+    fn get_token_request(client: &str, min_valid_for: i64) -> Vec<u8> {
+        use prost::Message;
+        let request = crate::grpc::pb::GetTokenRequest {
+            client: client.into(),
+            min_valid_for: (min_valid_for > 0).then_some(prost_types::Duration {
+                seconds: min_valid_for,
+                nanos: 0,
+            }),
+        };
+        request.encode_to_vec()
+    }
+
+    /// A call's grpc-status and its whole response body.
+    async fn answer_of(resp: h2::client::ResponseFuture) -> (String, Vec<u8>) {
+        let resp = resp.await.unwrap();
+        if let Some(s) = resp.headers().get("grpc-status") {
+            return (s.to_str().unwrap().to_string(), Vec::new());
+        }
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(d) = body.data().await {
+            got.extend_from_slice(&d.unwrap());
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        (trailers["grpc-status"].to_str().unwrap().to_string(), got)
+    }
+
+    #[tokio::test]
+    async fn get_token_inline_sends_the_bytes_tonic_sends() {
+        let (store, _keep) = store_with_token();
+        let root = Caller::with_groups(0, 0, vec![]);
+        let (client, _task, _stop, _h, services) =
+            serve_store(store, Some(root), Limits::default()).await;
+        let mut send = h2_client(client).await;
+        assert_eq!(services.answers.cached(), 0);
+        // The common case, answered inline from the encoded answer (now in the cache).
+        let (resp, _b) =
+            start_call(&mut send, GET_TOKEN_PATH, &get_token_request("c", 0), true).await;
+        let (status, inline) = answer_of(resp).await;
+        assert_eq!(status, "0");
+        assert_eq!(services.answers.cached(), 1, "not answered inline");
+        let token = services
+            .api
+            .readable_token(&Caller::with_groups(0, 0, vec![]), "c");
+        let (token, generation) = token.unwrap();
+        assert_eq!(inline, services.answers.answer("c", &token, generation));
+        // min_valid_for sends it through tonic; the token is valid long enough: same answer.
+        let (resp, _b) =
+            start_call(&mut send, GET_TOKEN_PATH, &get_token_request("c", 60), true).await;
+        let (status, full) = answer_of(resp).await;
+        assert_eq!(status, "0");
+        assert!(inline.len() > 5 && inline == full, "{inline:?} != {full:?}");
+        // A body that arrives after the headers, in two pieces: answered once it is whole.
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{GET_TOKEN_PATH}"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, mut body) = ready.send_request(req, false).unwrap();
+        let msg = get_token_request("c", 0);
+        let mut whole = vec![0u8];
+        whole.extend((msg.len() as u32).to_be_bytes());
+        whole.extend(msg);
+        let whole = Bytes::from(whole);
+        body.send_data(whole.slice(..3), false).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        body.send_data(whole.slice(3..), true).unwrap();
+        assert_eq!(answer_of(resp).await, ("0".to_string(), inline.clone()));
+    }
+
+    #[tokio::test]
+    async fn get_token_calls_the_inline_path_declines_get_the_services_answer() {
+        let (store, _keep) = store_with_token();
+        let nobody = Caller::with_groups(65534, 65534, vec![]);
+        let cases: [(Option<Caller>, &str, &str); 4] = [
+            (None, "c", "7"),         // no credentials: PERMISSION_DENIED
+            (Some(nobody), "c", "7"), // not allowed to read it
+            (Some(Caller::with_groups(0, 0, vec![])), "nope", "5"), // root: NOT_FOUND
+            (Some(Caller::with_groups(0, 0, vec![])), "c", "0"),
+        ];
+        for (caller, client, want) in cases {
+            let (io, _task, _stop, _h, _) =
+                serve_store(store.clone(), caller.clone(), Limits::default()).await;
+            let mut send = h2_client(io).await;
+            let (resp, _b) = start_call(
+                &mut send,
+                GET_TOKEN_PATH,
+                &get_token_request(client, 0),
+                true,
+            )
+            .await;
+            assert_eq!(answer_of(resp).await.0, want, "{caller:?} {client}");
+        }
+    }
+
+    #[test]
+    fn no_self_wake_repolls_self_wakes_and_passes_the_rest_on() {
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::atomic::Ordering::SeqCst;
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, SeqCst);
+            }
+        }
+        let task = Arc::new(Count::default());
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Woken by itself three times while polled: done in one poll, the task never woken.
+        let mut n = 0;
+        let mut f = NoSelfWake::new(std::future::poll_fn(move |cx| {
+            if n < 3 {
+                n += 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(n)
+        }));
+        assert_eq!(Pin::new(&mut f).poll(&mut cx), Poll::Ready(3));
+        assert_eq!(task.0.load(SeqCst), 0);
+        // Waking itself for ever: it still yields, after MAX_REPOLLS polls, the task woken.
+        let polls = Arc::new(AtomicUsize::new(0));
+        let p = polls.clone();
+        let mut f = NoSelfWake::new(std::future::poll_fn(move |cx| {
+            p.fetch_add(1, SeqCst);
+            cx.waker().wake_by_ref();
+            Poll::<()>::Pending
+        }));
+        assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        assert_eq!((polls.load(SeqCst), task.0.load(SeqCst)), (MAX_REPOLLS, 1));
+        // A wake from elsewhere, after the poll, goes to the task.
+        let stash: Arc<Mutex<Option<std::task::Waker>>> = Arc::default();
+        let s = stash.clone();
+        let mut f = NoSelfWake::new(std::future::poll_fn(move |cx| {
+            *s.lock().unwrap() = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        }));
+        assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        assert_eq!(task.0.load(SeqCst), 1);
+        stash.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task.0.load(SeqCst), 2);
     }
 
     async fn h2_client(io: tokio::io::DuplexStream) -> h2::client::SendRequest<Bytes> {
@@ -827,7 +988,7 @@ mod tests {
     async fn a_peer_without_preface_or_settings_is_dropped_at_the_deadline() {
         let limits = Limits::default();
         for sent in [&b""[..], PREFACE, &PREFACE[..10]] {
-            let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+            let (mut client, task, _stop, _h, _) = serve_pipe(limits.clone()).await;
             client.write_all(sent).await.unwrap();
             let t0 = Instant::now();
             tokio::time::timeout(Duration::from_secs(3600), task)
@@ -848,7 +1009,7 @@ mod tests {
     async fn a_connection_without_streams_is_closed_after_the_idle_time() {
         let limits = Limits::default();
         // The preface and SETTINGS, then silence (not even the ack of our GOAWAY's ping).
-        let (mut client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        let (mut client, task, _stop, _h, _) = serve_pipe(limits.clone()).await;
         client.write_all(PREFACE).await.unwrap();
         client
             .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -866,7 +1027,7 @@ mod tests {
             "{took:?}"
         );
         // An open Watch keeps a connection; once it ends, the idle time runs again.
-        let (client, task, _stop, _h) = serve_pipe(limits.clone()).await;
+        let (client, task, _stop, _h, _) = serve_pipe(limits.clone()).await;
         let mut send = h2_client(client).await;
         let (resp, mut body) =
             start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
@@ -895,7 +1056,7 @@ mod tests {
             max_watch_streams: 2,
             ..Limits::default()
         };
-        let (client, _task, _stop, _h) = serve_pipe(limits).await;
+        let (client, _task, _stop, _h, _) = serve_pipe(limits).await;
         let mut send = h2_client(client).await;
         let mut open = Vec::new();
         for _ in 0..2 {
@@ -935,7 +1096,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_message_gets_resource_exhausted() {
-        let (client, _task, _stop, _h) = serve_pipe(Limits::default()).await;
+        let (client, _task, _stop, _h, _) = serve_pipe(Limits::default()).await;
         let mut send = h2_client(client).await;
         let big = vec![0x0a; crate::limits::MAX_MESSAGE + 1];
         for path in [

@@ -1,34 +1,25 @@
 //! `GetToken`'s common case answered without tonic's codec (issue 4 item 7).
 //!
 //! Most calls ask for a client's current token, with no `min_valid_for`, from a caller allowed
-//! to read it, while a valid token is there. [`TokenRoutes`] answers those itself: it reads the
-//! one request message, checks the caller with the same rule as the service, and sends the
-//! client's answer encoded once per token ([`AnswerCache`]) followed by `grpc-status: 0`,
-//! exactly the bytes tonic's codec would produce. Every other call, and every call the fast
-//! path is unsure about (a compressed or oversized request, a second message, an unknown or
-//! forbidden client, no valid token yet, `min_valid_for`), goes to the generated tonic service
-//! unchanged, with the request body replayed, so errors and waits behave as they always have.
+//! to read it, while a valid token is there. [`super::conn`] answers those on the connection's
+//! own task: [`answer`] reads the one request message and checks the caller with the same rule
+//! as the service, and the client's answer, encoded once per token ([`AnswerCache`]), is sent
+//! with [`send_answer`] between the head and trailers of [`answered_parts`] — exactly the bytes
+//! tonic's codec would produce. Every call [`answer`] is unsure about (a compressed or
+//! oversized request, a second message, an unknown or forbidden client, no valid token yet,
+//! `min_valid_for`) goes to the generated tonic service unchanged, with what was read of its
+//! body replayed, so errors and waits behave as they always have.
 
-use std::collections::HashMap;
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::pin::Pin;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
-use http_body::{Body as HttpBody, Frame};
 use prost::Message;
-use tonic::body::Body;
-use tonic::codegen::BoxFuture;
-use tonic::server::NamedService;
 
 use super::access::Caller;
 use super::pb;
-use super::pb::token_service_server::TokenServiceServer;
-use super::server::MAX_REQUEST_SIZE;
 use super::service::{TokenApi, token_message};
 use crate::token::Token;
 
@@ -36,12 +27,11 @@ use crate::token::Token;
 pub const GET_TOKEN_PATH: &str = "/tokenwarden.v1.TokenService/GetToken";
 
 /// The gRPC message prefix: a compressed flag and a 4-byte length (gRPC over HTTP/2).
-const PREFIX: usize = 5;
-/// The largest request body the fast path reads: one message of the largest size accepted.
-pub const MAX_BODY: usize = MAX_REQUEST_SIZE + PREFIX;
+pub const PREFIX: usize = 5;
 
-/// One client's encoded answer, valid while the client's token is the same `Arc`.
-struct Answer {
+/// One client's `GetToken` answer, encoded once: valid while the client's token is the same
+/// `Arc` of the same generation.
+struct EncodedAnswer {
     token: Arc<Token>,
     generation: u64,
     /// The length-prefixed `Token` message, as sent in the response's DATA frame.
@@ -54,7 +44,7 @@ struct Answer {
 /// allocation) and drops answers whose token has expired whenever it inserts one.
 #[derive(Default)]
 pub struct AnswerCache {
-    answers: RwLock<HashMap<String, Answer>>,
+    answers: RwLock<HashMap<String, EncodedAnswer>>,
 }
 
 impl AnswerCache {
@@ -81,13 +71,19 @@ impl AnswerCache {
         answers.retain(|_, a| a.token.is_valid_at(now));
         answers.insert(
             client.to_string(),
-            Answer {
+            EncodedAnswer {
                 token: token.clone(),
                 generation,
                 bytes: bytes.clone(),
             },
         );
         bytes
+    }
+
+    /// How many clients have an answer encoded (tests).
+    #[cfg(test)]
+    pub fn cached(&self) -> usize {
+        self.answers.read().map_or(0, |a| a.len())
     }
 }
 
@@ -108,64 +104,6 @@ pub fn single_message(body: &[u8]) -> Option<&[u8]> {
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     (body.len() - PREFIX == len).then(|| &body[PREFIX..])
-}
-
-/// `tokenwarden.v1.TokenService` with the fast `GetToken` in front of the generated service.
-#[derive(Clone)]
-pub struct TokenRoutes {
-    api: TokenApi,
-    answers: Arc<AnswerCache>,
-    inner: TokenServiceServer<TokenApi>,
-}
-
-impl NamedService for TokenRoutes {
-    const NAME: &'static str = <TokenServiceServer<TokenApi> as NamedService>::NAME;
-}
-
-impl TokenRoutes {
-    /// The routes over `api`, sharing `answers`; `inner` is the generated service over the
-    /// same `api`.
-    pub fn new(
-        api: TokenApi,
-        answers: Arc<AnswerCache>,
-        inner: TokenServiceServer<TokenApi>,
-    ) -> TokenRoutes {
-        TokenRoutes {
-            api,
-            answers,
-            inner,
-        }
-    }
-
-    /// Answers a `GetToken` call: fast when it can, else through the generated service.
-    async fn get_token<B>(mut self, req: http::Request<B>) -> http::Response<Body>
-    where
-        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<tonic::codegen::StdError>,
-    {
-        let identity = req
-            .headers()
-            .get("grpc-encoding")
-            .is_none_or(|v| v == "identity");
-        let caller = req.extensions().get::<Arc<Caller>>().cloned();
-        let (parts, mut body) = req.into_parts();
-        let read = read_message(&mut body).await;
-        let (chunks, whole) = match read {
-            Ok(r) => r,
-            Err(status) => return status.into_http(),
-        };
-        if identity
-            && let (Some(caller), Some(whole)) = (caller, whole.as_ref())
-            && let Some(answer) = answer(&self.api, &self.answers, &caller, whole)
-        {
-            return answered(answer);
-        }
-        let req = http::Request::from_parts(parts, Body::new(Replay::new(chunks, body)));
-        match tower::Service::call(&mut self.inner, req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        }
-    }
 }
 
 /// The encoded answer to a `GetToken` request `body` (the whole request body) when the call
@@ -223,17 +161,6 @@ pub fn answered_parts() -> (http::Response<()>, HeaderMap) {
     (head, trailers)
 }
 
-/// A successful unary answer: the encoded message, then `grpc-status: 0`.
-fn answered(message: Bytes) -> http::Response<Body> {
-    let (head, trailers) = answered_parts();
-    head.map(|()| {
-        Body::new(Answered {
-            message: Some(message),
-            trailers: Some(trailers),
-        })
-    })
-}
-
 /// The chunks of a body as one `Bytes` (no copy for one chunk).
 pub fn concat(chunks: &VecDeque<Bytes>, total: usize) -> Bytes {
     match chunks.len() {
@@ -246,136 +173,6 @@ pub fn concat(chunks: &VecDeque<Bytes>, total: usize) -> Bytes {
             }
             b.freeze()
         }
-    }
-}
-
-/// Reads a request body until its end or until it is clearly not one small message.
-///
-/// Returns the chunks read, and the whole body when it ended within [`MAX_REQUEST_SIZE`] plus
-/// the prefix. A body error becomes the status tonic would give it.
-async fn read_message<B>(body: &mut B) -> Result<(VecDeque<Bytes>, Option<Bytes>), tonic::Status>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<tonic::codegen::StdError>,
-{
-    let mut chunks = VecDeque::new();
-    let mut total = 0usize;
-    loop {
-        if body.is_end_stream() {
-            break;
-        }
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| tonic::Status::from_error(e.into()))?;
-        match frame.into_data() {
-            Ok(data) => {
-                total += data.len();
-                chunks.push_back(data);
-                if total > MAX_BODY {
-                    return Ok((chunks, None));
-                }
-            }
-            // Request trailers: unusual; let the generated service see them.
-            Err(_) => return Ok((chunks, None)),
-        }
-    }
-    let whole = concat(&chunks, total);
-    Ok((chunks, Some(whole)))
-}
-
-impl<B> tower::Service<http::Request<B>> for TokenRoutes
-where
-    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() == GET_TOKEN_PATH {
-            let this = self.clone();
-            Box::pin(async move { Ok(this.get_token(req).await) })
-        } else {
-            self.inner.call(req)
-        }
-    }
-}
-
-/// The body of a fast answer: one DATA frame, then the trailers.
-struct Answered {
-    message: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl HttpBody for Answered {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if let Some(m) = this.message.take() {
-            return Poll::Ready(Some(Ok(Frame::data(m))));
-        }
-        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.message.is_none() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.message.as_ref().map_or(0, |m| m.len() as u64))
-    }
-}
-
-/// A request body whose first chunks were already read: those, then the rest.
-pub struct Replay<B> {
-    chunks: VecDeque<Bytes>,
-    rest: Option<B>,
-}
-
-impl<B> Replay<B> {
-    /// `chunks`, then what is left of `rest`.
-    pub fn new(chunks: VecDeque<Bytes>, rest: B) -> Replay<B> {
-        Replay {
-            chunks,
-            rest: Some(rest),
-        }
-    }
-}
-
-impl<B> HttpBody for Replay<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        if let Some(c) = this.chunks.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(c))));
-        }
-        match this.rest.as_mut() {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.chunks.iter().all(|c| !c.has_remaining())
-            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 }
 

@@ -19,7 +19,9 @@
 //!
 //! Connections are capped ([`crate::limits::Limits::max_connections`]): at the cap the loop
 //! stops accepting until one closes, so peers wait in the kernel's backlog and hold no
-//! descriptor of ours.
+//! descriptor of ours. One peer uid holds at most [`crate::limits::uid_share`] of the cap; a
+//! connection beyond it is closed as soon as it is accepted, so that a local user holding
+//! connections by the thousand cannot keep everyone else in the backlog.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -36,14 +38,12 @@ use tonic_health::server::HealthReporter;
 
 use super::access::Caller;
 use super::conn::{self, Services};
-use super::fast::{AnswerCache, TokenRoutes};
+use super::fast::AnswerCache;
 use super::pb;
 use super::service::TokenApi;
 use crate::limits::{self, ConnGate, Limits};
 use crate::store::Store;
 
-/// Largest request message accepted: requests carry a client name and a duration.
-pub const MAX_REQUEST_SIZE: usize = limits::MAX_MESSAGE;
 /// How long stop waits for calls in flight before dropping the connections.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -247,13 +247,8 @@ pub async fn build_services(
         .map_err(|e| ServeError::Reflection(e.to_string()))?
         .max_decoding_message_size(limits.max_message);
     let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
-    let answers = Arc::new(AnswerCache::default());
-    let tokens = TokenRoutes::new(
-        api.clone(),
-        answers.clone(),
-        pb::token_service_server::TokenServiceServer::new(api.clone())
-            .max_decoding_message_size(limits.max_message),
-    );
+    let tokens = pb::token_service_server::TokenServiceServer::new(api.clone())
+        .max_decoding_message_size(limits.max_message);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -262,7 +257,7 @@ pub async fn build_services(
     let services = Arc::new(Services {
         routes,
         api,
-        answers,
+        answers: Arc::new(AnswerCache::default()),
         watches: Arc::new(Semaphore::new(limits.max_watch_streams)),
         limits,
     });
@@ -293,7 +288,18 @@ async fn accept_loop(
                 Ok((stream, _)) => {
                     // Who connected, now: the kernel's record of the peer at connect time.
                     let caller = Caller::of_stream(&stream).map(Arc::new);
-                    let held = permit.take();
+                    let uid = caller.as_ref().map(|c| c.uid);
+                    let Some(held) = permit.take().and_then(|p| p.charge(uid)) else {
+                        // Over its uid's share of the cap: closed (dropped) at once.
+                        tracing::debug!(
+                            uid,
+                            "gRPC socket: connection closed: this uid holds {} connections, \
+                             its most (a quarter of daemon.max_connections, at least 8)",
+                            limits::uid_share(gate.max())
+                        );
+                        crate::metrics::connection_refused("uid_share");
+                        continue;
+                    };
                     let serve = conn::serve(stream, caller, services.clone(), stop.clone());
                     connections.spawn(async move {
                         serve.await;

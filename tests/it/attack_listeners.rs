@@ -70,11 +70,11 @@ def opener():
             s.sendall(PREFACE[:10])
         elif mode == "watch":
             out = PREFACE + frame(4, 0, 0, b"") + frame(4, 1, 0, b"")
+            # Health/Watch: anyone may open it, and it stays open (a WatchToken for a client
+            # the attacker may not read ends at once, its place free again).
             for i in range(16):
                 sid = 2 * i + 1
-                path = b"/grpc.health.v1.Health/Watch" if i % 2 else b"/tokenwarden.v1.TokenService/WatchToken"
-                body = b"\x00\x00\x00\x00\x0b\x0a\x09transatel" if i % 2 == 0 else b"\x00\x00\x00\x00\x00"
-                out += frame(1, 4, sid, request(path)) + frame(0, 1, sid, body)
+                out += frame(1, 4, sid, request(b"/grpc.health.v1.Health/Watch")) + frame(0, 1, sid, b"\x00" * 5)
             s.sendall(out)
     except OSError:
         s.close(); return None
@@ -140,10 +140,15 @@ struct Attacker {
 impl Attacker {
     /// Starts the attacker as uid/gid 65534 and waits for its `ready` line.
     async fn start(mode: &str, target: &str, n: usize) -> Attacker {
+        Attacker::start_as(65534, mode, target, n).await
+    }
+
+    /// [`Attacker::start`] as `uid` (and the same gid).
+    async fn start_as(uid: u32, mode: &str, target: &str, n: usize) -> Attacker {
         let mut child = tokio::process::Command::new("setpriv")
             .args([
-                "--reuid=65534",
-                "--regid=65534",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
                 "--clear-groups",
                 "--",
                 "/usr/bin/python3",
@@ -164,7 +169,7 @@ impl Attacker {
             .expect("the attacker never got ready")
             .unwrap()
             .unwrap_or_default();
-        eprintln!("attacker {mode} x{n}: {line}");
+        eprintln!("attacker {mode} x{n} (uid {uid}): {line}");
         assert!(line.starts_with("ready"), "{line}");
         Attacker { child, stdout }
     }
@@ -257,8 +262,14 @@ fn metrics_addr(d: &DaemonProc) -> String {
 
 /// What each attack must leave true: every client refreshed during it (at least two new
 /// tokens each in `window`), a legitimate `get` for every client answering after it, the
-/// peak RSS under `bound_mib` above the start, nothing secret in the logs.
+/// peak RSS under `bound_mib` above the start, nothing secret in the logs. The attack comes
+/// from `uids` users, 65534 downwards (each holds at most its share of the connection cap);
+/// a Watch flood must leave no Watch stream for root while it lasts.
 async fn under_attack(mode: &str, target_metrics: bool, n: usize, bound_mib: u64) {
+    under_attack_from(1, mode, target_metrics, n, bound_mib).await
+}
+
+async fn under_attack_from(uids: u32, mode: &str, target_metrics: bool, n: usize, bound_mib: u64) {
     let lifetime = Duration::from_secs(4);
     let (env, mut daemon, _notify) = daemon(lifetime).await;
     let socket = env.demo.socket.to_str().unwrap().to_string();
@@ -268,11 +279,34 @@ async fn under_attack(mode: &str, target_metrics: bool, n: usize, bound_mib: u64
         socket.clone()
     };
     let (rss0, _) = rss(daemon.pid());
-    let attacker = Attacker::start(mode, &target, n).await;
+    let mut attackers = Vec::new();
+    for uid in (65535 - uids..65535).rev() {
+        attackers.push(Attacker::start_as(uid, mode, &target, n).await);
+    }
     let window = Duration::from_secs(12);
     let seen = watch_outputs(&env, window).await;
     let (rss1, hwm) = rss(daemon.pid());
-    let last = attacker.stop().await;
+    if mode == "watch" {
+        // Every place for a Watch stream is taken: root's is refused, not served.
+        let mut c = tokenwarden::client::connect(&env.demo.socket)
+            .await
+            .unwrap();
+        let r = c
+            .watch_token(tokenwarden::grpc::pb::WatchTokenRequest {
+                client: env.demo.clients[0].clone(),
+            })
+            .await;
+        assert_eq!(
+            r.as_ref().err().map(|e| e.code()),
+            Some(tonic::Code::ResourceExhausted),
+            "a Watch stream beyond the cap was served: {:?}",
+            r.err()
+        );
+    }
+    let mut last = String::new();
+    for a in attackers {
+        last = a.stop().await;
+    }
     eprintln!(
         "{mode} x{n}: RSS {} MiB before, {} MiB at the end, peak {} MiB ({last})",
         rss0 / 1024,
@@ -339,14 +373,17 @@ async fn two_thousand_idle_connections_starve_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_to_the_metrics_port_starve_nothing() {
-    under_attack("idle", true, 300, 32).await;
+    // More connections than the daemon has descriptors (512): without the metrics listener's
+    // cap of 32 they would take them all.
+    under_attack("idle", true, 600, 32).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_stream_flood_is_capped() {
-    // 300 connections x 16 Watch streams: the daemon serves 256 x 16 streams, 1024 of them
-    // Watches; the rest get REFUSED_STREAM or RESOURCE_EXHAUSTED.
-    under_attack("watch", false, 300, 96).await;
+    // Two uids, 300 connections x 16 Health/Watch streams each. Each uid holds 64 connections
+    // (its share of 256): 2048 Watches asked for, the daemon serves 1024, the rest (and
+    // root's) get RESOURCE_EXHAUSTED.
+    under_attack_from(2, "watch", false, 300, 96).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,6 +409,51 @@ async fn a_slowloris_is_dropped_after_the_handshake_deadline() {
     assert!(
         took >= Duration::from_secs(9) && took < Duration::from_secs(13),
         "{took:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holding_thousands_of_connections_cannot_keep_root_waiting() {
+    // uid 65534 opens 3000 idle connections and re-opens each one the daemon closes. It may
+    // hold 64 (a quarter of max_connections); the rest are closed as soon as they are
+    // accepted, so root's connection never waits behind them in the backlog.
+    let (env, mut daemon, _notify) = daemon(Duration::from_secs(600)).await;
+    let socket = env.demo.socket.to_str().unwrap().to_string();
+    let attacker = Attacker::start("idle", &socket, 3000).await;
+    let client = &env.demo.clients[0];
+    let within = Duration::from_secs(5);
+    let t0 = Instant::now();
+    loop {
+        let left = within.saturating_sub(t0.elapsed());
+        let r = tokio::time::timeout(left, run(&["get", client, "-s", &socket]))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("root's get still waiting after {within:?} while uid 65534 attacks")
+            });
+        if r.code == 0 && !r.stdout.trim().is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "root's get failed for {within:?}: {} {}",
+            r.code,
+            r.stderr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t0.elapsed();
+    let metrics = reqwest::get(format!("http://{}/metrics", metrics_addr(&daemon)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let last = attacker.stop().await;
+    eprintln!("root's get answered in {took:?} under 3000 idle connections of uid 65534 ({last})");
+    assert!(
+        metrics.contains("tokenwarden_grpc_connections_refused_total{reason=\"uid_share\"}"),
+        "no connection refused for its uid's share:\n{metrics}"
     );
     daemon.stop().await;
 }
