@@ -87,8 +87,8 @@ pub fn grpc_request(method: &str, code: &str) {
 }
 
 /// Records a connection to the gRPC socket closed as soon as it was accepted, and why.
-pub fn connection_refused(reason: &'static str) {
-    metrics::counter!("tokenwarden_grpc_connections_refused_total", "reason" => reason)
+pub fn connection_refused(listener: &'static str, reason: &'static str) {
+    metrics::counter!("tokenwarden_connections_refused_total", "listener" => listener, "reason" => reason)
         .increment(1);
 }
 

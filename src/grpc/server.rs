@@ -297,7 +297,7 @@ async fn accept_loop(
                              its most (a quarter of daemon.max_connections, at least 8)",
                             limits::uid_share(gate.max())
                         );
-                        crate::metrics::connection_refused("uid_share");
+                        crate::metrics::connection_refused("grpc", "uid_share");
                         continue;
                     };
                     let serve = conn::serve(stream, caller, services.clone(), stop.clone());

@@ -361,6 +361,14 @@ impl Listener {
         }
     }
 
+    /// The `listener` label of this listener's metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Listener::Unix(_) => "http_socket",
+            Listener::Tcp(_) => "http_listen",
+        }
+    }
+
     fn what(&self) -> &'static str {
         match self {
             Listener::Unix(_) => "HTTP socket",
@@ -381,6 +389,7 @@ async fn accept_loop(
     let mut connections = JoinSet::new();
     let mut permit = None;
     let what = listener.what();
+    let what_label = listener.label();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -388,19 +397,31 @@ async fn accept_loop(
             p = limits::admit_logged(&gate, what), if permit.is_none() => permit = Some(p),
             accepted = listener.accept(), if permit.is_some() => match accepted {
                 Ok(conn) => {
-                    let held = permit.take();
+                    let Some(permit) = permit.take() else { continue };
                     let routes = routes.clone();
                     let limits = limits.clone();
                     let stop = stop.clone();
                     connections.spawn(async move {
+                        // Who connected: the kernel's record of the peer (socket) or its row
+                        // in the socket table (TCP), then charged to that uid's share.
+                        let caller = match &conn {
+                            Accepted::Unix(stream) => Caller::of_stream(stream).map(Arc::new),
+                            Accepted::Tcp(stream, peer) => tcp_caller(stream, *peer).await,
+                        };
+                        let Some(held) = permit.charge(caller.as_ref().map(|c| c.uid)) else {
+                            tracing::debug!(
+                                uid = caller.as_ref().map(|c| c.uid),
+                                "{what}: connection closed: this uid holds its most connections \
+                                 (a quarter of daemon.max_connections, at least 8)"
+                            );
+                            crate::metrics::connection_refused(what_label, "uid_share");
+                            return;
+                        };
                         match conn {
                             Accepted::Unix(stream) => {
-                                // Who connected, now: the kernel's record of the peer.
-                                let caller = Caller::of_stream(&stream).map(Arc::new);
                                 serve_connection(stream, Transport::Unix, caller, routes, &limits, stop).await;
                             }
-                            Accepted::Tcp(stream, peer) => {
-                                let caller = tcp_caller(&stream, peer).await;
+                            Accepted::Tcp(stream, _) => {
                                 serve_connection(stream, Transport::Tcp, caller, routes, &limits, stop).await;
                             }
                         }

@@ -452,7 +452,9 @@ async fn one_uid_holding_thousands_of_connections_cannot_keep_root_waiting() {
     let last = attacker.stop().await;
     eprintln!("root's get answered in {took:?} under 3000 idle connections of uid 65534 ({last})");
     assert!(
-        metrics.contains("tokenwarden_grpc_connections_refused_total{reason=\"uid_share\"}"),
+        metrics.contains(
+            "tokenwarden_connections_refused_total{listener=\"grpc\",reason=\"uid_share\"}"
+        ),
         "no connection refused for its uid's share:\n{metrics}"
     );
     daemon.stop().await;

@@ -716,6 +716,73 @@ async fn limits_under_a_connection_flood_and_slow_senders() {
     h.daemon.stop().await;
 }
 
+/// One uid holds at most its share of `max_connections` on an HTTP listener (a quarter, at
+/// least 8: 10 of 40), as on the gRPC socket: the connection beyond it is closed at once,
+/// unanswered and counted, while a place freed by that uid is usable again.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uid_holds_at_most_its_share_of_an_http_listener() {
+    let h = start(
+        Duration::from_secs(60),
+        "max_connections = 40\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let path = "/v1/token/transatel?format=token";
+    // Ten kept-alive connections of this uid, each answered once (so each is accepted).
+    let mut held: Vec<UnixStream> = (0..10)
+        .map(|_| {
+            let mut s = unix(&h.socket);
+            let keep = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            s.write_all(keep.as_bytes()).unwrap();
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            s
+        })
+        .collect();
+    // The eleventh: closed at once, nothing answered.
+    let mut extra = unix(&h.socket);
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(req("GET", path, &[]).as_bytes());
+    // (Closed with the request unread: end of file, or a reset.)
+    let mut got = Vec::new();
+    match extra.read_to_end(&mut got) {
+        Ok(n) => assert_eq!(n, 0, "{}", String::from_utf8_lossy(&got)),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    // One of the ten closed: its place is this uid's again.
+    drop(held.pop());
+    crate::support::wait_for("the freed place", Duration::from_secs(5), || {
+        let mut s = unix(&h.socket);
+        let mut got = Vec::new();
+        let _ = s.write_all(req("GET", path, &[]).as_bytes());
+        let _ = s.read_to_end(&mut got);
+        got.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    let metrics =
+        logged_address(&h.daemon, "metrics and health endpoints listening address=").await;
+    let text = exchange(
+        std::net::TcpStream::connect(metrics).unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .body;
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            "tokenwarden_connections_refused_total{listener=\"http_socket\",reason=\"uid_share\"}"
+        )),
+        "{text}"
+    );
+    drop(held);
+    let mut h = h;
+    h.daemon.stop().await;
+}
+
 /// `audit = true`: the first read of a client by each (uid, executable) is logged once per
 /// window, over gRPC and HTTP, with the uid, the executable (unknown over TCP) and the
 /// token's fingerprint, never the token; `tokenwarden_token_reads_total` counts every read.
