@@ -310,6 +310,23 @@ impl Notify {
         Notify { socket, path }
     }
 
+    /// Reads and drops what the daemon sends from now on, as systemd would: a queue left
+    /// full (`net.unix.max_dgram_qlen`, 10 datagrams by default; a reload sends two) blocks the
+    /// daemon's next notification, and the daemon with it.
+    fn drain(&self) {
+        let socket = self.socket.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
     /// Waits until a datagram carries `READY=1`; returns when it arrived.
     fn wait_ready(&self, child: &mut Child, limit: Duration) -> Instant {
         let deadline = Instant::now() + limit;
@@ -322,6 +339,7 @@ impl Notify {
                         .lines()
                         .any(|l| l == "READY=1")
                     {
+                        self.drain();
                         return at;
                     }
                 }
