@@ -453,6 +453,7 @@ impl Daemon {
                 let status = self.status_line();
                 self.notifier.ready(&status);
                 self.last_status = status;
+                tokio::task::spawn_blocking(crate::sys::trim_heap);
                 return;
             }
         };
@@ -572,9 +573,13 @@ impl Daemon {
             "reloaded"
         );
         // Freeing the old config and the duplicate parses walks every client (~10 ms at
-        // 10,000): not on the way to the changed clients' new tokens.
+        // 10,000), and so does giving the load's freed buffers back to the kernel (else RSS
+        // stays at the reload's peak): not on the way to the changed clients' new tokens.
         let old = std::mem::replace(&mut self.config, Arc::new(new));
-        tokio::task::spawn_blocking(move || drop((old, replaced)));
+        tokio::task::spawn_blocking(move || {
+            drop((old, replaced));
+            crate::sys::trim_heap();
+        });
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;

@@ -29,7 +29,7 @@
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
 //! - [`safepath`]: directories reached without following links or trusting what others can write.
 //! - [`schedule`]: when to refresh a token and how long to back off after a failure (pure).
-//! - [`sys`]: the two system calls std and nix do not wrap (peer groups, close-on-exec), the
+//! - [`sys`]: the calls std and nix do not wrap (peer groups, close-on-exec, heap trim), the
 //!   crate's only `unsafe` code.
 #![deny(unsafe_code)]
 #![cfg_attr(

@@ -223,6 +223,8 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The parse's buffers, freed: given back before the start-up allocates its own.
+    tokenwarden::sys::trim_heap();
     let log = match logging::init(config.daemon.log_format, &config.daemon.log_level) {
         Ok(h) => h,
         Err(e) => {

@@ -19,8 +19,9 @@
 //! the walk changes nothing. Missing directories are created on the way (`mkdirat`, then
 //! opened again without following links and checked like any other step).
 //!
-//! [`check_dir`] is the same walk without creating anything, for `tokenwarden check`.
+//! [`Checker`] is the same walk without creating anything, for loading a config.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -250,17 +251,7 @@ pub fn open_parent_dir(
     trust: &Trust,
     create: Option<u32>,
 ) -> Result<SafeDir, SafePathError> {
-    let missing = match create {
-        Some(mode) => Missing::Create(mode),
-        None => Missing::Fail,
-    };
-    match walk_to(path, trust, missing, Last::Entry)? {
-        Walked::Dir(dir) => Ok(dir),
-        Walked::Stopped => Err(SafePathError::Io {
-            path: path.to_path_buf(),
-            source: io::Error::from(io::ErrorKind::NotFound),
-        }),
-    }
+    open_walked(path, trust, create, Last::Entry)
 }
 
 /// What the last directory of a walk must be.
@@ -287,11 +278,17 @@ enum Missing {
 /// creating missing directories with mode `create` when given. The returned directory is not
 /// writable by others.
 pub fn open_dir(path: &Path, trust: &Trust, create: Option<u32>) -> Result<SafeDir, SafePathError> {
-    let missing = match create {
-        Some(mode) => Missing::Create(mode),
-        None => Missing::Fail,
-    };
-    match walk(path, trust, missing)? {
+    open_walked(path, trust, create, Last::Files)
+}
+
+fn open_walked(
+    path: &Path,
+    trust: &Trust,
+    create: Option<u32>,
+    last: Last,
+) -> Result<SafeDir, SafePathError> {
+    let missing = create.map_or(Missing::Fail, Missing::Create);
+    match walk_to(path, trust, missing, last)? {
         Walked::Dir(dir) => Ok(dir),
         // Not reached with Create or Fail; kept total.
         Walked::Stopped => Err(SafePathError::Io {
@@ -301,90 +298,139 @@ pub fn open_dir(path: &Path, trust: &Trust, create: Option<u32>) -> Result<SafeD
     }
 }
 
-/// Checks what exists of `path` as [`open_dir`] would walk it, creating nothing: a missing
-/// tail is fine when the directory it would be created in may be stepped out of; a component
-/// this process may not search is not judged (the daemon's user may be another).
-pub fn check_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
-    judged(walk(path, trust, Missing::Stop).map(drop))
+/// The checks of one load of a config: what exists of each path is judged as [`open_dir`]
+/// would walk it, creating nothing, and each directory once however many secret files or
+/// outputs it holds (10,000 clients: one walk, not 10,000). Only what passed is remembered: a
+/// refused path is walked again, and reported, at each use.
+#[derive(Debug)]
+pub struct Checker {
+    trust: Trust,
+    /// Directories that passed, with the stricter of the judgements they passed
+    /// ([`Last::Files`] implies [`Last::Entry`]).
+    passed: HashMap<PathBuf, Last>,
+    /// Directories as written → their real path (`None`: it could not be resolved).
+    real: HashMap<PathBuf, Option<PathBuf>>,
 }
 
-/// [`check_dir`] for the directory holding an entry (see [`open_parent_dir`]): it may be
-/// sticky and open, like `/tmp`.
-pub fn check_parent_dir(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
-    judged(walk_to(path, trust, Missing::Stop, Last::Entry).map(drop))
-}
-
-/// What a check without creating anything reports of a walk: only matters of trust.
-fn judged(walked: Result<(), SafePathError>) -> Result<(), SafePathError> {
-    match walked {
-        // A component this process may not search: the daemon's user may be another.
-        Err(SafePathError::Io { source, .. })
-            if source.kind() == io::ErrorKind::PermissionDenied =>
-        {
-            Ok(())
+impl Checker {
+    /// A pass that trusts root and `trust`'s user.
+    pub fn new(trust: Trust) -> Checker {
+        Checker {
+            trust,
+            passed: HashMap::new(),
+            real: HashMap::new(),
         }
-        // Not a matter of trust: the write (or the daemon's start) reports it, and a running
-        // daemon shows the output as not written until the path is mended.
-        Err(SafePathError::NotADirectory(_)) => Ok(()),
-        other => other,
     }
-}
 
-/// Checks a file the daemon reads orders or credentials from (the config, an included file, a
-/// secret file): neither it nor a directory on its way may be writable by a user other than
-/// root and the daemon's user (sticky directories aside, for an entry root or the daemon's
-/// user owns). Symbolic links are allowed here (Kubernetes secret volumes and
-/// `/var/run -> /run` are made of them): the real path is walked as [`check_parent_dir`]
-/// does, and the directory holding the link itself is checked too. A file that is missing or
-/// that this process may not look at is not judged (reading it reports that).
-pub fn check_file(path: &Path, trust: &Trust) -> Result<(), SafePathError> {
-    use std::os::unix::fs::MetadataExt;
-    let real = match std::fs::canonicalize(path) {
-        Ok(r) => r,
-        Err(_) => return Ok(()),
-    };
-    if let Some(parent) = real.parent() {
-        check_parent_dir(parent, trust)?;
+    /// Who is trusted.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
-    let meta = match std::fs::metadata(&real) {
-        Ok(m) => m,
-        Err(_) => return Ok(()),
-    };
-    let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
-    if trust.is_open(owner, mode) {
-        return Err(SafePathError::UntrustedFile {
-            path: path.to_path_buf(),
-            owner,
-            mode,
-            user: trust.user(),
-        });
+
+    /// A directory files will be created in (as [`open_dir`] walks it): a missing tail is fine
+    /// when the directory it would be created in may be stepped out of; a component this
+    /// process may not search is not judged (the daemon's user may be another).
+    pub fn dir(&mut self, path: &Path) -> Result<(), SafePathError> {
+        self.judge(path, Last::Files)
     }
-    // The directory holding the name as written, when that name is a link: whoever can
-    // write there can point the link elsewhere.
-    if real != path
-        && let Some(parent) = path.parent()
-        && let Ok(link) = std::fs::symlink_metadata(path)
-        && let Ok(dir) = std::fs::metadata(parent)
-        && !trust.may_step(dir.uid(), dir.mode() & 0o7777, link.uid())
-    {
-        return Err(SafePathError::Untrusted {
-            dir: parent.to_path_buf(),
-            owner: dir.uid(),
-            mode: dir.mode() & 0o7777,
-            user: trust.user(),
-            last: false,
-        });
+
+    /// [`Checker::dir`] for the directory holding one entry (see [`open_parent_dir`]): it may
+    /// be sticky and open, like `/tmp`.
+    pub fn parent_dir(&mut self, path: &Path) -> Result<(), SafePathError> {
+        self.judge(path, Last::Entry)
     }
-    Ok(())
+
+    fn judge(&mut self, path: &Path, last: Last) -> Result<(), SafePathError> {
+        match self.passed.get(path) {
+            Some(Last::Files) => return Ok(()),
+            Some(Last::Entry) if last == Last::Entry => return Ok(()),
+            _ => {}
+        }
+        match walk_to(path, &self.trust, Missing::Stop, last) {
+            Ok(_) => {}
+            // A component this process may not search: the daemon's user may be another.
+            Err(SafePathError::Io { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied => {}
+            // Not a matter of trust: the write (or the daemon's start) reports it, and a
+            // running daemon shows the output as not written until the path is mended.
+            Err(SafePathError::NotADirectory(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.passed.insert(path.to_path_buf(), last);
+        Ok(())
+    }
+
+    /// A file the daemon reads orders or credentials from (the config, an included file, a
+    /// secret file): neither it nor a directory on its way may be writable by a user other
+    /// than root and the daemon's user (sticky directories aside, for an entry root or the
+    /// daemon's user owns). Symbolic links are allowed here (Kubernetes secret volumes and
+    /// `/var/run -> /run` are made of them): the real path is walked as
+    /// [`Checker::parent_dir`] does, and when the file's own name is a link, the directory
+    /// holding it is checked too. A file that is missing or that this process may not look
+    /// at is not judged (reading it reports that). Gives the file's permission bits when it
+    /// was judged.
+    pub fn file(&mut self, path: &Path) -> Result<Option<u32>, SafePathError> {
+        use std::os::unix::fs::MetadataExt;
+        let (Some(dir), Ok(meta)) = (path.parent(), std::fs::symlink_metadata(path)) else {
+            return Ok(None);
+        };
+        let dir = Some(dir)
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let link = meta.file_type().is_symlink();
+        let real_dir = if link {
+            std::fs::canonicalize(path)
+                .ok()
+                .and_then(|real| real.parent().map(Path::to_path_buf))
+        } else {
+            self.real
+                .entry(dir.to_path_buf())
+                .or_insert_with(|| std::fs::canonicalize(dir).ok())
+                .clone()
+        };
+        let Some(real_dir) = real_dir else {
+            return Ok(None);
+        };
+        self.parent_dir(&real_dir)?;
+        let Ok(file) = (if link {
+            std::fs::metadata(path)
+        } else {
+            Ok(meta.clone())
+        }) else {
+            return Ok(None);
+        };
+        let (owner, mode) = (file.uid(), file.mode() & 0o7777);
+        if self.trust.is_open(owner, mode) {
+            return Err(SafePathError::UntrustedFile {
+                path: path.to_path_buf(),
+                owner,
+                mode,
+                user: self.trust.user(),
+            });
+        }
+        // The directory holding the name as written, when that name is a link: whoever can
+        // write there can point the link elsewhere.
+        if link
+            && let Ok(holder) = std::fs::metadata(dir)
+            && !self
+                .trust
+                .may_step(holder.uid(), holder.mode() & 0o7777, meta.uid())
+        {
+            return Err(SafePathError::Untrusted {
+                dir: dir.to_path_buf(),
+                owner: holder.uid(),
+                mode: holder.mode() & 0o7777,
+                user: self.trust.user(),
+                last: false,
+            });
+        }
+        Ok(Some(mode))
+    }
 }
 
 enum Walked {
     Dir(SafeDir),
     Stopped,
-}
-
-fn walk(path: &Path, trust: &Trust, missing: Missing) -> Result<Walked, SafePathError> {
-    walk_to(path, trust, missing, Last::Files)
 }
 
 fn walk_to(
@@ -560,13 +606,13 @@ mod tests {
         let d = open_dir(&deep, &t, Some(0o755)).unwrap();
         assert_eq!(d.mode(), 0o755);
         assert!(deep.is_dir());
-        check_dir(&dir.path().join("a/b/c/d/e"), &t).unwrap();
+        Checker::new(t).dir(&dir.path().join("a/b/c/d/e")).unwrap();
 
         std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("link")).unwrap();
         let e = open_dir(&dir.path().join("link/b"), &t, Some(0o755)).unwrap_err();
         assert!(matches!(e, SafePathError::Symlink(_)), "{e:?}");
         assert!(e.to_string().contains("link"), "{e}");
-        let e = check_dir(&dir.path().join("link/b"), &t).unwrap_err();
+        let e = Checker::new(t).dir(&dir.path().join("link/b")).unwrap_err();
         assert!(e.is_unsafe());
 
         std::fs::write(dir.path().join("file"), "x").unwrap();
@@ -602,7 +648,7 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         open_dir(&open.join("sub"), &t, None).unwrap();
         open_dir(&open.join("new"), &t, Some(0o755)).unwrap();
-        check_dir(&open.join("later/x"), &t).unwrap();
+        Checker::new(t).dir(&open.join("later/x")).unwrap();
         assert!(open_dir(&open, &t, None).is_err());
     }
 }

@@ -15,12 +15,14 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
+use zeroize::Zeroizing;
 
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
@@ -53,7 +55,7 @@ pub struct Reuse<'a> {
 /// table, not 10,000 client builds (issue 6: reload within 100 ms).
 pub fn load_reusing(path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config, ConfigErrors> {
     match std::fs::read_to_string(path) {
-        Ok(text) => load_text(&text, path, reuse),
+        Ok(text) => load_text(text, path, reuse),
         Err(e) => Err(ConfigErrors {
             errors: vec![ConfigError {
                 file: path.to_path_buf(),
@@ -69,10 +71,10 @@ pub fn load_reusing(path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config, Con
 /// still resolved against `path`'s directory, and `path`'s mode is checked for the inline
 /// secret warning when the file exists.
 pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    load_text(text, path, None)
+    load_text(text.to_owned(), path, None)
 }
 
-fn load_text(text: &str, path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config, ConfigErrors> {
+fn load_text(text: String, path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config, ConfigErrors> {
     let mut loader = Loader {
         reuse,
         sources: std::collections::HashMap::new(),
@@ -82,7 +84,7 @@ fn load_text(text: &str, path: &Path, reuse: Option<Reuse<'_>>) -> Result<Config
         clients_seen: std::collections::HashMap::new(),
         outputs_seen: std::collections::HashMap::new(),
         chown: crate::outputs::ChownRights::of_this_process(),
-        trust: Trust::of_this_process(),
+        safe: safepath::Checker::new(Trust::of_this_process()),
     };
     let config = loader.main(text, path);
     loader.finish(config)
@@ -97,7 +99,8 @@ struct Loc {
 
 struct SourceFile {
     path: PathBuf,
-    text: String,
+    /// Zeroed when dropped: it may hold inline secrets.
+    text: Rc<Zeroizing<String>>,
     lines: LineIndex,
     /// Permission bits, when the file could be stat'ed.
     mode: Option<u32>,
@@ -118,9 +121,8 @@ struct Loader<'r> {
     outputs_seen: std::collections::HashMap<PathBuf, (Loc, String)>,
     /// What owners and groups this process could give outputs, for the CAP_CHOWN warning.
     chown: crate::outputs::ChownRights,
-    /// Who may own the directories and files the daemon trusts: root and the daemon's user
-    /// (see [`daemon_user`]).
-    trust: Trust,
+    /// The paths judged so far, trusting root and the daemon's user (see [`daemon_user`]).
+    safe: safepath::Checker,
 }
 
 /// The timing of `[defaults]` with where each key was set, so that a bad combination is
@@ -134,15 +136,15 @@ struct TimingSrc {
 // === impl Loader: files and errors ===
 
 impl Loader<'_> {
-    fn add_file(&mut self, path: &Path, text: &str) -> usize {
+    fn add_file(&mut self, path: &Path, text: String) -> usize {
         let mode = std::fs::metadata(path).ok().map(|m| {
             use std::os::unix::fs::PermissionsExt;
             m.permissions().mode() & 0o7777
         });
         self.files.push(SourceFile {
             path: path.to_path_buf(),
-            text: text.to_owned(),
-            lines: LineIndex::new(text),
+            lines: LineIndex::new(&text),
+            text: Rc::new(Zeroizing::new(text)),
             mode,
         });
         self.files.len() - 1
@@ -347,9 +349,10 @@ fn without_values(message: &str) -> String {
 const TOP_KEYS: [&str; 3] = ["daemon", "defaults", "clients"];
 
 impl Loader<'_> {
-    fn main(&mut self, text: &str, path: &Path) -> Option<Config> {
+    fn main(&mut self, text: String, path: &Path) -> Option<Config> {
         let file = self.add_file(path, text);
-        let mut root = self.parse(file, text)?;
+        let text = Rc::clone(&self.files[file].text);
+        let mut root = self.parse(file, &text)?;
         let dir = parent_dir(path);
 
         for (k, _) in root.iter() {
@@ -370,7 +373,7 @@ impl Loader<'_> {
             None => (Some(DaemonConfig::default()), Vec::new()),
         };
         // After [daemon]: the daemon's user may come from state_dir (see `daemon_user`).
-        if let Err(e) = safepath::check_file(path, &self.trust) {
+        if let Err(e) = self.safe.file(path) {
             self.error(
                 Loc { file, offset: 0 },
                 format!(
@@ -443,7 +446,7 @@ impl Loader<'_> {
             if files.contains(&path) || !path.is_file() {
                 continue;
             }
-            if let Err(e) = safepath::check_file(&path, &self.trust) {
+            if let Err(e) = self.safe.file(&path) {
                 self.error(
                     *loc,
                     format!(
@@ -465,7 +468,8 @@ impl Loader<'_> {
                 }
             };
             files.push(path.clone());
-            let file = self.add_file(&path, &text);
+            let file = self.add_file(&path, text);
+            let text = Rc::clone(&self.files[file].text);
             let Some(mut root) = self.parse(file, &text) else {
                 continue;
             };
@@ -511,9 +515,7 @@ impl Loader<'_> {
         for (key, value) in table {
             let name = key.get_ref().to_string();
             let header = Self::at(file, value.span());
-            if let Err(e) = check::check_client_name(&name) {
-                self.error(Self::at(file, key.span()), e);
-            }
+            self.ok_at(file, key.span(), check::check_client_name(&name));
             if let Some(first) = self.clients_seen.get(&name).copied() {
                 let first = self.describe(first);
                 self.error(
@@ -665,59 +667,53 @@ impl Loader<'_> {
                 state_dir_loc = Some(loc);
             }
         }
-        self.trust = Trust::for_user(daemon_user(&d.state_dir));
+        self.safe = safepath::Checker::new(Trust::for_user(daemon_user(&d.state_dir)));
         if let Some(loc) = state_dir_loc
-            && let Err(e) = check_state_dir(&d.state_dir, &self.trust)
+            && let Err(e) = check_state_dir(&d.state_dir, &mut self.safe)
         {
             self.error(loc, format!("state_dir \"{}\": {e}", d.state_dir.display()));
         }
         if let (Some(socket), Some(raw)) = (&d.socket, &raw_socket_loc)
             && let Some(dir) = socket.parent()
-            && let Err(e) = safepath::check_dir(dir, &self.trust)
+            && let Err(e) = self.safe.dir(dir)
         {
             self.error(*raw, format!("socket \"{}\": {e}", socket.display()));
         }
         if let Some(m) = raw.metrics_listen {
-            match m.get_ref().parse() {
-                Ok(addr) => d.metrics_listen = Some(addr),
-                Err(_) => self.error(
-                    Self::at(file, m.span()),
-                    format!(
-                        "metrics_listen \"{}\" is not a socket address such as \"127.0.0.1:9464\"",
-                        m.get_ref()
-                    ),
-                ),
-            }
+            let addr = m.get_ref().parse().map_err(|_| {
+                format!(
+                    "metrics_listen \"{}\" is not a socket address such as \"127.0.0.1:9464\"",
+                    m.get_ref()
+                )
+            });
+            d.metrics_listen = self.ok_at(file, m.span(), addr).or(d.metrics_listen);
         }
         if let Some(f) = raw.log_format {
-            match check::parse_log_format(f.get_ref()) {
-                Ok(v) => d.log_format = v,
-                Err(e) => self.error(Self::at(file, f.span()), e),
-            }
+            let format = check::parse_log_format(f.get_ref());
+            d.log_format = self.ok_at(file, f.span(), format).unwrap_or(d.log_format);
         }
-        if let Some(l) = raw.log_level {
-            match check::check_log_level(l.get_ref()) {
-                Ok(()) => d.log_level = l.into_inner(),
-                Err(e) => self.error(Self::at(file, l.span()), e),
-            }
+        if let Some(l) = raw.log_level
+            && self
+                .ok_at(file, l.span(), check::check_log_level(l.get_ref()))
+                .is_some()
+        {
+            d.log_level = l.into_inner();
         }
         if let Some(n) = raw.max_concurrent_refreshes {
-            match usize::try_from(*n.get_ref()) {
-                Ok(v) if v >= 1 => d.max_concurrent_refreshes = v,
-                _ => self.error(
-                    Self::at(file, n.span()),
-                    "max_concurrent_refreshes must be at least 1",
-                ),
-            }
+            let v = usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|v| *v >= 1)
+                .ok_or("max_concurrent_refreshes must be at least 1");
+            d.max_concurrent_refreshes = self
+                .ok_at(file, n.span(), v)
+                .unwrap_or(d.max_concurrent_refreshes);
         }
         if let Some(n) = raw.max_connections {
-            match usize::try_from(*n.get_ref()) {
-                Ok(v) if (1..=1_000_000).contains(&v) => d.max_connections = v,
-                _ => self.error(
-                    Self::at(file, n.span()),
-                    "max_connections must be between 1 and 1000000",
-                ),
-            }
+            let v = usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|v| (1..=1_000_000).contains(v))
+                .ok_or("max_connections must be between 1 and 1000000");
+            d.max_connections = self.ok_at(file, n.span(), v).unwrap_or(d.max_connections);
         }
         self.daemon_http(file, &mut d, raw.http_socket, raw.http_listen, raw.audit);
         let include: Vec<(String, Loc)> = raw
@@ -895,13 +891,11 @@ impl Loader<'_> {
         let mut raw: RawClient =
             self.table(file, &what, Spanned::new(span, DeValue::Table(table)))?;
 
-        let token_url = match check::check_token_url(raw.token_url.get_ref()) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                self.error(Self::at(file, raw.token_url.span()), e);
-                None
-            }
-        };
+        let token_url = self.ok_at(
+            file,
+            raw.token_url.span(),
+            check::check_token_url(raw.token_url.get_ref()),
+        );
         let timing = merge_timing(file, defaults, raw.take_timing());
         self.check_timing(&timing, Some(header));
 
@@ -916,17 +910,13 @@ impl Loader<'_> {
         let extra_headers = self.extra(file, raw.extra_headers.take(), |k, v| {
             check::check_header_name(k).and_then(|()| check::check_header_value(k, v))
         });
-        if let Some(c) = &raw.rotate_cron
-            && let Err(e) = check::check_cron(c.get_ref())
-        {
-            self.error(Self::at(file, c.span()), e);
+        if let Some(c) = &raw.rotate_cron {
+            self.ok_at(file, c.span(), check::check_cron(c.get_ref()));
         }
         let ca_file = raw.ca_file.take().map(|p| {
             let span = p.span();
             let path = resolve(dir, p.into_inner());
-            if let Err(e) = crate::oauth::check_ca_file(&path) {
-                self.error(Self::at(file, span), e);
-            }
+            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
             path
         });
         let proxy = match raw.proxy.take() {
@@ -1004,14 +994,14 @@ impl Loader<'_> {
         })
     }
 
-    fn ok_at<T>(&mut self, file: usize, span: Range<usize>, r: Result<T, String>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.error(Self::at(file, span), e);
-                None
-            }
-        }
+    /// `r`'s value; its error is recorded at `span` of `file`.
+    fn ok_at<T>(
+        &mut self,
+        file: usize,
+        span: Range<usize>,
+        r: Result<T, impl Into<String>>,
+    ) -> Option<T> {
+        r.map_err(|e| self.error(Self::at(file, span), e)).ok()
     }
 
     /// Keys the grant and the authentication method need, and keys they do not use.
@@ -1027,58 +1017,29 @@ impl Loader<'_> {
         let auth_says = format!("client_auth = \"{}\"", p.auth.name());
         let present =
             |k: &str| key_locs.contains_key(k) || (k == "assertion" && assertion.is_some());
+        let (pw, rt, jb) = (
+            p.grant == GrantKind::Password,
+            p.grant == GrantKind::RefreshToken,
+            p.grant == GrantKind::JwtBearer,
+        );
+        let (sec, pk, jwt) = (
+            p.auth.uses_secret(),
+            p.auth == AuthKind::PrivateKeyJwt,
+            p.auth.is_jwt(),
+        );
+        let (a, g) = (auth_says.as_str(), grant_says.as_str());
         // (key, needed, used, which setting decides)
-        let rules: [(&str, bool, bool, &str); 10] = [
-            (
-                "client_id",
-                !(p.grant == GrantKind::JwtBearer && p.auth == AuthKind::None),
-                true,
-                &auth_says,
-            ),
-            (
-                "client_secret",
-                p.auth.uses_secret(),
-                p.auth.uses_secret(),
-                &auth_says,
-            ),
-            (
-                "private_key",
-                p.auth == AuthKind::PrivateKeyJwt,
-                p.auth == AuthKind::PrivateKeyJwt,
-                &auth_says,
-            ),
-            (
-                "key_id",
-                false,
-                p.auth == AuthKind::PrivateKeyJwt,
-                &auth_says,
-            ),
-            ("signing_alg", false, p.auth.is_jwt(), &auth_says),
-            ("assertion_lifetime", false, p.auth.is_jwt(), &auth_says),
-            (
-                "username",
-                p.grant == GrantKind::Password,
-                p.grant == GrantKind::Password,
-                &grant_says,
-            ),
-            (
-                "password",
-                p.grant == GrantKind::Password,
-                p.grant == GrantKind::Password,
-                &grant_says,
-            ),
-            (
-                "refresh_token",
-                p.grant == GrantKind::RefreshToken,
-                p.grant == GrantKind::RefreshToken,
-                &grant_says,
-            ),
-            (
-                "assertion",
-                p.grant == GrantKind::JwtBearer,
-                p.grant == GrantKind::JwtBearer,
-                &grant_says,
-            ),
+        let rules = [
+            ("client_id", !(jb && p.auth == AuthKind::None), true, a),
+            ("client_secret", sec, sec, a),
+            ("private_key", pk, pk, a),
+            ("key_id", false, pk, a),
+            ("signing_alg", false, jwt, a),
+            ("assertion_lifetime", false, jwt, a),
+            ("username", pw, pw, g),
+            ("password", pw, pw, g),
+            ("refresh_token", rt, rt, g),
+            ("assertion", jb, jb, g),
         ];
         for (key, needed, used, why) in rules {
             if needed && !present(key) {
@@ -1286,45 +1247,35 @@ impl Loader<'_> {
                 SecretSource::Inline(s)
             }
         };
-        if let Some(path) = source.path()
-            && !self.secret_file_trusted(loc, key, &path)
-        {
-            return None;
-        }
-        match source.load() {
-            Ok(value) => Some(Credential { source, value }),
-            Err(e) => {
-                self.error(loc, format!("{key}: {e}"));
-                None
+        // A secret file others can write is refused (whoever can write it controls the
+        // credential); one any user can read gives a warning.
+        if let Some(path) = source.path() {
+            match self.safe.file(&path) {
+                Err(e) => {
+                    let e = format!(
+                        "{key}: secret file: {e}; whoever can write it controls this credential"
+                    );
+                    self.error(loc, e);
+                    return None;
+                }
+                Ok(Some(mode)) if mode & 0o004 != 0 => self.warn(
+                    loc,
+                    format!(
+                        "{key}: secret file {} can be read by any user (mode {mode:04o}): chmod \
+                         o-r it (0600, or 0640 with the daemon's group)",
+                        path.display()
+                    ),
+                ),
+                Ok(_) => {}
             }
         }
-    }
-
-    /// A secret file must not be writable by others (an error: whoever can write it controls
-    /// the credential); one any user can read gives a warning.
-    fn secret_file_trusted(&mut self, loc: Loc, key: &str, path: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        if let Err(e) = safepath::check_file(path, &self.trust) {
-            self.error(
-                loc,
-                format!("{key}: secret file: {e}; whoever can write it controls this credential"),
-            );
-            return false;
-        }
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.mode() & 0o004 != 0
-        {
-            self.warn(
-                loc,
-                format!(
-                    "{key}: secret file {} can be read by any user (mode {:04o}): chmod o-r it \
-                     (0600, or 0640 with the daemon's group)",
-                    path.display(),
-                    meta.mode() & 0o7777
-                ),
-            );
-        }
-        true
+        let value = source
+            .load()
+            .map_err(|e| self.error(loc, format!("{key}: {e}")));
+        Some(Credential {
+            value: value.ok()?,
+            source,
+        })
     }
 
     fn extra(
@@ -1335,11 +1286,11 @@ impl Loader<'_> {
     ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (k, v) in raw.unwrap_or_default() {
-            match check(k.get_ref(), v.get_ref()) {
-                Ok(()) => {
-                    out.insert(k.into_inner(), v.into_inner());
-                }
-                Err(e) => self.error(Self::at(file, k.span()), e),
+            if self
+                .ok_at(file, k.span(), check(k.get_ref(), v.get_ref()))
+                .is_some()
+            {
+                out.insert(k.into_inner(), v.into_inner());
             }
         }
         out
@@ -1386,11 +1337,12 @@ fn daemon_user(state_dir: &Path) -> u32 {
 /// `state_dir` as [`crate::state::StateDir::open`] will judge it, creating nothing: its
 /// parents walked safely; if it exists, a directory (not a link) owned by the daemon's user
 /// and not writable by group or others.
-fn check_state_dir(path: &Path, trust: &Trust) -> Result<(), String> {
+fn check_state_dir(path: &Path, safe: &mut safepath::Checker) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     if let Some(parent) = path.parent() {
-        safepath::check_parent_dir(parent, trust).map_err(|e| e.to_string())?;
+        safe.parent_dir(parent).map_err(|e| e.to_string())?;
     }
+    let trust = safe.trust();
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => {
             Err("it is a symbolic link; give the real directory".into())
@@ -1557,7 +1509,7 @@ impl Loader<'_> {
             self.outputs_seen
                 .insert(path.clone(), (path_loc, client.to_owned()));
             if let Some(dir) = path.parent()
-                && let Err(e) = safepath::check_dir(dir, &self.trust)
+                && let Err(e) = self.safe.dir(dir)
             {
                 self.error(path_loc, format!("output path \"{}\": {e}", path.display()));
             }
