@@ -750,7 +750,7 @@ impl Loader<'_> {
                         ),
                     );
                 } else if let Some(dir) = path.parent()
-                    && let Err(e) = safepath::check_dir(dir, &self.trust)
+                    && let Err(e) = self.safe.dir(dir)
                 {
                     self.error(loc, format!("http_socket \"{}\": {e}", path.display()));
                 } else {
