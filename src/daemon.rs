@@ -16,18 +16,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{self, ClientChange, ClientConfig, Config};
 use crate::grpc::GrpcServer;
 use crate::logging::LogHandle;
-use crate::oauth::HttpClients;
-use crate::refresher::{self, Reconfigure, Shared};
+use crate::refresher::{self, Engine, Reconfigure};
 use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
-use crate::state::StateDir;
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
 
@@ -43,8 +40,8 @@ pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The state directory could not be opened or is locked by another daemon.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// Signal handlers or the file watcher could not be installed.
     #[error("{0}")]
     Setup(String),
@@ -56,7 +53,7 @@ pub enum DaemonError {
 /// A running daemon.
 pub struct Daemon {
     config: Arc<Config>,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     store: Arc<Store>,
     handles: BTreeMap<String, refresher::Handle>,
     root: CancellationToken,
@@ -84,8 +81,10 @@ impl Daemon {
     /// Opens the state directory, installs signal handlers and the file watcher, and starts
     /// every client.
     pub async fn start(config: Config, log: Option<LogHandle>) -> Result<Daemon, DaemonError> {
-        let state = StateDir::open(&config.daemon.state_dir)
-            .map_err(|e| DaemonError::State(e.to_string()))?;
+        let engine = Arc::new(Engine::open(
+            &config.daemon,
+            config.clients.values().map(|c| &**c),
+        )?);
         let (events_tx, events) = mpsc::channel(64);
         let signals = reload::signals(events_tx.clone())
             .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
@@ -104,16 +103,9 @@ impl Daemon {
             };
         let permits_total = config.daemon.max_concurrent_refreshes.max(1);
         let limits = crate::limits::for_daemon(&config.daemon);
-        let shared = Arc::new(Shared {
-            state: Arc::new(state),
-            http: Arc::new(HttpClients::default()),
-            permits: Arc::new(Semaphore::new(permits_total)),
-            tracker: TaskTracker::new(),
-            holds: Default::default(),
-        });
         let mut daemon = Daemon {
             config: Arc::new(config),
-            shared,
+            engine,
             store: Arc::new(Store::default()),
             handles: BTreeMap::new(),
             root: CancellationToken::new(),
@@ -137,16 +129,6 @@ impl Daemon {
             daemon.start_metrics(addr).await?;
         }
         let clients: Vec<Arc<ClientConfig>> = daemon.config.clients.values().cloned().collect();
-        // We hold the state lock and no refresher runs yet: any temporary file next to an
-        // output is litter from a write that was killed midway (docs/operations.md#restarts).
-        for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
-        {
-            tracing::info!(
-                client = client.as_str(),
-                path = ?path,
-                "removed a temporary file left by an interrupted write"
-            );
-        }
         for c in clients {
             daemon.add_client(c).await;
         }
@@ -253,8 +235,8 @@ impl Daemon {
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
         }
-        self.shared.tracker.close();
-        if tokio::time::timeout_at(deadline, self.shared.tracker.wait())
+        self.engine.tracker.close();
+        if tokio::time::timeout_at(deadline, self.engine.tracker.wait())
             .await
             .is_err()
         {
@@ -314,7 +296,7 @@ impl Daemon {
 
     async fn add_client(&mut self, config: Arc<ClientConfig>) {
         let name = config.name.clone();
-        let handle = refresher::spawn(config.clone(), self.shared.clone(), self.root.child_token());
+        let handle = refresher::spawn(config.clone(), self.engine.clone(), self.root.child_token());
         self.store.insert(&name, handle.slot.clone());
         self.handles.insert(name.clone(), handle);
         self.set_cron(&config).await;
@@ -627,11 +609,11 @@ impl Daemon {
         }
         let want = d.max_concurrent_refreshes.max(1);
         if want > self.permits_total {
-            self.shared.permits.add_permits(want - self.permits_total);
+            self.engine.permits.add_permits(want - self.permits_total);
             self.permits_total = want;
         } else if want < self.permits_total {
             let gone = self
-                .shared
+                .engine
                 .permits
                 .forget_permits(self.permits_total - want);
             self.permits_total -= gone;

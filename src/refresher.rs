@@ -1,5 +1,7 @@
 //! One task per client: get a token, keep it fresh ahead of expiry, publish it (store, state,
-//! outputs), answer on-demand requests, and back off on failure (docs/operations.md).
+//! outputs), answer on-demand requests, and back off on failure (docs/operations.md). The
+//! daemon runs them for as long as it runs; `once` runs the same refreshers until each has
+//! settled its first attempt (see [`crate::app`]).
 //!
 //! The loop waits on whichever comes first: the planned refresh, a command (demand, SIGUSR1,
 //! cron rotation, reconfiguration), the token's expiry (so status and logs turn EXPIRED on
@@ -19,26 +21,56 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, DaemonConfig};
 use crate::oauth::{self, ErrorClass, HttpClients, Human};
 use crate::outputs;
 use crate::schedule::{self, Backoff, FailureKind, Trigger};
 use crate::secret::Secret;
-use crate::state::{StateDir, StoredState};
+use crate::state::{StateDir, StateError, StoredState};
 pub use crate::store::Reconfigure;
-use crate::store::{ClientSlot, Command, Mailbox, Reason, Snapshot};
+use crate::store::{Answer, ClientSlot, Command, Mailbox, Reason, RefreshError, Snapshot};
 use crate::token::{Token, rfc3339};
 
-/// What every refresher shares.
-pub struct Shared {
+/// How long an `on_change` command may run.
+pub const ON_CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every refresher of one daemon (or one `once` run) shares: the locked state directory,
+/// the HTTP clients, the `max_concurrent_refreshes` permits and the tasks stopping waits for.
+pub struct Engine {
     pub state: Arc<StateDir>,
     pub http: Arc<HttpClients>,
     /// `max_concurrent_refreshes` permits.
     pub permits: Arc<Semaphore>,
-    /// Background work that shutdown waits for (on_change commands).
+    /// The refreshers and their background work (on_change commands): stopping waits for them.
     pub tracker: TaskTracker,
     /// Token URLs whose provider asked to wait (`Retry-After`).
     pub holds: UrlHolds,
+}
+
+impl Engine {
+    /// Opens (and locks) the state directory, then removes the temporary files that writes
+    /// killed midway left next to the outputs of `clients`: with the lock held and no refresher
+    /// running yet, nobody else writes there (docs/operations.md#restarts).
+    pub fn open<'a>(
+        daemon: &DaemonConfig,
+        clients: impl IntoIterator<Item = &'a ClientConfig>,
+    ) -> Result<Engine, StateError> {
+        let state = StateDir::open(&daemon.state_dir)?;
+        for (client, path) in outputs::remove_stale_temp_files(clients) {
+            tracing::info!(
+                client = client.as_str(),
+                path = ?path,
+                "removed a temporary file left by an interrupted write"
+            );
+        }
+        Ok(Engine {
+            state: Arc::new(state),
+            http: Arc::new(HttpClients::default()),
+            permits: Arc::new(Semaphore::new(daemon.max_concurrent_refreshes.max(1))),
+            tracker: TaskTracker::new(),
+            holds: UrlHolds::default(),
+        })
+    }
 }
 
 /// Token URLs whose provider answered with `Retry-After` (RFC 9110 §10.2.3), and until when.
@@ -87,7 +119,7 @@ pub struct Handle {
 }
 
 /// Starts the refresher of `config` under `cancel`, on `tracker`.
-pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: CancellationToken) -> Handle {
+pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Engine>, cancel: CancellationToken) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
     let retire = CancellationToken::new();
@@ -126,7 +158,7 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
 
 struct Refresher {
     config: Arc<ClientConfig>,
-    shared: Arc<Shared>,
+    shared: Arc<Engine>,
     snapshot: watch::Sender<Snapshot>,
     mailbox: Arc<Mailbox>,
     cancel: CancellationToken,
@@ -241,7 +273,7 @@ async fn sleep_opt(at: Option<Instant>) {
 
 /// SHA-256 of a `refresh_token`-grant client's configured refresh token: how the state
 /// directory remembers that it was presented, without keeping it.
-pub fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
+fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
     match &config.grant {
         crate::config::Grant::RefreshToken { refresh_token } => {
             Some(refresh_token.value.fingerprint_full())
@@ -253,26 +285,13 @@ pub fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
 /// The spent bootstrap a stored state records. A state saved for this very identity (which
 /// includes the bootstrap's digest) before the record existed also means the bootstrap was
 /// presented: a token or a refusal came of it.
-pub fn spent_bootstrap(
-    stored: &StoredState,
-    identity: &str,
-    config: &ClientConfig,
-) -> Option<String> {
+fn spent_bootstrap(stored: &StoredState, identity: &str, config: &ClientConfig) -> Option<String> {
     match (&stored.spent_bootstrap, bootstrap_fingerprint(config)) {
         (Some(spent), _) => Some(spent.clone()),
         (None, Some(b)) if stored.fingerprint == identity => Some(b),
         _ => None,
     }
 }
-
-/// The answer to demands on a client that was removed or replaced meanwhile.
-const RETIRED: &str = "the client was removed or replaced by a reload";
-
-/// The answer to demands while a new token is held back because its state cannot be saved.
-const HELD_BACK: &str = "the new token is held back: its state could not be saved";
-
-/// Outcome of one attempt, for the replies to coalesced demands.
-type Answer = Result<Arc<Token>, String>;
 
 impl Refresher {
     fn name(&self) -> &str {
@@ -449,7 +468,7 @@ impl Refresher {
                 return answer;
             }
             if self.held.is_some() {
-                return Err(HELD_BACK.into());
+                return Err(RefreshError::HeldBack);
             }
         }
         if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
@@ -504,7 +523,7 @@ impl Refresher {
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let result = tokio::select! {
             biased;
-            _ = self.retire.cancelled() => return Err(RETIRED.into()),
+            _ = self.retire.cancelled() => return Err(RefreshError::Stopped),
             r = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent) => r,
         };
         let now_spent = match &result {
@@ -548,7 +567,7 @@ impl Refresher {
                 };
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
-                    None => Err(HELD_BACK.into()),
+                    None => Err(RefreshError::HeldBack),
                 }
             }
             Err(failure) => {
@@ -577,7 +596,7 @@ impl Refresher {
     /// state is held for the next attempt).
     async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
         if self.retire.is_cancelled() {
-            return Some(Err(RETIRED.into()));
+            return Some(Err(RefreshError::Stopped));
         }
         let token = state.token.clone()?;
         if !token.is_valid_at(SystemTime::now()) {
@@ -615,7 +634,7 @@ impl Refresher {
             return None;
         }
         if self.retire.is_cancelled() {
-            return Some(Err(RETIRED.into()));
+            return Some(Err(RefreshError::Stopped));
         }
         let token = Arc::new(token);
         let recovered = self.repeated.clear();
@@ -659,7 +678,7 @@ impl Refresher {
             s.consecutive_failures = 0;
             s.save_failing = false;
             s.last_refresh_at = Some(now);
-            let _ = reused;
+            s.reused = reused;
         });
     }
 
@@ -719,7 +738,7 @@ impl Refresher {
             s.next_refresh_at = Some(at);
             s.settled = true;
         });
-        Err(message)
+        Err(RefreshError::Failed(message))
     }
 
     async fn save_without_refresh_token(&self) {
@@ -812,9 +831,8 @@ impl Refresher {
                     generation,
                     expires_at,
                 };
-                let timeout = crate::app::ON_CHANGE_TIMEOUT;
-                for r in outputs::run_on_change(&config, &event, timeout).await {
-                    crate::app::log_on_change(&config.name, &r);
+                for r in outputs::run_on_change(&config, &event, ON_CHANGE_TIMEOUT).await {
+                    log_on_change(&config.name, &r);
                 }
             });
         }
@@ -901,9 +919,47 @@ pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
             reason,
             reply: Some(tx),
         })
-        .map_err(|_| "the client is being removed".to_string())?;
-    rx.await
-        .map_err(|_| "the client was removed before it answered".to_string())?
+        .map_err(|_| RefreshError::Stopped)?;
+    rx.await.map_err(|_| RefreshError::Stopped)?
+}
+
+/// Logs what an `on_change` command did (its output is the command's own, never a secret).
+fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
+    let program = r.argv.first().map(String::as_str).unwrap_or("");
+    match &r.result {
+        Ok(out) => {
+            if out.left_running {
+                tracing::warn!(
+                    client,
+                    program,
+                    "on_change left processes running when it exited; they were killed (start \
+                     long-running work through systemd instead)"
+                );
+            }
+            let stdout = out.stdout.trim();
+            let stderr = out.stderr.trim();
+            if out.status.success() {
+                tracing::info!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change ran in {}",
+                    Human(out.elapsed)
+                );
+            } else {
+                tracing::warn!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change failed ({})",
+                    out.status
+                );
+            }
+        }
+        Err(e) => tracing::warn!(client, "on_change: {e}"),
+    }
 }
 
 #[cfg(test)]

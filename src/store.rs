@@ -65,6 +65,8 @@ pub struct Snapshot {
     pub consecutive_failures: u32,
     /// When the last token was obtained (or reused at start).
     pub last_refresh_at: Option<SystemTime>,
+    /// The token was taken from the state directory at start, not asked for (`once` says so).
+    pub reused: bool,
     /// Whether at least one attempt has finished (or a stored token was reused), and a token it
     /// brought has been written to the outputs. READY=1 waits for this on every client.
     pub settled: bool,
@@ -150,13 +152,32 @@ pub enum Reason {
     Rotation,
 }
 
+/// A refresher's answer to a [`Command`]: the token, or why there is none.
+pub type Answer = Result<Arc<Token>, RefreshError>;
+
+/// Why a refresher answered a demand without a token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The token request failed; the message is the client's `last_error` (status shows it).
+    #[error("{0}")]
+    Failed(String),
+    /// A new token was had but its state could not be saved: it is held back until a save
+    /// succeeds, so its refresh token is never known to memory alone.
+    #[error("the new token is held back: its state could not be saved")]
+    HeldBack,
+    /// The refresher stopped (the client was removed or replaced by a reload, or the daemon
+    /// is stopping) before it answered.
+    #[error("the client was removed or replaced by a reload")]
+    Stopped,
+}
+
 /// A message to a client's refresher.
 #[derive(Debug)]
 pub enum Command {
     /// Get a new token (or, for `MinValid`, one valid long enough), then answer with it.
     Refresh {
         reason: Reason,
-        reply: Option<oneshot::Sender<Result<Arc<Token>, String>>>,
+        reply: Option<oneshot::Sender<Answer>>,
     },
 }
 
@@ -440,13 +461,7 @@ mod tests {
     }
 
     #[allow(clippy::type_complexity)]
-    fn refresh(
-        reason: Reason,
-        reply: bool,
-    ) -> (
-        Command,
-        Option<oneshot::Receiver<Result<Arc<Token>, String>>>,
-    ) {
+    fn refresh(reason: Reason, reply: bool) -> (Command, Option<oneshot::Receiver<Answer>>) {
         let (tx, rx) = oneshot::channel();
         let cmd = Command::Refresh {
             reason,

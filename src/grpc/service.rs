@@ -261,7 +261,7 @@ impl TokenApi {
                 }
                 Err(ApiError::Unavailable {
                     client: client.to_string(),
-                    reason,
+                    reason: reason.to_string(),
                 })
             }
         }

@@ -616,3 +616,65 @@ async fn an_unreachable_provider_is_a_retryable_connect_error() {
         "{e}"
     );
 }
+
+/// `once` runs the daemon's own refreshers: an output that cannot be written leaves the token
+/// stored and the other outputs written, is named on stderr, and makes the exit code 1
+/// (docs/cli.md); a second run reuses the stored token and still exits 1 while the output fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
+    use crate::support::{read, run, token_in};
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // A non-empty directory where the file should go: the rename into place fails.
+    let blocked = env.out("transatel.token");
+    std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
+
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let failure: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("transatel: output failed: "))
+        .collect();
+    assert_eq!(failure.len(), 1, "{}", r.stderr);
+    assert!(
+        failure[0].contains(&blocked.display().to_string()),
+        "{}",
+        failure[0]
+    );
+    // The token itself was got, stored and written everywhere else.
+    assert_eq!(
+        r.stdout.lines().count(),
+        env.demo.clients.len(),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("transatel ") && l.contains(" new "))
+    );
+    assert!(token_in("transatel.json", &read(&env.out("transatel.json"))).is_some());
+    let state: Value =
+        serde_json::from_str(&read(&env.demo.state_dir.join("transatel.json"))).unwrap();
+    assert_eq!(state["generation"], 1);
+
+    let requests = env.provider.requests().len();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("transatel  reused"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("transatel: output failed: "),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "the stored token was reused"
+    );
+
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(token_in("transatel.token", &read(&blocked)).is_some());
+}
