@@ -296,7 +296,7 @@ impl Daemon {
 
     async fn add_client(&mut self, config: Arc<ClientConfig>) {
         let name = config.name.clone();
-        let handle = refresher::spawn(config.clone(), self.engine.clone(), self.root.child_token());
+        let handle = refresher::spawn(config.clone(), self.engine.clone(), self.root.clone());
         self.store.insert(&name, handle.slot.clone());
         self.handles.insert(name.clone(), handle);
         self.set_cron(&config).await;
@@ -305,8 +305,7 @@ impl Daemon {
     /// Stops a client's refresher and forgets it (its files are left in place).
     async fn remove_client(&mut self, name: &str) {
         if let Some(h) = self.handles.remove(name) {
-            h.retire.cancel();
-            h.cancel.cancel();
+            h.stop();
         }
         self.store.remove(name);
         self.clear_cron(name).await;
@@ -390,18 +389,8 @@ impl Daemon {
         }
         self.notifier.reloading();
         let began = std::time::Instant::now();
-        // A change the watcher saw: clients whose tables and secret files did not change are
-        // taken as they are. SIGHUP builds everything again (and re-reads every secret).
-        let loaded = match &reason {
-            ReloadReason::Changed(paths) => config::load_reusing(
-                &self.config.path,
-                Some(config::Reuse {
-                    previous: &self.config,
-                    changed: paths,
-                }),
-            ),
-            ReloadReason::Signal => config::load(&self.config.path),
-        };
+        // Everything is read again (every secret too): the diff alone says what changed.
+        let loaded = config::load(&self.config.path);
         let load_took = began.elapsed();
         let mut new = match loaded {
             Ok(c) => c,
@@ -455,43 +444,34 @@ impl Daemon {
             );
         }
         for (name, change) in &diff.changed {
-            let Some(c) = new.clients.get(name) else {
+            let (Some(old), Some(c)) = (self.config.clients.get(name), new.clients.get(name))
+            else {
                 continue;
             };
-            let c = c.clone();
-            let old = self.config.clients.get(name).cloned();
-            let keys = old
-                .as_deref()
-                .map(|o| config::changed_keys(o, &c))
-                .unwrap_or_default();
-            let timing_changed = old.as_deref().is_some_and(|o| o.timing != c.timing);
             tracing::info!(
                 client = name.as_str(),
-                changed = config::describe(&keys).as_str(),
-                action = reload_action(*change, timing_changed),
+                changed = config::describe(&config::changed_keys(old, c)).as_str(),
+                action = reload_action(*change, old.timing != c.timing),
                 "client changed"
             );
-            // A changed identity needs a fresh refresher: its old state must not leak in.
-            if c.identity_fingerprint()
-                != old
-                    .as_deref()
-                    .map(|o| o.identity_fingerprint())
-                    .unwrap_or_default()
-            {
-                self.remove_client(name).await;
-                self.add_client(c).await;
-                continue;
+            match change {
+                // Nothing of the old identity's token, refresh token or state may leak in.
+                ClientChange::Replace => {
+                    self.remove_client(name).await;
+                    self.add_client(c.clone()).await;
+                }
+                ClientChange::Renew | ClientChange::Outputs | ClientChange::Settings => {
+                    if let Some(h) = self.handles.get_mut(name) {
+                        h.slot.config = c.clone();
+                        self.store.insert(name, h.slot.clone());
+                        let _ = h.slot.mailbox.reconfigure(Reconfigure {
+                            config: c.clone(),
+                            change: *change,
+                        });
+                    }
+                    self.set_cron(c).await;
+                }
             }
-            if let Some(h) = self.handles.get_mut(name) {
-                h.slot.config = c.clone();
-                self.store.insert(name, h.slot.clone());
-                let _ = h.slot.mailbox.reconfigure(Reconfigure {
-                    config: c.clone(),
-                    renew: *change == ClientChange::Renew,
-                    rewrite_outputs: *change == ClientChange::Outputs,
-                });
-            }
-            self.set_cron(&c).await;
         }
         for name in &diff.added {
             if let Some(c) = new.clients.get(name) {
@@ -504,24 +484,7 @@ impl Daemon {
                 self.add_client(c.clone()).await;
             }
         }
-        self.apply_daemon_settings(&new);
-        if diff.daemon.max_connections || diff.daemon.metrics_listen {
-            self.limits = crate::limits::for_daemon(&new.daemon);
-            if let Some(server) = &self.grpc {
-                server.set_max_connections(self.limits.max_connections);
-            }
-        }
-        if self.config.daemon.metrics_listen != new.daemon.metrics_listen {
-            if let Some((_, cancel)) = self.metrics.take() {
-                cancel.cancel();
-            }
-            if let Some(addr) = new.daemon.metrics_listen
-                && let Err(e) = self.start_metrics(addr).await
-            {
-                tracing::error!("{e}");
-            }
-        }
-        self.apply_socket(&new).await;
+        self.apply_daemon_changes(diff.daemon, &new).await;
         if let Some(w) = &self.watcher
             && let Err(e) = w
                 .set_paths(watched_paths(&new))
@@ -545,6 +508,62 @@ impl Daemon {
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;
+    }
+
+    /// Applies what changed in `[daemon]`, key by key as the diff found them.
+    async fn apply_daemon_changes(&mut self, changes: config::DaemonChanges, new: &Config) {
+        let d = &new.daemon;
+        if changes.logging {
+            if let Some(log) = &self.log
+                && d.log_level != self.config.daemon.log_level
+            {
+                match log.set_level(&d.log_level) {
+                    Ok(()) => tracing::info!("log level is now {}", d.log_level),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            if d.log_format != self.config.daemon.log_format {
+                tracing::warn!("log_format changes take effect at the next start");
+            }
+        }
+        if changes.state_dir {
+            tracing::warn!(
+                "state_dir changes take effect at the next start (still using {})",
+                self.config.daemon.state_dir.display()
+            );
+        }
+        if changes.max_concurrent_refreshes {
+            let want = d.max_concurrent_refreshes.max(1);
+            if want > self.permits_total {
+                self.engine.permits.add_permits(want - self.permits_total);
+                self.permits_total = want;
+            } else {
+                let gone = self
+                    .engine
+                    .permits
+                    .forget_permits(self.permits_total - want);
+                self.permits_total -= gone;
+            }
+        }
+        if changes.max_connections || changes.metrics_listen {
+            self.limits = crate::limits::for_daemon(d);
+            if let Some(server) = &self.grpc {
+                server.set_max_connections(self.limits.max_connections);
+            }
+        }
+        if changes.metrics_listen {
+            if let Some((_, cancel)) = self.metrics.take() {
+                cancel.cancel();
+            }
+            if let Some(addr) = d.metrics_listen
+                && let Err(e) = self.start_metrics(addr).await
+            {
+                tracing::error!("{e}");
+            }
+        }
+        if changes.socket || changes.socket_mode {
+            self.apply_socket(new).await;
+        }
     }
 
     /// Rebinds the gRPC socket when its path changed (the new one is bound before the old one
@@ -586,45 +605,12 @@ impl Daemon {
         }
         self.grpc = new_server;
     }
-
-    fn apply_daemon_settings(&mut self, new: &Config) {
-        let old = &self.config.daemon;
-        let d = &new.daemon;
-        if old.log_level != d.log_level
-            && let Some(log) = &self.log
-        {
-            match log.set_level(&d.log_level) {
-                Ok(()) => tracing::info!("log level is now {}", d.log_level),
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
-        if old.log_format != d.log_format {
-            tracing::warn!("log_format changes take effect at the next start");
-        }
-        if old.state_dir != d.state_dir {
-            tracing::warn!(
-                "state_dir changes take effect at the next start (still using {})",
-                old.state_dir.display()
-            );
-        }
-        let want = d.max_concurrent_refreshes.max(1);
-        if want > self.permits_total {
-            self.engine.permits.add_permits(want - self.permits_total);
-            self.permits_total = want;
-        } else if want < self.permits_total {
-            let gone = self
-                .engine
-                .permits
-                .forget_permits(self.permits_total - want);
-            self.permits_total -= gone;
-        }
-    }
 }
 
 /// What a reload does to a changed client, for its log line (pure).
 fn reload_action(change: ClientChange, timing_changed: bool) -> &'static str {
     match (change, timing_changed) {
-        (ClientChange::Renew, _) => "new token requested now",
+        (ClientChange::Replace | ClientChange::Renew, _) => "new token requested now",
         (ClientChange::Outputs, false) => {
             "current token written to the outputs; schedule kept, no new token"
         }

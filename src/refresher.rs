@@ -17,11 +17,12 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ClientConfig, DaemonConfig};
+use crate::config::{ClientChange, ClientConfig, DaemonConfig};
 use crate::oauth::{self, ErrorClass, HttpClients, Human};
 use crate::outputs;
 use crate::schedule::{self, Backoff, FailureKind, Trigger};
@@ -110,19 +111,29 @@ impl UrlHolds {
 /// The handle the daemon keeps on a running refresher.
 pub struct Handle {
     pub slot: ClientSlot,
-    /// Stops the refresher; a request in flight still completes and is saved (shutdown).
-    pub cancel: CancellationToken,
-    /// The client was removed or replaced (its identity changed): a request in flight is
-    /// abandoned and nothing more is saved or published, so a late answer for the old
-    /// identity cannot overwrite the new refresher's token, state or files.
-    pub retire: CancellationToken,
+    task: AbortHandle,
 }
 
-/// Starts the refresher of `config` under `cancel`, on `tracker`.
-pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Engine>, cancel: CancellationToken) -> Handle {
+impl Handle {
+    /// Stops this client's refresher (removed or replaced by a reload) at its next await: a
+    /// request in flight is abandoned and nothing more is saved or published, so a late answer
+    /// cannot overwrite its successor's token, state or files. Callers waiting on it are told
+    /// it stopped. (The daemon's own stop is the `shutdown` token: a request in flight then
+    /// still completes and is saved.)
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the refresher of `config` on the engine's tracker; it ends at its first wake-up after
+/// `shutdown` (or when stopped through its [`Handle`]).
+pub fn spawn(
+    config: Arc<ClientConfig>,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
-    let retire = CancellationToken::new();
     let slot = ClientSlot {
         snapshot: snap_rx,
         mailbox: mailbox.clone(),
@@ -130,11 +141,10 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Engine>, cancel: Cancellatio
     };
     let refresher = Refresher {
         config,
-        shared: shared.clone(),
+        shared: engine.clone(),
         snapshot: snap_tx,
         mailbox,
-        cancel: cancel.clone(),
-        retire: retire.clone(),
+        shutdown,
         refresh_token: None,
         spent_bootstrap: None,
         backoff: Backoff::new(),
@@ -148,12 +158,8 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Engine>, cancel: Cancellatio
         expired_logged: false,
         skew_warned: false,
     };
-    shared.tracker.spawn(refresher.run());
-    Handle {
-        slot,
-        cancel,
-        retire,
-    }
+    let task = engine.tracker.spawn(refresher.run()).abort_handle();
+    Handle { slot, task }
 }
 
 struct Refresher {
@@ -161,9 +167,8 @@ struct Refresher {
     shared: Arc<Engine>,
     snapshot: watch::Sender<Snapshot>,
     mailbox: Arc<Mailbox>,
-    cancel: CancellationToken,
-    /// See [`Handle::retire`].
-    retire: CancellationToken,
+    /// The daemon (or `once`) is stopping.
+    shutdown: CancellationToken,
     /// The refresh token to use next (from the state directory or the last response).
     refresh_token: Option<Secret>,
     /// SHA-256 of the configured bootstrap refresh token once presented: never again.
@@ -315,7 +320,7 @@ impl Refresher {
             let mailbox = self.mailbox.clone();
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => break,
+                _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
@@ -372,7 +377,13 @@ impl Refresher {
                     "reusing the stored token"
                 );
                 self.publish_snapshot(token.clone(), s.generation, true);
-                self.plan_next(&token, Trigger::Startup);
+                self.plan(schedule::resume_at(
+                    &self.config.timing,
+                    &token,
+                    s.next_refresh_at,
+                    now,
+                    unit(),
+                ));
                 self.write_outputs(&token, false).await;
                 self.settle();
                 return;
@@ -421,39 +432,35 @@ impl Refresher {
         }
     }
 
+    /// A reload changed this client (never its identity: that is a new refresher).
     async fn apply(&mut self, re: Reconfigure) {
-        let identity_changed =
-            re.config.identity_fingerprint() != self.config.identity_fingerprint();
         let timing_changed = re.config.timing != self.config.timing;
         self.config = re.config;
-        if identity_changed {
-            // A token of another identity must not be refreshed with this one's refresh token.
-            self.refresh_token = None;
-        }
-        if re.renew {
-            // The reload's own line said what changed and that a new token is requested.
-            tracing::debug!(
-                client = self.name(),
-                "credentials or identity changed: getting a new token"
-            );
-            // New credentials (a rotated password or key, perhaps after a leak) must be used:
-            // a refresh token got with the old ones would sidestep them.
-            if self.config.grant.is_primary() {
-                self.refresh_token = None;
-            }
-            self.backoff.reset();
-            let _ = self.attempt(Trigger::Reload).await;
-            return;
-        }
         let token = self.snapshot.borrow().token.clone();
-        if let Some(token) = token {
-            if re.rewrite_outputs && token.is_valid_at(SystemTime::now()) {
-                self.write_outputs(&token, true).await;
+        match re.change {
+            ClientChange::Renew | ClientChange::Replace => {
+                // New credentials (a rotated password or key, perhaps after a leak) must be
+                // used: a refresh token got with the old ones would sidestep them.
+                if self.config.grant.is_primary() {
+                    self.refresh_token = None;
+                }
+                self.backoff.reset();
+                let _ = self.attempt(Trigger::Reload).await;
+                return;
             }
-            // Only new timing moves the planned refresh (the reload's log line says which).
-            if timing_changed && self.snapshot.borrow().consecutive_failures == 0 {
-                self.plan_next(&token, Trigger::Schedule);
+            ClientChange::Outputs => {
+                if let Some(t) = token.as_ref().filter(|t| t.is_valid_at(SystemTime::now())) {
+                    self.write_outputs(t, true).await;
+                }
             }
+            ClientChange::Settings => {}
+        }
+        // Only new timing moves the planned refresh (the reload's log line says which).
+        if let Some(token) = token
+            && timing_changed
+            && self.snapshot.borrow().consecutive_failures == 0
+        {
+            self.plan_next(&token, Trigger::Schedule);
         }
     }
 
@@ -521,11 +528,7 @@ impl Refresher {
         let started = std::time::Instant::now();
         let bootstrap = bootstrap_fingerprint(&config);
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
-        let result = tokio::select! {
-            biased;
-            _ = self.retire.cancelled() => return Err(RefreshError::Stopped),
-            r = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent) => r,
-        };
+        let result = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent).await;
         let now_spent = match &result {
             Ok(a) => a.bootstrap_spent,
             Err(f) => f.bootstrap_spent,
@@ -561,6 +564,7 @@ impl Refresher {
                 let new_state = StoredState {
                     fingerprint: config.identity_fingerprint(),
                     token: Some(acquired.issued.token),
+                    next_refresh_at: None,
                     refresh_token: acquired.refresh_token,
                     generation,
                     spent_bootstrap: self.spent_bootstrap.clone(),
@@ -594,16 +598,22 @@ impl Refresher {
 
     /// Saves `state` durably, then publishes its token. `None` when the save failed (the
     /// state is held for the next attempt).
-    async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
-        if self.retire.is_cancelled() {
-            return Some(Err(RefreshError::Stopped));
-        }
+    async fn commit(&mut self, mut state: StoredState, trigger: Trigger) -> Option<Answer> {
         let token = state.token.clone()?;
         if !token.is_valid_at(SystemTime::now()) {
             // Held too long: useless now, but keep its refresh token.
             self.refresh_token = state.refresh_token.clone();
             return None;
         }
+        // The plan is saved with the token: a restart keeps it (docs/operations.md#restarts).
+        let failures = self.backoff.failures();
+        let trigger = if failures > 0 {
+            Trigger::Retry
+        } else {
+            trigger
+        };
+        let at = self.next_refresh_at(&token, trigger);
+        state.next_refresh_at = Some(at);
         let store = self.shared.state.clone();
         let name = self.config.name.clone();
         let to_save = state.clone();
@@ -633,12 +643,8 @@ impl Refresher {
             );
             return None;
         }
-        if self.retire.is_cancelled() {
-            return Some(Err(RefreshError::Stopped));
-        }
         let token = Arc::new(token);
         let recovered = self.repeated.clear();
-        let failures = self.backoff.failures();
         self.backoff.reset();
         tracing::info!(
             client = self.name(),
@@ -657,12 +663,7 @@ impl Refresher {
             );
         }
         self.publish_snapshot(token.clone(), state.generation, false);
-        let trigger = if failures > 0 {
-            Trigger::Retry
-        } else {
-            trigger
-        };
-        self.plan_next(&token, trigger);
+        self.plan(at);
         self.write_outputs(&token, true).await;
         self.settle();
         Some(Ok(token))
@@ -691,14 +692,23 @@ impl Refresher {
     }
 
     fn plan_next(&mut self, token: &Token, trigger: Trigger) {
-        let at = schedule::next_refresh_at(
+        let at = self.next_refresh_at(token, trigger);
+        self.plan(at);
+    }
+
+    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at).
+    fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
+        schedule::next_refresh_at(
             &self.config.timing,
             token.issued_at,
             token.expires_at,
             SystemTime::now(),
             unit(),
             schedule::is_burst(trigger),
-        );
+        )
+    }
+
+    fn plan(&mut self, at: SystemTime) {
         self.next_at = Some(to_instant(at));
         self.next_trigger = Trigger::Schedule;
         self.snapshot.send_modify(|s| s.next_refresh_at = Some(at));
@@ -746,6 +756,7 @@ impl Refresher {
         let state = StoredState {
             fingerprint: self.config.identity_fingerprint(),
             token: snap.token.as_deref().cloned(),
+            next_refresh_at: None,
             refresh_token: None,
             generation: snap.generation,
             spent_bootstrap: self.spent_bootstrap.clone(),

@@ -178,6 +178,36 @@ pub fn next_refresh_at(
     now
 }
 
+/// When to refresh a stored token reused at start (docs/operations.md#restarts), `planned`
+/// being the time the schedule had planned for it before the restart, if the state kept one:
+/// - `planned` still ahead, and no later than `expires_at − margin'`: `planned`, so a restart
+///   asks the provider for nothing sooner than it would have without the restart;
+/// - a plan that fell due while the daemon was down (or lies past the margin, the timing having
+///   changed): a time uniform over what is left, `now + u · (latest − now)`, so the tokens that
+///   fell due together are spread instead of asked for at once;
+/// - no plan (a state file from before plans were kept): [`next_refresh_at`] after a burst.
+pub fn resume_at(
+    t: &Timing,
+    token: &crate::token::Token,
+    planned: Option<SystemTime>,
+    now: SystemTime,
+    u: f64,
+) -> SystemTime {
+    let lifetime = token.lifetime();
+    let latest = token
+        .expires_at
+        .checked_sub(effective_margin(t, lifetime))
+        .unwrap_or(token.expires_at);
+    match planned {
+        Some(at) if at >= now && at <= latest => at,
+        Some(_) => match latest.duration_since(now) {
+            Ok(left) => now + left.mul_f64(unit(u)),
+            Err(_) => now,
+        },
+        None => next_refresh_at(t, token.issued_at, token.expires_at, now, u, true),
+    }
+}
+
 /// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
 /// expiry (docs/operations.md#expiry: an expired token is never served or reported as valid).
 pub fn is_servable(expires_at: SystemTime, now: SystemTime) -> bool {
@@ -762,5 +792,111 @@ mod tests {
         assert_eq!(b.failures(), 0);
         let d = b.next_delay(&t, FailureKind::Retryable, None, U_MAX);
         assert!(d <= s(1.0) && d > s(0.999), "{d:?}");
+    }
+
+    fn token(issued: SystemTime, lifetime: u64) -> crate::token::Token {
+        crate::token::Token {
+            access_token: crate::secret::Secret::new("t"),
+            token_type: "Bearer".into(),
+            issued_at: issued,
+            expires_at: issued + Duration::from_secs(lifetime),
+            scope: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reused_token_keeps_its_planned_refresh() {
+        let t = Timing::default();
+        // Issued at 0, 600 s: latest = 570 s. Restarted at 300 s.
+        let tok = token(at(0), 600);
+        let now = at(300);
+        // (planned, u, expected)
+        let cases: &[(Option<u64>, f64, u64)] = &[
+            (Some(450), 0.0, 450), // ahead: kept, whatever u
+            (Some(450), U_MAX, 450),
+            (Some(300), 0.5, 300), // due right now: kept
+            (Some(570), 0.5, 570), // at the latest allowed: kept
+            (Some(580), 0.0, 300), // past the margin (timing changed): spread from now…
+            (Some(200), 0.0, 300), // fell due while down: spread over what is left…
+            (Some(200), 0.5, 435), // …300 + 0.5 · (570 − 300)
+            (Some(200), U_MAX, 570),
+            (None, 0.0, 300), // no plan kept: the burst spread, [150, 450] s after issue
+            (None, 0.75, 375), // 150 + 0.75 · 300 = 375
+        ];
+        for &(planned, u, want) in cases {
+            assert_eq!(
+                resume_at(&t, &tok, planned.map(at), now, u),
+                at(want),
+                "planned {planned:?}, u {u}"
+            );
+        }
+    }
+
+    /// Issue 12, item 7: 10,000 stored tokens 200–316 s old (of 600 s) and a restart. With the
+    /// plans kept, nothing is asked for before its plan (none within 5 s of the restart), and
+    /// no 10 s window holds more than twice the mean.
+    #[test]
+    fn a_restart_asks_for_nothing_before_its_plan_and_spreads_what_fell_due() {
+        let t = Timing::default();
+        let now = at(1_000);
+        // A small fixed generator: the same draws every run.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut u = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let n = 10_000;
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let age = 200 + (i as u64 * 117 / n as u64);
+            let issued = now - Duration::from_secs(age);
+            let tok = token(issued, 600);
+            let planned = next_refresh_at(&t, issued, tok.expires_at, issued, u(), false);
+            let resumed = resume_at(&t, &tok, Some(planned), now, u());
+            assert!(resumed >= now);
+            if planned >= now {
+                assert_eq!(resumed, planned, "a plan still ahead is kept");
+            }
+            times.push(resumed.duration_since(now).unwrap().as_secs());
+        }
+        let soon = times.iter().filter(|&&s| s < 5).count();
+        assert_eq!(soon, 0, "requests within 5 s of the restart");
+        let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+        let windows = (last - first) / 10 + 1;
+        let mut per_window = vec![0usize; windows as usize];
+        for s in &times {
+            per_window[((s - first) / 10) as usize] += 1;
+        }
+        let mean = n as f64 / windows as f64;
+        let busiest = *per_window.iter().max().unwrap() as f64;
+        assert!(
+            busiest <= 2.0 * mean,
+            "busiest 10 s window {busiest}, mean {mean:.0}: {per_window:?}"
+        );
+
+        // The same tokens, their plans all passed while the daemon was down: spread over what
+        // is left of each, no window above twice the mean.
+        let due: Vec<u64> = (0..n)
+            .map(|i| {
+                let issued = now - Duration::from_secs(200 + (i as u64 * 117 / n as u64));
+                let tok = token(issued, 600);
+                let planned = now - Duration::from_secs(1);
+                let at = resume_at(&t, &tok, Some(planned), now, u());
+                at.duration_since(now).unwrap().as_secs()
+            })
+            .collect();
+        let mut per_window = vec![0usize; 40];
+        for s in &due {
+            per_window[(*s / 10) as usize] += 1;
+        }
+        let last = due.iter().max().unwrap() / 10 + 1;
+        let mean = n as f64 / last as f64;
+        let busiest = *per_window.iter().max().unwrap() as f64;
+        assert!(
+            busiest <= 2.0 * mean,
+            "busiest 10 s window {busiest}, mean {mean:.0}: {per_window:?}"
+        );
     }
 }

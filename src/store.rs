@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientChange, ClientConfig};
 use crate::token::Token;
 
 /// A client's state (`State` in docs/grpc.md#the-service).
@@ -181,24 +181,21 @@ pub enum Command {
     },
 }
 
-/// A change of a running client's config (from a reload).
+/// A change of a running client's config (from a reload), as [`crate::config::diff`] judged
+/// it. Never [`ClientChange::Replace`]: a new identity gets a new refresher.
 #[derive(Debug)]
 pub struct Reconfigure {
     pub config: Arc<ClientConfig>,
-    /// Identity or credentials changed: get a new token now.
-    pub renew: bool,
-    /// Outputs changed: write the current token to them.
-    pub rewrite_outputs: bool,
+    pub change: ClientChange,
 }
 
 impl Reconfigure {
-    /// One change that does what `self` then `newer` would: the newer config, and every
-    /// action either asked for.
+    /// One change that does what `self` then `newer` would: the newer config, and the stronger
+    /// action (a new token also writes every output).
     fn then(self, newer: Reconfigure) -> Reconfigure {
         Reconfigure {
             config: newer.config,
-            renew: self.renew || newer.renew,
-            rewrite_outputs: self.rewrite_outputs || newer.rewrite_outputs,
+            change: self.change.max(newer.change),
         }
     }
 }
@@ -508,21 +505,22 @@ mod tests {
         let mb = Mailbox::default();
         let first = client("one");
         let second = client("two");
-        let change = |config: &Arc<ClientConfig>, renew, rewrite_outputs| Reconfigure {
+        let change = |config: &Arc<ClientConfig>, change| Reconfigure {
             config: config.clone(),
-            renew,
-            rewrite_outputs,
+            change,
         };
-        mb.reconfigure(change(&first, true, false)).unwrap();
-        mb.reconfigure(change(&second, false, true)).unwrap();
+        mb.reconfigure(change(&first, ClientChange::Renew)).unwrap();
+        mb.reconfigure(change(&second, ClientChange::Outputs))
+            .unwrap();
         let merged = mb.take_reconfigure().unwrap();
         assert!(
             Arc::ptr_eq(&merged.config, &second),
             "the newer config wins"
         );
-        assert!(
-            merged.renew && merged.rewrite_outputs,
-            "every action asked for is kept"
+        assert_eq!(
+            merged.change,
+            ClientChange::Renew,
+            "the stronger action is kept"
         );
         assert!(mb.take_reconfigure().is_none());
     }
@@ -542,8 +540,7 @@ mod tests {
         assert_eq!(
             mb.reconfigure(Reconfigure {
                 config: client("one"),
-                renew: false,
-                rewrite_outputs: false,
+                change: ClientChange::Settings,
             }),
             Err(Closed)
         );
