@@ -24,9 +24,9 @@ use crate::config::{self, ClientChange, ClientConfig, Config};
 use crate::grpc::GrpcServer;
 use crate::logging::LogHandle;
 use crate::refresher::{self, Engine, Reconfigure};
-use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
+use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
@@ -62,7 +62,7 @@ pub struct Daemon {
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
     watcher: Option<FileWatcher>,
-    _signals: Option<reload::SignalTask>,
+    _signals: Option<triggers::SignalTask>,
     cron: Option<JobScheduler>,
     cron_jobs: HashMap<String, uuid::Uuid>,
     /// The gRPC API, when `daemon.socket` is set.
@@ -86,7 +86,7 @@ impl Daemon {
             config.clients.values().map(|c| &**c),
         )?);
         let (events_tx, events) = mpsc::channel(64);
-        let signals = reload::signals(events_tx.clone())
+        let signals = triggers::signals(events_tx.clone())
             .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
         let watcher =
             match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {

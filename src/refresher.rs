@@ -46,6 +46,9 @@ pub struct Engine {
     pub tracker: TaskTracker,
     /// Token URLs whose provider asked to wait (`Retry-After`).
     pub holds: UrlHolds,
+    /// Failed token requests are logged at WARN (the daemon); `once` prints each client's
+    /// failure itself, so its refreshers log them at DEBUG only.
+    pub warn_on_failure: bool,
 }
 
 impl Engine {
@@ -70,6 +73,7 @@ impl Engine {
             permits: Arc::new(Semaphore::new(daemon.max_concurrent_refreshes.max(1))),
             tracker: TaskTracker::new(),
             holds: UrlHolds::default(),
+            warn_on_failure: true,
         })
     }
 }
@@ -141,7 +145,7 @@ pub fn spawn(
     };
     let refresher = Refresher {
         config,
-        shared: engine.clone(),
+        engine: engine.clone(),
         snapshot: snap_tx,
         mailbox,
         shutdown,
@@ -164,7 +168,7 @@ pub fn spawn(
 
 struct Refresher {
     config: Arc<ClientConfig>,
-    shared: Arc<Engine>,
+    engine: Arc<Engine>,
     snapshot: watch::Sender<Snapshot>,
     mailbox: Arc<Mailbox>,
     /// The daemon (or `once`) is stopping.
@@ -351,7 +355,7 @@ impl Refresher {
         let fingerprint = self.config.identity_fingerprint();
         // Off the async workers: file I/O may stall (a slow disk), and must never hold up
         // the runtime (signals, other clients).
-        let (state, name) = (self.shared.state.clone(), self.config.name.clone());
+        let (state, name) = (self.engine.state.clone(), self.config.name.clone());
         let stored = match tokio::task::spawn_blocking(move || state.load(&name)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -478,14 +482,14 @@ impl Refresher {
                 return Err(RefreshError::HeldBack);
             }
         }
-        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+        if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
         // The permit is waited for before the request's state is allocated: 10,000 clients
         // starting at once queue here holding a few bytes each (issue 6: memory per client).
-        let permit = self.shared.permits.clone().acquire_owned().await;
+        let permit = self.engine.permits.clone().acquire_owned().await;
         // Told to wait while this one waited for its permit.
-        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+        if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
         Box::pin(self.request(permit, trigger)).await
@@ -518,7 +522,7 @@ impl Refresher {
         trigger: Trigger,
     ) -> Answer {
         let _permit = permit;
-        let http = match self.shared.http.get(&self.config) {
+        let http = match self.engine.http.get(&self.config) {
             Ok(h) => h,
             Err(e) => {
                 return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());
@@ -587,7 +591,7 @@ impl Refresher {
                 }
                 let class = failure.error.class();
                 if let Some(wait) = class.retry_after() {
-                    self.shared
+                    self.engine
                         .holds
                         .note(self.config.token_url.as_str(), Instant::now() + wait);
                 }
@@ -614,7 +618,7 @@ impl Refresher {
         };
         let at = self.next_refresh_at(&token, trigger);
         state.next_refresh_at = Some(at);
-        let store = self.shared.state.clone();
+        let store = self.engine.state.clone();
         let name = self.config.name.clone();
         let to_save = state.clone();
         let saved = tokio::task::spawn_blocking(move || store.save(&name, &to_save)).await;
@@ -733,7 +737,7 @@ impl Refresher {
             .next_delay(&self.config.timing, kind, class.retry_after(), unit());
         let failures = self.backoff.failures();
         let name = self.config.name.clone();
-        if log {
+        if log && self.engine.warn_on_failure {
             self.repeated.log(&name, &message, delay);
         } else {
             tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
@@ -761,7 +765,7 @@ impl Refresher {
             generation: snap.generation,
             spent_bootstrap: self.spent_bootstrap.clone(),
         };
-        let (store, name) = (self.shared.state.clone(), self.config.name.clone());
+        let (store, name) = (self.engine.state.clone(), self.config.name.clone());
         // Off the async workers, and awaited: a later save must not be overtaken by this one.
         match tokio::task::spawn_blocking(move || store.save(&name, &state)).await {
             Ok(Ok(())) => {}
@@ -836,7 +840,7 @@ impl Refresher {
             let config = self.config.clone();
             let generation = self.snapshot.borrow().generation;
             let expires_at = token.expires_at;
-            self.shared.tracker.spawn(async move {
+            self.engine.tracker.spawn(async move {
                 let event = outputs::OnChangeEvent {
                     client: &config.name,
                     generation,
