@@ -49,6 +49,71 @@ pub struct Engine {
     /// Failed token requests are logged at WARN (the daemon); `once` prints each client's
     /// failure itself, so its refreshers log them at DEBUG only.
     pub warn_on_failure: bool,
+    /// The wall clock the refreshers read.
+    pub clock: Clock,
+    /// Where tokens come from: the token endpoint ([`oauth::acquire`]), or a test's fake.
+    pub source: Arc<dyn TokenSource>,
+}
+
+/// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
+/// must move with it.
+#[derive(Clone, Copy, Debug)]
+pub enum Clock {
+    /// `SystemTime::now()`.
+    System,
+    /// `wall` plus how far tokio's clock has moved since `at`.
+    Tokio { wall: SystemTime, at: Instant },
+}
+
+impl Clock {
+    /// Wall time starting now, then moving with tokio's clock (paused or not).
+    pub fn tokio() -> Clock {
+        Clock::Tokio {
+            wall: SystemTime::now(),
+            at: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        match self {
+            Clock::System => SystemTime::now(),
+            Clock::Tokio { wall, at } => *wall + at.elapsed(),
+        }
+    }
+
+    /// The wall time `t` on tokio's clock (now, if it has passed).
+    fn instant(&self, t: SystemTime) -> Instant {
+        Instant::now() + t.duration_since(self.now()).unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Where a refresher's tokens come from.
+pub trait TokenSource: Send + Sync {
+    /// As [`oauth::acquire`].
+    fn acquire<'a>(
+        &'a self,
+        http: &'a reqwest::Client,
+        client: &'a ClientConfig,
+        refresh_token: Option<&'a Secret>,
+        bootstrap_spent: bool,
+    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>>;
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The client's token endpoint.
+struct TokenEndpoint;
+
+impl TokenSource for TokenEndpoint {
+    fn acquire<'a>(
+        &'a self,
+        http: &'a reqwest::Client,
+        client: &'a ClientConfig,
+        refresh_token: Option<&'a Secret>,
+        bootstrap_spent: bool,
+    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>> {
+        Box::pin(oauth::acquire(http, client, refresh_token, bootstrap_spent))
+    }
 }
 
 impl Engine {
@@ -74,6 +139,8 @@ impl Engine {
             tracker: TaskTracker::new(),
             holds: UrlHolds::default(),
             warn_on_failure: true,
+            clock: Clock::System,
+            source: Arc::new(TokenEndpoint),
         })
     }
 }
@@ -236,11 +303,6 @@ impl Repeated {
     }
 }
 
-fn to_instant(t: SystemTime) -> Instant {
-    let now = SystemTime::now();
-    Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
-}
-
 fn unit() -> f64 {
     rand::rng().random::<f64>()
 }
@@ -307,19 +369,17 @@ impl Refresher {
         &self.config.name
     }
 
+    fn now(&self) -> SystemTime {
+        self.engine.clock.now()
+    }
+
     // The work each wake-up does is boxed: a refresher waiting for its next deadline (almost
     // all of them, almost all the time) then holds only this loop's small state, not room for
     // a whole token request (issue 6: memory per client).
     async fn run(mut self) {
         Box::pin(self.start()).await;
         loop {
-            let expiry = self
-                .snapshot
-                .borrow()
-                .token
-                .as_ref()
-                .filter(|_| !self.expired_logged)
-                .map(|t| to_instant(t.expires_at));
+            let expiry = self.expiry();
             let due = earliest(self.next_at, self.output_retry, expiry);
             let mailbox = self.mailbox.clone();
             tokio::select! {
@@ -367,7 +427,7 @@ impl Refresher {
                 None
             }
         };
-        let now = SystemTime::now();
+        let now = self.now();
         if let Some(s) = &stored {
             self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
             self.spent_bootstrap = spent_bootstrap(s, &fingerprint, &self.config);
@@ -402,7 +462,7 @@ impl Refresher {
 
     async fn command(&mut self, cmd: Command) {
         let Command::Refresh { reason, reply } = cmd;
-        let now = SystemTime::now();
+        let now = self.now();
         let current = self.snapshot.borrow().clone();
         let satisfied = match reason {
             Reason::MinValid(d) => current.valid_for(now, d),
@@ -453,7 +513,7 @@ impl Refresher {
                 return;
             }
             ClientChange::Outputs => {
-                if let Some(t) = token.as_ref().filter(|t| t.is_valid_at(SystemTime::now())) {
+                if let Some(t) = token.as_ref().filter(|t| t.is_valid_at(self.now())) {
                     self.write_outputs(t, true).await;
                 }
             }
@@ -532,7 +592,19 @@ impl Refresher {
         let started = std::time::Instant::now();
         let bootstrap = bootstrap_fingerprint(&config);
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
-        let result = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent).await;
+        let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
+        let acquire = engine
+            .source
+            .acquire(&http, &config, refresh_token.as_ref(), spent);
+        tokio::pin!(acquire);
+        // The token may expire while the request hangs: say so on time all the same.
+        let result = loop {
+            let expiry = self.expiry();
+            tokio::select! {
+                r = &mut acquire => break r,
+                _ = sleep_opt(expiry), if expiry.is_some() => self.expired(),
+            }
+        };
         let now_spent = match &result {
             Ok(a) => a.bootstrap_spent,
             Err(f) => f.bootstrap_spent,
@@ -604,7 +676,7 @@ impl Refresher {
     /// state is held for the next attempt).
     async fn commit(&mut self, mut state: StoredState, trigger: Trigger) -> Option<Answer> {
         let token = state.token.clone()?;
-        if !token.is_valid_at(SystemTime::now()) {
+        if !token.is_valid_at(self.now()) {
             // Held too long: useless now, but keep its refresh token.
             self.refresh_token = state.refresh_token.clone();
             return None;
@@ -675,7 +747,7 @@ impl Refresher {
 
     fn publish_snapshot(&mut self, token: Arc<Token>, generation: u64, reused: bool) {
         self.expired_logged = false;
-        let now = SystemTime::now();
+        let now = self.now();
         self.snapshot.send_modify(|s| {
             s.token = Some(token);
             s.generation = generation;
@@ -706,14 +778,14 @@ impl Refresher {
             &self.config.timing,
             token.issued_at,
             token.expires_at,
-            SystemTime::now(),
+            self.now(),
             unit(),
             schedule::is_burst(trigger),
         )
     }
 
     fn plan(&mut self, at: SystemTime) {
-        self.next_at = Some(to_instant(at));
+        self.next_at = Some(self.engine.clock.instant(at));
         self.next_trigger = Trigger::Schedule;
         self.snapshot.send_modify(|s| s.next_refresh_at = Some(at));
         tracing::debug!(client = self.name(), next_refresh_at = %rfc3339(at), "next refresh planned");
@@ -742,7 +814,7 @@ impl Refresher {
         } else {
             tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
         }
-        let at = SystemTime::now() + delay;
+        let at = self.now() + delay;
         self.next_at = Some(Instant::now() + delay);
         self.next_trigger = Trigger::Retry;
         let msg = message.clone();
@@ -772,6 +844,13 @@ impl Refresher {
             Ok(Err(e)) => tracing::warn!(client = self.name(), "cannot save state: {e}"),
             Err(e) => tracing::warn!(client = self.name(), "state writer failed: {e}"),
         }
+    }
+
+    /// When the current token expires, until its expiry has been announced.
+    fn expiry(&self) -> Option<Instant> {
+        let snap = self.snapshot.borrow();
+        let token = snap.token.as_ref().filter(|_| !self.expired_logged)?;
+        Some(self.engine.clock.instant(token.expires_at))
     }
 
     fn expired(&mut self) {
@@ -874,7 +953,7 @@ impl Refresher {
     async fn retry_outputs(&mut self) {
         self.output_retry = None;
         let token = self.snapshot.borrow().token.clone();
-        if let Some(t) = token.filter(|t| t.is_valid_at(SystemTime::now())) {
+        if let Some(t) = token.filter(|t| t.is_valid_at(self.now())) {
             self.write_outputs(&t, true).await;
         }
     }
@@ -1069,5 +1148,262 @@ mod tests {
                 "{refresh:?} {outputs:?} {expiry:?}"
             );
         }
+    }
+}
+
+/// The refresher alone, on tokio's paused clock, against a scripted token source: the schedule,
+/// backoff, coalescing, `min_interval` and expiry, in virtual time (no daemon, no network).
+#[cfg(test)]
+mod paused {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::oauth::{AcquireFailure, Acquired, Issued, OAuthError};
+    use crate::store::State;
+
+    /// What the fake endpoint does with one request.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// A token of the fake's lifetime, after this long.
+        Grant(Duration),
+        /// A retryable failure (cannot connect), at once.
+        Fail,
+        /// No answer, ever.
+        Hang,
+    }
+
+    struct Fake {
+        clock: Clock,
+        lifetime: Duration,
+        /// The steps to take, in order; then `Grant(0)` forever.
+        script: Mutex<VecDeque<Step>>,
+        /// When each request came, on tokio's clock.
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl TokenSource for Fake {
+        fn acquire<'a>(
+            &'a self,
+            _: &'a reqwest::Client,
+            _: &'a ClientConfig,
+            _: Option<&'a Secret>,
+            _: bool,
+        ) -> BoxFuture<'a, Result<Acquired, AcquireFailure>> {
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            let step = self.script.lock().unwrap().pop_front();
+            Box::pin(async move {
+                match step.unwrap_or(Step::Grant(Duration::ZERO)) {
+                    Step::Hang => std::future::pending().await,
+                    Step::Fail => Err(AcquireFailure {
+                        error: OAuthError::Connect("refused".into()),
+                        forget_refresh_token: false,
+                        bootstrap_spent: false,
+                    }),
+                    Step::Grant(after) => {
+                        tokio::time::sleep(after).await;
+                        let now = self.clock.now();
+                        Ok(Acquired {
+                            issued: Issued {
+                                token: Token {
+                                    access_token: Secret::new(format!("token-{n}")),
+                                    token_type: "Bearer".into(),
+                                    issued_at: now,
+                                    expires_at: now + self.lifetime,
+                                    scope: Vec::new(),
+                                },
+                                refresh_token: None,
+                                server_date: None,
+                            },
+                            refresh_token: None,
+                            grant_type: "client_credentials",
+                            refresh_token_refused: None,
+                            bootstrap_spent: false,
+                        })
+                    }
+                }
+            })
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        fake: Arc<Fake>,
+        clock: Clock,
+        handle: Handle,
+        shutdown: CancellationToken,
+    }
+
+    /// One client (`[defaults]` as given) with tokens of `lifetime` and the `script`.
+    fn rig(lifetime: u64, defaults: &str, script: &[Step]) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret-value").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let text = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\n[defaults]\n{defaults}\n[clients.c]\n\
+             token_url = \"https://auth.example/token\"\nclient_id = \"app\"\n\
+             client_secret = {{ file = \"{s}\" }}\n",
+            d = dir.path().display(),
+            s = secret.display()
+        );
+        let config = crate::config::load_str(&text, &dir.path().join("c.toml")).unwrap();
+        let client = config.clients["c"].clone();
+        let clock = Clock::tokio();
+        let fake = Arc::new(Fake {
+            clock,
+            lifetime: Duration::from_secs(lifetime),
+            script: Mutex::new(script.iter().copied().collect()),
+            calls: Mutex::new(Vec::new()),
+        });
+        let mut engine = Engine::open(&config.daemon, [&*client]).unwrap();
+        engine.clock = clock;
+        engine.source = fake.clone();
+        let shutdown = CancellationToken::new();
+        let handle = spawn(client, Arc::new(engine), shutdown.clone());
+        Rig {
+            _dir: dir,
+            fake,
+            clock,
+            handle,
+            shutdown,
+        }
+    }
+
+    impl Rig {
+        fn calls(&self) -> Vec<Instant> {
+            self.fake.calls.lock().unwrap().clone()
+        }
+
+        fn snap(&self) -> Snapshot {
+            self.handle.slot.snapshot.borrow().clone()
+        }
+
+        /// Lets virtual time run until `cond` holds, at most `limit` of it.
+        async fn until(&self, limit: Duration, cond: impl Fn(&Rig) -> bool) {
+            let end = Instant::now() + limit;
+            while !cond(self) {
+                assert!(
+                    Instant::now() < end,
+                    "not within {limit:?}: {:?}",
+                    self.snap()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn demand(&self, reason: Reason) -> Answer {
+            request(&self.handle.slot, reason).await
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_then_backoff_then_recovery() {
+        let defaults = "retry_initial = \"1s\"\nretry_max = \"60s\"";
+        // Start, the first planned refresh, three failures, then a token.
+        let r = rig(
+            600,
+            defaults,
+            &[
+                Step::Grant(SECS(0)),
+                Step::Grant(SECS(0)),
+                Step::Fail,
+                Step::Fail,
+                Step::Fail,
+            ],
+        );
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let t0 = r.calls()[0];
+        // The first token came from a burst (the start): refreshed 150 s … 450 s after issue.
+        r.until(SECS(460), |r| r.calls().len() == 2).await;
+        let first = r.calls()[1] - t0;
+        assert!((SECS(150)..=SECS(451)).contains(&first), "{first:?}");
+        // A plain refresh next: 390 s … 450 s after issue; then failures back off with full
+        // jitter under 1 s, 2 s, 4 s; then the token, and the plain schedule again.
+        r.until(SECS(460), |r| r.calls().len() == 6).await;
+        let calls = r.calls();
+        let second = calls[2] - calls[1];
+        assert!((SECS(390)..=SECS(451)).contains(&second), "{second:?}");
+        for (n, pair) in calls[2..6].windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            assert!(gap <= SECS(1 << n), "retry {n}: {gap:?}");
+        }
+        r.until(SECS(1), |r| r.snap().consecutive_failures == 0)
+            .await;
+        assert_eq!(r.snap().generation, 3);
+        assert_eq!(r.snap().state_at(r.clock.now()), State::Valid);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demands_during_a_request_share_its_answer() {
+        let r = rig(
+            600,
+            "min_interval = \"0s\"",
+            &[Step::Grant(SECS(0)), Step::Grant(SECS(5))],
+        );
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let (a, b, c) = tokio::join!(
+            r.demand(Reason::Forced),
+            async {
+                tokio::time::sleep(SECS(1)).await;
+                r.demand(Reason::Forced).await
+            },
+            async {
+                tokio::time::sleep(SECS(2)).await;
+                r.demand(Reason::Demand).await
+            },
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(r.calls().len(), 2, "one request for the three demands");
+        assert_eq!(a.access_token.expose(), "token-2");
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&a, &c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_interval_answers_a_demand_with_the_current_token() {
+        let r = rig(600, "min_interval = \"10s\"", &[]);
+        r.until(SECS(1), |r| r.snap().settled).await;
+        tokio::time::sleep(SECS(9)).await;
+        let held = r.demand(Reason::Demand).await.unwrap();
+        assert_eq!(held.access_token.expose(), "token-1");
+        assert_eq!(r.calls().len(), 1, "no request within min_interval");
+        // A forced refresh (root, SIGUSR1) is not held; and past min_interval neither is a demand.
+        let forced = r.demand(Reason::Forced).await.unwrap();
+        assert_eq!(forced.access_token.expose(), "token-2");
+        tokio::time::sleep(SECS(10)).await;
+        let again = r.demand(Reason::Demand).await.unwrap();
+        assert_eq!(again.access_token.expose(), "token-3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_expires_on_time_while_a_request_hangs() {
+        // 60 s tokens; every refresh after the first hangs.
+        let r = rig(60, "timeout = \"1h\"", &[Step::Grant(SECS(0)), Step::Hang]);
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let expires_at = r.snap().token.unwrap().expires_at;
+        r.until(SECS(60), |r| r.calls().len() == 2).await;
+        let mut watch = r.handle.slot.snapshot.clone();
+        watch.mark_unchanged();
+        // Watchers hear of the expiry on time, though the refresher is waiting on the request.
+        let left = expires_at.duration_since(r.clock.now()).unwrap();
+        tokio::time::timeout(left + SECS(1), watch.changed())
+            .await
+            .expect("no wake-up at expiry")
+            .unwrap();
+        assert!(r.clock.now() >= expires_at);
+        assert_eq!(r.snap().state_at(r.clock.now()), State::Expired);
     }
 }
