@@ -8,9 +8,11 @@
 //! STATUS= lines, RELOADING=1/READY=1 around reloads, STOPPING=1 and watchdog pings.
 //!
 //! A reload validates the whole new config first; a bad one leaves the running one in place.
-//! Clients are diffed: unchanged ones keep running untouched, changed ones are reconfigured
-//! (a new token at once when identity or credentials changed, the current token written to new
-//! outputs), removed ones stop (their files are left), added ones start.
+//! Then one `match` over [`config::diff`]: unchanged clients keep running untouched; a new
+//! identity stops the client's refresher and starts a new one; other changes are handed to the
+//! running refresher (a new token at once for new credentials, the current token written to new
+//! outputs, settings applied); removed clients stop (their files are left), added ones start;
+//! `[daemon]` keys are applied as [`config::DaemonChanges`] lists them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
