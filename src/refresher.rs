@@ -540,7 +540,7 @@ impl Refresher {
                 return answer;
             }
             if self.held.is_some() {
-                return Err(RefreshError::HeldBack);
+                return Err(RefreshError::NotSaved);
             }
         }
         if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
@@ -648,7 +648,7 @@ impl Refresher {
                 };
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
-                    None => Err(RefreshError::HeldBack),
+                    None => Err(RefreshError::NotSaved),
                 }
             }
             Err(failure) => {

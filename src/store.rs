@@ -164,7 +164,7 @@ pub enum RefreshError {
     /// A new token was had but its state could not be saved: it is held back until a save
     /// succeeds, so its refresh token is never known to memory alone.
     #[error("the new token is held back: its state could not be saved")]
-    HeldBack,
+    NotSaved,
     /// The refresher stopped (the client was removed or replaced by a reload, or the daemon
     /// is stopping) before it answered.
     #[error("the client was removed or replaced by a reload")]
