@@ -143,7 +143,7 @@ pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     for (name, old_client) in &old.clients {
         match new.clients.get(name) {
             None => d.removed.push(name.clone()),
-            // The very same config (an unchanged client kept by the daemon): equal, uncompared.
+            // The very same config (taken as it was by `load_reusing`): equal, uncompared.
             Some(new_client) if std::sync::Arc::ptr_eq(old_client, new_client) => {
                 d.unchanged.push(name.clone())
             }
