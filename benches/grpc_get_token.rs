@@ -17,10 +17,15 @@
 //! fixed gRPC answer (the most an `h2` server can do: the ceiling), and a canned answer (no
 //! HTTP/2 server at all, fixed bytes written back: what the bench's `h2` callers cost alone).
 //!
+//! The HTTP API is measured in the same rounds (issue 14): `GET /v1/token/NAME?format=token`
+//! over `http_socket` (the real server, `http::HttpServer::start_socket`, over the same store),
+//! by callers writing the request and reading the answer on one kept-alive connection each,
+//! against the same echo; its ratios are printed beside the gRPC path's.
+//!
 //! Environment: `TW_BENCH_SECS` (measured seconds per configuration and side, default 3),
 //! `TW_BENCH_CALLERS` (comma-separated, default `1,16,64`), `TW_BENCH_CEILING` (see above),
 //! `TW_BENCH_CLIENT=spawned` (h2 callers' connections in tasks of their own, h2's usual setup),
-//! `TW_BENCH_ONLY=<side>` (one side alone — `tokenwarden`, `bare h2`, `canned h2`, `echo` —
+//! `TW_BENCH_ONLY=<side>` (one side alone — `tokenwarden`, `bare h2`, `canned h2`, `http`, `echo` —
 //! for a profiler).
 
 use std::path::{Path, PathBuf};
@@ -35,6 +40,8 @@ use futures_util::FutureExt;
 use prost::Message;
 use tokenwarden::grpc::writes::WriteBatch;
 use tokenwarden::grpc::{GrpcServer, fast, pb};
+use tokenwarden::http::HttpServer;
+use tokenwarden::limits::Limits;
 use tokenwarden::secret::Secret;
 use tokenwarden::store::{ClientSlot, Mailbox, Snapshot, Store};
 use tokenwarden::token::Token;
@@ -379,6 +386,50 @@ impl Caller for EchoCaller {
     }
 }
 
+/// An HTTP/1.1 caller on one kept-alive connection: writes the request, reads the head and
+/// `Content-Length` bytes of body.
+struct HttpCaller {
+    io: UnixStream,
+    request: Bytes,
+    buf: BytesMut,
+}
+
+impl HttpCaller {
+    async fn get(&mut self) {
+        self.io.write_all(&self.request).await.unwrap();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).unwrap();
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap();
+                if self.buf.len() >= end + 4 + len {
+                    self.buf.advance(end + 4 + len);
+                    return;
+                }
+            }
+            let n = self.io.read_buf(&mut self.buf).await.unwrap();
+            assert!(n > 0, "the HTTP server closed the connection");
+        }
+    }
+}
+
+impl Caller for HttpCaller {
+    fn call(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.get())
+    }
+}
+
+/// The HTTP request of the bench.
+fn http_request() -> Bytes {
+    Bytes::from(format!(
+        "GET /v1/token/{CLIENT}?format=token HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    ))
+}
+
 /// A request/response echo server: reads `request` bytes, answers `response` bytes.
 fn echo_server(path: &Path, request: usize, response: Bytes) {
     let listener = UnixListener::bind(path).unwrap();
@@ -688,6 +739,8 @@ enum Side {
     BareBatched,
     /// The canned answer (the h2 callers' own cost).
     Canned,
+    /// tokenwarden's HTTP API on its Unix socket.
+    Http,
     /// The raw echo.
     Echo,
 }
@@ -699,6 +752,7 @@ impl Side {
             Side::Bare => "bare h2",
             Side::BareBatched => "bare h2 batched",
             Side::Canned => "canned h2",
+            Side::Http => "http",
             Side::Echo => "echo",
         }
     }
@@ -719,6 +773,7 @@ impl Setup {
             Side::Bare => "bare.sock",
             Side::BareBatched => "batched.sock",
             Side::Canned => "canned.sock",
+            Side::Http => "http.sock",
             Side::Echo => "echo.sock",
         })
     }
@@ -730,7 +785,13 @@ impl Setup {
         drive(callers, secs, move || {
             let (path, request) = (path.clone(), request.clone());
             async move {
-                if side == Side::Echo {
+                if side == Side::Http {
+                    Box::new(HttpCaller {
+                        io: UnixStream::connect(&path).await.unwrap(),
+                        request: http_request(),
+                        buf: BytesMut::with_capacity(4096),
+                    }) as Box<dyn Caller>
+                } else if side == Side::Echo {
                     Box::new(EchoCaller {
                         io: UnixStream::connect(&path).await.unwrap(),
                         request,
@@ -785,6 +846,13 @@ fn main() {
             response_len: 0,
             spawned_client,
         };
+        let http = HttpServer::start_socket(
+            &setup.path(Side::Http),
+            0o600,
+            store.clone(),
+            &Limits::default(),
+        )
+        .unwrap();
         let server = GrpcServer::start(&setup.path(Side::Tokenwarden), 0o600, store)
             .await
             .unwrap();
@@ -809,6 +877,7 @@ fn main() {
             assert_eq!(one_answer(&setup.path(Side::Canned), request.clone()).await, answer);
             sides.extend([Side::Bare, Side::BareBatched, Side::Canned]);
         }
+        sides.push(Side::Http);
         sides.push(Side::Echo);
         if let Ok(only) = std::env::var("TW_BENCH_ONLY") {
             // For a profiler: that side alone (the ratios then compare it with itself).
@@ -843,6 +912,7 @@ fn main() {
         );
         let mut all_met = true;
         let mut ceilings = Vec::new();
+        let mut https = Vec::new();
         for &n in &callers {
             let mut runs: Vec<Vec<Run>> = sides.iter().map(|_| Vec::new()).collect();
             for _ in 0..ROUNDS {
@@ -852,6 +922,19 @@ fn main() {
             }
             let runs: Vec<Run> = runs.into_iter().map(Run::merge).collect();
             let (grpc, echo) = (&runs[0], &runs[runs.len() - 1]);
+            if let Some(i) = sides.iter().position(|&s| s == Side::Http) {
+                let http = &runs[i];
+                https.push((
+                    n,
+                    http.throughput(),
+                    http.percentile(0.5),
+                    http.percentile(0.99),
+                    http.throughput() / echo.throughput(),
+                    http.percentile(0.99).as_secs_f64() / echo.percentile(0.99).as_secs_f64(),
+                    grpc.throughput() / echo.throughput(),
+                    grpc.percentile(0.99).as_secs_f64() / echo.percentile(0.99).as_secs_f64(),
+                ));
+            }
             let thr = grpc.throughput() / echo.throughput();
             let p99 = grpc.percentile(0.99).as_secs_f64() / echo.percentile(0.99).as_secs_f64();
             let (want_thr, want_p99) = target(n);
@@ -884,6 +967,30 @@ fn main() {
                 "some targets missed"
             }
         );
+        if !https.is_empty() {
+            println!();
+            println!(
+                "HTTP: GET /v1/token/{CLIENT}?format=token over the Unix socket vs the same echo \
+                 (goal: at least the gRPC path's ratios)"
+            );
+            println!(
+                "{:>7} | {:>10} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | goal",
+                "callers", "http req/s", "p50 ms", "p99 ms", "thr %", "p99 ×", "grpc thr", "grpc p99",
+            );
+            for (n, thr_abs, p50, p99, thr, p99r, gthr, gp99) in https {
+                let met = thr >= gthr && p99r <= gp99;
+                println!(
+                    "{n:>7} | {thr_abs:>10.0} {:>8} {:>8} | {:>7.1}% {:>7.2}× | {:>7.1}% {:>7.2}× | {}",
+                    ms(p50),
+                    ms(p99),
+                    thr * 100.0,
+                    p99r,
+                    gthr * 100.0,
+                    gp99,
+                    if met { "met" } else { "below the gRPC path" },
+                );
+            }
+        }
         if ceiling {
             println!();
             println!(
@@ -910,6 +1017,7 @@ fn main() {
                 println!(" | {:>18.1}%", runs[0].throughput() / bare * 100.0);
             }
         }
+        http.stop().await;
         server.stop().await;
     });
 }

@@ -69,6 +69,8 @@ pub struct Daemon {
     cron_jobs: HashMap<String, uuid::Uuid>,
     /// The gRPC API, when `daemon.socket` is set.
     grpc: Option<GrpcServer>,
+    /// The HTTP API on `daemon.http_socket` and `daemon.http_listen` (docs/http.md).
+    http: crate::http::HttpApi,
     permits_total: usize,
     ready_sent: bool,
     last_status: String,
@@ -120,6 +122,7 @@ impl Daemon {
             cron: None,
             cron_jobs: HashMap::new(),
             grpc: None,
+            http: Default::default(),
             permits_total,
             ready_sent: false,
             last_status: String::new(),
@@ -150,6 +153,13 @@ impl Daemon {
                 }
             }
         }
+        crate::audit::set_enabled(daemon.config.daemon.audit);
+        let http =
+            crate::http::HttpApi::start(&daemon.config.daemon, daemon.store(), &daemon.limits);
+        daemon.http = http.await.map_err(|e| {
+            daemon.root.cancel();
+            DaemonError::Setup(e.to_string())
+        })?;
         tracing::info!(
             clients = daemon.handles.len(),
             state_dir = ?daemon.config.daemon.state_dir,
@@ -233,6 +243,7 @@ impl Daemon {
         if let Some(grpc) = self.grpc.take() {
             grpc.stop().await;
         }
+        self.http.stop().await;
         self.root.cancel();
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
@@ -559,7 +570,7 @@ impl Daemon {
                 self.permits_total -= gone;
             }
         }
-        if changes.max_connections || changes.metrics_listen {
+        if changes.max_connections || changes.metrics_listen || changes.http {
             self.limits = crate::limits::for_daemon(d);
             if let Some(server) = &self.grpc {
                 server.set_max_connections(self.limits.max_connections);
@@ -577,6 +588,12 @@ impl Daemon {
         }
         if changes.socket || changes.socket_mode {
             self.apply_socket(new).await;
+        }
+        // The HTTP socket takes `socket_mode` too, and its listeners count in the caps.
+        if changes.http || changes.socket_mode || changes.max_connections || changes.metrics_listen
+        {
+            crate::audit::set_enabled(d.audit);
+            self.http.apply(d, self.store.clone(), &self.limits).await;
         }
     }
 

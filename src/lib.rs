@@ -22,6 +22,8 @@
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`limits`]: every bound the listeners put on their peers (connections, streams, headers,
 //!   messages, timeouts) and the descriptor budget.
+//! - [`http`]: plain HTTP/1.1 for local programs on `http_socket` and loopback `http_listen`.
+//! - [`audit`]: token reads counted, and logged per (uid, executable) when `daemon.audit` is on.
 //! - [`grpc`]: the gRPC API on the Unix socket: tokens, status, refreshes, health, reflection.
 //! - [`cli`]: the command line (docs/cli.md), and the manual and completions generated from it.
 //! - [`client`]: `tokenwarden get`, `status` and `refresh` over the socket.
@@ -36,6 +38,7 @@
 )]
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -43,6 +46,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fuzzing;
 pub mod grpc;
+pub mod http;
 pub mod init;
 pub mod keys;
 pub mod limits;

@@ -224,7 +224,11 @@ pub fn plan_descriptors(limits: &Limits, max_concurrent_refreshes: usize) -> Des
 pub fn for_daemon(config: &crate::config::DaemonConfig) -> Limits {
     let mut limits = Limits::with_max_connections(config.max_connections);
     let metrics = config.metrics_listen.is_some();
+    // The HTTP listeners (http_socket, http_listen) each take max_connections too.
+    let listeners =
+        1 + usize::from(config.http_socket.is_some()) + usize::from(config.http_listen.is_some());
     let counted = Limits {
+        max_connections: limits.max_connections.saturating_mul(listeners),
         metrics_max_connections: if metrics {
             limits.metrics_max_connections
         } else {
@@ -236,7 +240,7 @@ pub fn for_daemon(config: &crate::config::DaemonConfig) -> Limits {
     if let Some(w) = &plan.warning {
         tracing::warn!("{w}");
     }
-    limits.max_connections = plan.max_connections;
+    limits.max_connections = (plan.max_connections / listeners).max(1);
     if metrics {
         limits.metrics_max_connections = plan.metrics_max_connections;
     }

@@ -49,7 +49,7 @@ use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::outputs::{OutputError, list_dir, random_suffix, write_in};
+use crate::outputs::{NewFile, OutputError, list_dir, random_suffix, write_in};
 use crate::safepath::{self, SafeDir, Trust};
 use crate::secret::Secret;
 use crate::token::{Token, rfc3339, unix_seconds};
@@ -361,19 +361,12 @@ impl StateDir {
     pub fn save(&self, client: &str, state: &StoredState) -> Result<(), StateError> {
         let (name, path) = self.file(client)?;
         let contents = serialize(client, state, SystemTime::now());
-        write_in(
-            &self.dir,
-            &path,
-            &name,
-            &contents,
-            0o600,
-            None,
-            None,
-            &mut random_suffix,
-        )
-        .map_err(|source| StateError::Write {
-            client: client.to_string(),
-            source,
+        let file = NewFile::private(&contents);
+        write_in(&self.dir, &path, &name, &file, &mut random_suffix).map_err(|source| {
+            StateError::Write {
+                client: client.to_string(),
+                source,
+            }
         })
     }
 

@@ -71,8 +71,9 @@ pub enum ClientChange {
 
 /// Which `[daemon]` keys changed, one boolean each; the reload redoes what each names: rebind
 /// the gRPC socket or change its mode (`socket`, `socket_mode`), restart the metrics listener
-/// (`metrics_listen`), set the log level (`logging`; a new `log_format` and `state_dir` take
-/// effect at the next start, and the reload says so), resize the refresh semaphore
+/// (`metrics_listen`), rebind the HTTP listeners and fit the connection caps counting them
+/// (`http`), set the log level (`logging`; a new `log_format` and `state_dir` take effect at the
+/// next start, and the reload says so), resize the refresh semaphore
 /// (`max_concurrent_refreshes`) and the connection caps (`max_connections`). A change of
 /// `include` alone needs nothing beyond the client diff (which already reflects the included
 /// files) and the watcher's new path set.
@@ -94,6 +95,8 @@ pub struct DaemonChanges {
     pub max_connections: bool,
     /// `include` (the globs as written).
     pub include: bool,
+    /// `http_socket`, `http_listen` or `audit` (the HTTP API and the audit of reads).
+    pub http: bool,
 }
 
 impl DaemonChanges {
@@ -108,6 +111,9 @@ impl DaemonChanges {
             max_concurrent_refreshes: old.max_concurrent_refreshes != new.max_concurrent_refreshes,
             max_connections: old.max_connections != new.max_connections,
             include: old.include != new.include,
+            http: old.http_socket != new.http_socket
+                || old.http_listen != new.http_listen
+                || old.audit != new.audit,
         }
     }
 
@@ -122,6 +128,7 @@ impl DaemonChanges {
             max_concurrent_refreshes,
             max_connections,
             include,
+            http,
         } = *self;
         socket
             || socket_mode
@@ -131,6 +138,7 @@ impl DaemonChanges {
             || max_concurrent_refreshes
             || max_connections
             || include
+            || http
     }
 }
 
@@ -844,6 +852,27 @@ client_secret = {{ file = "{d}/hmac" }}
                 |d| d.include = vec!["conf.d/*.toml".into()],
                 DaemonChanges {
                     include: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.http_listen = "127.0.0.1:8089".parse().ok(),
+                DaemonChanges {
+                    http: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.http_socket = Some("/run/tw/http.sock".into()),
+                DaemonChanges {
+                    http: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                |d| d.audit = true,
+                DaemonChanges {
+                    http: true,
                     ..Default::default()
                 },
             ),

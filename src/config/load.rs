@@ -719,6 +719,7 @@ impl Loader<'_> {
                 ),
             }
         }
+        self.daemon_http(file, &mut d, raw.http_socket, raw.http_listen, raw.audit);
         let include: Vec<(String, Loc)> = raw
             .include
             .unwrap_or_default()
@@ -727,6 +728,50 @@ impl Loader<'_> {
             .collect();
         d.include = include.iter().map(|(s, _)| s.clone()).collect();
         ((self.errors.len() == before).then_some(d), include)
+    }
+
+    /// `http_socket` (an absolute path in a directory only root or the daemon's user can
+    /// write, not the gRPC socket's), `http_listen` (a loopback address, not
+    /// `metrics_listen`'s) and `audit` (docs/http.md).
+    fn daemon_http(
+        &mut self,
+        file: usize,
+        d: &mut DaemonConfig,
+        socket: Option<Spanned<PathBuf>>,
+        listen: Option<Spanned<String>>,
+        audit: Option<bool>,
+    ) {
+        if let Some(s) = socket {
+            let loc = Self::at(file, s.span());
+            if let Some(path) = self.absolute(file, "http_socket", s) {
+                if d.socket.as_ref() == Some(&path) {
+                    self.error(
+                        loc,
+                        format!(
+                            "http_socket \"{}\" is also daemon.socket: give the HTTP API a \
+                             socket of its own (such as /run/tokenwarden/http.sock)",
+                            path.display()
+                        ),
+                    );
+                } else if let Some(dir) = path.parent()
+                    && let Err(e) = safepath::check_dir(dir, &self.trust)
+                {
+                    self.error(loc, format!("http_socket \"{}\": {e}", path.display()));
+                } else {
+                    d.http_socket = Some(path);
+                }
+            }
+        }
+        if let Some(l) = listen {
+            let loc = Self::at(file, l.span());
+            match crate::http::check_listen(l.get_ref(), d.metrics_listen) {
+                Ok(addr) => d.http_listen = Some(addr),
+                Err(e) => self.error(loc, e),
+            }
+        }
+        if let Some(a) = audit {
+            d.audit = a;
+        }
     }
 
     fn absolute(&mut self, file: usize, key: &str, p: Spanned<PathBuf>) -> Option<PathBuf> {

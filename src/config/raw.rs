@@ -31,6 +31,10 @@ pub(crate) struct RawDaemon {
     pub include: Option<Vec<Spanned<String>>>,
     pub max_concurrent_refreshes: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    // Plain HTTP for local programs and the audit of reads (docs/http.md).
+    pub http_socket: Option<Spanned<PathBuf>>,
+    pub http_listen: Option<Spanned<String>>,
+    pub audit: Option<bool>,
 }
 
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).
@@ -128,6 +132,28 @@ pub(crate) struct RawOutput {
 
 // === value syntaxes ===
 
+/// The visitor of a value written as a string or an integer (a duration, a mode, a user): each
+/// form is read by its function, whose error becomes the message at the value.
+struct StrOrInt<T> {
+    /// What the value should look like, for serde's type errors.
+    expecting: &'static str,
+    from_str: fn(&str) -> Result<T, String>,
+    from_int: fn(i64) -> Result<T, String>,
+}
+
+impl<T> Visitor<'_> for StrOrInt<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.from_str)(v).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        (self.from_int)(v).map_err(E::custom)
+    }
+}
+
 /// A duration written for humans: `"30s"`, `"5m"`, `"1h 30m"` (humantime).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct HumanDuration(pub Duration);
@@ -141,22 +167,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = HumanDuration;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration string such as \"30s\", \"5m\" or \"1h 30m\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                parse_duration(v).map(HumanDuration).map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                Err(E::custom(format!(
+        d.deserialize_any(StrOrInt {
+            expecting: "a duration string such as \"30s\", \"5m\" or \"1h 30m\"",
+            from_str: |v| parse_duration(v).map(HumanDuration),
+            from_int: |v| {
+                Err(format!(
                     "a duration needs a unit: write \"{v}s\" rather than {v}"
-                )))
-            }
-        }
-        d.deserialize_any(V)
+                ))
+            },
+        })
     }
 }
 
@@ -181,22 +200,15 @@ pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
 
 impl<'de> Deserialize<'de> for Mode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Mode;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an octal mode string such as \"0640\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
-                parse_mode(v).map(Mode).map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Mode, E> {
-                Err(E::custom(format!(
+        d.deserialize_any(StrOrInt {
+            expecting: "an octal mode string such as \"0640\"",
+            from_str: |v| parse_mode(v).map(Mode),
+            from_int: |v| {
+                Err(format!(
                     "a mode must be a quoted octal string such as \"0640\", not the number {v}"
-                )))
-            }
-        }
-        d.deserialize_any(V)
+                ))
+            },
+        })
     }
 }
 
@@ -261,26 +273,19 @@ pub(crate) enum Id {
 
 impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Id;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a user or group name, or a numeric id")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Id, E> {
-                match v.parse::<u32>() {
-                    Ok(n) => Ok(Id::Number(n)),
-                    Err(_) if v.is_empty() => Err(E::custom("empty user or group name")),
-                    Err(_) => Ok(Id::Name(v.to_owned())),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Id, E> {
+        d.deserialize_any(StrOrInt {
+            expecting: "a user or group name, or a numeric id",
+            from_str: |v| match v.parse::<u32>() {
+                Ok(n) => Ok(Id::Number(n)),
+                Err(_) if v.is_empty() => Err("empty user or group name".into()),
+                Err(_) => Ok(Id::Name(v.to_owned())),
+            },
+            from_int: |v| {
                 u32::try_from(v)
                     .map(Id::Number)
-                    .map_err(|_| E::custom(format!("{v} is not a valid uid or gid")))
-            }
-        }
-        d.deserialize_any(V)
+                    .map_err(|_| format!("{v} is not a valid uid or gid"))
+            },
+        })
     }
 }
 

@@ -74,6 +74,12 @@ pub struct DaemonConfig {
     /// Connections at once on the gRPC socket (default 256); the metrics listener takes at
     /// most 32, and never more than this.
     pub max_connections: usize,
+    /// HTTP/1.1 on this Unix socket (mode `socket_mode`); `None`: none (docs/http.md).
+    pub http_socket: Option<PathBuf>,
+    /// HTTP/1.1 on this loopback address; `None`: none.
+    pub http_listen: Option<SocketAddr>,
+    /// Log the first read of a client by each (uid, executable) every 10 minutes.
+    pub audit: bool,
 }
 
 impl Default for DaemonConfig {
@@ -88,6 +94,9 @@ impl Default for DaemonConfig {
             include: Vec::new(),
             max_concurrent_refreshes: 32,
             max_connections: crate::limits::DEFAULT_MAX_CONNECTIONS,
+            http_socket: None,
+            http_listen: None,
+            audit: false,
         }
     }
 }

@@ -185,6 +185,13 @@ pub fn answer(
     }
     let (token, generation) = api.readable_token(caller, &request.client)?;
     tracing::debug!(client = request.client, uid = caller.uid, token = %token.fingerprint(), "GetToken");
+    crate::audit::read(
+        &request.client,
+        crate::audit::Api::Grpc,
+        caller,
+        &token,
+        generation,
+    );
     Some(answers.answer(&request.client, &token, generation))
 }
 

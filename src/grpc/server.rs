@@ -110,8 +110,7 @@ impl GrpcServer {
         limits: Limits,
     ) -> Result<GrpcServer, ServeError> {
         let (listener, file) = bind(path, mode)?;
-        let meta = nix::sys::stat::fstat(&file)
-            .map_err(|e| io(path, "stat the socket")(std::io::Error::from(e)))?;
+        let inode = bound_inode(&file, path)?;
         let stop = CancellationToken::new();
         let (services, health) = build_services(store, stop.clone(), limits).await?;
         let gate = ConnGate::new(services.limits.max_connections);
@@ -120,7 +119,7 @@ impl GrpcServer {
         Ok(GrpcServer {
             path: path.to_path_buf(),
             mode,
-            inode: (meta.st_dev, meta.st_ino),
+            inode,
             file,
             gate,
             stop,
@@ -142,15 +141,7 @@ impl GrpcServer {
     /// Changes the mode of the socket file the daemon bound, through the descriptor kept
     /// since (never through the path: whatever is at the path now may not be ours).
     pub fn set_mode(&mut self, mode: u32) -> Result<(), ServeError> {
-        // fchmod on an O_PATH descriptor fails (EBADF), and on the listening socket it would
-        // change the socket object, not the file; the magic link in /proc names the inode.
-        let link = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
-        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-            io(
-                &self.path,
-                "change the socket's mode (through /proc/self/fd; restart the daemon to apply it)",
-            )(e)
-        })?;
+        set_bound_mode(&self.file, &self.path, mode)?;
         self.mode = mode;
         Ok(())
     }
@@ -187,14 +178,40 @@ impl GrpcServer {
     }
 
     fn remove_file(&self) {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if (m.dev(), m.ino()) == self.inode => {
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    tracing::warn!("cannot remove {}: {e}", self.path.display());
-                }
+        remove_if_ours(&self.path, self.inode);
+    }
+}
+
+/// Changes the mode of a socket file bound by [`bind`] through its `O_PATH` descriptor `file`
+/// (`path` names it in errors).
+pub fn set_bound_mode(file: &OwnedFd, path: &Path, mode: u32) -> Result<(), ServeError> {
+    // fchmod on an O_PATH descriptor fails (EBADF), and on the listening socket it would
+    // change the socket object, not the file; the magic link in /proc names the inode.
+    let link = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        io(
+            path,
+            "change the socket's mode (through /proc/self/fd; restart the daemon to apply it)",
+        )(e)
+    })
+}
+
+/// The (device, inode) of a socket file bound by [`bind`], from its `O_PATH` descriptor.
+pub fn bound_inode(file: &OwnedFd, path: &Path) -> Result<(u64, u64), ServeError> {
+    let meta = nix::sys::stat::fstat(file)
+        .map_err(|e| io(path, "stat the socket")(std::io::Error::from(e)))?;
+    Ok((meta.st_dev, meta.st_ino))
+}
+
+/// Removes the socket file at `path` if it still is the one of `inode` (device, inode).
+pub fn remove_if_ours(path: &Path, inode: (u64, u64)) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if (m.dev(), m.ino()) == inode => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
             }
-            _ => {}
         }
+        _ => {}
     }
 }
 

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::access::Caller;
 use super::pb;
+use crate::audit::Api;
 use crate::oauth::Human;
 use crate::refresher;
 use crate::store::{ClientSlot, Reason, Snapshot, State, Store};
@@ -106,7 +107,7 @@ impl TokenApi {
     /// Only root and the daemon's user hear `NOT_FOUND` for a name no client has; anyone else
     /// gets the same `PERMISSION_DENIED` for it as for a client it may not read, so that
     /// client names cannot be found out by trying them.
-    fn slot(&self, caller: &Caller, client: &str) -> Result<ClientSlot, ApiError> {
+    pub fn slot(&self, caller: &Caller, client: &str) -> Result<ClientSlot, ApiError> {
         check_name(client)?;
         let slot = match self.store.get(client) {
             Some(slot) => slot,
@@ -129,12 +130,7 @@ impl TokenApi {
     /// `PERMISSION_DENIED` for `caller` on `client`, logged; the same whether or not a client
     /// has that name.
     fn denied(&self, caller: &Caller, client: &str) -> ApiError {
-        tracing::info!(
-            client,
-            uid = caller.uid,
-            pid = caller.pid,
-            "gRPC caller denied"
-        );
+        tracing::info!(client, uid = caller.uid, pid = caller.pid, "caller denied");
         ApiError::PermissionDenied {
             client: client.to_string(),
             uid: caller.uid,
@@ -164,7 +160,7 @@ impl TokenApi {
 
     /// Waits for the client's first token (while PENDING) until `deadline`; then the valid
     /// token or UNAVAILABLE.
-    async fn current(
+    pub async fn current(
         &self,
         client: &str,
         slot: &ClientSlot,
@@ -201,7 +197,7 @@ impl TokenApi {
     /// of 401s); a forced demand from root or the daemon's user (who may send SIGUSR1 anyway)
     /// always gets a new one; a forced demand from anyone else within `min_interval` is refused
     /// with when it becomes possible.
-    fn refresh_reason(
+    pub fn refresh_reason(
         &self,
         caller: &Caller,
         client: &str,
@@ -229,7 +225,7 @@ impl TokenApi {
     }
 
     /// Asks the refresher and returns the newest valid token afterwards.
-    async fn refresh(
+    pub async fn refresh(
         &self,
         client: &str,
         slot: &ClientSlot,
@@ -265,6 +261,58 @@ impl TokenApi {
                 })
             }
         }
+    }
+}
+
+impl TokenApi {
+    /// `current` (a token and its generation) if it stays valid for `min_valid`, else a new
+    /// one asked of the refresher; INVALID_ARGUMENT when the client's tokens never live that
+    /// long.
+    pub async fn valid_for(
+        &self,
+        client: &str,
+        slot: &ClientSlot,
+        current: (Arc<Token>, u64),
+        min_valid: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<Token>, u64), ApiError> {
+        let (token, _) = &current;
+        let Some(d) = min_valid else {
+            return Ok(current);
+        };
+        if token
+            .remaining(SystemTime::now())
+            .is_some_and(|left| left >= d)
+        {
+            return Ok(current);
+        }
+        if token.lifetime() < d {
+            return Err(ApiError::InvalidArgument(format!(
+                "min_valid_for {} is longer than the {} lifetime of client {client:?}'s tokens",
+                Human(d),
+                Human(token.lifetime())
+            )));
+        }
+        self.refresh(client, slot, Reason::MinValid(d), deadline)
+            .await
+    }
+
+    /// The status of every client `caller` may read, in name order (`ListClients`).
+    pub fn readable_statuses(&self, caller: &Caller) -> Vec<pb::ClientStatus> {
+        let now = SystemTime::now();
+        self.store
+            .slots()
+            .into_iter()
+            .filter(|(_, s)| {
+                caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
+            })
+            .map(|(name, s)| status_message(&name, &s.snapshot.borrow(), now))
+            .collect()
+    }
+
+    /// Ends waits and streams when cancelled (the server stopping).
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stop
     }
 }
 
@@ -428,6 +476,7 @@ impl Watch {
                     && self.sent != Some(snap.generation)
                 {
                     self.sent = Some(snap.generation);
+                    crate::audit::read(&self.client, Api::Grpc, &self.caller, t, snap.generation);
                     return Ok(token_message(&self.client, t, snap.generation));
                 }
             }
@@ -470,25 +519,12 @@ impl pb::token_service_server::TokenService for TokenApi {
         let min_valid = min_valid_for(req.min_valid_for.as_ref())?;
         let client = req.client;
         let slot = self.slot(&caller, &client)?;
-        let (mut token, mut generation) = self.current(&client, &slot, deadline).await?;
-        if let Some(d) = min_valid
-            && token
-                .remaining(SystemTime::now())
-                .is_none_or(|left| left < d)
-        {
-            if token.lifetime() < d {
-                return Err(ApiError::InvalidArgument(format!(
-                    "min_valid_for {} is longer than the {} lifetime of client {client:?}'s tokens",
-                    Human(d),
-                    Human(token.lifetime())
-                ))
-                .into());
-            }
-            (token, generation) = self
-                .refresh(&client, &slot, Reason::MinValid(d), deadline)
-                .await?;
-        }
+        let current = self.current(&client, &slot, deadline).await?;
+        let (token, generation) = self
+            .valid_for(&client, &slot, current, min_valid, deadline)
+            .await?;
         tracing::debug!(client, uid = caller.uid, token = %token.fingerprint(), "GetToken");
+        crate::audit::read(&client, Api::Grpc, &caller, &token, generation);
         Ok(Response::new(token_message(&client, &token, generation)))
     }
 
@@ -543,6 +579,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         let reason = self.refresh_reason(&caller, &client, &slot, force)?;
         let (token, generation) = self.refresh(&client, &slot, reason, deadline).await?;
         tracing::debug!(client, uid = caller.uid, token = %token.fingerprint(), "RefreshToken");
+        crate::audit::read(&client, Api::Grpc, &caller, &token, generation);
         Ok(Response::new(token_message(&client, &token, generation)))
     }
 
@@ -551,16 +588,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         request: Request<pb::ListClientsRequest>,
     ) -> Result<Response<pb::ListClientsResponse>, Status> {
         let caller = caller_of(&request)?;
-        let now = SystemTime::now();
-        let clients = self
-            .store
-            .slots()
-            .into_iter()
-            .filter(|(_, s)| {
-                caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
-            })
-            .map(|(name, s)| status_message(&name, &s.snapshot.borrow(), now))
-            .collect();
+        let clients = self.readable_statuses(&caller);
         Ok(Response::new(pb::ListClientsResponse { clients }))
     }
 }

@@ -8,9 +8,12 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http_body_util::Either;
+use hyper::Response;
 use hyper::body::{Bytes, Frame, SizeHint};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use hyper::{Response, StatusCode};
+
+use super::response::{Body, raw};
 
 /// A way for the provider to misbehave.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,11 +117,11 @@ pub(crate) fn action(fault: &Fault) -> Action {
             let part =
                 b"{\"access_token\":\"tw_truncated\",\"token_type\":\"Bearer\",\"exp".to_vec();
             let declared = part.len() + 64;
-            let mut r = Response::new(Body {
+            let mut r = Response::new(Either::Right(Truncated {
                 data: Some(Bytes::from(part)),
-                fail_after: true,
+                fail: true,
                 yielded: false,
-            });
+            }));
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r.headers_mut()
@@ -179,39 +182,18 @@ pub(crate) fn echo(status: u16, html: bool, pad: usize, request: &super::Recorde
 pub const HTML_ERROR_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n\
 <body><h1>502 Bad Gateway</h1><p>The upstream server is not answering.</p><hr><address>nginx</address></body></html>\n";
 
-/// A response with `status`, `content_type` and `body` as given.
-pub(crate) fn raw(status: u16, content_type: &str, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Body::full(body));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if let Ok(v) = HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(CONTENT_TYPE, v);
-    }
-    r
-}
-
-/// The provider's response body: whole, or cut short with an error so the connection closes
+/// The body of [`Fault::TruncatedBody`]: its data, then an error that closes the connection
 /// before `Content-Length` bytes were sent.
 #[derive(Debug)]
-pub(crate) struct Body {
+pub(crate) struct Truncated {
     data: Option<Bytes>,
-    /// End with an error (closing the connection) instead of cleanly.
-    fail_after: bool,
+    /// The error is still to come.
+    fail: bool,
     /// Whether the body has already said "not yet" once before failing.
     yielded: bool,
 }
 
-impl Body {
-    /// A whole body.
-    pub fn full(data: impl Into<Bytes>) -> Body {
-        Body {
-            data: Some(data.into()),
-            fail_after: false,
-            yielded: false,
-        }
-    }
-}
-
-impl hyper::body::Body for Body {
+impl hyper::body::Body for Truncated {
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -222,14 +204,14 @@ impl hyper::body::Body for Body {
         if let Some(d) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(d))));
         }
-        if self.fail_after && !self.yielded {
+        if self.fail && !self.yielded {
             // Let the connection flush the head and the first part before the error aborts it.
             self.yielded = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        if self.fail_after {
-            self.fail_after = false;
+        if self.fail {
+            self.fail = false;
             return Poll::Ready(Some(Err(std::io::Error::other(
                 "body truncated on purpose",
             ))));
@@ -238,15 +220,12 @@ impl hyper::body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && !self.fail_after
+        self.data.is_none() && !self.fail
     }
 
+    /// Unknown: the `Content-Length` header is set apart, larger than the data.
     fn size_hint(&self) -> SizeHint {
-        match (&self.data, self.fail_after) {
-            (Some(d), false) => SizeHint::with_exact(d.len() as u64),
-            (None, false) => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        SizeHint::default()
     }
 }
 

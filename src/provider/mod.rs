@@ -18,22 +18,31 @@
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
-//! Faults ([`Fault`]) make it misbehave on demand; [`Provider::pause`] takes it off the network
-//! (connections refused) and [`Provider::resume`] brings it back on the same port. Every request
-//! is recorded ([`Provider::requests`]). Logs are at debug level and never carry secrets or tokens.
+//! The tests drive it further through the `test-provider` feature (turned on for them by the
+//! dev-dependency of Cargo.toml, never in the shipped binary): faults make it misbehave on
+//! demand, `Provider::pause` takes it off the network (connections refused) and
+//! `Provider::resume` brings it back on the same port, every request is recorded, its clock can
+//! be set wrong, and what it issued can be inspected. Logs are at debug level and never carry
+//! secrets or tokens.
 //!
 //! # Layout
 //! - [`dialect`](Dialect): paths, grants and response shapes per provider.
 //! - `request`: strict reading of the request and client authentication.
 //! - `assertion`: JWT assertion checks.
-//! - `fault`: misbehaviour on demand.
+//! - `response`: the bodies and headers of its answers.
+//! - `control` and `fault` (feature `test-provider`): what the tests set and read, and
+//!   misbehaviour on demand.
 
 #![warn(missing_docs)]
 
 mod assertion;
+#[cfg(feature = "test-provider")]
+mod control;
 mod dialect;
+#[cfg(feature = "test-provider")]
 mod fault;
 mod request;
+mod response;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -43,9 +52,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{
-    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PRAGMA, WWW_AUTHENTICATE,
-};
+use hyper::header::CONTENT_LENGTH;
+#[cfg(feature = "test-provider")]
+use hyper::header::CONTENT_TYPE;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -56,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use dialect::{Dialect, Grant, JWT_BEARER_GRANT, TalkdeskRegion};
+#[cfg(feature = "test-provider")]
 pub use fault::{Fault, HTML_ERROR_PAGE};
 pub use request::{CLIENT_ASSERTION_TYPE, MAX_BODY};
 
@@ -63,8 +73,8 @@ use crate::keys::SigningAlg;
 use crate::secret::{Secret, fingerprint};
 use assertion::{ClientRule, GrantRule};
 use dialect::Issue;
-use fault::{Action, Body, FaultPlan};
 use request::{Presented, Reject};
+use response::{Body, error_response, json_response};
 
 /// The realm of the `WWW-Authenticate: Basic` challenge.
 pub const REALM: &str = "tokenwarden-provider";
@@ -272,8 +282,10 @@ pub struct RecordedRequest {
     /// The body as read (empty when it was refused for its size).
     pub body: Vec<u8>,
     /// The form pairs as sent, when the body was declared `application/x-www-form-urlencoded`.
+    #[cfg(feature = "test-provider")]
     pub form: Vec<(String, String)>,
     /// When the provider took it in and decided its answer (and any fault) for it.
+    #[cfg(feature = "test-provider")]
     pub received_at: Instant,
 }
 
@@ -287,6 +299,7 @@ impl RecordedRequest {
     }
 
     /// The first value of form parameter `name`.
+    #[cfg(feature = "test-provider")]
     pub fn form_value(&self, name: &str) -> Option<&str> {
         self.form
             .iter()
@@ -299,14 +312,21 @@ impl RecordedRequest {
 impl fmt::Debug for RecordedRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        let form: Vec<&str> = self.form.iter().map(|(k, _)| k.as_str()).collect();
-        f.debug_struct("RecordedRequest")
-            .field("method", &self.method)
+        let mut d = f.debug_struct("RecordedRequest");
+        d.field("method", &self.method)
             .field("path", &self.path)
             .field("headers", &headers)
-            .field("body_len", &self.body.len())
-            .field("form", &form)
-            .finish()
+            .field("body_len", &self.body.len());
+        #[cfg(feature = "test-provider")]
+        d.field(
+            "form",
+            &self
+                .form
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+        );
+        d.finish()
     }
 }
 
@@ -319,71 +339,42 @@ pub struct Provider {
 
 /// The last handle's drop cancels the server.
 struct Inner {
-    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shared.cancel.cancel();
+        self.endpoint.cancel.cancel();
     }
 }
 
 /// What the server tasks share with the handles.
-struct Shared {
+struct Endpoint {
     addr: SocketAddr,
     /// Signs Transatel's JWT access tokens and Talkdesk's id tokens.
     server_key: Secret,
     cancel: CancellationToken,
-    /// The current listener's accept loop; `None` while paused ([`Provider::pause`]).
-    serving: Mutex<Option<Serving>>,
-    /// While paused: a socket bound to the port but not listening, so that connections are
-    /// refused and no listener on port 0 (another test's) is given the port meanwhile.
-    reserved: Mutex<Option<tokio::net::TcpSocket>>,
-    state: Mutex<State>,
+    /// The listener, which the tests can take away and give back.
+    #[cfg(feature = "test-provider")]
+    listening: control::Listening,
+    ledger: Mutex<Ledger>,
 }
 
 /// The provider's memory.
 #[derive(Default)]
-struct State {
+struct Ledger {
     clients: HashMap<String, RegisteredClient>,
-    faults: FaultPlan,
-    requests: Vec<RecordedRequest>,
-    /// Access token → who holds it and until when.
-    live: HashMap<String, LiveToken>,
-    /// Tokens issued per client id.
-    issued: HashMap<String, usize>,
     /// Refresh token → what it may be exchanged for. Removed on use (RFC 6749 §6 rotation), or
     /// marked rotated and kept for the client's reuse grace.
     refresh: HashMap<String, RefreshGrant>,
     /// Refresh token → client id, for every one used up: presenting one again is reuse.
     spent_refresh: HashMap<String, String>,
-    /// Client id → how many times a used refresh token was presented again.
-    reuse_detected: HashMap<String, usize>,
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
-    /// Seconds added to the `Date` header of successful answers (a provider with a wrong clock).
-    date_offset: i64,
-}
-
-/// A listener being served: cancelling `cancel` (a child of the provider's) closes it and its
-/// connections; `task` ends once the listening socket is closed.
-struct Serving {
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Serving {
-    fn spawn(listener: TcpListener, shared: Arc<Shared>) -> Serving {
-        let cancel = shared.cancel.child_token();
-        let task = tokio::spawn(accept_loop(listener, shared, cancel.clone()));
-        Serving { cancel, task }
-    }
-}
-
-struct LiveToken {
-    client_id: String,
-    expires: Instant,
+    /// What the tests set and read: faults, the requests received, the tokens issued.
+    #[cfg(feature = "test-provider")]
+    observed: control::Observed,
 }
 
 struct RefreshGrant {
@@ -396,7 +387,7 @@ struct RefreshGrant {
 impl fmt::Debug for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Provider")
-            .field("addr", &self.inner.shared.addr)
+            .field("addr", &self.inner.endpoint.addr)
             .finish()
     }
 }
@@ -416,37 +407,44 @@ impl Provider {
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         ));
-        let shared = Arc::new(Shared {
+        let endpoint = Arc::new(Endpoint {
             addr,
             server_key,
             cancel: CancellationToken::new(),
-            serving: Mutex::new(None),
-            reserved: Mutex::new(None),
-            state: Mutex::new(State::default()),
+            #[cfg(feature = "test-provider")]
+            listening: control::Listening::default(),
+            ledger: Mutex::new(Ledger::default()),
         });
-        *shared.serving_slot() = Some(Serving::spawn(listener, shared.clone()));
+        #[cfg(feature = "test-provider")]
+        control::serve(&endpoint, listener);
+        #[cfg(not(feature = "test-provider"))]
+        tokio::spawn(accept_loop(
+            listener,
+            endpoint.clone(),
+            endpoint.cancel.clone(),
+        ));
         debug!(%addr, "provider: listening");
         Ok(Provider {
-            inner: Arc::new(Inner { shared }),
+            inner: Arc::new(Inner { endpoint }),
         })
     }
 
-    fn shared(&self) -> &Shared {
-        &self.inner.shared
+    fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.shared().lock()
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.endpoint().lock()
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
-        self.shared().base_url()
+        self.endpoint().base_url()
     }
 
     /// The address the provider listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.shared().addr
+        self.endpoint().addr
     }
 
     /// The token URL of `dialect` (for Talkdesk, the `.com` region's).
@@ -461,188 +459,23 @@ impl Provider {
 
     /// Adds a client, or replaces the one with its id.
     pub fn register(&self, client: RegisteredClient) {
-        self.state()
+        self.ledger()
             .clients
             .insert(client.client_id.clone(), client);
     }
 
-    /// Makes the `Date` header of token answers run `seconds` ahead (negative: behind) of the
-    /// real clock, as a provider with a wrong clock would.
-    pub fn set_clock_offset(&self, seconds: i64) {
-        self.state().date_offset = seconds;
-    }
-
-    /// Changes the lifetime of the tokens a client gets from now on.
-    pub fn set_lifetime(&self, client_id: &str, lifetime: Duration) {
-        if let Some(c) = self.state().clients.get_mut(client_id) {
-            c.lifetime = lifetime;
-        }
-    }
-
-    /// Changes a client's reuse grace for rotated refresh tokens (`None`: strict) from now on;
-    /// see [`RegisteredClient::refresh_reuse_grace`].
-    pub fn set_refresh_reuse_grace(&self, client_id: &str, grace: Option<Duration>) {
-        if let Some(c) = self.state().clients.get_mut(client_id) {
-            c.refresh_reuse_grace = grace;
-        }
-    }
-
-    /// Sets (or, with `None`, clears) a fault for every request until changed.
-    pub fn set_fault(&self, fault: Option<Fault>) {
-        self.state().faults.standing = fault;
-    }
-
-    /// Applies `fault` to the next `n` requests only, before any standing fault.
-    pub fn fault_next(&self, fault: Fault, n: usize) {
-        let mut st = self.state();
-        st.faults.queued.extend(std::iter::repeat_n(fault, n));
-    }
-
-    /// Every request received, in order.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.clone()
-    }
-
-    /// Forgets the recorded requests.
-    pub fn clear_requests(&self) {
-        self.state().requests.clear();
-    }
-
-    /// How many access tokens a client was issued.
-    pub fn issued(&self, client_id: &str) -> usize {
-        self.state().issued.get(client_id).copied().unwrap_or(0)
-    }
-
-    /// Whether `access_token` was issued by this provider and has not expired.
-    pub fn token_is_live(&self, access_token: &str) -> bool {
-        self.state()
-            .live
-            .get(access_token)
-            .is_some_and(|t| Instant::now() < t.expires)
-    }
-
-    /// The client an access token was issued to, if it was issued here.
-    pub fn token_owner(&self, access_token: &str) -> Option<String> {
-        self.state()
-            .live
-            .get(access_token)
-            .map(|t| t.client_id.clone())
-    }
-
-    /// Forgets every refresh token of a client: its next refresh grant gets `invalid_grant`.
-    pub fn revoke_refresh_tokens(&self, client_id: &str) {
-        self.state().refresh.retain(|_, g| g.client_id != client_id);
-    }
-
-    /// A new refresh token for a client granting `scope`, as if issued with an earlier token
-    /// (what an operator copies into a `refresh_token`-grant client's secret).
-    pub fn mint_refresh_token(&self, client_id: &str, scope: &[&str]) -> String {
-        let rt = format!(
-            "twr_{}_minted_{}",
-            fingerprint(client_id.as_bytes()),
-            uuid::Uuid::new_v4().simple()
-        );
-        self.state().refresh.insert(
-            rt.clone(),
-            RefreshGrant {
-                client_id: client_id.into(),
-                scope: scope.iter().map(|s| s.to_string()).collect(),
-                rotated_at: None,
-            },
-        );
-        rt
-    }
-
-    /// How many times a client presented a refresh token it had used up already (each time
-    /// every refresh token of the client was revoked).
-    pub fn reuse_detected(&self, client_id: &str) -> usize {
-        self.state()
-            .reuse_detected
-            .get(client_id)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// How many unused refresh tokens a client holds (rotated ones still in their reuse grace
-    /// are not counted).
-    pub fn live_refresh_tokens(&self, client_id: &str) -> usize {
-        self.state()
-            .refresh
-            .values()
-            .filter(|g| g.client_id == client_id && g.rotated_at.is_none())
-            .count()
-    }
-
-    /// Takes the provider off the network, as a host going down does: when this returns, the
-    /// listening socket is closed (connections are refused) and open connections are being
-    /// closed, hanging answers included. Nothing is forgotten; [`Provider::resume`] brings it
-    /// back on the same address.
-    pub async fn pause(&self) {
-        let serving = self.shared().serving_slot().take();
-        if let Some(s) = serving {
-            s.cancel.cancel();
-            // The accept loop drops the listener as it ends.
-            let _ = s.task.await;
-            let reserved = reserve(self.shared().addr);
-            if let Err(e) = &reserved {
-                debug!(addr = %self.shared().addr, "provider: cannot hold the port while paused: {e}");
-            }
-            *self.shared().reserved_slot() = reserved.ok();
-            debug!(addr = %self.shared().addr, "provider: paused");
-        }
-    }
-
-    /// Listens again on the same address after [`Provider::pause`] (no-op when not paused).
-    /// Fails if the port was taken meanwhile, or after [`Provider::shutdown`].
-    pub async fn resume(&self) -> std::io::Result<()> {
-        let shared = &self.inner.shared;
-        if shared.cancel.is_cancelled() {
-            return Err(std::io::Error::other("the provider was shut down"));
-        }
-        if shared.serving_slot().is_some() {
-            return Ok(());
-        }
-        // Let go of the port just before listening on it again.
-        drop(shared.reserved_slot().take());
-        let listener = TcpListener::bind(shared.addr).await?;
-        let mut slot = shared.serving_slot();
-        // A concurrent resume may have won; then this listener is simply dropped.
-        if slot.is_none() {
-            *slot = Some(Serving::spawn(listener, shared.clone()));
-            debug!(addr = %shared.addr, "provider: resumed");
-        }
-        Ok(())
-    }
-
     /// Stops the server: no new connection is accepted and open ones are closed.
     pub fn shutdown(&self) {
-        debug!(addr = %self.shared().addr, "provider: shutting down");
-        self.shared().cancel.cancel();
+        debug!(addr = %self.endpoint().addr, "provider: shutting down");
+        self.endpoint().cancel.cancel();
     }
 }
 
 // === serving ===
 
-/// A TCP socket bound to `addr` (with `SO_REUSEADDR`, as listeners are, so connections of the
-/// closed listener in TIME_WAIT do not stand in the way) and not listening: a connection to it
-/// is refused, and Linux does not hand the port to anyone binding port 0 (its first pass over
-/// the ephemeral range skips ports with any socket bound, whatever `SO_REUSEADDR` says). An
-/// explicit bind to the port with `SO_REUSEADDR` is still possible: this guards against other
-/// tests' listeners on port 0, not against someone choosing the port.
-fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    Ok(socket)
-}
-
 /// Accepts connections until `serving` is cancelled (pause or shutdown); dropping the listener
 /// then closes the port.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, serving: CancellationToken) {
+async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, serving: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = serving.cancelled() => return,
@@ -650,7 +483,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, serving: Cancel
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, shared.clone(), serving.clone()));
+                tokio::spawn(serve_connection(stream, endpoint.clone(), serving.clone()));
             }
             Err(e) => {
                 // Out of file descriptors, say: back off a little rather than spin.
@@ -663,8 +496,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, serving: Cancel
 
 /// Serves one connection in its own task, so a hanging answer blocks nothing else. Closed when
 /// `cancel` fires (pause or shutdown).
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) {
-    let svc = service_fn(move |req| handle(shared.clone(), req));
+async fn serve_connection(stream: TcpStream, endpoint: Arc<Endpoint>, cancel: CancellationToken) {
+    let svc = service_fn(move |req| handle(endpoint.clone(), req));
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
         _ = cancel.cancelled() => {}
@@ -678,7 +511,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, cancel: Cancel
 
 /// Answers one request: records it, applies any fault, else processes it.
 async fn handle(
-    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     let (parts, body) = req.into_parts();
@@ -711,72 +544,38 @@ async fn handle(
             )
         })
         .collect();
-    let is_form = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| request::check_content_type(Some(v)).is_ok());
-    let mut recorded = RecordedRequest {
+    let recorded = RecordedRequest {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         headers,
-        form: if is_form {
-            request::form_pairs(&bytes)
-        } else {
-            Vec::new()
-        },
+        #[cfg(feature = "test-provider")]
+        form: request::form_pairs(parts.headers.get(CONTENT_TYPE), &bytes),
         body: bytes,
+        #[cfg(feature = "test-provider")]
         received_at: Instant::now(),
     };
-    let fault = {
-        let mut st = shared.lock();
-        recorded.received_at = Instant::now();
-        st.requests.push(recorded.clone());
-        st.faults.take()
-    };
-    if let Some(fault) = fault {
-        debug!(path = %recorded.path, fault = fault_name(&fault), "provider: applying fault");
-        let fault = match fault {
-            Fault::Echo { status, html, pad } => fault::echo(status, html, pad, &recorded),
-            other => other,
-        };
-        return match fault::action(&fault) {
-            Action::Respond(r) => Ok(r),
-            Action::Hang => {
-                shared.cancel.cancelled().await;
-                Err(std::io::Error::other("provider shut down"))
-            }
-            Action::Drop => Err(std::io::Error::other("connection dropped on purpose")),
-        };
+    #[cfg(feature = "test-provider")]
+    if let Some(answer) = control::intercept(&endpoint, &recorded).await {
+        return answer;
     }
     if dialect::dialects_at(&recorded.path).is_empty() {
         debug!(path = %recorded.path, "provider: no token endpoint here");
-        return Ok(fault::raw(
+        return Ok(response::raw(
             404,
             "text/plain; charset=utf-8",
             b"Not Found".to_vec(),
         ));
     }
     let outcome = match body {
-        Ok(_) => shared.process(&recorded),
+        Ok(_) => endpoint.process(&recorded),
         Err(reject) => Err(reject),
     };
     Ok(match outcome {
         Ok((client_id, value)) => {
             debug!(path = %recorded.path, client = %client_id, "provider: token issued");
-            let mut r = json_response(200, &value);
-            let offset = shared.lock().date_offset;
-            if offset != 0 {
-                let now = std::time::SystemTime::now();
-                let at = if offset > 0 {
-                    now + Duration::from_secs(offset.unsigned_abs())
-                } else {
-                    now - Duration::from_secs(offset.unsigned_abs())
-                };
-                if let Ok(v) = HeaderValue::from_str(&httpdate_fmt(at)) {
-                    r.headers_mut().insert(hyper::header::DATE, v);
-                }
-            }
+            let r = json_response(200, &value);
+            #[cfg(feature = "test-provider")]
+            let r = control::shift_date(&endpoint, r);
             r
         }
         Err(reject) => {
@@ -792,78 +591,15 @@ async fn handle(
     })
 }
 
-fn fault_name(f: &Fault) -> &'static str {
-    match f {
-        Fault::ServerError => "server_error",
-        Fault::TooManyRequests { .. } => "too_many_requests",
-        Fault::InvalidJson => "invalid_json",
-        Fault::HtmlError => "html_error",
-        Fault::Hang => "hang",
-        Fault::DropConnection => "drop_connection",
-        Fault::TruncatedBody => "truncated_body",
-        Fault::Custom { .. } => "custom",
-        Fault::Echo { .. } => "echo",
-    }
-}
-
-/// An IMF-fixdate (RFC 9110 §5.6.7) for a `Date` header.
-fn httpdate_fmt(t: std::time::SystemTime) -> String {
-    // humantime gives RFC 3339; rebuild it as `Sun, 06 Nov 1994 08:49:37 GMT`.
-    let secs = crate::token::unix_seconds(t);
-    let days = secs / 86_400;
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    let rfc = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-23T18:00:00Z
-    let (y, m, d, time) = (&rfc[0..4], &rfc[5..7], &rfc[8..10], &rfc[11..19]);
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = m
-        .parse::<usize>()
-        .ok()
-        .and_then(|m| months.get(m.wrapping_sub(1)))
-        .copied()
-        .unwrap_or("Jan");
-    format!("{weekday}, {d} {month} {y} {time} GMT")
-}
-
-/// A JSON response with the no-cache headers of RFC 6749 §5.1.
-fn json_response(status: u16, value: &Value) -> Response<Body> {
-    let mut r = fault::raw(status, "application/json", value.to_string().into_bytes());
-    let h = r.headers_mut();
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
-    r
-}
-
-/// An OAuth error response (RFC 6749 §5.2).
-fn error_response(reject: &Reject) -> Response<Body> {
-    let body = json!({"error": reject.error, "error_description": reject.description});
-    let mut r = json_response(reject.status, &body);
-    if reject.basic_challenge
-        && let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{REALM}\""))
-    {
-        r.headers_mut().insert(WWW_AUTHENTICATE, v);
-    }
-    r
-}
-
 fn unix_now() -> u64 {
     crate::token::unix_seconds(SystemTime::now())
 }
 
-// === impl Shared ===
+// === impl Endpoint ===
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn serving_slot(&self) -> MutexGuard<'_, Option<Serving>> {
-        self.serving.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn reserved_slot(&self) -> MutexGuard<'_, Option<tokio::net::TcpSocket>> {
-        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+impl Endpoint {
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn base_url(&self) -> String {
@@ -970,9 +706,9 @@ impl Shared {
     }
 }
 
-// === impl State ===
+// === impl Ledger ===
 
-impl State {
+impl Ledger {
     fn find(&self, client_id: &str, dialects: &[Dialect]) -> Result<RegisteredClient, Reject> {
         self.clients
             .get(client_id)
@@ -1136,10 +872,8 @@ impl State {
                 // RFC 9700 §4.14.2: a used refresh token presented again may be a stolen
                 // one; whoever holds the newer ones loses them too.
                 self.refresh.retain(|_, g| g.client_id != client.client_id);
-                *self
-                    .reuse_detected
-                    .entry(client.client_id.clone())
-                    .or_default() += 1;
+                #[cfg(feature = "test-provider")]
+                self.observed.note_reuse(&client.client_id);
                 return Err(Reject::invalid_grant(
                     "refresh token reuse detected: every refresh token of this client is revoked",
                 ));
@@ -1176,7 +910,7 @@ impl State {
     /// Issues an access token (and a refresh token, an id token, a sid as the dialect does).
     fn issue(
         &mut self,
-        shared: &Shared,
+        endpoint: &Endpoint,
         c: &RegisteredClient,
         scope: Vec<String>,
         now: u64,
@@ -1189,25 +923,19 @@ impl State {
         let opaque = format!("tw_{}_{fp}_{n:06}_{}", c.dialect.short_name(), random());
         let access_token = if c.dialect == Dialect::Transatel {
             let claims = json!({
-                "iss": format!("{}/transatel", shared.base_url()),
+                "iss": format!("{}/transatel", endpoint.base_url()),
                 "sub": c.client_id,
                 "aud": "transatel-api",
                 "iat": now,
                 "exp": now + expires_in,
                 "jti": format!("{n}-{}", random()),
             });
-            shared.sign(&claims).unwrap_or(opaque)
+            endpoint.sign(&claims).unwrap_or(opaque)
         } else {
             opaque
         };
-        self.live.insert(
-            access_token.clone(),
-            LiveToken {
-                client_id: c.client_id.clone(),
-                expires: Instant::now() + c.lifetime,
-            },
-        );
-        *self.issued.entry(c.client_id.clone()).or_default() += 1;
+        #[cfg(feature = "test-provider")]
+        self.observed.note_issued(&access_token, c);
         let refresh_token = (c.refresh_tokens && c.dialect.grants().contains(&Grant::RefreshToken))
             .then(|| {
                 let rt = format!("twr_{fp}_{n:06}_{}", random());
@@ -1224,14 +952,14 @@ impl State {
         let (id_token, sid) = if c.dialect == Dialect::Talkdesk {
             let sid = random();
             let claims = json!({
-                "iss": format!("{}/talkdesk", shared.base_url()),
+                "iss": format!("{}/talkdesk", endpoint.base_url()),
                 "sub": c.client_id,
                 "aud": c.client_id,
                 "iat": now,
                 "exp": now + expires_in,
                 "sid": sid,
             });
-            (shared.sign(&claims), Some(sid))
+            (endpoint.sign(&claims), Some(sid))
         } else {
             (None, None)
         };
@@ -1247,7 +975,7 @@ impl State {
     }
 }
 
-impl Shared {
+impl Endpoint {
     /// An HS256 JWT signed with the server key.
     fn sign(&self, claims: &Value) -> Option<String> {
         let key = jsonwebtoken::EncodingKey::from_secret(self.server_key.expose().as_bytes());

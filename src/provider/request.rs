@@ -124,8 +124,19 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<BTreeMap<String, String>, Reject
     Ok(form)
 }
 
-/// Every `(name, value)` pair of a form body as sent, for the request log.
-pub(crate) fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+/// Every `(name, value)` pair of a body declared a form (by `content_type`) as sent, for the
+/// request log; none for another body.
+#[cfg(feature = "test-provider")]
+pub(crate) fn form_pairs(
+    content_type: Option<&hyper::header::HeaderValue>,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    let is_form = content_type
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| check_content_type(Some(v)).is_ok());
+    if !is_form {
+        return Vec::new();
+    }
     url::form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()

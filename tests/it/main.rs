@@ -14,6 +14,7 @@ mod examples;
 mod faults;
 mod fuzz_corpus;
 mod grpc;
+mod http;
 mod metrics;
 mod operator;
 mod outputs;
@@ -25,7 +26,7 @@ mod schedule;
 mod state;
 #[allow(dead_code)]
 mod support;
+mod systemd_unit;
 mod tls;
 mod truth;
-mod unit;
 mod watcher;

@@ -413,6 +413,31 @@ async fn on_change_output_is_capped_and_drained() {
     assert_eq!(out.stderr, "done\n");
 }
 
+/// A process that left the command's group (setsid) keeps its stdout open: the command still
+/// ends by its timeout, with what it printed, instead of waiting for that process.
+#[tokio::test]
+async fn output_held_open_outside_the_group_ends_at_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let left = dir.path().join("left");
+    // The command waits until the other process is out of its group, then ends.
+    let script = format!(
+        "setsid sh -c 'touch \"$0\"; exec sleep 20' '{0}' </dev/null & \
+         while [ ! -e '{0}' ]; do sleep 0.01; done; echo hi",
+        left.display()
+    );
+    let started = Instant::now();
+    let out = run_command(&sh(&script), &EVENT, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, "hi\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Whether `pid` is gone (or a zombie nobody reaped yet: it no longer runs).
 fn gone(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

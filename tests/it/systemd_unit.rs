@@ -11,7 +11,7 @@ fn unit() -> String {
 }
 
 #[test]
-fn the_unit_says_what_spec_section_8_asks() {
+fn the_unit_has_its_contract_lines() {
     let u = unit();
     for line in [
         "Type=notify",
