@@ -8,28 +8,27 @@
 //! STATUS= lines, RELOADING=1/READY=1 around reloads, STOPPING=1 and watchdog pings.
 //!
 //! A reload validates the whole new config first; a bad one leaves the running one in place.
-//! Clients are diffed: unchanged ones keep running untouched, changed ones are reconfigured
-//! (a new token at once when identity or credentials changed, the current token written to new
-//! outputs), removed ones stop (their files are left), added ones start.
+//! Then one `match` over [`config::diff`]: unchanged clients keep running untouched; a new
+//! identity stops the client's refresher and starts a new one; other changes are handed to the
+//! running refresher (a new token at once for new credentials, the current token written to new
+//! outputs, settings applied); removed clients stop (their files are left), added ones start;
+//! `[daemon]` keys are applied as [`config::DaemonChanges`] lists them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{self, ClientChange, ClientConfig, Config};
 use crate::grpc::GrpcServer;
 use crate::logging::LogHandle;
-use crate::oauth::HttpClients;
-use crate::refresher::{self, Reconfigure, Shared};
-use crate::reload::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
-use crate::state::StateDir;
+use crate::refresher::{self, Engine, Reconfigure};
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
+use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
@@ -43,8 +42,8 @@ pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The state directory could not be opened or is locked by another daemon.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// Signal handlers or the file watcher could not be installed.
     #[error("{0}")]
     Setup(String),
@@ -56,7 +55,7 @@ pub enum DaemonError {
 /// A running daemon.
 pub struct Daemon {
     config: Arc<Config>,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     store: Arc<Store>,
     handles: BTreeMap<String, refresher::Handle>,
     root: CancellationToken,
@@ -65,7 +64,7 @@ pub struct Daemon {
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
     watcher: Option<FileWatcher>,
-    _signals: Option<reload::SignalTask>,
+    _signals: Option<triggers::SignalTask>,
     cron: Option<JobScheduler>,
     cron_jobs: HashMap<String, uuid::Uuid>,
     /// The gRPC API, when `daemon.socket` is set.
@@ -86,10 +85,12 @@ impl Daemon {
     /// Opens the state directory, installs signal handlers and the file watcher, and starts
     /// every client.
     pub async fn start(config: Config, log: Option<LogHandle>) -> Result<Daemon, DaemonError> {
-        let state = StateDir::open(&config.daemon.state_dir)
-            .map_err(|e| DaemonError::State(e.to_string()))?;
+        let engine = Arc::new(Engine::open(
+            &config.daemon,
+            config.clients.values().map(|c| &**c),
+        )?);
         let (events_tx, events) = mpsc::channel(64);
-        let signals = reload::signals(events_tx.clone())
+        let signals = triggers::signals(events_tx.clone())
             .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
         let watcher =
             match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
@@ -106,16 +107,9 @@ impl Daemon {
             };
         let permits_total = config.daemon.max_concurrent_refreshes.max(1);
         let limits = crate::limits::for_daemon(&config.daemon);
-        let shared = Arc::new(Shared {
-            state: Arc::new(state),
-            http: Arc::new(HttpClients::default()),
-            permits: Arc::new(Semaphore::new(permits_total)),
-            tracker: TaskTracker::new(),
-            holds: Default::default(),
-        });
         let mut daemon = Daemon {
             config: Arc::new(config),
-            shared,
+            engine,
             store: Arc::new(Store::default()),
             handles: BTreeMap::new(),
             root: CancellationToken::new(),
@@ -140,16 +134,6 @@ impl Daemon {
             daemon.start_metrics(addr).await?;
         }
         let clients: Vec<Arc<ClientConfig>> = daemon.config.clients.values().cloned().collect();
-        // We hold the state lock and no refresher runs yet: any temporary file next to an
-        // output is litter from a write that was killed midway (docs/operations.md#restarts).
-        for (client, path) in crate::outputs::remove_stale_temp_files(clients.iter().map(|c| &**c))
-        {
-            tracing::info!(
-                client = client.as_str(),
-                path = ?path,
-                "removed a temporary file left by an interrupted write"
-            );
-        }
         for c in clients {
             daemon.add_client(c).await;
         }
@@ -264,8 +248,8 @@ impl Daemon {
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
         }
-        self.shared.tracker.close();
-        if tokio::time::timeout_at(deadline, self.shared.tracker.wait())
+        self.engine.tracker.close();
+        if tokio::time::timeout_at(deadline, self.engine.tracker.wait())
             .await
             .is_err()
         {
@@ -325,7 +309,7 @@ impl Daemon {
 
     async fn add_client(&mut self, config: Arc<ClientConfig>) {
         let name = config.name.clone();
-        let handle = refresher::spawn(config.clone(), self.shared.clone(), self.root.child_token());
+        let handle = refresher::spawn(config.clone(), self.engine.clone(), self.root.clone());
         self.store.insert(&name, handle.slot.clone());
         self.handles.insert(name.clone(), handle);
         self.set_cron(&config).await;
@@ -334,8 +318,7 @@ impl Daemon {
     /// Stops a client's refresher and forgets it (its files are left in place).
     async fn remove_client(&mut self, name: &str) {
         if let Some(h) = self.handles.remove(name) {
-            h.retire.cancel();
-            h.cancel.cancel();
+            h.stop();
         }
         self.store.remove(name);
         self.clear_cron(name).await;
@@ -420,7 +403,9 @@ impl Daemon {
         self.notifier.reloading();
         let began = std::time::Instant::now();
         // A change the watcher saw: clients whose tables and secret files did not change are
-        // taken as they are. SIGHUP builds everything again (and re-reads every secret).
+        // taken as they are, the running config's own (a load-time saving at 10,000 clients:
+        // the diff still decides, and finds them equal at once). SIGHUP builds everything again
+        // (and re-reads every secret).
         let loaded = match &reason {
             ReloadReason::Changed(paths) => config::load_reusing(
                 &self.config.path,
@@ -485,43 +470,34 @@ impl Daemon {
             );
         }
         for (name, change) in &diff.changed {
-            let Some(c) = new.clients.get(name) else {
+            let (Some(old), Some(c)) = (self.config.clients.get(name), new.clients.get(name))
+            else {
                 continue;
             };
-            let c = c.clone();
-            let old = self.config.clients.get(name).cloned();
-            let keys = old
-                .as_deref()
-                .map(|o| config::changed_keys(o, &c))
-                .unwrap_or_default();
-            let timing_changed = old.as_deref().is_some_and(|o| o.timing != c.timing);
             tracing::info!(
                 client = name.as_str(),
-                changed = config::describe(&keys).as_str(),
-                action = reload_action(*change, timing_changed),
+                changed = config::describe(&config::changed_keys(old, c)).as_str(),
+                action = reload_action(*change, old.timing != c.timing),
                 "client changed"
             );
-            // A changed identity needs a fresh refresher: its old state must not leak in.
-            if c.identity_fingerprint()
-                != old
-                    .as_deref()
-                    .map(|o| o.identity_fingerprint())
-                    .unwrap_or_default()
-            {
-                self.remove_client(name).await;
-                self.add_client(c).await;
-                continue;
+            match change {
+                // Nothing of the old identity's token, refresh token or state may leak in.
+                ClientChange::Replace => {
+                    self.remove_client(name).await;
+                    self.add_client(c.clone()).await;
+                }
+                ClientChange::Renew | ClientChange::Outputs | ClientChange::Settings => {
+                    if let Some(h) = self.handles.get_mut(name) {
+                        h.slot.config = c.clone();
+                        self.store.insert(name, h.slot.clone());
+                        let _ = h.slot.mailbox.reconfigure(Reconfigure {
+                            config: c.clone(),
+                            change: *change,
+                        });
+                    }
+                    self.set_cron(c).await;
+                }
             }
-            if let Some(h) = self.handles.get_mut(name) {
-                h.slot.config = c.clone();
-                self.store.insert(name, h.slot.clone());
-                let _ = h.slot.mailbox.reconfigure(Reconfigure {
-                    config: c.clone(),
-                    renew: *change == ClientChange::Renew,
-                    rewrite_outputs: *change == ClientChange::Outputs,
-                });
-            }
-            self.set_cron(&c).await;
         }
         for name in &diff.added {
             if let Some(c) = new.clients.get(name) {
@@ -534,28 +510,7 @@ impl Daemon {
                 self.add_client(c.clone()).await;
             }
         }
-        self.apply_daemon_settings(&new);
-        if diff.daemon.max_connections || diff.daemon.metrics_listen || diff.daemon.http {
-            self.limits = crate::limits::for_daemon(&new.daemon);
-            if let Some(server) = &self.grpc {
-                server.set_max_connections(self.limits.max_connections);
-            }
-        }
-        if self.config.daemon.metrics_listen != new.daemon.metrics_listen {
-            if let Some((_, cancel)) = self.metrics.take() {
-                cancel.cancel();
-            }
-            if let Some(addr) = new.daemon.metrics_listen
-                && let Err(e) = self.start_metrics(addr).await
-            {
-                tracing::error!("{e}");
-            }
-        }
-        self.apply_socket(&new).await;
-        crate::audit::set_enabled(new.daemon.audit);
-        self.http
-            .apply(&new.daemon, self.store.clone(), &self.limits)
-            .await;
+        self.apply_daemon_changes(diff.daemon, &new).await;
         if let Some(w) = &self.watcher
             && let Err(e) = w
                 .set_paths(watched_paths(&new))
@@ -583,6 +538,68 @@ impl Daemon {
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;
+    }
+
+    /// Applies what changed in `[daemon]`, key by key as the diff found them.
+    async fn apply_daemon_changes(&mut self, changes: config::DaemonChanges, new: &Config) {
+        let d = &new.daemon;
+        if changes.logging {
+            if let Some(log) = &self.log
+                && d.log_level != self.config.daemon.log_level
+            {
+                match log.set_level(&d.log_level) {
+                    Ok(()) => tracing::info!("log level is now {}", d.log_level),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            if d.log_format != self.config.daemon.log_format {
+                tracing::warn!("log_format changes take effect at the next start");
+            }
+        }
+        if changes.state_dir {
+            tracing::warn!(
+                "state_dir changes take effect at the next start (still using {})",
+                self.config.daemon.state_dir.display()
+            );
+        }
+        if changes.max_concurrent_refreshes {
+            let want = d.max_concurrent_refreshes.max(1);
+            if want > self.permits_total {
+                self.engine.permits.add_permits(want - self.permits_total);
+                self.permits_total = want;
+            } else {
+                let gone = self
+                    .engine
+                    .permits
+                    .forget_permits(self.permits_total - want);
+                self.permits_total -= gone;
+            }
+        }
+        if changes.max_connections || changes.metrics_listen || changes.http {
+            self.limits = crate::limits::for_daemon(d);
+            if let Some(server) = &self.grpc {
+                server.set_max_connections(self.limits.max_connections);
+            }
+        }
+        if changes.metrics_listen {
+            if let Some((_, cancel)) = self.metrics.take() {
+                cancel.cancel();
+            }
+            if let Some(addr) = d.metrics_listen
+                && let Err(e) = self.start_metrics(addr).await
+            {
+                tracing::error!("{e}");
+            }
+        }
+        if changes.socket || changes.socket_mode {
+            self.apply_socket(new).await;
+        }
+        // The HTTP socket takes `socket_mode` too, and its listeners count in the caps.
+        if changes.http || changes.socket_mode || changes.max_connections || changes.metrics_listen
+        {
+            crate::audit::set_enabled(d.audit);
+            self.http.apply(d, self.store.clone(), &self.limits).await;
+        }
     }
 
     /// Rebinds the gRPC socket when its path changed (the new one is bound before the old one
@@ -624,45 +641,12 @@ impl Daemon {
         }
         self.grpc = new_server;
     }
-
-    fn apply_daemon_settings(&mut self, new: &Config) {
-        let old = &self.config.daemon;
-        let d = &new.daemon;
-        if old.log_level != d.log_level
-            && let Some(log) = &self.log
-        {
-            match log.set_level(&d.log_level) {
-                Ok(()) => tracing::info!("log level is now {}", d.log_level),
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
-        if old.log_format != d.log_format {
-            tracing::warn!("log_format changes take effect at the next start");
-        }
-        if old.state_dir != d.state_dir {
-            tracing::warn!(
-                "state_dir changes take effect at the next start (still using {})",
-                old.state_dir.display()
-            );
-        }
-        let want = d.max_concurrent_refreshes.max(1);
-        if want > self.permits_total {
-            self.shared.permits.add_permits(want - self.permits_total);
-            self.permits_total = want;
-        } else if want < self.permits_total {
-            let gone = self
-                .shared
-                .permits
-                .forget_permits(self.permits_total - want);
-            self.permits_total -= gone;
-        }
-    }
 }
 
 /// What a reload does to a changed client, for its log line (pure).
 fn reload_action(change: ClientChange, timing_changed: bool) -> &'static str {
     match (change, timing_changed) {
-        (ClientChange::Renew, _) => "new token requested now",
+        (ClientChange::Replace | ClientChange::Renew, _) => "new token requested now",
         (ClientChange::Outputs, false) => {
             "current token written to the outputs; schedule kept, no new token"
         }

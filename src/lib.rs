@@ -17,7 +17,7 @@
 //! - [`provider`]: a strict built-in OAuth 2.0 token endpoint for the tests and the demo.
 //! - [`store`]: every client's current token and status, on `watch` channels.
 //! - [`refresher`]: one task per client keeping its token fresh.
-//! - [`reload`]: signals and watched files turned into daemon events.
+//! - [`triggers`]: what starts a reload or a stop: signals and watched files, as daemon events.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` on `metrics_listen`.
 //! - [`systemd`]: sd_notify readiness, status, reload, stop and watchdog.
 //! - [`limits`]: every bound the listeners put on their peers (connections, streams, headers,
@@ -56,7 +56,6 @@ pub mod oauth;
 pub mod outputs;
 pub mod provider;
 pub mod refresher;
-pub mod reload;
 pub mod safepath;
 pub mod schedule;
 pub mod secret;
@@ -65,3 +64,4 @@ pub mod store;
 pub mod sys;
 pub mod systemd;
 pub mod token;
+pub mod triggers;

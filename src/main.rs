@@ -335,44 +335,50 @@ fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
         eprintln!("tokenwarden: {e}");
         return ExitCode::from(2);
     }
-    let results = match runtime().and_then(|rt| rt.block_on(app::once(&config, only))) {
+    let results = match runtime() {
+        Ok(rt) => rt.block_on(app::once(&config, only)),
+        Err(e) => {
+            eprintln!("tokenwarden: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let results = match results {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokenwarden: {e}");
-            return if only.iter().any(|n| !config.clients.contains_key(n)) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
+            return match e {
+                app::OnceError::UnknownClient { .. } => ExitCode::from(2),
+                app::OnceError::State(_) => ExitCode::from(1),
             };
         }
     };
-    let width = results.iter().map(|r| r.client.len()).max().unwrap_or(0);
+    let width = results
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0);
     let mut failed = false;
-    for r in &results {
-        match &r.outcome {
-            Ok(o) => {
-                let left = o
-                    .token
-                    .remaining(SystemTime::now())
+    let now = SystemTime::now();
+    for (name, snap) in &results {
+        match (snap.valid_token(now), &snap.last_error) {
+            (Some(token), None) => println!(
+                "{name:width$}  {}  token {}  expires {} (in {})",
+                if snap.reused { "reused" } else { "new   " },
+                token.fingerprint(),
+                tokenwarden::token::rfc3339(token.expires_at),
+                token
+                    .remaining(now)
                     .map(|d| Human(d).to_string())
-                    .unwrap_or_else(|| "0s".into());
-                println!(
-                    "{:width$}  {}  token {}  expires {} (in {})",
-                    r.client,
-                    if o.reused { "reused" } else { "new   " },
-                    o.token.fingerprint(),
-                    tokenwarden::token::rfc3339(o.token.expires_at),
-                    left,
-                );
-                for e in &o.output_errors {
-                    failed = true;
-                    eprintln!("{}: output failed: {e}", r.client);
-                }
-            }
-            Err(e) => {
+                    .unwrap_or_else(|| "0s".into()),
+            ),
+            (_, error) => {
                 failed = true;
-                eprintln!("{}: {e}", r.client);
+                eprintln!("{name}: {}", error.as_deref().unwrap_or("no token"));
             }
+        }
+        if let Some(e) = &snap.output_error {
+            failed = true;
+            eprintln!("{name}: output failed: {e}");
         }
     }
     if failed {

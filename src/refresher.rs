@@ -1,5 +1,7 @@
 //! One task per client: get a token, keep it fresh ahead of expiry, publish it (store, state,
-//! outputs), answer on-demand requests, and back off on failure (docs/operations.md).
+//! outputs), answer on-demand requests, and back off on failure (docs/operations.md). The
+//! daemon runs them for as long as it runs; `once` runs the same refreshers until each has
+//! settled its first attempt (see [`crate::app`]).
 //!
 //! The loop waits on whichever comes first: the planned refresh, a command (demand, SIGUSR1,
 //! cron rotation, reconfiguration), the token's expiry (so status and logs turn EXPIRED on
@@ -15,30 +17,133 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ClientConfig;
+use crate::config::{ClientChange, ClientConfig, DaemonConfig};
 use crate::oauth::{self, ErrorClass, HttpClients, Human};
 use crate::outputs;
 use crate::schedule::{self, Backoff, FailureKind, Trigger};
 use crate::secret::Secret;
-use crate::state::{StateDir, StoredState};
+use crate::state::{StateDir, StateError, StoredState};
 pub use crate::store::Reconfigure;
-use crate::store::{ClientSlot, Command, Mailbox, Reason, Snapshot};
+use crate::store::{Answer, ClientSlot, Command, Mailbox, Reason, RefreshError, Snapshot};
 use crate::token::{Token, rfc3339};
 
-/// What every refresher shares.
-pub struct Shared {
+/// How long an `on_change` command may run.
+pub const ON_CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every refresher of one daemon (or one `once` run) shares: the locked state directory,
+/// the HTTP clients, the `max_concurrent_refreshes` permits and the tasks stopping waits for.
+pub struct Engine {
     pub state: Arc<StateDir>,
     pub http: Arc<HttpClients>,
     /// `max_concurrent_refreshes` permits.
     pub permits: Arc<Semaphore>,
-    /// Background work that shutdown waits for (on_change commands).
+    /// The refreshers and their background work (on_change commands): stopping waits for them.
     pub tracker: TaskTracker,
     /// Token URLs whose provider asked to wait (`Retry-After`).
     pub holds: UrlHolds,
+    /// Failed token requests are logged at WARN (the daemon); `once` prints each client's
+    /// failure itself, so its refreshers log them at DEBUG only.
+    pub warn_on_failure: bool,
+    /// The wall clock the refreshers read.
+    pub clock: Clock,
+    /// Where tokens come from: the token endpoint ([`oauth::acquire`]), or a test's fake.
+    pub source: Arc<dyn TokenSource>,
+}
+
+/// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
+/// must move with it.
+#[derive(Clone, Copy, Debug)]
+pub enum Clock {
+    /// `SystemTime::now()`.
+    System,
+    /// `wall` plus how far tokio's clock has moved since `at`.
+    Tokio { wall: SystemTime, at: Instant },
+}
+
+impl Clock {
+    /// Wall time starting now, then moving with tokio's clock (paused or not).
+    pub fn tokio() -> Clock {
+        Clock::Tokio {
+            wall: SystemTime::now(),
+            at: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        match self {
+            Clock::System => SystemTime::now(),
+            Clock::Tokio { wall, at } => *wall + at.elapsed(),
+        }
+    }
+
+    /// The wall time `t` on tokio's clock (now, if it has passed).
+    fn instant(&self, t: SystemTime) -> Instant {
+        Instant::now() + t.duration_since(self.now()).unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Where a refresher's tokens come from.
+pub trait TokenSource: Send + Sync {
+    /// As [`oauth::acquire`].
+    fn acquire<'a>(
+        &'a self,
+        http: &'a reqwest::Client,
+        client: &'a ClientConfig,
+        refresh_token: Option<&'a Secret>,
+        bootstrap_spent: bool,
+    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>>;
+}
+
+/// A boxed future, as [`TokenSource::acquire`] returns.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The client's token endpoint.
+struct TokenEndpoint;
+
+impl TokenSource for TokenEndpoint {
+    fn acquire<'a>(
+        &'a self,
+        http: &'a reqwest::Client,
+        client: &'a ClientConfig,
+        refresh_token: Option<&'a Secret>,
+        bootstrap_spent: bool,
+    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>> {
+        Box::pin(oauth::acquire(http, client, refresh_token, bootstrap_spent))
+    }
+}
+
+impl Engine {
+    /// Opens (and locks) the state directory, then removes the temporary files that writes
+    /// killed midway left next to the outputs of `clients`: with the lock held and no refresher
+    /// running yet, nobody else writes there (docs/operations.md#restarts).
+    pub fn open<'a>(
+        daemon: &DaemonConfig,
+        clients: impl IntoIterator<Item = &'a ClientConfig>,
+    ) -> Result<Engine, StateError> {
+        let state = StateDir::open(&daemon.state_dir)?;
+        for (client, path) in outputs::remove_stale_temp_files(clients) {
+            tracing::info!(
+                client = client.as_str(),
+                path = ?path,
+                "removed a temporary file left by an interrupted write"
+            );
+        }
+        Ok(Engine {
+            state: Arc::new(state),
+            http: Arc::new(HttpClients::default()),
+            permits: Arc::new(Semaphore::new(daemon.max_concurrent_refreshes.max(1))),
+            tracker: TaskTracker::new(),
+            holds: UrlHolds::default(),
+            warn_on_failure: true,
+            clock: Clock::System,
+            source: Arc::new(TokenEndpoint),
+        })
+    }
 }
 
 /// Token URLs whose provider answered with `Retry-After` (RFC 9110 §10.2.3), and until when.
@@ -78,19 +183,29 @@ impl UrlHolds {
 /// The handle the daemon keeps on a running refresher.
 pub struct Handle {
     pub slot: ClientSlot,
-    /// Stops the refresher; a request in flight still completes and is saved (shutdown).
-    pub cancel: CancellationToken,
-    /// The client was removed or replaced (its identity changed): a request in flight is
-    /// abandoned and nothing more is saved or published, so a late answer for the old
-    /// identity cannot overwrite the new refresher's token, state or files.
-    pub retire: CancellationToken,
+    task: AbortHandle,
 }
 
-/// Starts the refresher of `config` under `cancel`, on `tracker`.
-pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: CancellationToken) -> Handle {
+impl Handle {
+    /// Stops this client's refresher (removed or replaced by a reload) at its next await: a
+    /// request in flight is abandoned and nothing more is saved or published, so a late answer
+    /// cannot overwrite its successor's token, state or files. Callers waiting on it are told
+    /// it stopped. (The daemon's own stop is the `shutdown` token: a request in flight then
+    /// still completes and is saved.)
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the refresher of `config` on the engine's tracker; it ends at its first wake-up after
+/// `shutdown` (or when stopped through its [`Handle`]).
+pub fn spawn(
+    config: Arc<ClientConfig>,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
-    let retire = CancellationToken::new();
     let slot = ClientSlot {
         snapshot: snap_rx,
         mailbox: mailbox.clone(),
@@ -98,11 +213,10 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
     };
     let refresher = Refresher {
         config,
-        shared: shared.clone(),
+        engine: engine.clone(),
         snapshot: snap_tx,
         mailbox,
-        cancel: cancel.clone(),
-        retire: retire.clone(),
+        shutdown,
         refresh_token: None,
         spent_bootstrap: None,
         backoff: Backoff::new(),
@@ -116,22 +230,17 @@ pub fn spawn(config: Arc<ClientConfig>, shared: Arc<Shared>, cancel: Cancellatio
         expired_logged: false,
         skew_warned: false,
     };
-    shared.tracker.spawn(refresher.run());
-    Handle {
-        slot,
-        cancel,
-        retire,
-    }
+    let task = engine.tracker.spawn(refresher.run()).abort_handle();
+    Handle { slot, task }
 }
 
 struct Refresher {
     config: Arc<ClientConfig>,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     snapshot: watch::Sender<Snapshot>,
     mailbox: Arc<Mailbox>,
-    cancel: CancellationToken,
-    /// See [`Handle::retire`].
-    retire: CancellationToken,
+    /// The daemon (or `once`) is stopping.
+    shutdown: CancellationToken,
     /// The refresh token to use next (from the state directory or the last response).
     refresh_token: Option<Secret>,
     /// SHA-256 of the configured bootstrap refresh token once presented: never again.
@@ -195,11 +304,6 @@ impl Repeated {
     }
 }
 
-fn to_instant(t: SystemTime) -> Instant {
-    let now = SystemTime::now();
-    Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
-}
-
 fn unit() -> f64 {
     rand::rng().random::<f64>()
 }
@@ -241,7 +345,7 @@ async fn sleep_opt(at: Option<Instant>) {
 
 /// SHA-256 of a `refresh_token`-grant client's configured refresh token: how the state
 /// directory remembers that it was presented, without keeping it.
-pub fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
+fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
     match &config.grant {
         crate::config::Grant::RefreshToken { refresh_token } => {
             Some(refresh_token.value.fingerprint_full())
@@ -253,11 +357,7 @@ pub fn bootstrap_fingerprint(config: &ClientConfig) -> Option<String> {
 /// The spent bootstrap a stored state records. A state saved for this very identity (which
 /// includes the bootstrap's digest) before the record existed also means the bootstrap was
 /// presented: a token or a refusal came of it.
-pub fn spent_bootstrap(
-    stored: &StoredState,
-    identity: &str,
-    config: &ClientConfig,
-) -> Option<String> {
+fn spent_bootstrap(stored: &StoredState, identity: &str, config: &ClientConfig) -> Option<String> {
     match (&stored.spent_bootstrap, bootstrap_fingerprint(config)) {
         (Some(spent), _) => Some(spent.clone()),
         (None, Some(b)) if stored.fingerprint == identity => Some(b),
@@ -265,18 +365,13 @@ pub fn spent_bootstrap(
     }
 }
 
-/// The answer to demands on a client that was removed or replaced meanwhile.
-const RETIRED: &str = "the client was removed or replaced by a reload";
-
-/// The answer to demands while a new token is held back because its state cannot be saved.
-const HELD_BACK: &str = "the new token is held back: its state could not be saved";
-
-/// Outcome of one attempt, for the replies to coalesced demands.
-type Answer = Result<Arc<Token>, String>;
-
 impl Refresher {
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    fn now(&self) -> SystemTime {
+        self.engine.clock.now()
     }
 
     // The work each wake-up does is boxed: a refresher waiting for its next deadline (almost
@@ -285,18 +380,12 @@ impl Refresher {
     async fn run(mut self) {
         Box::pin(self.start()).await;
         loop {
-            let expiry = self
-                .snapshot
-                .borrow()
-                .token
-                .as_ref()
-                .filter(|_| !self.expired_logged)
-                .map(|t| to_instant(t.expires_at));
+            let expiry = self.expiry();
             let due = earliest(self.next_at, self.output_retry, expiry);
             let mailbox = self.mailbox.clone();
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => break,
+                _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
@@ -327,7 +416,7 @@ impl Refresher {
         let fingerprint = self.config.identity_fingerprint();
         // Off the async workers: file I/O may stall (a slow disk), and must never hold up
         // the runtime (signals, other clients).
-        let (state, name) = (self.shared.state.clone(), self.config.name.clone());
+        let (state, name) = (self.engine.state.clone(), self.config.name.clone());
         let stored = match tokio::task::spawn_blocking(move || state.load(&name)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -339,7 +428,7 @@ impl Refresher {
                 None
             }
         };
-        let now = SystemTime::now();
+        let now = self.now();
         if let Some(s) = &stored {
             self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
             self.spent_bootstrap = spent_bootstrap(s, &fingerprint, &self.config);
@@ -353,7 +442,13 @@ impl Refresher {
                     "reusing the stored token"
                 );
                 self.publish_snapshot(token.clone(), s.generation, true);
-                self.plan_next(&token, Trigger::Startup);
+                self.plan(schedule::resume_at(
+                    &self.config.timing,
+                    &token,
+                    s.next_refresh_at,
+                    now,
+                    unit(),
+                ));
                 self.write_outputs(&token, false).await;
                 self.settle();
                 return;
@@ -368,7 +463,7 @@ impl Refresher {
 
     async fn command(&mut self, cmd: Command) {
         let Command::Refresh { reason, reply } = cmd;
-        let now = SystemTime::now();
+        let now = self.now();
         let current = self.snapshot.borrow().clone();
         let satisfied = match reason {
             Reason::MinValid(d) => current.valid_for(now, d),
@@ -402,39 +497,35 @@ impl Refresher {
         }
     }
 
+    /// A reload changed this client (never its identity: that is a new refresher).
     async fn apply(&mut self, re: Reconfigure) {
-        let identity_changed =
-            re.config.identity_fingerprint() != self.config.identity_fingerprint();
         let timing_changed = re.config.timing != self.config.timing;
         self.config = re.config;
-        if identity_changed {
-            // A token of another identity must not be refreshed with this one's refresh token.
-            self.refresh_token = None;
-        }
-        if re.renew {
-            // The reload's own line said what changed and that a new token is requested.
-            tracing::debug!(
-                client = self.name(),
-                "credentials or identity changed: getting a new token"
-            );
-            // New credentials (a rotated password or key, perhaps after a leak) must be used:
-            // a refresh token got with the old ones would sidestep them.
-            if self.config.grant.is_primary() {
-                self.refresh_token = None;
-            }
-            self.backoff.reset();
-            let _ = self.attempt(Trigger::Reload).await;
-            return;
-        }
         let token = self.snapshot.borrow().token.clone();
-        if let Some(token) = token {
-            if re.rewrite_outputs && token.is_valid_at(SystemTime::now()) {
-                self.write_outputs(&token, true).await;
+        match re.change {
+            ClientChange::Renew | ClientChange::Replace => {
+                // New credentials (a rotated password or key, perhaps after a leak) must be
+                // used: a refresh token got with the old ones would sidestep them.
+                if self.config.grant.is_primary() {
+                    self.refresh_token = None;
+                }
+                self.backoff.reset();
+                let _ = self.attempt(Trigger::Reload).await;
+                return;
             }
-            // Only new timing moves the planned refresh (the reload's log line says which).
-            if timing_changed && self.snapshot.borrow().consecutive_failures == 0 {
-                self.plan_next(&token, Trigger::Schedule);
+            ClientChange::Outputs => {
+                if let Some(t) = token.as_ref().filter(|t| t.is_valid_at(self.now())) {
+                    self.write_outputs(t, true).await;
+                }
             }
+            ClientChange::Settings => {}
+        }
+        // Only new timing moves the planned refresh (the reload's log line says which).
+        if let Some(token) = token
+            && timing_changed
+            && self.snapshot.borrow().consecutive_failures == 0
+        {
+            self.plan_next(&token, Trigger::Schedule);
         }
     }
 
@@ -449,17 +540,17 @@ impl Refresher {
                 return answer;
             }
             if self.held.is_some() {
-                return Err(HELD_BACK.into());
+                return Err(RefreshError::NotSaved);
             }
         }
-        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+        if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
         // The permit is waited for before the request's state is allocated: 10,000 clients
         // starting at once queue here holding a few bytes each (issue 6: memory per client).
-        let permit = self.shared.permits.clone().acquire_owned().await;
+        let permit = self.engine.permits.clone().acquire_owned().await;
         // Told to wait while this one waited for its permit.
-        if let Some(until) = self.shared.holds.until(self.config.token_url.as_str()) {
+        if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
         Box::pin(self.request(permit, trigger)).await
@@ -492,7 +583,7 @@ impl Refresher {
         trigger: Trigger,
     ) -> Answer {
         let _permit = permit;
-        let http = match self.shared.http.get(&self.config) {
+        let http = match self.engine.http.get(&self.config) {
             Ok(h) => h,
             Err(e) => {
                 return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());
@@ -502,10 +593,18 @@ impl Refresher {
         let started = std::time::Instant::now();
         let bootstrap = bootstrap_fingerprint(&config);
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
-        let result = tokio::select! {
-            biased;
-            _ = self.retire.cancelled() => return Err(RETIRED.into()),
-            r = oauth::acquire(&http, &config, self.refresh_token.as_ref(), spent) => r,
+        let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
+        let acquire = engine
+            .source
+            .acquire(&http, &config, refresh_token.as_ref(), spent);
+        tokio::pin!(acquire);
+        // The token may expire while the request hangs: say so on time all the same.
+        let result = loop {
+            let expiry = self.expiry();
+            tokio::select! {
+                r = &mut acquire => break r,
+                _ = sleep_opt(expiry), if expiry.is_some() => self.expired(),
+            }
         };
         let now_spent = match &result {
             Ok(a) => a.bootstrap_spent,
@@ -542,13 +641,14 @@ impl Refresher {
                 let new_state = StoredState {
                     fingerprint: config.identity_fingerprint(),
                     token: Some(acquired.issued.token),
+                    next_refresh_at: None,
                     refresh_token: acquired.refresh_token,
                     generation,
                     spent_bootstrap: self.spent_bootstrap.clone(),
                 };
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
-                    None => Err(HELD_BACK.into()),
+                    None => Err(RefreshError::NotSaved),
                 }
             }
             Err(failure) => {
@@ -564,7 +664,7 @@ impl Refresher {
                 }
                 let class = failure.error.class();
                 if let Some(wait) = class.retry_after() {
-                    self.shared
+                    self.engine
                         .holds
                         .note(self.config.token_url.as_str(), Instant::now() + wait);
                 }
@@ -575,17 +675,23 @@ impl Refresher {
 
     /// Saves `state` durably, then publishes its token. `None` when the save failed (the
     /// state is held for the next attempt).
-    async fn commit(&mut self, state: StoredState, trigger: Trigger) -> Option<Answer> {
-        if self.retire.is_cancelled() {
-            return Some(Err(RETIRED.into()));
-        }
+    async fn commit(&mut self, mut state: StoredState, trigger: Trigger) -> Option<Answer> {
         let token = state.token.clone()?;
-        if !token.is_valid_at(SystemTime::now()) {
+        if !token.is_valid_at(self.now()) {
             // Held too long: useless now, but keep its refresh token.
             self.refresh_token = state.refresh_token.clone();
             return None;
         }
-        let store = self.shared.state.clone();
+        // The plan is saved with the token: a restart keeps it (docs/operations.md#restarts).
+        let failures = self.backoff.failures();
+        let trigger = if failures > 0 {
+            Trigger::Retry
+        } else {
+            trigger
+        };
+        let at = self.next_refresh_at(&token, trigger);
+        state.next_refresh_at = Some(at);
+        let store = self.engine.state.clone();
         let name = self.config.name.clone();
         let to_save = state.clone();
         let saved = tokio::task::spawn_blocking(move || store.save(&name, &to_save)).await;
@@ -614,12 +720,8 @@ impl Refresher {
             );
             return None;
         }
-        if self.retire.is_cancelled() {
-            return Some(Err(RETIRED.into()));
-        }
         let token = Arc::new(token);
         let recovered = self.repeated.clear();
-        let failures = self.backoff.failures();
         self.backoff.reset();
         tracing::info!(
             client = self.name(),
@@ -638,12 +740,7 @@ impl Refresher {
             );
         }
         self.publish_snapshot(token.clone(), state.generation, false);
-        let trigger = if failures > 0 {
-            Trigger::Retry
-        } else {
-            trigger
-        };
-        self.plan_next(&token, trigger);
+        self.plan(at);
         self.write_outputs(&token, true).await;
         self.settle();
         Some(Ok(token))
@@ -651,7 +748,7 @@ impl Refresher {
 
     fn publish_snapshot(&mut self, token: Arc<Token>, generation: u64, reused: bool) {
         self.expired_logged = false;
-        let now = SystemTime::now();
+        let now = self.now();
         self.snapshot.send_modify(|s| {
             s.token = Some(token);
             s.generation = generation;
@@ -659,7 +756,7 @@ impl Refresher {
             s.consecutive_failures = 0;
             s.save_failing = false;
             s.last_refresh_at = Some(now);
-            let _ = reused;
+            s.reused = reused;
         });
     }
 
@@ -672,15 +769,24 @@ impl Refresher {
     }
 
     fn plan_next(&mut self, token: &Token, trigger: Trigger) {
-        let at = schedule::next_refresh_at(
+        let at = self.next_refresh_at(token, trigger);
+        self.plan(at);
+    }
+
+    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at).
+    fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
+        schedule::next_refresh_at(
             &self.config.timing,
             token.issued_at,
             token.expires_at,
-            SystemTime::now(),
+            self.now(),
             unit(),
             schedule::is_burst(trigger),
-        );
-        self.next_at = Some(to_instant(at));
+        )
+    }
+
+    fn plan(&mut self, at: SystemTime) {
+        self.next_at = Some(self.engine.clock.instant(at));
         self.next_trigger = Trigger::Schedule;
         self.snapshot.send_modify(|s| s.next_refresh_at = Some(at));
         tracing::debug!(client = self.name(), next_refresh_at = %rfc3339(at), "next refresh planned");
@@ -704,12 +810,12 @@ impl Refresher {
             .next_delay(&self.config.timing, kind, class.retry_after(), unit());
         let failures = self.backoff.failures();
         let name = self.config.name.clone();
-        if log {
+        if log && self.engine.warn_on_failure {
             self.repeated.log(&name, &message, delay);
         } else {
             tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
         }
-        let at = SystemTime::now() + delay;
+        let at = self.now() + delay;
         self.next_at = Some(Instant::now() + delay);
         self.next_trigger = Trigger::Retry;
         let msg = message.clone();
@@ -719,7 +825,7 @@ impl Refresher {
             s.next_refresh_at = Some(at);
             s.settled = true;
         });
-        Err(message)
+        Err(RefreshError::Failed(message))
     }
 
     async fn save_without_refresh_token(&self) {
@@ -727,17 +833,25 @@ impl Refresher {
         let state = StoredState {
             fingerprint: self.config.identity_fingerprint(),
             token: snap.token.as_deref().cloned(),
+            next_refresh_at: None,
             refresh_token: None,
             generation: snap.generation,
             spent_bootstrap: self.spent_bootstrap.clone(),
         };
-        let (store, name) = (self.shared.state.clone(), self.config.name.clone());
+        let (store, name) = (self.engine.state.clone(), self.config.name.clone());
         // Off the async workers, and awaited: a later save must not be overtaken by this one.
         match tokio::task::spawn_blocking(move || store.save(&name, &state)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(client = self.name(), "cannot save state: {e}"),
             Err(e) => tracing::warn!(client = self.name(), "state writer failed: {e}"),
         }
+    }
+
+    /// When the current token expires, until its expiry has been announced.
+    fn expiry(&self) -> Option<Instant> {
+        let snap = self.snapshot.borrow();
+        let token = snap.token.as_ref().filter(|_| !self.expired_logged)?;
+        Some(self.engine.clock.instant(token.expires_at))
     }
 
     fn expired(&mut self) {
@@ -806,15 +920,14 @@ impl Refresher {
             let config = self.config.clone();
             let generation = self.snapshot.borrow().generation;
             let expires_at = token.expires_at;
-            self.shared.tracker.spawn(async move {
+            self.engine.tracker.spawn(async move {
                 let event = outputs::OnChangeEvent {
                     client: &config.name,
                     generation,
                     expires_at,
                 };
-                let timeout = crate::app::ON_CHANGE_TIMEOUT;
-                for r in outputs::run_on_change(&config, &event, timeout).await {
-                    crate::app::log_on_change(&config.name, &r);
+                for r in outputs::run_on_change(&config, &event, ON_CHANGE_TIMEOUT).await {
+                    log_on_change(&config.name, &r);
                 }
             });
         }
@@ -841,7 +954,7 @@ impl Refresher {
     async fn retry_outputs(&mut self) {
         self.output_retry = None;
         let token = self.snapshot.borrow().token.clone();
-        if let Some(t) = token.filter(|t| t.is_valid_at(SystemTime::now())) {
+        if let Some(t) = token.filter(|t| t.is_valid_at(self.now())) {
             self.write_outputs(&t, true).await;
         }
     }
@@ -901,9 +1014,47 @@ pub async fn request(slot: &ClientSlot, reason: Reason) -> Answer {
             reason,
             reply: Some(tx),
         })
-        .map_err(|_| "the client is being removed".to_string())?;
-    rx.await
-        .map_err(|_| "the client was removed before it answered".to_string())?
+        .map_err(|_| RefreshError::Stopped)?;
+    rx.await.map_err(|_| RefreshError::Stopped)?
+}
+
+/// Logs what an `on_change` command did (its output is the command's own, never a secret).
+fn log_on_change(client: &str, r: &outputs::OnChangeReport) {
+    let program = r.argv.first().map(String::as_str).unwrap_or("");
+    match &r.result {
+        Ok(out) => {
+            if out.left_running {
+                tracing::warn!(
+                    client,
+                    program,
+                    "on_change left processes running when it exited; they were killed (start \
+                     long-running work through systemd instead)"
+                );
+            }
+            let stdout = out.stdout.trim();
+            let stderr = out.stderr.trim();
+            if out.status.success() {
+                tracing::info!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change ran in {}",
+                    Human(out.elapsed)
+                );
+            } else {
+                tracing::warn!(
+                    client,
+                    program,
+                    stdout,
+                    stderr,
+                    "on_change failed ({})",
+                    out.status
+                );
+            }
+        }
+        Err(e) => tracing::warn!(client, "on_change: {e}"),
+    }
 }
 
 #[cfg(test)]

@@ -178,6 +178,36 @@ pub fn next_refresh_at(
     now
 }
 
+/// When to refresh a stored token reused at start (docs/operations.md#restarts), `planned`
+/// being the time the schedule had planned for it before the restart, if the state kept one:
+/// - `planned` still ahead, and no later than `expires_at − margin'`: `planned`, so a restart
+///   asks the provider for nothing sooner than it would have without the restart;
+/// - a plan that fell due while the daemon was down (or lies past the margin, the timing having
+///   changed): a time uniform over what is left, `now + u · (latest − now)`, so the tokens that
+///   fell due together are spread instead of asked for at once;
+/// - no plan (a state file from before plans were kept): [`next_refresh_at`] after a burst.
+pub fn resume_at(
+    t: &Timing,
+    token: &crate::token::Token,
+    planned: Option<SystemTime>,
+    now: SystemTime,
+    u: f64,
+) -> SystemTime {
+    let lifetime = token.lifetime();
+    let latest = token
+        .expires_at
+        .checked_sub(effective_margin(t, lifetime))
+        .unwrap_or(token.expires_at);
+    match planned {
+        Some(at) if at >= now && at <= latest => at,
+        Some(_) => match latest.duration_since(now) {
+            Ok(left) => now + left.mul_f64(unit(u)),
+            Err(_) => now,
+        },
+        None => next_refresh_at(t, token.issued_at, token.expires_at, now, u, true),
+    }
+}
+
 /// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
 /// expiry (docs/operations.md#expiry: an expired token is never served or reported as valid).
 pub fn is_servable(expires_at: SystemTime, now: SystemTime) -> bool {

@@ -22,12 +22,16 @@
 //!     "expires_at": "2026-11-23T19:00:00Z", "expires_at_unix": 1795460400,
 //!     "scope": ["a", "b"]
 //!   },
+//!   "next_refresh_at": "2026-11-23T18:42:10Z", "next_refresh_at_unix": 1795458130,
 //!   "refresh_token": "…",
 //!   "spent_bootstrap": "<SHA-256 hex of a configured refresh_token already presented>"
 //! }
 //! ```
 //!
-//! `token`, `refresh_token` and `spent_bootstrap` may be `null` (or, for the last, absent). The `*_unix` fields are what is read back (the
+//! `next_refresh_at` is when the schedule planned to refresh `token`: a restart keeps that plan
+//! instead of drawing a new one (docs/operations.md#restarts).
+//! `token`, `next_refresh_at`, `refresh_token` and `spent_bootstrap` may be `null` (or, for the
+//! last two, absent: files written before they existed). The `*_unix` fields are what is read back (the
 //! RFC 3339 ones are for people); times are kept to the second, rounded down, so a reloaded
 //! token never looks valid for longer than it is. Readers ignore unknown fields: a later version
 //! may add fields and keep this file name; a change older versions could not read safely must
@@ -164,6 +168,8 @@ pub struct StoredState {
     pub fingerprint: String,
     /// The last access token, if any.
     pub token: Option<Token>,
+    /// When the schedule planned to refresh `token` (docs/operations.md#restarts).
+    pub next_refresh_at: Option<SystemTime>,
     /// The last refresh token (RFC 6749 §6), if the provider issued one.
     pub refresh_token: Option<Secret>,
     /// The generation of `token` (docs/grpc.md#the-service): rises by one with each new token.
@@ -485,6 +491,8 @@ struct FileOut<'a> {
     saved_at: String,
     saved_at_unix: u64,
     token: Option<TokenOut<'a>>,
+    next_refresh_at: Option<String>,
+    next_refresh_at_unix: Option<u64>,
     refresh_token: Option<&'a str>,
     spent_bootstrap: Option<&'a str>,
 }
@@ -509,6 +517,8 @@ struct FileIn {
     generation: u64,
     #[serde(default)]
     token: Option<TokenIn>,
+    #[serde(default)]
+    next_refresh_at_unix: Option<u64>,
     #[serde(default)]
     refresh_token: Option<String>,
     #[serde(default)]
@@ -542,6 +552,8 @@ fn serialize(client: &str, state: &StoredState, now: SystemTime) -> Zeroizing<Ve
             expires_at_unix: unix_seconds(t.expires_at),
             scope: &t.scope,
         }),
+        next_refresh_at: state.next_refresh_at.map(rfc3339),
+        next_refresh_at_unix: state.next_refresh_at.map(unix_seconds),
         refresh_token: state.refresh_token.as_ref().map(Secret::expose),
         spent_bootstrap: state.spent_bootstrap.as_deref(),
     };
@@ -587,6 +599,7 @@ fn parse(bytes: &[u8]) -> Result<StoredState, String> {
             expires_at: at(t.expires_at_unix),
             scope: t.scope,
         }),
+        next_refresh_at: file.next_refresh_at_unix.map(at),
         refresh_token: file.refresh_token.map(Secret::new),
         generation: file.generation,
         spent_bootstrap: file.spent_bootstrap,
@@ -607,6 +620,7 @@ mod tests {
                 expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_400),
                 scope: vec!["a".into(), "b".into()],
             }),
+            next_refresh_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_459_000)),
             refresh_token: Some(Secret::new("refresh")),
             generation: 7,
             spent_bootstrap: None,

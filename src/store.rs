@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientChange, ClientConfig};
 use crate::token::Token;
 
 /// A client's state (`State` in docs/grpc.md#the-service).
@@ -65,6 +65,8 @@ pub struct Snapshot {
     pub consecutive_failures: u32,
     /// When the last token was obtained (or reused at start).
     pub last_refresh_at: Option<SystemTime>,
+    /// The token was taken from the state directory at start, not asked for (`once` says so).
+    pub reused: bool,
     /// Whether at least one attempt has finished (or a stored token was reused), and a token it
     /// brought has been written to the outputs. READY=1 waits for this on every client.
     pub settled: bool,
@@ -150,34 +152,50 @@ pub enum Reason {
     Rotation,
 }
 
+/// A refresher's answer to a [`Command`]: the token, or why there is none.
+pub type Answer = Result<Arc<Token>, RefreshError>;
+
+/// Why a refresher answered a demand without a token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The token request failed; the message is the client's `last_error` (status shows it).
+    #[error("{0}")]
+    Failed(String),
+    /// A new token was had but its state could not be saved: it is held back until a save
+    /// succeeds, so its refresh token is never known to memory alone.
+    #[error("the new token is held back: its state could not be saved")]
+    NotSaved,
+    /// The refresher stopped (the client was removed or replaced by a reload, or the daemon
+    /// is stopping) before it answered.
+    #[error("the client was removed or replaced by a reload")]
+    Stopped,
+}
+
 /// A message to a client's refresher.
 #[derive(Debug)]
 pub enum Command {
     /// Get a new token (or, for `MinValid`, one valid long enough), then answer with it.
     Refresh {
         reason: Reason,
-        reply: Option<oneshot::Sender<Result<Arc<Token>, String>>>,
+        reply: Option<oneshot::Sender<Answer>>,
     },
 }
 
-/// A change of a running client's config (from a reload).
+/// A change of a running client's config (from a reload), as [`crate::config::diff`] judged
+/// it. Never [`ClientChange::Replace`]: a new identity gets a new refresher.
 #[derive(Debug)]
 pub struct Reconfigure {
     pub config: Arc<ClientConfig>,
-    /// Identity or credentials changed: get a new token now.
-    pub renew: bool,
-    /// Outputs changed: write the current token to them.
-    pub rewrite_outputs: bool,
+    pub change: ClientChange,
 }
 
 impl Reconfigure {
-    /// One change that does what `self` then `newer` would: the newer config, and every
-    /// action either asked for.
+    /// One change that does what `self` then `newer` would: the newer config, and the stronger
+    /// action (a new token also writes every output).
     fn then(self, newer: Reconfigure) -> Reconfigure {
         Reconfigure {
             config: newer.config,
-            renew: self.renew || newer.renew,
-            rewrite_outputs: self.rewrite_outputs || newer.rewrite_outputs,
+            change: self.change.max(newer.change),
         }
     }
 }
@@ -440,13 +458,7 @@ mod tests {
     }
 
     #[allow(clippy::type_complexity)]
-    fn refresh(
-        reason: Reason,
-        reply: bool,
-    ) -> (
-        Command,
-        Option<oneshot::Receiver<Result<Arc<Token>, String>>>,
-    ) {
+    fn refresh(reason: Reason, reply: bool) -> (Command, Option<oneshot::Receiver<Answer>>) {
         let (tx, rx) = oneshot::channel();
         let cmd = Command::Refresh {
             reason,
@@ -493,21 +505,22 @@ mod tests {
         let mb = Mailbox::default();
         let first = client("one");
         let second = client("two");
-        let change = |config: &Arc<ClientConfig>, renew, rewrite_outputs| Reconfigure {
+        let change = |config: &Arc<ClientConfig>, change| Reconfigure {
             config: config.clone(),
-            renew,
-            rewrite_outputs,
+            change,
         };
-        mb.reconfigure(change(&first, true, false)).unwrap();
-        mb.reconfigure(change(&second, false, true)).unwrap();
+        mb.reconfigure(change(&first, ClientChange::Renew)).unwrap();
+        mb.reconfigure(change(&second, ClientChange::Outputs))
+            .unwrap();
         let merged = mb.take_reconfigure().unwrap();
         assert!(
             Arc::ptr_eq(&merged.config, &second),
             "the newer config wins"
         );
-        assert!(
-            merged.renew && merged.rewrite_outputs,
-            "every action asked for is kept"
+        assert_eq!(
+            merged.change,
+            ClientChange::Renew,
+            "the stronger action is kept"
         );
         assert!(mb.take_reconfigure().is_none());
     }
@@ -527,8 +540,7 @@ mod tests {
         assert_eq!(
             mb.reconfigure(Reconfigure {
                 config: client("one"),
-                renew: false,
-                rewrite_outputs: false,
+                change: ClientChange::Settings,
             }),
             Err(Closed)
         );

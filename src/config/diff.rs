@@ -2,13 +2,14 @@
 //! the new one, so the daemon does no more than the change needs.
 //!
 //! Each client present in both configs falls in exactly one class; when several apply, the
-//! strongest wins (`Renew` > `Outputs` > `Settings`):
+//! strongest wins (`Replace` > `Renew` > `Outputs` > `Settings`). The daemon's reload is one
+//! `match` over the result: nothing else decides what a reload does.
 //!
 //! | `ClientConfig` field | class | why |
 //! |---|---|---|
 //! | `name` | — | the key: a rename is a removal plus an addition |
-//! | `token_url`, `client_id`, `scope`, `audience`, `resource` | `Renew` | identity ([`ClientConfig::identity_fingerprint`]): the token in hand is for something else |
-//! | `grant`: its kind, `username`, the refresh token | `Renew` | identity |
+//! | `token_url`, `client_id`, `scope`, `audience`, `resource` | `Replace` | identity ([`ClientConfig::identity_fingerprint`]): the token, refresh token and state in hand are for something else, so the client starts afresh |
+//! | `grant`: its kind, `username`, the refresh token, a `jwt_bearer` assertion's `sub` | `Replace` | identity |
 //! | `grant`: password, refresh token, assertion key values | `Renew` | credentials ([`ClientConfig::credentials_digest`]): a rotated secret gets a new token now |
 //! | `grant` (`jwt_bearer`): `signing_alg`, `key_id`, `lifetime`, `claims` | `Renew` | the assertion, hence the token it is exchanged for, differs |
 //! | `client_auth`: method, secret or key values, `signing_alg`, `key_id`, assertion lifetime | `Renew` | credentials and how they are presented |
@@ -60,18 +61,22 @@ pub enum ClientChange {
     Settings,
     /// Outputs changed (and maybe settings): write the current token to the new outputs.
     Outputs,
-    /// Identity, credentials or anything else that affects what token the provider would issue
-    /// changed: a new token is needed now.
+    /// Credentials or anything else that affects what token the provider would issue changed,
+    /// the identity did not: the running client gets a new token now.
     Renew,
+    /// The identity changed: the client's refresher is stopped and a new one started, as for a
+    /// removal and an addition (nothing of the old identity is reused).
+    Replace,
 }
 
-/// Which `[daemon]` keys changed, one boolean each. Each tells the daemon what to redo:
-/// rebind the gRPC socket (`socket`, `socket_mode`), the metrics listener (`metrics_listen`), the
-/// HTTP listeners and the connection caps counting them (`http`),
-/// reinstall the log filter/format (`logging`), reopen the state directory (`state_dir`),
-/// resize the refresh semaphore (`max_concurrent_refreshes`). A change of `include` alone
-/// needs nothing beyond the client diff (which already reflects the included files) and the
-/// watcher's new path set.
+/// Which `[daemon]` keys changed, one boolean each; the reload redoes what each names: rebind
+/// the gRPC socket or change its mode (`socket`, `socket_mode`), restart the metrics listener
+/// (`metrics_listen`), rebind the HTTP listeners and fit the connection caps counting them
+/// (`http`), set the log level (`logging`; a new `log_format` and `state_dir` take effect at the
+/// next start, and the reload says so), resize the refresh semaphore
+/// (`max_concurrent_refreshes`) and the connection caps (`max_connections`). A change of
+/// `include` alone needs nothing beyond the client diff (which already reflects the included
+/// files) and the watcher's new path set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DaemonChanges {
     /// `socket` (added, removed or moved).
@@ -146,7 +151,7 @@ pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     for (name, old_client) in &old.clients {
         match new.clients.get(name) {
             None => d.removed.push(name.clone()),
-            // Taken from the running config as it was (see `load_reusing`): nothing to compare.
+            // The very same config (taken as it was by `load_reusing`): equal, uncompared.
             Some(new_client) if std::sync::Arc::ptr_eq(old_client, new_client) => {
                 d.unchanged.push(name.clone())
             }
@@ -171,6 +176,9 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
     // hashing identities and credentials twice per client.
     if old == new {
         return None;
+    }
+    if old.identity_fingerprint() != new.identity_fingerprint() {
+        return Some(ClientChange::Replace);
     }
     if needs_renew(old, new) {
         return Some(ClientChange::Renew);
@@ -209,10 +217,10 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
     settings.then_some(ClientChange::Settings)
 }
 
-/// Whether anything that decides the token the provider issues changed (see the module table).
+/// Whether anything besides the identity that decides the token the provider issues changed
+/// (see the module table).
 fn needs_renew(old: &ClientConfig, new: &ClientConfig) -> bool {
-    old.identity_fingerprint() != new.identity_fingerprint()
-        || old.credentials_digest() != new.credentials_digest()
+    old.credentials_digest() != new.credentials_digest()
         || grant_shape(&old.grant) != grant_shape(&new.grant)
         || auth_shape(&old.client_auth) != auth_shape(&new.client_auth)
         || old.extra_params != new.extra_params
@@ -377,37 +385,37 @@ client_secret = {{ file = "{d}/hmac" }}
                 "token_url",
                 "basic",
                 |c| client(c, "basic").token_url = "https://other.example/t".parse().unwrap(),
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "client_id",
                 "basic",
                 |c| client(c, "basic").client_id = Some("other".into()),
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "scope",
                 "basic",
                 |c| client(c, "basic").scope.push("c".into()),
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "audience",
                 "basic",
                 |c| client(c, "basic").audience = Some("api".into()),
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "resource",
                 "basic",
                 |c| client(c, "basic").resource = Some("https://api".into()),
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "grant kind",
                 "password",
                 |c| client(c, "password").grant = Grant::ClientCredentials,
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "username",
@@ -417,7 +425,7 @@ client_secret = {{ file = "{d}/hmac" }}
                         *username = "someone-else".into();
                     }
                 },
-                Some(Renew),
+                Some(Replace),
             ),
             // Credentials.
             (
@@ -529,7 +537,7 @@ client_secret = {{ file = "{d}/hmac" }}
                         assertion.claims.insert("sub".into(), "you".into());
                     }
                 },
-                Some(Renew),
+                Some(Replace),
             ),
             (
                 "assertion key_id",
@@ -721,13 +729,13 @@ client_secret = {{ file = "{d}/hmac" }}
                 Some(Outputs),
             ),
             (
-                "renew and outputs",
+                "identity and outputs",
                 "basic",
                 |c| {
                     client(c, "basic").outputs[1].mode = 0o640;
                     client(c, "basic").scope.clear();
                 },
-                Some(Renew),
+                Some(Replace),
             ),
         ];
         for (what, name, edit, expected) in cases {

@@ -257,7 +257,7 @@ impl TokenApi {
                 }
                 Err(ApiError::Unavailable {
                     client: client.to_string(),
-                    reason,
+                    reason: reason.to_string(),
                 })
             }
         }

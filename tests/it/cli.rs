@@ -123,7 +123,7 @@ async fn once_keeps_the_refresh_token_chain_and_survives_a_dead_one() {
     let r = run(&["once", "-c", env.config_path(), "creads-files"]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("stored refresh token refused"),
+        r.stderr.contains("stored refresh token was refused"),
         "{}",
         r.stderr
     );

@@ -616,3 +616,329 @@ async fn an_unreachable_provider_is_a_retryable_connect_error() {
         "{e}"
     );
 }
+
+/// `once` runs the daemon's own refreshers: an output that cannot be written leaves the token
+/// stored and the other outputs written, is named on stderr, and makes the exit code 1
+/// (docs/cli.md); a second run reuses the stored token and still exits 1 while the output fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
+    use crate::support::{read, run, token_in};
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // A non-empty directory where the file should go: the rename into place fails.
+    let blocked = env.out("transatel.token");
+    std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
+
+    let r = run(&["once", "-c", env.config_path()]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let failure: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("transatel: output failed: "))
+        .collect();
+    assert_eq!(failure.len(), 1, "{}", r.stderr);
+    assert!(
+        failure[0].contains(&blocked.display().to_string()),
+        "{}",
+        failure[0]
+    );
+    // The token itself was got, stored and written everywhere else.
+    assert_eq!(
+        r.stdout.lines().count(),
+        env.demo.clients.len(),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("transatel ") && l.contains(" new "))
+    );
+    assert!(token_in("transatel.json", &read(&env.out("transatel.json"))).is_some());
+    let state: Value =
+        serde_json::from_str(&read(&env.demo.state_dir.join("transatel.json"))).unwrap();
+    assert_eq!(state["generation"], 1);
+
+    let requests = env.provider.requests().len();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("transatel  reused"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("transatel: output failed: "),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "the stored token was reused"
+    );
+
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(token_in("transatel.token", &read(&blocked)).is_some());
+}
+
+// === The refresher alone, on a paused clock ===
+
+// The refresher alone, on tokio's paused clock, against a scripted token source: the schedule,
+// backoff, coalescing, `min_interval` and expiry, in virtual time (no daemon, no network).
+mod paused {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokenwarden::config::ClientConfig;
+    use tokenwarden::oauth::{AcquireFailure, Acquired, Issued, OAuthError};
+    use tokenwarden::refresher::{BoxFuture, Clock, Engine, Handle, TokenSource, request, spawn};
+    use tokenwarden::secret::Secret;
+    use tokenwarden::store::{Answer, Reason, Snapshot, State};
+    use tokenwarden::token::Token;
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    /// What the fake endpoint does with one request.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// A token of the fake's lifetime, after this long.
+        Grant(Duration),
+        /// A retryable failure (cannot connect), at once.
+        Fail,
+        /// No answer, ever.
+        Hang,
+    }
+
+    struct Fake {
+        clock: Clock,
+        lifetime: Duration,
+        /// The steps to take, in order; then `Grant(0)` forever.
+        script: Mutex<VecDeque<Step>>,
+        /// When each request came, on tokio's clock.
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl TokenSource for Fake {
+        fn acquire<'a>(
+            &'a self,
+            _: &'a reqwest::Client,
+            _: &'a ClientConfig,
+            _: Option<&'a Secret>,
+            _: bool,
+        ) -> BoxFuture<'a, Result<Acquired, AcquireFailure>> {
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            let step = self.script.lock().unwrap().pop_front();
+            Box::pin(async move {
+                match step.unwrap_or(Step::Grant(Duration::ZERO)) {
+                    Step::Hang => std::future::pending().await,
+                    Step::Fail => Err(AcquireFailure {
+                        error: OAuthError::Connect("refused".into()),
+                        forget_refresh_token: false,
+                        bootstrap_spent: false,
+                    }),
+                    Step::Grant(after) => {
+                        tokio::time::sleep(after).await;
+                        let now = self.clock.now();
+                        Ok(Acquired {
+                            issued: Issued {
+                                token: Token {
+                                    access_token: Secret::new(format!("token-{n}")),
+                                    token_type: "Bearer".into(),
+                                    issued_at: now,
+                                    expires_at: now + self.lifetime,
+                                    scope: Vec::new(),
+                                },
+                                refresh_token: None,
+                                server_date: None,
+                            },
+                            refresh_token: None,
+                            grant_type: "client_credentials",
+                            refresh_token_refused: None,
+                            bootstrap_spent: false,
+                        })
+                    }
+                }
+            })
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        fake: Arc<Fake>,
+        clock: Clock,
+        handle: Handle,
+        shutdown: CancellationToken,
+    }
+
+    /// One client (`[defaults]` as given) with tokens of `lifetime` and the `script`.
+    fn rig(lifetime: u64, defaults: &str, script: &[Step]) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret-value").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let text = format!(
+            "[daemon]\nstate_dir = \"{d}/state\"\n[defaults]\n{defaults}\n[clients.c]\n\
+             token_url = \"https://auth.example/token\"\nclient_id = \"app\"\n\
+             client_secret = {{ file = \"{s}\" }}\n",
+            d = dir.path().display(),
+            s = secret.display()
+        );
+        let config = tokenwarden::config::load_str(&text, &dir.path().join("c.toml")).unwrap();
+        let client = config.clients["c"].clone();
+        let clock = Clock::tokio();
+        let fake = Arc::new(Fake {
+            clock,
+            lifetime: Duration::from_secs(lifetime),
+            script: Mutex::new(script.iter().copied().collect()),
+            calls: Mutex::new(Vec::new()),
+        });
+        let mut engine = Engine::open(&config.daemon, [&*client]).unwrap();
+        engine.clock = clock;
+        engine.source = fake.clone();
+        let shutdown = CancellationToken::new();
+        let handle = spawn(client, Arc::new(engine), shutdown.clone());
+        Rig {
+            _dir: dir,
+            fake,
+            clock,
+            handle,
+            shutdown,
+        }
+    }
+
+    impl Rig {
+        fn calls(&self) -> Vec<Instant> {
+            self.fake.calls.lock().unwrap().clone()
+        }
+
+        fn snap(&self) -> Snapshot {
+            self.handle.slot.snapshot.borrow().clone()
+        }
+
+        /// Lets virtual time run until `cond` holds, at most `limit` of it.
+        async fn until(&self, limit: Duration, cond: impl Fn(&Rig) -> bool) {
+            let end = Instant::now() + limit;
+            while !cond(self) {
+                assert!(
+                    Instant::now() < end,
+                    "not within {limit:?}: {:?}",
+                    self.snap()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn demand(&self, reason: Reason) -> Answer {
+            request(&self.handle.slot, reason).await
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_then_backoff_then_recovery() {
+        let defaults = "retry_initial = \"1s\"\nretry_max = \"60s\"";
+        // Start, the first planned refresh, three failures, then a token.
+        let r = rig(
+            600,
+            defaults,
+            &[
+                Step::Grant(SECS(0)),
+                Step::Grant(SECS(0)),
+                Step::Fail,
+                Step::Fail,
+                Step::Fail,
+            ],
+        );
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let t0 = r.calls()[0];
+        // The first token came from a burst (the start): refreshed 150 s … 450 s after issue.
+        r.until(SECS(460), |r| r.calls().len() == 2).await;
+        let first = r.calls()[1] - t0;
+        assert!((SECS(150)..=SECS(451)).contains(&first), "{first:?}");
+        // A plain refresh next: 390 s … 450 s after issue; then failures back off with full
+        // jitter under 1 s, 2 s, 4 s; then the token, and the plain schedule again.
+        r.until(SECS(460), |r| r.calls().len() == 6).await;
+        let calls = r.calls();
+        let second = calls[2] - calls[1];
+        assert!((SECS(390)..=SECS(451)).contains(&second), "{second:?}");
+        for (n, pair) in calls[2..6].windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            assert!(gap <= SECS(1 << n), "retry {n}: {gap:?}");
+        }
+        r.until(SECS(1), |r| r.snap().consecutive_failures == 0)
+            .await;
+        assert_eq!(r.snap().generation, 3);
+        assert_eq!(r.snap().state_at(r.clock.now()), State::Valid);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demands_during_a_request_share_its_answer() {
+        let r = rig(
+            600,
+            "min_interval = \"0s\"",
+            &[Step::Grant(SECS(0)), Step::Grant(SECS(5))],
+        );
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let (a, b, c) = tokio::join!(
+            r.demand(Reason::Forced),
+            async {
+                tokio::time::sleep(SECS(1)).await;
+                r.demand(Reason::Forced).await
+            },
+            async {
+                tokio::time::sleep(SECS(2)).await;
+                r.demand(Reason::Demand).await
+            },
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(r.calls().len(), 2, "one request for the three demands");
+        assert_eq!(a.access_token.expose(), "token-2");
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&a, &c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_interval_answers_a_demand_with_the_current_token() {
+        let r = rig(600, "min_interval = \"10s\"", &[]);
+        r.until(SECS(1), |r| r.snap().settled).await;
+        tokio::time::sleep(SECS(9)).await;
+        let held = r.demand(Reason::Demand).await.unwrap();
+        assert_eq!(held.access_token.expose(), "token-1");
+        assert_eq!(r.calls().len(), 1, "no request within min_interval");
+        // A forced refresh (root, SIGUSR1) is not held; and past min_interval neither is a demand.
+        let forced = r.demand(Reason::Forced).await.unwrap();
+        assert_eq!(forced.access_token.expose(), "token-2");
+        tokio::time::sleep(SECS(10)).await;
+        let again = r.demand(Reason::Demand).await.unwrap();
+        assert_eq!(again.access_token.expose(), "token-3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_expires_on_time_while_a_request_hangs() {
+        // 60 s tokens; every refresh after the first hangs.
+        let r = rig(60, "timeout = \"1h\"", &[Step::Grant(SECS(0)), Step::Hang]);
+        r.until(SECS(1), |r| r.snap().settled).await;
+        let expires_at = r.snap().token.unwrap().expires_at;
+        r.until(SECS(60), |r| r.calls().len() == 2).await;
+        let mut watch = r.handle.slot.snapshot.clone();
+        watch.mark_unchanged();
+        // Watchers hear of the expiry on time, though the refresher is waiting on the request.
+        let left = expires_at.duration_since(r.clock.now()).unwrap();
+        tokio::time::timeout(left + SECS(1), watch.changed())
+            .await
+            .expect("no wake-up at expiry")
+            .unwrap();
+        assert!(r.clock.now() >= expires_at);
+        assert_eq!(r.snap().state_at(r.clock.now()), State::Expired);
+    }
+}

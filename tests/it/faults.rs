@@ -998,3 +998,134 @@ async fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
         }
     }
 }
+
+// === Promises at their edges ===
+
+/// GetToken's fast path (docs/grpc.md): a client whose token expired during an outage, its last
+/// attempt failed, answers UNAVAILABLE at once with that error, not at the call's deadline; and
+/// a new token as soon as the provider is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_token_answers_unavailable_at_once_after_the_token_expired_in_an_outage() {
+    use tokenwarden::grpc::pb;
+    let env = DemoEnv::start(LIFETIME).await;
+    tune(&env, "info", None);
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let mut c = tokenwarden::client::connect(&env.demo.socket)
+        .await
+        .unwrap();
+    let get = || {
+        let mut r = tonic::Request::new(pb::GetTokenRequest {
+            client: "transatel".into(),
+            min_valid_for: None,
+        });
+        r.set_timeout(Duration::from_secs(20));
+        r
+    };
+    let first = c.get_token(get()).await.unwrap().into_inner();
+
+    env.provider.pause().await;
+    wait_for("transatel's token to expire", LIFETIME + SLACK, || {
+        daemon
+            .logs()
+            .lines()
+            .any(|l| l.contains("client=\"transatel\"") && l.contains("the token has expired"))
+    })
+    .await;
+    let asked = Instant::now();
+    let e = c.get_token(get()).await.unwrap_err();
+    let took = asked.elapsed();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(
+        e.message().contains("transatel") && e.message().contains("cannot connect"),
+        "{}",
+        e.message()
+    );
+
+    env.provider.resume().await.unwrap();
+    let deadline = Instant::now() + RETRY_MAX + SLACK * 2;
+    let again = loop {
+        match c.get_token(get()).await {
+            Ok(t) => break t.into_inner(),
+            Err(e) => assert!(Instant::now() < deadline, "no token again: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(again.generation > first.generation, "{again:?}");
+    daemon.stop().await;
+}
+
+/// The one window where a rotated refresh token lives only in memory: its state cannot be
+/// saved. The new token is held back (not published), no other request is made while the save
+/// fails, and once it succeeds the rotated refresh token is on disk and used next: the chain
+/// survives, the password is never needed again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_refresh_token_held_while_its_state_cannot_be_saved_is_kept_and_used() {
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    tune(&env, "info", None);
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let state_file = env.demo.state_dir.join("creads-files.json");
+    let stored = |what: &str| -> Value {
+        serde_json::from_str::<Value>(&read(&state_file)).unwrap()[what].clone()
+    };
+    let first_refresh = stored("refresh_token");
+    let out = env.out("creads-files.header");
+    let published = read(&out);
+    assert_eq!(env.grants_at("/creads/"), ["password"]);
+
+    // A non-empty directory where the state file goes: every save fails at the rename.
+    std::fs::remove_file(&state_file).unwrap();
+    std::fs::create_dir_all(state_file.join("in-the-way")).unwrap();
+    let r = crate::support::run(&[
+        "refresh",
+        "creads-files",
+        "-s",
+        env.demo.socket.to_str().unwrap(),
+    ])
+    .await;
+    assert_ne!(r.code, 0, "the new token is held back: {}", r.stdout);
+    wait_for("the save failure", SLACK * 4, || {
+        daemon.logs().contains("holding the new token back")
+    })
+    .await;
+    // Rotated once, with the stored refresh token; held back, not published.
+    assert_eq!(env.grants_at("/creads/"), ["password", "refresh_token"]);
+    assert_eq!(read(&out), published);
+    let status =
+        crate::support::run(&["status", "--json", "-s", env.demo.socket.to_str().unwrap()]).await;
+    assert!(
+        status.stdout.contains("cannot save state"),
+        "{}",
+        status.stdout
+    );
+
+    // The disk is back: the held state is saved (no new request) and then published.
+    std::fs::remove_dir_all(&state_file).unwrap();
+    wait_for("the held token published", RETRY_MAX * 2 + SLACK, || {
+        read(&out) != published
+    })
+    .await;
+    assert_eq!(env.grants_at("/creads/"), ["password", "refresh_token"]);
+    let rotated = stored("refresh_token");
+    assert!(rotated.is_string() && rotated != first_refresh, "{rotated}");
+
+    // The rotated token is what the chain goes on with.
+    let r = crate::support::run(&[
+        "refresh",
+        "creads-files",
+        "-s",
+        env.demo.socket.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        env.grants_at("/creads/"),
+        ["password", "refresh_token", "refresh_token"]
+    );
+    assert!(
+        !daemon.logs().contains("refresh token was refused"),
+        "{}",
+        daemon.logs()
+    );
+    daemon.stop().await;
+}

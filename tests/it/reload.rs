@@ -1,7 +1,7 @@
 //! Reloads, signals and systemd notifications (docs/operations.md#reload, #signals, #systemd),
 //! against the real binary and the built-in provider with 600 s tokens (so no scheduled refresh
 //! interferes): every case counts the provider's token requests per client id and asserts that
-//! exactly the expected clients asked. Also: the file watcher (`tokenwarden::reload::FileWatcher`)
+//! exactly the expected clients asked. Also: the file watcher (`tokenwarden::triggers::FileWatcher`)
 //! on its own, READY / STATUS / STOPPING / WATCHDOG on a test `$NOTIFY_SOCKET`, `rotate_cron`, and
 //! (through a proxy that holds a response back) a late answer for an identity a reload replaced.
 
@@ -14,7 +14,7 @@ use tokenwarden::demo::{
     CREADS_ID, TALENTSOFT_APP_ID, TALENTSOFT_USER_ID, TALKDESK_ID, TRANSATEL_ID,
 };
 use tokenwarden::provider::{Dialect, Fault, Provider, RecordedRequest, RegisteredClient};
-use tokenwarden::reload::{Event, FileWatcher, ReloadReason};
+use tokenwarden::triggers::{Event, FileWatcher, ReloadReason};
 use tokio::sync::mpsc;
 
 use crate::support::{DaemonProc, DemoEnv, NotifySocket, basic_id, read, wait_for};
@@ -1097,4 +1097,80 @@ async fn a_response_for_the_old_identity_arriving_after_a_reload_is_not_publishe
     assert_eq!(json["scope"], "USER_READ", "{}", rig.daemon.logs());
     assert_eq!(read(&rig.env.out("transatel.token")), json_token(&json_out));
     rig.stop().await;
+}
+
+/// At trace level, serving every gRPC call and reloading a rotated secret logs no secret: not
+/// the client secret before or after, no token handed out over gRPC, nothing the provider
+/// received.
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_logs_of_grpc_calls_and_a_secret_rotation_hold_no_secret() {
+    use tokenwarden::grpc::pb;
+    let env = DemoEnv::start(LONG).await;
+    env.edit_config(|t| t.replacen("log_level = \"info\"", "log_level = \"trace\"", 1));
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let mut c = tokenwarden::client::connect(&env.demo.socket)
+        .await
+        .unwrap();
+    let mut handed_out = Vec::new();
+    for name in &env.demo.clients {
+        let get = pb::GetTokenRequest {
+            client: name.clone(),
+            min_valid_for: None,
+        };
+        handed_out.push(c.get_token(get).await.unwrap().into_inner().access_token);
+        let refresh = pb::RefreshTokenRequest {
+            client: name.clone(),
+        };
+        handed_out.push(
+            c.refresh_token(refresh)
+                .await
+                .unwrap()
+                .into_inner()
+                .access_token,
+        );
+    }
+    c.list_clients(pb::ListClientsRequest {}).await.unwrap();
+    let mut watch = c
+        .watch_token(pb::WatchTokenRequest {
+            client: "transatel".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    handed_out.push(watch.message().await.unwrap().unwrap().access_token);
+
+    // The Talentsoft app's secret rotated at the provider and in its file.
+    let old_secret = env.secret("talentsoft");
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    env.provider
+        .register(RegisteredClient::talentsoft_app(TALENTSOFT_APP_ID, &secret).with_lifetime(LONG));
+    let issued = env.provider.issued(TALENTSOFT_APP_ID);
+    replace_atomically(&env.demo.dir.join("secrets/talentsoft"), &secret);
+    wait_for("a token with the new secret", SOON, || {
+        env.provider.issued(TALENTSOFT_APP_ID) > issued
+            && daemon.logs().contains("client_secret: new value")
+    })
+    .await;
+    let get = pb::GetTokenRequest {
+        client: "talentsoft-app".into(),
+        min_valid_for: None,
+    };
+    handed_out.push(c.get_token(get).await.unwrap().into_inner().access_token);
+    drop(watch);
+    daemon.stop().await;
+
+    let logs = daemon.logs();
+    for needle in ["TRACE", "reloaded"] {
+        assert!(logs.contains(needle), "no {needle:?} in the logs:\n{logs}");
+    }
+    let secrets =
+        crate::support::secret_material(&env, handed_out.into_iter().chain([old_secret, secret]));
+    assert!(secrets.len() > 20, "{}", secrets.len());
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "secret material in the logs: {}…",
+            &s[..6]
+        );
+    }
 }

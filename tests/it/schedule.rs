@@ -9,8 +9,9 @@ use rand::{Rng, SeedableRng};
 use tokenwarden::config::Timing;
 use tokenwarden::schedule::{
     Backoff, FailureKind, burst_delay, effective_floor, effective_margin, next_refresh_at,
-    refresh_delay,
+    refresh_delay, resume_at,
 };
+use tokenwarden::token::Token;
 
 /// Slack for comparisons with bounds computed here in floating point.
 const SLACK: Duration = Duration::from_micros(1);
@@ -274,4 +275,119 @@ fn one_run_of_a_thousand_clients_stays_near_the_expected_rate() {
         assert!(busiest <= allowed, "seed {seed}: {busiest} > {allowed:.1}");
         assert!(busiest_plain > 5.0 * mean, "seed {seed}: {busiest_plain}");
     }
+}
+
+// === A restart keeps the schedule (docs/operations.md#restarts) ===
+
+/// Just under 1, the largest `u` in `[0, 1)`.
+const U_MAX: f64 = 1.0 - f64::EPSILON;
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+}
+
+fn token(issued: SystemTime, lifetime: u64) -> Token {
+    Token {
+        access_token: tokenwarden::secret::Secret::new("t"),
+        token_type: "Bearer".into(),
+        issued_at: issued,
+        expires_at: issued + Duration::from_secs(lifetime),
+        scope: Vec::new(),
+    }
+}
+
+#[test]
+fn a_reused_token_keeps_its_planned_refresh() {
+    let t = Timing::default();
+    // Issued at 0, 600 s: latest = 570 s. Restarted at 300 s.
+    let tok = token(at(0), 600);
+    let now = at(300);
+    // (planned, u, expected)
+    let cases: &[(Option<u64>, f64, u64)] = &[
+        (Some(450), 0.0, 450), // ahead: kept, whatever u
+        (Some(450), U_MAX, 450),
+        (Some(300), 0.5, 300), // due right now: kept
+        (Some(570), 0.5, 570), // at the latest allowed: kept
+        (Some(580), 0.0, 300), // past the margin (timing changed): spread from now…
+        (Some(200), 0.0, 300), // fell due while down: spread over what is left…
+        (Some(200), 0.5, 435), // …300 + 0.5 · (570 − 300)
+        (Some(200), U_MAX, 570),
+        (None, 0.0, 300), // no plan kept: the burst spread, [150, 450] s after issue
+        (None, 0.75, 375), // 150 + 0.75 · 300 = 375
+    ];
+    for &(planned, u, want) in cases {
+        assert_eq!(
+            resume_at(&t, &tok, planned.map(at), now, u),
+            at(want),
+            "planned {planned:?}, u {u}"
+        );
+    }
+}
+
+/// Issue 12, item 7: 10,000 stored tokens 200–316 s old (of 600 s) and a restart. With the
+/// plans kept, nothing is asked for before its plan (none within 5 s of the restart), and
+/// no 10 s window holds more than twice the mean.
+#[test]
+fn a_restart_asks_for_nothing_before_its_plan_and_spreads_what_fell_due() {
+    let t = Timing::default();
+    let now = at(1_000);
+    // A small fixed generator: the same draws every run.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut u = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let n = 10_000;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let age = 200 + (i as u64 * 117 / n as u64);
+        let issued = now - Duration::from_secs(age);
+        let tok = token(issued, 600);
+        let planned = next_refresh_at(&t, issued, tok.expires_at, issued, u(), false);
+        let resumed = resume_at(&t, &tok, Some(planned), now, u());
+        assert!(resumed >= now);
+        if planned >= now {
+            assert_eq!(resumed, planned, "a plan still ahead is kept");
+        }
+        times.push(resumed.duration_since(now).unwrap().as_secs());
+    }
+    let soon = times.iter().filter(|&&s| s < 5).count();
+    assert_eq!(soon, 0, "requests within 5 s of the restart");
+    let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+    let windows = (last - first) / 10 + 1;
+    let mut per_window = vec![0usize; windows as usize];
+    for s in &times {
+        per_window[((s - first) / 10) as usize] += 1;
+    }
+    let mean = n as f64 / windows as f64;
+    let busiest = *per_window.iter().max().unwrap() as f64;
+    assert!(
+        busiest <= 2.0 * mean,
+        "busiest 10 s window {busiest}, mean {mean:.0}: {per_window:?}"
+    );
+
+    // The same tokens, their plans all passed while the daemon was down: spread over what
+    // is left of each, no window above twice the mean.
+    let due: Vec<u64> = (0..n)
+        .map(|i| {
+            let issued = now - Duration::from_secs(200 + (i as u64 * 117 / n as u64));
+            let tok = token(issued, 600);
+            let planned = now - Duration::from_secs(1);
+            let at = resume_at(&t, &tok, Some(planned), now, u());
+            at.duration_since(now).unwrap().as_secs()
+        })
+        .collect();
+    let mut per_window = vec![0usize; 40];
+    for s in &due {
+        per_window[(*s / 10) as usize] += 1;
+    }
+    let last = due.iter().max().unwrap() / 10 + 1;
+    let mean = n as f64 / last as f64;
+    let busiest = *per_window.iter().max().unwrap() as f64;
+    assert!(
+        busiest <= 2.0 * mean,
+        "busiest 10 s window {busiest}, mean {mean:.0}: {per_window:?}"
+    );
 }

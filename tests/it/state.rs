@@ -27,6 +27,7 @@ fn stored(fingerprint: &str, issued: u64, expires: u64) -> StoredState {
             expires_at: at(expires),
             scope: vec!["files".into(), "upload_files".into()],
         }),
+        next_refresh_at: None,
         refresh_token: Some(Secret::new(REFRESH)),
         generation: 4,
         spent_bootstrap: None,
@@ -228,6 +229,7 @@ fn reuse_needs_the_same_identity_and_more_than_the_margin() {
     }
     let none = StoredState {
         token: None,
+        next_refresh_at: None,
         refresh_token: None,
         ..s
     };
@@ -259,4 +261,85 @@ fn nothing_secret_in_debug_or_errors() {
         !shown.contains(ACCESS) && !shown.contains(REFRESH),
         "{shown}"
     );
+}
+
+/// Issue 12, item 7: each token's planned refresh is kept in its state, and a restart keeps
+/// it. 45 stored tokens 500 s into their 600 s, each planned a minute or more ahead: the
+/// restart asks the provider for none of them, and every client's next refresh is exactly the
+/// stored plan (without the plan, each would be drawn anew over what is left, some at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_keeps_each_tokens_planned_refresh_and_asks_for_nothing_not_due() {
+    use crate::support::{DaemonProc, DemoEnv, read, run};
+    use serde_json::Value;
+    use tokenwarden::token::rfc3339;
+
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    env.edit_config(|t| {
+        let start = t.find("[clients.transatel]\n").unwrap() + "[clients.transatel]\n".len();
+        let end = t.find("[[clients.transatel.outputs]]").unwrap();
+        let body = t[start..end].to_string();
+        let mut t = t;
+        for i in 0..40 {
+            t.push_str(&format!("\n[clients.bulk-{i}]\n{body}"));
+        }
+        t
+    });
+    let status = |socket: String| async move {
+        let r = run(&["status", "--json", "-s", &socket]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let name = c["client"].as_str().unwrap().to_string();
+                (name, c["next_refresh_at"].as_str().unwrap().to_string())
+            })
+            .collect::<std::collections::BTreeMap<String, String>>()
+    };
+    let socket = env.demo.socket.display().to_string();
+    let state_of = |name: &str| -> Value {
+        serde_json::from_str(&read(&env.demo.state_dir.join(format!("{name}.json")))).unwrap()
+    };
+
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let planned = status(socket.clone()).await;
+    assert_eq!(planned.len(), 45);
+    for (name, at) in &planned {
+        assert_eq!(
+            &state_of(name)["next_refresh_at"],
+            at,
+            "{name}: the plan is saved"
+        );
+    }
+    daemon.stop().await;
+    let requests = env.provider.requests().len();
+    assert_eq!(requests, 45);
+
+    // Every token 500 s old, 100 s left (latest refresh 95 s ahead), planned 60 s + i ahead.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut want = std::collections::BTreeMap::new();
+    for (i, name) in planned.keys().enumerate() {
+        let mut s = state_of(name);
+        s["token"]["issued_at_unix"] = (now - 500).into();
+        s["token"]["expires_at_unix"] = (now + 100).into();
+        let plan = now + 60 + i as u64 % 30;
+        s["next_refresh_at_unix"] = plan.into();
+        let path = env.demo.state_dir.join(format!("{name}.json"));
+        fs::write(&path, serde_json::to_vec_pretty(&s).unwrap()).unwrap();
+        want.insert(name.clone(), rfc3339(at(plan)));
+    }
+
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    assert!(ready.contains("45/45 clients valid"), "{ready}");
+    assert_eq!(status(socket.clone()).await, want, "every plan kept");
+    assert_eq!(
+        env.provider.requests().len(),
+        requests,
+        "no provider request for a token not due"
+    );
+    daemon.stop().await;
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokenwarden::reload::{Event, FileWatcher, ReloadReason, signals};
+use tokenwarden::triggers::{Event, FileWatcher, ReloadReason, signals};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -239,7 +239,7 @@ async fn a_file_rewritten_forever_still_reloads() {
     let path = f.p("c.toml");
     let writer = std::thread::spawn(move || {
         // Faster than the debounce, for longer than MAX_DEBOUNCE_WAIT.
-        let end = std::time::Instant::now() + tokenwarden::reload::MAX_DEBOUNCE_WAIT * 2;
+        let end = std::time::Instant::now() + tokenwarden::triggers::MAX_DEBOUNCE_WAIT * 2;
         let mut i = 0u64;
         while std::time::Instant::now() < end {
             i += 1;
@@ -248,7 +248,7 @@ async fn a_file_rewritten_forever_still_reloads() {
         }
     });
     let got = timeout(
-        tokenwarden::reload::MAX_DEBOUNCE_WAIT + DEADLINE,
+        tokenwarden::triggers::MAX_DEBOUNCE_WAIT + DEADLINE,
         f.rx.recv(),
     )
     .await;

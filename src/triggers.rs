@@ -244,7 +244,7 @@ const MAX_SYMLINKS: usize = 40;
 ///
 /// The watcher runs on its own thread; dropping the `FileWatcher` stops it.
 pub struct FileWatcher {
-    shared: Arc<Shared>,
+    shared: Arc<WatcherCore>,
     control: std_mpsc::Sender<Msg>,
 }
 
@@ -349,7 +349,7 @@ struct Entry {
 }
 
 /// Behind a mutex shared by the caller of `set_paths` and the watcher thread.
-struct State {
+struct Watches {
     watcher: notify::RecommendedWatcher,
     /// In path order.
     entries: Vec<Entry>,
@@ -359,9 +359,9 @@ struct State {
     globs: Vec<GlobEntry>,
 }
 
-struct Shared {
+struct WatcherCore {
     filter: Arc<RwLock<Filter>>,
-    state: Mutex<State>,
+    state: Mutex<Watches>,
 }
 
 impl FileWatcher {
@@ -390,9 +390,9 @@ impl FileWatcher {
             }
         };
         let watcher = notify::recommended_watcher(handler).map_err(ReloadError::Init)?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(WatcherCore {
             filter,
-            state: Mutex::new(State {
+            state: Mutex::new(Watches {
                 watcher,
                 entries: Vec::new(),
                 watched: HashMap::new(),
@@ -472,7 +472,7 @@ fn is_relevant(filter: &RwLock<Filter>, event: &notify::Event) -> bool {
 
 /// The watcher thread: apply events, debounce, send.
 fn run(
-    shared: &Shared,
+    shared: &WatcherCore,
     rx: &std_mpsc::Receiver<Msg>,
     debounce: Duration,
     tx: &mpsc::Sender<Event>,
@@ -535,9 +535,9 @@ fn run(
     }
 }
 
-// === impl Shared ===
+// === impl WatcherCore ===
 
-impl Shared {
+impl WatcherCore {
     fn set_paths(&self, mut paths: Vec<PathBuf>) -> Result<(), ReloadError> {
         paths.sort();
         paths.dedup();
@@ -667,7 +667,7 @@ impl Shared {
         out
     }
 
-    fn update_filter(&self, state: &State) {
+    fn update_filter(&self, state: &Watches) {
         let mut filter = Filter::default();
         for entry in &state.entries {
             filter
@@ -680,9 +680,9 @@ impl Shared {
     }
 }
 
-// === impl State ===
+// === impl Watches ===
 
-impl State {
+impl Watches {
     /// Resolves the `affected` entries again and brings the watched directories up to date.
     ///
     /// Watch, then look again: whatever happened in a directory before its watch was added
