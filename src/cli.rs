@@ -137,6 +137,9 @@ pub enum FormatArg {
     Json,
     /// `Authorization: Bearer …`.
     Header,
+    /// A Kubernetes `ExecCredential` (client.authentication.k8s.io/v1) for kubectl's exec
+    /// credential plugins.
+    K8sExec,
 }
 
 impl From<FormatArg> for client::Format {
@@ -145,6 +148,7 @@ impl From<FormatArg> for client::Format {
             FormatArg::Token => client::Format::Token,
             FormatArg::Json => client::Format::Json,
             FormatArg::Header => client::Format::Header,
+            FormatArg::K8sExec => client::Format::K8sExec,
         }
     }
 }
@@ -649,5 +653,12 @@ mod tests {
         };
         assert_eq!(format, FormatArg::Json);
         assert_eq!(min_valid, Some(std::time::Duration::from_secs(90)));
+        let Ok(Cli {
+            command: Command::Get { format, .. },
+        }) = parse("tokenwarden get api --format k8s-exec")
+        else {
+            panic!("get --format k8s-exec did not parse");
+        };
+        assert_eq!(client::Format::from(format), client::Format::K8sExec);
     }
 }

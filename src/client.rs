@@ -48,6 +48,12 @@ pub enum ClientError {
     /// The daemon answered with an error status.
     #[error("{}", describe(.0))]
     Rpc(tonic::Status),
+    /// A token without an expiry time, asked for in a format that must carry one (`k8s-exec`).
+    #[error(
+        "client {0:?}: the daemon sent the token without an expiry time, which --format k8s-exec \
+         needs (upgrade the daemon, or use --format json)"
+    )]
+    NoExpiry(String),
 }
 
 fn describe(s: &tonic::Status) -> String {
@@ -387,7 +393,13 @@ pub enum Format {
     Json,
     /// `Authorization: Bearer …` and a newline.
     Header,
+    /// A Kubernetes `client.authentication.k8s.io/v1` `ExecCredential`, for kubectl's and
+    /// client-go's exec credential plugins (docs/kubernetes.md).
+    K8sExec,
 }
+
+/// The `apiVersion` of the `ExecCredential` that `--format k8s-exec` prints.
+pub const EXEC_CREDENTIAL_API: &str = "client.authentication.k8s.io/v1";
 
 fn time_of(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
     let t = t?;
@@ -398,11 +410,30 @@ fn rfc3339_of(t: Option<&prost_types::Timestamp>) -> Option<String> {
     time_of(t).map(crate::token::rfc3339)
 }
 
-/// What `get` prints for `token` in `format`.
-pub fn format_token(token: &pb::Token, format: Format) -> String {
-    match format {
+/// What `get` prints for `token` in `format`: the whole text, or an error and nothing (never
+/// a part of it).
+pub fn format_token(token: &pb::Token, format: Format) -> Result<String, ClientError> {
+    Ok(match format {
         Format::Token => format!("{}\n", token.access_token),
         Format::Header => format!("Authorization: Bearer {}\n", token.access_token),
+        Format::K8sExec => {
+            // kubectl and client-go cache the credential until expirationTimestamp: it is the
+            // token's own expiry, in whole seconds rounded down (never later). Without one
+            // they would keep the token until a 401, so no expiry is an error.
+            let Some(expires) = rfc3339_of(token.expires_at.as_ref()) else {
+                return Err(ClientError::NoExpiry(token.client.clone()));
+            };
+            let v = serde_json::json!({
+                "apiVersion": EXEC_CREDENTIAL_API,
+                "kind": "ExecCredential",
+                "spec": {"interactive": false},
+                "status": {
+                    "token": token.access_token,
+                    "expirationTimestamp": expires,
+                },
+            });
+            format!("{v}\n")
+        }
         Format::Json => {
             let v = serde_json::json!({
                 "client": token.client,
@@ -415,7 +446,7 @@ pub fn format_token(token: &pb::Token, format: Format) -> String {
             });
             format!("{v}\n")
         }
-    }
+    })
 }
 
 /// One line for `refresh`: which token arrived (by fingerprint, never the token).
@@ -685,12 +716,13 @@ mod tests {
     #[test]
     fn token_formats() {
         let t = token();
-        assert_eq!(format_token(&t, Format::Token), "abc\n");
+        assert_eq!(format_token(&t, Format::Token).unwrap(), "abc\n");
         assert_eq!(
-            format_token(&t, Format::Header),
+            format_token(&t, Format::Header).unwrap(),
             "Authorization: Bearer abc\n"
         );
-        let v: serde_json::Value = serde_json::from_str(&format_token(&t, Format::Json)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&format_token(&t, Format::Json).unwrap()).unwrap();
         assert_eq!(v["access_token"], "abc");
         assert_eq!(v["expires_at"], "2026-11-23T19:00:00Z");
         assert_eq!(v["issued_at"], "2026-11-23T18:00:00Z");
@@ -702,6 +734,39 @@ mod tests {
             line.contains("ba7816bf") && line.contains("in 6m 40s"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn k8s_exec_is_an_exec_credential_expiring_with_the_token() {
+        let mut t = token();
+        // A sub-second expiry: the credential must not outlive the token, so it rounds down.
+        t.expires_at = Some(prost_types::Timestamp {
+            seconds: 1_795_460_400,
+            nanos: 999_000_000,
+        });
+        let text = format_token(&t, Format::K8sExec).unwrap();
+        assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "apiVersion": "client.authentication.k8s.io/v1",
+                "kind": "ExecCredential",
+                "spec": {"interactive": false},
+                "status": {"token": "abc", "expirationTimestamp": "2026-11-23T19:00:00Z"},
+            })
+        );
+        let expiry = v["status"]["expirationTimestamp"].as_str().unwrap();
+        assert_eq!(
+            humantime::parse_rfc3339(expiry).unwrap(),
+            at(1_795_460_400),
+            "RFC 3339 in UTC, equal to the token's expiry"
+        );
+
+        // No expiry: an error naming the client, no output, and no token in the message.
+        t.expires_at = None;
+        let e = format_token(&t, Format::K8sExec).unwrap_err().to_string();
+        assert!(e.contains("\"transatel\"") && !e.contains("abc"), "{e}");
     }
 
     #[test]

@@ -85,7 +85,7 @@ fn main() -> ExitCode {
             let socket = socket.path();
             call(async {
                 let t = client::get(&socket, &client, min_valid).await?;
-                print!("{}", client::format_token(&t, format));
+                print!("{}", client::format_token(&t, format)?);
                 Ok(())
             })
         }

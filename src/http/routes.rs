@@ -434,9 +434,19 @@ impl Routes {
 fn token_answer(caller: &Caller, name: &str, token: &Token, generation: u64, q: &Query) -> Answer {
     audit::read(name, Api::Http, caller, token, generation);
     let format = q.format.unwrap_or(Format::Json);
-    let body = client::format_token(&token_message(name, token, generation), format);
+    let body = match client::format_token(&token_message(name, token, generation), format) {
+        Ok(body) => body,
+        // Only k8s-exec can fail (a token without an expiry), and ?format= does not offer it.
+        Err(e) => {
+            return refused(&Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ));
+        }
+    };
     let content_type = match format {
-        Format::Json => "application/json",
+        Format::Json | Format::K8sExec => "application/json",
         Format::Token | Format::Header => "text/plain; charset=utf-8",
     };
     ok(content_type, body)

@@ -322,3 +322,83 @@ async fn log_formats_journald_and_json() {
     }
     assert!(n >= 5, "{}", r.stderr);
 }
+
+/// `get --format k8s-exec` as kubectl runs it (docs/kubernetes.md): one
+/// `client.authentication.k8s.io/v1` ExecCredential carrying the daemon's current token and its
+/// expiry; `--min-valid` as with the other formats; errors on stderr and nothing on stdout.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_k8s_exec_prints_an_exec_credential_that_expires_with_the_token() {
+    use crate::support::{DaemonProc, run_env, wait_for};
+    let env = DemoEnv::start(Duration::from_secs(20)).await;
+    let (_daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    // What kubectl puts in the environment with `interactiveMode: Never`.
+    let exec_info = r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v1","spec":{"interactive":false}}"#;
+    let get = |min_valid: Option<&'static str>| {
+        let mut args = vec!["get", "transatel", "-s", s, "--format", "k8s-exec"];
+        args.extend(min_valid.map(|m| ["--min-valid", m]).into_iter().flatten());
+        async move { run_env(&args, &[("KUBERNETES_EXEC_INFO", exec_info)]).await }
+    };
+    let file_token = || read(&env.out("transatel.token")).trim_end().to_string();
+    let file_expiry = || {
+        let v: Value = serde_json::from_str(&read(&env.out("transatel.json"))).unwrap();
+        v["expires_at"].as_str().unwrap().to_string()
+    };
+    let credential = |stdout: &str| -> Value {
+        assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+        let v: Value = serde_json::from_str(stdout).unwrap();
+        assert_eq!(v["kind"], "ExecCredential", "{v}");
+        assert_eq!(v["apiVersion"], "client.authentication.k8s.io/v1", "{v}");
+        let expiry = v["status"]["expirationTimestamp"].as_str().unwrap();
+        assert!(
+            expiry.ends_with('Z') && humantime::parse_rfc3339(expiry).is_ok(),
+            "RFC 3339 in UTC: {expiry}"
+        );
+        v
+    };
+
+    let r = get(None).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let v = credential(&r.stdout);
+    let first = file_token();
+    assert_eq!(v["status"]["token"], first.as_str());
+    let first_expiry = file_expiry();
+    assert_eq!(v["status"]["expirationTimestamp"], first_expiry.as_str());
+
+    // --min-valid: once min_interval (2 s in the demo) has passed since the token was issued, a
+    // new token with a later expiry, the one the daemon also wrote to its files.
+    let issued: Value = serde_json::from_str(&read(&env.out("transatel.json"))).unwrap();
+    let issued = humantime::parse_rfc3339(issued["issued_at"].as_str().unwrap()).unwrap();
+    wait_for("min_interval to pass", Duration::from_secs(10), || {
+        std::time::SystemTime::now() >= issued + Duration::from_millis(3100)
+    })
+    .await;
+    let r = get(Some("19s")).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = credential(&r.stdout);
+    let second = v["status"]["token"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    let expiry = v["status"]["expirationTimestamp"].as_str().unwrap();
+    assert!(
+        expiry > first_expiry.as_str(),
+        "a later expiry than {first_expiry}: {expiry}"
+    );
+    wait_for(
+        "the token file to hold the new token",
+        Duration::from_secs(10),
+        || file_token() == second,
+    )
+    .await;
+    assert_eq!(expiry, file_expiry());
+
+    // Errors: one line on stderr, exit 1, no partial JSON on stdout.
+    for r in [
+        get(Some("1h")).await,
+        run(&["get", "nope", "-s", s, "--format", "k8s-exec"]).await,
+    ] {
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    }
+}

@@ -169,7 +169,7 @@ fn completions_offer_every_command_and_parse() {
     }
     assert_eq!(
         complete("tokenwarden get --format ''", 3, "", "--format").trim(),
-        "token json header"
+        "token json header k8s-exec"
     );
 }
 
