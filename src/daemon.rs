@@ -32,6 +32,8 @@ use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, wat
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// How long the exit waits for systemd to take `STOPPING=1` when its notify socket is full.
+const NOTIFY_FLUSH: Duration = Duration::from_millis(500);
 /// How often the status (`STATUS=`, READY=1) is looked at before READY=1, and after.
 const STATUS_UNTIL_READY: Duration = Duration::from_millis(50);
 const STATUS_WHEN_READY: Duration = Duration::from_secs(1);
@@ -255,6 +257,9 @@ impl Daemon {
         {
             tracing::warn!("some requests or commands did not finish in time; stopping anyway");
         }
+        // STOPPING=1 (and what came before it) reach systemd unless its socket stays full.
+        let notifier = self.notifier.clone();
+        let _ = tokio::task::spawn_blocking(move || notifier.flush(NOTIFY_FLUSH)).await;
         tracing::info!("stopped");
     }
 
