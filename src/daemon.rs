@@ -32,6 +32,8 @@ use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, wat
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// How long the exit waits for systemd to take `STOPPING=1` when its notify socket is full.
+const NOTIFY_FLUSH: Duration = Duration::from_millis(500);
 /// How often the status (`STATUS=`, READY=1) is looked at before READY=1, and after.
 const STATUS_UNTIL_READY: Duration = Duration::from_millis(50);
 const STATUS_WHEN_READY: Duration = Duration::from_secs(1);
@@ -44,9 +46,18 @@ pub enum DaemonError {
     /// The state directory could not be opened or is locked by another daemon.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
-    /// Signal handlers or the file watcher could not be installed.
-    #[error("{0}")]
-    Setup(String),
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The metrics recorder could not be installed.
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// `metrics_listen` could not be bound.
+    #[error("cannot listen on metrics_listen {0}: {1}")]
+    MetricsListen(std::net::SocketAddr, #[source] std::io::Error),
+    /// An HTTP API listener (`http_socket`, `http_listen`) could not be set up.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     /// The gRPC socket could not be bound.
     #[error("gRPC API: {0}")]
     Grpc(#[from] crate::grpc::ServeError),
@@ -90,8 +101,7 @@ impl Daemon {
             config.clients.values().map(|c| &**c),
         )?);
         let (events_tx, events) = mpsc::channel(64);
-        let signals = triggers::signals(events_tx.clone())
-            .map_err(|e| DaemonError::Setup(format!("cannot install signal handlers: {e}")))?;
+        let signals = triggers::signals(events_tx.clone()).map_err(DaemonError::Signals)?;
         let watcher =
             match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
                 Ok(w) => {
@@ -138,28 +148,18 @@ impl Daemon {
             daemon.add_client(c).await;
         }
         if let Some(path) = daemon.config.daemon.socket.clone() {
-            match GrpcServer::start_limited(
-                &path,
+            let (mode, store, limits) = (
                 daemon.config.daemon.socket_mode,
                 daemon.store(),
                 daemon.limits.clone(),
-            )
-            .await
-            {
-                Ok(server) => daemon.grpc = Some(server),
-                Err(e) => {
-                    daemon.root.cancel();
-                    return Err(e.into());
-                }
-            }
+            );
+            let grpc = GrpcServer::start_limited(&path, mode, store, limits).await;
+            daemon.grpc = Some(grpc.inspect_err(|_| daemon.root.cancel())?);
         }
         crate::audit::set_enabled(daemon.config.daemon.audit);
         let http =
             crate::http::HttpApi::start(&daemon.config.daemon, daemon.store(), &daemon.limits);
-        daemon.http = http.await.map_err(|e| {
-            daemon.root.cancel();
-            DaemonError::Setup(e.to_string())
-        })?;
+        daemon.http = http.await.inspect_err(|_| daemon.root.cancel())?;
         tracing::info!(
             clients = daemon.handles.len(),
             state_dir = ?daemon.config.daemon.state_dir,
@@ -224,13 +224,11 @@ impl Daemon {
 
     /// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
     async fn start_metrics(&mut self, addr: std::net::SocketAddr) -> Result<(), DaemonError> {
-        let prom = crate::metrics::install().map_err(DaemonError::Setup)?;
+        let prom = crate::metrics::install()?;
         let cancel = self.root.child_token();
         crate::metrics::serve(addr, prom, self.store.clone(), cancel.clone(), &self.limits)
             .await
-            .map_err(|e| {
-                DaemonError::Setup(format!("cannot listen on metrics_listen {addr}: {e}"))
-            })?;
+            .map_err(|e| DaemonError::MetricsListen(addr, e))?;
         self.metrics = Some((addr, cancel));
         Ok(())
     }
@@ -255,6 +253,9 @@ impl Daemon {
         {
             tracing::warn!("some requests or commands did not finish in time; stopping anyway");
         }
+        // STOPPING=1 (and what came before it) reach systemd unless its socket stays full.
+        let notifier = self.notifier.clone();
+        let _ = tokio::task::spawn_blocking(move || notifier.flush(NOTIFY_FLUSH)).await;
         tracing::info!("stopped");
     }
 

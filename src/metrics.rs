@@ -43,7 +43,7 @@ const LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls return the same handle.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
@@ -53,10 +53,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 "tokenwarden_refresh_duration_seconds".into(),
             ),
             LATENCY_BUCKETS,
-        )
-        .map_err(|e| format!("cannot set up metrics: {e}"))?
-        .install_recorder()
-        .map_err(|e| format!("cannot set up metrics: {e}"))?;
+        )?
+        .install_recorder()?;
     let _ = HANDLE.set(handle.clone());
     Ok(handle)
 }

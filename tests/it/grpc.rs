@@ -14,7 +14,7 @@ use tokenwarden::grpc::pb::token_service_client::TokenServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{DaemonProc, DemoEnv, run, run_env, run_setpriv};
+use crate::support::{DaemonProc, DemoEnv, run, run_env, run_setpriv, wait_for};
 
 /// Waits until the daemon answers on `socket`, and returns a client.
 async fn connect(socket: &Path, daemon: &DaemonProc) -> TokenServiceClient<Channel> {
@@ -74,6 +74,46 @@ fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Calls RefreshToken until it answers a generation after `generation` (once `min_interval` has
+/// passed), within 10 s.
+async fn refreshed_after(
+    c: &mut TokenServiceClient<Channel>,
+    client: &str,
+    generation: u64,
+) -> pb::Token {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = c
+            .refresh_token(pb::RefreshTokenRequest {
+                client: client.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.generation > generation {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{client}: no token after generation {generation}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a token expiring at `expires` has less than `d` left (within 5 s).
+async fn left_under(expires: SystemTime, d: Duration) {
+    wait_for("the token to age", Duration::from_secs(5), || {
+        expires < SystemTime::now() + d
+    })
+    .await;
+}
+
+/// The demo config without its `min_interval` floor between token requests.
+fn no_min_interval(env: &DemoEnv) {
+    env.edit_config(|t| t.replace("min_interval = \"2s\"", "min_interval = \"0s\""));
+}
+
 fn add_client(env: &DemoEnv, name: &str, url: &str, timeout: &str) {
     env.edit_config(|t| {
         format!(
@@ -86,6 +126,14 @@ fn add_client(env: &DemoEnv, name: &str, url: &str, timeout: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_rpc_and_error_code_over_the_socket() {
     let env = DemoEnv::start(Duration::from_secs(20)).await;
+    // No min_interval floor but for creads-files, whose RefreshToken coalescing is tested.
+    no_min_interval(&env);
+    env.edit_config(|t| {
+        t.replace(
+            "scope = \"files\"\n",
+            "scope = \"files\"\nmin_interval = \"2s\"\n",
+        )
+    });
     let broken = format!("http://127.0.0.1:{}/token", closed_port());
     add_client(&env, "broken", &broken, "2s");
     // A provider that accepts and never answers: the first token stays PENDING.
@@ -195,7 +243,7 @@ async fn every_rpc_and_error_code_over_the_socket() {
 
     // min_valid_for longer than what is left: a new token first.
     let before = c.get_token(get("transatel")).await.unwrap().into_inner();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    left_under(expires(&before), Duration::from_secs(19)).await;
     let after = c
         .get_token(pb::GetTokenRequest {
             client: "transatel".into(),
@@ -224,15 +272,13 @@ async fn every_rpc_and_error_code_over_the_socket() {
         .into_inner();
     assert_eq!(same.generation, after.generation);
 
-    // RefreshToken: within min_interval (2 s) the fresh token is the answer; then a new one.
-    let issued = env.provider.issued(tokenwarden::demo::CREADS_ID);
-    let r1 = c
-        .refresh_token(pb::RefreshTokenRequest {
-            client: "creads-files".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // RefreshToken: a new token once min_interval (2 s) has passed since the last one; within
+    // it, that fresh token is the answer, without a request.
+    let creads = tokenwarden::demo::CREADS_ID;
+    let first = c.get_token(get("creads-files")).await.unwrap().into_inner();
+    let issued = env.provider.issued(creads);
+    let r1 = refreshed_after(&mut c, "creads-files", first.generation).await;
+    assert_eq!(env.provider.issued(creads), issued + 1);
     let r2 = c
         .refresh_token(pb::RefreshTokenRequest {
             client: "creads-files".into(),
@@ -244,19 +290,10 @@ async fn every_rpc_and_error_code_over_the_socket() {
         r1.generation, r2.generation,
         "coalesced within min_interval"
     );
-    assert_eq!(
-        env.provider.issued(tokenwarden::demo::CREADS_ID),
-        issued + 1
-    );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let r3 = c
-        .refresh_token(pb::RefreshTokenRequest {
-            client: "creads-files".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(env.provider.issued(creads), issued + 1);
+    let r3 = refreshed_after(&mut c, "creads-files", r2.generation).await;
     assert_eq!(r3.generation, r2.generation + 1);
+    assert_eq!(env.provider.issued(creads), issued + 2);
     assert_eq!(r3.scopes, vec!["files"]);
 
     // ListClients: every client, in name order, with states.
@@ -450,7 +487,7 @@ fn listed(status_json: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn peer_credentials_decide_who_may_read() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a child as another uid");
+        eprintln!("SKIPPED: needs root to run a child as another uid");
         return;
     }
     let env = DemoEnv::start(Duration::from_secs(30)).await;
@@ -592,6 +629,7 @@ async fn a_reload_moves_the_socket() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_get_status_refresh_against_a_daemon_and_without_one() {
     let env = DemoEnv::start(Duration::from_secs(20)).await;
+    no_min_interval(&env);
     let socket = env.demo.socket.clone();
     let s = socket.to_str().unwrap();
 
@@ -613,7 +651,7 @@ async fn cli_get_status_refresh_against_a_daemon_and_without_one() {
     }
 
     let daemon = DaemonProc::start(&env.demo.config, &[]);
-    connect(&socket, &daemon).await;
+    let mut grpc = connect(&socket, &daemon).await;
 
     // get: token (the default), header, json.
     let r = run(&["get", "transatel", "-s", s]).await;
@@ -640,7 +678,9 @@ async fn cli_get_status_refresh_against_a_daemon_and_without_one() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 
     // --min-valid: a new token when the current one expires sooner.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let current = grpc.get_token(get("transatel")).await.unwrap().into_inner();
+    assert_eq!(current.generation, generation);
+    left_under(expires(&current), Duration::from_secs(19)).await;
     let r = run(&[
         "get",
         "transatel",
@@ -657,7 +697,6 @@ async fn cli_get_status_refresh_against_a_daemon_and_without_one() {
     assert!(v["generation"].as_u64().unwrap() > generation);
 
     // refresh: one line naming the new token by fingerprint, never the token.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = run(&["refresh", "transatel", "-s", s]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.starts_with("transatel: token "), "{}", r.stdout);
@@ -787,7 +826,7 @@ async fn a_client_sending_the_socket_path_as_authority_is_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn allow_groups_admits_members_by_primary_and_supplementary_group() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a child as another uid");
+        eprintln!("SKIPPED: needs root to run a child as another uid");
         return;
     }
     // Groups that no user of this machine has: only the test's children are in them.

@@ -1074,3 +1074,33 @@ async fn tcp_callers_are_found_under_the_units_proc_subset() {
     get_tcp(h.tcp, "/v1/token/nosuch").assert_error(404, "not_found");
     h.daemon.stop().await;
 }
+
+/// `run` with `metrics_listen` or `http_listen` on an address another process holds: one line
+/// naming the key and the address, exit 1 (a runtime failure,
+/// docs/cli.md#config-exit-codes-and-errors).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_listen_address_stops_run_with_one_line_and_exit_1() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    for (key, says) in [
+        (
+            "metrics_listen",
+            format!("cannot listen on metrics_listen {addr}: "),
+        ),
+        (
+            "http_listen",
+            format!("http_listen {addr}: cannot listen: "),
+        ),
+    ] {
+        let env = DemoEnv::start(Duration::from_secs(3600)).await;
+        env.edit_config(|t| {
+            t.replacen("[daemon]\n", &format!("[daemon]\n{key} = \"{addr}\"\n"), 1)
+        });
+        let mut daemon = DaemonProc::start(&env.demo.config, &[]);
+        let status = daemon.wait_exit(Duration::from_secs(20)).await;
+        let logs = daemon.logs();
+        assert_eq!(status.code(), Some(1), "{key}: {logs}");
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains(&says)).collect();
+        assert_eq!(lines.len(), 1, "{key}: {logs}");
+    }
+}

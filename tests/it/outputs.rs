@@ -223,7 +223,8 @@ fn a_failed_rename_leaves_the_old_content_and_no_temporary_file() {
 #[test]
 fn a_read_only_directory_leaves_the_old_file_intact() {
     if is_root() {
-        // Permissions do not stop root; the rename and parent-file tests cover failures there.
+        // The rename and parent-file tests cover failures as root.
+        eprintln!("SKIPPED: directory permissions do not stop root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -244,7 +245,8 @@ fn a_read_only_directory_leaves_the_old_file_intact() {
 #[test]
 fn a_chown_the_daemon_may_not_do_fails_before_the_rename() {
     if is_root() {
-        return; // root may chown to anyone.
+        eprintln!("SKIPPED: root may chown to anyone");
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("token");
@@ -566,7 +568,7 @@ const WITHOUT_CHOWN: [&str; 2] = ["--inh-caps=-chown", "--bounding-set=-chown"];
 async fn check_warns_exactly_when_an_owner_needs_a_cap_chown_the_process_lacks() {
     use crate::support::run_setpriv;
     if !is_root() {
-        eprintln!("skipped: needs root to run children with other ids and capabilities");
+        eprintln!("SKIPPED: needs root to run children with other ids and capabilities");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -631,7 +633,7 @@ async fn check_warns_exactly_when_an_owner_needs_a_cap_chown_the_process_lacks()
 async fn without_cap_chown_an_owned_output_fails_clearly_and_nothing_else_does() {
     use crate::support::{DemoEnv, read, run, run_setpriv, token_in};
     if !is_root() {
-        eprintln!("skipped: needs root to drop CAP_CHOWN from a child");
+        eprintln!("SKIPPED: needs root to drop CAP_CHOWN from a child");
         return;
     }
     let env = DemoEnv::start(Duration::from_secs(600)).await;

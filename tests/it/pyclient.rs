@@ -44,7 +44,7 @@ fn python() -> Option<String> {
          which installs the Python client's venv and sets it"
     );
     eprintln!(
-        "skipped the Python grpcio client test: TOKENWARDEN_PYTHON is unset; \
+        "SKIPPED: the Python grpcio client test: TOKENWARDEN_PYTHON is unset; \
          run `bash scripts/test.sh` (it makes .venv with tests/python/requirements.txt and sets it)"
     );
     None

@@ -17,7 +17,7 @@ use tokenwarden::provider::{Dialect, Fault, Provider, RecordedRequest, Registere
 use tokenwarden::triggers::{Event, FileWatcher, ReloadReason};
 use tokio::sync::mpsc;
 
-use crate::support::{DaemonProc, DemoEnv, NotifySocket, basic_id, read, wait_for};
+use crate::support::{DaemonProc, DemoEnv, NotifySocket, READY_WITHIN, basic_id, read, wait_for};
 
 /// Token lifetime: long enough that no scheduled refresh happens during a test.
 const LONG: Duration = Duration::from_secs(600);
@@ -1173,4 +1173,60 @@ async fn trace_logs_of_grpc_calls_and_a_secret_rotation_hold_no_secret() {
             &s[..6]
         );
     }
+}
+
+/// A notify socket nobody reads (a stalled service manager), its receive queue filled up front.
+fn full_notify_socket(dir: &Path) -> (PathBuf, std::os::unix::net::UnixDatagram) {
+    let path = dir.join("stalled-notify.sock");
+    let reader = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    reader.set_nonblocking(true).unwrap();
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let mut queued = 0;
+    while filler.send_to(b"filler", &path).is_ok() {
+        queued += 1;
+    }
+    assert!(queued > 0 && queued < 100_000, "{queued} datagrams queued");
+    (path, reader)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_notify_socket_blocks_neither_reloads_nor_sigterm() {
+    let env = DemoEnv::start(LONG).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, reader) = full_notify_socket(dir.path());
+    let mut daemon = DaemonProc::start(
+        &env.demo.config,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    daemon
+        .wait_log("ready: 5/5 clients valid", READY_WITHIN)
+        .await;
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("reloaded", SOON).await;
+
+    // Once systemd reads again, READY=1, RELOADING=1 and READY=1 arrive, in that order.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    wait_for("READY, RELOADING, READY", SOON, || {
+        while let Ok(n) = reader.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if m.contains("READY=1") || m.contains("RELOADING=1") {
+                got.push(m);
+            }
+        }
+        got.len() >= 3
+    })
+    .await;
+    assert!(got[0].starts_with("READY=1\nSTATUS=5/5"), "{got:?}");
+    assert!(got[1].starts_with("RELOADING=1\n"), "{got:?}");
+    assert!(got[2].starts_with("READY=1\n"), "{got:?}");
+
+    // Full again: SIGTERM still exits 0 promptly.
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    while filler.send_to(b"filler", &path).is_ok() {}
+    let t = Instant::now();
+    daemon.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
