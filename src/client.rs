@@ -54,6 +54,9 @@ pub enum ClientError {
          needs (upgrade the daemon, or use --format json)"
     )]
     NoExpiry(String),
+    /// The answer could not be written to standard output (a full disk, say).
+    #[error("cannot write to standard output: {0}")]
+    Output(std::io::Error),
 }
 
 fn describe(s: &tonic::Status) -> String {

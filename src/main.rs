@@ -85,8 +85,7 @@ fn main() -> ExitCode {
             let socket = socket.path();
             call(async {
                 let t = client::get(&socket, &client, min_valid).await?;
-                print!("{}", client::format_token(&t, format)?);
-                Ok(())
+                out(&client::format_token(&t, format)?)
             })
         }
         Command::Status { socket, json } => {
@@ -94,26 +93,27 @@ fn main() -> ExitCode {
             call(async {
                 let clients = client::list(&socket).await?;
                 if json {
-                    println!("{:#}", client::status_json(&clients));
+                    out(&format!("{:#}\n", client::status_json(&clients)))
                 } else if clients.is_empty() {
                     // Not an empty table: say whose view it is.
-                    println!(
+                    out(&format!(
                         "no client visible to uid {} (the daemon serves none, or none whose \
-                         allow_users / allow_groups name this user)",
+                         allow_users / allow_groups name this user)\n",
                         nix::unistd::geteuid()
-                    );
+                    ))
                 } else {
-                    print!("{}", client::status_table(&clients, SystemTime::now()));
+                    out(&client::status_table(&clients, SystemTime::now()))
                 }
-                Ok(())
             })
         }
         Command::Refresh { client, socket } => {
             let socket = socket.path();
             call(async {
                 let t = client::refresh(&socket, &client).await?;
-                println!("{}", client::describe_token(&t, SystemTime::now()));
-                Ok(())
+                out(&format!(
+                    "{}\n",
+                    client::describe_token(&t, SystemTime::now())
+                ))
             })
         }
         Command::Init {
@@ -157,6 +157,20 @@ fn generate_assets(dir: Option<&PathBuf>) -> ExitCode {
             );
             ExitCode::from(1)
         }
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`tokenwarden get api | head -c
+/// 20`) ends the command quietly, as SIGPIPE ends a C tool; any other write error is one.
+fn out(text: &str) -> Result<(), client::ClientError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(client::ClientError::Output(e)),
+        _ => Ok(()),
     }
 }
 

@@ -402,3 +402,27 @@ async fn get_k8s_exec_prints_an_exec_credential_that_expires_with_the_token() {
         assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     }
 }
+
+/// `get` and `status` into a pipe whose reader has gone (`tokenwarden get api | head -c 0`):
+/// they end quietly with 0, as SIGPIPE ends a C tool, and never panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_and_status_into_a_closed_pipe_end_quietly() {
+    use crate::support::DaemonProc;
+    let env = DemoEnv::start(Duration::from_secs(20)).await;
+    let (_daemon, _notify, _) = DaemonProc::start_ready(&env.demo.config, &[]).await;
+    let s = env.demo.socket.to_str().unwrap();
+    for args in [vec!["get", "transatel", "-s", s], vec!["status", "-s", s]] {
+        // The reading end is closed before the command starts: its write gets EPIPE.
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(read_end);
+        let out = std::process::Command::new(crate::support::bin())
+            .args(&args)
+            .stdout(std::process::Stdio::from(write_end))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("DBG {args:?} {:?} {stderr}", out.status);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
