@@ -421,7 +421,6 @@ async fn get_and_status_into_a_closed_pipe_end_quietly() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        eprintln!("DBG {args:?} {:?} {stderr}", out.status);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
