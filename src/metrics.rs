@@ -79,9 +79,34 @@ pub fn reload(ok: bool) {
     metrics::counter!("tokenwarden_config_reloads_total", "result" => result).increment(1);
 }
 
-/// Records one gRPC request.
-pub fn grpc_request(method: &str, code: &str) {
-    metrics::counter!("tokenwarden_grpc_requests_total", "method" => method.to_string(), "code" => code.to_string()).increment(1);
+/// Records one gRPC request's outcome: `method` from a fixed set (never the caller's text),
+/// `code` as gRPC names it (`OK`, `PERMISSION_DENIED`, …).
+pub fn grpc_request(method: &'static str, code: tonic::Code) {
+    metrics::counter!("tokenwarden_grpc_requests_total", "method" => method, "code" => code_name(code)).increment(1);
+}
+
+/// The canonical name of a gRPC status code (grpc/doc/statuscodes.md).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// Records a connection to the gRPC socket closed as soon as it was accepted, and why.

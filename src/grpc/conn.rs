@@ -50,6 +50,34 @@ pub const WATCH_PATHS: [&str; 2] = [
     "/grpc.health.v1.Health/Watch",
 ];
 
+/// The `method` label of a call to `path`: one of the served methods, else `unknown` (a
+/// caller's text never becomes a label).
+fn method_label(path: &str) -> &'static str {
+    const METHODS: [&str; 8] = [
+        "/tokenwarden.v1.TokenService/GetToken",
+        "/tokenwarden.v1.TokenService/WatchToken",
+        "/tokenwarden.v1.TokenService/RefreshToken",
+        "/tokenwarden.v1.TokenService/ListClients",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    METHODS
+        .iter()
+        .find(|m| **m == path)
+        .and_then(|m| m.rsplit_once('.').map(|(_, tail)| tail))
+        .unwrap_or("unknown")
+}
+
+/// Counts a call to `method` that ended with the `grpc-status` in `headers` (headers of a
+/// trailers-only answer, or trailers).
+fn count_status(method: &'static str, headers: &http::HeaderMap) {
+    if let Some(status) = headers.get("grpc-status") {
+        crate::metrics::grpc_request(method, tonic::Code::from_bytes(status.as_bytes()));
+    }
+}
+
 /// What every connection serves.
 pub struct Services {
     /// The tonic services: tokens, health, reflection.
@@ -238,6 +266,10 @@ impl Services {
                     Some(permit),
                 )),
                 Err(_) => {
+                    crate::metrics::grpc_request(
+                        method_label(parts.uri.path()),
+                        tonic::Code::ResourceExhausted,
+                    );
                     refuse(
                         respond,
                         tonic::Code::ResourceExhausted,
@@ -297,6 +329,7 @@ impl Services {
             return Err(respond);
         };
         let (head, trailers) = fast::answered_parts();
+        crate::metrics::grpc_request("TokenService/GetToken", tonic::Code::Ok);
         // Errors mean the caller has gone: nothing to tell.
         if let Ok(mut send) = respond.send_response(head, false)
             && fast::send_answer(&mut send, answer).is_ok()
@@ -333,7 +366,9 @@ impl Services {
         }
         let limit = MessageLimit::new(RecvBody::new(chunks, body), self.limits.max_message);
         let tripped = limit.tripped.clone();
+        let method = method_label(parts.uri.path());
         let call = call(
+            method,
             self.routes.clone(),
             http::Request::from_parts(parts, Body::new(limit)),
             respond,
@@ -499,6 +534,7 @@ async fn read_body(
 
 /// Runs a call through the tonic services and streams its response back.
 async fn call(
+    method: &'static str,
     mut routes: tonic::service::Routes,
     request: http::Request<Body>,
     mut respond: h2::server::SendResponse<Bytes>,
@@ -516,6 +552,7 @@ async fn call(
     let end = body.is_end_stream();
     if end {
         over_limit_status(&mut parts.headers, &tripped);
+        count_status(method, &parts.headers);
     }
     let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
         return;
@@ -533,6 +570,7 @@ async fn call(
                 if tripped.load(Ordering::Acquire) {
                     let mut trailers = http::HeaderMap::new();
                     over_limit_status(&mut trailers, &tripped);
+                    count_status(method, &trailers);
                     let _ = send.send_trailers(trailers);
                 } else {
                     let _ = send.send_data(Bytes::new(), true);
@@ -562,6 +600,7 @@ async fn call(
                 Err(frame) => {
                     if let Ok(mut trailers) = frame.into_trailers() {
                         over_limit_status(&mut trailers, &tripped);
+                        count_status(method, &trailers);
                         let _ = send.send_trailers(trailers);
                     }
                     return;

@@ -74,6 +74,30 @@ async fn metrics_and_health_endpoints() {
         text.contains("tokenwarden_config_reloads_total{result=\"success\"} 1"),
         "{text}"
     );
+
+    // gRPC calls, by method and code: GetToken answered inline, one refused by the service,
+    // ListClients.
+    let socket = env.demo.socket.to_str().unwrap();
+    for args in [
+        &["get", "transatel", "-s", socket][..],
+        &["get", "transatel", "-s", socket],
+        &["get", "nope", "-s", socket],
+        &["status", "-s", socket],
+    ] {
+        crate::support::run(args).await;
+    }
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    let count = |method: &str, code: &str| -> f64 {
+        let series =
+            format!("tokenwarden_grpc_requests_total{{method=\"{method}\",code=\"{code}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("TokenService/GetToken", "OK"), 2.0, "{text}");
+    assert_eq!(count("TokenService/GetToken", "NOT_FOUND"), 1.0, "{text}");
+    assert_eq!(count("TokenService/ListClients", "OK"), 1.0, "{text}");
     daemon.stop().await;
 }
 
