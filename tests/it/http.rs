@@ -219,6 +219,16 @@ async fn grpc_get(h: &Http) {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
+/// The daemon's `/metrics` text (its `metrics_listen` address read from its log).
+async fn scrape_metrics(daemon: &DaemonProc) -> String {
+    let metrics = logged_address(daemon, "metrics and health endpoints listening address=").await;
+    exchange(
+        std::net::TcpStream::connect(metrics).unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .body
+}
+
 fn have_curl_and_root(test: &str) -> bool {
     let curl = std::process::Command::new("curl")
         .arg("--version")
@@ -765,13 +775,7 @@ async fn one_uid_holds_at_most_its_share_of_an_http_listener() {
         got.starts_with(b"HTTP/1.1 200")
     })
     .await;
-    let metrics =
-        logged_address(&h.daemon, "metrics and health endpoints listening address=").await;
-    let text = exchange(
-        std::net::TcpStream::connect(metrics).unwrap(),
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    )
-    .body;
+    let text = scrape_metrics(&h.daemon).await;
     assert!(
         text.lines().any(|l| l.starts_with(
             "tokenwarden_connections_refused_total{listener=\"http_socket\",reason=\"uid_share\"}"
@@ -872,13 +876,7 @@ async fn reads_are_audited_once_per_reader() {
     }
 
     // Every read counted, by API.
-    let metrics =
-        logged_address(&h.daemon, "metrics and health endpoints listening address=").await;
-    let text = exchange(
-        std::net::TcpStream::connect(metrics).unwrap(),
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    )
-    .body;
+    let text = scrape_metrics(&h.daemon).await;
     let count = |api: &str| -> f64 {
         text.lines()
             .find(|l| {
