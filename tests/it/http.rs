@@ -816,6 +816,20 @@ async fn reads_are_audited_once_per_reader() {
     ])
     .await;
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // A WatchToken stream's first message (the current token) is a read too.
+    let mut grpc = tokenwarden::client::connect(&h.env.demo.socket)
+        .await
+        .unwrap();
+    let mut watch = grpc
+        .watch_token(tokenwarden::grpc::pb::WatchTokenRequest {
+            client: "transatel".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(!first.access_token.is_empty());
+    drop(watch);
     let reads = |logs: &str| -> Vec<String> {
         logs.lines()
             .filter(|l| l.contains("token read") && l.contains("client=\"transatel\""))
@@ -826,7 +840,8 @@ async fn reads_are_audited_once_per_reader() {
         .wait_log("api=\"grpc\"", Duration::from_secs(5))
         .await;
     let lines = reads(&h.daemon.logs());
-    // This test process over the socket, over TCP (exe unknown), and the CLI over gRPC.
+    // This test process over the socket (its WatchToken later is the same reader), over TCP
+    // (exe unknown), and the CLI over gRPC.
     let me = std::fs::read_link("/proc/self/exe").unwrap();
     assert_eq!(lines.len(), 3, "{lines:#?}");
     let uid = nix::unistd::geteuid().as_raw();
@@ -889,7 +904,8 @@ async fn reads_are_audited_once_per_reader() {
             .unwrap_or(0.0)
     };
     assert!(count("http") >= 6.0, "{text}");
-    assert_eq!(count("grpc"), 3.0, "{text}");
+    // Two `get`s, one `refresh`, one WatchToken.
+    assert_eq!(count("grpc"), 4.0, "{text}");
     h.daemon.stop().await;
 }
 
