@@ -1360,8 +1360,8 @@ fn check_state_dir(path: &Path, safe: &mut safepath::Checker) -> Result<(), Stri
 }
 
 /// What would stop the user running `check` from running the daemon with `config`, one line
-/// per problem: the state directory or the socket's directory neither there and writable nor
-/// creatable by this user. `check` prints them as warnings: the daemon is usually run by
+/// per problem: the state directory or a socket's directory (gRPC, HTTP) neither there and
+/// writable nor creatable by this user. `check` prints them as warnings: the daemon is usually run by
 /// another user than the operator checking its config (docs/cli.md#check).
 pub fn access_warnings(config: &Config) -> Vec<String> {
     let uid = nix::unistd::getuid();
@@ -1374,16 +1374,22 @@ pub fn access_warnings(config: &Config) -> Vec<String> {
             state.display()
         ));
     }
-    if let Some(socket) = &config.daemon.socket
-        && let Some(dir) = socket.parent()
-        && let Some(w) = not_writable(dir, uid.as_raw())
-    {
-        warnings.push(format!(
-            "socket \"{}\": {w}; the daemon run as uid {uid} could not bind its socket: \
-             create {} writable by the daemon's user (systemd: RuntimeDirectory=)",
-            socket.display(),
-            dir.display()
-        ));
+    let sockets = [
+        ("socket", &config.daemon.socket),
+        ("http_socket", &config.daemon.http_socket),
+    ];
+    for (key, socket) in sockets {
+        if let Some(socket) = socket
+            && let Some(dir) = socket.parent()
+            && let Some(w) = not_writable(dir, uid.as_raw())
+        {
+            warnings.push(format!(
+                "{key} \"{}\": {w}; the daemon run as uid {uid} could not bind its socket: \
+                 create {} writable by the daemon's user (systemd: RuntimeDirectory=)",
+                socket.display(),
+                dir.display()
+            ));
+        }
     }
     warnings
 }

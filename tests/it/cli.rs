@@ -425,3 +425,55 @@ async fn get_and_status_into_a_closed_pipe_end_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `check` run as another user than the daemon's warns, one line each, about every directory
+/// the daemon would need to create files in and that this user could not: the state directory,
+/// the gRPC socket's and the HTTP socket's.
+#[tokio::test]
+async fn check_warns_about_directories_the_daemon_user_could_not_write() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED: check_warns_about_directories_the_daemon_user_could_not_write needs root to run check as uid 65534"
+        );
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root_only = dir.path().join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    let config = dir.path().join("tokenwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{r}/state\"\nsocket = \"{r}/grpc/tw.sock\"\nhttp_socket = \"{r}/http.sock\"\n\
+             [clients.a]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"a\"\nclient_secret = {{ file = \"secret\" }}\n",
+            r = root_only.display()
+        ),
+    )
+    .unwrap();
+    let r = crate::support::run_setpriv(
+        &["--reuid=65534", "--regid=65534", "--clear-groups"],
+        &["check", "-c", config.to_str().unwrap()],
+    )
+    .await;
+    let warnings: Vec<&str> = r
+        .stderr
+        .lines()
+        .chain(r.stdout.lines())
+        .filter(|l| l.contains("uid 65534"))
+        .collect();
+    for key in ["state_dir", "socket", "http_socket"] {
+        assert_eq!(
+            warnings
+                .iter()
+                .filter(|l| l.starts_with(&format!("warning: {key} \"{}", root_only.display())))
+                .count(),
+            1,
+            "{key}: {warnings:#?}\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
