@@ -32,12 +32,13 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::FutureExt;
 use prost::Message;
+use tokenwarden::grpc::conn::Repoll;
 use tokenwarden::grpc::writes::WriteBatch;
 use tokenwarden::grpc::{GrpcServer, fast, pb};
 use tokenwarden::http::HttpServer;
@@ -205,67 +206,6 @@ trait Caller: Send {
     fn call(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
-/// Polls a future again at once, instead of rescheduling its task, when it wakes its own task
-/// while being polled (a few times at most); wakes from elsewhere go to the task. The same
-/// technique as the server's connection task (`src/grpc/conn.rs`), here for the bench's own
-/// h2 callers and the bare h2 server: an h2 connection polled in the task that uses it wakes
-/// that task whenever a request or answer is queued on it.
-struct Inline {
-    wake: Arc<SelfWake>,
-    waker: Waker,
-}
-
-#[derive(Default)]
-struct SelfWake {
-    task: futures_util::task::AtomicWaker,
-    polling: AtomicBool,
-    woken: AtomicBool,
-}
-
-impl std::task::Wake for SelfWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        if !self.polling.load(Ordering::SeqCst) {
-            self.task.wake();
-        }
-    }
-}
-
-impl Inline {
-    fn new() -> Inline {
-        let wake = Arc::new(SelfWake::default());
-        Inline {
-            waker: Waker::from(wake.clone()),
-            wake,
-        }
-    }
-
-    fn poll<F: Future + Unpin>(&self, cx: &mut Context<'_>, f: &mut F) -> Poll<F::Output> {
-        self.wake.task.register(cx.waker());
-        self.wake.polling.store(true, Ordering::SeqCst);
-        let mut inner = Context::from_waker(&self.waker);
-        for _ in 0..4 {
-            self.wake.woken.store(false, Ordering::SeqCst);
-            if let Poll::Ready(out) = Pin::new(&mut *f).poll(&mut inner) {
-                self.wake.polling.store(false, Ordering::SeqCst);
-                return Poll::Ready(out);
-            }
-            if !self.wake.woken.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-        self.wake.polling.store(false, Ordering::SeqCst);
-        if self.wake.woken.swap(false, Ordering::SeqCst) {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
-    }
-}
-
 /// A GetToken caller on one HTTP/2 connection.
 ///
 /// By default the caller's task drives its h2 connection itself, as the echo caller does its
@@ -275,7 +215,9 @@ struct GrpcCaller {
     send: h2::client::SendRequest<Bytes>,
     /// The connection, when this caller's task drives it.
     conn: Option<h2::client::Connection<UnixStream, Bytes>>,
-    inline: Inline,
+    /// Drives the connection as the server's connection task does (an h2 connection polled
+    /// in the task that uses it wakes that task whenever a request or answer is queued).
+    inline: Repoll,
     uri: http::Uri,
     body: Bytes,
 }
@@ -295,7 +237,7 @@ impl GrpcCaller {
         GrpcCaller {
             send,
             conn,
-            inline: Inline::new(),
+            inline: Repoll::new(),
             uri: http::Uri::from_static(URI),
             body,
         }
@@ -318,7 +260,7 @@ impl GrpcCaller {
             call.as_mut().poll(cx)
         });
         let inline = &self.inline;
-        std::future::poll_fn(|cx| inline.poll(cx, &mut both)).await;
+        std::future::poll_fn(|cx| inline.poll(cx, Pin::new(&mut both))).await;
     }
 }
 
@@ -516,8 +458,8 @@ fn bare_h2_server(path: &Path, answer: Bytes, batched: bool) {
                         }
                     }
                 });
-                let inline = Inline::new();
-                std::future::poll_fn(|cx| inline.poll(cx, &mut serve)).await;
+                let inline = Repoll::new();
+                std::future::poll_fn(|cx| inline.poll(cx, Pin::new(&mut serve))).await;
             });
         }
     });

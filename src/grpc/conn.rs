@@ -693,12 +693,38 @@ impl HttpBody for RecvBody {
 /// so a future that yields on purpose still yields); wakes from elsewhere go to the task.
 struct NoSelfWake<F> {
     inner: Pin<Box<F>>,
-    wake: Arc<SelfWake>,
-    waker: std::task::Waker,
+    repoll: Repoll,
+}
+
+impl<F: Future> NoSelfWake<F> {
+    fn new(inner: F) -> NoSelfWake<F> {
+        NoSelfWake {
+            inner: Box::pin(inner),
+            repoll: Repoll::new(),
+        }
+    }
+}
+
+impl<F: Future> Future for NoSelfWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.repoll.poll(cx, this.inner.as_mut())
+    }
 }
 
 /// Most polls in a row before a self-wake goes to the scheduler after all.
 const MAX_REPOLLS: usize = 4;
+
+/// The waker behind [`NoSelfWake`]: polls a future with a waker of its own that notes a wake
+/// during the poll (and polls again) and passes any other wake to the task. Public for the
+/// GetToken benchmark's h2 callers and bare h2 server, which drive their connections the same
+/// way.
+pub struct Repoll {
+    wake: Arc<SelfWake>,
+    waker: std::task::Waker,
+}
 
 #[derive(Default)]
 struct SelfWake {
@@ -721,39 +747,46 @@ impl std::task::Wake for SelfWake {
     }
 }
 
-impl<F: Future> NoSelfWake<F> {
-    fn new(inner: F) -> NoSelfWake<F> {
+impl Default for Repoll {
+    fn default() -> Self {
+        Repoll::new()
+    }
+}
+
+impl Repoll {
+    /// A waker not yet tied to a task (the first [`Repoll::poll`] ties it).
+    pub fn new() -> Repoll {
         let wake = Arc::new(SelfWake::default());
-        NoSelfWake {
-            inner: Box::pin(inner),
+        Repoll {
             waker: std::task::Waker::from(wake.clone()),
             wake,
         }
     }
-}
 
-impl<F: Future> Future for NoSelfWake<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    /// Polls `f` for the task of `cx`, again at once (up to [`MAX_REPOLLS`] times) while it
+    /// wakes itself during the poll.
+    pub fn poll<F: Future + ?Sized>(
+        &self,
+        cx: &mut Context<'_>,
+        mut f: Pin<&mut F>,
+    ) -> Poll<F::Output> {
         use std::sync::atomic::Ordering::SeqCst;
-        let this = self.get_mut();
-        this.wake.task.register(cx.waker());
-        this.wake.polling.store(true, SeqCst);
-        let mut inner_cx = Context::from_waker(&this.waker);
+        self.wake.task.register(cx.waker());
+        self.wake.polling.store(true, SeqCst);
+        let mut inner_cx = Context::from_waker(&self.waker);
         for _ in 0..MAX_REPOLLS {
-            this.wake.woken.store(false, SeqCst);
-            if let Poll::Ready(out) = this.inner.as_mut().poll(&mut inner_cx) {
-                this.wake.polling.store(false, SeqCst);
+            self.wake.woken.store(false, SeqCst);
+            if let Poll::Ready(out) = f.as_mut().poll(&mut inner_cx) {
+                self.wake.polling.store(false, SeqCst);
                 return Poll::Ready(out);
             }
-            if !this.wake.woken.load(SeqCst) {
+            if !self.wake.woken.load(SeqCst) {
                 break;
             }
         }
-        this.wake.polling.store(false, SeqCst);
+        self.wake.polling.store(false, SeqCst);
         // A wake that came while polling and was not served by a repoll.
-        if this.wake.woken.swap(false, SeqCst) {
+        if self.wake.woken.swap(false, SeqCst) {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
