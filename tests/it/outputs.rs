@@ -87,6 +87,53 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Runs `f` on a thread of its own without the capabilities that let root ignore file modes
+/// and ownership (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER): root is then
+/// refused as any user would be. Capabilities belong to each thread, so the rest of the test
+/// binary keeps them.
+fn without_file_capabilities<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const FILE_CAPS: u32 = 0b1111; // CAP_CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2, FOWNER 3
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut header = Header {
+                    version: VERSION_3,
+                    pid: 0,
+                };
+                let mut data = [Data::default(); 2];
+                // SAFETY: capget/capset with a version-3 header and two data structs, as
+                // capget(2) documents; pid 0 is this thread.
+                unsafe {
+                    assert_eq!(
+                        libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                        0
+                    );
+                    data[0].effective &= !FILE_CAPS;
+                    assert_eq!(
+                        libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                        0
+                    );
+                }
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
 /// Restores the umask when dropped, even if the test fails.
 struct UmaskGuard(nix::sys::stat::Mode);
 
@@ -222,11 +269,10 @@ fn a_failed_rename_leaves_the_old_content_and_no_temporary_file() {
 
 #[test]
 fn a_read_only_directory_leaves_the_old_file_intact() {
-    if is_root() {
-        // The rename and parent-file tests cover failures as root.
-        eprintln!("SKIPPED: directory permissions do not stop root");
-        return;
-    }
+    without_file_capabilities(a_read_only_directory_leaves_the_old_file_intact_unprivileged);
+}
+
+fn a_read_only_directory_leaves_the_old_file_intact_unprivileged() {
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("ro");
     fs::create_dir(&sub).unwrap();
@@ -244,17 +290,17 @@ fn a_read_only_directory_leaves_the_old_file_intact() {
 
 #[test]
 fn a_chown_the_daemon_may_not_do_fails_before_the_rename() {
-    if is_root() {
-        eprintln!("SKIPPED: root may chown to anyone");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("token");
-    write_atomic(&path, b"old", 0o600, None, None).unwrap();
-    let e = write_atomic(&path, b"new", 0o600, Some(0), None).unwrap_err();
-    assert!(matches!(e, OutputError::Chown { .. }), "{e:?}");
-    assert_eq!(fs::read(&path).unwrap(), b"old");
-    assert_eq!(leftovers(dir.path()), Vec::<PathBuf>::new());
+    without_file_capabilities(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_atomic(&path, b"old", 0o600, None, None).unwrap();
+        // Another user than this one.
+        let other = if is_root() { 65534 } else { 0 };
+        let e = write_atomic(&path, b"new", 0o600, Some(other), None).unwrap_err();
+        assert!(matches!(e, OutputError::Chown { .. }), "{e:?}");
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(leftovers(dir.path()), Vec::<PathBuf>::new());
+    });
 }
 
 #[test]
