@@ -187,6 +187,7 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
     let ClientConfig {
         name: _,
         token_url: _,
+        issuer: _,
         grant: _,
         client_auth: _,
         client_id: _,

@@ -159,8 +159,12 @@ pub struct Credential {
 pub struct ClientConfig {
     /// `[A-Za-z0-9_.-]{1,64}`.
     pub name: String,
-    /// `https`, or `http` to a loopback host.
+    /// `https`, or `http` to a loopback host. With `issuer`, this is the issuer's URL until
+    /// discovery finds the token endpoint ([`crate::oauth::discovery`]): the refresher resolves
+    /// it before every token request, so a request is never sent to it.
     pub token_url: url::Url,
+    /// `issuer` exactly as configured (RFC 8414 §2): the token endpoint comes from its metadata.
+    pub issuer: Option<String>,
     pub grant: Grant,
     pub client_auth: ClientAuth,
     /// Required unless the grant is `jwt_bearer` with `client_auth = "none"`.
@@ -215,7 +219,7 @@ impl ClientConfig {
             _ => String::new(),
         };
         let parts = [
-            self.token_url.as_str(),
+            self.issuer.as_deref().unwrap_or(self.token_url.as_str()),
             self.client_id.as_deref().unwrap_or(""),
             self.grant_type(),
             username,
