@@ -255,7 +255,9 @@ impl Cached {
 }
 
 /// Whether to fetch the metadata now (pure): `fetched_at` of the metadata in hand (`None`:
-/// none), `failed_at` of the last failed fetch since.
+/// none), `failed_at` of the last failed fetch since. Without metadata, always: the
+/// refresher's backoff paces the attempts, and a provider down at start must not cost a
+/// client its token for longer than that.
 pub fn needs_fetch(
     fetched_at: Option<SystemTime>,
     failed_at: Option<SystemTime>,
@@ -263,7 +265,7 @@ pub fn needs_fetch(
 ) -> bool {
     let older = |t: SystemTime, d: Duration| now.duration_since(t).is_ok_and(|age| age >= d);
     match fetched_at {
-        None => failed_at.is_none_or(|f| older(f, FAILED_RETRY) || f > now),
+        None => true,
         Some(at) if at > now => true,
         Some(at) => older(at, MAX_AGE) && failed_at.is_none_or(|f| older(f, FAILED_RETRY)),
     }
@@ -712,8 +714,7 @@ mod tests {
         let ago = |s: u64| Some(now - Duration::from_secs(s));
         let cases = [
             (None, None, true),
-            (None, ago(10), false),
-            (None, ago(301), true),
+            (None, ago(10), true),
             (ago(10), None, false),
             (ago(3599), None, false),
             (ago(3600), None, true),

@@ -395,3 +395,23 @@ async fn check_names_the_endpoint_and_warns_about_what_the_metadata_omits() {
         r.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_of_one_issuer_share_one_fetch() {
+    let env = Env::start().await;
+    let mut text = read(&env.config);
+    for name in ["disc-b", "disc-c", "disc-d"] {
+        env.provider
+            .register(RegisteredClient::transatel(name, SECRET));
+        text.push_str(&format!(
+            "\n[clients.{name}]\nissuer = \"{}\"\nclient_id = \"{name}\"\nclient_secret = {{ file = \"secret\" }}\nca_file = \"ca.pem\"\n",
+            env.provider.issuer()
+        ));
+    }
+    std::fs::write(&env.config, text).unwrap();
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&env.config, &[]).await;
+    assert!(ready.contains("4/4 clients valid"), "{ready}");
+    assert_eq!(env.metadata_paths(), [RFC8414], "{}", daemon.logs());
+    assert_eq!(env.token_posts().len(), 4);
+    daemon.stop().await;
+}
