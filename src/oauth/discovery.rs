@@ -512,10 +512,7 @@ fn with_endpoint(
 pub async fn fetch(http: &reqwest::Client, client: &ClientConfig) -> Result<Cached, OAuthError> {
     let issuer = client.issuer.as_deref().unwrap_or_default();
     let fail = |what: String, permanent: bool| OAuthError::Discovery {
-        message: format!(
-            "discovery of issuer {issuer} (client \"{}\"): {what}",
-            client.name
-        ),
+        message: format!("discovery of issuer {issuer}: {what}"),
         permanent,
     };
     let timeout = client.timing.timeout;
