@@ -573,6 +573,18 @@ pub async fn fetch(http: &reqwest::Client, client: &ClientConfig) -> Result<Cach
     }
 }
 
+/// A failed GET in words: a timeout says which.
+fn failure(e: reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!(
+            "no answer within {} (the client's timeout)",
+            humantime::format_duration(timeout)
+        )
+    } else {
+        super::chain(&e.without_url())
+    }
+}
+
 /// One GET, its body read up to [`MAX_BODY`]: (status, content type, body), or what went
 /// wrong and whether it is permanent.
 async fn get(
@@ -586,7 +598,7 @@ async fn get(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| (super::chain(&e.without_url()), false))?;
+        .map_err(|e| (failure(e, timeout), false))?;
     let status = resp.status().as_u16();
     if (300..400).contains(&status) {
         return Err((
@@ -614,7 +626,7 @@ async fn get(
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| (super::chain(&e.without_url()), false))?
+        .map_err(|e| (failure(e, timeout), false))?
     {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(too_large());

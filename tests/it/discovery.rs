@@ -415,3 +415,65 @@ async fn clients_of_one_issuer_share_one_fetch() {
     assert_eq!(env.token_posts().len(), 4);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_assertion_is_addressed_to_the_discovered_endpoint() {
+    let env = Env::start().await;
+    let (private, public) = tokenwarden::keys::generate_es256().unwrap();
+    env.provider.publish_dialect(Dialect::Talkdesk);
+    env.provider.move_token_endpoints(Some("/v2"));
+    env.provider.register(RegisteredClient::talkdesk(
+        "disc-jwt",
+        &public,
+        Some("k1"),
+        tokenwarden::keys::SigningAlg::ES256,
+    ));
+    std::fs::write(env.dir.path().join("key.pem"), private).unwrap();
+    let text = read(&env.config)
+        .replace("client_id = \"disc\"", "client_id = \"disc-jwt\"")
+        .replace(
+            "client_secret = { file = \"secret\" }",
+            "client_auth = \"private_key_jwt\"\nprivate_key = { file = \"key.pem\" }\nkey_id = \"k1\"",
+        );
+    std::fs::write(&env.config, text).unwrap();
+    let r = env.once().await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let moved = format!("/v2{}", Dialect::Talkdesk.path());
+    assert_eq!(env.token_posts(), std::slice::from_ref(&moved));
+    // The provider checked it (RFC 7523 §3: aud = the URL posted to); and so do we.
+    let req = env
+        .provider
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    let jwt = req.form_value("client_assertion").unwrap();
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(jwt).unwrap();
+    assert_eq!(
+        claims["aud"],
+        format!("{}{moved}", env.provider.base_url()),
+        "{claims}"
+    );
+}
+
+#[tokio::test]
+async fn a_metadata_endpoint_that_never_answers_is_bounded_by_the_timeout() {
+    let env = Env::start().await;
+    let text = read(&env.config).replace("timeout = \"5s\"", "timeout = \"1s\"");
+    std::fs::write(&env.config, text).unwrap();
+    env.provider.fault_next(Fault::Hang, 1);
+    let started = std::time::Instant::now();
+    let r = env.once().await;
+    assert_ne!(r.code, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        r.stderr.contains("discovery of issuer") && r.stderr.contains("no answer within 1s"),
+        "{}",
+        r.stderr
+    );
+    assert!(env.token_posts().is_empty());
+}
