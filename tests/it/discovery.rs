@@ -477,3 +477,48 @@ async fn a_metadata_endpoint_that_never_answers_is_bounded_by_the_timeout() {
     );
     assert!(env.token_posts().is_empty());
 }
+
+/// A cache file pointing elsewhere, not owned by the daemon's user, or a link, is never used:
+/// the metadata is fetched again (and the file replaced).
+#[tokio::test]
+async fn a_planted_cache_file_is_not_used() {
+    let env = Env::start().await;
+    assert_eq!(env.once().await.code, 0);
+    let file = env.cache_file();
+    let planted = read(&file).replace(&token_path(), "/planted/token");
+    assert!(planted.contains("/planted/token"));
+    let decoy = env.dir.path().join("decoy.json");
+    std::fs::write(&decoy, &planted).unwrap();
+    type Plant = Box<dyn Fn(&Path, &Path)>;
+    let mut plants: Vec<(&str, Plant)> = vec![(
+        "a link",
+        Box::new(|file: &Path, decoy: &Path| {
+            std::fs::remove_file(file).unwrap();
+            std::os::unix::fs::symlink(decoy, file).unwrap();
+        }),
+    )];
+    if nix::unistd::geteuid().is_root() {
+        plants.push((
+            "another user's file",
+            Box::new(|file: &Path, decoy: &Path| {
+                std::fs::copy(decoy, file).unwrap();
+                nix::unistd::chown(file, Some(65534.into()), Some(65534.into())).unwrap();
+            }),
+        ));
+    } else {
+        eprintln!("SKIPPED: a cache file owned by another user needs root to plant");
+    }
+    for (what, plant) in plants {
+        plant(&file, &decoy);
+        std::fs::remove_file(env.state().join("disc.json")).unwrap();
+        env.provider.clear_requests();
+        let r = env.once().await;
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        assert_eq!(env.metadata_paths(), [RFC8414], "{what}");
+        assert_eq!(env.token_posts(), [token_path()], "{what}");
+        // Replaced by a regular file of ours naming the real endpoint.
+        let meta = std::fs::symlink_metadata(&file).unwrap();
+        assert!(meta.file_type().is_file(), "{what}");
+        assert!(!read(&file).contains("/planted/"), "{what}");
+    }
+}
