@@ -218,8 +218,13 @@ impl ClientConfig {
             Grant::RefreshToken { refresh_token } => refresh_token.value.fingerprint_full(),
             _ => String::new(),
         };
+        // An issuer is another identity than the same URL as a token_url.
+        let endpoint = match &self.issuer {
+            Some(issuer) => format!("issuer {issuer}"),
+            None => self.token_url.to_string(),
+        };
         let parts = [
-            self.issuer.as_deref().unwrap_or(self.token_url.as_str()),
+            endpoint.as_str(),
             self.client_id.as_deref().unwrap_or(""),
             self.grant_type(),
             username,

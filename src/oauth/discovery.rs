@@ -786,6 +786,44 @@ mod tests {
     }
 
     #[test]
+    fn another_issuer_is_another_identity() {
+        let load = |key: &str, url: &str| {
+            let text = format!(
+                "[clients.c]\n{key} = \"{url}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n"
+            );
+            let cfg = crate::config::load_str(&text, std::path::Path::new("/nonexistent/c.toml"))
+                .unwrap();
+            (*cfg.clients["c"]).clone()
+        };
+        let a = load("issuer", ISS);
+        let cases = [
+            load("issuer", "https://idp.example/other"),
+            // The same URL, but a trailing slash: another issuer (RFC 8414 §3.3).
+            load("issuer", &format!("{ISS}/")),
+            // The same URL as a token_url: another way to reach another endpoint.
+            load("token_url", ISS),
+        ];
+        for b in cases {
+            assert_eq!(
+                crate::config::client_change(&a, &b),
+                Some(crate::config::ClientChange::Replace),
+                "{:?} -> {:?}",
+                a.issuer,
+                b.issuer
+            );
+        }
+        let keys: Vec<String> =
+            crate::config::changed_keys(&a, &load("issuer", "https://idp.example/other"))
+                .iter()
+                .map(|k| k.to_string())
+                .collect();
+        assert!(
+            keys.contains(&format!("issuer: {ISS} -> https://idp.example/other")),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
     fn cache_files_round_trip_and_are_checked() {
         let cached = Cached {
             version: CACHE_VERSION,
