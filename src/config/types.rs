@@ -200,8 +200,8 @@ impl ClientConfig {
         self.grant.grant_type()
     }
 
-    /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL,
-    /// client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
+    /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL (or
+    /// issuer), client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
     /// the supplied refresh token). A stored token is reused only when it matches.
     pub fn identity_fingerprint(&self) -> String {
         let username = match &self.grant {
