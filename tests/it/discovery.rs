@@ -544,3 +544,20 @@ async fn a_planted_cache_file_is_not_used() {
         assert!(!read(&file).contains("/planted/"), "{what}");
     }
 }
+
+#[tokio::test]
+async fn the_metadata_is_fetched_over_verified_tls_only() {
+    let env = Env::start().await;
+    // Without the test CA (ca_file), the provider's certificate is not trusted.
+    let text = read(&env.config).replace("ca_file = \"ca.pem\"\n", "");
+    std::fs::write(&env.config, text).unwrap();
+    let r = env.once().await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("discovery of issuer") && r.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        r.stderr
+    );
+    assert!(env.metadata_paths().is_empty(), "no request got through");
+    assert!(env.token_posts().is_empty());
+}
