@@ -127,6 +127,10 @@ async fn the_rfc_8414_path_is_tried_first_then_the_openid_one() {
         &std::fs::metadata(env.cache_file()).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    // It is no client's state file (a `+` is not allowed in client names).
+    let state = tokenwarden::state::StateDir::open(&env.state()).unwrap();
+    assert_eq!(state.clients().unwrap(), ["disc"]);
+    drop(state);
 
     // A provider serving only the OpenID Connect document: 404 at the RFC 8414 path, then §4.
     let env = Env::start().await;
