@@ -337,6 +337,21 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.files.len(),
         if config.files.len() == 1 { "" } else { "s" },
     );
+    if config.clients.values().any(|c| c.issuer.is_some()) {
+        match runtime() {
+            Ok(rt) => {
+                let (lines, warnings) =
+                    rt.block_on(tokenwarden::oauth::discovery::check_report(&config));
+                for l in lines {
+                    println!("{l}");
+                }
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => eprintln!("warning: issuers not checked: {e}"),
+        }
+    }
     ExitCode::SUCCESS
 }
 

@@ -53,6 +53,8 @@ pub struct Engine {
     pub clock: Clock,
     /// Where tokens come from: the token endpoint ([`oauth::acquire`]), or a test's fake.
     pub source: Arc<dyn TokenSource>,
+    /// The token endpoints of clients configured with `issuer` (RFC 8414), shared by them.
+    pub discovery: Arc<oauth::Discovery>,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -133,8 +135,10 @@ impl Engine {
                 "removed a temporary file left by an interrupted write"
             );
         }
+        let state = Arc::new(state);
         Ok(Engine {
-            state: Arc::new(state),
+            discovery: Arc::new(oauth::Discovery::new(Some(state.clone()))),
+            state,
             http: Arc::new(HttpClients::default()),
             permits: Arc::new(Semaphore::new(daemon.max_concurrent_refreshes.max(1))),
             tracker: TaskTracker::new(),
@@ -178,6 +182,66 @@ impl UrlHolds {
             Err(p) => p.into_inner(),
         }
     }
+}
+
+/// One token request of `config` at its token endpoint: the configured `token_url`, or the
+/// one its `issuer`'s metadata names ([`oauth::Discovery`]). When a discovered endpoint answers
+/// 404, the metadata is fetched again and, if the endpoint moved, the request is made once more
+/// at the new one (a 404 means no token endpoint saw the request: nothing was spent).
+async fn acquire_at_endpoint(
+    engine: &Engine,
+    config: &Arc<ClientConfig>,
+    refresh_token: Option<&Secret>,
+    spent: bool,
+) -> Result<oauth::Acquired, oauth::AcquireFailure> {
+    let failure = |error: oauth::OAuthError| oauth::AcquireFailure {
+        error,
+        forget_refresh_token: false,
+        bootstrap_spent: spent,
+    };
+    // The issuer's route and trust are the client's own (its proxy, its ca_file).
+    let http = engine.http.get(config).map_err(failure)?;
+    let at = engine
+        .discovery
+        .resolve(config, &http)
+        .await
+        .map_err(failure)?;
+    let http_at = engine.http.get(&at).map_err(failure)?;
+    let result = engine
+        .source
+        .acquire(&http_at, &at, refresh_token, spent)
+        .await;
+    let not_found = matches!(&result, Err(f) if is_not_found(&f.error));
+    if !not_found || config.issuer.is_none() {
+        return result;
+    }
+    let Some(moved) = engine
+        .discovery
+        .after_not_found(config, &http, &at.token_url)
+        .await
+    else {
+        return result;
+    };
+    let spent = spent || result.as_ref().is_err_and(|f| f.bootstrap_spent);
+    tracing::info!(
+        client = %config.name,
+        token_endpoint = %moved.token_url,
+        "the issuer's metadata names a new token endpoint: asking it"
+    );
+    let http_moved = engine.http.get(&moved).map_err(failure)?;
+    engine
+        .source
+        .acquire(&http_moved, &moved, refresh_token, spent)
+        .await
+}
+
+/// Whether the token endpoint answered 404 (it is not there any more).
+fn is_not_found(error: &oauth::OAuthError) -> bool {
+    matches!(
+        error.inner(),
+        oauth::OAuthError::Http { status: 404, .. }
+            | oauth::OAuthError::Provider { status: 404, .. }
+    )
 }
 
 /// The handle the daemon keeps on a running refresher.
@@ -583,20 +647,12 @@ impl Refresher {
         trigger: Trigger,
     ) -> Answer {
         let _permit = permit;
-        let http = match self.engine.http.get(&self.config) {
-            Ok(h) => h,
-            Err(e) => {
-                return self.failed(ErrorClass::Permanent { retry_after: None }, e.to_string());
-            }
-        };
         let config = self.config.clone();
         let started = std::time::Instant::now();
         let bootstrap = bootstrap_fingerprint(&config);
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
-        let acquire = engine
-            .source
-            .acquire(&http, &config, refresh_token.as_ref(), spent);
+        let acquire = acquire_at_endpoint(&engine, &config, refresh_token.as_ref(), spent);
         tokio::pin!(acquire);
         // The token may expire while the request hangs: say so on time all the same.
         let result = loop {

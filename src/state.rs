@@ -400,6 +400,36 @@ impl StateDir {
         Ok(names)
     }
 
+    /// The cached authorization server metadata of `issuer` (RFC 8414), as
+    /// [`StateDir::save_discovery`] wrote it: `Ok(None)` when there is none. Read like a state
+    /// file (a regular file owned by this user, at most 1 MiB, never through a link); the
+    /// caller checks the content. Blocking file I/O, like [`StateDir::load`].
+    pub fn load_discovery(&self, issuer: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+        let name = discovery_file(issuer);
+        match self.read_limited(&name) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read {
+                path: self.path.join(name),
+                source,
+            }),
+        }
+    }
+
+    /// Stores the metadata cache of `issuer` atomically (mode 0600), as state files are.
+    /// Blocking file I/O, like [`StateDir::load`].
+    pub fn save_discovery(&self, issuer: &str, contents: &[u8]) -> Result<(), StateError> {
+        let name = discovery_file(issuer);
+        let path = self.path.join(&name);
+        let file = NewFile::private(contents);
+        write_in(&self.dir, &path, &name, &file, &mut random_suffix).map_err(|source| {
+            StateError::Write {
+                client: format!("(the metadata of issuer {issuer})"),
+                source,
+            }
+        })
+    }
+
     /// `NAME.json` and `PATH/NAME.json`, for a name that cannot escape the directory.
     fn file(&self, client: &str) -> Result<(String, PathBuf), StateError> {
         if !valid_name(client) {
@@ -468,6 +498,14 @@ impl StateDir {
             }
         }
     }
+}
+
+/// The file the metadata of `issuer` is cached in: `discovery+HEX.json`, HEX the first 16 hex
+/// digits of the issuer's SHA-256. A `+` is not allowed in client names, so it never clashes
+/// with a client's state file, and [`StateDir::clients`] does not list it.
+pub fn discovery_file(issuer: &str) -> String {
+    let digest = crate::secret::sha256_hex(issuer.as_bytes());
+    format!("discovery+{}.json", &digest[..16])
 }
 
 /// Client names as the config allows them (`[A-Za-z0-9_.-]{1,64}`), and never `/` or a leading

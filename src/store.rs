@@ -439,6 +439,7 @@ mod tests {
         Arc::new(ClientConfig {
             name: "a".into(),
             token_url: url::Url::parse("https://idp.example/token").unwrap(),
+            issuer: None,
             grant: Grant::ClientCredentials,
             client_auth: ClientAuth::None,
             client_id: Some("a".into()),

@@ -175,6 +175,21 @@ pub(crate) fn is_loopback(host: &url::Host<&str>) -> bool {
     }
 }
 
+/// `issuer` (RFC 8414 §2): a URL with the `https` scheme (or `http` to a loopback host, as for
+/// `token_url`) and no query or fragment. Gives the URL the metadata is fetched from.
+pub(crate) fn check_issuer(text: &str) -> Result<url::Url, String> {
+    let url = check_token_url(text).map_err(|e| e.replacen("token_url", "issuer", 1))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "issuer \"{text}\" may not have a ?query or #fragment (RFC 8414 §2)"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("issuer may not carry user info (user:password@)".to_string());
+    }
+    Ok(url)
+}
+
 /// `token_url`: `https`, or `http` to a loopback host only (the secrets travel in the request).
 pub(crate) fn check_token_url(text: &str) -> Result<url::Url, String> {
     let url = url::Url::parse(text).map_err(|e| format!("invalid token_url \"{text}\": {e}"))?;

@@ -8,7 +8,7 @@
 //! | `ClientConfig` field | class | why |
 //! |---|---|---|
 //! | `name` | — | the key: a rename is a removal plus an addition |
-//! | `token_url`, `client_id`, `scope`, `audience`, `resource` | `Replace` | identity ([`ClientConfig::identity_fingerprint`]): the token, refresh token and state in hand are for something else, so the client starts afresh |
+//! | `token_url` or `issuer`, `client_id`, `scope`, `audience`, `resource` | `Replace` | identity ([`ClientConfig::identity_fingerprint`]): the token, refresh token and state in hand are for something else, so the client starts afresh |
 //! | `grant`: its kind, `username`, the refresh token, a `jwt_bearer` assertion's `sub` | `Replace` | identity |
 //! | `grant`: password, refresh token, assertion key values | `Renew` | credentials ([`ClientConfig::credentials_digest`]): a rotated secret gets a new token now |
 //! | `grant` (`jwt_bearer`): `signing_alg`, `key_id`, `lifetime`, `claims` | `Renew` | the assertion, hence the token it is exchanged for, differs |
@@ -187,6 +187,7 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
     let ClientConfig {
         name: _,
         token_url: _,
+        issuer: _,
         grant: _,
         client_auth: _,
         client_id: _,

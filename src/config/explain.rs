@@ -33,6 +33,7 @@ impl std::fmt::Display for KeyChange {
 pub fn changed_keys(old: &ClientConfig, new: &ClientConfig) -> Vec<KeyChange> {
     let mut v = Changes::default();
     v.plain("token_url", &old.token_url, &new.token_url);
+    v.plain("issuer", &opt(&old.issuer), &opt(&new.issuer));
     grant(&mut v, &old.grant, &new.grant);
     client_auth(&mut v, &old.client_auth, &new.client_auth);
     v.plain("client_id", &opt(&old.client_id), &opt(&new.client_id));

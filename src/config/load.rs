@@ -891,11 +891,25 @@ impl Loader<'_> {
         let mut raw: RawClient =
             self.table(file, &what, Spanned::new(span, DeValue::Table(table)))?;
 
-        let token_url = self.ok_at(
-            file,
-            raw.token_url.span(),
-            check::check_token_url(raw.token_url.get_ref()),
-        );
+        let token_url = match (&raw.token_url, &raw.issuer) {
+            (Some(t), None) => self.ok_at(file, t.span(), check::check_token_url(t.get_ref())),
+            (None, Some(i)) => self.ok_at(file, i.span(), check::check_issuer(i.get_ref())),
+            (Some(_), Some(i)) => {
+                self.error(
+                    Self::at(file, i.span()),
+                    format!("{what} has both \"token_url\" and \"issuer\": give one (issuer discovers the token endpoint, RFC 8414)"),
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    header,
+                    format!("missing key \"token_url\" in {what} (or \"issuer\", to discover it)"),
+                );
+                // As serde's own missing key did: nothing more is checked in this client.
+                return None;
+            }
+        };
         let timing = merge_timing(file, defaults, raw.take_timing());
         self.check_timing(&timing, Some(header));
 
@@ -976,6 +990,7 @@ impl Loader<'_> {
         Some(ClientConfig {
             name: name.to_owned(),
             token_url: token_url?,
+            issuer: raw.issuer.map(Spanned::into_inner),
             grant: grant?,
             client_auth: client_auth?,
             client_id: raw.client_id.map(Spanned::into_inner),

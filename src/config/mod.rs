@@ -18,6 +18,7 @@ mod load;
 mod raw;
 mod types;
 
+pub(crate) use check::check_token_url;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use explain::{KeyChange, changed_keys, describe};

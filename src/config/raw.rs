@@ -56,7 +56,9 @@ pub(crate) struct RawTiming {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawClient {
-    pub token_url: Spanned<String>,
+    pub token_url: Option<Spanned<String>>,
+    /// RFC 8414 discovery instead of `token_url` (exactly one of the two).
+    pub issuer: Option<Spanned<String>>,
     pub grant_type: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub client_id: Option<Spanned<String>>,

@@ -159,8 +159,12 @@ pub struct Credential {
 pub struct ClientConfig {
     /// `[A-Za-z0-9_.-]{1,64}`.
     pub name: String,
-    /// `https`, or `http` to a loopback host.
+    /// `https`, or `http` to a loopback host. With `issuer`, this is the issuer's URL until
+    /// discovery finds the token endpoint ([`crate::oauth::discovery`]): the refresher resolves
+    /// it before every token request, so a request is never sent to it.
     pub token_url: url::Url,
+    /// `issuer` exactly as configured (RFC 8414 §2): the token endpoint comes from its metadata.
+    pub issuer: Option<String>,
     pub grant: Grant,
     pub client_auth: ClientAuth,
     /// Required unless the grant is `jwt_bearer` with `client_auth = "none"`.
@@ -196,8 +200,8 @@ impl ClientConfig {
         self.grant.grant_type()
     }
 
-    /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL,
-    /// client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
+    /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL (or
+    /// issuer), client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
     /// the supplied refresh token). A stored token is reused only when it matches.
     pub fn identity_fingerprint(&self) -> String {
         let username = match &self.grant {
@@ -214,8 +218,13 @@ impl ClientConfig {
             Grant::RefreshToken { refresh_token } => refresh_token.value.fingerprint_full(),
             _ => String::new(),
         };
+        // An issuer is another identity than the same URL as a token_url.
+        let endpoint = match &self.issuer {
+            Some(issuer) => format!("issuer {issuer}"),
+            None => self.token_url.to_string(),
+        };
         let parts = [
-            self.token_url.as_str(),
+            endpoint.as_str(),
             self.client_id.as_deref().unwrap_or(""),
             self.grant_type(),
             username,

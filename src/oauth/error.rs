@@ -79,6 +79,12 @@ pub enum OAuthError {
         /// Where the configured refresh token is read from (`file /etc/…`, `environment variable …`).
         supply_in: String,
     },
+    /// The token endpoint could not be discovered from the client's `issuer` (RFC 8414): the
+    /// metadata could not be fetched, or was refused (another issuer, an endpoint that is not
+    /// https, a body that is not metadata). `permanent` when only the operator or the provider
+    /// can fix it.
+    #[error("{message}")]
+    Discovery { message: String, permanent: bool },
     /// Any of the above, with where and how the request was sent: every error of a token
     /// request names its endpoint, grant and client authentication method (never a secret).
     #[error("{error} ({endpoint})")]
@@ -225,7 +231,13 @@ impl OAuthError {
             } => status_class(*status, *retry_after),
             OAuthError::Redirect { .. }
             | OAuthError::Request(_)
-            | OAuthError::ChainEnded { .. } => ErrorClass::Permanent { retry_after: None },
+            | OAuthError::ChainEnded { .. }
+            | OAuthError::Discovery {
+                permanent: true, ..
+            } => ErrorClass::Permanent { retry_after: None },
+            OAuthError::Discovery {
+                permanent: false, ..
+            } => ErrorClass::Retryable { retry_after: None },
             OAuthError::Connect(_)
             | OAuthError::Timeout(_)
             | OAuthError::Transport(_)
@@ -256,6 +268,7 @@ impl OAuthError {
             OAuthError::TooLarge { .. } => "too_large".into(),
             OAuthError::Request(_) => "request".into(),
             OAuthError::ChainEnded { .. } => "chain_ended".into(),
+            OAuthError::Discovery { .. } => "discovery".into(),
             OAuthError::At { error, .. } => error.kind(),
         }
     }

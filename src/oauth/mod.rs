@@ -7,7 +7,10 @@
 //! - `error`: the error type and its one classification into retryable or not.
 //! - `route`: whether a request goes through a proxy (the client's `proxy`, the environment's
 //!   proxy variables as curl reads them; loopback never).
+//! - `discovery`: the token endpoint found from an `issuer` (RFC 8414, OpenID Connect
+//!   Discovery), kept in the state directory.
 
+pub mod discovery;
 mod error;
 mod request;
 mod response;
@@ -21,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 
+pub use discovery::Discovery;
 pub use error::{ErrorClass, Human, OAuthError, hint, printable};
 pub use request::{Attempt, CLIENT_ASSERTION_TYPE, PreparedRequest, basic_authorization, prepare};
 pub use response::{

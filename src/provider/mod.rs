@@ -30,6 +30,7 @@
 //! - `request`: strict reading of the request and client authentication.
 //! - `assertion`: JWT assertion checks.
 //! - `response`: the bodies and headers of its answers.
+//! - `discovery`: the RFC 8414 and OpenID Connect Discovery metadata documents.
 //! - `control` and `fault` (feature `test-provider`): what the tests set and read, and
 //!   misbehaviour on demand.
 //! - `tls` (feature `test-provider`): HTTPS with the tests' certificates, any client
@@ -41,6 +42,7 @@ mod assertion;
 #[cfg(feature = "test-provider")]
 mod control;
 mod dialect;
+mod discovery;
 #[cfg(feature = "test-provider")]
 mod fault;
 mod request;
@@ -384,6 +386,8 @@ struct Ledger {
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
+    /// What the metadata documents say and where the token endpoints are.
+    discovery: discovery::Published,
     /// What the tests set and read: faults, the requests received, the tokens issued.
     #[cfg(feature = "test-provider")]
     observed: control::Observed,
@@ -624,16 +628,19 @@ async fn handle(
     if let Some(answer) = control::intercept(&endpoint, &recorded).await {
         return answer;
     }
-    if dialect::dialects_at(&recorded.path).is_empty() {
+    if let Some(answer) = discovery::answer(&endpoint, &recorded) {
+        return Ok(answer);
+    }
+    let Some(token_path) = discovery::token_path(&endpoint, &recorded.path) else {
         debug!(path = %recorded.path, "provider: no token endpoint here");
         return Ok(response::raw(
             404,
             "text/plain; charset=utf-8",
             b"Not Found".to_vec(),
         ));
-    }
+    };
     let outcome = match body {
-        Ok(_) => endpoint.process(&recorded),
+        Ok(_) => endpoint.process(&recorded, &token_path),
         Err(reject) => Err(reject),
     };
     Ok(match outcome {
@@ -677,8 +684,9 @@ impl Endpoint {
     }
 
     /// The strict token endpoint: the client id and the response body, or the OAuth error.
-    fn process(&self, req: &RecordedRequest) -> Result<(String, Value), Reject> {
-        let dialects = dialect::dialects_at(&req.path);
+    /// `token_path` is the dialect's own path (`req.path` unless the endpoints were moved).
+    fn process(&self, req: &RecordedRequest, token_path: &str) -> Result<(String, Value), Reject> {
+        let dialects = dialect::dialects_at(token_path);
         if req.method != "POST" {
             return Err(Reject::invalid_request(format!(
                 "the token endpoint takes only POST, not {} (RFC 6749 §3.2)",

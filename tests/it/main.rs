@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod crash;
 mod daemon;
+mod discovery;
 mod docs;
 mod engine;
 mod examples;

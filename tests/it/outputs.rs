@@ -45,6 +45,7 @@ fn client(outputs: Vec<OutputConfig>) -> ClientConfig {
     ClientConfig {
         name: "test".into(),
         token_url: "https://auth.example/token".parse().unwrap(),
+        issuer: None,
         grant: Grant::ClientCredentials,
         client_auth: ClientAuth::None,
         client_id: Some("id".into()),
