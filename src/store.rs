@@ -454,6 +454,7 @@ mod tests {
             allow_gids: vec![],
             outputs: vec![],
             timing: Timing::default(),
+            tls_client: None,
         })
     }
 
