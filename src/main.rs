@@ -337,6 +337,13 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.files.len(),
         if config.files.len() == 1 { "" } else { "s" },
     );
+    // RFC 8705 client certificates: whose, and until when (a warning under 7 days was given).
+    let now = SystemTime::now();
+    for (name, c) in &config.clients {
+        if let Some(cert) = &c.tls_client {
+            println!("  {name}: {}", cert.describe(now));
+        }
+    }
     ExitCode::SUCCESS
 }
 
