@@ -170,11 +170,10 @@ impl ClientCert {
 
     /// A one-line description for `check`: subject, expiry and time left at `now`.
     pub fn describe(&self, now: SystemTime) -> String {
-        let left = match self.info.remaining(now) {
-            Some(d) => format!(
-                "in {}",
-                humantime::format_duration(Duration::from_secs(d.as_secs() / 60 * 60))
-            ),
+        let left = match self.info.remaining(now).map(|d| d.as_secs()) {
+            Some(s) if s >= 2 * 86400 => format!("in {} days", s / 86400),
+            Some(s) if s >= 2 * 3600 => format!("in {} hours", s / 3600),
+            Some(s) => format!("in {} minutes", s / 60),
             None => "EXPIRED".into(),
         };
         format!(

@@ -16,6 +16,7 @@ mod fuzz_corpus;
 mod grpc;
 mod http;
 mod metrics;
+mod mtls;
 mod operator;
 mod outputs;
 mod package;
