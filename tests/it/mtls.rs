@@ -524,13 +524,25 @@ async fn a_certificate_renewed_on_disk_is_presented_without_a_restart() {
 
     // The key follows: the next request presents the new certificate, the token is bound to it.
     let before = env.provider.issued("renewing");
+    let renewed_at = std::time::Instant::now();
     write_secret(&key, &new.key);
     support::wait_for("a token with the new pair", Duration::from_secs(10), || {
         env.provider.issued("renewing") > before
             && claims(&support::read(&out))["cnf"]["x5t#S256"] == x5t(&new.der)
     })
     .await;
+    eprintln!(
+        "renewal: a token bound to the new certificate {} ms after the key was replaced",
+        renewed_at.elapsed().as_millis()
+    );
     assert_eq!(presented(&env.provider), Some(new.der.clone()));
+    // The reload says what changed: the certificate by subject and expiry, the key by name.
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("tls_client_cert: CN=renewing (not after"),
+        "{logs}"
+    );
+    assert!(logs.contains("tls_client_key: new value"), "{logs}");
 
     daemon.stop().await;
     let logs = daemon.logs();
