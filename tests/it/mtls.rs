@@ -32,6 +32,15 @@ impl ClientCa {
         }
     }
 
+    /// A client `id` registered for `tls_client_auth` with this CA and `subject`.
+    fn client(&self, id: &str, subject: TlsSubject) -> RegisteredClient {
+        let auth = ExpectedAuth::TlsClientAuth {
+            subject,
+            ca_pem: self.pem.clone(),
+        };
+        RegisteredClient::new(id, Dialect::Transatel, auth)
+    }
+
     /// A leaf for `cn` (also its DNS SAN), valid until `valid_for` from now.
     fn issue(&self, cn: &str, valid_for: Duration) -> Pair {
         let key = KeyPair::generate().unwrap();
@@ -181,14 +190,7 @@ async fn tls_client_auth_is_accepted_and_the_token_is_bound_to_the_certificate()
     let (provider, server_ca) = support::tls_provider().await;
     let ca = ClientCa::new("client CA");
     let pair = ca.issue("client-1.example", 90 * DAY);
-    provider.register(RegisteredClient::new(
-        "mtls-1",
-        Dialect::Transatel,
-        ExpectedAuth::TlsClientAuth {
-            subject: TlsSubject::Dn("CN=client-1.example".into()),
-            ca_pem: ca.pem.clone(),
-        },
-    ));
+    provider.register(ca.client("mtls-1", TlsSubject::Dn("CN=client-1.example".into())));
     let dir = Dir::new(&server_ca);
     dir.put("client", &pair);
     let config = dir.config(&provider, "mtls-1", &mtls_keys("tls_client_auth", "client"));
@@ -206,14 +208,7 @@ async fn tls_client_auth_is_accepted_and_the_token_is_bound_to_the_certificate()
     assert_eq!(provider.token_cnf(&token), Some(x5t(&pair.der)));
 
     // The same client registered by a SAN instead of the subject DN.
-    provider.register(RegisteredClient::new(
-        "mtls-1",
-        Dialect::Transatel,
-        ExpectedAuth::TlsClientAuth {
-            subject: TlsSubject::SanDns("client-1.example".into()),
-            ca_pem: ca.pem.clone(),
-        },
-    ));
+    provider.register(ca.client("mtls-1", TlsSubject::SanDns("client-1.example".into())));
     token_for(&config).await.unwrap();
 }
 
@@ -253,14 +248,7 @@ async fn a_wrong_or_missing_certificate_is_refused_with_a_clear_error() {
     let (provider, server_ca) = support::tls_provider().await;
     let ca = ClientCa::new("client CA");
     let rogue_ca = ClientCa::new("client CA");
-    provider.register(RegisteredClient::new(
-        "mtls-2",
-        Dialect::Transatel,
-        ExpectedAuth::TlsClientAuth {
-            subject: TlsSubject::Dn("CN=client-2".into()),
-            ca_pem: ca.pem.clone(),
-        },
-    ));
+    provider.register(ca.client("mtls-2", TlsSubject::Dn("CN=client-2".into())));
     let dir = Dir::new(&server_ca);
     dir.put("rogue", &rogue_ca.issue("client-2", 30 * DAY));
     dir.put("wrong-name", &ca.issue("client-3", 30 * DAY));
@@ -468,14 +456,8 @@ async fn a_certificate_renewed_on_disk_is_presented_without_a_restart() {
     let root = env.dir.path();
     std::fs::write(root.join("server-ca.pem"), &server_ca).unwrap();
     let ca = ClientCa::new("client CA");
-    env.provider.register(RegisteredClient::new(
-        "renewing",
-        Dialect::Transatel,
-        ExpectedAuth::TlsClientAuth {
-            subject: TlsSubject::Dn("CN=renewing".into()),
-            ca_pem: ca.pem.clone(),
-        },
-    ));
+    env.provider
+        .register(ca.client("renewing", TlsSubject::Dn("CN=renewing".into())));
     let old = ca.issue("renewing", 30 * DAY);
     let crt = env.demo.dir.join("secrets/renewing.crt");
     let key = env.demo.dir.join("secrets/renewing.key");
