@@ -1024,6 +1024,7 @@ impl Loader<'_> {
         let cert = self.credential(file, dir, client, "tls_client_cert", cert);
         let key = self.credential(file, dir, client, "tls_client_key", key)?;
         let pair = crate::oauth::ClientCert::new(cert?, key)
+            .and_then(|p| crate::oauth::check_client_cert(&p).map(|()| p))
             .map_err(|e| format!("client \"{client}\": {e}"));
         let pair = self.ok_at(file, key_span, pair)?;
         match pair.expiry_check(std::time::SystemTime::now()) {
