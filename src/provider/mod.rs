@@ -15,6 +15,10 @@
 //!   [`RegisteredClient::refresh_reuse_grace`]; a used one presented again is taken for a
 //!   stolen one and revokes every refresh token of the client, RFC 9700 §4.14.2) and
 //!   jwt-bearer (RFC 7523 §2.1), each only where its dialect has it;
+//! - client certificates (RFC 8705, over [`Provider::start_tls`]): `tls_client_auth` checked
+//!   against the client's CA and registered subject, `self_signed_tls_client_auth` against the
+//!   registered certificate's thumbprint, and every token issued over a connection with a
+//!   certificate bound to it (`cnf.x5t#S256`);
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
