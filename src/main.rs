@@ -352,6 +352,13 @@ fn check(path: &std::path::Path) -> ExitCode {
             Err(e) => eprintln!("warning: issuers not checked: {e}"),
         }
     }
+    // RFC 8705 client certificates: whose, and until when (a warning under 7 days was given).
+    let now = SystemTime::now();
+    for (name, c) in &config.clients {
+        if let Some(cert) = &c.tls_client {
+            println!("  {name}: {}", cert.describe(now));
+        }
+    }
     ExitCode::SUCCESS
 }
 

@@ -455,6 +455,7 @@ mod tests {
             allow_gids: vec![],
             outputs: vec![],
             timing: Timing::default(),
+            tls_client: None,
         })
     }
 

@@ -35,6 +35,8 @@ pub(crate) enum AuthKind {
     SecretJwt,
     PrivateKeyJwt,
     None,
+    TlsClientAuth,
+    SelfSignedTlsClientAuth,
 }
 
 impl AuthKind {
@@ -45,6 +47,8 @@ impl AuthKind {
             AuthKind::SecretJwt => "client_secret_jwt",
             AuthKind::PrivateKeyJwt => "private_key_jwt",
             AuthKind::None => "none",
+            AuthKind::TlsClientAuth => "tls_client_auth",
+            AuthKind::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
     }
 
@@ -67,6 +71,14 @@ impl AuthKind {
     pub fn is_jwt(self) -> bool {
         matches!(self, AuthKind::SecretJwt | AuthKind::PrivateKeyJwt)
     }
+
+    /// Whether the client certificate is the authentication (RFC 8705 §2.1, §2.2).
+    pub fn is_mtls(self) -> bool {
+        matches!(
+            self,
+            AuthKind::TlsClientAuth | AuthKind::SelfSignedTlsClientAuth
+        )
+    }
 }
 
 const GRANT_NAMES: [&str; 4] = [
@@ -75,12 +87,14 @@ const GRANT_NAMES: [&str; 4] = [
     "refresh_token",
     "jwt_bearer",
 ];
-const AUTH_NAMES: [&str; 5] = [
+const AUTH_NAMES: [&str; 7] = [
     "client_secret_basic",
     "client_secret_post",
     "client_secret_jwt",
     "private_key_jwt",
     "none",
+    "tls_client_auth",
+    "self_signed_tls_client_auth",
 ];
 
 /// `grant_type`: a short name or the RFC 7523 URN.
@@ -107,6 +121,8 @@ pub(crate) fn parse_client_auth(text: &str) -> Result<AuthKind, String> {
         "client_secret_jwt" => AuthKind::SecretJwt,
         "private_key_jwt" => AuthKind::PrivateKeyJwt,
         "none" => AuthKind::None,
+        "tls_client_auth" => AuthKind::TlsClientAuth,
+        "self_signed_tls_client_auth" => AuthKind::SelfSignedTlsClientAuth,
         _ => {
             return Err(format!(
                 "unknown client_auth \"{text}\"{}",

@@ -15,6 +15,7 @@
 //! | `client_auth`: method, secret or key values, `signing_alg`, `key_id`, assertion lifetime | `Renew` | credentials and how they are presented |
 //! | `extra_params`, `extra_headers` | `Renew` | they go into the token request |
 //! | `ca_file` (the path) | `Renew` | which server is trusted for the token |
+//! | `tls_client` (`tls_client_cert`, `tls_client_key`: chain or key content) | `Renew` | credentials: a token bound to the old certificate (RFC 8705 §3) is replaced now |
 //! | where a secret is read from (`{ file }` → `{ env }`, another path), same value | — | nothing to do (the watcher's path set follows the new config) |
 //! | `outputs` reordered, none with an `on_change` | — | order matters only to the commands |
 //! | `outputs`: paths, `format`, `mode`, `owner`, `group`, `env_prefix`; outputs added or removed | `Outputs` | the current token is written to the new outputs |
@@ -203,6 +204,7 @@ pub fn client_change(old: &ClientConfig, new: &ClientConfig) -> Option<ClientCha
         allow_gids,
         outputs,
         timing,
+        tls_client: _,
     } = old;
     let (old_files, old_commands) = split_outputs(outputs);
     let (new_files, new_commands) = split_outputs(&new.outputs);
@@ -256,9 +258,11 @@ fn auth_shape(
 ) {
     let method = auth.method_name();
     match auth {
-        ClientAuth::Basic { .. } | ClientAuth::Post { .. } | ClientAuth::None => {
-            (method, None, None, None)
-        }
+        ClientAuth::Basic { .. }
+        | ClientAuth::Post { .. }
+        | ClientAuth::None
+        | ClientAuth::TlsClientAuth
+        | ClientAuth::SelfSignedTlsClientAuth => (method, None, None, None),
         ClientAuth::SecretJwt { key, lifetime, .. } => (method, Some(key), None, Some(*lifetime)),
         ClientAuth::PrivateKeyJwt {
             key,

@@ -44,6 +44,24 @@ pub fn changed_keys(old: &ClientConfig, new: &ClientConfig) -> Vec<KeyChange> {
     v.names("extra_headers", &old.extra_headers, &new.extra_headers);
     let path = |p: &Option<std::path::PathBuf>| opt(&p.as_ref().map(|p| p.display().to_string()));
     v.plain("ca_file", &path(&old.ca_file), &path(&new.ca_file));
+    // The certificate is public (its subject and expiry are shown); the key is not.
+    let cert = |c: &ClientConfig| {
+        c.tls_client.as_ref().map_or("none".to_string(), |t| {
+            format!(
+                "{} (not after {}, x5t#S256 {})",
+                t.info.subject,
+                t.info.not_after_text(),
+                t.info.thumbprint
+            )
+        })
+    };
+    v.plain("tls_client_cert", &cert(old), &cert(new));
+    let key = |c: &ClientConfig| {
+        c.tls_client
+            .as_ref()
+            .map(|t| crate::secret::sha256_hex(t.key_material.expose().as_bytes()))
+    };
+    v.secret("tls_client_key", key(old) != key(new));
     v.plain(
         "rotate_cron",
         &opt(&old.rotate_cron),

@@ -983,6 +983,7 @@ impl Loader<'_> {
             }
             _ => (None, None),
         };
+        let tls_client = self.tls_client(file, dir, name, &mut raw);
 
         if self.errors.len() != before {
             return None;
@@ -1006,7 +1007,50 @@ impl Loader<'_> {
             allow_gids,
             outputs: outputs?,
             timing: timing.timing,
+            tls_client: tls_client?,
         })
+    }
+
+    /// `tls_client_cert` and `tls_client_key` (RFC 8705): both or neither; the key must be the
+    /// certificate's; an expired certificate is an error, one expiring within 7 days a warning.
+    /// `Some(None)`: no certificate; `None`: an error was recorded.
+    fn tls_client(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        raw: &mut RawClient,
+    ) -> Option<Option<std::sync::Arc<crate::oauth::ClientCert>>> {
+        let (cert, key) = match (raw.tls_client_cert.take(), raw.tls_client_key.take()) {
+            (None, None) => return Some(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(c), None) => {
+                let msg = "tls_client_cert is given without tls_client_key: give both (the certificate chain and its private key)";
+                self.error(Self::at(file, c.span()), msg);
+                return None;
+            }
+            (None, Some(k)) => {
+                let msg = "tls_client_key is given without tls_client_cert: give both (the certificate chain and its private key)";
+                self.error(Self::at(file, k.span()), msg);
+                return None;
+            }
+        };
+        let (cert_loc, key_span) = (Self::at(file, cert.span()), key.span());
+        let cert = self.credential(file, dir, client, "tls_client_cert", cert);
+        let key = self.credential(file, dir, client, "tls_client_key", key)?;
+        let pair = crate::oauth::ClientCert::new(cert?, key)
+            .and_then(|p| crate::oauth::check_client_cert(&p).map(|()| p))
+            .map_err(|e| format!("client \"{client}\": {e}"));
+        let pair = self.ok_at(file, key_span, pair)?;
+        match pair.expiry_check(std::time::SystemTime::now()) {
+            Ok(None) => {}
+            Ok(Some(w)) => self.warn(cert_loc, format!("client \"{client}\": {w}")),
+            Err(e) => {
+                self.error(cert_loc, format!("client \"{client}\": {e}"));
+                return None;
+            }
+        }
+        Some(Some(std::sync::Arc::new(pair)))
     }
 
     /// `r`'s value; its error is recorded at `span` of `file`.
@@ -1055,6 +1099,7 @@ impl Loader<'_> {
             ("password", pw, pw, g),
             ("refresh_token", rt, rt, g),
             ("assertion", jb, jb, g),
+            ("tls_client_cert", p.auth.is_mtls(), true, a),
         ];
         for (key, needed, used, why) in rules {
             if needed && !present(key) {
@@ -1190,6 +1235,8 @@ impl Loader<'_> {
         };
         match p.auth {
             AuthKind::None => Some(ClientAuth::None),
+            AuthKind::TlsClientAuth => Some(ClientAuth::TlsClientAuth),
+            AuthKind::SelfSignedTlsClientAuth => Some(ClientAuth::SelfSignedTlsClientAuth),
             AuthKind::Basic | AuthKind::Post | AuthKind::SecretJwt => {
                 let raw_secret = raw.client_secret.take()?;
                 let span = raw_secret.span();
@@ -1245,12 +1292,14 @@ impl Loader<'_> {
         raw: Spanned<RawSecret>,
     ) -> Option<Credential> {
         let loc = Self::at(file, raw.span());
+        // A certificate chain is public: read like a secret, but no warning about who can read it.
+        let public = key == "tls_client_cert";
         let source = match raw.into_inner() {
             RawSecret::File(p) => SecretSource::File(resolve(dir, p)),
             RawSecret::Env(n) => SecretSource::Env(n),
             RawSecret::Credential(n) => SecretSource::Credential(n),
             RawSecret::Inline(s) => {
-                if self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
+                if !public && self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
                     self.warn(
                         loc,
                         format!(
@@ -1273,7 +1322,7 @@ impl Loader<'_> {
                     self.error(loc, e);
                     return None;
                 }
-                Ok(Some(mode)) if mode & 0o004 != 0 => self.warn(
+                Ok(Some(mode)) if !public && mode & 0o004 != 0 => self.warn(
                     loc,
                     format!(
                         "{key}: secret file {} can be read by any user (mode {mode:04o}): chmod \

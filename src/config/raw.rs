@@ -80,6 +80,9 @@ pub(crate) struct RawClient {
     pub rotate_cron: Option<Spanned<String>>,
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,
+    // Mutual TLS (RFC 8705): the client certificate chain and its key.
+    pub tls_client_cert: Option<Spanned<RawSecret>>,
+    pub tls_client_key: Option<Spanned<RawSecret>>,
     // The timing keys of `[defaults]`, overriding them for this client. (serde's `flatten`
     // does not work with `deny_unknown_fields`, hence the repetition.)
     pub refresh_at: Option<Spanned<f64>>,

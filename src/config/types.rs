@@ -192,6 +192,9 @@ pub struct ClientConfig {
     /// Files the token is written to.
     pub outputs: Vec<OutputConfig>,
     pub timing: Timing,
+    /// `tls_client_cert` and `tls_client_key`: the client certificate presented on token
+    /// requests (RFC 8705), checked to match its key.
+    pub tls_client: Option<std::sync::Arc<crate::oauth::ClientCert>>,
 }
 
 impl ClientConfig {
@@ -255,7 +258,10 @@ impl ClientConfig {
             ClientAuth::SecretJwt { key, .. } | ClientAuth::PrivateKeyJwt { key, .. } => {
                 parts.push(key.digest.clone())
             }
-            ClientAuth::None => {}
+            ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
+        }
+        if let Some(cert) = &self.tls_client {
+            parts.push(cert.digest.clone());
         }
         crate::secret::sha256_hex(parts.join("\u{0}").as_bytes())
     }
@@ -275,7 +281,10 @@ impl ClientConfig {
             }
             ClientAuth::SecretJwt { secret, .. } => v.extend(secret.source.path()),
             ClientAuth::PrivateKeyJwt { key_source, .. } => v.extend(key_source.path()),
-            ClientAuth::None => {}
+            ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
+        }
+        if let Some(cert) = &self.tls_client {
+            v.extend(cert.paths());
         }
         v
     }
@@ -448,6 +457,12 @@ pub enum ClientAuth {
     },
     /// `none`: a public client; `client_id` in the form body.
     None,
+    /// `tls_client_auth`: the client certificate (`tls_client`, PKI-issued) authenticates;
+    /// `client_id` in the form body (RFC 8705 §2.1).
+    TlsClientAuth,
+    /// `self_signed_tls_client_auth`: a self-signed client certificate registered with the
+    /// provider authenticates; `client_id` in the form body (RFC 8705 §2.2).
+    SelfSignedTlsClientAuth,
 }
 
 impl ClientAuth {
@@ -459,6 +474,8 @@ impl ClientAuth {
             ClientAuth::SecretJwt { .. } => "client_secret_jwt",
             ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
             ClientAuth::None => "none",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
     }
 }

@@ -271,13 +271,6 @@ pub fn needs_fetch(
     }
 }
 
-/// The hook for RFC 8705 client certificates: whether `client` presents one on its token
-/// requests, which makes it use `mtls_endpoint_aliases.token_endpoint`. No client does until
-/// `tls_client_cert` exists; then this is the one line that reads it.
-pub fn presents_client_certificate(_client: &ClientConfig) -> bool {
-    false
-}
-
 /// One issuer's metadata as the daemon holds it.
 #[derive(Default)]
 struct Entry {
@@ -474,7 +467,7 @@ pub async fn check_report(config: &crate::config::Config) -> (Vec<String>, Vec<S
                 lines.push(format!(
                     "client \"{}\": token endpoint {} (from {})",
                     client.name,
-                    m.token_endpoint_for(presents_client_certificate(client)),
+                    m.token_endpoint_for(super::has_client_cert(client)),
                     cached.fetched_from
                 ));
                 warnings.extend(m.warnings(client));
@@ -494,7 +487,7 @@ fn with_endpoint(
     client: &Arc<ClientConfig>,
     metadata: &Metadata,
 ) -> Result<Arc<ClientConfig>, OAuthError> {
-    let endpoint = metadata.token_endpoint_for(presents_client_certificate(client));
+    let endpoint = metadata.token_endpoint_for(super::has_client_cert(client));
     let url = crate::config::check_token_url(endpoint).map_err(|e| OAuthError::Discovery {
         message: format!("issuer {}: {e}", metadata.issuer),
         permanent: true,

@@ -9,9 +9,11 @@
 //!   proxy variables as curl reads them; loopback never).
 //! - `discovery`: the token endpoint found from an `issuer` (RFC 8414, OpenID Connect
 //!   Discovery), kept in the state directory.
+//! - `mtls`: the client certificate and key of mutual TLS (RFC 8705), checked to match.
 
 pub mod discovery;
 mod error;
+mod mtls;
 mod request;
 mod response;
 mod route;
@@ -26,6 +28,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderVal
 
 pub use discovery::Discovery;
 pub use error::{ErrorClass, Human, OAuthError, hint, printable};
+pub use mtls::{CertInfo, ClientCert, EXPIRY_WARNING, cert_info, has_client_cert, thumbprint};
 pub use request::{Attempt, CLIENT_ASSERTION_TYPE, PreparedRequest, basic_authorization, prepare};
 pub use response::{
     Issued, MAX_BODY, MAX_CLOCK_SKEW, RequestContext, ResponseMeta, clock_skew, httpdate,
@@ -43,19 +46,41 @@ pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
 /// `ca_file`), no redirects, no proxy (whatever the environment says: [`HttpClients`] decides
 /// proxies per client, see [`route`]).
 pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, OAuthError> {
-    build_http_client(ca_file, None).map_err(OAuthError::Request)
+    build_http_client(ca_file, None, None).map_err(OAuthError::Request)
 }
 
 /// Checks a `ca_file` the way [`http_client`] uses it: readable, a PEM bundle of at least one
 /// certificate, each one accepted as a trust anchor. The error names the file and what is wrong
 /// (`tokenwarden check` reports it at the `ca_file` key).
 pub fn check_ca_file(path: &Path) -> Result<(), String> {
-    build_http_client(Some(path), None).map(drop)
+    build_http_client(Some(path), None, None).map(drop)
+}
+
+/// Checks that TLS takes a client certificate pair as [`HttpClients`] will use it (the key type
+/// is one rustls signs with, the chain parses); the error names both sources.
+pub fn check_client_cert(cert: &ClientCert) -> Result<(), String> {
+    // Trusting only the pair's own chain spares reading the system's trust store per client
+    // (tens of ms each); the identity is checked the same way.
+    let roots = cert.chain_certificates()?;
+    reqwest::Client::builder()
+        .tls_certs_only(roots)
+        .identity(cert.identity()?)
+        .build()
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "tls_client_cert {} with tls_client_key {} cannot be used for TLS: {}",
+                cert.cert_source,
+                cert.key_source,
+                chain(&e)
+            )
+        })
 }
 
 fn build_http_client(
     ca_file: Option<&Path>,
     proxy: Option<&ProxyUrl>,
+    cert: Option<&ClientCert>,
 ) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -68,6 +93,9 @@ fn build_http_client(
         let proxy = reqwest::Proxy::all(p.expose().as_str())
             .map_err(|e| format!("proxy {p} cannot be used: {}", chain(&e.without_url())))?;
         builder = builder.proxy(proxy);
+    }
+    if let Some(cert) = cert {
+        builder = builder.identity(cert.identity()?);
     }
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
@@ -105,9 +133,14 @@ fn build_http_client(
 
 /// HTTP clients shared by every token client with the same `ca_file` and proxy: one connection
 /// pool per trust configuration and route, so many clients of one provider reuse connections.
+///
+/// A client with a certificate (`tls_client_cert`) gets an HTTP client of its own, built when
+/// first used and again when its certificate, key, `ca_file` or proxy change (a renewal arrives
+/// with a reload), never per request.
 #[derive(Default)]
 pub struct HttpClients {
     clients: Mutex<HashMap<PoolKey, reqwest::Client>>,
+    with_cert: Mutex<HashMap<String, mtls::CertPool>>,
 }
 
 /// What sets one pool apart: the `ca_file` and the proxy (`None`: direct).
@@ -121,6 +154,9 @@ impl HttpClients {
             Route::Proxy { url, .. } => Some(url),
             Route::Direct(_) => None,
         };
+        if let Some(cert) = &client.tls_client {
+            return self.get_with_cert(client, cert, proxy);
+        }
         let key = (client.ca_file.clone(), proxy);
         let mut map = match self.clients.lock() {
             Ok(g) => g,
@@ -129,9 +165,55 @@ impl HttpClients {
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let c = build_http_client(key.0.as_deref(), key.1.as_ref()).map_err(OAuthError::Request)?;
+        let c = build_http_client(key.0.as_deref(), key.1.as_ref(), None)
+            .map_err(OAuthError::Request)?;
         map.insert(key, c.clone());
         Ok(c)
+    }
+
+    fn get_with_cert(
+        &self,
+        client: &ClientConfig,
+        cert: &ClientCert,
+        proxy: Option<ProxyUrl>,
+    ) -> Result<reqwest::Client, OAuthError> {
+        let mut map = match self.with_cert.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(pool) = map.get(&client.name)
+            && pool.digest == cert.digest
+            && pool.ca_file == client.ca_file
+            && pool.proxy == proxy
+        {
+            return Ok(pool.client.clone());
+        }
+        let built = build_http_client(client.ca_file.as_deref(), proxy.as_ref(), Some(cert))
+            .map_err(OAuthError::Request)?;
+        tracing::debug!(
+            client = %client.name,
+            subject = %cert.info.subject,
+            not_after = %cert.info.not_after_text(),
+            "HTTP client built with the client certificate"
+        );
+        map.insert(
+            client.name.clone(),
+            mtls::CertPool {
+                digest: cert.digest.clone(),
+                ca_file: client.ca_file.clone(),
+                proxy,
+                client: built.clone(),
+            },
+        );
+        Ok(built)
+    }
+
+    /// How many HTTP clients with a certificate are kept (one per token client at most).
+    pub fn cert_clients(&self) -> usize {
+        match self.with_cert.lock() {
+            Ok(g) => g.len(),
+            Err(p) => p.into_inner().len(),
+        }
     }
 }
 
@@ -238,7 +320,10 @@ pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
         ClientAuth::Basic { secret } | ClientAuth::Post { secret } => r.add(secret.value.expose()),
         ClientAuth::SecretJwt { secret, .. } => r.add(secret.value.expose()),
         ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
-        ClientAuth::None => {}
+        ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
+    }
+    if let Some(cert) = &client.tls_client {
+        r.add(cert.key_material.expose());
     }
     if let crate::config::ProxyConfig::Url(p) = &client.proxy
         && let Some(password) = p.password()

@@ -141,6 +141,10 @@ pub fn prepare(
             ));
             form.push(("client_assertion".into(), jwt));
         }
+        // RFC 8705 §2.1, §2.2: the certificate authenticates; client_id names the client.
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+            form.push(("client_id".into(), Secret::new(client_id)));
+        }
         ClientAuth::None => {
             if !client_id.is_empty() {
                 form.push(("client_id".into(), Secret::new(client_id)));

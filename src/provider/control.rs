@@ -38,16 +38,24 @@ pub(super) struct Observed {
 pub(super) struct LiveToken {
     client_id: String,
     expires: Instant,
+    /// The `x5t#S256` the token is bound to (RFC 8705 §3.1), as introspection would show it.
+    cnf: Option<String>,
 }
 
 impl Observed {
     /// Notes `access_token`, just issued to `client`.
-    pub fn note_issued(&mut self, access_token: &str, client: &RegisteredClient) {
+    pub fn note_issued(
+        &mut self,
+        access_token: &str,
+        client: &RegisteredClient,
+        cnf: Option<String>,
+    ) {
         self.live.insert(
             access_token.to_string(),
             LiveToken {
                 client_id: client.client_id.clone(),
                 expires: Instant::now() + client.lifetime,
+                cnf,
             },
         );
         *self.issued.entry(client.client_id.clone()).or_default() += 1;
@@ -177,6 +185,16 @@ impl Provider {
             .live
             .get(access_token)
             .map(|t| t.client_id.clone())
+    }
+
+    /// The `cnf` `x5t#S256` an access token issued here is bound to (RFC 8705 §3.1): the
+    /// thumbprint of the certificate presented with the request that got it.
+    pub fn token_cnf(&self, access_token: &str) -> Option<String> {
+        self.ledger()
+            .observed
+            .live
+            .get(access_token)
+            .and_then(|t| t.cnf.clone())
     }
 
     /// Forgets every refresh token of a client: its next refresh grant gets `invalid_grant`.

@@ -15,6 +15,10 @@
 //!   [`RegisteredClient::refresh_reuse_grace`]; a used one presented again is taken for a
 //!   stolen one and revokes every refresh token of the client, RFC 9700 §4.14.2) and
 //!   jwt-bearer (RFC 7523 §2.1), each only where its dialect has it;
+//! - client certificates (RFC 8705, over [`Provider::start_tls`]): `tls_client_auth` checked
+//!   against the client's CA and registered subject, `self_signed_tls_client_auth` against the
+//!   registered certificate's thumbprint, and every token issued over a connection with a
+//!   certificate bound to it (`cnf.x5t#S256`);
 //! - `scope` limited to what the client may ask for;
 //! - errors as in RFC 6749 §5.2, successes as in §5.1 with `Cache-Control: no-store`.
 //!
@@ -29,6 +33,8 @@
 //! - [`dialect`](Dialect): paths, grants and response shapes per provider.
 //! - `request`: strict reading of the request and client authentication.
 //! - `assertion`: JWT assertion checks.
+//! - `mtls`: client certificates (RFC 8705): `tls_client_auth`, `self_signed_tls_client_auth`
+//!   and the `cnf.x5t#S256` of certificate-bound tokens.
 //! - `response`: the bodies and headers of its answers.
 //! - `discovery`: the RFC 8414 and OpenID Connect Discovery metadata documents.
 //! - `control` and `fault` (feature `test-provider`): what the tests set and read, and
@@ -45,6 +51,7 @@ mod dialect;
 mod discovery;
 #[cfg(feature = "test-provider")]
 mod fault;
+mod mtls;
 mod request;
 mod response;
 #[cfg(feature = "test-provider")]
@@ -73,6 +80,7 @@ use tracing::debug;
 pub use dialect::{Dialect, Grant, JWT_BEARER_GRANT, TalkdeskRegion};
 #[cfg(feature = "test-provider")]
 pub use fault::{Fault, HTML_ERROR_PAGE};
+pub use mtls::TlsSubject;
 pub use request::{CLIENT_ASSERTION_TYPE, MAX_BODY};
 #[cfg(feature = "test-provider")]
 pub use tls::TlsIdentity;
@@ -81,6 +89,7 @@ use crate::keys::SigningAlg;
 use crate::secret::{Secret, fingerprint};
 use assertion::{ClientRule, GrantRule};
 use dialect::Issue;
+use mtls::check_certificate;
 use request::{Presented, Reject};
 use response::{Body, error_response, json_response};
 
@@ -120,6 +129,19 @@ pub enum ExpectedAuth {
     /// No client authentication: a public client naming itself with `client_id`, or the
     /// jwt-bearer grant, whose assertion's `iss` names the client.
     None,
+    /// `tls_client_auth` (RFC 8705 §2.1): a client certificate issued by this CA carrying this
+    /// subject.
+    TlsClientAuth {
+        /// The subject DN or SAN the certificate must carry.
+        subject: TlsSubject,
+        /// The issuing CA's certificate (PEM).
+        ca_pem: String,
+    },
+    /// `self_signed_tls_client_auth` (RFC 8705 §2.2): this very certificate.
+    SelfSignedTlsClientAuth {
+        /// The registered certificate's `x5t#S256`.
+        thumbprint: String,
+    },
 }
 
 impl ExpectedAuth {
@@ -131,6 +153,15 @@ impl ExpectedAuth {
             ExpectedAuth::SecretJwt { .. } => "client_secret_jwt",
             ExpectedAuth::PrivateKeyJwt { .. } => "private_key_jwt",
             ExpectedAuth::None => "none",
+            ExpectedAuth::TlsClientAuth { .. } => "tls_client_auth",
+            ExpectedAuth::SelfSignedTlsClientAuth { .. } => "self_signed_tls_client_auth",
+        }
+    }
+
+    /// `self_signed_tls_client_auth` with the certificate `cert_der`.
+    pub fn self_signed_tls(cert_der: &[u8]) -> ExpectedAuth {
+        ExpectedAuth::SelfSignedTlsClientAuth {
+            thumbprint: crate::oauth::thumbprint(cert_der),
         }
     }
 }
@@ -703,8 +734,10 @@ impl Endpoint {
         let now = unix_now();
         let token_url = format!("{}{}", self.base_url(), req.path);
         let mut st = self.lock();
+        let client_cert = req.client_cert.as_deref();
         let client = st
             .authenticate(&presented, dialects, &form, grant_type, &token_url, now)
+            .and_then(|c| check_certificate(c, client_cert, now))
             .map_err(|r| r.challenge(tried_basic))?;
         let Some(grant) = Grant::parse(grant_type).filter(|g| client.dialect.grants().contains(g))
         else {
@@ -776,7 +809,8 @@ impl Endpoint {
                 or_default(requested)
             }
         };
-        let issue = st.issue(self, &client, scope, now);
+        let cnf = mtls::confirmation(client_cert);
+        let issue = st.issue(self, &client, scope, now, cnf);
         Ok((
             client.client_id.clone(),
             dialect::token_body(client.dialect, &issue),
@@ -890,7 +924,10 @@ impl Ledger {
                 };
                 let c = self.find(&id, dialects)?;
                 match c.auth {
-                    ExpectedAuth::None => Ok(c),
+                    // The certificate is checked by `check_certificate`.
+                    ExpectedAuth::None
+                    | ExpectedAuth::TlsClientAuth { .. }
+                    | ExpectedAuth::SelfSignedTlsClientAuth { .. } => Ok(c),
                     _ => Err(Reject::invalid_client(format!(
                         "client authentication required: this client must use {}",
                         c.auth.method_name()
@@ -992,6 +1029,7 @@ impl Ledger {
         c: &RegisteredClient,
         scope: Vec<String>,
         now: u64,
+        cnf: Option<String>,
     ) -> Issue {
         self.counter += 1;
         let n = self.counter;
@@ -1000,7 +1038,7 @@ impl Ledger {
         let expires_in = c.lifetime.as_secs();
         let opaque = format!("tw_{}_{fp}_{n:06}_{}", c.dialect.short_name(), random());
         let access_token = if c.dialect == Dialect::Transatel {
-            let claims = json!({
+            let mut claims = json!({
                 "iss": format!("{}/transatel", endpoint.base_url()),
                 "sub": c.client_id,
                 "aud": "transatel-api",
@@ -1008,12 +1046,16 @@ impl Ledger {
                 "exp": now + expires_in,
                 "jti": format!("{n}-{}", random()),
             });
+            // RFC 8705 §3.1: bound to the certificate the request came with.
+            if let Some(x5t) = &cnf {
+                claims["cnf"] = json!({ "x5t#S256": x5t });
+            }
             endpoint.sign(&claims).unwrap_or(opaque)
         } else {
             opaque
         };
         #[cfg(feature = "test-provider")]
-        self.observed.note_issued(&access_token, c);
+        self.observed.note_issued(&access_token, c, cnf.clone());
         let refresh_token = (c.refresh_tokens && c.dialect.grants().contains(&Grant::RefreshToken))
             .then(|| {
                 let rt = format!("twr_{fp}_{n:06}_{}", random());

@@ -14,6 +14,7 @@ use toml::{Table, Value};
 const EXAMPLES: &[(&str, &[&str])] = &[
     ("creads.toml", &["creads-base", "creads-files"]),
     ("discovery.toml", &["acme-discovery"]),
+    ("mtls.toml", &["mtls-billing"]),
     ("talentsoft-application.toml", &["talentsoft-app"]),
     ("talentsoft-user.toml", &["talentsoft-user"]),
     ("talkdesk.toml", &["talkdesk", "talkdesk-ca", "talkdesk-eu"]),
@@ -25,12 +26,14 @@ const EXAMPLES: &[(&str, &[&str])] = &[
 const MAIN: &str = "tokenwarden.toml";
 
 /// Keys whose value is a secret (docs/configuration.md#secrets).
-const SECRET_KEYS: [&str; 5] = [
+const SECRET_KEYS: [&str; 7] = [
     "client_secret",
     "password",
     "refresh_token",
     "private_key",
     "key",
+    "tls_client_cert",
+    "tls_client_key",
 ];
 
 fn config_dir() -> PathBuf {
@@ -112,13 +115,58 @@ fn credentials(file: &Path) -> BTreeMap<String, bool> {
     out
 }
 
+/// The credential names of each client's `tls_client_cert` and `tls_client_key` in `file`.
+fn certificate_pairs(file: &Path) -> Vec<(String, String)> {
+    let t = parse(file);
+    let credential = |v: Option<&Value>| {
+        v.and_then(Value::as_table)
+            .and_then(|t| t.get("credential"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let clients = t.get("clients").and_then(Value::as_table);
+    clients
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, c)| {
+            let c = c.as_table()?;
+            Some((
+                credential(c.get("tls_client_cert"))?,
+                credential(c.get("tls_client_key"))?,
+            ))
+        })
+        .collect()
+}
+
 /// A `CREDENTIALS_DIRECTORY` holding a dummy value for every credential of `files`: a fresh
-/// ES256 PKCS#8 key for private keys, a random string otherwise.
+/// ES256 PKCS#8 key for private keys, a self-signed certificate and its key for a
+/// `tls_client_cert`/`tls_client_key` pair, a random string otherwise.
 fn credentials_dir(files: &[PathBuf]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for file in files {
+        let pairs = certificate_pairs(file);
         for (name, key) in credentials(file) {
-            let value = if key {
+            let pair = pairs.iter().find(|(c, k)| *c == name || *k == name);
+            let value = if let Some((cert_name, key_name)) = pair {
+                // Both files of the pair at once, when the first of them comes.
+                if dir.path().join(cert_name).exists() {
+                    continue;
+                }
+                let made =
+                    rcgen::generate_simple_self_signed(vec!["client.example".into()]).unwrap();
+                for (n, v) in [
+                    (key_name, made.signing_key.serialize_pem()),
+                    (cert_name, made.cert.pem()),
+                ] {
+                    std::fs::write(dir.path().join(n), v).unwrap();
+                    std::fs::set_permissions(
+                        dir.path().join(n),
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                    .unwrap();
+                }
+                continue;
+            } else if key {
                 tokenwarden::keys::generate_es256().unwrap().0
             } else {
                 format!("dummy-{name}-{}", uuid::Uuid::new_v4().simple())

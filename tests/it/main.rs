@@ -17,6 +17,7 @@ mod fuzz_corpus;
 mod grpc;
 mod http;
 mod metrics;
+mod mtls;
 mod operator;
 mod outputs;
 mod package;

@@ -61,6 +61,7 @@ fn client(outputs: Vec<OutputConfig>) -> ClientConfig {
         allow_gids: Vec::new(),
         outputs,
         timing: Timing::default(),
+        tls_client: None,
     }
 }
 
