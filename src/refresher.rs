@@ -53,6 +53,8 @@ pub struct Engine {
     pub clock: Clock,
     /// Where tokens come from: the token endpoint ([`oauth::acquire`]), or a test's fake.
     pub source: Arc<dyn TokenSource>,
+    /// Every refresher's snapshot by client name: where a chained client finds its upstream.
+    pub chains: Chains,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -142,6 +144,7 @@ impl Engine {
             warn_on_failure: true,
             clock: Clock::System,
             source: Arc::new(TokenEndpoint),
+            chains: Chains::default(),
         })
     }
 }
@@ -206,6 +209,8 @@ pub fn spawn(
 ) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
+    engine.chains.register(&config.name, snap_rx.clone());
+    let upstream = Upstream::of(&config);
     let slot = ClientSlot {
         snapshot: snap_rx,
         mailbox: mailbox.clone(),
@@ -229,6 +234,7 @@ pub fn spawn(
         output_repeated: Repeated::default(),
         expired_logged: false,
         skew_warned: false,
+        upstream,
     };
     let task = engine.tracker.spawn(refresher.run()).abort_handle();
     Handle { slot, task }
@@ -260,6 +266,8 @@ struct Refresher {
     expired_logged: bool,
     /// The clock-skew warning was given (once per client until the skew goes away).
     skew_warned: bool,
+    /// For a chained client (RFC 8693 subject from another client): the upstream it follows.
+    upstream: Option<Box<Upstream>>,
 }
 
 /// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
@@ -387,6 +395,9 @@ impl Refresher {
                 biased;
                 _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
+                _ = upstream_changed(self.upstream.as_deref_mut(), &self.engine.chains) => {
+                    Box::pin(self.upstream_moved()).await
+                }
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
                         let trigger = self.next_trigger;
@@ -456,6 +467,10 @@ impl Refresher {
             // Keep the generation counting on from the stored one.
             self.snapshot
                 .send_modify(|snap| snap.generation = s.generation);
+        }
+        if self.upstream.is_some() {
+            // A chained client asks once its upstream has a token (`upstream_moved`).
+            return;
         }
         self.next_at = Some(Instant::now());
         self.next_trigger = Trigger::Startup;
@@ -597,7 +612,10 @@ impl Refresher {
         let acquire = engine
             .source
             .acquire(&http, &config, refresh_token.as_ref(), spent);
-        tokio::pin!(acquire);
+        let mut acquire = match self.upstream_token() {
+            Some(subject) => Box::pin(oauth::exchange::with_upstream_token(subject, acquire)),
+            None => acquire,
+        };
         // The token may expire while the request hangs: say so on time all the same.
         let result = loop {
             let expiry = self.expiry();
@@ -773,16 +791,21 @@ impl Refresher {
         self.plan(at);
     }
 
-    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at).
+    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at); for a
+    /// chained client, never after the subject token it was exchanged from expires.
     fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
-        schedule::next_refresh_at(
+        let at = schedule::next_refresh_at(
             &self.config.timing,
             token.issued_at,
             token.expires_at,
             self.now(),
             unit(),
             schedule::is_burst(trigger),
-        )
+        );
+        match self.upstream.as_ref().and_then(|u| u.subject_expires_at) {
+            Some(subject) => at.min(subject),
+            None => at,
+        }
     }
 
     fn plan(&mut self, at: SystemTime) {
@@ -990,6 +1013,141 @@ impl std::fmt::Display for HeldBack {
             Human(self.min_interval),
             Human(wait),
         )
+    }
+}
+
+// === chained clients (RFC 8693: `subject_token = { client = "NAME" }`) ===
+
+/// Every refresher's snapshot channel by client name, announced on a `watch` channel so that a
+/// chained client started before its upstream (or after a reload replaced the upstream) finds
+/// it when it appears.
+pub struct Chains(watch::Sender<std::collections::HashMap<String, watch::Receiver<Snapshot>>>);
+
+impl Default for Chains {
+    fn default() -> Self {
+        Chains(watch::channel(Default::default()).0)
+    }
+}
+
+impl Chains {
+    fn register(&self, name: &str, snapshot: watch::Receiver<Snapshot>) {
+        self.0.send_modify(|m| {
+            // Forget the refreshers that have stopped (removed clients).
+            m.retain(|_, rx| rx.has_changed().is_ok());
+            m.insert(name.to_owned(), snapshot);
+        });
+    }
+
+    /// The snapshot of `name`'s running refresher, once there is one.
+    async fn find(&self, name: &str) -> watch::Receiver<Snapshot> {
+        let mut registry = self.0.subscribe();
+        loop {
+            let found = registry
+                .borrow_and_update()
+                .get(name)
+                .filter(|rx| rx.has_changed().is_ok())
+                .cloned();
+            if let Some(rx) = found {
+                return rx;
+            }
+            if registry.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// The upstream a chained client follows.
+struct Upstream {
+    name: String,
+    /// Its refresher's snapshot; `None` until found (again, after a reload replaced it).
+    snapshot: Option<watch::Receiver<Snapshot>>,
+    /// The upstream generation the last request exchanged.
+    used: Option<u64>,
+    /// When that subject token expires: the refresh is planned no later.
+    subject_expires_at: Option<SystemTime>,
+}
+
+impl Upstream {
+    fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
+        config.grant.upstream().map(|name| {
+            Box::new(Upstream {
+                name: name.to_owned(),
+                snapshot: None,
+                used: None,
+                subject_expires_at: None,
+            })
+        })
+    }
+}
+
+/// Resolves when the upstream's snapshot changes (or first appears); never without one.
+async fn upstream_changed(up: Option<&mut Upstream>, chains: &Chains) {
+    let Some(up) = up else {
+        return std::future::pending().await;
+    };
+    loop {
+        match &mut up.snapshot {
+            Some(rx) => match rx.changed().await {
+                Ok(()) => return,
+                // Its refresher stopped (a reload replaced or removed it): find the new one.
+                Err(_) => up.snapshot = None,
+            },
+            None => {
+                let mut rx = chains.find(&up.name).await;
+                rx.mark_changed();
+                up.snapshot = Some(rx);
+            }
+        }
+    }
+}
+
+impl Refresher {
+    /// The upstream's snapshot moved: a new token there means a new one here (the subject
+    /// changed); an upstream that settled without a token makes this client's first attempt
+    /// fail with that reason rather than wait unseen.
+    async fn upstream_moved(&mut self) {
+        let now = self.now();
+        let Some(up) = self.upstream.as_deref_mut() else {
+            return;
+        };
+        let Some((generation, valid, settled, reused)) = up.snapshot.as_ref().map(|rx| {
+            let s = rx.borrow();
+            (
+                s.generation,
+                s.valid_token(now).is_some(),
+                s.settled,
+                s.reused,
+            )
+        }) else {
+            return;
+        };
+        let mine = self.snapshot.borrow().clone();
+        if valid && up.used.is_none() && reused && mine.reused {
+            // Both taken from the state directory at start: this token came of that one.
+            up.used = Some(generation);
+            return;
+        }
+        let fresh = valid && up.used != Some(generation);
+        if fresh || (settled && !valid && !mine.settled) {
+            let trigger = if mine.token.is_none() {
+                Trigger::Startup
+            } else {
+                Trigger::Reload
+            };
+            let _ = self.attempt(trigger).await;
+        }
+    }
+
+    /// The upstream's current token for this request (noting which one it is), if valid.
+    fn upstream_token(&mut self) -> Option<Secret> {
+        let now = self.now();
+        let up = self.upstream.as_deref_mut()?;
+        let snap = up.snapshot.as_ref()?.borrow().clone();
+        let token = snap.valid_token(now)?;
+        up.used = Some(snap.generation);
+        up.subject_expires_at = Some(token.expires_at);
+        Some(token.access_token.clone())
     }
 }
 

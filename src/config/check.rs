@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::error::suggestion;
-use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, Timing};
+use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, TOKEN_EXCHANGE_GRANT, Timing};
 
 /// The grants (docs/configuration.md#clientsname), before their keys are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +14,7 @@ pub(crate) enum GrantKind {
     Password,
     RefreshToken,
     JwtBearer,
+    TokenExchange,
 }
 
 impl GrantKind {
@@ -23,6 +24,7 @@ impl GrantKind {
             GrantKind::Password => "password",
             GrantKind::RefreshToken => "refresh_token",
             GrantKind::JwtBearer => "jwt_bearer",
+            GrantKind::TokenExchange => "token_exchange",
         }
     }
 }
@@ -34,6 +36,7 @@ pub(crate) enum AuthKind {
     Post,
     SecretJwt,
     PrivateKeyJwt,
+    ClientAssertion,
     None,
 }
 
@@ -44,6 +47,7 @@ impl AuthKind {
             AuthKind::Post => "client_secret_post",
             AuthKind::SecretJwt => "client_secret_jwt",
             AuthKind::PrivateKeyJwt => "private_key_jwt",
+            AuthKind::ClientAssertion => "client_assertion",
             AuthKind::None => "none",
         }
     }
@@ -69,18 +73,20 @@ impl AuthKind {
     }
 }
 
-const GRANT_NAMES: [&str; 4] = [
+const GRANT_NAMES: [&str; 5] = [
     "client_credentials",
     "password",
     "refresh_token",
     "jwt_bearer",
+    "token_exchange",
 ];
-const AUTH_NAMES: [&str; 5] = [
+const AUTH_NAMES: [&str; 6] = [
     "client_secret_basic",
     "client_secret_post",
     "client_secret_jwt",
     "private_key_jwt",
     "none",
+    "client_assertion",
 ];
 
 /// `grant_type`: a short name or the RFC 7523 URN.
@@ -90,6 +96,7 @@ pub(crate) fn parse_grant(text: &str) -> Result<GrantKind, String> {
         "password" => GrantKind::Password,
         "refresh_token" => GrantKind::RefreshToken,
         "jwt_bearer" | JWT_BEARER_GRANT => GrantKind::JwtBearer,
+        "token_exchange" | TOKEN_EXCHANGE_GRANT => GrantKind::TokenExchange,
         _ => {
             return Err(format!(
                 "unknown grant_type \"{text}\"{}",
@@ -106,6 +113,7 @@ pub(crate) fn parse_client_auth(text: &str) -> Result<AuthKind, String> {
         "client_secret_post" => AuthKind::Post,
         "client_secret_jwt" => AuthKind::SecretJwt,
         "private_key_jwt" => AuthKind::PrivateKeyJwt,
+        "client_assertion" => AuthKind::ClientAssertion,
         "none" => AuthKind::None,
         _ => {
             return Err(format!(

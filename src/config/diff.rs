@@ -239,7 +239,11 @@ fn grant_shape(grant: &Grant) -> Option<impl PartialEq + '_> {
             assertion.lifetime,
             &assertion.claims,
         )),
-        Grant::ClientCredentials | Grant::Password { .. } | Grant::RefreshToken { .. } => None,
+        Grant::ClientCredentials
+        | Grant::Password { .. }
+        | Grant::RefreshToken { .. }
+        | Grant::AssertionFile { .. }
+        | Grant::TokenExchange(_) => None,
     }
 }
 
@@ -255,9 +259,10 @@ fn auth_shape(
 ) {
     let method = auth.method_name();
     match auth {
-        ClientAuth::Basic { .. } | ClientAuth::Post { .. } | ClientAuth::None => {
-            (method, None, None, None)
-        }
+        ClientAuth::Basic { .. }
+        | ClientAuth::Post { .. }
+        | ClientAuth::ClientAssertion { .. }
+        | ClientAuth::None => (method, None, None, None),
         ClientAuth::SecretJwt { key, lifetime, .. } => (method, Some(key), None, Some(*lifetime)),
         ClientAuth::PrivateKeyJwt {
             key,

@@ -8,7 +8,9 @@
 //! - `route`: whether a request goes through a proxy (the client's `proxy`, the environment's
 //!   proxy variables as curl reads them; loopback never).
 
+pub mod assertion_file;
 mod error;
+pub mod exchange;
 mod request;
 mod response;
 mod route;
@@ -188,11 +190,15 @@ async fn exchange(
         sent_at,
         redactor: &redactor,
     };
-    parse_token_response(&meta, &body, &ctx)
+    let issued = parse_token_response(&meta, &body, &ctx)?;
+    if prepared.grant_type == crate::config::TOKEN_EXCHANGE_GRANT {
+        exchange::check_issued(&meta, &body, &issued.token.token_type)?;
+    }
+    Ok(issued)
 }
 
 /// Form parameters whose values are not secret: shown in provider text as they are.
-const PUBLIC_PARAMS: [&str; 7] = [
+const PUBLIC_PARAMS: [&str; 10] = [
     "grant_type",
     "client_assertion_type",
     "client_id",
@@ -200,6 +206,9 @@ const PUBLIC_PARAMS: [&str; 7] = [
     "scope",
     "audience",
     "resource",
+    "subject_token_type",
+    "actor_token_type",
+    "requested_token_type",
 ];
 
 /// Whether an extra header's value is a credential, judging by its name.
@@ -228,13 +237,14 @@ pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
         Grant::Password { password, .. } => r.add(password.value.expose()),
         Grant::RefreshToken { refresh_token } => r.add(refresh_token.value.expose()),
         Grant::JwtBearer { assertion } => r.add(assertion.key_material.expose()),
-        Grant::ClientCredentials => {}
+        // Read at each request: masked below as values the request carries.
+        Grant::AssertionFile { .. } | Grant::TokenExchange(_) | Grant::ClientCredentials => {}
     }
     match &client.client_auth {
         ClientAuth::Basic { secret } | ClientAuth::Post { secret } => r.add(secret.value.expose()),
         ClientAuth::SecretJwt { secret, .. } => r.add(secret.value.expose()),
         ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
-        ClientAuth::None => {}
+        ClientAuth::ClientAssertion { .. } | ClientAuth::None => {}
     }
     if let crate::config::ProxyConfig::Url(p) = &client.proxy
         && let Some(password) = p.password()
