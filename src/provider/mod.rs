@@ -39,6 +39,7 @@ mod assertion;
 #[cfg(feature = "test-provider")]
 mod control;
 mod dialect;
+mod exchange;
 #[cfg(feature = "test-provider")]
 mod fault;
 mod request;
@@ -65,6 +66,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use dialect::{Dialect, Grant, JWT_BEARER_GRANT, TalkdeskRegion};
+pub use exchange::{
+    EXCHANGE_PATH, ExchangeAuth, ExchangeClient, TOKEN_EXCHANGE_GRANT, TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, TrustedIssuer,
+};
 #[cfg(feature = "test-provider")]
 pub use fault::{Fault, HTML_ERROR_PAGE};
 pub use request::{CLIENT_ASSERTION_TYPE, MAX_BODY};
@@ -372,6 +377,8 @@ struct Ledger {
     /// `kind:client id` → jti → exp of the assertions seen.
     seen_jti: HashMap<String, HashMap<String, u64>>,
     counter: u64,
+    /// The exchange endpoint's clients, and every token issued (what a subject is checked on).
+    exchange: exchange::ExchangeLedger,
     /// What the tests set and read: faults, the requests received, the tokens issued.
     #[cfg(feature = "test-provider")]
     observed: control::Observed,
@@ -558,7 +565,8 @@ async fn handle(
     if let Some(answer) = control::intercept(&endpoint, &recorded).await {
         return answer;
     }
-    if dialect::dialects_at(&recorded.path).is_empty() {
+    let at_exchange = recorded.path == EXCHANGE_PATH;
+    if !at_exchange && dialect::dialects_at(&recorded.path).is_empty() {
         debug!(path = %recorded.path, "provider: no token endpoint here");
         return Ok(response::raw(
             404,
@@ -567,6 +575,7 @@ async fn handle(
         ));
     }
     let outcome = match body {
+        Ok(_) if at_exchange => exchange::process(&endpoint, &recorded, unix_now()),
         Ok(_) => endpoint.process(&recorded),
         Err(reject) => Err(reject),
     };
@@ -936,6 +945,8 @@ impl Ledger {
         };
         #[cfg(feature = "test-provider")]
         self.observed.note_issued(&access_token, c);
+        self.exchange
+            .note_issued(&access_token, &c.client_id, now + expires_in, now);
         let refresh_token = (c.refresh_tokens && c.dialect.grants().contains(&Grant::RefreshToken))
             .then(|| {
                 let rt = format!("twr_{fp}_{n:06}_{}", random());
