@@ -791,8 +791,8 @@ impl Refresher {
         self.plan(at);
     }
 
-    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at); for a
-    /// chained client, never after the subject token it was exchanged from expires.
+    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at). For a
+    /// chained client see [`Upstream::plan`].
     fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
         let at = schedule::next_refresh_at(
             &self.config.timing,
@@ -802,8 +802,8 @@ impl Refresher {
             unit(),
             schedule::is_burst(trigger),
         );
-        match self.upstream.as_ref().and_then(|u| u.subject_expires_at) {
-            Some(subject) => at.min(subject),
+        match &self.upstream {
+            Some(up) => up.plan(at, token, self.config.timing.refresh_margin),
             None => at,
         }
     }
@@ -1069,6 +1069,26 @@ struct Upstream {
 }
 
 impl Upstream {
+    /// A chained client's refresh time, from its own schedule `at`: the upstream's next
+    /// rotation renews this token anyway, so when that comes before the token needs renewing
+    /// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
+    /// rotation, not two); and never after the subject token expires.
+    fn plan(&self, at: SystemTime, token: &Token, margin: Duration) -> SystemTime {
+        let fallback = token.expires_at.checked_sub(margin).unwrap_or(at).max(at);
+        let upstream_next = self
+            .snapshot
+            .as_ref()
+            .and_then(|rx| rx.borrow().next_refresh_at);
+        let at = match upstream_next {
+            Some(next) if next < fallback => fallback,
+            _ => at,
+        };
+        match self.subject_expires_at {
+            Some(subject) => at.min(subject),
+            None => at,
+        }
+    }
+
     fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
         config.grant.upstream().map(|name| {
             Box::new(Upstream {
