@@ -31,6 +31,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Default of `daemon.max_connections`: connections at once on the gRPC socket.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
@@ -372,6 +374,30 @@ impl ConnPermit {
     }
 }
 
+impl ConnPermit {
+    /// [`ConnPermit::charge`], and a connection over its uid's share logged (debug, on the
+    /// listener named `what`) and counted under `label` in
+    /// `tokenwarden_connections_refused_total`.
+    pub fn charge_or_refuse(
+        self,
+        uid: Option<u32>,
+        what: &str,
+        label: &'static str,
+    ) -> Option<Self> {
+        let share = uid_share(self.gate.max());
+        let charged = self.charge(uid);
+        if charged.is_none() {
+            tracing::debug!(
+                uid,
+                "{what}: connection closed: this uid holds {share} connections, its most \
+                 (a quarter of daemon.max_connections, at least 8)"
+            );
+            crate::metrics::connection_refused(label, "uid_share");
+        }
+        charged
+    }
+}
+
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         if let Some(uid) = self.uid {
@@ -394,7 +420,7 @@ impl Drop for ConnPermit {
 
 /// Waits for a place on `gate`, saying once (per time the cap is reached) that the listener
 /// named `what` is full and stops accepting.
-pub async fn admit_logged(gate: &Arc<ConnGate>, what: &str) -> ConnPermit {
+async fn admit_logged(gate: &Arc<ConnGate>, what: &str) -> ConnPermit {
     if let Some(p) = gate.try_admit() {
         return p;
     }
@@ -404,6 +430,70 @@ pub async fn admit_logged(gate: &Arc<ConnGate>, what: &str) -> ConnPermit {
         gate.max()
     );
     gate.admit().await
+}
+
+/// A listener [`accept_loop`] takes connections from.
+pub trait Accept: Send {
+    /// An accepted connection.
+    type Conn: Send;
+    /// The next connection.
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Conn> {
+        tokio::net::UnixListener::accept(self)
+            .await
+            .map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Conn = (tokio::net::TcpStream, std::net::SocketAddr);
+    async fn accept(&self) -> std::io::Result<Self::Conn> {
+        tokio::net::TcpListener::accept(self).await
+    }
+}
+
+/// Every listener's accept loop (gRPC socket, HTTP listeners, metrics): accepts with `accept`
+/// until `stop`, one connection at a time and each only once `gate` has a place for it (at the
+/// cap nothing is accepted, so no descriptor is taken, until a connection closes), and runs
+/// `serve` for it in a task holding its place. At `stop` the listener is
+/// closed first, then the open connections are waited for (`stop` ends them too). Dropping the
+/// future drops every connection with it.
+pub async fn accept_loop<L: Accept, Fut>(
+    what: &'static str,
+    gate: Arc<ConnGate>,
+    stop: CancellationToken,
+    listener: L,
+    mut serve: impl FnMut(L::Conn, ConnPermit) -> Fut,
+) where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    let mut permit = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            p = admit_logged(&gate, what), if permit.is_none() => permit = Some(p),
+            accepted = listener.accept(), if permit.is_some() => match accepted {
+                Ok(conn) => {
+                    if let Some(p) = permit.take() {
+                        connections.spawn(serve(conn, p));
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and the like: wait a little instead of spinning.
+                    tracing::warn!("{what}: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

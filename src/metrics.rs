@@ -227,45 +227,35 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let gate = ConnGate::new(limits.metrics_max_connections);
     let header_timeout = limits.handshake_timeout;
+    let cancel_conn = cancel.clone();
     tracing::info!(address = %local, "metrics and health endpoints listening");
-    tokio::spawn(async move {
-        loop {
-            // At the cap, accept nothing until a connection closes.
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = limits::admit_logged(&gate, "metrics listener") => p,
-            };
-            let (stream, _) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!("metrics accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let prom = prom.clone();
-            let store = store.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let r = handle(&req, &prom, &store);
-                    async move { Ok::<_, Infallible>(r) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .max_buf_size(MAX_BUF)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    r = conn => if let Err(e) = r { tracing::debug!("metrics connection: {e}"); }
-                }
-                drop(permit);
+    let serve = move |(stream, _), permit| {
+        let prom = prom.clone();
+        let store = store.clone();
+        let cancel = cancel_conn.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let r = handle(&req, &prom, &store);
+                async move { Ok::<_, Infallible>(r) }
             });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_BUF)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = conn => if let Err(e) = r { tracing::debug!("metrics connection: {e}"); }
+            }
+            drop(permit);
         }
-    });
+    };
+    tokio::spawn(limits::accept_loop(
+        "metrics listener",
+        gate,
+        cancel,
+        listener,
+        serve,
+    ));
     Ok(local)
 }

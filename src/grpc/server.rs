@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -264,58 +263,27 @@ pub async fn build_services(
     Ok((services, health))
 }
 
-/// Accepts connections until `stop`, then waits for them to end: one at a time, each only
-/// once `gate` has a place for it. Dropping this future (an abort after [`STOP_GRACE`]) drops
-/// every connection with it.
+/// Accepts connections until `stop`, then waits for them to end ([`limits::accept_loop`]).
+/// Each is charged to its peer uid, known from the kernel's record of the peer at connect time.
 async fn accept_loop(
     listener: UnixListener,
     services: Arc<Services>,
     gate: Arc<ConnGate>,
     stop: CancellationToken,
 ) {
-    let mut connections = JoinSet::new();
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    let mut permit = None;
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            p = limits::admit_logged(&gate, "gRPC socket"), if permit.is_none() => {
-                permit = Some(p);
+    let serve = |stream, permit: limits::ConnPermit| {
+        let caller = Caller::of_stream(&stream).map(Arc::new);
+        let held = permit.charge_or_refuse(caller.as_ref().map(|c| c.uid), "gRPC socket", "grpc");
+        let serve =
+            (held.is_some()).then(|| conn::serve(stream, caller, services.clone(), stop.clone()));
+        async move {
+            if let Some(serve) = serve {
+                serve.await;
             }
-            accepted = listener.accept(), if permit.is_some() => match accepted {
-                Ok((stream, _)) => {
-                    // Who connected, now: the kernel's record of the peer at connect time.
-                    let caller = Caller::of_stream(&stream).map(Arc::new);
-                    let uid = caller.as_ref().map(|c| c.uid);
-                    let Some(held) = permit.take().and_then(|p| p.charge(uid)) else {
-                        // Over its uid's share of the cap: closed (dropped) at once.
-                        tracing::debug!(
-                            uid,
-                            "gRPC socket: connection closed: this uid holds {} connections, \
-                             its most (a quarter of daemon.max_connections, at least 8)",
-                            limits::uid_share(gate.max())
-                        );
-                        crate::metrics::connection_refused("grpc", "uid_share");
-                        continue;
-                    };
-                    let serve = conn::serve(stream, caller, services.clone(), stop.clone());
-                    connections.spawn(async move {
-                        serve.await;
-                        drop(held);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and the like: wait a little instead of spinning.
-                    tracing::warn!("gRPC socket: cannot accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            drop(held);
         }
-    }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
+    };
+    limits::accept_loop("gRPC socket", gate, stop.clone(), listener, serve).await;
 }
 
 /// Binds a listener at `path` with `mode` (see the module doc), replacing a stale socket.

@@ -32,7 +32,6 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DaemonConfig;
@@ -353,14 +352,17 @@ enum Accepted {
     Tcp(tokio::net::TcpStream, SocketAddr),
 }
 
-impl Listener {
+impl limits::Accept for Listener {
+    type Conn = Accepted;
     async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
             Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
             Listener::Tcp(l) => l.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
         }
     }
+}
 
+impl Listener {
     /// The `listener` label of this listener's metrics.
     fn label(&self) -> &'static str {
         match self {
@@ -377,8 +379,9 @@ impl Listener {
     }
 }
 
-/// Accepts connections until `stop`, one at a time, each only once `gate` has a place for
-/// it; then waits for the open ones (which `stop` also ends).
+/// Accepts connections until `stop`, then waits for them to end ([`limits::accept_loop`]).
+/// Each is charged to its peer uid: the kernel's record of the peer (socket) or its row in the
+/// socket table (TCP).
 async fn accept_loop(
     listener: Listener,
     routes: Routes,
@@ -386,58 +389,33 @@ async fn accept_loop(
     gate: Arc<ConnGate>,
     stop: CancellationToken,
 ) {
-    let mut connections = JoinSet::new();
-    let mut permit = None;
     let what = listener.what();
-    let what_label = listener.label();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            p = limits::admit_logged(&gate, what), if permit.is_none() => permit = Some(p),
-            accepted = listener.accept(), if permit.is_some() => match accepted {
-                Ok(conn) => {
-                    let Some(permit) = permit.take() else { continue };
-                    let routes = routes.clone();
-                    let limits = limits.clone();
-                    let stop = stop.clone();
-                    connections.spawn(async move {
-                        // Who connected: the kernel's record of the peer (socket) or its row
-                        // in the socket table (TCP), then charged to that uid's share.
-                        let caller = match &conn {
-                            Accepted::Unix(stream) => Caller::of_stream(stream).map(Arc::new),
-                            Accepted::Tcp(stream, peer) => tcp_caller(stream, *peer).await,
-                        };
-                        let Some(held) = permit.charge(caller.as_ref().map(|c| c.uid)) else {
-                            tracing::debug!(
-                                uid = caller.as_ref().map(|c| c.uid),
-                                "{what}: connection closed: this uid holds its most connections \
-                                 (a quarter of daemon.max_connections, at least 8)"
-                            );
-                            crate::metrics::connection_refused(what_label, "uid_share");
-                            return;
-                        };
-                        match conn {
-                            Accepted::Unix(stream) => {
-                                serve_connection(stream, Transport::Unix, caller, routes, &limits, stop).await;
-                            }
-                            Accepted::Tcp(stream, _) => {
-                                serve_connection(stream, Transport::Tcp, caller, routes, &limits, stop).await;
-                            }
-                        }
-                        drop(held);
-                    });
+    let label = listener.label();
+    let serve = |conn, permit: limits::ConnPermit| {
+        let routes = routes.clone();
+        let limits = limits.clone();
+        let stop = stop.clone();
+        async move {
+            let caller = match &conn {
+                Accepted::Unix(stream) => Caller::of_stream(stream).map(Arc::new),
+                Accepted::Tcp(stream, peer) => tcp_caller(stream, *peer).await,
+            };
+            let uid = caller.as_ref().map(|c| c.uid);
+            let Some(held) = permit.charge_or_refuse(uid, what, label) else {
+                return;
+            };
+            match conn {
+                Accepted::Unix(stream) => {
+                    serve_connection(stream, Transport::Unix, caller, routes, &limits, stop).await;
                 }
-                Err(e) => {
-                    // EMFILE and the like: wait a little instead of spinning.
-                    tracing::warn!("{what}: cannot accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Accepted::Tcp(stream, _) => {
+                    serve_connection(stream, Transport::Tcp, caller, routes, &limits, stop).await;
                 }
-            },
+            }
+            drop(held);
         }
-    }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
+    };
+    limits::accept_loop(what, gate, stop.clone(), listener, serve).await;
 }
 
 /// The caller of a TCP connection, from the kernel's socket table, looked up at once (the

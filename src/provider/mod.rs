@@ -32,6 +32,8 @@
 //! - `response`: the bodies and headers of its answers.
 //! - `control` and `fault` (feature `test-provider`): what the tests set and read, and
 //!   misbehaviour on demand.
+//! - `tls` (feature `test-provider`): HTTPS with the tests' certificates, any client
+//!   certificate recorded ([`Provider::start_tls`]).
 
 #![warn(missing_docs)]
 
@@ -44,6 +46,8 @@ mod exchange;
 mod fault;
 mod request;
 mod response;
+#[cfg(feature = "test-provider")]
+mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -73,6 +77,8 @@ pub use exchange::{
 #[cfg(feature = "test-provider")]
 pub use fault::{Fault, HTML_ERROR_PAGE};
 pub use request::{CLIENT_ASSERTION_TYPE, MAX_BODY};
+#[cfg(feature = "test-provider")]
+pub use tls::TlsIdentity;
 
 use crate::keys::SigningAlg;
 use crate::secret::{Secret, fingerprint};
@@ -286,6 +292,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The body as read (empty when it was refused for its size).
     pub body: Vec<u8>,
+    /// The leaf certificate the client presented over TLS (DER), if any.
+    pub client_cert: Option<Vec<u8>>,
     /// The form pairs as sent, when the body was declared `application/x-www-form-urlencoded`.
     #[cfg(feature = "test-provider")]
     pub form: Vec<(String, String)>,
@@ -321,7 +329,8 @@ impl fmt::Debug for RecordedRequest {
         d.field("method", &self.method)
             .field("path", &self.path)
             .field("headers", &headers)
-            .field("body_len", &self.body.len());
+            .field("body_len", &self.body.len())
+            .field("client_cert", &self.client_cert.is_some());
         #[cfg(feature = "test-provider")]
         d.field(
             "form",
@@ -362,6 +371,9 @@ struct Endpoint {
     /// The listener, which the tests can take away and give back.
     #[cfg(feature = "test-provider")]
     listening: control::Listening,
+    /// HTTPS instead of HTTP ([`Provider::start_tls`]).
+    #[cfg(feature = "test-provider")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
     ledger: Mutex<Ledger>,
 }
 
@@ -407,6 +419,24 @@ impl Provider {
     /// Client assertions must carry as `aud` exactly the URL the client posts to, as
     /// [`Provider::token_url`] spells it (`http://127.0.0.1:PORT/...`; `localhost` is another URL).
     pub async fn start() -> std::io::Result<Provider> {
+        Provider::start_with(
+            #[cfg(feature = "test-provider")]
+            None,
+        )
+        .await
+    }
+
+    /// Starts a provider serving HTTPS with `identity` on `127.0.0.1:0` (its URLs are then
+    /// `https://127.0.0.1:PORT/...`). Clients may present a certificate; the one presented is
+    /// in [`RecordedRequest::client_cert`].
+    #[cfg(feature = "test-provider")]
+    pub async fn start_tls(identity: &TlsIdentity) -> std::io::Result<Provider> {
+        Provider::start_with(Some(tls::acceptor(identity)?)).await
+    }
+
+    async fn start_with(
+        #[cfg(feature = "test-provider")] tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Provider> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server_key = Secret::new(format!(
@@ -420,6 +450,8 @@ impl Provider {
             cancel: CancellationToken::new(),
             #[cfg(feature = "test-provider")]
             listening: control::Listening::default(),
+            #[cfg(feature = "test-provider")]
+            tls,
             ledger: Mutex::new(Ledger::default()),
         });
         #[cfg(feature = "test-provider")]
@@ -444,7 +476,7 @@ impl Provider {
         self.endpoint().lock()
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when started with [`Provider::start_tls`]).
     pub fn base_url(&self) -> String {
         self.endpoint().base_url()
     }
@@ -504,8 +536,40 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, serving: Ca
 /// Serves one connection in its own task, so a hanging answer blocks nothing else. Closed when
 /// `cancel` fires (pause or shutdown).
 async fn serve_connection(stream: TcpStream, endpoint: Arc<Endpoint>, cancel: CancellationToken) {
-    let svc = service_fn(move |req| handle(endpoint.clone(), req));
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    #[cfg(feature = "test-provider")]
+    if let Some(acceptor) = endpoint.tls.clone() {
+        let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+        let tls = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = handshake => match r {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "provider: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("provider: TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        let client_cert = tls::peer_leaf(&tls);
+        return serve_io(TokioIo::new(tls), endpoint, client_cert, cancel).await;
+    }
+    serve_io(TokioIo::new(stream), endpoint, None, cancel).await
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes or `cancel` fires.
+async fn serve_io<I>(
+    io: I,
+    endpoint: Arc<Endpoint>,
+    client_cert: Option<Vec<u8>>,
+    cancel: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(endpoint.clone(), client_cert.clone(), req));
+    let conn = http1::Builder::new().serve_connection(io, svc);
     tokio::select! {
         _ = cancel.cancelled() => {}
         r = conn => {
@@ -519,6 +583,7 @@ async fn serve_connection(stream: TcpStream, endpoint: Arc<Endpoint>, cancel: Ca
 /// Answers one request: records it, applies any fault, else processes it.
 async fn handle(
     endpoint: Arc<Endpoint>,
+    client_cert: Option<Vec<u8>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     let (parts, body) = req.into_parts();
@@ -558,6 +623,7 @@ async fn handle(
         #[cfg(feature = "test-provider")]
         form: request::form_pairs(parts.headers.get(CONTENT_TYPE), &bytes),
         body: bytes,
+        client_cert,
         #[cfg(feature = "test-provider")]
         received_at: Instant::now(),
     };
@@ -612,6 +678,10 @@ impl Endpoint {
     }
 
     fn base_url(&self) -> String {
+        #[cfg(feature = "test-provider")]
+        if self.tls.is_some() {
+            return format!("https://{}", self.addr);
+        }
         format!("http://{}", self.addr)
     }
 

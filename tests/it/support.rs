@@ -490,3 +490,32 @@ pub fn assert_restart_reused(
         );
     }
 }
+
+/// A test CA and a leaf it signed for `localhost` and `127.0.0.1`: (CA PEM, leaf PEM, leaf key
+/// PEM).
+pub fn test_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// The built-in provider over HTTPS (`https://127.0.0.1:PORT`) with a certificate from a test
+/// CA, and that CA's PEM for a client's `ca_file`. Clients may present a certificate; it is
+/// recorded in each request's `client_cert`.
+pub async fn tls_provider() -> (Provider, String) {
+    let (ca, cert_chain_pem, key_pem) = test_ca();
+    let identity = tokenwarden::provider::TlsIdentity {
+        cert_chain_pem,
+        key_pem,
+    };
+    (Provider::start_tls(&identity).await.unwrap(), ca)
+}

@@ -6,31 +6,24 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rcgen::{CertificateParams, KeyPair};
 use tokenwarden::oauth::{self, OAuthError};
+use tokenwarden::provider::{Dialect, RegisteredClient};
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
 
 /// A CA (PEM) and a TLS token endpoint on 127.0.0.1 serving a leaf it signed for `localhost`.
 async fn tls_endpoint() -> (String, u16) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    leaf_params.is_ca = IsCa::ExplicitNoCa;
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-
+    let (ca_pem, leaf_pem, leaf_key_pem) = crate::support::test_ca();
+    let leaf = rustls::pki_types::CertificateDer::from_pem_slice(leaf_pem.as_bytes()).unwrap();
+    let leaf_key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf_key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
+        .with_single_cert(vec![leaf], leaf_key)
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -56,7 +49,7 @@ async fn tls_endpoint() -> (String, u16) {
             });
         }
     });
-    (ca_cert.pem(), port)
+    (ca_pem, port)
 }
 
 fn client(
@@ -153,4 +146,52 @@ async fn a_verification_failure_is_one_error_line() {
         assert_eq!(errors.len(), 1, "at {level}:\n{}", r.stderr);
         assert!(errors[0].contains("tls"), "names the client: {}", errors[0]);
     }
+}
+
+/// The built-in provider over HTTPS: a client trusting the test CA through `ca_file` gets its
+/// token; a client certificate, when one is presented, is what the provider records.
+#[tokio::test]
+async fn the_built_in_provider_speaks_https_and_sees_the_client_certificate() {
+    let (provider, ca_pem) = crate::support::tls_provider().await;
+    assert!(provider.base_url().starts_with("https://127.0.0.1:"));
+    provider.register(RegisteredClient::transatel("c", "s3cret"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    let text = format!(
+        "[clients.tls]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = {{ file = \"secret\" }}\nca_file = \"ca.pem\"\n",
+        provider.token_url(Dialect::Transatel)
+    );
+    let cfg = tokenwarden::config::load_str(&text, &dir.path().join("c.toml")).unwrap();
+    let c = &cfg.clients["tls"];
+    let http = oauth::http_client(c.ca_file.as_deref()).unwrap();
+    let got = oauth::acquire(&http, c, None, false).await.unwrap();
+    assert!(!got.issued.token.access_token.expose().is_empty());
+    assert_eq!(provider.requests().last().unwrap().client_cert, None);
+
+    // With a (self-signed) client certificate, the provider records exactly that certificate.
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["client.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", cert.pem(), key.serialize_pem()).as_bytes())
+            .unwrap();
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .identity(identity)
+        .build()
+        .unwrap();
+    let r = http
+        .post(provider.token_url(Dialect::Transatel))
+        .basic_auth("c", Some("s3cret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = provider.requests().last().unwrap().client_cert.clone();
+    assert_eq!(seen.as_deref(), Some(cert.der().as_ref()));
 }
