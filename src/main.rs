@@ -337,6 +337,11 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.files.len(),
         if config.files.len() == 1 { "" } else { "s" },
     );
+    // Ready-made assertions and subject tokens: when each expires (never its content).
+    for line in tokenwarden::oauth::assertion_file::describe(&config, std::time::SystemTime::now())
+    {
+        println!("  {line}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -167,6 +167,41 @@ fn read_bounded(path: &std::path::Path) -> Result<Secret, String> {
     Ok(Secret::new(text))
 }
 
+/// For `check`: one line per ready-made JWT a client reads (where, and when it expires), or
+/// what is wrong with it. Never its content.
+pub fn describe(config: &crate::config::Config, now: SystemTime) -> Vec<String> {
+    use crate::config::{ClientAuth, Grant, Subject};
+    let mut lines = Vec::new();
+    for (name, c) in &config.clients {
+        let mut jwts: Vec<(&str, &SecretSource)> = Vec::new();
+        if let ClientAuth::ClientAssertion { source } = &c.client_auth {
+            jwts.push(("client_assertion", source));
+        }
+        match &c.grant {
+            Grant::AssertionFile { source } => jwts.push(("assertion", source)),
+            Grant::TokenExchange(x) => {
+                if let Subject::Source(source) = &x.subject
+                    && x.subject_token_type == crate::config::TOKEN_TYPE_JWT
+                {
+                    jwts.push(("subject_token", source));
+                }
+            }
+            _ => {}
+        }
+        for (key, source) in jwts {
+            let line = match source.load() {
+                Err(e) => format!("{key}: {e}"),
+                Ok(value) => match inspect(&value) {
+                    Ok(info) => info.describe(key, source, now),
+                    Err(e) => format!("{key}: {source} {e}"),
+                },
+            };
+            lines.push(format!("client {name}: {line}"));
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
