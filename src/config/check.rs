@@ -247,7 +247,7 @@ pub(crate) fn check_header_value(name: &str, value: &str) -> Result<(), String> 
 }
 
 /// Form parameters tokenwarden sets itself (RFC 6749 §4, RFC 7521 §4.2, RFC 7523 §2).
-pub(crate) const RESERVED_PARAMS: [&str; 10] = [
+pub(crate) const RESERVED_PARAMS: [&str; 15] = [
     "grant_type",
     "client_id",
     "client_secret",
@@ -258,6 +258,11 @@ pub(crate) const RESERVED_PARAMS: [&str; 10] = [
     "username",
     "password",
     "refresh_token",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_token_type",
 ];
 
 /// An `extra_params` name.

@@ -112,7 +112,10 @@ async fn a_chained_client_renews_whenever_its_upstream_rotates() {
     let (up1, down1) = (file(&env.path("up.token")), file(&env.path("down.token")));
     assert!(!up1.is_empty() && !down1.is_empty() && up1 != down1);
     assert_eq!(env.provider.exchange_issued("down-client"), 1);
-    assert_eq!(env.exchange_values("subject_token"), std::slice::from_ref(&up1));
+    assert_eq!(
+        env.exchange_values("subject_token"),
+        std::slice::from_ref(&up1)
+    );
     assert_eq!(
         env.exchange_values("grant_type"),
         [TOKEN_EXCHANGE_GRANT.to_string()]
