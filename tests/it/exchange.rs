@@ -154,6 +154,39 @@ async fn a_chained_client_renews_whenever_its_upstream_rotates() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("subject: client up"), "{}", r.stdout);
 
+    // A reload that replaces the upstream (a new identity: its scope) starts a new refresher
+    // for it; the chained client follows the new one and exchanges its token.
+    let before = file(&env.path("up.token"));
+    write_private(
+        &config,
+        &env.chained_config().replacen(
+            "client_id = \"up-client\"\n",
+            "client_id = \"up-client\"\nscope = \"replaced\"\n",
+            1,
+        ),
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(
+        "the replaced upstream's token",
+        Duration::from_secs(10),
+        || file(&env.path("up.token")) != before,
+    )
+    .await;
+    wait_for(
+        "an exchange of the replaced upstream's token",
+        Duration::from_secs(10),
+        || env.provider.exchange_issued("down-client") == 4,
+    )
+    .await;
+    let up = file(&env.path("up.token"));
+    assert_eq!(env.exchange_values("subject_token").last(), Some(&up));
+    seen.push(up);
+    wait_for("down.token rewritten", Duration::from_secs(10), || {
+        !seen.contains(&file(&env.path("down.token")))
+    })
+    .await;
+    seen.push(file(&env.path("down.token")));
+
     // A reload that removes the upstream while the dependent stays is refused.
     write_private(&config, &format!("{}{}", env.head(), env.down_config()));
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
@@ -333,4 +366,101 @@ async fn the_provider_checks_token_exchange_strictly() {
         before,
         "an expired subject token was sent"
     );
+}
+
+#[test]
+fn config_errors_of_ready_tokens_and_token_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = crate::assertion_file::jwt_with_exp(4_000_000_000);
+    write_private(&dir.path().join("jwt"), &jwt);
+    write_private(&dir.path().join("opaque"), "opaque-token-value");
+    let base = "[clients.c]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n";
+    let cases: &[(&str, Option<&str>)] = &[
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\n",
+            Some("needs \"subject_token\""),
+        ),
+        (
+            "client_secret = \"s3cr3t-value\"\nsubject_token = { file = \"jwt\" }\n",
+            Some("\"subject_token\" is not used with grant_type = \"client_credentials\""),
+        ),
+        (
+            "client_auth = \"client_assertion\"\n",
+            Some("needs \"client_assertion\""),
+        ),
+        (
+            "client_secret = \"s3cr3t-value\"\nclient_assertion = { file = \"jwt\" }\n",
+            Some("\"client_assertion\" is not used with client_auth = \"client_secret_basic\""),
+        ),
+        (
+            "client_auth = \"client_assertion\"\nclient_assertion = { file = \"jwt\" }\n",
+            None,
+        ),
+        (
+            "client_auth = \"client_assertion\"\nclient_assertion = { file = \"opaque\" }\n",
+            Some("does not hold a JWT"),
+        ),
+        (
+            "client_auth = \"client_assertion\"\nclient_assertion = { file = \"missing\" }\n",
+            Some("missing"),
+        ),
+        (
+            "grant_type = \"jwt_bearer\"\nassertion = { file = \"jwt\" }\n",
+            None,
+        ),
+        (
+            "grant_type = \"jwt_bearer\"\nassertion = { file = \"opaque\" }\n",
+            Some("does not hold a JWT"),
+        ),
+        (
+            "grant_type = \"urn:ietf:params:oauth:grant-type:token-exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"jwt\" }\n",
+            None,
+        ),
+        // An opaque subject is fine when its type says it is not a JWT.
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"opaque\" }\nsubject_token_type = \"urn:ietf:params:oauth:token-type:access_token\"\n",
+            None,
+        ),
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"opaque\" }\n",
+            Some("does not hold a JWT"),
+        ),
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"jwt\" }\nsubject_token_type = \"jwt\"\n",
+            Some("is not a URI"),
+        ),
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"jwt\" }\nactor_token = { file = \"jwt\" }\n",
+            Some("actor_token needs actor_token_type"),
+        ),
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { file = \"jwt\" }\nactor_token_type = \"urn:ietf:params:oauth:token-type:jwt\"\n",
+            Some("actor_token_type is set without actor_token"),
+        ),
+        (
+            "grant_type = \"token_exchange\"\nclient_auth = \"none\"\nsubject_token = { clinet = \"x\" }\n",
+            Some("unknown key \"clinet\" in subject_token"),
+        ),
+        (
+            "client_secret = \"s3cr3t-value\"\nextra_params = { subject_token = \"x\" }\n",
+            Some("extra_params may not set \"subject_token\""),
+        ),
+    ];
+    for (extra, want) in cases {
+        let text = format!("{base}{extra}");
+        let r = load_str(&text, &dir.path().join("tw.toml"));
+        match (r, want) {
+            (Ok(_), None) => {}
+            (Err(e), Some(w)) => {
+                let e = e.to_string();
+                assert!(e.contains(w), "{extra}: {e}");
+                assert!(
+                    !e.contains("opaque-token-value") && !e.contains(&jwt),
+                    "{e}"
+                );
+            }
+            (Ok(_), Some(w)) => panic!("{extra}: loaded, expected {w}"),
+            (Err(e), None) => panic!("{extra}: {e}"),
+        }
+    }
 }
