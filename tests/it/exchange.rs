@@ -133,6 +133,7 @@ async fn a_chained_client_renews_whenever_its_upstream_rotates() {
             file(&env.path("up.token")) != before
         })
         .await;
+        let rotated = std::time::Instant::now();
         wait_for(
             "the chained client's new token",
             Duration::from_secs(10),
@@ -144,6 +145,10 @@ async fn a_chained_client_renews_whenever_its_upstream_rotates() {
             !seen.contains(&file(&env.path("down.token")))
         })
         .await;
+        eprintln!(
+            "chained client's new token written {:?} after its upstream's",
+            rotated.elapsed()
+        );
         assert_eq!(env.exchange_values("subject_token").last(), Some(&up));
         seen.push(up);
         seen.push(file(&env.path("down.token")));
