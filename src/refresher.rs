@@ -1088,19 +1088,17 @@ impl Upstream {
     /// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
     /// rotation, not two); and never after the subject token expires.
     fn plan(&self, at: SystemTime, token: &Token, margin: Duration) -> SystemTime {
-        let fallback = token.expires_at.checked_sub(margin).unwrap_or(at).max(at);
         let upstream_next = self
             .snapshot
             .as_ref()
             .and_then(|rx| rx.borrow().next_refresh_at);
-        let at = match upstream_next {
-            Some(next) if next < fallback => fallback,
-            _ => at,
-        };
-        match self.subject_expires_at {
-            Some(subject) => at.min(subject),
-            None => at,
-        }
+        chained_refresh_at(
+            at,
+            token.expires_at,
+            margin,
+            upstream_next,
+            self.subject_expires_at,
+        )
     }
 
     fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
@@ -1112,6 +1110,27 @@ impl Upstream {
                 subject_expires_at: None,
             })
         })
+    }
+}
+
+/// A chained client's refresh time (pure): its own schedule `at`, or only the fallback
+/// `refresh_margin` before its token expires when the upstream's next rotation comes before
+/// that (the rotation renews it anyway); never after its subject token expires.
+fn chained_refresh_at(
+    at: SystemTime,
+    expires_at: SystemTime,
+    margin: Duration,
+    upstream_next: Option<SystemTime>,
+    subject_expires_at: Option<SystemTime>,
+) -> SystemTime {
+    let fallback = expires_at.checked_sub(margin).unwrap_or(at).max(at);
+    let at = match upstream_next {
+        Some(next) if next < fallback => fallback,
+        _ => at,
+    };
+    match subject_expires_at {
+        Some(subject) => at.min(subject),
+        None => at,
     }
 }
 
@@ -1318,6 +1337,31 @@ mod tests {
             None,
             "a time passed holds nothing"
         );
+    }
+
+    #[test]
+    fn a_chained_client_plans_a_fallback_when_its_upstream_rotates_first() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let margin = Duration::from_secs(30);
+        // (own schedule, expiry, upstream's next rotation, subject's expiry) → planned
+        let cases = [
+            // No upstream plan known: the own schedule.
+            ((2700, 3600, None, None), 2700),
+            // The upstream rotates first: only the fallback, margin before expiry.
+            ((2700, 3600, Some(2600), None), 3570),
+            ((2700, 3600, Some(3000), None), 3570),
+            // The upstream rotates after this token needs renewing: the own schedule.
+            ((2700, 3600, Some(3590), None), 2700),
+            // Never after the subject expires.
+            ((2700, 3600, Some(2600), Some(3000)), 3000),
+            ((2700, 3600, None, Some(2000)), 2000),
+            // A token shorter than the margin: the fallback is never before the schedule.
+            ((10, 20, Some(5), None), 10),
+        ];
+        for ((at, exp, up, subject), want) in cases {
+            let got = chained_refresh_at(t(at), t(exp), margin, up.map(t), subject.map(t));
+            assert_eq!(got, t(want), "{at} {exp} {up:?} {subject:?}");
+        }
     }
 
     #[test]
