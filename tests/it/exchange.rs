@@ -469,3 +469,50 @@ fn config_errors_of_ready_tokens_and_token_exchange() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_client_whose_upstream_fails_says_so_and_sends_nothing() {
+    let env = Env::start(Duration::from_secs(3600)).await;
+    // The upstream's secret is wrong: it never gets a token.
+    write_private(&env.path("up.secret"), "wrong-secret-value");
+    let config = env.path("tw.toml");
+    write_private(&config, &env.chained_config());
+    // READY=1 still comes: the chained client settles on its upstream's failure.
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&config, &[]).await;
+    assert!(ready.contains("0/2 clients valid"), "{ready}");
+    let r = run(&["status", "-s", env.path("tw.sock").to_str().unwrap()]).await;
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("down "))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(
+        line.contains("subject: client up")
+            && line.contains("client \"up\" has no valid token to exchange yet"),
+        "{line}"
+    );
+    assert!(
+        env.exchange_values("grant_type").is_empty(),
+        "a token exchange was sent without a subject"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn once_runs_a_chained_clients_upstream_too() {
+    let env = Env::start(Duration::from_secs(3600)).await;
+    let config = env.path("tw.toml");
+    write_private(&config, &env.chained_config());
+    let r = run(&["once", "down", "-c", config.to_str().unwrap()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("down") && r.stdout.contains("up"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(env.provider.exchange_issued("down-client"), 1);
+    assert_eq!(
+        env.exchange_values("subject_token"),
+        [file(&env.path("up.token"))]
+    );
+}
