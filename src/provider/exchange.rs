@@ -171,7 +171,8 @@ pub(super) fn process(
     };
     let mut st = endpoint.lock();
     let ledger = &mut st.exchange;
-    let client = authenticate(ledger, &presented, now).map_err(|r| r.challenge(tried_basic))?;
+    let client =
+        authenticate(ledger, &presented, grant_type, now).map_err(|r| r.challenge(tried_basic))?;
     let scope = request::scope_tokens(form.get("scope").map(String::as_str));
     let (lifetime, issued_type) = match grant_type {
         "client_credentials" => (client.lifetime.as_secs(), None),
@@ -249,6 +250,7 @@ pub(super) fn process(
 fn authenticate(
     ledger: &mut ExchangeLedger,
     presented: &Presented,
+    grant_type: &str,
     now: u64,
 ) -> Result<ExchangeClient, Reject> {
     let find = |id: &str| {
@@ -310,10 +312,11 @@ fn authenticate(
                 return Err(Reject::invalid_client("client authentication required"));
             };
             let c = find(id)?;
-            // The jwt-bearer grant's assertion authenticates the client itself.
+            // The jwt-bearer grant's assertion authenticates the client itself (RFC 7521
+            // §4.1); with any other grant, an assertion client must present one.
             match c.auth {
                 ExchangeAuth::None => Ok(c),
-                ExchangeAuth::Assertion if c.issuer.is_some() => Ok(c),
+                ExchangeAuth::Assertion if grant_type == JWT_BEARER_GRANT => Ok(c),
                 _ => Err(wrong(&c)),
             }
         }

@@ -287,6 +287,25 @@ async fn a_replayed_jti_is_refused_by_the_provider() {
     // The kubelet's next token is accepted.
     p.swap(&env.cluster.token(3600));
     oauth::acquire(&http, &entra, None, false).await.unwrap();
+    // Without its assertion the client is refused: only the jwt-bearer grant's assertion
+    // stands in for client authentication.
+    let text = env
+        .config(&p.path())
+        .replace(
+            "client_auth = \"client_assertion\"",
+            "client_auth = \"none\"",
+        )
+        .replace(
+            &format!("client_assertion = {{ file = {:?} }}\n", p.path()),
+            "",
+        );
+    let bare = load_str(&text, &env.path("tw.toml")).unwrap().clients["entra"].clone();
+    let e = oauth::acquire(&http, &bare, None, false).await.unwrap_err();
+    assert!(
+        e.error.to_string().contains("invalid_client"),
+        "{}",
+        e.error
+    );
 }
 
 #[tokio::test]
