@@ -258,6 +258,20 @@ impl ClientConfig {
         crate::secret::sha256_hex(parts.join("\u{0}").as_bytes())
     }
 
+    /// Files of ready-made tokens read at each request (assertions, subject and actor tokens).
+    pub fn ready_token_paths(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        match &self.grant {
+            Grant::AssertionFile { source } => v.extend(source.path()),
+            Grant::TokenExchange(x) => v.extend(x.paths()),
+            _ => {}
+        }
+        if let ClientAuth::ClientAssertion { source } = &self.client_auth {
+            v.extend(source.path());
+        }
+        v
+    }
+
     /// Files secrets of this client are read from.
     pub fn secret_paths(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();

@@ -345,3 +345,30 @@ async fn check_says_when_a_projected_token_expires_and_never_what_it_holds() {
         r.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_failing_on_an_expired_file_asks_again_as_soon_as_it_changes() {
+    let env = Env::start().await;
+    let mut projected = Projected::new(env.path("projected"), &jwt_with_exp(now() - 60));
+    let config = env.path("tw.toml");
+    // Retries a minute apart: only the file's change can bring the token sooner.
+    let text = env
+        .config(&projected.path())
+        .replace("retry_initial = \"1s\"", "retry_initial = \"60s\"")
+        .replace("retry_max = \"2s\"", "retry_max = \"120s\"");
+    write_private(&config, &text);
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&config, &[]).await;
+    assert!(ready.contains("0/2 clients valid"), "{ready}");
+    assert!(env.provider.requests().is_empty());
+    // The kubelet is back: a fresh token through the symlink swap.
+    let fresh = env.cluster.token(3600);
+    projected.swap(&fresh);
+    wait_for("both clients' tokens", Duration::from_secs(15), || {
+        env.provider.exchange_issued("entra-app") == 1
+            && env.provider.exchange_issued("grant-app") == 1
+    })
+    .await;
+    assert_eq!(env.sent("client_assertion"), [fresh.clone()]);
+    daemon.stop().await;
+    assert!(!daemon.logs().contains(&fresh));
+}
