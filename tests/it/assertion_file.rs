@@ -368,7 +368,7 @@ async fn a_client_failing_on_an_expired_file_asks_again_as_soon_as_it_changes() 
             && env.provider.exchange_issued("grant-app") == 1
     })
     .await;
-    assert_eq!(env.sent("client_assertion"), [fresh.clone()]);
+    assert_eq!(env.sent("client_assertion"), std::slice::from_ref(&fresh));
     daemon.stop().await;
     assert!(!daemon.logs().contains(&fresh));
 }
