@@ -447,6 +447,10 @@ pub async fn acquire(
         Grant::RefreshToken { refresh_token } => Some(refresh_token),
         _ => None,
     };
+    // A token exchange client always exchanges its subject as it is now (RFC 8693 §2.1): a
+    // refresh token would keep the token of a subject that has since changed.
+    let exchange = matches!(client.grant, Grant::TokenExchange(_));
+    let stored_refresh_token = stored_refresh_token.filter(|_| !exchange);
     let mut refused = None;
     if let Some(rt) = stored_refresh_token {
         match request_token(http, client, Attempt::Refresh(rt)).await {
@@ -503,6 +507,7 @@ pub async fn acquire(
             let keep = issued
                 .refresh_token
                 .clone()
+                .filter(|_| !exchange)
                 .or_else(|| bootstrap.map(|b| b.value.clone()));
             Ok(Acquired {
                 issued,

@@ -290,6 +290,18 @@ async fn the_provider_checks_token_exchange_strictly() {
     .await
     .unwrap();
     assert_eq!(ok.issued.token.token_type, "Bearer");
+    // A refresh token (a provider may issue one, RFC 8693 §2.2.1) is never used instead of
+    // exchanging the subject as it is now, nor kept.
+    let again = oauth::acquire(
+        &http,
+        &exchange(&format!("audience = \"{AUDIENCE}\"")),
+        Some(&tokenwarden::secret::Secret::new("twr_some_refresh_token")),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.grant_type, TOKEN_EXCHANGE_GRANT);
+    assert!(again.refresh_token.is_none());
     // No longer than its subject.
     assert!(ok.issued.token.expires_at <= subject.issued.token.expires_at + Duration::from_secs(1));
 
