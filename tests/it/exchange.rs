@@ -528,3 +528,31 @@ async fn once_runs_a_chained_clients_upstream_too() {
         [file(&env.path("up.token"))]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reuses_the_chained_token_without_asking_again() {
+    let env = Env::start(Duration::from_secs(3600)).await;
+    let config = env.path("tw.toml");
+    write_private(&config, &env.chained_config());
+    let (mut daemon, _notify, _) = DaemonProc::start_ready(&config, &[]).await;
+    daemon.stop().await;
+    let (requests, down) = (env.provider.requests().len(), file(&env.path("down.token")));
+    assert_eq!(env.provider.exchange_issued("down-client"), 1);
+    // Both tokens come from the state directory: the chained one was made from that upstream
+    // token, so nothing is asked.
+    let (mut daemon, _notify, ready) = DaemonProc::start_ready(&config, &[]).await;
+    assert!(ready.contains("2/2 clients valid"), "{ready}");
+    assert_eq!(env.provider.requests().len(), requests);
+    assert_eq!(file(&env.path("down.token")), down);
+    // The next upstream rotation is followed as before.
+    let socket = env.path("tw.sock");
+    let r = run(&["refresh", "up", "-s", socket.to_str().unwrap()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_for(
+        "the chained client's new token",
+        Duration::from_secs(10),
+        || env.provider.exchange_issued("down-client") == 2,
+    )
+    .await;
+    daemon.stop().await;
+}
