@@ -46,10 +46,21 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<(String, Snaps
     engine.warn_on_failure = false;
     let engine = Arc::new(engine);
     let stop = CancellationToken::new();
+    // A chained client needs its upstream's token (RFC 8693 subject): those run too.
+    let mut wanted: Vec<&str> = only.iter().map(String::as_str).collect();
+    let mut i = 0;
+    while let Some(name) = wanted.get(i).copied() {
+        if let Some(up) = config.clients.get(name).and_then(|c| c.grant.upstream())
+            && !wanted.contains(&up)
+        {
+            wanted.push(up);
+        }
+        i += 1;
+    }
     let handles: Vec<refresher::Handle> = config
         .clients
         .values()
-        .filter(|c| only.is_empty() || only.contains(&c.name))
+        .filter(|c| only.is_empty() || wanted.contains(&c.name.as_str()))
         .map(|c| refresher::spawn(c.clone(), engine.clone(), stop.child_token()))
         .collect();
     let mut results = Vec::with_capacity(handles.len());

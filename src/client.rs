@@ -503,11 +503,7 @@ pub fn status_table(clients: &[pb::ClientStatus], now: SystemTime) -> String {
                 relative(time_of(c.expires_at.as_ref()), now, false),
                 relative(time_of(c.next_refresh_at.as_ref()), now, true),
                 c.consecutive_failures.to_string(),
-                if c.last_error.is_empty() {
-                    "-".into()
-                } else {
-                    c.last_error.lines().next().unwrap_or("").to_string()
-                },
+                last_error_cell(c),
             ]
         })
         .collect();
@@ -540,6 +536,17 @@ pub fn status_table(clients: &[pb::ClientStatus], now: SystemTime) -> String {
     out
 }
 
+/// The LAST ERROR cell, led by a chained client's subject (`subject: client up`).
+fn last_error_cell(c: &pb::ClientStatus) -> String {
+    let error = c.last_error.lines().next().unwrap_or("");
+    match (c.subject_client.is_empty(), error.is_empty()) {
+        (true, true) => "-".into(),
+        (true, false) => error.to_string(),
+        (false, true) => format!("subject: client {}", c.subject_client),
+        (false, false) => format!("subject: client {}; {error}", c.subject_client),
+    }
+}
+
 /// The `status --json` document: an array of client objects.
 pub fn status_json(clients: &[pb::ClientStatus]) -> serde_json::Value {
     serde_json::Value::Array(
@@ -554,6 +561,7 @@ pub fn status_json(clients: &[pb::ClientStatus]) -> serde_json::Value {
                     "last_refresh_at": rfc3339_of(c.last_refresh_at.as_ref()),
                     "consecutive_failures": c.consecutive_failures,
                     "last_error": Some(&c.last_error).filter(|e| !e.is_empty()),
+                    "subject_client": Some(&c.subject_client).filter(|e| !e.is_empty()),
                 })
             })
             .collect(),
@@ -783,6 +791,7 @@ mod tests {
                 last_error: String::new(),
                 consecutive_failures: 0,
                 last_refresh_at: ts(1_000),
+                subject_client: String::new(),
             },
             pb::ClientStatus {
                 client: "creads-files".into(),
@@ -792,11 +801,19 @@ mod tests {
                 last_error: "invalid_client: bad secret".into(),
                 consecutive_failures: 3,
                 last_refresh_at: None,
+                subject_client: String::new(),
             },
             pb::ClientStatus {
                 client: "old".into(),
                 state: pb::State::Expired as i32,
                 expires_at: ts(990),
+                ..Default::default()
+            },
+            pb::ClientStatus {
+                client: "exchanged".into(),
+                state: pb::State::Valid as i32,
+                expires_at: ts(1_090),
+                subject_client: "transatel".into(),
                 ..Default::default()
             },
         ];
@@ -806,6 +823,7 @@ CLIENT        STATE    EXPIRES IN  NEXT REFRESH  FAILURES  LAST ERROR
 transatel     VALID    1m 30s      in 1m         0         -
 creads-files  FAILED   -           in 5s         3         invalid_client: bad secret
 old           EXPIRED  10s ago     -             0         -
+exchanged     VALID    1m 30s      -             0         subject: client transatel
 ";
         assert_eq!(table, want);
         let json = status_json(&rows);
@@ -813,5 +831,7 @@ old           EXPIRED  10s ago     -             0         -
         assert_eq!(json[1]["last_error"], "invalid_client: bad secret");
         assert!(json[0]["last_error"].is_null());
         assert!(json[1]["expires_at"].is_null());
+        assert_eq!(json[3]["subject_client"], "transatel");
+        assert!(json[0]["subject_client"].is_null());
     }
 }

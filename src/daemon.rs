@@ -500,6 +500,9 @@ impl Daemon {
                 }
             }
         }
+        if let ReloadReason::Changed(paths) = &reason {
+            self.retry_on_new_ready_tokens(&diff.unchanged, &new, paths);
+        }
         for name in &diff.added {
             if let Some(c) = new.clients.get(name) {
                 tracing::info!(
@@ -539,6 +542,32 @@ impl Daemon {
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;
+    }
+
+    /// A client failing on a ready-made token file (an expired projected token: its writer had
+    /// stopped) asks again as soon as that file changes, not at its next backoff retry.
+    fn retry_on_new_ready_tokens(
+        &self,
+        unchanged: &[String],
+        new: &Config,
+        changed: &[std::path::PathBuf],
+    ) {
+        for name in unchanged {
+            let (Some(c), Some(slot)) = (new.clients.get(name), self.store.get(name)) else {
+                continue;
+            };
+            let failing = slot.snapshot.borrow().consecutive_failures > 0;
+            if failing && c.ready_token_paths().iter().any(|p| changed.contains(p)) {
+                tracing::info!(
+                    client = name.as_str(),
+                    "its token file changed: asking again now"
+                );
+                let _ = slot.mailbox.post(Command::Refresh {
+                    reason: Reason::Demand,
+                    reply: None,
+                });
+            }
+        }
     }
 
     /// Applies what changed in `[daemon]`, key by key as the diff found them.

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::keys::{self, SigningAlg};
-use crate::provider::{Dialect, Provider, RegisteredClient, TalkdeskRegion};
+use crate::provider::{
+    Dialect, ExchangeAuth, ExchangeClient, Provider, RegisteredClient, TalkdeskRegion,
+};
 
 /// Client ids and secrets the demo registers. They protect nothing: the provider lives on
 /// loopback for the length of the demo.
@@ -21,6 +23,10 @@ pub const TALENTSOFT_USER_ID: &str = "demo-talentsoft-user";
 pub const TALENTSOFT_AUDIENCE: &str = "https://api.talentsoft.example";
 pub const TALKDESK_ID: &str = "demo-talkdesk";
 pub const TALKDESK_KID: &str = "demo-key-1";
+/// The secretless client: RFC 8693 token exchange of the Transatel client's token.
+pub const EXCHANGE_ID: &str = "demo-exchange";
+/// The audience it asks its token for.
+pub const EXCHANGE_AUDIENCE: &str = "https://api.demo.example";
 
 /// What [`setup`] made.
 #[derive(Debug, Clone)]
@@ -230,6 +236,42 @@ format = "token"
     })
 }
 
+/// Adds the demo's secretless client to a [`setup`]: `exchanged`, which holds no secret of its
+/// own and gets its token by RFC 8693 token exchange of the `transatel` client's current token
+/// (a new one each time that one rotates). Kept apart from [`setup`], whose five clients the
+/// tests count on.
+pub fn add_exchange(demo: &mut DemoSetup, provider: &Provider) -> Result<(), String> {
+    let mut client = ExchangeClient::new(EXCHANGE_ID, ExchangeAuth::None);
+    client.targets = vec![EXCHANGE_AUDIENCE.to_string()];
+    provider.register_exchange(client);
+    let toml = format!(
+        r#"
+# Secretless: no secret of its own; RFC 8693 token exchange of the transatel client's token,
+# renewed whenever that one rotates.
+[clients.exchanged]
+token_url = {url}
+grant_type = "token_exchange"
+client_auth = "none"
+client_id = "{EXCHANGE_ID}"
+subject_token = {{ client = "transatel" }}
+audience = "{EXCHANGE_AUDIENCE}"
+[[clients.exchanged.outputs]]
+path = {out}
+format = "token"
+"#,
+        url = toml_string(&provider.exchange_url()),
+        out = toml_string(&demo.out_dir.join("exchanged.token").display().to_string()),
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&demo.config)
+        .map_err(|e| format!("cannot write the config: {e}"))?;
+    std::io::Write::write_all(&mut file, toml.as_bytes())
+        .map_err(|e| format!("cannot write the config: {e}"))?;
+    demo.clients.insert(0, "exchanged".to_string());
+    Ok(())
+}
+
 /// A TOML basic string.
 fn toml_string(s: &str) -> String {
     let mut out = String::from("\"");
@@ -266,7 +308,8 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
     let provider = Provider::start()
         .await
         .map_err(|e| format!("cannot start the demo provider: {e}"))?;
-    let demo = setup(&dir, &provider, lifetime)?;
+    let mut demo = setup(&dir, &provider, lifetime)?;
+    add_exchange(&mut demo, &provider)?;
     let config = crate::config::load(&demo.config).map_err(|e| e.to_string())?;
     let daemon = crate::daemon::Daemon::start(config, None)
         .await
@@ -276,7 +319,7 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
         .unwrap_or_else(|_| "tokenwarden".into());
     println!("tokenwarden demo: the real daemon against a built-in provider on loopback");
     println!(
-        "  provider:    {} (speaks the five seed dialects)",
+        "  provider:    {} (speaks the five seed dialects and RFC 8693 token exchange)",
         provider.base_url()
     );
     println!("  directory:   {}", demo.dir.display());
@@ -290,6 +333,10 @@ pub async fn run(dir: Option<PathBuf>, lifetime: Duration) -> Result<(), String>
     println!();
     println!("Try, in another terminal:");
     println!("  cat {}", demo.out_dir.join("transatel.token").display());
+    println!(
+        "  cat {}    # secretless: exchanged from transatel's",
+        demo.out_dir.join("exchanged.token").display()
+    );
     println!(
         "  cat {}",
         demo.out_dir.join("talentsoft-app.env").display()

@@ -359,6 +359,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             println!("  {name}: {}", cert.describe(now));
         }
     }
+    // Ready-made assertions and subject tokens: when each expires (never its content).
+    for line in tokenwarden::oauth::assertion_file::describe(&config, std::time::SystemTime::now())
+    {
+        println!("  {line}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -55,6 +55,8 @@ pub struct Engine {
     pub source: Arc<dyn TokenSource>,
     /// The token endpoints of clients configured with `issuer` (RFC 8414), shared by them.
     pub discovery: Arc<oauth::Discovery>,
+    /// Every refresher's snapshot by client name: where a chained client finds its upstream.
+    pub chains: Chains,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -146,6 +148,7 @@ impl Engine {
             warn_on_failure: true,
             clock: Clock::System,
             source: Arc::new(TokenEndpoint),
+            chains: Chains::default(),
         })
     }
 }
@@ -270,6 +273,8 @@ pub fn spawn(
 ) -> Handle {
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let mailbox = Arc::new(Mailbox::default());
+    engine.chains.register(&config.name, snap_rx.clone());
+    let upstream = Upstream::of(&config);
     let slot = ClientSlot {
         snapshot: snap_rx,
         mailbox: mailbox.clone(),
@@ -293,6 +298,7 @@ pub fn spawn(
         output_repeated: Repeated::default(),
         expired_logged: false,
         skew_warned: false,
+        upstream,
     };
     let task = engine.tracker.spawn(refresher.run()).abort_handle();
     Handle { slot, task }
@@ -324,6 +330,8 @@ struct Refresher {
     expired_logged: bool,
     /// The clock-skew warning was given (once per client until the skew goes away).
     skew_warned: bool,
+    /// For a chained client (RFC 8693 subject from another client): the upstream it follows.
+    upstream: Option<Box<Upstream>>,
 }
 
 /// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
@@ -451,6 +459,9 @@ impl Refresher {
                 biased;
                 _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
+                _ = upstream_changed(self.upstream.as_deref_mut(), &self.engine.chains) => {
+                    Box::pin(self.upstream_moved()).await
+                }
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
                         let trigger = self.next_trigger;
@@ -520,6 +531,10 @@ impl Refresher {
             // Keep the generation counting on from the stored one.
             self.snapshot
                 .send_modify(|snap| snap.generation = s.generation);
+        }
+        if self.upstream.is_some() {
+            // A chained client asks once its upstream has a token (`upstream_moved`).
+            return;
         }
         self.next_at = Some(Instant::now());
         self.next_trigger = Trigger::Startup;
@@ -653,7 +668,10 @@ impl Refresher {
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
         let acquire = acquire_at_endpoint(&engine, &config, refresh_token.as_ref(), spent);
-        tokio::pin!(acquire);
+        let mut acquire: futures_util::future::BoxFuture<'_, _> = match self.upstream_token() {
+            Some(subject) => Box::pin(oauth::exchange::with_upstream_token(subject, acquire)),
+            None => Box::pin(acquire),
+        };
         // The token may expire while the request hangs: say so on time all the same.
         let result = loop {
             let expiry = self.expiry();
@@ -829,16 +847,21 @@ impl Refresher {
         self.plan(at);
     }
 
-    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at).
+    /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at). For a
+    /// chained client see [`Upstream::plan`].
     fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
-        schedule::next_refresh_at(
+        let at = schedule::next_refresh_at(
             &self.config.timing,
             token.issued_at,
             token.expires_at,
             self.now(),
             unit(),
             schedule::is_burst(trigger),
-        )
+        );
+        match &self.upstream {
+            Some(up) => up.plan(at, token, self.config.timing.refresh_margin),
+            None => at,
+        }
     }
 
     fn plan(&mut self, at: SystemTime) {
@@ -1049,6 +1072,194 @@ impl std::fmt::Display for HeldBack {
     }
 }
 
+// === chained clients (RFC 8693: `subject_token = { client = "NAME" }`) ===
+
+/// Every refresher's snapshot channel by client name, announced on a `watch` channel so that a
+/// chained client started before its upstream (or after a reload replaced the upstream) finds
+/// it when it appears.
+pub struct Chains(watch::Sender<Registry>);
+
+/// The refreshers by name, and how many were added since stopped ones were last forgotten.
+#[derive(Default)]
+struct Registry {
+    by_name: std::collections::HashMap<String, watch::Receiver<Snapshot>>,
+    added: usize,
+}
+
+impl Default for Chains {
+    fn default() -> Self {
+        Chains(watch::channel(Registry::default()).0)
+    }
+}
+
+impl Chains {
+    fn register(&self, name: &str, snapshot: watch::Receiver<Snapshot>) {
+        self.0.send_modify(|r| {
+            // Forget the refreshers that have stopped (removed clients: their last token must
+            // not stay in memory through this map), once as many were added as are kept, so
+            // that 10,000 clients starting cost O(n), not O(n²).
+            r.added += 1;
+            if r.added > r.by_name.len() {
+                r.by_name.retain(|_, rx| rx.has_changed().is_ok());
+                r.added = 0;
+            }
+            r.by_name.insert(name.to_owned(), snapshot);
+        });
+    }
+
+    /// The snapshot of `name`'s running refresher, once there is one.
+    async fn find(&self, name: &str) -> watch::Receiver<Snapshot> {
+        let mut registry = self.0.subscribe();
+        loop {
+            let found = registry
+                .borrow_and_update()
+                .by_name
+                .get(name)
+                .filter(|rx| rx.has_changed().is_ok())
+                .cloned();
+            if let Some(rx) = found {
+                return rx;
+            }
+            if registry.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// The upstream a chained client follows.
+struct Upstream {
+    name: String,
+    /// Its refresher's snapshot; `None` until found (again, after a reload replaced it).
+    snapshot: Option<watch::Receiver<Snapshot>>,
+    /// The upstream generation the last request exchanged.
+    used: Option<u64>,
+    /// When that subject token expires: the refresh is planned no later.
+    subject_expires_at: Option<SystemTime>,
+}
+
+impl Upstream {
+    /// A chained client's refresh time, from its own schedule `at`: the upstream's next
+    /// rotation renews this token anyway, so when that comes before the token needs renewing
+    /// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
+    /// rotation, not two); and never after the subject token expires.
+    fn plan(&self, at: SystemTime, token: &Token, margin: Duration) -> SystemTime {
+        let upstream_next = self
+            .snapshot
+            .as_ref()
+            .and_then(|rx| rx.borrow().next_refresh_at);
+        chained_refresh_at(
+            at,
+            token.expires_at,
+            margin,
+            upstream_next,
+            self.subject_expires_at,
+        )
+    }
+
+    fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
+        config.grant.upstream().map(|name| {
+            Box::new(Upstream {
+                name: name.to_owned(),
+                snapshot: None,
+                used: None,
+                subject_expires_at: None,
+            })
+        })
+    }
+}
+
+/// A chained client's refresh time (pure): its own schedule `at`, or only the fallback
+/// `refresh_margin` before its token expires when the upstream's next rotation comes before
+/// that (the rotation renews it anyway); never after its subject token expires.
+fn chained_refresh_at(
+    at: SystemTime,
+    expires_at: SystemTime,
+    margin: Duration,
+    upstream_next: Option<SystemTime>,
+    subject_expires_at: Option<SystemTime>,
+) -> SystemTime {
+    let fallback = expires_at.checked_sub(margin).unwrap_or(at).max(at);
+    let at = match upstream_next {
+        Some(next) if next < fallback => fallback,
+        _ => at,
+    };
+    match subject_expires_at {
+        Some(subject) => at.min(subject),
+        None => at,
+    }
+}
+
+/// Resolves when the upstream's snapshot changes (or first appears); never without one.
+async fn upstream_changed(up: Option<&mut Upstream>, chains: &Chains) {
+    let Some(up) = up else {
+        return std::future::pending().await;
+    };
+    loop {
+        match &mut up.snapshot {
+            Some(rx) => match rx.changed().await {
+                Ok(()) => return,
+                // Its refresher stopped (a reload replaced or removed it): find the new one.
+                Err(_) => up.snapshot = None,
+            },
+            None => {
+                let mut rx = chains.find(&up.name).await;
+                rx.mark_changed();
+                up.snapshot = Some(rx);
+            }
+        }
+    }
+}
+
+impl Refresher {
+    /// The upstream's snapshot moved: a new token there means a new one here (the subject
+    /// changed); an upstream that settled without a token makes this client's first attempt
+    /// fail with that reason rather than wait unseen.
+    async fn upstream_moved(&mut self) {
+        let now = self.now();
+        let Some(up) = self.upstream.as_deref_mut() else {
+            return;
+        };
+        let Some((generation, valid, settled, reused)) = up.snapshot.as_ref().map(|rx| {
+            let s = rx.borrow();
+            (
+                s.generation,
+                s.valid_token(now).is_some(),
+                s.settled,
+                s.reused,
+            )
+        }) else {
+            return;
+        };
+        let mine = self.snapshot.borrow().clone();
+        if valid && up.used.is_none() && reused && mine.reused {
+            // Both taken from the state directory at start: this token came of that one.
+            up.used = Some(generation);
+            return;
+        }
+        let fresh = valid && up.used != Some(generation);
+        if fresh || (settled && !valid && !mine.settled) {
+            let trigger = if mine.token.is_none() {
+                Trigger::Startup
+            } else {
+                Trigger::Reload
+            };
+            let _ = self.attempt(trigger).await;
+        }
+    }
+
+    /// The upstream's current token for this request (noting which one it is), if valid.
+    fn upstream_token(&mut self) -> Option<Secret> {
+        let now = self.now();
+        let up = self.upstream.as_deref_mut()?;
+        let snap = up.snapshot.as_ref()?.borrow().clone();
+        let token = snap.valid_token(now)?;
+        up.used = Some(snap.generation);
+        up.subject_expires_at = Some(token.expires_at);
+        Some(token.access_token.clone())
+    }
+}
+
 /// The one rule for a refresh demand that `min_interval` holds back (gRPC `RefreshToken`,
 /// `tokenwarden refresh` by a user who may not force it): `Some` when the current token is
 /// valid, no failure followed it and it is younger than `min_interval` at `now`.
@@ -1182,6 +1393,31 @@ mod tests {
             None,
             "a time passed holds nothing"
         );
+    }
+
+    #[test]
+    fn a_chained_client_plans_a_fallback_when_its_upstream_rotates_first() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let margin = Duration::from_secs(30);
+        // (own schedule, expiry, upstream's next rotation, subject's expiry) → planned
+        let cases = [
+            // No upstream plan known: the own schedule.
+            ((2700, 3600, None, None), 2700),
+            // The upstream rotates first: only the fallback, margin before expiry.
+            ((2700, 3600, Some(2600), None), 3570),
+            ((2700, 3600, Some(3000), None), 3570),
+            // The upstream rotates after this token needs renewing: the own schedule.
+            ((2700, 3600, Some(3590), None), 2700),
+            // Never after the subject expires.
+            ((2700, 3600, Some(2600), Some(3000)), 3000),
+            ((2700, 3600, None, Some(2000)), 2000),
+            // A token shorter than the margin: the fallback is never before the schedule.
+            ((10, 20, Some(5), None), 10),
+        ];
+        for ((at, exp, up, subject), want) in cases {
+            let got = chained_refresh_at(t(at), t(exp), margin, up.map(t), subject.map(t));
+            assert_eq!(got, t(want), "{at} {exp} {up:?} {subject:?}");
+        }
     }
 
     #[test]

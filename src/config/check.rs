@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::error::suggestion;
-use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, Timing};
+use super::types::{JWT_BEARER_GRANT, LogFormat, OutputFormat, TOKEN_EXCHANGE_GRANT, Timing};
 
 /// The grants (docs/configuration.md#clientsname), before their keys are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +14,7 @@ pub(crate) enum GrantKind {
     Password,
     RefreshToken,
     JwtBearer,
+    TokenExchange,
 }
 
 impl GrantKind {
@@ -23,6 +24,7 @@ impl GrantKind {
             GrantKind::Password => "password",
             GrantKind::RefreshToken => "refresh_token",
             GrantKind::JwtBearer => "jwt_bearer",
+            GrantKind::TokenExchange => "token_exchange",
         }
     }
 }
@@ -34,6 +36,7 @@ pub(crate) enum AuthKind {
     Post,
     SecretJwt,
     PrivateKeyJwt,
+    ClientAssertion,
     None,
     TlsClientAuth,
     SelfSignedTlsClientAuth,
@@ -46,6 +49,7 @@ impl AuthKind {
             AuthKind::Post => "client_secret_post",
             AuthKind::SecretJwt => "client_secret_jwt",
             AuthKind::PrivateKeyJwt => "private_key_jwt",
+            AuthKind::ClientAssertion => "client_assertion",
             AuthKind::None => "none",
             AuthKind::TlsClientAuth => "tls_client_auth",
             AuthKind::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
@@ -81,18 +85,20 @@ impl AuthKind {
     }
 }
 
-const GRANT_NAMES: [&str; 4] = [
+const GRANT_NAMES: [&str; 5] = [
     "client_credentials",
     "password",
     "refresh_token",
     "jwt_bearer",
+    "token_exchange",
 ];
-const AUTH_NAMES: [&str; 7] = [
+const AUTH_NAMES: [&str; 8] = [
     "client_secret_basic",
     "client_secret_post",
     "client_secret_jwt",
     "private_key_jwt",
     "none",
+    "client_assertion",
     "tls_client_auth",
     "self_signed_tls_client_auth",
 ];
@@ -104,6 +110,7 @@ pub(crate) fn parse_grant(text: &str) -> Result<GrantKind, String> {
         "password" => GrantKind::Password,
         "refresh_token" => GrantKind::RefreshToken,
         "jwt_bearer" | JWT_BEARER_GRANT => GrantKind::JwtBearer,
+        "token_exchange" | TOKEN_EXCHANGE_GRANT => GrantKind::TokenExchange,
         _ => {
             return Err(format!(
                 "unknown grant_type \"{text}\"{}",
@@ -120,6 +127,7 @@ pub(crate) fn parse_client_auth(text: &str) -> Result<AuthKind, String> {
         "client_secret_post" => AuthKind::Post,
         "client_secret_jwt" => AuthKind::SecretJwt,
         "private_key_jwt" => AuthKind::PrivateKeyJwt,
+        "client_assertion" => AuthKind::ClientAssertion,
         "none" => AuthKind::None,
         "tls_client_auth" => AuthKind::TlsClientAuth,
         "self_signed_tls_client_auth" => AuthKind::SelfSignedTlsClientAuth,
@@ -270,7 +278,7 @@ pub(crate) fn check_header_value(name: &str, value: &str) -> Result<(), String> 
 }
 
 /// Form parameters tokenwarden sets itself (RFC 6749 §4, RFC 7521 §4.2, RFC 7523 §2).
-pub(crate) const RESERVED_PARAMS: [&str; 10] = [
+pub(crate) const RESERVED_PARAMS: [&str; 15] = [
     "grant_type",
     "client_id",
     "client_secret",
@@ -281,6 +289,11 @@ pub(crate) const RESERVED_PARAMS: [&str; 10] = [
     "username",
     "password",
     "refresh_token",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_token_type",
 ];
 
 /// An `extra_params` name.

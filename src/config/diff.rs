@@ -242,7 +242,11 @@ fn grant_shape(grant: &Grant) -> Option<impl PartialEq + '_> {
             assertion.lifetime,
             &assertion.claims,
         )),
-        Grant::ClientCredentials | Grant::Password { .. } | Grant::RefreshToken { .. } => None,
+        Grant::ClientCredentials
+        | Grant::Password { .. }
+        | Grant::RefreshToken { .. }
+        | Grant::AssertionFile { .. }
+        | Grant::TokenExchange(_) => None,
     }
 }
 
@@ -260,6 +264,7 @@ fn auth_shape(
     match auth {
         ClientAuth::Basic { .. }
         | ClientAuth::Post { .. }
+        | ClientAuth::ClientAssertion { .. }
         | ClientAuth::None
         | ClientAuth::TlsClientAuth
         | ClientAuth::SelfSignedTlsClientAuth => (method, None, None, None),

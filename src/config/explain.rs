@@ -197,6 +197,30 @@ fn grant(v: &mut Changes, old: &Grant, new: &Grant) {
             };
             v.names("assertion.claims", &claims(&o.claims), &claims(&n.claims));
         }
+        // Where ready-made tokens are read from (never their values).
+        (Grant::AssertionFile { source: o }, Grant::AssertionFile { source: n }) => {
+            v.plain("assertion", &o.to_string(), &n.to_string())
+        }
+        (Grant::TokenExchange(o), Grant::TokenExchange(n)) => {
+            let subject = |x: &super::TokenExchange| match &x.subject {
+                super::Subject::Client(c) => format!("client {c}"),
+                super::Subject::Source(s) => s.to_string(),
+            };
+            v.plain("subject_token", &subject(o), &subject(n));
+            v.plain(
+                "subject_token_type",
+                &o.subject_token_type,
+                &n.subject_token_type,
+            );
+            let actor =
+                |x: &super::TokenExchange| x.actor.as_ref().map(|(s, t)| format!("{s} ({t})"));
+            v.plain("actor_token", &opt(&actor(o)), &opt(&actor(n)));
+            v.plain(
+                "requested_token_type",
+                &opt(&o.requested_token_type),
+                &opt(&n.requested_token_type),
+            );
+        }
         _ => {}
     }
 }
@@ -242,6 +266,9 @@ fn client_auth(v: &mut Changes, old: &ClientAuth, new: &ClientAuth) {
             v.secret("private_key", ok.digest != nk.digest);
             v.plain("key_id", &opt(oi), &opt(ni));
             v.plain("assertion_lifetime", &human(*ol), &human(*nl));
+        }
+        (ClientAuth::ClientAssertion { source: o }, ClientAuth::ClientAssertion { source: n }) => {
+            v.plain("client_assertion", &o.to_string(), &n.to_string())
         }
         _ => {}
     }
@@ -394,6 +421,27 @@ mod tests {
                 "{got}"
             );
         }
+    }
+
+    #[test]
+    fn token_exchange_changes_name_where_tokens_come_from_never_what_they_hold() {
+        let x = |subject: &str| {
+            let text = format!(
+                "[clients.up]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"up\"\nclient_secret = \"s3cr3t-value-one\"\n\
+                 [clients.other]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"o\"\nclient_secret = \"s3cr3t-value-one\"\n\
+                 [clients.a]\ntoken_url = \"https://idp.example/token\"\ngrant_type = \"token_exchange\"\nclient_auth = \"none\"\nclient_id = \"a\"\n{subject}"
+            );
+            let c = load_str(&text, std::path::Path::new("/etc/t.toml")).unwrap();
+            (*c.clients["a"]).clone()
+        };
+        let old = x("subject_token = { client = \"up\" }\n");
+        let new = x(
+            "subject_token = { client = \"other\" }\nrequested_token_type = \"urn:ietf:params:oauth:token-type:jwt\"\n",
+        );
+        assert_eq!(
+            describe(&changed_keys(&old, &new)),
+            "subject_token: client up -> client other; requested_token_type: (none) -> urn:ietf:params:oauth:token-type:jwt"
+        );
     }
 
     #[test]

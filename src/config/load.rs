@@ -26,11 +26,14 @@ use zeroize::Zeroizing;
 
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
-use super::raw::{Id, RawAssertion, RawClient, RawDaemon, RawOutput, RawSecret, RawTiming};
+use super::raw::{
+    Id, RawAssertion, RawClient, RawDaemon, RawOutput, RawSecret, RawSubject, RawTiming,
+};
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
 use crate::safepath::{self, Trust};
 use crate::secret::SecretSource;
+use serde::Deserialize as _;
 
 /// Reads the config at `path` with its included files, secrets and keys.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -402,6 +405,7 @@ impl Loader<'_> {
         for pattern in &include {
             self.include(pattern, &dir, &defaults, &mut files, &mut clients);
         }
+        self.check_chains(&clients);
 
         Some(Config {
             path: path.to_path_buf(),
@@ -857,6 +861,24 @@ struct ClientParts {
     auth: AuthKind,
 }
 
+/// `[clients.NAME.assertion]`: how to sign one, or a ready-made one (any secret source).
+enum RawAssertionValue {
+    Signed(Option<RawAssertion>),
+    Ready(Option<Spanned<RawSecret>>),
+}
+
+/// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
+/// rather than the table of how to sign one.
+fn is_secret_value(v: &DeValue<'_>) -> bool {
+    match v {
+        DeValue::String(_) => true,
+        DeValue::Table(t) => t
+            .iter()
+            .any(|(k, _)| ["file", "env", "credential"].contains(&k.get_ref().as_ref())),
+        _ => false,
+    }
+}
+
 impl Loader<'_> {
     fn client(
         &mut self,
@@ -884,8 +906,22 @@ impl Loader<'_> {
         let outputs = self.outputs(file, name, outputs_value);
         let assertion = assertion_value.map(|v| {
             let loc = Self::at(file, v.span());
+            // `assertion = { file = PATH }` (or any secret source): a ready-made assertion.
+            if is_secret_value(v.get_ref()) {
+                let span = v.span();
+                let raw = RawSecret::deserialize(ValueDeserializer::from(v))
+                    .map_err(|e| {
+                        self.error(
+                            Self::at(file, span.clone()),
+                            format!("assertion: {}", e.message()),
+                        )
+                    })
+                    .ok()
+                    .map(|r| Spanned::new(span, r));
+                return (RawAssertionValue::Ready(raw), loc);
+            }
             let raw = self.table::<RawAssertion>(file, &format!("[clients.{name}.assertion]"), v);
-            (raw, loc)
+            (RawAssertionValue::Signed(raw), loc)
         });
 
         let mut raw: RawClient =
@@ -1086,6 +1122,10 @@ impl Loader<'_> {
             p.auth == AuthKind::PrivateKeyJwt,
             p.auth.is_jwt(),
         );
+        let (ca, te) = (
+            p.auth == AuthKind::ClientAssertion,
+            p.grant == GrantKind::TokenExchange,
+        );
         let (a, g) = (auth_says.as_str(), grant_says.as_str());
         // (key, needed, used, which setting decides)
         let rules = [
@@ -1100,6 +1140,12 @@ impl Loader<'_> {
             ("refresh_token", rt, rt, g),
             ("assertion", jb, jb, g),
             ("tls_client_cert", p.auth.is_mtls(), true, a),
+            ("client_assertion", ca, ca, a),
+            ("subject_token", te, te, g),
+            ("subject_token_type", false, te, g),
+            ("actor_token", false, te, g),
+            ("actor_token_type", false, te, g),
+            ("requested_token_type", false, te, g),
         ];
         for (key, needed, used, why) in rules {
             if needed && !present(key) {
@@ -1129,7 +1175,7 @@ impl Loader<'_> {
         client: &str,
         p: &ClientParts,
         raw: &mut RawClient,
-        assertion: Option<(Option<RawAssertion>, Loc)>,
+        assertion: Option<(RawAssertionValue, Loc)>,
     ) -> Option<Grant> {
         match p.grant {
             GrantKind::ClientCredentials => Some(Grant::ClientCredentials),
@@ -1149,9 +1195,16 @@ impl Loader<'_> {
                 )?;
                 Some(Grant::RefreshToken { refresh_token })
             }
+            GrantKind::TokenExchange => self.token_exchange(file, dir, client, raw),
             GrantKind::JwtBearer => {
-                let (raw, _) = assertion?;
-                let a = raw?;
+                let a = match assertion? {
+                    (RawAssertionValue::Signed(raw), _) => raw?,
+                    (RawAssertionValue::Ready(raw), _) => {
+                        let source =
+                            self.ready_token(file, dir, client, "assertion", raw?, true)?;
+                        return Some(Grant::AssertionFile { source });
+                    }
+                };
                 let alg = match &a.signing_alg {
                     Some(s) => self.ok_at(file, s.span(), SigningAlg::from_str(s.get_ref()))?,
                     None => SigningAlg::HS256,
@@ -1237,6 +1290,11 @@ impl Loader<'_> {
             AuthKind::None => Some(ClientAuth::None),
             AuthKind::TlsClientAuth => Some(ClientAuth::TlsClientAuth),
             AuthKind::SelfSignedTlsClientAuth => Some(ClientAuth::SelfSignedTlsClientAuth),
+            AuthKind::ClientAssertion => {
+                let raw = raw.client_assertion.take()?;
+                let source = self.ready_token(file, dir, client, "client_assertion", raw, true)?;
+                Some(ClientAuth::ClientAssertion { source })
+            }
             AuthKind::Basic | AuthKind::Post | AuthKind::SecretJwt => {
                 let raw_secret = raw.client_secret.take()?;
                 let span = raw_secret.span();
@@ -1510,6 +1568,187 @@ fn resolve_name(name: &str, kind: IdKind) -> Result<u32, String> {
         Ok(None) => Err(format!("unknown {what} \"{name}\"")),
         Err(e) => Err(format!("cannot look up {what} \"{name}\": {e}")),
     }
+}
+
+// === impl Loader: ready-made tokens and token exchange (RFC 7521 §4.2, RFC 8693) ===
+
+impl Loader<'_> {
+    /// A ready-made token read at each request (an assertion, a subject or actor token). It is
+    /// read now too, so that `check` finds a missing or unreadable one; a `jwt` one must hold a
+    /// JWT (RFC 7519 §7.2: three base64url parts, JSON header and claims), and an expired one is
+    /// a warning here (the daemon refuses to send it).
+    fn ready_token(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        key: &str,
+        raw: Spanned<RawSecret>,
+        jwt: bool,
+    ) -> Option<SecretSource> {
+        let loc = Self::at(file, raw.span());
+        let cred = self.credential(file, dir, client, key, raw)?;
+        if jwt {
+            match crate::oauth::assertion_file::inspect(&cred.value) {
+                Err(e) => {
+                    self.error(loc, format!("{key}: {} {e}", cred.source));
+                    return None;
+                }
+                Ok(info) => {
+                    if let Some(m) =
+                        info.expired_message(key, &cred.source, std::time::SystemTime::now())
+                    {
+                        self.warn(loc, m);
+                    }
+                }
+            }
+        }
+        Some(cred.source)
+    }
+
+    /// `grant_type = "token_exchange"` (RFC 8693 §2.1).
+    fn token_exchange(
+        &mut self,
+        file: usize,
+        dir: &Path,
+        client: &str,
+        raw: &mut RawClient,
+    ) -> Option<Grant> {
+        let types = [
+            raw.subject_token_type.take(),
+            raw.actor_token_type.take(),
+            raw.requested_token_type.take(),
+        ];
+        let [subject_type, actor_type, requested] = types.map(|t| {
+            t.and_then(|t| {
+                let span = t.span();
+                let t = t.into_inner();
+                self.ok_at(file, span, check_token_type(&t).map(|()| t))
+            })
+        });
+        let raw_subject = raw.subject_token.take()?;
+        let span = raw_subject.span();
+        let subject = match raw_subject.into_inner() {
+            RawSubject::Client(name) => Subject::Client(name),
+            RawSubject::Secret(secret) => {
+                let is_jwt = subject_type.as_deref().is_none_or(|t| t == TOKEN_TYPE_JWT);
+                let source = self.ready_token(
+                    file,
+                    dir,
+                    client,
+                    "subject_token",
+                    Spanned::new(span, secret),
+                    is_jwt,
+                )?;
+                Subject::Source(source)
+            }
+        };
+        let subject_token_type = subject_type.unwrap_or_else(|| {
+            match subject {
+                Subject::Client(_) => TOKEN_TYPE_ACCESS_TOKEN,
+                Subject::Source(_) => TOKEN_TYPE_JWT,
+            }
+            .to_string()
+        });
+        let actor = match (raw.actor_token.take(), actor_type) {
+            (None, None) => None,
+            (Some(token), Some(t)) => {
+                let is_jwt = t == TOKEN_TYPE_JWT;
+                let source = self.ready_token(file, dir, client, "actor_token", token, is_jwt)?;
+                Some((source, t))
+            }
+            (Some(token), None) => {
+                self.error(
+                    Self::at(file, token.span()),
+                    "actor_token needs actor_token_type (RFC 8693 §2.1)",
+                );
+                return None;
+            }
+            (None, Some(_)) => {
+                let loc = self.clients_seen.get(client).copied();
+                if let Some(loc) = loc {
+                    self.error(
+                        loc,
+                        format!("[clients.{client}]: actor_token_type is set without actor_token"),
+                    );
+                }
+                return None;
+            }
+        };
+        Some(Grant::TokenExchange(Box::new(TokenExchange {
+            subject,
+            subject_token_type,
+            actor,
+            requested_token_type: requested,
+        })))
+    }
+
+    /// Chained clients (`subject_token = { client = "NAME" }`): the upstream must be a client
+    /// of this config, and no chain may loop back on itself.
+    fn check_chains(&mut self, clients: &BTreeMap<String, std::sync::Arc<ClientConfig>>) {
+        let upstream = |name: &str| clients.get(name).and_then(|c| c.grant.upstream());
+        let mut reported: std::collections::BTreeSet<String> = Default::default();
+        for (name, c) in clients {
+            let Some(up) = c.grant.upstream() else {
+                continue;
+            };
+            let loc = self.clients_seen.get(name).copied();
+            if !clients.contains_key(up) {
+                if let Some(loc) = loc {
+                    self.error(
+                        loc,
+                        format!(
+                            "[clients.{name}]: subject_token names client \"{up}\", which is not in the config; add it back or change subject_token"
+                        ),
+                    );
+                }
+                continue;
+            }
+            // One upstream per client: follow the chain until it ends or comes back.
+            let mut path = vec![name.as_str()];
+            let mut next = Some(up);
+            while let Some(n) = next {
+                if let Some(i) = path.iter().position(|p| *p == n) {
+                    let cycle = &path[i..];
+                    if cycle.contains(&name.as_str()) {
+                        let mut key: Vec<&str> = cycle.to_vec();
+                        key.sort_unstable();
+                        if reported.insert(key.join(" "))
+                            && let Some(loc) = loc
+                        {
+                            let shown = cycle.iter().chain([&n]).copied().collect::<Vec<_>>();
+                            self.error(
+                                loc,
+                                format!(
+                                    "token exchange clients form a cycle: {}; each needs the other's token first",
+                                    shown.join(" -> ")
+                                ),
+                            );
+                        }
+                    }
+                    break;
+                }
+                path.push(n);
+                next = upstream(n);
+            }
+        }
+    }
+}
+
+/// A token type identifier (RFC 8693 §3): an absolute URI, such as
+/// `urn:ietf:params:oauth:token-type:jwt`.
+fn check_token_type(t: &str) -> Result<(), String> {
+    let scheme = t.split_once(':').map(|(s, _)| s).unwrap_or("");
+    let scheme_ok = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "token type {t:?} is not a URI; write it like \"{TOKEN_TYPE_JWT}\" (RFC 8693 §3)"
+        ));
+    }
+    Ok(())
 }
 
 // === impl Loader: outputs ===

@@ -83,6 +83,13 @@ pub(crate) struct RawClient {
     // Mutual TLS (RFC 8705): the client certificate chain and its key.
     pub tls_client_cert: Option<Spanned<RawSecret>>,
     pub tls_client_key: Option<Spanned<RawSecret>>,
+    // Ready-made assertions and token exchange (docs/oauth.md#credentials-without-stored-secrets).
+    pub client_assertion: Option<Spanned<RawSecret>>,
+    pub subject_token: Option<Spanned<RawSubject>>,
+    pub subject_token_type: Option<Spanned<String>>,
+    pub actor_token: Option<Spanned<RawSecret>>,
+    pub actor_token_type: Option<Spanned<String>>,
+    pub requested_token_type: Option<Spanned<String>>,
     // The timing keys of `[defaults]`, overriding them for this client. (serde's `flatten`
     // does not work with `deny_unknown_fields`, hence the repetition.)
     pub refresh_at: Option<Spanned<f64>>,
@@ -354,6 +361,59 @@ impl<'de> Deserialize<'de> for RawSecret {
                 found.ok_or_else(|| {
                     de::Error::custom("a secret takes exactly one of file, env or credential")
                 })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `subject_token`: a secret, or `{ client = "NAME" }` (another client's token, RFC 8693).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RawSubject {
+    Secret(RawSecret),
+    Client(String),
+}
+
+impl<'de> Deserialize<'de> for RawSubject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawSubject;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a subject token: { client = NAME }, { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSubject, E> {
+                Ok(RawSubject::Secret(RawSecret::Inline(Secret::new(v))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSubject, A::Error> {
+                let mut found: Option<(String, String)> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "client" && !SECRET_KEYS.contains(&key.as_str()) {
+                        return Err(de::Error::custom(format!(
+                            "unknown key \"{key}\" in subject_token; use client, file, env or credential"
+                        )));
+                    }
+                    if found.is_some() {
+                        return Err(de::Error::custom(
+                            "subject_token takes exactly one of client, file, env or credential",
+                        ));
+                    }
+                    let value: String = map.next_value()?;
+                    found = Some((key, value));
+                }
+                match found {
+                    Some((k, v)) if k == "client" => Ok(RawSubject::Client(v)),
+                    Some((k, v)) if k == "file" => {
+                        Ok(RawSubject::Secret(RawSecret::File(v.into())))
+                    }
+                    Some((k, v)) if k == "env" => Ok(RawSubject::Secret(RawSecret::Env(v))),
+                    Some((_, v)) => Ok(RawSubject::Secret(RawSecret::Credential(v))),
+                    None => Err(de::Error::custom(
+                        "subject_token takes exactly one of client, file, env or credential",
+                    )),
+                }
             }
         }
         d.deserialize_any(V)

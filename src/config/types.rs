@@ -219,6 +219,9 @@ impl ClientConfig {
                 .unwrap_or_default(),
             // A new bootstrap refresh token starts a new chain: the stored one is not reused.
             Grant::RefreshToken { refresh_token } => refresh_token.value.fingerprint_full(),
+            // Whose token is exchanged, and for what, makes the token (RFC 8693 §2.1).
+            Grant::TokenExchange(x) => x.identity(),
+            Grant::AssertionFile { source } => source.to_string(),
             _ => String::new(),
         };
         // An issuer is another identity than the same URL as a token_url.
@@ -249,6 +252,9 @@ impl ClientConfig {
                 parts.push(refresh_token.value.fingerprint_full())
             }
             Grant::JwtBearer { assertion } => parts.push(assertion.key.digest.clone()),
+            // Read at each request: where from is what the config decides.
+            Grant::AssertionFile { source } => parts.push(source.to_string()),
+            Grant::TokenExchange(x) => parts.push(x.sources()),
             Grant::ClientCredentials => {}
         }
         match &self.client_auth {
@@ -258,12 +264,27 @@ impl ClientConfig {
             ClientAuth::SecretJwt { key, .. } | ClientAuth::PrivateKeyJwt { key, .. } => {
                 parts.push(key.digest.clone())
             }
+            ClientAuth::ClientAssertion { source } => parts.push(source.to_string()),
             ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
         }
         if let Some(cert) = &self.tls_client {
             parts.push(cert.digest.clone());
         }
         crate::secret::sha256_hex(parts.join("\u{0}").as_bytes())
+    }
+
+    /// Files of ready-made tokens read at each request (assertions, subject and actor tokens).
+    pub fn ready_token_paths(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        match &self.grant {
+            Grant::AssertionFile { source } => v.extend(source.path()),
+            Grant::TokenExchange(x) => v.extend(x.paths()),
+            _ => {}
+        }
+        if let ClientAuth::ClientAssertion { source } = &self.client_auth {
+            v.extend(source.path());
+        }
+        v
     }
 
     /// Files secrets of this client are read from.
@@ -273,6 +294,8 @@ impl ClientConfig {
             Grant::Password { password, .. } => v.extend(password.source.path()),
             Grant::RefreshToken { refresh_token } => v.extend(refresh_token.source.path()),
             Grant::JwtBearer { assertion } => v.extend(assertion.key_source.path()),
+            Grant::AssertionFile { source } => v.extend(source.path()),
+            Grant::TokenExchange(x) => v.extend(x.paths()),
             Grant::ClientCredentials => {}
         }
         match &self.client_auth {
@@ -281,6 +304,7 @@ impl ClientConfig {
             }
             ClientAuth::SecretJwt { secret, .. } => v.extend(secret.source.path()),
             ClientAuth::PrivateKeyJwt { key_source, .. } => v.extend(key_source.path()),
+            ClientAuth::ClientAssertion { source } => v.extend(source.path()),
             ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
         }
         if let Some(cert) = &self.tls_client {
@@ -394,6 +418,83 @@ pub enum Grant {
     RefreshToken { refresh_token: Credential },
     /// RFC 7523 §2.1: a signed assertion is the grant.
     JwtBearer { assertion: Assertion },
+    /// RFC 7523 §2.1 with a ready-made assertion (`assertion = { file = PATH }`), read again
+    /// before each request (RFC 7521 §4.1).
+    AssertionFile { source: SecretSource },
+    /// RFC 8693 token exchange.
+    TokenExchange(Box<TokenExchange>),
+}
+
+/// The RFC 8693 §2.1 grant type URN.
+pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 §3 token type identifiers.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// RFC 8693 §3: an OAuth 2.0 access token.
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// Where an RFC 8693 `subject_token` comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Subject {
+    /// A secret source (a file Kubernetes projects, say), read before each request.
+    Source(SecretSource),
+    /// The current token of another client of this daemon (a chained client).
+    Client(String),
+}
+
+/// `grant_type = "token_exchange"` (RFC 8693 §2.1). `audience`, `resource` and `scope` are the
+/// client's own keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenExchange {
+    pub subject: Subject,
+    /// `subject_token_type` (default: `…:jwt` for a source, `…:access_token` for a client).
+    pub subject_token_type: String,
+    /// `actor_token` and `actor_token_type` (§2.1: the type is required with the token).
+    pub actor: Option<(SecretSource, String)>,
+    /// `requested_token_type`.
+    pub requested_token_type: Option<String>,
+}
+
+impl TokenExchange {
+    /// The upstream client, for a chained client.
+    pub fn upstream(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Client(name) => Some(name),
+            Subject::Source(_) => None,
+        }
+    }
+
+    /// What decides the token besides the client's common keys: the subject and the types.
+    fn identity(&self) -> String {
+        let subject = match &self.subject {
+            Subject::Source(s) => s.to_string(),
+            Subject::Client(c) => format!("client {c}"),
+        };
+        let actor = self.actor.as_ref().map(|(s, t)| format!("{s} {t}"));
+        [
+            subject.as_str(),
+            &self.subject_token_type,
+            actor.as_deref().unwrap_or(""),
+            self.requested_token_type.as_deref().unwrap_or(""),
+        ]
+        .join("\u{0}")
+    }
+
+    /// Where the tokens are read from (never their values: they are read at each request).
+    fn sources(&self) -> String {
+        self.identity()
+    }
+
+    /// Files the tokens are read from.
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Subject::Source(s) = &self.subject {
+            v.extend(s.path());
+        }
+        if let Some((s, _)) = &self.actor {
+            v.extend(s.path());
+        }
+        v
+    }
 }
 
 /// The RFC 7523 §2.1 grant type URN.
@@ -406,7 +507,16 @@ impl Grant {
             Grant::ClientCredentials => "client_credentials",
             Grant::Password { .. } => "password",
             Grant::RefreshToken { .. } => "refresh_token",
-            Grant::JwtBearer { .. } => JWT_BEARER_GRANT,
+            Grant::JwtBearer { .. } | Grant::AssertionFile { .. } => JWT_BEARER_GRANT,
+            Grant::TokenExchange(_) => TOKEN_EXCHANGE_GRANT,
+        }
+    }
+
+    /// The client whose token this one exchanges, for a chained client.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            Grant::TokenExchange(x) => x.upstream(),
+            _ => None,
         }
     }
 
@@ -455,6 +565,9 @@ pub enum ClientAuth {
         key_id: Option<String>,
         lifetime: Duration,
     },
+    /// `client_assertion`: a ready-made JWT (a Kubernetes projected token, a SPIFFE JWT-SVID)
+    /// read before each request and sent as `client_assertion` (RFC 7521 §4.2, RFC 7523 §2.2).
+    ClientAssertion { source: SecretSource },
     /// `none`: a public client; `client_id` in the form body.
     None,
     /// `tls_client_auth`: the client certificate (`tls_client`, PKI-issued) authenticates;
@@ -473,6 +586,7 @@ impl ClientAuth {
             ClientAuth::Post { .. } => "client_secret_post",
             ClientAuth::SecretJwt { .. } => "client_secret_jwt",
             ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
+            ClientAuth::ClientAssertion { .. } => "client_assertion",
             ClientAuth::None => "none",
             ClientAuth::TlsClientAuth => "tls_client_auth",
             ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",

@@ -306,7 +306,11 @@ impl TokenApi {
             .filter(|(_, s)| {
                 caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
             })
-            .map(|(name, s)| status_message(&name, &s.snapshot.borrow(), now))
+            .map(|(name, s)| {
+                let mut m = status_message(&name, &s.snapshot.borrow(), now);
+                m.subject_client = s.config.grant.upstream().unwrap_or_default().to_string();
+                m
+            })
             .collect()
     }
 
@@ -449,6 +453,7 @@ pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::Cli
         last_error: snap.problems().unwrap_or_default(),
         consecutive_failures: snap.consecutive_failures,
         last_refresh_at: snap.last_refresh_at.map(timestamp),
+        subject_client: String::new(),
     }
 }
 

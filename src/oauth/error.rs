@@ -85,6 +85,12 @@ pub enum OAuthError {
     /// can fix it.
     #[error("{message}")]
     Discovery { message: String, permanent: bool },
+
+    /// A ready-made token (an assertion file, a subject token) cannot be sent: unreadable,
+    /// not a JWT, expired, or the upstream client has none yet. Retried: whatever writes it may
+    /// come back.
+    #[error("{0}")]
+    Assertion(String),
     /// Any of the above, with where and how the request was sent: every error of a token
     /// request names its endpoint, grant and client authentication method (never a secret).
     #[error("{error} ({endpoint})")]
@@ -242,7 +248,8 @@ impl OAuthError {
             | OAuthError::Timeout(_)
             | OAuthError::Transport(_)
             | OAuthError::Malformed { .. }
-            | OAuthError::TooLarge { .. } => ErrorClass::Retryable { retry_after: None },
+            | OAuthError::TooLarge { .. }
+            | OAuthError::Assertion(_) => ErrorClass::Retryable { retry_after: None },
             OAuthError::At { error, .. } => error.class(),
         }
     }
@@ -269,6 +276,7 @@ impl OAuthError {
             OAuthError::Request(_) => "request".into(),
             OAuthError::ChainEnded { .. } => "chain_ended".into(),
             OAuthError::Discovery { .. } => "discovery".into(),
+            OAuthError::Assertion(_) => "assertion".into(),
             OAuthError::At { error, .. } => error.kind(),
         }
     }

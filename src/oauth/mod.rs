@@ -11,8 +11,10 @@
 //!   Discovery), kept in the state directory.
 //! - `mtls`: the client certificate and key of mutual TLS (RFC 8705), checked to match.
 
+pub mod assertion_file;
 pub mod discovery;
 mod error;
+pub mod exchange;
 mod mtls;
 mod request;
 mod response;
@@ -274,11 +276,15 @@ async fn exchange(
         sent_at,
         redactor: &redactor,
     };
-    parse_token_response(&meta, &body, &ctx)
+    let issued = parse_token_response(&meta, &body, &ctx)?;
+    if prepared.grant_type == crate::config::TOKEN_EXCHANGE_GRANT {
+        exchange::check_issued(&meta, &body, &issued.token.token_type)?;
+    }
+    Ok(issued)
 }
 
 /// Form parameters whose values are not secret: shown in provider text as they are.
-const PUBLIC_PARAMS: [&str; 7] = [
+const PUBLIC_PARAMS: [&str; 10] = [
     "grant_type",
     "client_assertion_type",
     "client_id",
@@ -286,6 +292,9 @@ const PUBLIC_PARAMS: [&str; 7] = [
     "scope",
     "audience",
     "resource",
+    "subject_token_type",
+    "actor_token_type",
+    "requested_token_type",
 ];
 
 /// Whether an extra header's value is a credential, judging by its name.
@@ -314,13 +323,17 @@ pub fn redactor(client: &ClientConfig, prepared: &PreparedRequest) -> Redactor {
         Grant::Password { password, .. } => r.add(password.value.expose()),
         Grant::RefreshToken { refresh_token } => r.add(refresh_token.value.expose()),
         Grant::JwtBearer { assertion } => r.add(assertion.key_material.expose()),
-        Grant::ClientCredentials => {}
+        // Read at each request: masked below as values the request carries.
+        Grant::AssertionFile { .. } | Grant::TokenExchange(_) | Grant::ClientCredentials => {}
     }
     match &client.client_auth {
         ClientAuth::Basic { secret } | ClientAuth::Post { secret } => r.add(secret.value.expose()),
         ClientAuth::SecretJwt { secret, .. } => r.add(secret.value.expose()),
         ClientAuth::PrivateKeyJwt { key_material, .. } => r.add(key_material.expose()),
-        ClientAuth::None | ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {}
+        ClientAuth::ClientAssertion { .. }
+        | ClientAuth::None
+        | ClientAuth::TlsClientAuth
+        | ClientAuth::SelfSignedTlsClientAuth => {}
     }
     if let Some(cert) = &client.tls_client {
         r.add(cert.key_material.expose());
@@ -526,6 +539,10 @@ pub async fn acquire(
         Grant::RefreshToken { refresh_token } => Some(refresh_token),
         _ => None,
     };
+    // A token exchange client always exchanges its subject as it is now (RFC 8693 §2.1): a
+    // refresh token would keep the token of a subject that has since changed.
+    let exchange = matches!(client.grant, Grant::TokenExchange(_));
+    let stored_refresh_token = stored_refresh_token.filter(|_| !exchange);
     let mut refused = None;
     if let Some(rt) = stored_refresh_token {
         match request_token(http, client, Attempt::Refresh(rt)).await {
@@ -582,6 +599,7 @@ pub async fn acquire(
             let keep = issued
                 .refresh_token
                 .clone()
+                .filter(|_| !exchange)
                 .or_else(|| bootstrap.map(|b| b.value.clone()));
             Ok(Acquired {
                 issued,

@@ -98,6 +98,23 @@ pub fn prepare(
             form.push(("assertion".into(), jwt));
             crate::config::JWT_BEARER_GRANT
         }
+        (Attempt::Primary, Grant::AssertionFile { source }) => {
+            let jwt = super::assertion_file::read(source, "assertion", true, now)?;
+            form.push((
+                "grant_type".into(),
+                Secret::new(crate::config::JWT_BEARER_GRANT),
+            ));
+            form.push(("assertion".into(), jwt));
+            crate::config::JWT_BEARER_GRANT
+        }
+        (Attempt::Primary, Grant::TokenExchange(x)) => {
+            form.push((
+                "grant_type".into(),
+                Secret::new(crate::config::TOKEN_EXCHANGE_GRANT),
+            ));
+            super::exchange::push_form(x, now, &mut form)?;
+            crate::config::TOKEN_EXCHANGE_GRANT
+        }
     };
     if !client.scope.is_empty() {
         form.push(("scope".into(), Secret::new(client.scope.join(" "))));
@@ -144,6 +161,17 @@ pub fn prepare(
         // RFC 8705 §2.1, §2.2: the certificate authenticates; client_id names the client.
         ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
             form.push(("client_id".into(), Secret::new(client_id)));
+        }
+        ClientAuth::ClientAssertion { source } => {
+            let jwt = super::assertion_file::read(source, "client_assertion", true, now)?;
+            if !client_id.is_empty() {
+                form.push(("client_id".into(), Secret::new(client_id)));
+            }
+            form.push((
+                "client_assertion_type".into(),
+                Secret::new(CLIENT_ASSERTION_TYPE),
+            ));
+            form.push(("client_assertion".into(), jwt));
         }
         ClientAuth::None => {
             if !client_id.is_empty() {

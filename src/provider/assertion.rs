@@ -148,8 +148,56 @@ pub(crate) fn check_grant_assertion(
     Ok(Checked { jti, exp })
 }
 
+/// What a JWT from a trusted outside issuer must satisfy (a Kubernetes service-account token
+/// used as a client assertion or a jwt-bearer grant, RFC 7521 §5.2 and RFC 7523 §3): signed by
+/// that issuer's key, `iss`, `sub` and `aud` as registered, `exp` ahead.
+pub(crate) struct FederatedRule<'a> {
+    /// The only `alg` accepted.
+    pub alg: SigningAlg,
+    /// The issuer's public key.
+    pub key: &'a DecodingKey,
+    /// `iss` must be this.
+    pub issuer: &'a str,
+    /// `sub` must be this.
+    pub subject: &'a str,
+    /// `aud` must name this.
+    pub audience: &'a str,
+}
+
+/// Checks a JWT from a trusted issuer; `what` names it in the error (`client_assertion`, …).
+pub(crate) fn check_federated(
+    jwt: &str,
+    rule: &FederatedRule<'_>,
+    what: &str,
+    now: u64,
+) -> Result<Checked, String> {
+    let header = jsonwebtoken::decode_header(jwt).map_err(|_| format!("{what} is not a JWT"))?;
+    if header.alg != rule.alg.algorithm() {
+        return Err(format!(
+            "{what} alg {:?} is not the registered {}",
+            header.alg, rule.alg
+        ));
+    }
+    let claims = verified_claims(jwt, rule.alg, rule.key)
+        .map_err(|_| format!("{what} signature does not verify with the issuer's key"))?;
+    if string_claim(&claims, "iss")? != rule.issuer {
+        return Err(format!("{what} iss is not the trusted issuer"));
+    }
+    if string_claim(&claims, "sub")? != rule.subject {
+        return Err(format!("{what} sub is not the registered subject"));
+    }
+    check_audience(&claims, rule.audience)?;
+    let (_, exp) = check_times(&claims, now).map_err(|e| format!("{what}: {e}"))?;
+    let jti = match claims.get("jti") {
+        None => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => return Err(format!("{what} jti is not a string")),
+    };
+    Ok(Checked { jti, exp })
+}
+
 /// The claims of a JWT whose signature verifies with `key` under `alg`; no claim is checked.
-fn verified_claims(
+pub(crate) fn verified_claims(
     jwt: &str,
     alg: SigningAlg,
     key: &DecodingKey,

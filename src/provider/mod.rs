@@ -49,6 +49,7 @@ mod assertion;
 mod control;
 mod dialect;
 mod discovery;
+mod exchange;
 #[cfg(feature = "test-provider")]
 mod fault;
 mod mtls;
@@ -78,6 +79,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use dialect::{Dialect, Grant, JWT_BEARER_GRANT, TalkdeskRegion};
+pub use exchange::{
+    EXCHANGE_PATH, ExchangeAuth, ExchangeClient, TOKEN_EXCHANGE_GRANT, TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, TrustedIssuer,
+};
 #[cfg(feature = "test-provider")]
 pub use fault::{Fault, HTML_ERROR_PAGE};
 pub use mtls::TlsSubject;
@@ -419,6 +424,8 @@ struct Ledger {
     counter: u64,
     /// What the metadata documents say and where the token endpoints are.
     discovery: discovery::Published,
+    /// The exchange endpoint's clients, and every token issued (what a subject is checked on).
+    exchange: exchange::ExchangeLedger,
     /// What the tests set and read: faults, the requests received, the tokens issued.
     #[cfg(feature = "test-provider")]
     observed: control::Observed,
@@ -662,7 +669,12 @@ async fn handle(
     if let Some(answer) = discovery::answer(&endpoint, &recorded) {
         return Ok(answer);
     }
-    let Some(token_path) = discovery::token_path(&endpoint, &recorded.path) else {
+    // The exchange endpoint (None), or a dialect's token endpoint.
+    let token_path = if recorded.path == EXCHANGE_PATH {
+        None
+    } else if let Some(path) = discovery::token_path(&endpoint, &recorded.path) {
+        Some(path)
+    } else {
         debug!(path = %recorded.path, "provider: no token endpoint here");
         return Ok(response::raw(
             404,
@@ -671,7 +683,10 @@ async fn handle(
         ));
     };
     let outcome = match body {
-        Ok(_) => endpoint.process(&recorded, &token_path),
+        Ok(_) => match &token_path {
+            None => exchange::process(&endpoint, &recorded, unix_now()),
+            Some(path) => endpoint.process(&recorded, path),
+        },
         Err(reject) => Err(reject),
     };
     Ok(match outcome {
@@ -1056,6 +1071,8 @@ impl Ledger {
         };
         #[cfg(feature = "test-provider")]
         self.observed.note_issued(&access_token, c, cnf.clone());
+        self.exchange
+            .note_issued(&access_token, &c.client_id, now + expires_in, now);
         let refresh_token = (c.refresh_tokens && c.dialect.grants().contains(&Grant::RefreshToken))
             .then(|| {
                 let rt = format!("twr_{fp}_{n:06}_{}", random());

@@ -52,6 +52,10 @@ impl Reject {
     pub fn invalid_scope(d: impl Into<String>) -> Reject {
         Reject::new(400, "invalid_scope", d)
     }
+    /// 400 `invalid_target` (RFC 8693 §2.2.2): an audience or resource it will not serve.
+    pub fn invalid_target(d: impl Into<String>) -> Reject {
+        Reject::new(400, "invalid_target", d)
+    }
     /// 400 `unsupported_grant_type`.
     pub fn unsupported_grant_type(d: impl Into<String>) -> Reject {
         Reject::new(400, "unsupported_grant_type", d)

@@ -1,5 +1,6 @@
 //! tokenwarden's integration tests: one crate, one module per part of the product.
 mod access;
+mod assertion_file;
 mod attack_callers;
 mod attack_files;
 mod attack_listeners;
@@ -12,6 +13,7 @@ mod discovery;
 mod docs;
 mod engine;
 mod examples;
+mod exchange;
 mod faults;
 mod fuzz_corpus;
 mod grpc;

@@ -382,12 +382,14 @@ pub fn secret_material(env: &DemoEnv, extra: impl IntoIterator<Item = String>) -
             }
         }
     }
-    const SECRET_FORM_KEYS: [&str; 5] = [
+    const SECRET_FORM_KEYS: [&str; 7] = [
         "password",
         "client_secret",
         "assertion",
         "client_assertion",
         "refresh_token",
+        "subject_token",
+        "actor_token",
     ];
     for r in env.provider.requests() {
         for (k, val) in &r.form {
