@@ -10,6 +10,8 @@
 //! - `discovery`: the token endpoint found from an `issuer` (RFC 8414, OpenID Connect
 //!   Discovery), kept in the state directory.
 //! - `mtls`: the client certificate and key of mutual TLS (RFC 8705), checked to match.
+//! - `assertion_file`: ready-made JWTs read from files before each request (RFC 7521 §4.2).
+//! - `exchange`: RFC 8693 token exchange, its subject read from a file or another client.
 
 pub mod assertion_file;
 pub mod discovery;
