@@ -507,8 +507,13 @@ impl Refresher {
         if let Some(s) = &stored {
             self.refresh_token = s.refresh_token_for(&fingerprint).cloned();
             self.spent_bootstrap = spent_bootstrap(s, &fingerprint, &self.config);
-            if let Some(t) = s.reusable_token(&fingerprint, self.config.timing.refresh_margin, now)
-            {
+            let binding = self.config.token_binding();
+            if let Some(t) = s.reusable_token(
+                &fingerprint,
+                binding,
+                self.config.timing.refresh_margin,
+                now,
+            ) {
                 let token = Arc::new(t.clone());
                 tracing::info!(
                     client = self.name(),
@@ -715,6 +720,7 @@ impl Refresher {
                 let new_state = StoredState {
                     fingerprint: config.identity_fingerprint(),
                     token: Some(acquired.issued.token),
+                    bound_to: config.token_binding().map(String::from),
                     next_refresh_at: None,
                     refresh_token: acquired.refresh_token,
                     generation,
@@ -912,6 +918,7 @@ impl Refresher {
         let state = StoredState {
             fingerprint: self.config.identity_fingerprint(),
             token: snap.token.as_deref().cloned(),
+            bound_to: self.config.token_binding().map(String::from),
             next_refresh_at: None,
             refresh_token: None,
             generation: snap.generation,

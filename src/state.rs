@@ -20,7 +20,8 @@
 //!     "access_token": "…", "token_type": "Bearer",
 //!     "issued_at": "2026-11-23T18:00:00Z", "issued_at_unix": 1795456800,
 //!     "expires_at": "2026-11-23T19:00:00Z", "expires_at_unix": 1795460400,
-//!     "scope": ["a", "b"]
+//!     "scope": ["a", "b"],
+//!     "bound_to": "<x5t#S256 of the client certificate it is bound to>"
 //!   },
 //!   "next_refresh_at": "2026-11-23T18:42:10Z", "next_refresh_at_unix": 1795458130,
 //!   "refresh_token": "…",
@@ -30,8 +31,11 @@
 //!
 //! `next_refresh_at` is when the schedule planned to refresh `token`: a restart keeps that plan
 //! instead of drawing a new one (docs/operations.md#restarts).
-//! `token`, `next_refresh_at`, `refresh_token` and `spent_bootstrap` may be `null` (or, for the
-//! last two, absent: files written before they existed). The `*_unix` fields are what is read back (the
+//! `token.bound_to` is the `x5t#S256` (RFC 8705 §3.1) of the client certificate the token was
+//! had with (`tls_client_cert`): a token bound to another certificate than the configured one is
+//! useless to its resource servers, so it is not reused (the refresh token still is).
+//! `token`, `next_refresh_at`, `refresh_token`, `spent_bootstrap` and `bound_to` may be `null`
+//! (or, for the last three, absent: files written before they existed). The `*_unix` fields are what is read back (the
 //! RFC 3339 ones are for people); times are kept to the second, rounded down, so a reloaded
 //! token never looks valid for longer than it is. Readers ignore unknown fields: a later version
 //! may add fields and keep this file name; a change older versions could not read safely must
@@ -168,6 +172,9 @@ pub struct StoredState {
     pub fingerprint: String,
     /// The last access token, if any.
     pub token: Option<Token>,
+    /// `x5t#S256` of the client certificate `token` was had with (RFC 8705 §3.1), if any
+    /// ([`crate::config::ClientConfig::token_binding`]).
+    pub bound_to: Option<String>,
     /// When the schedule planned to refresh `token` (docs/operations.md#restarts).
     pub next_refresh_at: Option<SystemTime>,
     /// The last refresh token (RFC 6749 §6), if the provider issued one.
@@ -182,15 +189,17 @@ pub struct StoredState {
 
 impl StoredState {
     /// The stored token, if it may be reused at `now` instead of asking the provider
-    /// (docs/operations.md#restarts): the client's identity is unchanged (`fingerprint` matches)
-    /// and the token has more than `margin` left to live.
+    /// (docs/operations.md#restarts): the client's identity is unchanged (`fingerprint` matches),
+    /// the token is bound to the certificate the client now presents (`binding`), if any, and it
+    /// has more than `margin` left to live.
     pub fn reusable_token(
         &self,
         fingerprint: &str,
+        binding: Option<&str>,
         margin: Duration,
         now: SystemTime,
     ) -> Option<&Token> {
-        if self.fingerprint != fingerprint {
+        if self.fingerprint != fingerprint || self.bound_to.as_deref() != binding {
             return None;
         }
         let token = self.token.as_ref()?;
@@ -544,6 +553,7 @@ struct TokenOut<'a> {
     expires_at: String,
     expires_at_unix: u64,
     scope: &'a [String],
+    bound_to: Option<&'a str>,
 }
 
 /// What is read back; unknown fields are ignored.
@@ -571,6 +581,8 @@ struct TokenIn {
     expires_at_unix: u64,
     #[serde(default)]
     scope: Vec<String>,
+    #[serde(default)]
+    bound_to: Option<String>,
 }
 
 fn serialize(client: &str, state: &StoredState, now: SystemTime) -> Zeroizing<Vec<u8>> {
@@ -589,6 +601,7 @@ fn serialize(client: &str, state: &StoredState, now: SystemTime) -> Zeroizing<Ve
             expires_at: rfc3339(t.expires_at),
             expires_at_unix: unix_seconds(t.expires_at),
             scope: &t.scope,
+            bound_to: state.bound_to.as_deref(),
         }),
         next_refresh_at: state.next_refresh_at.map(rfc3339),
         next_refresh_at_unix: state.next_refresh_at.map(unix_seconds),
@@ -630,6 +643,7 @@ fn parse(bytes: &[u8]) -> Result<StoredState, String> {
     let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
     Ok(StoredState {
         fingerprint: file.fingerprint,
+        bound_to: file.token.as_ref().and_then(|t| t.bound_to.clone()),
         token: file.token.map(|t| Token {
             access_token: Secret::new(t.access_token),
             token_type: t.token_type,
@@ -658,6 +672,7 @@ mod tests {
                 expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_400),
                 scope: vec!["a".into(), "b".into()],
             }),
+            bound_to: Some("x5t".into()),
             next_refresh_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_459_000)),
             refresh_token: Some(Secret::new("refresh")),
             generation: 7,

@@ -203,6 +203,12 @@ impl ClientConfig {
         self.grant.grant_type()
     }
 
+    /// `x5t#S256` of the client certificate presented on token requests (RFC 8705 §3.1): the
+    /// token had is bound to it, and is no use with another.
+    pub fn token_binding(&self) -> Option<&str> {
+        self.tls_client.as_ref().map(|c| c.info.thumbprint.as_str())
+    }
+
     /// A digest of what makes a token this client's (docs/operations.md#restarts): token URL (or
     /// issuer), client id, grant, user, scope, audience and resource (and, for the `refresh_token` grant,
     /// the supplied refresh token). A stored token is reused only when it matches.

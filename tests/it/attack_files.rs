@@ -365,6 +365,7 @@ fn plant(env: &DemoEnv, client: &str, token: &str) -> Vec<u8> {
                 expires_at: now + Duration::from_secs(3600),
                 scope: Vec::new(),
             }),
+            bound_to: None,
             next_refresh_at: None,
             refresh_token: None,
             generation: 41,

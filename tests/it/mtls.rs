@@ -535,4 +535,25 @@ async fn a_certificate_renewed_on_disk_is_presented_without_a_restart() {
         );
     }
     assert!(logs.contains("renewing"), "{logs}");
+
+    // A restart with the same pair reuses the stored token; a restart after a renewal made
+    // while the daemon was down does not (the stored token is bound to the old certificate,
+    // RFC 8705 §3) and gets one bound to the new certificate.
+    let once = || async {
+        let r = support::run(&["once", "-c", config.to_str().unwrap()]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    let before = env.provider.issued("renewing");
+    once().await;
+    assert_eq!(env.provider.issued("renewing"), before, "reused");
+    let newer = ca.issue("renewing", 90 * DAY);
+    write_secret(&crt, &newer.cert);
+    write_secret(&key, &newer.key);
+    once().await;
+    assert_eq!(env.provider.issued("renewing"), before + 1);
+    assert_eq!(presented(&env.provider), Some(newer.der.clone()));
+    assert_eq!(
+        claims(&support::read(&out))["cnf"]["x5t#S256"],
+        x5t(&newer.der)
+    );
 }

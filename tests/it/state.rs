@@ -27,6 +27,7 @@ fn stored(fingerprint: &str, issued: u64, expires: u64) -> StoredState {
             expires_at: at(expires),
             scope: vec!["files".into(), "upload_files".into()],
         }),
+        bound_to: None,
         next_refresh_at: None,
         refresh_token: Some(Secret::new(REFRESH)),
         generation: 4,
@@ -201,25 +202,35 @@ fn stale_temporary_files_are_removed_on_open() {
 }
 
 #[test]
-fn reuse_needs_the_same_identity_and_more_than_the_margin() {
+fn reuse_needs_the_same_identity_certificate_and_more_than_the_margin() {
     let s = stored("fp", 1000, 2000);
+    let bound = StoredState {
+        bound_to: Some("cert-a".into()),
+        ..s.clone()
+    };
     let margin = Duration::from_secs(30);
     let cases = [
-        // (fingerprint, now, token reused?, refresh token given?)
-        ("fp", 1000, true, true),
-        ("fp", 1969, true, true),
-        ("fp", 1970, false, true), // exactly the margin left
-        ("fp", 1990, false, true),
-        ("fp", 2000, false, true), // expired: the refresh token lives on
-        ("fp", 9999, false, true),
-        ("other", 1000, false, false),
-        ("other", 9999, false, false),
+        // (state, fingerprint, certificate now, now, token reused?, refresh token given?)
+        (&s, "fp", None, 1000, true, true),
+        (&s, "fp", None, 1969, true, true),
+        (&s, "fp", None, 1970, false, true), // exactly the margin left
+        (&s, "fp", None, 1990, false, true),
+        (&s, "fp", None, 2000, false, true), // expired: the refresh token lives on
+        (&s, "fp", None, 9999, false, true),
+        (&s, "other", None, 1000, false, false),
+        (&s, "other", None, 9999, false, false),
+        // RFC 8705 §3: a token bound to a certificate is reused only with that certificate;
+        // the refresh token is the client's, whatever its certificate.
+        (&bound, "fp", Some("cert-a"), 1000, true, true),
+        (&bound, "fp", Some("cert-b"), 1000, false, true),
+        (&bound, "fp", None, 1000, false, true),
+        (&s, "fp", Some("cert-a"), 1000, false, true),
     ];
-    for (fp, now, token, refresh) in cases {
+    for (s, fp, cert, now, token, refresh) in cases {
         assert_eq!(
-            s.reusable_token(fp, margin, at(now)).is_some(),
+            s.reusable_token(fp, cert, margin, at(now)).is_some(),
             token,
-            "{fp} at {now}"
+            "{fp} {cert:?} at {now}"
         );
         assert_eq!(
             s.refresh_token_for(fp).map(Secret::expose),
@@ -231,9 +242,9 @@ fn reuse_needs_the_same_identity_and_more_than_the_margin() {
         token: None,
         next_refresh_at: None,
         refresh_token: None,
-        ..s
+        ..s.clone()
     };
-    assert!(none.reusable_token("fp", margin, at(1000)).is_none());
+    assert!(none.reusable_token("fp", None, margin, at(1000)).is_none());
     assert!(none.refresh_token_for("fp").is_none());
 }
 
