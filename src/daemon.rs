@@ -513,13 +513,15 @@ impl Daemon {
         }
         self.apply_daemon_changes(diff.daemon, &new).await;
         // The watched set follows the clients and the files read; the globs, `include`.
-        let clients_moved = !(diff.added.is_empty()
-            && diff.removed.is_empty()
-            && diff.changed.is_empty())
-            || new.files != self.config.files;
+        let clients_moved =
+            !(diff.added.is_empty() && diff.removed.is_empty() && diff.changed.is_empty())
+                || new.files != self.config.files;
         if let Some(w) = &self.watcher {
             let paths = clients_moved.then(|| w.set_paths(watched_paths(&new)));
-            let globs = diff.daemon.include.then(|| w.set_globs(watched_globs(&new)));
+            let globs = diff
+                .daemon
+                .include
+                .then(|| w.set_globs(watched_globs(&new)));
             if let Some(Err(e)) = paths.into_iter().chain(globs).find(Result::is_err) {
                 tracing::warn!("cannot watch the new set of files: {e}");
             }

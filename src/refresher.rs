@@ -46,8 +46,9 @@ pub struct Engine {
     pub tracker: TaskTracker,
     /// Token URLs whose provider asked to wait (`Retry-After`).
     pub holds: UrlHolds,
-    /// Failed token requests are logged at WARN (the daemon); `once` prints each client's
-    /// failure itself, so its refreshers log them at DEBUG only.
+    /// Failed token requests, state saves and output writes are logged at WARN or ERROR (the
+    /// daemon); `once` prints each client's failure itself, so its refreshers log them at
+    /// DEBUG only.
     pub warn_on_failure: bool,
     /// The wall clock the refreshers read.
     pub clock: Clock,
@@ -703,7 +704,7 @@ impl Refresher {
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
             // Said once at ERROR; the retries (with backoff) at DEBUG, until a save succeeds.
-            if !self.snapshot.borrow().save_failing {
+            if self.engine.warn_on_failure && !self.snapshot.borrow().save_failing {
                 tracing::error!(
                     client = self.name(),
                     "cannot save state, holding the new token back until a save succeeds: {e}"
@@ -898,7 +899,7 @@ impl Refresher {
                 .max(Duration::from_millis(100));
             self.output_retry = Some(Instant::now() + delay);
             let message = errors.join("; ");
-            let warn = self.output_repeated.note(&message);
+            let warn = self.output_repeated.note(&message) && self.engine.warn_on_failure;
             let repeats = self.output_repeated.count;
             for e in &errors {
                 if warn {

@@ -842,10 +842,7 @@ impl Loader {
         }
         // A stale client defined outside a block of its own (dotted keys) is not rebuilt here.
         let rebuilt = |n: &&str| dropped.iter().any(|d| **d == **n);
-        if !self.errors.is_empty()
-            || !self.warnings.is_empty()
-            || !stale.iter().all(rebuilt)
-        {
+        if !self.errors.is_empty() || !self.warnings.is_empty() || !stale.iter().all(rebuilt) {
             return None;
         }
         let mut clients = previous.clients.clone();

@@ -636,6 +636,12 @@ async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
         .filter(|l| l.starts_with("transatel: output failed: "))
         .collect();
     assert_eq!(failure.len(), 1, "{}", r.stderr);
+    // Said once: printed, not also logged.
+    let said = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains(&*blocked.to_string_lossy()));
+    assert_eq!(said.count(), 1, "{}", r.stderr);
     assert!(
         failure[0].contains(&blocked.display().to_string()),
         "{}",
@@ -677,6 +683,23 @@ async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
     let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(token_in("transatel.token", &read(&blocked)).is_some());
+}
+
+#[tokio::test]
+async fn once_says_a_state_save_failure_once() {
+    use crate::support::run;
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // A non-empty directory where the state file should go: the save's rename fails.
+    std::fs::create_dir_all(env.demo.state_dir.join("transatel.json").join("in-the-way")).unwrap();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let said: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cannot save state"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", r.stderr);
+    assert!(said[0].starts_with("transatel: "), "{}", r.stderr);
 }
 
 // === The refresher alone, on a paused clock ===
