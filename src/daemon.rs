@@ -96,10 +96,8 @@ impl Daemon {
     /// Opens the state directory, installs signal handlers and the file watcher, and starts
     /// every client.
     pub async fn start(config: Config, log: Option<LogHandle>) -> Result<Daemon, DaemonError> {
-        let engine = Arc::new(Engine::open(
-            &config.daemon,
-            config.clients.values().map(|c| &**c),
-        )?);
+        let clients = config.clients.values().cloned().collect();
+        let engine = Arc::new(Engine::open(&config.daemon, clients).await?);
         let (events_tx, events) = mpsc::channel(64);
         let signals = triggers::signals(events_tx.clone()).map_err(DaemonError::Signals)?;
         let watcher =

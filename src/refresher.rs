@@ -121,13 +121,25 @@ impl TokenSource for TokenEndpoint {
 impl Engine {
     /// Opens (and locks) the state directory, then removes the temporary files that writes
     /// killed midway left next to the outputs of `clients`: with the lock held and no refresher
-    /// running yet, nobody else writes there (docs/operations.md#restarts).
-    pub fn open<'a>(
+    /// running yet, nobody else writes there (docs/operations.md#restarts). Both walk
+    /// directories: they run off the async workers.
+    pub async fn open(
         daemon: &DaemonConfig,
-        clients: impl IntoIterator<Item = &'a ClientConfig>,
+        clients: Vec<Arc<ClientConfig>>,
     ) -> Result<Engine, StateError> {
-        let state = StateDir::open(&daemon.state_dir)?;
-        for (client, path) in outputs::remove_stale_temp_files(clients) {
+        let path = daemon.state_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let state = StateDir::open(&path)?;
+            Ok((
+                state,
+                outputs::remove_stale_temp_files(clients.iter().map(|c| &**c)),
+            ))
+        });
+        let (state, removed) = opened.await.map_err(|e| StateError::CreateDir {
+            path: daemon.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+        for (client, path) in removed {
             tracing::info!(
                 client = client.as_str(),
                 path = ?path,
