@@ -111,7 +111,7 @@ struct SourceFile {
 struct Loader {
     files: Vec<SourceFile>,
     /// The layout of each file read in full, in the order of `Config::files`.
-    layouts: Vec<Option<FileLayout>>,
+    layouts: Vec<Option<Vec<Block>>>,
     errors: Vec<(Loc, String)>,
     warnings: Vec<String>,
     /// Where each client was defined, to report a second definition.
@@ -367,8 +367,8 @@ impl Loader {
         let file = self.add_file(path, text);
         let text = Rc::clone(&self.files[file].text);
         let mut root = self.parse(file, &text)?;
-        let layout = FileLayout::of(&text, &root, self.files[file].mode);
-        self.layouts.push(layout);
+        self.layouts
+            .push(blocks(&text, &root, 0, self.files[file].mode));
         let dir = parent_dir(path);
 
         for (k, _) in root.iter() {
@@ -492,8 +492,8 @@ impl Loader {
             let Some(mut root) = self.parse(file, &text) else {
                 continue;
             };
-            let layout = FileLayout::of(&text, &root, self.files[file].mode);
-            self.layouts.push(layout);
+            self.layouts
+                .push(blocks(&text, &root, 0, self.files[file].mode));
             let clients_value = root.remove("clients");
             for (k, _) in root.iter() {
                 self.error(
@@ -551,186 +551,139 @@ impl Loader {
 
 /// Where each file's tables lie, whose they are, and a digest of each one's text: what a reload
 /// needs to read again only the clients whose text or secret files changed (see
-/// [`load_reusing`]). The digests are of text that may hold inline secrets: `Debug` shows none.
-#[derive(Clone, Default, PartialEq)]
+/// [`load_reusing`]). A cache: configs that load the same are equal whatever their layouts.
+#[derive(Clone, Default)]
 pub struct Layout {
-    /// One per file of `Config::files`, in that order; `None` for a file whose layout could
-    /// not be trusted (a reload of it is a full load).
-    files: Vec<Option<FileLayout>>,
+    /// One per file of `Config::files`, in that order; `None` where it cannot be trusted.
+    files: Vec<Option<Vec<Block>>>,
     /// The `[defaults]` every client was built with.
     defaults: Timing,
 }
 
-impl std::fmt::Debug for Layout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Layout")
-            .field("files", &self.files.len())
-            .finish_non_exhaustive()
+impl PartialEq for Layout {
+    fn eq(&self, _: &Layout) -> bool {
+        true
     }
 }
 
-#[derive(Clone, PartialEq)]
-struct FileLayout {
-    len: usize,
-    /// Permission bits when read (they decide the inline-secret warning).
-    mode: Option<u32>,
-    /// Consecutive, from the start of the text to its end.
-    blocks: Vec<Block>,
+// The digests are of text that may hold inline secrets: none is shown.
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Layout({} files)", self.files.len())
+    }
 }
 
-/// The lines from a table header to the next header of another owner.
-#[derive(Clone, PartialEq)]
+/// A file's lines from the start of a table header's line to the next one's (the first block
+/// from the start of the file).
+#[derive(Clone)]
 struct Block {
     start: usize,
     end: usize,
     /// SHA-256 of the block's bytes, cut to 128 bits.
     digest: [u8; 16],
-    /// The client whose tables these are; `None` for everything else (`[daemon]`,
-    /// `[defaults]`, what comes before the first header).
+    /// The client whose table this is; `None` for `[daemon]`, `[defaults]` and `[clients]`.
     owner: Option<Arc<str>>,
+    /// Permission bits of the file when read (the inline-secret warning), on its first block.
+    mode: Option<u32>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 16] {
+    let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     let mut out = [0u8; 16];
-    out.copy_from_slice(
-        &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref()[..16],
-    );
+    out.copy_from_slice(&sha.as_ref()[..16]);
     out
 }
 
-/// Where each table header of the parsed `text` begins, with its client. A table defined by a
-/// header is the only value whose span starts with `[` (an implicit table's span is its key,
-/// an inline one's starts with `{`, and arrays are only looked into for tables).
-fn headers(text: &str, root: &DeTable<'_>) -> Vec<(usize, Option<Arc<str>>)> {
-    fn walk(
-        text: &[u8],
-        v: &Spanned<DeValue<'_>>,
-        owner: &Option<Arc<str>>,
-        out: &mut Vec<(usize, Option<Arc<str>>)>,
-    ) {
-        match v.get_ref() {
-            DeValue::Table(t) => {
-                if text.get(v.span().start) == Some(&b'[') {
-                    out.push((v.span().start, owner.clone()));
-                }
-                for (_, child) in t {
-                    walk(text, child, owner, out);
-                }
-            }
-            DeValue::Array(items) => {
-                for item in items
-                    .iter()
-                    .filter(|i| matches!(i.get_ref(), DeValue::Table(_)))
-                {
-                    walk(text, item, owner, out);
-                }
-            }
-            _ => {}
+/// `text` (at `base` in its file) cut into blocks at the lines of its table headers. A table
+/// defined by a header is the only value whose span starts with `[`: an implicit table's span
+/// is its key's, an inline one's starts with `{`, and arrays are only looked into for tables.
+/// `None` if a header does not begin its line.
+fn blocks(text: &str, root: &DeTable<'_>, base: usize, mode: Option<u32>) -> Option<Vec<Block>> {
+    type Cuts = Vec<(usize, Option<Arc<str>>)>;
+    fn walk(text: &[u8], v: &Spanned<DeValue<'_>>, owner: &Option<Arc<str>>, out: &mut Cuts) {
+        let children: Vec<&Spanned<DeValue<'_>>> = match v.get_ref() {
+            DeValue::Table(t) => t.values().collect(),
+            DeValue::Array(items) => items.iter().collect(),
+            _ => return,
+        };
+        if text.get(v.span().start) == Some(&b'[') && matches!(v.get_ref(), DeValue::Table(_)) {
+            out.push((v.span().start, owner.clone()));
+        }
+        for c in children {
+            walk(text, c, owner, out);
         }
     }
-    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut cuts = Cuts::new();
     for (key, value) in root {
         match value.get_ref() {
             DeValue::Table(clients) if key.get_ref() == "clients" => {
-                if text.as_bytes().get(value.span().start) == Some(&b'[') {
-                    out.push((value.span().start, None));
+                if bytes.get(value.span().start) == Some(&b'[') {
+                    cuts.push((value.span().start, None));
                 }
                 for (name, client) in clients {
-                    walk(
-                        text.as_bytes(),
-                        client,
-                        &Some(Arc::from(name.get_ref().as_ref())),
-                        &mut out,
-                    );
+                    let owner = Some(Arc::from(name.get_ref().as_ref()));
+                    walk(bytes, client, &owner, &mut cuts);
                 }
             }
-            _ => walk(text.as_bytes(), value, &None, &mut out),
+            _ => walk(bytes, value, &None, &mut cuts),
         }
     }
-    out.sort_by_key(|h| h.0);
-    out
-}
-
-/// `text` cut at the lines of its `headers` into blocks starting at `base`, consecutive
-/// blocks of one owner joined; `None` if a header does not begin its line.
-fn blocks(text: &str, headers: Vec<(usize, Option<Arc<str>>)>, base: usize) -> Option<Vec<Block>> {
-    let bytes = text.as_bytes();
-    let mut cuts = vec![(0, None)];
-    for (at, owner) in headers {
-        let line = at
-            - bytes[..at]
-                .iter()
-                .rev()
-                .take_while(|b| matches!(b, b' ' | b'\t'))
-                .count();
-        if line > 0 && bytes[line - 1] != b'\n' {
+    cuts.sort_by_key(|c| c.0);
+    for cut in cuts.iter_mut() {
+        cut.0 -= bytes[..cut.0]
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
+        if cut.0 > 0 && bytes[cut.0 - 1] != b'\n' {
             return None;
         }
-        cuts.push((line, owner));
     }
-    let mut out: Vec<Block> = Vec::new();
-    for (k, (start, owner)) in cuts.iter().enumerate() {
-        let end = cuts.get(k + 1).map_or(bytes.len(), |c| c.0);
-        let block = Block {
-            start: base + start,
-            end: base + end,
-            digest: [0; 16],
+    match cuts.first_mut() {
+        Some(first) => first.0 = 0,
+        None => cuts.push((0, None)),
+    }
+    let ends = cuts.iter().skip(1).map(|c| c.0).chain([bytes.len()]);
+    let out = cuts
+        .iter()
+        .zip(ends)
+        .filter(|((s, _), e)| s < e || bytes.is_empty());
+    Some(
+        out.map(|((s, owner), e)| Block {
+            start: base + s,
+            end: base + e,
+            digest: digest(&bytes[*s..e]),
             owner: owner.clone(),
-        };
-        push_block(&mut out, block, bytes, base);
-    }
-    Some(out)
-}
-
-/// Appends `b` (an empty one is dropped; one of the last block's owner extends it).
-fn push_block(blocks: &mut Vec<Block>, mut b: Block, text: &[u8], base: usize) {
-    if b.start == b.end {
-        return;
-    }
-    match blocks.last_mut() {
-        Some(last) if last.owner == b.owner => {
-            last.end = b.end;
-            last.digest = digest(&text[last.start - base..last.end - base]);
-        }
-        _ => {
-            b.digest = digest(&text[b.start - base..b.end - base]);
-            blocks.push(b);
-        }
-    }
-}
-
-impl FileLayout {
-    fn of(text: &str, root: &DeTable<'_>, mode: Option<u32>) -> Option<FileLayout> {
-        Some(FileLayout {
-            len: text.len(),
             mode,
-            blocks: blocks(text, headers(text, root), 0)?,
         })
-    }
+        .collect(),
+    )
+}
 
-    /// The blocks `i..j` that differ in `text`, found by comparing the blocks' digests from the
-    /// front and from the back, and the range of `text` that replaces them.
-    fn changed(&self, text: &[u8]) -> (usize, usize, Range<usize>) {
-        let b = &self.blocks;
-        let same = |k: usize, shift: isize| {
-            let (s, e) = (b[k].start as isize + shift, b[k].end as isize + shift);
-            e as usize <= text.len() && digest(&text[s as usize..e as usize]) == b[k].digest
-        };
-        let mut i = 0;
-        while i < b.len() && same(i, 0) {
-            i += 1;
-        }
-        let front = if i == 0 { 0 } else { b[i - 1].end };
-        let delta = text.len() as isize - self.len as isize;
-        let mut j = b.len();
-        while j > i && b[j - 1].start as isize + delta >= front as isize && same(j - 1, delta) {
-            j -= 1;
-        }
-        let back = b
-            .get(j)
-            .map_or(text.len(), |x| (x.start as isize + delta) as usize);
-        (i, j, front..back)
+/// The blocks `i..j` of `old` that differ in `text`, found by comparing their digests from the
+/// front and from the back, and the range of `text` that replaces them.
+fn changed(old: &[Block], text: &[u8]) -> (usize, usize, Range<usize>) {
+    let delta = text.len() as isize - old.last().map_or(0, |b| b.end) as isize;
+    let at = |k: usize, shift: isize| {
+        (old[k].start as isize + shift) as usize..(old[k].end as isize + shift) as usize
+    };
+    let same = |r: Range<usize>, k: usize| text.get(r).is_some_and(|t| digest(t) == old[k].digest);
+    let mut i = 0;
+    while i < old.len() && same(at(i, 0), i) {
+        i += 1;
     }
+    let front = if i == 0 { 0 } else { old[i - 1].end };
+    let mut j = old.len();
+    while j > i && at(j - 1, delta).start >= front && same(at(j - 1, delta), j - 1) {
+        j -= 1;
+    }
+    let back = if j == old.len() {
+        text.len()
+    } else {
+        at(j, delta).start
+    };
+    (i, j, front..back)
 }
 
 impl Loader {
@@ -738,7 +691,7 @@ impl Loader {
     fn reload(&mut self, main_text: &Zeroizing<String>, reuse: Reuse<'_>) -> Option<Config> {
         let previous = reuse.previous;
         let layout = &previous.layout;
-        if !previous.warnings.is_empty() || layout.files.len() != previous.files.len() {
+        if !previous.warnings.is_empty() || self.included(previous)? != previous.files {
             return None;
         }
         // What a full load would judge again on the file system (the [daemon] text is the same).
@@ -747,11 +700,8 @@ impl Loader {
         for socket in [&d.socket, &d.http_socket].into_iter().flatten() {
             self.safe.dir(socket.parent()?).ok()?;
         }
-        if self.included(previous)? != previous.files {
-            return None;
-        }
         // Clients reading a secret file that changed are built again.
-        let mut stale: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut stale = std::collections::HashSet::new();
         if reuse.changed.iter().any(|p| !previous.files.contains(p)) {
             for (name, c) in &previous.clients {
                 if c.secret_paths().iter().any(|p| reuse.changed.contains(p)) {
@@ -764,85 +714,77 @@ impl Loader {
             locs: BTreeMap::new(),
         };
         let mut built = BTreeMap::new();
-        let mut dropped: Vec<Arc<str>> = Vec::new();
+        let mut dropped = std::collections::HashSet::new();
         let mut layouts = Vec::with_capacity(layout.files.len());
         for (path, old) in previous.files.iter().zip(&layout.files) {
             let old = old.as_ref()?;
             self.safe.file(path).ok()?;
-            if file_mode(path) != old.mode {
+            if file_mode(path) != old.first()?.mode {
                 return None;
             }
-            let owns_stale = |b: &Block| b.owner.as_deref().is_some_and(|o| stale.contains(o));
+            let is_stale = |b: &Block| b.owner.as_deref().is_some_and(|o| stale.contains(o));
             let read;
             let text: &str = if path == &previous.path {
                 main_text
-            } else if reuse.changed.contains(path) || old.blocks.iter().any(owns_stale) {
+            } else if reuse.changed.contains(path) || old.iter().any(is_stale) {
                 read = Zeroizing::new(std::fs::read_to_string(path).ok()?);
                 &read
             } else {
                 layouts.push(Some(old.clone()));
                 continue;
             };
-            let (i, j, region) = old.changed(text.as_bytes());
-            let delta = text.len() as isize - old.len as isize;
-            let gone: Vec<&Arc<str>> = old.blocks[i..j]
-                .iter()
-                .map(|b| b.owner.as_ref())
-                .collect::<Option<_>>()?;
-            if old.blocks[..i]
-                .iter()
-                .chain(&old.blocks[j..])
-                .any(|b| b.owner.as_ref().is_some_and(|o| gone.contains(&o)))
-            {
+            // Read alone: the changed text, and each run of stale clients' unchanged tables.
+            let (i, j, region) = changed(old, text.as_bytes());
+            let delta = text.len() as isize - old.last().map_or(0, |b| b.end) as isize;
+            let shift = |k: usize, at: usize| {
+                if k < i {
+                    at
+                } else {
+                    (at as isize + delta) as usize
+                }
+            };
+            let read_again = |k: usize| (i..j).contains(&k) || is_stale(&old[k]);
+            let mut runs = vec![region.clone()];
+            for (k, b) in old.iter().enumerate().filter(|(k, _)| read_again(*k)) {
+                dropped.insert(b.owner.clone()?);
+                match runs.last_mut() {
+                    _ if (i..j).contains(&k) => {}
+                    Some(r) if k > 0 && read_again(k - 1) && k != j => r.end = shift(k, b.end),
+                    _ => runs.push(shift(k, b.start)..shift(k, b.end)),
+                }
+            }
+            // A client read again must be read whole.
+            let elsewhere = |(k, b): (usize, &Block)| {
+                !read_again(k) && b.owner.as_ref().is_some_and(|o| dropped.contains(o))
+            };
+            if old.iter().enumerate().any(elsewhere) {
                 return None;
             }
-            // The changed text, then each stale client's unchanged tables, read alone.
-            let mut new_blocks = self.region(path, text, region.clone(), &defaults, &mut built)?;
-            let mut k = 0;
-            while k < old.blocks.len() {
-                let Some(owner) = old.blocks[k]
-                    .owner
-                    .as_ref()
-                    .filter(|o| stale.contains(&***o) && !gone.contains(o))
-                else {
-                    k += 1;
-                    continue;
-                };
-                let shift = if k < i { 0 } else { delta };
-                let first = k;
-                while k < old.blocks.len() && old.blocks[k].owner.as_ref() == Some(owner) {
-                    k += 1;
+            let mut new_blocks = Vec::new();
+            for (n, run) in runs.into_iter().enumerate() {
+                let blocks = self.region(path, text, run, old[0].mode, &defaults, &mut built)?;
+                if n == 0 {
+                    new_blocks = blocks.into_iter().filter(|b| b.start < b.end).collect();
                 }
-                let range = (old.blocks[first].start as isize + shift) as usize
-                    ..(old.blocks[k - 1].end as isize + shift) as usize;
-                self.region(path, text, range, &defaults, &mut built)?;
-                dropped.push(owner.clone());
             }
-            dropped.extend(gone.into_iter().cloned());
-            let mut blocks: Vec<Block> = old.blocks[..i].to_vec();
-            if let Some(first) = new_blocks.first_mut()
-                && first.owner.is_none()
-            {
-                // What precedes the first header belongs to the block before it.
-                first.owner = blocks.last().and_then(|b| b.owner.clone());
-            }
-            let shifted = old.blocks[j..].iter().map(|b| Block {
-                start: (b.start as isize + delta) as usize,
-                end: (b.end as isize + delta) as usize,
+            let shifted = old[j..].iter().map(|b| Block {
+                start: shift(j, b.start),
+                end: shift(j, b.end),
                 ..b.clone()
             });
-            for b in new_blocks.drain(..).chain(shifted) {
-                push_block(&mut blocks, b, text.as_bytes(), 0);
-            }
-            layouts.push(Some(FileLayout {
-                len: text.len(),
-                mode: old.mode,
-                blocks,
-            }));
+            let blocks: Vec<Block> = old[..i]
+                .iter()
+                .cloned()
+                .chain(new_blocks)
+                .chain(shifted)
+                .collect();
+            layouts.push(Some(blocks));
         }
-        // A stale client defined outside a block of its own (dotted keys) is not rebuilt here.
-        let rebuilt = |n: &&str| dropped.iter().any(|d| **d == **n);
-        if !self.errors.is_empty() || !self.warnings.is_empty() || !stale.iter().all(rebuilt) {
+        // A stale client defined outside a block of its own (dotted keys) was not read again.
+        if !self.errors.is_empty()
+            || !self.warnings.is_empty()
+            || !stale.iter().all(|n| dropped.contains(*n))
+        {
             return None;
         }
         let mut clients = previous.clients.clone();
@@ -854,11 +796,9 @@ impl Loader {
             .values()
             .flat_map(|c: &Arc<ClientConfig>| c.outputs.iter().map(|o| o.path.as_path()))
             .collect();
+        let taken = |c: &Arc<ClientConfig>| c.outputs.iter().any(|o| outputs.contains(&*o.path));
         if built.keys().any(|n| clients.contains_key(n))
-            || (!outputs.is_empty()
-                && clients
-                    .values()
-                    .any(|c| c.outputs.iter().any(|o| outputs.contains(o.path.as_path()))))
+            || (!outputs.is_empty() && clients.values().any(taken))
         {
             return None;
         }
@@ -886,39 +826,40 @@ impl Loader {
         path: &Path,
         text: &str,
         range: Range<usize>,
+        mode: Option<u32>,
         defaults: &TimingSrc,
         out: &mut BTreeMap<String, Arc<ClientConfig>>,
     ) -> Option<Vec<Block>> {
         let bytes = text.as_bytes();
-        let on_line = |at: usize| at == 0 || bytes[at - 1] == b'\n';
-        if !on_line(range.start) || !(range.end == bytes.len() || on_line(range.end)) {
+        let on_line = |at: usize| at == 0 || at == bytes.len() || bytes[at - 1] == b'\n';
+        if !on_line(range.start) || !on_line(range.end) {
             return None;
         }
         let part = Zeroizing::new(text.get(range.clone())?.to_owned());
         let file = self.add_file(path, part);
         let part = Rc::clone(&self.files[file].text);
         let mut root = self.parse(file, &part)?;
-        let heads = headers(&part, &root);
+        let blocks = blocks(&part, &root, range.start, mode)?;
         let clients = root.remove("clients");
-        if !root.is_empty() {
-            return None;
-        }
-        if let Some(v) = clients {
-            let DeValue::Table(t) = v.get_ref() else {
-                return None;
-            };
-            let by_header =
-                |v: &Spanned<DeValue<'_>>| bytes.get(range.start + v.span().start) == Some(&b'[');
-            if by_header(&v)
-                || !t
-                    .iter()
-                    .all(|(_, c)| matches!(c.get_ref(), DeValue::Table(_)) && by_header(c))
-            {
-                return None;
+        let by_header =
+            |v: &Spanned<DeValue<'_>>| part.as_bytes().get(v.span().start) == Some(&b'[');
+        match clients {
+            _ if !root.is_empty() => return None,
+            Some(v) => {
+                let DeValue::Table(t) = v.get_ref() else {
+                    return None;
+                };
+                let headed = |c: &Spanned<DeValue<'_>>| {
+                    matches!(c.get_ref(), DeValue::Table(_)) && by_header(c)
+                };
+                if by_header(&v) || !t.values().all(headed) {
+                    return None;
+                }
+                self.clients(file, &parent_dir(path), v, defaults, out);
             }
-            self.clients(file, &parent_dir(path), v, defaults, out);
+            None => {}
         }
-        blocks(&part, heads, range.start)
+        Some(blocks)
     }
 
     /// The main file and the files its `include` globs match now, as a full load reads them.

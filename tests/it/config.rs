@@ -601,6 +601,7 @@ mod reuse {
             f.text("", "read", &secret.to_string_lossy())
         );
         let d = client("d", "read", "\"secret-d\"", &out);
+        let e = client("e", "read", "\"secret-e\"", &out);
         type Edit = Box<dyn Fn(&str) -> String>;
         let edits: Vec<(&str, Edit)> = vec![
             ("nothing", Box::new(|t| t.to_string())),
@@ -724,6 +725,13 @@ mod reuse {
             ),
             ("everything", Box::new(|_| String::from("[clients.q]\n"))),
             ("empty", Box::new(|_| String::new())),
+            (
+                "a's tables apart, then a's scope",
+                Box::new(|t| match t.contains("[clients.a.extra_params]") {
+                    true => t.replacen("scope = \"read\"", "scope = \"x y\"", 1),
+                    false => format!("{t}[clients.a.extra_params]\nfoo = \"1\"\n"),
+                }),
+            ),
         ];
         let fast = [
             "a scope",
@@ -754,6 +762,27 @@ mod reuse {
                 )
                 .map_err(|e| e.to_string());
                 assert_eq!(reloaded, full, "{what}, from:\n{start}\nto:\n{text}");
+                // And the reload after it, from what this one laid out.
+                if let Ok(reloaded) = &reloaded {
+                    let then = format!(
+                        "{}{e}",
+                        text.replace("scope = \"read\"\noutputs", "scope = \"r2\"\noutputs")
+                    );
+                    f.write(&then);
+                    let again = config::load_reusing(
+                        &f.config,
+                        Some(Reuse {
+                            previous: reloaded,
+                            changed: std::slice::from_ref(&f.config),
+                        }),
+                    );
+                    let full = config::load(&f.config).map_err(|e| e.to_string());
+                    assert_eq!(
+                        again.map_err(|e| e.to_string()),
+                        full,
+                        "{what}, then:\n{then}"
+                    );
+                }
                 // Edits of clients' tables alone take the other clients as they were.
                 if let (Ok(new), true) = (&reloaded, start == base && fast.contains(what)) {
                     let kept = new.clients.iter().filter(|(n, c)| {
