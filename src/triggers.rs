@@ -570,7 +570,7 @@ impl WatcherCore {
             }
         }
         // Watch first, then fingerprint: a change in between is seen by an event.
-        let result = state.refresh(&fresh);
+        let result = state.refresh(&fresh).map(drop);
         for i in fresh {
             if let Some(entry) = state.entries.get_mut(i) {
                 entry.last = fingerprint(&entry.absolute);
@@ -621,9 +621,11 @@ impl WatcherCore {
             }
         }
         let affected: Vec<usize> = affected.into_iter().collect();
-        if let Err(err) = state.refresh(&affected) {
+        // Rebuilding the filter copies every trigger (10,000 secret files): only on a change.
+        let moved = state.refresh(&affected).unwrap_or_else(|err| {
             tracing::warn!("{err}; changes of that file may be missed until the next reload");
-        }
+            true
+        });
         let mut changed = Vec::new();
         for i in affected {
             let Some(entry) = state.entries.get_mut(i) else {
@@ -638,7 +640,9 @@ impl WatcherCore {
                 changed.push(p);
             }
         }
-        self.update_filter(&state);
+        if moved {
+            self.update_filter(&state);
+        }
         changed
     }
 
@@ -693,18 +697,23 @@ impl Watches {
     /// (a `mkdir -p` racing ahead, a symlink swapped) sent no event to us, so the entries that
     /// use a newly watched directory are resolved once more, until nothing new is watched. A
     /// directory that vanished before it could be watched sends us back to its parent.
-    fn refresh(&mut self, affected: &[usize]) -> Result<(), ReloadError> {
+    /// Returns whether anything the filter holds changed (a resolution, a watched directory).
+    fn refresh(&mut self, affected: &[usize]) -> Result<bool, ReloadError> {
         let mut todo: Vec<usize> = affected.to_vec();
+        let mut changed = false;
         for _ in 0..MAX_SYMLINKS {
             for &i in &todo {
                 if let Some(entry) = self.entries.get_mut(i) {
-                    entry.resolution = resolve(&entry.absolute);
+                    let now = resolve(&entry.absolute);
+                    changed |= now != entry.resolution;
+                    entry.resolution = now;
                 }
             }
             let moved = self.sync_watches()?;
             if moved.is_empty() {
-                return Ok(());
+                return Ok(changed);
             }
+            changed = true;
             todo = (0..self.entries.len())
                 .filter(|&i| {
                     moved
@@ -713,7 +722,7 @@ impl Watches {
                 })
                 .collect();
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Watches every directory some entry needs and unwatches the others. Returns the
