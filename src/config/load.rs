@@ -673,10 +673,21 @@ fn changed(old: &[Block], text: &[u8]) -> (usize, usize, Range<usize>) {
     while i < old.len() && same(at(i, 0), i) {
         i += 1;
     }
-    let front = if i == 0 { 0 } else { old[i - 1].end };
+    let mut front = if i == 0 { 0 } else { old[i - 1].end };
     let mut j = old.len();
     while j > i && at(j - 1, delta).start >= front && same(at(j - 1, delta), j - 1) {
         j -= 1;
+    }
+    // With the rest of the tables of the clients it touches (`[[clients.NAME.outputs]]`).
+    let ours = |k: usize, i: usize, j: usize| {
+        old[k].owner.is_some() && old[i..j].iter().any(|b| b.owner == old[k].owner)
+    };
+    while i > 0 && ours(i - 1, i, j) {
+        i -= 1;
+        front = old[i].start;
+    }
+    while j < old.len() && ours(j, i, j) {
+        j += 1;
     }
     let back = if j == old.len() {
         text.len()

@@ -597,8 +597,11 @@ mod reuse {
         let secret = f.root.join("b.secret");
         let out = f.root.join("out");
         let base = format!(
-            "[daemon]\nlog_level = \"info\"\n\n{}",
-            f.text("", "read", &secret.to_string_lossy())
+            "[daemon]\nlog_level = \"info\"\n\n{}[clients.g]\ntoken_url = \"https://idp.example/token\"\n\
+             client_id = \"g\"\nclient_secret = \"secret-g\"\nscope = \"g\"\n[[clients.g.outputs]]\n\
+             path = {:?}\n[clients.g.extra_params]\nx = \"1\"\n",
+            f.text("", "read", &secret.to_string_lossy()),
+            out.join("g.token")
         );
         let d = client("d", "read", "\"secret-d\"", &out);
         let e = client("e", "read", "\"secret-e\"", &out);
@@ -726,6 +729,15 @@ mod reuse {
             ("everything", Box::new(|_| String::from("[clients.q]\n"))),
             ("empty", Box::new(|_| String::new())),
             (
+                "g scope",
+                Box::new(|t| t.replace("scope = \"g\"", "scope = \"g2\"")),
+            ),
+            ("g output", Box::new(|t| t.replace("g.token", "g2.token"))),
+            (
+                "g extra_params",
+                Box::new(|t| t.replace("x = \"1\"", "x = \"2\"")),
+            ),
+            (
                 "a's tables apart, then a's scope",
                 Box::new(|t| match t.contains("[clients.a.extra_params]") {
                     true => t.replacen("scope = \"read\"", "scope = \"x y\"", 1),
@@ -743,6 +755,9 @@ mod reuse {
             "a comment",
             "a comment in a client",
             "an inline secret made a file",
+            "g scope",
+            "g output",
+            "g extra_params",
         ];
         for (what, edit) in &edits {
             for start in [base.clone(), base.trim_end().to_string(), edit(&base)] {
