@@ -842,7 +842,7 @@ impl Loader {
         out: &mut BTreeMap<String, Arc<ClientConfig>>,
     ) -> Option<Vec<Block>> {
         let bytes = text.as_bytes();
-        let on_line = |at: usize| at == 0 || at == bytes.len() || bytes[at - 1] == b'\n';
+        let on_line = |at: usize| at == 0 || at == bytes.len() || bytes.get(at - 1) == Some(&b'\n');
         if !on_line(range.start) || !on_line(range.end) {
             return None;
         }
