@@ -42,7 +42,8 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<(String, Snaps
             },
         });
     }
-    let mut engine = Engine::open(&config.daemon, config.clients.values().map(|c| &**c))?;
+    let clients = config.clients.values().cloned().collect();
+    let mut engine = Engine::open(&config.daemon, clients).await?;
     engine.warn_on_failure = false;
     let engine = Arc::new(engine);
     let stop = CancellationToken::new();

@@ -46,8 +46,9 @@ pub struct Engine {
     pub tracker: TaskTracker,
     /// Token URLs whose provider asked to wait (`Retry-After`).
     pub holds: UrlHolds,
-    /// Failed token requests are logged at WARN (the daemon); `once` prints each client's
-    /// failure itself, so its refreshers log them at DEBUG only.
+    /// Failed token requests, state saves and output writes are logged at WARN or ERROR (the
+    /// daemon); `once` prints each client's failure itself, so its refreshers log them at
+    /// DEBUG only.
     pub warn_on_failure: bool,
     /// The wall clock the refreshers read.
     pub clock: Clock,
@@ -124,13 +125,25 @@ impl TokenSource for TokenEndpoint {
 impl Engine {
     /// Opens (and locks) the state directory, then removes the temporary files that writes
     /// killed midway left next to the outputs of `clients`: with the lock held and no refresher
-    /// running yet, nobody else writes there (docs/operations.md#restarts).
-    pub fn open<'a>(
+    /// running yet, nobody else writes there (docs/operations.md#restarts). Both walk
+    /// directories: they run off the async workers.
+    pub async fn open(
         daemon: &DaemonConfig,
-        clients: impl IntoIterator<Item = &'a ClientConfig>,
+        clients: Vec<Arc<ClientConfig>>,
     ) -> Result<Engine, StateError> {
-        let state = StateDir::open(&daemon.state_dir)?;
-        for (client, path) in outputs::remove_stale_temp_files(clients) {
+        let path = daemon.state_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let state = StateDir::open(&path)?;
+            Ok((
+                state,
+                outputs::remove_stale_temp_files(clients.iter().map(|c| &**c)),
+            ))
+        });
+        let (state, removed) = opened.await.map_err(|e| StateError::CreateDir {
+            path: daemon.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+        for (client, path) in removed {
             tracing::info!(
                 client = client.as_str(),
                 path = ?path,
@@ -783,7 +796,7 @@ impl Refresher {
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
             // Said once at ERROR; the retries (with backoff) at DEBUG, until a save succeeds.
-            if !self.snapshot.borrow().save_failing {
+            if self.engine.warn_on_failure && !self.snapshot.borrow().save_failing {
                 tracing::error!(
                     client = self.name(),
                     "cannot save state, holding the new token back until a save succeeds: {e}"
@@ -984,7 +997,7 @@ impl Refresher {
                 .max(Duration::from_millis(100));
             self.output_retry = Some(Instant::now() + delay);
             let message = errors.join("; ");
-            let warn = self.output_repeated.note(&message);
+            let warn = self.output_repeated.note(&message) && self.engine.warn_on_failure;
             let repeats = self.output_repeated.count;
             for e in &errors {
                 if warn {

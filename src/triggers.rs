@@ -264,8 +264,9 @@ enum Msg {
 /// The names whose events matter, read by notify's thread for every event.
 #[derive(Default)]
 struct Filter {
-    /// Full paths of the trigger names.
-    triggers: HashSet<PathBuf>,
+    /// Hashes of the trigger names' full paths ([`path_key`]): a hash that matches by chance
+    /// only wakes the watcher's thread, which looks at the paths themselves.
+    triggers: HashSet<u64>,
     /// The watched directories (events about the directory itself: deleted, moved).
     dirs: HashSet<PathBuf>,
     /// The include globs: a file appearing that matches one is a change.
@@ -274,10 +275,17 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, path: &Path) -> bool {
-        self.triggers.contains(path)
+        self.triggers.contains(&path_key(path))
             || self.dirs.contains(path)
             || self.globs.iter().any(|g| g.matches_path(path))
     }
+}
+
+/// The filter's key of `path` (SipHash with fixed keys).
+fn path_key(path: &Path) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(path)
 }
 
 /// One include glob.
@@ -333,8 +341,9 @@ impl GlobEntry {
 struct Entry {
     /// As given by the caller: what a change is reported as.
     path: PathBuf,
-    /// Lexically absolute (symlinks are followed by `resolve`).
-    absolute: PathBuf,
+    /// Lexically absolute, when `path` is not (symlinks are followed by `resolve`); one copy
+    /// less of each of 10,000 secret paths.
+    absolute: Option<PathBuf>,
     resolution: Resolution,
     /// The last fingerprint seen; `None` while the path is missing.
     last: Option<Fingerprint>,
@@ -542,6 +551,10 @@ impl WatcherCore {
         paths.sort();
         paths.dedup();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // The common reload (10,000 secret files, one scope changed): nothing to redo.
+        if state.entries.iter().map(|e| &e.path).eq(paths.iter()) {
+            return Ok(());
+        }
         let mut old: HashMap<PathBuf, Entry> = state
             .entries
             .drain(..)
@@ -552,10 +565,11 @@ impl WatcherCore {
             if let Some(entry) = old.remove(&path) {
                 state.entries.push(entry);
             } else {
-                let absolute = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+                let absolute = (!path.is_absolute())
+                    .then(|| std::path::absolute(&path).unwrap_or_else(|_| path.clone()));
                 fresh.push(state.entries.len());
                 state.entries.push(Entry {
-                    resolution: resolve(&absolute),
+                    resolution: resolve(absolute.as_deref().unwrap_or(&path)),
                     path,
                     absolute,
                     last: None,
@@ -566,10 +580,10 @@ impl WatcherCore {
             }
         }
         // Watch first, then fingerprint: a change in between is seen by an event.
-        let result = state.refresh(&fresh);
+        let result = state.refresh(&fresh).map(drop);
         for i in fresh {
             if let Some(entry) = state.entries.get_mut(i) {
-                entry.last = fingerprint(&entry.absolute);
+                entry.last = fingerprint(entry.absolute());
             }
         }
         self.update_filter(&state);
@@ -596,7 +610,7 @@ impl WatcherCore {
                 for (i, entry) in state.entries.iter_mut().enumerate() {
                     if entry.resolution.concerns(path) {
                         affected.insert(i);
-                        if removal && entry.resolution.file.as_deref() == Some(path.as_path()) {
+                        if removal && entry.resolution.file() == Some(path.as_path()) {
                             entry.gone = true;
                         }
                     }
@@ -617,24 +631,28 @@ impl WatcherCore {
             }
         }
         let affected: Vec<usize> = affected.into_iter().collect();
-        if let Err(err) = state.refresh(&affected) {
+        // Rebuilding the filter copies every trigger (10,000 secret files): only on a change.
+        let moved = state.refresh(&affected).unwrap_or_else(|err| {
             tracing::warn!("{err}; changes of that file may be missed until the next reload");
-        }
+            true
+        });
         let mut changed = Vec::new();
         for i in affected {
             let Some(entry) = state.entries.get_mut(i) else {
                 continue;
             };
-            if entry.observe(fingerprint(&entry.absolute)) {
+            if entry.observe(fingerprint(entry.absolute())) {
                 changed.push(entry.path.clone());
             }
         }
         for p in appeared {
-            if !state.entries.iter().any(|e| e.absolute == p) {
+            if !state.entries.iter().any(|e| e.absolute() == p) {
                 changed.push(p);
             }
         }
-        self.update_filter(&state);
+        if moved {
+            self.update_filter(&state);
+        }
         changed
     }
 
@@ -672,7 +690,7 @@ impl WatcherCore {
         for entry in &state.entries {
             filter
                 .triggers
-                .extend(entry.resolution.triggers.iter().cloned());
+                .extend(entry.resolution.triggers.iter().map(|t| path_key(t)));
         }
         filter.dirs.extend(state.watched.keys().cloned());
         filter.globs = state.globs.iter().map(|g| g.pattern.clone()).collect();
@@ -689,18 +707,23 @@ impl Watches {
     /// (a `mkdir -p` racing ahead, a symlink swapped) sent no event to us, so the entries that
     /// use a newly watched directory are resolved once more, until nothing new is watched. A
     /// directory that vanished before it could be watched sends us back to its parent.
-    fn refresh(&mut self, affected: &[usize]) -> Result<(), ReloadError> {
+    /// Returns whether anything the filter holds changed (a resolution, a watched directory).
+    fn refresh(&mut self, affected: &[usize]) -> Result<bool, ReloadError> {
         let mut todo: Vec<usize> = affected.to_vec();
+        let mut changed = false;
         for _ in 0..MAX_SYMLINKS {
             for &i in &todo {
                 if let Some(entry) = self.entries.get_mut(i) {
-                    entry.resolution = resolve(&entry.absolute);
+                    let now = resolve(entry.absolute());
+                    changed |= now != entry.resolution;
+                    entry.resolution = now;
                 }
             }
             let moved = self.sync_watches()?;
             if moved.is_empty() {
-                return Ok(());
+                return Ok(changed);
             }
+            changed = true;
             todo = (0..self.entries.len())
                 .filter(|&i| {
                     moved
@@ -709,7 +732,7 @@ impl Watches {
                 })
                 .collect();
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Watches every directory some entry needs and unwatches the others. Returns the
@@ -786,6 +809,10 @@ fn dir_id(dir: &Path) -> Option<(u64, u64)> {
 // === impl Entry ===
 
 impl Entry {
+    fn absolute(&self) -> &Path {
+        self.absolute.as_deref().unwrap_or(&self.path)
+    }
+
     /// Records the path's current fingerprint; returns whether that is a change to report.
     fn observe(&mut self, now: Option<Fingerprint>) -> bool {
         let Some(now) = now else {
@@ -821,8 +848,8 @@ struct Resolution {
     triggers: Vec<PathBuf>,
     /// The directories holding them: what is watched.
     dirs: Vec<PathBuf>,
-    /// The file the path resolves to, when it exists.
-    file: Option<PathBuf>,
+    /// The path resolves to a file that exists: the last trigger.
+    exists: bool,
 }
 
 impl Resolution {
@@ -831,6 +858,14 @@ impl Resolution {
             self.dirs.push(dir.to_path_buf());
         }
         self.triggers.push(path);
+    }
+
+    /// The file the path resolves to, when it exists.
+    fn file(&self) -> Option<&Path> {
+        self.triggers
+            .last()
+            .filter(|_| self.exists)
+            .map(PathBuf::as_path)
     }
 
     fn concerns(&self, path: &Path) -> bool {
@@ -869,8 +904,8 @@ fn resolve(absolute: &Path) -> Resolution {
                 }
             }
             Ok(_) if pending.is_empty() => {
-                res.add(&cur, next.clone());
-                res.file = Some(next);
+                res.add(&cur, next);
+                res.exists = true;
                 break;
             }
             Ok(_) => cur = next,
@@ -993,7 +1028,7 @@ mod tests {
             ]
         );
         assert_eq!(r.dirs, vec![d.clone(), d.join("..2026_11_23_a")]);
-        assert_eq!(r.file, Some(d.join("..2026_11_23_a/token")));
+        assert_eq!(r.file(), Some(d.join("..2026_11_23_a/token").as_path()));
     }
 
     #[test]
@@ -1003,7 +1038,7 @@ mod tests {
         let r = resolve(&d.join("a/b/c.toml"));
         assert_eq!(r.triggers, vec![d.join("a")]);
         assert_eq!(r.dirs, vec![d.clone()]);
-        assert_eq!(r.file, None);
+        assert_eq!(r.file(), None);
     }
 
     #[test]
@@ -1016,7 +1051,7 @@ mod tests {
         std::os::unix::fs::symlink("../real/s", d.join("links/s")).unwrap();
         let r = resolve(&d.join("links/s"));
         assert_eq!(r.triggers, vec![d.join("links/s"), d.join("real/s")]);
-        assert_eq!(r.file, Some(d.join("real/s")));
+        assert_eq!(r.file(), Some(d.join("real/s").as_path()));
     }
 
     #[test]
@@ -1026,7 +1061,7 @@ mod tests {
         std::os::unix::fs::symlink("b", d.join("a")).unwrap();
         std::os::unix::fs::symlink("a", d.join("b")).unwrap();
         let r = resolve(&d.join("a"));
-        assert_eq!(r.file, None);
+        assert_eq!(r.file(), None);
         assert!(r.triggers.len() > MAX_SYMLINKS);
     }
 
@@ -1061,7 +1096,7 @@ mod tests {
     fn observe_reports_comebacks() {
         let mut e = Entry {
             path: "/x".into(),
-            absolute: "/x".into(),
+            absolute: None,
             resolution: Resolution::default(),
             last: Some(fp(1, 1, Some("a"))),
             gone: false,

@@ -22,5 +22,5 @@ pub(crate) use check::check_token_url;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use explain::{KeyChange, changed_keys, describe};
-pub use load::{Reuse, SourceDigest, access_warnings, load, load_reusing, load_str};
+pub use load::{Layout, Reuse, access_warnings, load, load_reusing, load_str};
 pub use types::*;

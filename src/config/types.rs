@@ -33,9 +33,9 @@ pub struct Config {
     /// Things that are allowed but worth telling the operator (an inline secret in a file
     /// others can read, an `owner` the daemon cannot apply, …). Each is one line.
     pub warnings: Vec<String>,
-    /// What each client was built from, for a reload to take unchanged clients as they are
+    /// Where each client's tables lie in the files, for a reload to read only what changed
     /// (see [`crate::config::load_reusing`]).
-    pub sources: std::collections::HashMap<String, crate::config::SourceDigest>,
+    pub layout: crate::config::Layout,
 }
 
 impl Config {

@@ -28,30 +28,22 @@ pub(super) fn token_request(
         Route::Proxy { url, from } => format!("{url} (from {from})"),
     };
     let proxy = proxy.as_str();
-    match result {
-        Ok((meta, _)) => tracing::debug!(
-            client,
-            method = "POST",
-            url = url.as_str(),
-            grant,
-            client_auth,
-            proxy,
-            status = meta.status,
-            duration_ms,
-            "token request"
-        ),
-        Err(e) => tracing::debug!(
-            client,
-            method = "POST",
-            url = url.as_str(),
-            grant,
-            client_auth,
-            proxy,
-            error = e.to_string().as_str(),
-            duration_ms,
-            "token request got no answer"
-        ),
-    }
+    let (status, error, message) = match result {
+        Ok((meta, _)) => (Some(meta.status), None, "token request"),
+        Err(e) => (None, Some(e.to_string()), "token request got no answer"),
+    };
+    tracing::debug!(
+        client,
+        method = "POST",
+        url = url.as_str(),
+        grant,
+        client_auth,
+        proxy,
+        status,
+        error = error.as_deref(),
+        duration_ms,
+        "{message}"
+    );
 }
 
 /// `url` without user info, and with `?…` for a query.

@@ -636,6 +636,12 @@ async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
         .filter(|l| l.starts_with("transatel: output failed: "))
         .collect();
     assert_eq!(failure.len(), 1, "{}", r.stderr);
+    // Said once: printed, not also logged.
+    let said = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains(&*blocked.to_string_lossy()));
+    assert_eq!(said.count(), 1, "{}", r.stderr);
     assert!(
         failure[0].contains(&blocked.display().to_string()),
         "{}",
@@ -677,6 +683,71 @@ async fn once_exits_1_when_an_output_cannot_be_written_and_keeps_the_token() {
     let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(token_in("transatel.token", &read(&blocked)).is_some());
+}
+
+#[tokio::test]
+async fn once_says_a_state_save_failure_once() {
+    use crate::support::run;
+    let env = DemoEnv::start(Duration::from_secs(600)).await;
+    // A non-empty directory where the state file should go: the save's rename fails.
+    std::fs::create_dir_all(env.demo.state_dir.join("transatel.json").join("in-the-way")).unwrap();
+    let r = run(&["once", "-c", env.config_path(), "transatel"]).await;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let said: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cannot save state"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", r.stderr);
+    assert!(said[0].starts_with("transatel: "), "{}", r.stderr);
+}
+
+/// Opening the state directory and sweeping the output directories for stale temporary files
+/// walk the file system: that runs off the async workers, so the runtime's other tasks go on
+/// meanwhile (on this current-thread runtime, an open on the async thread would keep the ticker
+/// from running until it returned).
+#[tokio::test(flavor = "current_thread")]
+async fn opening_the_engine_leaves_the_async_thread_free() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!("[daemon]\nstate_dir = {:?}\n", dir.path().join("state"));
+    for i in 0..300 {
+        let out = dir.path().join(format!("out{i}"));
+        std::fs::create_dir(&out).unwrap();
+        text.push_str(&format!(
+            "[clients.c{i}]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\n\
+             client_secret = {{ file = {:?} }}\noutputs = [{{ path = {:?} }}]\n",
+            dir.path().join("secret"),
+            out.join("token")
+        ));
+    }
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = tokenwarden::config::load_str(&text, &dir.path().join("c.toml")).unwrap();
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                ticks.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let clients = config.clients.values().cloned().collect();
+    let engine = tokenwarden::refresher::Engine::open(&config.daemon, clients).await;
+    let during = ticks.load(Ordering::Relaxed);
+    ticker.abort();
+    assert!(engine.is_ok());
+    assert!(
+        during > 0,
+        "the other task never ran while the engine opened"
+    );
 }
 
 // === The refresher alone, on a paused clock ===
@@ -774,7 +845,7 @@ mod paused {
     }
 
     /// One client (`[defaults]` as given) with tokens of `lifetime` and the `script`.
-    fn rig(lifetime: u64, defaults: &str, script: &[Step]) -> Rig {
+    async fn rig(lifetime: u64, defaults: &str, script: &[Step]) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s3cret-value").unwrap();
@@ -796,7 +867,9 @@ mod paused {
             script: Mutex::new(script.iter().copied().collect()),
             calls: Mutex::new(Vec::new()),
         });
-        let mut engine = Engine::open(&config.daemon, [&*client]).unwrap();
+        let mut engine = Engine::open(&config.daemon, vec![client.clone()])
+            .await
+            .unwrap();
         engine.clock = clock;
         engine.source = fake.clone();
         let shutdown = CancellationToken::new();
@@ -859,7 +932,8 @@ mod paused {
                 Step::Fail,
                 Step::Fail,
             ],
-        );
+        )
+        .await;
         r.until(SECS(1), |r| r.snap().settled).await;
         let t0 = r.calls()[0];
         // The first token came from a burst (the start): refreshed 150 s … 450 s after issue.
@@ -888,7 +962,8 @@ mod paused {
             600,
             "min_interval = \"0s\"",
             &[Step::Grant(SECS(0)), Step::Grant(SECS(5))],
-        );
+        )
+        .await;
         r.until(SECS(1), |r| r.snap().settled).await;
         let (a, b, c) = tokio::join!(
             r.demand(Reason::Forced),
@@ -909,7 +984,7 @@ mod paused {
 
     #[tokio::test(start_paused = true)]
     async fn min_interval_answers_a_demand_with_the_current_token() {
-        let r = rig(600, "min_interval = \"10s\"", &[]);
+        let r = rig(600, "min_interval = \"10s\"", &[]).await;
         r.until(SECS(1), |r| r.snap().settled).await;
         tokio::time::sleep(SECS(9)).await;
         let held = r.demand(Reason::Demand).await.unwrap();
@@ -926,7 +1001,7 @@ mod paused {
     #[tokio::test(start_paused = true)]
     async fn a_token_expires_on_time_while_a_request_hangs() {
         // 60 s tokens; every refresh after the first hangs.
-        let r = rig(60, "timeout = \"1h\"", &[Step::Grant(SECS(0)), Step::Hang]);
+        let r = rig(60, "timeout = \"1h\"", &[Step::Grant(SECS(0)), Step::Hang]).await;
         r.until(SECS(1), |r| r.snap().settled).await;
         let expires_at = r.snap().token.unwrap().expires_at;
         r.until(SECS(60), |r| r.calls().len() == 2).await;
