@@ -799,7 +799,7 @@ impl Refresher {
             if self.engine.warn_on_failure && !self.snapshot.borrow().save_failing {
                 tracing::error!(
                     client = self.name(),
-                    "cannot save state, holding the new token back until a save succeeds: {e}"
+                    "{e}; holding the new token back until a save succeeds"
                 );
             }
             self.held = Some(Box::new(state));
@@ -808,7 +808,7 @@ impl Refresher {
             self.snapshot.send_modify(|s| s.save_failing = true);
             let _ = self.failed_and_log(
                 ErrorClass::Retryable { retry_after: None },
-                format!("cannot save state: {e}"),
+                e.to_string(),
                 false,
             );
             return None;
