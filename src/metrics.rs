@@ -115,6 +115,30 @@ pub fn connection_refused(listener: &'static str, reason: &'static str) {
         .increment(1);
 }
 
+/// Counts a fleet holder's commit of a new state to etcd (docs/fleet.md).
+pub fn fleet_commit() {
+    metrics::counter!("tokenwarden_fleet_commits_total").increment(1);
+}
+
+/// Counts a failed etcd session, by how it ended (`unreachable`, `wrong-key`, `name-taken`).
+pub fn fleet_etcd_failure(kind: &'static str) {
+    metrics::counter!("tokenwarden_fleet_etcd_failures_total", "kind" => kind).increment(1);
+}
+
+/// Counts a fleet client refreshed by this host alone because etcd was unreachable.
+pub fn fleet_local_refresh(client: &str) {
+    metrics::counter!("tokenwarden_fleet_local_refreshes_total", "client" => client.to_string())
+        .increment(1);
+}
+
+/// Counts a new state this host could not commit to etcd, kept locally and retried
+/// (`result`: `kept` when it happened, `committed` when a retry made it, `superseded` when
+/// another host's newer state replaced it).
+pub fn fleet_uncommitted(client: &str, result: &'static str) {
+    metrics::counter!("tokenwarden_fleet_uncommitted_total", "client" => client.to_string(), "result" => result)
+        .increment(1);
+}
+
 /// Sets the per-client gauges from the store (at scrape time, so "seconds until expiry" is now).
 fn update_gauges(store: &Store) {
     let now = SystemTime::now();

@@ -53,6 +53,8 @@ pub struct Engine {
     pub clock: Clock,
     /// Where tokens come from: the token endpoint ([`oauth::acquire`]), or a test's fake.
     pub source: Arc<dyn TokenSource>,
+    /// `[fleet]`: the hosts share each client's token through etcd (docs/fleet.md).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -142,6 +144,7 @@ impl Engine {
             warn_on_failure: true,
             clock: Clock::System,
             source: Arc::new(TokenEndpoint),
+            fleet: None,
         })
     }
 }
@@ -212,7 +215,7 @@ pub fn spawn(
         config: config.clone(),
     };
     let refresher = Refresher {
-        config,
+        config: config.clone(),
         engine: engine.clone(),
         snapshot: snap_tx,
         mailbox,
@@ -229,6 +232,9 @@ pub fn spawn(
         output_repeated: Repeated::default(),
         expired_logged: false,
         skew_warned: false,
+        seat: engine.fleet.as_ref().and_then(|f| f.seat(&config)),
+        fleet_read: 0,
+        fleet_pending: None,
     };
     let task = engine.tracker.spawn(refresher.run()).abort_handle();
     Handle { slot, task }
@@ -260,7 +266,16 @@ struct Refresher {
     expired_logged: bool,
     /// The clock-skew warning was given (once per client until the skew goes away).
     skew_warned: bool,
+    /// The client's place in the fleet (`None`: local, without `[fleet]` or `fleet = false`).
+    seat: Option<crate::fleet::Seat>,
+    /// The mod_revision of the shared state the next commit builds on.
+    fleet_read: i64,
+    /// A new state etcd did not take, built on this revision, to commit when it can.
+    fleet_pending: Option<i64>,
 }
+
+#[path = "fleet/hook.rs"]
+mod fleet_hook;
 
 /// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
 #[derive(Default)]
@@ -387,6 +402,7 @@ impl Refresher {
                 biased;
                 _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
+                _ = fleet_hook::changed(&mut self.seat) => Box::pin(self.fleet_view()).await,
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
                         let trigger = self.next_trigger;
@@ -413,6 +429,7 @@ impl Refresher {
     /// Reuses a stored token when it is still good for this identity (no provider request);
     /// otherwise asks for one now.
     async fn start(&mut self) {
+        self.fleet_first_view().await;
         let fingerprint = self.config.identity_fingerprint();
         // Off the async workers: file I/O may stall (a slow disk), and must never hold up
         // the runtime (signals, other clients).
@@ -553,7 +570,12 @@ impl Refresher {
         if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
-        Box::pin(self.request(permit, trigger)).await
+        if let Some(answer) = Box::pin(self.fleet_gate(trigger)).await {
+            return answer;
+        }
+        let answer = Box::pin(self.request(permit, trigger)).await;
+        self.fleet_idle();
+        answer
     }
 
     /// Another client of this token URL was told to wait (`Retry-After`): no request before
@@ -646,6 +668,7 @@ impl Refresher {
                     generation,
                     spent_bootstrap: self.spent_bootstrap.clone(),
                 };
+                self.fleet_commit(&new_state).await;
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
                     None => Err(RefreshError::NotSaved),

@@ -913,10 +913,7 @@ impl Loader<'_> {
             None => match crate::fleet::hostname() {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    self.error(
-                        here,
-                        format!("[fleet]: {e}; set host = \"NAME\""),
-                    );
+                    self.error(here, format!("[fleet]: {e}; set host = \"NAME\""));
                     None
                 }
             },

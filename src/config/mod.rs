@@ -18,9 +18,9 @@ mod load;
 mod raw;
 mod types;
 
+pub(crate) use check::check_fleet_host as check_fleet_host_name;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use explain::{KeyChange, changed_keys, describe};
 pub use load::{Reuse, SourceDigest, access_warnings, load, load_reusing, load_str};
 pub use types::*;
-pub(crate) use check::check_fleet_host as check_fleet_host_name;

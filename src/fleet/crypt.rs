@@ -32,7 +32,9 @@ impl std::fmt::Debug for FleetKey {
 /// A value that does not open with this host's key: the key differs from the one that sealed
 /// it, or the value was changed or moved to another key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a value in etcd does not open with this host's fleet key (a different [fleet] key on another host, or a value changed in etcd)")]
+#[error(
+    "a value in etcd does not open with this host's fleet key (a different [fleet] key on another host, or a value changed in etcd)"
+)]
 pub struct WrongKey;
 
 impl FleetKey {
@@ -153,8 +155,14 @@ mod tests {
 
     #[test]
     fn name_digests_depend_on_the_key() {
-        assert_eq!(key(1).name_digest(&["a", "b"]), key(1).name_digest(&["a", "b"]));
-        assert_ne!(key(1).name_digest(&["a", "b"]), key(2).name_digest(&["a", "b"]));
+        assert_eq!(
+            key(1).name_digest(&["a", "b"]),
+            key(1).name_digest(&["a", "b"])
+        );
+        assert_ne!(
+            key(1).name_digest(&["a", "b"]),
+            key(2).name_digest(&["a", "b"])
+        );
         assert_eq!(key(1).name_digest(&["a"]).len(), 32);
     }
 }

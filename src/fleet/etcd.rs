@@ -92,7 +92,11 @@ fn err(endpoint: &str, message: impl Into<String>) -> EtcdError {
 fn status(endpoint: &str, s: &tonic::Status) -> EtcdError {
     err(
         endpoint,
-        format!("{:?}: {}", s.code(), crate::secret::mask_token_shapes(s.message())),
+        format!(
+            "{:?}: {}",
+            s.code(),
+            crate::secret::mask_token_shapes(s.message())
+        ),
     )
 }
 
@@ -147,11 +151,9 @@ impl Etcd {
                     )
                 })?;
             let token = resp.into_inner().token;
-            auth = Auth(Some(
-                token
-                    .parse()
-                    .map_err(|_| err(&name, "etcd gave an auth token that is not ASCII"))?,
-            ));
+            auth = Auth(Some(token.parse().map_err(|_| {
+                err(&name, "etcd gave an auth token that is not ASCII")
+            })?));
         }
         let svc = || InterceptedService::new(channel.clone(), auth.clone());
         Ok(Etcd {
@@ -289,9 +291,7 @@ impl Etcd {
         tx.send(create)
             .await
             .map_err(|_| err(&self.endpoint, "watch request not sent"))?;
-        let stream = self
-            .call(watch.watch(tokio_stream_from(rx)))
-            .await?;
+        let stream = self.call(watch.watch(tokio_stream_from(rx))).await?;
         Ok((stream, tx))
     }
 }

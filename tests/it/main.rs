@@ -12,6 +12,7 @@ mod docs;
 mod engine;
 mod examples;
 mod faults;
+mod fleet;
 mod fuzz_corpus;
 mod grpc;
 mod http;

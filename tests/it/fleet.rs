@@ -1,0 +1,408 @@
+//! Fleet mode (docs/fleet.md) against a real etcd cluster: three members on loopback started
+//! here (Debian's `etcd-server`; without it each test prints SKIPPED), several daemons as
+//! child processes sharing the built-in provider, which detects refresh-token reuse.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use tokenwarden::demo::{CREADS_ID, TALENTSOFT_APP_ID, TRANSATEL_ID};
+
+use crate::support::{DaemonProc, DemoEnv, read, token_in, wait_for};
+
+/// A free loopback port (bound, then released for etcd to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A three-member etcd cluster on loopback, each member a child process.
+pub struct Etcd {
+    dir: tempfile::TempDir,
+    token: String,
+    clients: Vec<u16>,
+    peers: Vec<u16>,
+    members: Vec<Option<std::process::Child>>,
+}
+
+impl Etcd {
+    /// `None` (after printing SKIPPED) when the etcd binary is missing.
+    pub fn start(what: &str) -> Option<Etcd> {
+        if std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!(
+                "SKIPPED: etcd not installed ({what}; apt-get install etcd-server etcd-client)"
+            );
+            return None;
+        }
+        let n = 3;
+        let mut etcd = Etcd {
+            dir: tempfile::tempdir().unwrap(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            clients: (0..n).map(|_| free_port()).collect(),
+            peers: (0..n).map(|_| free_port()).collect(),
+            members: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            etcd.start_member(i);
+        }
+        etcd.wait_healthy();
+        Some(etcd)
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("m{j}=http://127.0.0.1:{p}"))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .unwrap();
+        let child = std::process::Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", self.clients[i]),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", self.clients[i]),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peers[i]),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peers[i]),
+                "--initial-cluster",
+                &cluster.join(","),
+                "--initial-cluster-token",
+                &self.token,
+                "--initial-cluster-state",
+                "new",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.members[i] = Some(child);
+    }
+
+    /// Stops member `i` (kill -9: a member lost, as in a partition).
+    pub fn stop_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data.
+    pub fn restart_member(&mut self, i: usize) {
+        self.start_member(i);
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.clients
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// `etcdctl` against the cluster.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Every key under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.ctl(&["get", "--prefix", "--keys-only", prefix]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ctl(&["put", "/health-check", "ok"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not come up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop_member(i);
+        }
+    }
+}
+
+/// A fleet key (32 random bytes, base64).
+fn fleet_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// One host of the fleet: the demo's config with its own state directory, socket and outputs,
+/// and a `[fleet]` section.
+pub struct Host {
+    pub name: String,
+    pub config: PathBuf,
+    pub out: PathBuf,
+}
+
+pub fn host(env: &DemoEnv, etcd: &Etcd, name: &str, prefix: &str, key: &str, lease: u32) -> Host {
+    let dir = env.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let text = std::fs::read_to_string(&env.demo.config)
+        .unwrap()
+        .replace(
+            &env.demo.state_dir.display().to_string(),
+            &dir.join("state").display().to_string(),
+        )
+        .replace(
+            &env.demo.socket.display().to_string(),
+            &dir.join("tokenwarden.sock").display().to_string(),
+        )
+        .replace(
+            &env.demo.out_dir.display().to_string(),
+            &out.display().to_string(),
+        );
+    let key_file = dir.join("fleet.key");
+    std::fs::write(&key_file, key).unwrap();
+    set_mode(&key_file, 0o600);
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let fleet = format!(
+        "\n[fleet]\netcd = [{}]\nprefix = \"{prefix}\"\nkey = {{ file = \"{}\" }}\nlease = \"{lease}s\"\nhost = \"{name}\"\n",
+        endpoints.join(", "),
+        key_file.display()
+    );
+    // [fleet] goes before the first [clients.*] table.
+    let at = text.find("\n[clients.").unwrap();
+    let text = format!("{}{fleet}{}", &text[..at], &text[at..]);
+    let config = dir.join("tokenwarden.toml");
+    std::fs::write(&config, text).unwrap();
+    set_mode(&config, 0o600);
+    Host {
+        name: name.to_string(),
+        config,
+        out,
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The token in a host's output `file`, when complete.
+fn token_of(h: &Host, file: &str) -> Option<String> {
+    let text = std::fs::read_to_string(h.out.join(file)).ok()?;
+    token_in(file, &text)
+}
+
+/// The demo outputs checked on every host (one per grant kind that matters here).
+const FILES: [&str; 3] = [
+    "transatel.token",
+    "creads-files.header",
+    "talentsoft-app.env",
+];
+
+/// Whether every host holds the same token in each of [`FILES`].
+fn converged(hosts: &[&Host]) -> bool {
+    FILES.iter().all(|f| {
+        let first = token_of(hosts[0], f);
+        first.is_some() && hosts.iter().all(|h| token_of(h, f) == first)
+    })
+}
+
+/// Checks every live host's outputs now: each token was issued by the provider and is not
+/// expired (a host never serves an expired token).
+fn assert_live(env: &DemoEnv, hosts: &[&Host]) {
+    for h in hosts {
+        for f in FILES {
+            if let Some(t) = token_of(h, f) {
+                let t = t.trim_start_matches("Authorization: Bearer ").to_string();
+                let t = t.strip_prefix("TS_ACCESS_TOKEN=").unwrap_or(&t).to_string();
+                assert!(
+                    env.provider.token_is_live(&t) || env.provider.token_owner(&t).is_none(),
+                    "{} serves an expired token in {f}",
+                    h.name
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_hosts_share_one_token_per_client_and_survive_kill_9_of_a_holder() {
+    let Some(etcd) = Etcd::start("fleet sharing") else {
+        return;
+    };
+    let lifetime = Duration::from_secs(20);
+    let env = DemoEnv::start(lifetime).await;
+    let key = fleet_key();
+    let hosts: Vec<Host> = (0..3)
+        .map(|i| host(&env, &etcd, &format!("h{i}"), "/tw/share", &key, 3))
+        .collect();
+    let mut procs = Vec::new();
+    for h in &hosts {
+        procs.push(Some(DaemonProc::start_ready(&h.config, &[]).await));
+    }
+    let all: Vec<&Host> = hosts.iter().collect();
+    wait_for(
+        "all hosts on one token per client",
+        Duration::from_secs(20),
+        || converged(&all),
+    )
+    .await;
+    // Holders are spread over the hosts, and every client has exactly one.
+    let claims = etcd.keys("/tw/share/clients/");
+    assert_eq!(
+        claims.iter().filter(|k| k.ends_with("/claim")).count(),
+        5,
+        "{claims:?}"
+    );
+    let issued_at_start: Vec<usize> = [TRANSATEL_ID, CREADS_ID, TALENTSOFT_APP_ID]
+        .iter()
+        .map(|c| env.provider.issued(c))
+        .collect();
+
+    // Two lifetimes: about two refreshes per client fleet-wide, not six.
+    let started = Instant::now();
+    let mut propagation = Vec::new();
+    let mut last = token_of(&hosts[0], "transatel.token");
+    while started.elapsed() < 2 * lifetime {
+        assert_live(&env, &all);
+        let now = token_of(&hosts[0], "transatel.token");
+        if now != last {
+            let t0 = Instant::now();
+            wait_for(
+                "every host on the new token",
+                Duration::from_secs(10),
+                || hosts.iter().all(|h| token_of(h, "transatel.token") == now),
+            )
+            .await;
+            propagation.push(t0.elapsed());
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (c, before) in [TRANSATEL_ID, CREADS_ID, TALENTSOFT_APP_ID]
+        .iter()
+        .zip(issued_at_start)
+    {
+        let n = env.provider.issued(c) - before;
+        eprintln!("{c}: {n} tokens issued in two lifetimes across three hosts");
+        assert!(
+            (1..=3).contains(&n),
+            "{c}: {n} tokens in two lifetimes across three hosts (expected about 2)"
+        );
+    }
+    propagation.sort();
+    eprintln!("propagation of a new token to every host: {propagation:?}");
+
+    // kill -9 the holder of creads-files: another host takes it within the lease, and the
+    // refresh-token chain goes on without a refresh token presented twice.
+    let creads_holder = claims
+        .iter()
+        .find(|k| k.contains("/creads-files.") && k.ends_with("/claim"))
+        .map(|k| {
+            let out = etcd.ctl(&["get", "--print-value-only", k]);
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .unwrap();
+    let dead = hosts.iter().position(|h| h.name == creads_holder).unwrap();
+    let killed_at = Instant::now();
+    if let Some((p, _, _)) = procs[dead].as_mut() {
+        p.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = p.wait_exit(Duration::from_secs(5)).await;
+    }
+    let live: Vec<&Host> = hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != dead)
+        .map(|(_, h)| h)
+        .collect();
+    let key_of = |etcd: &Etcd| {
+        etcd.keys("/tw/share/clients/")
+            .into_iter()
+            .find(|k| k.contains("/creads-files.") && k.ends_with("/claim"))
+    };
+    let mut new_holder = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(k) = key_of(&etcd) {
+            let out = etcd.ctl(&["get", "--print-value-only", &k]);
+            let h = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !h.is_empty() && h != creads_holder {
+                new_holder = h;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let takeover = killed_at.elapsed();
+    eprintln!(
+        "creads-files: taken over by {new_holder} {takeover:?} after kill -9 of {creads_holder}"
+    );
+    assert!(!new_holder.is_empty(), "nobody took creads-files over");
+    assert!(
+        takeover < Duration::from_secs(3 + 2),
+        "takeover took {takeover:?}"
+    );
+    let before = token_of(live[0], "creads-files.header");
+    wait_for(
+        "a new creads token on every live host",
+        lifetime + Duration::from_secs(10),
+        || {
+            assert_live(&env, &live);
+            let t = token_of(live[0], "creads-files.header");
+            t != before && converged(&live)
+        },
+    )
+    .await;
+    assert_eq!(
+        env.provider.reuse_detected(CREADS_ID),
+        0,
+        "a refresh token was presented twice"
+    );
+    for (p, _, _) in procs.iter_mut().flatten() {
+        if p.child.id().is_some() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    let _ = read;
+}
