@@ -242,13 +242,18 @@ impl Etcd {
     pub async fn keep_alive(&self, id: i64, every: Duration) -> EtcdError {
         let mut lease = self.lease.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
+        // The first request goes with the call: etcd answers the call with its first reply.
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            return err(&self.endpoint, "lease keep-alive stopped");
+        }
         let requests = tokio_stream_from(rx);
         let mut responses = match self.call(lease.lease_keep_alive(requests)).await {
             Ok(s) => s,
             Err(e) => return e,
         };
+        let mut first = true;
         loop {
-            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            if !std::mem::take(&mut first) && tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
                 return err(&self.endpoint, "lease keep-alive stopped");
             }
             match tokio::time::timeout(CALL_TIMEOUT, responses.message()).await {
