@@ -163,6 +163,15 @@ fn update_gauges(store: &Store) {
         metrics::gauge!("tokenwarden_token_seconds_until_expiry", "client" => name.clone())
             .set(left);
         metrics::gauge!("tokenwarden_token_valid", "client" => name.clone()).set(valid);
+        if let Some(role) = snap.fleet_role {
+            for r in ["holder", "follower", "local"] {
+                metrics::gauge!("tokenwarden_fleet_role", "client" => name.clone(), "role" => r)
+                    .set(if r == role { 1.0 } else { 0.0 });
+            }
+        }
+        if let Some(etcd) = snap.fleet_etcd {
+            metrics::gauge!("tokenwarden_fleet_etcd_up").set(if etcd == "up" { 1.0 } else { 0.0 });
+        }
         metrics::gauge!("tokenwarden_token_generation", "client" => name)
             .set(snap.generation as f64);
     }

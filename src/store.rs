@@ -73,6 +73,8 @@ pub struct Snapshot {
     /// In fleet mode, the client's role on this host: `holder`, `follower` or `local`
     /// (docs/fleet.md); `None` for a client that is not shared.
     pub fleet_role: Option<&'static str>,
+    /// In fleet mode, how this host stands with etcd (`up`, `unreachable`, …).
+    pub fleet_etcd: Option<&'static str>,
 }
 
 impl Snapshot {

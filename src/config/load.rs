@@ -1003,18 +1003,6 @@ impl Loader<'_> {
             .collect();
         let outputs_value = table.remove("outputs");
         let assertion_value = table.remove("assertion");
-        if let Some(v) = table.remove("fleet") {
-            match v.get_ref() {
-                DeValue::Boolean(false) => {
-                    self.fleet_local.insert(name.to_owned());
-                }
-                DeValue::Boolean(true) => {}
-                _ => self.error(
-                    Self::at(file, v.span()),
-                    format!("fleet of {what} must be true or false"),
-                ),
-            }
-        }
 
         let outputs = self.outputs(file, name, outputs_value);
         let assertion = assertion_value.map(|v| {
@@ -1107,6 +1095,9 @@ impl Loader<'_> {
 
         if self.errors.len() != before {
             return None;
+        }
+        if raw.fleet.is_some_and(|f| !f.into_inner()) {
+            self.fleet_local.insert(name.to_owned());
         }
         Some(ClientConfig {
             name: name.to_owned(),

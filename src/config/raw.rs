@@ -94,6 +94,8 @@ pub(crate) struct RawClient {
     pub rotate_cron: Option<Spanned<String>>,
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,
+    /// `false`: kept local even with `[fleet]` (docs/fleet.md).
+    pub fleet: Option<Spanned<bool>>,
     // The timing keys of `[defaults]`, overriding them for this client. (serde's `flatten`
     // does not work with `deny_unknown_fields`, hence the repetition.)
     pub refresh_at: Option<Spanned<f64>>,

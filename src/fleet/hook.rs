@@ -50,9 +50,10 @@ impl Refresher {
         };
         let view = seat.view.borrow_and_update().clone();
         let role = view.role.as_str();
-        let role_changed = self
-            .snapshot
-            .send_if_modified(|s| s.fleet_role.replace(role) != Some(role));
+        let role_changed = self.snapshot.send_if_modified(|s| {
+            let etcd_changed = s.fleet_etcd.replace(view.etcd) != Some(view.etcd);
+            s.fleet_role.replace(role) != Some(role) || etcd_changed
+        });
         let mut adopted = false;
         if let Some(rec) = view.record.clone()
             && self.is_newer(&rec)

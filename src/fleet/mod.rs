@@ -105,7 +105,7 @@ impl Health {
 }
 
 /// What a refresher sees of its client in the fleet.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct View {
     pub role: Role,
     /// etcd's mod_revision of the client's state (0: none yet), as last read.
@@ -114,6 +114,20 @@ pub struct View {
     pub record: Option<Arc<Record>>,
     /// The host holding the client, if any.
     pub holder: Option<String>,
+    /// How this host stands with etcd ([`Health::as_str`]).
+    pub etcd: &'static str,
+}
+
+impl Default for View {
+    fn default() -> View {
+        View {
+            role: Role::Local,
+            revision: 0,
+            record: None,
+            holder: None,
+            etcd: Health::Connecting.as_str(),
+        }
+    }
 }
 
 /// Why a holder's commit did not happen.
@@ -322,6 +336,7 @@ impl Fleet {
                 tracing::debug!("fleet: {message}");
             }
             self.health.send_replace(health);
+            self.publish_views();
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(pause) => {}
@@ -383,6 +398,7 @@ impl Fleet {
         );
         self.act().await;
         self.health.send_replace(Health::Up);
+        self.publish_views();
         let every = self.config.lease / 3;
         let keep = etcd.keep_alive(lease, every);
         tokio::pin!(keep);
@@ -571,6 +587,7 @@ impl Fleet {
     /// Tells every seat its role and the state in etcd (only what changed wakes it).
     fn publish_views(&self) {
         let me = self.config.host.as_str();
+        let etcd = self.health.borrow().as_str();
         let inner = self.lock();
         let up = inner.etcd.is_some();
         for (base, seat) in &inner.seats {
@@ -586,6 +603,7 @@ impl Fleet {
                 let same = v.role == role
                     && v.revision == revision
                     && v.holder == holder
+                    && v.etcd == etcd
                     && v.record.is_some() == record.is_some();
                 if !same {
                     *v = View {
@@ -593,6 +611,7 @@ impl Fleet {
                         revision,
                         record,
                         holder,
+                        etcd,
                     };
                 }
                 !same
