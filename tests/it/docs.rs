@@ -603,6 +603,7 @@ fn unknown_example_keys(
     for (top, value) in example {
         match (top.as_str(), value) {
             ("daemon", toml::Value::Table(t)) => check(&mut out, "[daemon]", "RawDaemon", t, &[]),
+            ("fleet", toml::Value::Table(t)) => check(&mut out, "[fleet]", "RawFleet", t, &[]),
             ("defaults", toml::Value::Table(t)) => {
                 check(&mut out, "[defaults]", "RawTiming", t, &[])
             }
