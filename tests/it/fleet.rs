@@ -300,6 +300,25 @@ async fn fleet_hosts_share_one_token_per_client_and_survive_kill_9_of_a_holder()
     })
     .await;
     let claims = etcd.keys("/tw/share/clients/");
+    // status: each client is held by exactly one host and followed by the others, etcd up.
+    let mut holders = std::collections::BTreeMap::<String, usize>::new();
+    for h in &hosts {
+        let socket = h.config.parent().unwrap().join("tokenwarden.sock");
+        let r = crate::support::run(&["status", "--json", "-s", socket.to_str().unwrap()]).await;
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        for c in v.as_array().unwrap() {
+            assert_eq!(c["fleet_etcd"], "up", "{c}");
+            let role = c["fleet_role"].as_str().unwrap();
+            assert!(role == "holder" || role == "follower", "{c}");
+            if role == "holder" {
+                *holders
+                    .entry(c["client"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(holders.len(), 5, "{holders:?}");
+    assert!(holders.values().all(|n| *n == 1), "{holders:?}");
     let issued_at_start: Vec<usize> = [TRANSATEL_ID, CREADS_ID, TALENTSOFT_APP_ID]
         .iter()
         .map(|c| env.provider.issued(c))
@@ -559,4 +578,65 @@ fn revision(etcd: &Etcd) -> i64 {
     let out = etcd.ctl(&["get", "/nothing-here", "-w", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["header"]["revision"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn fleet_config_is_checked_without_connecting() {
+    let env = DemoEnv::start(Duration::from_secs(60)).await;
+    // A port nobody listens on: `check` must not care (reachability is a runtime matter).
+    let closed = free_port();
+    let key = fleet_key();
+    let dir = env.dir.path();
+    std::fs::write(dir.join("fleet.key"), &key).unwrap();
+    set_mode(&dir.join("fleet.key"), 0o600);
+    let with_fleet = |fleet: &str, client_extra: &str| {
+        let text = std::fs::read_to_string(&env.demo.config).unwrap();
+        let at = text.find("\n[clients.").unwrap();
+        let text = format!("{}\n[fleet]\n{fleet}\n{}", &text[..at], &text[at..]).replacen(
+            "[clients.transatel]\n",
+            &format!("[clients.transatel]\n{client_extra}"),
+            1,
+        );
+        let p = dir.join("fleet.toml");
+        std::fs::write(&p, text).unwrap();
+        set_mode(&p, 0o600);
+        p.display().to_string()
+    };
+    let good = with_fleet(
+        &format!(
+            "etcd = [\"http://127.0.0.1:{closed}\"]\nprefix = \"/tw/check\"\nkey = {{ file = \"fleet.key\" }}\nlease = \"5s\"\nhost = \"h1\""
+        ),
+        "fleet = false\n",
+    );
+    let r = crate::support::run(&["check", "-c", &good]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    let short_key = base64::engine::general_purpose::STANDARD.encode([7u8; 16]);
+    std::fs::write(dir.join("short.key"), &short_key).unwrap();
+    set_mode(&dir.join("short.key"), 0o600);
+    let bad = with_fleet(
+        "etcd = [\"https://127.0.0.1:1/x\", \"ftp://h:1\", \"https://127.0.0.1:2379\"]\nprefix = \"tw/\"\nkey = { file = \"short.key\" }\nlease = \"1s\"\nhost = \"a b\"\nuser = \"tw\"",
+        "fleet = \"no\"\n",
+    );
+    let r = crate::support::run(&["check", "-c", &bad]).await;
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert_ne!(r.code, 0, "{out}");
+    for needle in [
+        "etcd endpoint \"https://127.0.0.1:1/x\" must be http:// or https://",
+        "etcd endpoint \"ftp://h:1\"",
+        "prefix \"tw/\" of [fleet]",
+        "16 bytes once decoded, not 32",
+        "lease of [fleet] must be whole seconds",
+        "host \"a b\" of [fleet]",
+        "user and password go together",
+        "https:// endpoints need ca_file",
+        "fleet",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains(&short_key), "the key is shown:\n{out}");
+    assert!(
+        out.contains("invalid type"),
+        "fleet = \"no\" not refused:\n{out}"
+    );
 }
