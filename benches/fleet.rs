@@ -13,7 +13,8 @@
 //! Environment: `TW_FLEET_HOSTS` (5), `TW_FLEET_CLIENTS` (1000), `TW_FLEET_LIFETIME` (token
 //! lifetime in seconds, 60), `TW_FLEET_LEASE` (seconds, 5), `TW_FLEET_SAMPLED` (clients with
 //! a token file on every host, for propagation, 20), `TW_FLEET_BIN` (the daemon binary; default
-//! the one cargo built for this bench).
+//! the one cargo built for this bench), `TW_FLEET_KEEP=1` (keep the work directory, with each
+//! daemon's config and log, and print its path).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,7 +61,7 @@ fn config(s: &Setup, h: usize, fleet: Option<(&Etcd, u64)>) -> PathBuf {
         .join(format!("{}h{h}", if fleet.is_some() { "f" } else { "i" }));
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let mut t = format!(
-        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"warn\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
+        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"info\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
         dir.join("state").display(),
         dir.join("tw.sock").display()
     );
@@ -318,5 +319,7 @@ async fn main() {
         "provider: refresh-token reuse detected {} times",
         provider.reuse_detected(CLIENT_ID)
     );
-    let _ = Command::new("true").status();
+    if std::env::var("TW_FLEET_KEEP").is_ok_and(|v| v == "1") {
+        println!("kept: {}", work.keep().display());
+    }
 }

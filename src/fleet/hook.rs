@@ -161,6 +161,12 @@ impl Refresher {
     /// Before a token request: `Some` when the fleet says not to ask the provider (the answer
     /// to give instead), `None` to go ahead (then as holder, or locally with etcd unreachable).
     pub(super) async fn fleet_gate(&mut self, trigger: Trigger) -> Option<Answer> {
+        let seat = self.seat.as_ref()?;
+        if seat.view.borrow().role == Role::Holder
+            && let Err(e) = seat.read_state().await
+        {
+            tracing::debug!(client = self.name(), "fleet: state not read: {e}");
+        }
         let view = self.seat.as_ref()?.view.borrow().clone();
         let now = self.now();
         let current = self
@@ -184,15 +190,23 @@ impl Refresher {
                 if let Some(rec) = view.record.clone() {
                     if self.is_newer(&rec) {
                         self.adopt(&rec).await;
-                        let scheduled = matches!(
-                            trigger,
-                            Trigger::Startup | Trigger::Schedule | Trigger::Retry | Trigger::Reload
-                        );
-                        let due = rec.next_refresh_at.is_none_or(|at| at <= now);
-                        if scheduled && !due {
-                            self.fleet_plan(&view);
-                            return self.snapshot.borrow().token.clone().map(Ok);
-                        }
+                    }
+                    // The shared token is this host's and not due yet: a start, a retry or a
+                    // planned wake-up asks nothing (a holder that just took the client over
+                    // refreshes at the planned time, not at once).
+                    let scheduled = matches!(
+                        trigger,
+                        Trigger::Startup | Trigger::Schedule | Trigger::Retry | Trigger::Reload
+                    );
+                    let current = self.snapshot.borrow().token.clone();
+                    let same = current.as_ref().is_some_and(|t| {
+                        t.access_token.expose() == rec.token.access_token.expose()
+                            && t.is_valid_at(now)
+                    });
+                    let due = rec.next_refresh_at.is_none_or(|at| at <= now);
+                    if scheduled && same && !due {
+                        self.fleet_plan(&view);
+                        return current.map(Ok);
                     }
                     // The chain continues from what is in etcd, never from an older copy.
                     self.refresh_token = rec.refresh_token.clone();

@@ -376,6 +376,13 @@ impl Fleet {
         let etcd = Etcd::connect(&self.config, endpoint).await?;
         self.check_key(&etcd).await?;
         let lease = self.register(&etcd).await?;
+        // Kept alive from now on, in a task of its own: the first claims of a host with many
+        // clients may take longer than the lease.
+        let every = self.config.lease / 3;
+        let keeper = etcd.clone();
+        let mut keep = AbortOnDrop(tokio::spawn(async move {
+            keeper.keep_alive(lease, every).await
+        }));
         let prefix = self.prefixed("");
         let (kvs, rev) = etcd.range_prefix(&prefix).await?;
         let (mut stream, _requests) = etcd.watch_prefix(&prefix, rev + 1).await?;
@@ -399,13 +406,13 @@ impl Fleet {
         self.act().await;
         self.health.send_replace(Health::Up);
         self.publish_views();
-        let every = self.config.lease / 3;
-        let keep = etcd.keep_alive(lease, every);
-        tokio::pin!(keep);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                e = &mut keep => return Err(e.into()),
+                e = &mut keep.0 => return Err(match e {
+                    Ok(e) => e.into(),
+                    Err(e) => End::Failed(format!("lease keep-alive task: {e}")),
+                }),
                 msg = stream.message() => {
                     let resp = match msg {
                         Ok(Some(r)) => r,
@@ -630,6 +637,15 @@ impl Fleet {
     }
 }
 
+/// A task aborted when its handle goes.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The host that should hold `base`: the live host with the highest SHA-256 of (host, base)
 /// (rendezvous hashing: each host's death moves only its own clients).
 fn rendezvous<'a>(hosts: &'a BTreeSet<String>, base: &str) -> Option<&'a str> {
@@ -683,6 +699,39 @@ impl Seat {
         if !busy {
             self.fleet.wake.notify_one();
         }
+    }
+
+    /// Reads the client's state from etcd now (a linearizable read, not the watch's possibly
+    /// late copy): what a holder builds on before it asks the provider, so that it never
+    /// presents a refresh token that the previous holder already used. Updates the view.
+    pub async fn read_state(&self) -> Result<(), CommitError> {
+        let etcd = self
+            .fleet
+            .lock()
+            .etcd
+            .clone()
+            .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
+        let state_key = format!("{}/state", self.base);
+        let (kv, _) = etcd
+            .get(&state_key)
+            .await
+            .map_err(|e| CommitError::Unreachable(e.to_string()))?;
+        {
+            let mut inner = self.fleet.lock();
+            match kv {
+                Some(kv) => {
+                    let known = inner.states.get(&self.base).map_or(0, |(r, _)| *r);
+                    if kv.mod_revision > known {
+                        self.fleet.apply(&mut inner, &kv, false);
+                    }
+                }
+                None => {
+                    inner.states.remove(&self.base);
+                }
+            }
+        }
+        self.fleet.publish_views();
+        Ok(())
     }
 
     /// Commits `record` as the client's state: only while this host still holds the client
