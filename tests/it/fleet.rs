@@ -299,6 +299,23 @@ async fn fleet_rides_out_etcd_members_stopping_and_reconverges() {
     };
     let lifetime = Duration::from_secs(16);
     let env = DemoEnv::start(lifetime).await;
+    // A client whose only credential is a rotating refresh token, shared by the hosts.
+    let rt = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    let rt_file = env.demo.dir.join("secrets").join("rt-only");
+    std::fs::write(&rt_file, &rt).unwrap();
+    set_mode(&rt_file, 0o600);
+    let creads_url = env
+        .provider
+        .token_url(tokenwarden::provider::Dialect::Creads);
+    let creads_secret = env.demo.dir.join("secrets").join("creads");
+    env.edit_config(|t| {
+        format!(
+            "{t}\n[clients.rt-only]\ntoken_url = \"{creads_url}\"\ngrant_type = \"refresh_token\"\nclient_id = \"{CREADS_ID}\"\nclient_secret = {{ file = \"{}\" }}\nrefresh_token = {{ file = \"{}\" }}\n[[clients.rt-only.outputs]]\npath = \"{}\"\nformat = \"token\"\n",
+            creads_secret.display(),
+            rt_file.display(),
+            env.demo.out_dir.join("rt-only.token").display()
+        )
+    });
     let key = fleet_key();
     let hosts: Vec<Host> = (0..2)
         .map(|i| host(&env, &etcd, &format!("h{i}"), "/tw/outage", &key, 3))
@@ -356,6 +373,14 @@ async fn fleet_rides_out_etcd_members_stopping_and_reconverges() {
             "{}",
             p.logs()
         );
+        // The refresh-token-only client waits for etcd rather than fork its chain.
+        assert!(
+            p.logs().contains(
+                "only credential is a refresh token shared by the fleet: waiting for etcd"
+            ),
+            "{}",
+            p.logs()
+        );
     }
 
     // etcd back: the hosts converge on one token per client again.
@@ -366,7 +391,9 @@ async fn fleet_rides_out_etcd_members_stopping_and_reconverges() {
         lifetime + Duration::from_secs(20),
         || {
             assert_live(&env, &all);
-            converged(&all)
+            let rt0 = token_of(&hosts[0], "rt-only.token");
+            let rt_live = rt0.as_ref().is_some_and(|t| env.provider.token_is_live(t));
+            converged(&all) && rt_live && token_of(&hosts[1], "rt-only.token") == rt0
         },
     )
     .await;
