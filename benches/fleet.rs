@@ -61,7 +61,7 @@ fn config(s: &Setup, h: usize, fleet: Option<(&Etcd, u64)>) -> PathBuf {
         .join(format!("{}h{h}", if fleet.is_some() { "f" } else { "i" }));
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let mut t = format!(
-        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"info\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
+        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"warn\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
         dir.join("state").display(),
         dir.join("tw.sock").display()
     );
@@ -189,6 +189,11 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("fleet: run it with `cargo bench --bench fleet`");
+        return;
+    }
     let hosts = env_num("TW_FLEET_HOSTS", 5) as usize;
     let clients = env_num("TW_FLEET_CLIENTS", 1000) as usize;
     let lifetime = Duration::from_secs(env_num("TW_FLEET_LIFETIME", 60));
