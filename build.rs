@@ -1,6 +1,10 @@
 //! Compiles `proto/tokenwarden/v1/tokenwarden.proto` with protox (pure Rust, no system
 //! `protoc`) into a FileDescriptorSet, generates the tonic server and client from it, and writes
 //! the encoded set to `OUT_DIR` for server reflection.
+//!
+//! Fleet mode's etcd v3 client is generated the same way from the vendored protos under
+//! `proto/etcd` (KV, Watch, Lease and Auth's `Authenticate` only): client stubs, no server, and
+//! no system `protoc` either.
 
 use std::path::PathBuf;
 
@@ -16,5 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+
+    println!("cargo:rerun-if-changed=proto/etcd");
+    let etcd = protox::compile(["etcdserverpb/rpc.proto"], ["proto/etcd"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(etcd)?;
     Ok(())
 }

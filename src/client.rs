@@ -486,6 +486,33 @@ fn relative(t: Option<SystemTime>, now: SystemTime, future_word: bool) -> String
 
 /// The `status` table: one aligned row per client.
 pub fn status_table(clients: &[pb::ClientStatus], now: SystemTime) -> String {
+    let table = status_rows(clients, now);
+    // Fleet mode: each client's role and etcd's health, in a second table.
+    let fleet: Vec<&pb::ClientStatus> = clients
+        .iter()
+        .filter(|c| !c.fleet_role.is_empty())
+        .collect();
+    if fleet.is_empty() {
+        return table;
+    }
+    let width = fleet
+        .iter()
+        .map(|c| c.client.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let mut out = table;
+    out.push_str(&format!("\n{:width$}  {:8}  ETCD\n", "CLIENT", "ROLE"));
+    for c in fleet {
+        out.push_str(&format!(
+            "{:width$}  {:8}  {}\n",
+            c.client, c.fleet_role, c.fleet_etcd
+        ));
+    }
+    out
+}
+
+fn status_rows(clients: &[pb::ClientStatus], now: SystemTime) -> String {
     let header = [
         "CLIENT",
         "STATE",
@@ -562,6 +589,8 @@ pub fn status_json(clients: &[pb::ClientStatus]) -> serde_json::Value {
                     "consecutive_failures": c.consecutive_failures,
                     "last_error": Some(&c.last_error).filter(|e| !e.is_empty()),
                     "subject_client": Some(&c.subject_client).filter(|e| !e.is_empty()),
+                    "fleet_role": Some(&c.fleet_role).filter(|r| !r.is_empty()),
+                    "fleet_etcd": Some(&c.fleet_etcd).filter(|r| !r.is_empty()),
                 })
             })
             .collect(),
@@ -791,7 +820,7 @@ mod tests {
                 last_error: String::new(),
                 consecutive_failures: 0,
                 last_refresh_at: ts(1_000),
-                subject_client: String::new(),
+                ..Default::default()
             },
             pb::ClientStatus {
                 client: "creads-files".into(),
@@ -801,7 +830,7 @@ mod tests {
                 last_error: "invalid_client: bad secret".into(),
                 consecutive_failures: 3,
                 last_refresh_at: None,
-                subject_client: String::new(),
+                ..Default::default()
             },
             pb::ClientStatus {
                 client: "old".into(),
@@ -833,5 +862,30 @@ exchanged     VALID    1m 30s      -             0         subject: client trans
         assert!(json[1]["expires_at"].is_null());
         assert_eq!(json[3]["subject_client"], "transatel");
         assert!(json[0]["subject_client"].is_null());
+        assert!(json[0]["fleet_role"].is_null());
+    }
+
+    #[test]
+    fn fleet_roles_get_their_own_table() {
+        let rows = vec![
+            pb::ClientStatus {
+                client: "transatel".into(),
+                state: pb::State::Valid as i32,
+                fleet_role: "holder".into(),
+                fleet_etcd: "up".into(),
+                ..Default::default()
+            },
+            pb::ClientStatus {
+                client: "local-one".into(),
+                state: pb::State::Valid as i32,
+                ..Default::default()
+            },
+        ];
+        let table = status_table(&rows, at(1_000));
+        assert!(
+            table.ends_with("\nCLIENT     ROLE      ETCD\ntransatel  holder    up\n"),
+            "{table}"
+        );
+        assert_eq!(status_json(&rows)[0]["fleet_role"], "holder");
     }
 }

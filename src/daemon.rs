@@ -61,6 +61,9 @@ pub enum DaemonError {
     /// The gRPC socket could not be bound.
     #[error("gRPC API: {0}")]
     Grpc(#[from] crate::grpc::ServeError),
+    /// `[fleet]` could not be set up (docs/fleet.md).
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 /// A running daemon.
@@ -97,7 +100,12 @@ impl Daemon {
     /// every client.
     pub async fn start(config: Config, log: Option<LogHandle>) -> Result<Daemon, DaemonError> {
         let clients = config.clients.values().cloned().collect();
-        let engine = Arc::new(Engine::open(&config.daemon, clients).await?);
+        let mut engine = Engine::open(&config.daemon, clients).await?;
+        if let Some(fleet) = &config.fleet {
+            let started = crate::fleet::Fleet::start(fleet, &config.fleet_local, &engine.tracker);
+            engine.fleet = Some(started.map_err(DaemonError::Fleet)?);
+        }
+        let engine = Arc::new(engine);
         let (events_tx, events) = mpsc::channel(64);
         let signals = triggers::signals(events_tx.clone()).map_err(DaemonError::Signals)?;
         let watcher =
@@ -241,6 +249,9 @@ impl Daemon {
         }
         self.http.stop().await;
         self.root.cancel();
+        if let Some(fleet) = &self.engine.fleet {
+            fleet.stop();
+        }
         if let Some(mut cron) = self.cron.take() {
             let _ = cron.shutdown().await;
         }

@@ -44,6 +44,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod fleet;
 pub mod fuzzing;
 pub mod grpc;
 pub mod http;

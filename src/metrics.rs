@@ -115,6 +115,30 @@ pub fn connection_refused(listener: &'static str, reason: &'static str) {
         .increment(1);
 }
 
+/// Counts a fleet holder's commit of a new state to etcd (docs/fleet.md).
+pub fn fleet_commit() {
+    metrics::counter!("tokenwarden_fleet_commits_total").increment(1);
+}
+
+/// Counts a failed etcd session, by how it ended (`unreachable`, `wrong-key`, `name-taken`).
+pub fn fleet_etcd_failure(kind: &'static str) {
+    metrics::counter!("tokenwarden_fleet_etcd_failures_total", "kind" => kind).increment(1);
+}
+
+/// Counts a fleet client refreshed by this host alone because etcd was unreachable.
+pub fn fleet_local_refresh(client: &str) {
+    metrics::counter!("tokenwarden_fleet_local_refreshes_total", "client" => client.to_string())
+        .increment(1);
+}
+
+/// Counts a new state this host could not commit to etcd, kept locally and retried
+/// (`result`: `kept` when it happened, `committed` when a retry made it, `superseded` when
+/// another host's newer state replaced it).
+pub fn fleet_uncommitted(client: &str, result: &'static str) {
+    metrics::counter!("tokenwarden_fleet_uncommitted_total", "client" => client.to_string(), "result" => result)
+        .increment(1);
+}
+
 /// Sets the per-client gauges from the store (at scrape time, so "seconds until expiry" is now).
 fn update_gauges(store: &Store) {
     let now = SystemTime::now();
@@ -139,6 +163,15 @@ fn update_gauges(store: &Store) {
         metrics::gauge!("tokenwarden_token_seconds_until_expiry", "client" => name.clone())
             .set(left);
         metrics::gauge!("tokenwarden_token_valid", "client" => name.clone()).set(valid);
+        if let Some(role) = snap.fleet_role {
+            for r in ["holder", "follower", "local"] {
+                metrics::gauge!("tokenwarden_fleet_role", "client" => name.clone(), "role" => r)
+                    .set(if r == role { 1.0 } else { 0.0 });
+            }
+        }
+        if let Some(etcd) = snap.fleet_etcd {
+            metrics::gauge!("tokenwarden_fleet_etcd_up").set(if etcd == "up" { 1.0 } else { 0.0 });
+        }
         metrics::gauge!("tokenwarden_token_generation", "client" => name)
             .set(snap.generation as f64);
     }

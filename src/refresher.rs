@@ -58,6 +58,8 @@ pub struct Engine {
     pub discovery: Arc<oauth::Discovery>,
     /// Every refresher's snapshot by client name: where a chained client finds its upstream.
     pub chains: Chains,
+    /// `[fleet]`: the hosts share each client's token through etcd (docs/fleet.md).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -162,6 +164,7 @@ impl Engine {
             clock: Clock::System,
             source: Arc::new(TokenEndpoint),
             chains: Chains::default(),
+            fleet: None,
         })
     }
 }
@@ -294,7 +297,7 @@ pub fn spawn(
         config: config.clone(),
     };
     let refresher = Refresher {
-        config,
+        config: config.clone(),
         engine: engine.clone(),
         snapshot: snap_tx,
         mailbox,
@@ -312,6 +315,9 @@ pub fn spawn(
         expired_logged: false,
         skew_warned: false,
         upstream,
+        seat: engine.fleet.as_ref().and_then(|f| f.seat(&config)),
+        fleet_read: 0,
+        fleet_pending: None,
     };
     let task = engine.tracker.spawn(refresher.run()).abort_handle();
     Handle { slot, task }
@@ -345,7 +351,16 @@ struct Refresher {
     skew_warned: bool,
     /// For a chained client (RFC 8693 subject from another client): the upstream it follows.
     upstream: Option<Box<Upstream>>,
+    /// The client's place in the fleet (`None`: local, without `[fleet]` or `fleet = false`).
+    seat: Option<crate::fleet::Seat>,
+    /// The mod_revision of the shared state the next commit builds on.
+    fleet_read: i64,
+    /// A new state etcd did not take, built on this revision, to commit when it can.
+    fleet_pending: Option<i64>,
 }
+
+#[path = "fleet/hook.rs"]
+mod fleet_hook;
 
 /// Logs a repeated identical error at WARN three times, then at DEBUG (STYLE: rust-spiffe).
 #[derive(Default)]
@@ -475,6 +490,7 @@ impl Refresher {
                 _ = upstream_changed(self.upstream.as_deref_mut(), &self.engine.chains) => {
                     Box::pin(self.upstream_moved()).await
                 }
+                _ = fleet_hook::changed(&mut self.seat) => Box::pin(self.fleet_view()).await,
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
                         let trigger = self.next_trigger;
@@ -501,6 +517,7 @@ impl Refresher {
     /// Reuses a stored token when it is still good for this identity (no provider request);
     /// otherwise asks for one now.
     async fn start(&mut self) {
+        self.fleet_first_view().await;
         let fingerprint = self.config.identity_fingerprint();
         // Off the async workers: file I/O may stall (a slow disk), and must never hold up
         // the runtime (signals, other clients).
@@ -650,7 +667,12 @@ impl Refresher {
         if let Some(until) = self.engine.holds.until(self.config.token_url.as_str()) {
             return self.hold(until);
         }
-        Box::pin(self.request(permit, trigger)).await
+        if let Some(answer) = Box::pin(self.fleet_gate(trigger)).await {
+            return answer;
+        }
+        let answer = Box::pin(self.request(permit, trigger)).await;
+        self.fleet_idle();
+        answer
     }
 
     /// Another client of this token URL was told to wait (`Retry-After`): no request before
@@ -739,6 +761,7 @@ impl Refresher {
                     generation,
                     spent_bootstrap: self.spent_bootstrap.clone(),
                 };
+                self.fleet_commit(&new_state).await;
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
                     None => Err(RefreshError::NotSaved),

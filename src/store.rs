@@ -70,6 +70,11 @@ pub struct Snapshot {
     /// Whether at least one attempt has finished (or a stored token was reused), and a token it
     /// brought has been written to the outputs. READY=1 waits for this on every client.
     pub settled: bool,
+    /// In fleet mode, the client's role on this host: `holder`, `follower` or `local`
+    /// (docs/fleet.md); `None` for a client that is not shared.
+    pub fleet_role: Option<&'static str>,
+    /// In fleet mode, how this host stands with etcd (`up`, `unreachable`, …).
+    pub fleet_etcd: Option<&'static str>,
 }
 
 impl Snapshot {

@@ -417,6 +417,72 @@ pub(crate) fn check_timing(t: &Timing) -> Vec<(TimingKey, String)> {
     out
 }
 
+/// One `[fleet] etcd` endpoint: `http://` or `https://` with a host and port, nothing else.
+pub(crate) fn check_etcd_endpoint(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| {
+        format!(
+            "etcd endpoint \"{text}\" is not a URL ({e}); write it like \"https://10.0.0.1:2379\""
+        )
+    })?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some()
+        && url.port_or_known_default().is_some()
+        && matches!(url.path(), "" | "/")
+        && url.query().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if !plain {
+        return Err(format!(
+            "etcd endpoint \"{text}\" must be http:// or https:// with a host and port only, like \"https://10.0.0.1:2379\" (user and password go in [fleet] user and password)"
+        ));
+    }
+    Ok(url)
+}
+
+/// `[fleet] prefix`: an absolute etcd key prefix of printable ASCII, no trailing `/`.
+pub(crate) fn check_fleet_prefix(text: &str) -> Result<String, String> {
+    let ok = text.starts_with('/')
+        && text.len() > 1
+        && text.len() <= 128
+        && !text.ends_with('/')
+        && !text.contains("//")
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b));
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "prefix \"{text}\" of [fleet] must look like \"/tokenwarden/prod\": starting with /, without a trailing /, of letters, digits and /_.- (at most 128)"
+        ))
+    }
+}
+
+/// `[fleet] lease`: between 3 seconds and 5 minutes (etcd refuses shorter leases, and a
+/// longer one leaves a dead holder's clients without one for that long).
+pub(crate) fn check_fleet_lease(d: Duration) -> Result<Duration, String> {
+    if (Duration::from_secs(3)..=Duration::from_secs(300)).contains(&d) && d.subsec_nanos() == 0 {
+        Ok(d)
+    } else {
+        Err("lease of [fleet] must be whole seconds between \"3s\" and \"5m\"".to_string())
+    }
+}
+
+/// `[fleet] host`: `[A-Za-z0-9_.-]{1,64}` (it is part of etcd key names).
+pub(crate) fn check_fleet_host(text: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "host \"{text}\" of [fleet] must be 1 to 64 letters, digits, '_', '.' or '-'"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

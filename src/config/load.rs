@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{
-    Id, RawAssertion, RawClient, RawDaemon, RawOutput, RawSecret, RawSubject, RawTiming,
+    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSecret, RawSubject, RawTiming,
 };
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
@@ -125,6 +125,8 @@ struct Loader {
     chown: crate::outputs::ChownRights,
     /// The paths judged so far, trusting root and the daemon's user (see [`daemon_user`]).
     safe: safepath::Checker,
+    /// Clients written with `fleet = false`.
+    fleet_local: std::collections::BTreeSet<String>,
 }
 
 /// The timing of `[defaults]` with where each key was set, so that a bad combination is
@@ -154,6 +156,7 @@ impl Loader {
             outputs_seen: std::collections::HashMap::new(),
             chown: crate::outputs::ChownRights::of_this_process(),
             safe: safepath::Checker::new(trust),
+            fleet_local: std::collections::BTreeSet::new(),
         }
     }
 
@@ -363,7 +366,7 @@ fn without_values(message: &str) -> String {
 
 // === impl Loader: the files ===
 
-const TOP_KEYS: [&str; 3] = ["daemon", "defaults", "clients"];
+const TOP_KEYS: [&str; 4] = ["daemon", "defaults", "clients", "fleet"];
 
 impl Loader {
     fn main(&mut self, text: Zeroizing<String>, path: &Path) -> Option<Config> {
@@ -412,6 +415,11 @@ impl Loader {
             None => TimingSrc::default(),
         };
 
+        let fleet = root
+            .remove("fleet")
+            .and_then(|v| self.table::<RawFleet>(file, "[fleet]", v))
+            .and_then(|raw| self.fleet(file, &dir, raw));
+
         let mut clients = BTreeMap::new();
         if let Some(v) = root.remove("clients") {
             self.clients(file, &dir, v, &defaults, &mut clients);
@@ -433,6 +441,8 @@ impl Loader {
                 files: std::mem::take(&mut self.layouts),
                 defaults: defaults.timing,
             },
+            fleet,
+            fleet_local: std::mem::take(&mut self.fleet_local),
         })
     }
 
@@ -818,6 +828,9 @@ impl Loader {
             return None;
         }
         clients.extend(built);
+        let mut fleet_local = previous.fleet_local.clone();
+        fleet_local.retain(|n| !dropped.iter().any(|d| **d == **n));
+        fleet_local.append(&mut self.fleet_local);
         // Chains reach across clients: one broken by this edit is reported by the full load,
         // at its place.
         if !chain_problems(&clients).is_empty() {
@@ -829,6 +842,8 @@ impl Loader {
             clients,
             files: previous.files.clone(),
             warnings: Vec::new(),
+            fleet: previous.fleet.clone(),
+            fleet_local,
             layout: Layout {
                 files: layouts,
                 defaults: layout.defaults.clone(),
@@ -1122,6 +1137,114 @@ fn merge_timing(file: usize, base: &TimingSrc, raw: RawTiming) -> TimingSrc {
     t
 }
 
+// === impl Loader: [fleet] ===
+
+impl Loader {
+    /// `[fleet]` (docs/fleet.md). Whether etcd answers is a runtime matter, not checked here.
+    fn fleet(&mut self, file: usize, dir: &Path, raw: RawFleet) -> Option<FleetConfig> {
+        let before = self.errors.len();
+        // Where errors about the table as a whole point.
+        let here = Self::at(file, raw.prefix.span());
+        let mut etcd = Vec::new();
+        if raw.etcd.get_ref().is_empty() {
+            self.error(
+                Self::at(file, raw.etcd.span()),
+                "etcd of [fleet] names no endpoint: list the cluster's client URLs".to_string(),
+            );
+        }
+        for e in raw.etcd.into_inner() {
+            let url = check::check_etcd_endpoint(e.get_ref());
+            if let Some(u) = self.ok_at(file, e.span(), url) {
+                etcd.push(u);
+            }
+        }
+        let prefix = self.ok_at(
+            file,
+            raw.prefix.span(),
+            check::check_fleet_prefix(raw.prefix.get_ref()),
+        );
+        let key_loc = Self::at(file, raw.key.span());
+        let key = self.credential(file, dir, "[fleet]", "key", raw.key);
+        if let Some(k) = &key
+            && let Err(e) = crate::fleet::crypt::FleetKey::parse(&k.value)
+        {
+            self.error(key_loc, format!("key of [fleet]: {e}"));
+        }
+        let lease = match raw.lease {
+            Some(l) => {
+                let span = l.span();
+                let d = l.into_inner().0;
+                self.ok_at(file, span, check::check_fleet_lease(d))
+            }
+            None => Some(crate::fleet::DEFAULT_LEASE),
+        };
+        let host = match raw.host {
+            Some(h) => {
+                let checked = check::check_fleet_host(h.get_ref()).map(|()| h.get_ref().clone());
+                self.ok_at(file, h.span(), checked)
+            }
+            None => match crate::fleet::hostname() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    self.error(here, format!("[fleet]: {e}; set host = \"NAME\""));
+                    None
+                }
+            },
+        };
+        let https = etcd.iter().any(|u| u.scheme() == "https");
+        let ca_file = raw.ca_file.map(|p| {
+            let span = p.span();
+            let path = resolve(dir, p.into_inner());
+            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
+            path
+        });
+        if https && ca_file.is_none() {
+            self.error(
+                here,
+                "[fleet]: https:// endpoints need ca_file, the CA that signed etcd's certificate"
+                    .to_string(),
+            );
+        }
+        let cert = raw.cert.map(|p| resolve(dir, p.into_inner()));
+        let cert_key_loc = raw.cert_key.as_ref().map(|k| Self::at(file, k.span()));
+        let cert_key = raw
+            .cert_key
+            .and_then(|k| self.credential(file, dir, "[fleet]", "cert_key", k));
+        if cert.is_some() != cert_key_loc.is_some() {
+            self.error(
+                cert_key_loc.unwrap_or(here),
+                "[fleet]: cert and cert_key go together (mTLS to etcd)".to_string(),
+            );
+        }
+        let user = raw.user.map(Spanned::into_inner);
+        let password_loc = raw.password.as_ref().map(|k| Self::at(file, k.span()));
+        let password = raw
+            .password
+            .and_then(|k| self.credential(file, dir, "[fleet]", "password", k));
+        if user.is_some() != password_loc.is_some() {
+            self.error(
+                password_loc.unwrap_or(here),
+                "[fleet]: user and password go together (etcd authentication)".to_string(),
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(FleetConfig {
+            etcd,
+            prefix: prefix?,
+            key: key?,
+            lease: lease?,
+            host: host?,
+            ca_file,
+            cert,
+            cert_key,
+            user,
+            password,
+        })
+    }
+}
+
 // === impl Loader: one client ===
 
 /// What a client's keys were resolved to, before they are assembled.
@@ -1292,6 +1415,9 @@ impl Loader {
 
         if self.errors.len() != before {
             return None;
+        }
+        if raw.fleet.is_some_and(|f| !f.into_inner()) {
+            self.fleet_local.insert(name.to_owned());
         }
         Some(ClientConfig {
             name: name.to_owned(),

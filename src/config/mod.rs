@@ -18,6 +18,7 @@ mod load;
 mod raw;
 mod types;
 
+pub(crate) use check::check_fleet_host as check_fleet_host_name;
 pub(crate) use check::check_token_url;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};

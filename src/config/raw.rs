@@ -37,6 +37,22 @@ pub(crate) struct RawDaemon {
     pub audit: Option<bool>,
 }
 
+/// `[fleet]`: many hosts sharing each client's token through etcd (docs/fleet.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    pub etcd: Spanned<Vec<Spanned<String>>>,
+    pub prefix: Spanned<String>,
+    pub key: Spanned<RawSecret>,
+    pub lease: Option<Spanned<HumanDuration>>,
+    pub host: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub cert_key: Option<Spanned<RawSecret>>,
+    pub user: Option<Spanned<String>>,
+    pub password: Option<Spanned<RawSecret>>,
+}
+
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +106,8 @@ pub(crate) struct RawClient {
     pub actor_token: Option<Spanned<RawSecret>>,
     pub actor_token_type: Option<Spanned<String>>,
     pub requested_token_type: Option<Spanned<String>>,
+    /// `false`: kept local even with `[fleet]` (docs/fleet.md).
+    pub fleet: Option<Spanned<bool>>,
     // The timing keys of `[defaults]`, overriding them for this client. (serde's `flatten`
     // does not work with `deny_unknown_fields`, hence the repetition.)
     pub refresh_at: Option<Spanned<f64>>,

@@ -36,6 +36,10 @@ pub struct Config {
     /// Where each client's tables lie in the files, for a reload to read only what changed
     /// (see [`crate::config::load_reusing`]).
     pub layout: crate::config::Layout,
+    /// `[fleet]`; `None`: every client is local and no etcd code runs (docs/fleet.md).
+    pub fleet: Option<FleetConfig>,
+    /// Clients written with `fleet = false`: kept local even with `[fleet]`.
+    pub fleet_local: std::collections::BTreeSet<String>,
 }
 
 impl Config {
@@ -50,6 +54,29 @@ impl Config {
         v.dedup();
         v
     }
+}
+
+/// `[fleet]` (docs/fleet.md): the etcd cluster the hosts share tokens through.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetConfig {
+    /// etcd client URLs (`http://` or `https://`), tried in turn.
+    pub etcd: Vec<url::Url>,
+    /// Every key lives under it: starts with `/`, no trailing `/`.
+    pub prefix: String,
+    /// 32 random bytes, base64: encrypts and authenticates every value (AES-256-GCM).
+    pub key: Credential,
+    /// This host's etcd lease: how soon a dead holder's clients move to another host.
+    pub lease: Duration,
+    /// This host's name in the fleet (default: the hostname).
+    pub host: String,
+    /// Trust anchors (PEM) for `https://` endpoints; without it, none is trusted.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS to etcd, with `cert_key`.
+    pub cert: Option<PathBuf>,
+    pub cert_key: Option<Credential>,
+    /// etcd user and password (etcd's own authentication).
+    pub user: Option<String>,
+    pub password: Option<Credential>,
 }
 
 /// `[daemon]`.

@@ -454,6 +454,8 @@ pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::Cli
         consecutive_failures: snap.consecutive_failures,
         last_refresh_at: snap.last_refresh_at.map(timestamp),
         subject_client: String::new(),
+        fleet_role: snap.fleet_role.unwrap_or_default().to_string(),
+        fleet_etcd: snap.fleet_etcd.unwrap_or_default().to_string(),
     }
 }
 

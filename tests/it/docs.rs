@@ -410,8 +410,9 @@ fn every_docs_page_the_source_names_exists() {
 
 /// Which section of `docs/configuration.md` documents each table of `src/config/raw.rs`: the
 /// marker its `## ` heading contains.
-const SECTIONS: [(&str, &str); 5] = [
+const SECTIONS: [(&str, &str); 6] = [
     ("RawDaemon", "`[daemon]`"),
+    ("RawFleet", "`[fleet]`"),
     ("RawTiming", "`[defaults]`"),
     ("RawClient", "`[clients.NAME]`"),
     ("RawAssertion", "`[clients.NAME.assertion]`"),
@@ -602,6 +603,7 @@ fn unknown_example_keys(
     for (top, value) in example {
         match (top.as_str(), value) {
             ("daemon", toml::Value::Table(t)) => check(&mut out, "[daemon]", "RawDaemon", t, &[]),
+            ("fleet", toml::Value::Table(t)) => check(&mut out, "[fleet]", "RawFleet", t, &[]),
             ("defaults", toml::Value::Table(t)) => {
                 check(&mut out, "[defaults]", "RawTiming", t, &[])
             }

@@ -15,6 +15,7 @@ mod engine;
 mod examples;
 mod exchange;
 mod faults;
+mod fleet;
 mod fuzz_corpus;
 mod grpc;
 mod http;
