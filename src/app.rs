@@ -45,6 +45,13 @@ pub async fn once(config: &Config, only: &[String]) -> Result<Vec<(String, Snaps
     let clients = config.clients.values().cloned().collect();
     let mut engine = Engine::open(&config.daemon, clients).await?;
     engine.warn_on_failure = false;
+    if config.fleet.is_some() {
+        // `once` is not a host of the fleet (docs/fleet.md#setting-it-up).
+        engine.outside_fleet = (config.clients.keys())
+            .filter(|n| !config.fleet_local.contains(*n))
+            .cloned()
+            .collect();
+    }
     let engine = Arc::new(engine);
     let stop = CancellationToken::new();
     // A chained client needs its upstream's token (RFC 8693 subject): those run too.

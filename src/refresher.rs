@@ -60,6 +60,10 @@ pub struct Engine {
     pub chains: Chains,
     /// `[fleet]`: the hosts share each client's token through etcd (docs/fleet.md).
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// Clients shared by a `[fleet]` this process is not part of (`once` beside a fleet,
+    /// docs/fleet.md): their stored refresh token may since have been used by the holder, so
+    /// they start a fresh chain from their primary credential, or fail when they have none.
+    pub outside_fleet: std::collections::BTreeSet<String>,
 }
 
 /// The wall clock of the refreshers. Tests drive them on tokio's paused clock, where wall time
@@ -165,6 +169,7 @@ impl Engine {
             source: Arc::new(TokenEndpoint),
             chains: Chains::default(),
             fleet: None,
+            outside_fleet: Default::default(),
         })
     }
 }
@@ -566,6 +571,17 @@ impl Refresher {
             // Keep the generation counting on from the stored one.
             self.snapshot
                 .send_modify(|snap| snap.generation = s.generation);
+        }
+        if self.engine.outside_fleet.contains(&self.config.name) {
+            // Presenting a refresh token the fleet's holder has used since would look like a
+            // replay to a provider that detects reuse (RFC 9700 §4.14.2).
+            self.refresh_token = None;
+            if !self.config.grant.is_primary() {
+                let message = "this client is shared by the fleet and its only credential is a refresh token the fleet's holder may have used since: ask the fleet's running daemon (tokenwarden get), or set fleet = false".to_string();
+                let _ =
+                    self.failed_and_log(ErrorClass::Permanent { retry_after: None }, message, true);
+                return;
+            }
         }
         if self.upstream.is_some() {
             // A chained client asks once its upstream has a token (`upstream_moved`).

@@ -517,3 +517,73 @@ async fn fleet_config_is_checked_without_connecting() {
         "fleet = \"no\" not refused:\n{out}"
     );
 }
+
+/// `once` is not a host of the fleet: a shared client that needs a token starts a fresh chain
+/// from its primary credential (the stored refresh token may have been used by the holder
+/// since), one whose only credential is a refresh token fails and asks nothing, and etcd is
+/// never contacted.
+#[tokio::test]
+async fn once_beside_a_fleet_never_presents_a_shared_refresh_token() {
+    // Tokens shorter than refresh_margin: a stored one is never reused, every `once` asks.
+    let env = DemoEnv::start(Duration::from_secs(4)).await;
+    let rt = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    let rt_file = env.demo.dir.join("secrets").join("rt-only");
+    std::fs::write(&rt_file, &rt).unwrap();
+    set_mode(&rt_file, 0o600);
+    let creads_url = env
+        .provider
+        .token_url(tokenwarden::provider::Dialect::Creads);
+    let creads_secret = env.demo.dir.join("secrets").join("creads");
+    env.edit_config(|t| {
+        format!(
+            "{t}\n[clients.rt-only]\ntoken_url = \"{creads_url}\"\ngrant_type = \"refresh_token\"\nclient_id = \"{CREADS_ID}\"\nclient_secret = {{ file = \"{}\" }}\nrefresh_token = {{ file = \"{}\" }}\n",
+            creads_secret.display(),
+            rt_file.display(),
+        )
+    });
+    let config = env.demo.config.display().to_string();
+    // Without [fleet]: both clients store a refresh token.
+    let r = crate::support::run(&["once", "-c", &config, "creads-files", "rt-only"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let asked = env.provider.requests().len();
+
+    // The same host joins a fleet (whose etcd is nowhere), and `once` runs again.
+    let closed = free_port();
+    let key_file = env.dir.path().join("fleet.key");
+    std::fs::write(&key_file, fleet_key()).unwrap();
+    set_mode(&key_file, 0o600);
+    env.edit_config(|t| {
+        let at = t.find("\n[clients.").unwrap();
+        format!(
+            "{}\n[fleet]\netcd = [\"http://127.0.0.1:{closed}\"]\nprefix = \"/tw/once\"\nkey = {{ file = \"{}\" }}\nhost = \"h1\"\n{}",
+            &t[..at],
+            key_file.display(),
+            &t[at..]
+        )
+    });
+    let r = crate::support::run(&["once", "-c", &config, "creads-files", "rt-only"]).await;
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, 1, "{out}");
+    assert!(
+        out.contains(
+            "rt-only: this client is shared by the fleet and its only credential is a refresh token"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("creads-files  new"), "{out}");
+    let since = &env.provider.requests()[asked..];
+    let grants: Vec<&str> = since
+        .iter()
+        .filter_map(|q| q.form.iter().find(|(k, _)| k == "grant_type"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(grants, ["password"], "{since:?}");
+    assert_eq!(env.provider.reuse_detected(CREADS_ID), 0);
+    assert!(!out.contains(&rt), "a refresh token is shown:\n{out}");
+
+    // fleet = false: the client is this host's own again, and continues its chain.
+    env.edit_config(|t| t.replace("[clients.rt-only]\n", "[clients.rt-only]\nfleet = false\n"));
+    let r = crate::support::run(&["once", "-c", &config, "rt-only"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(env.provider.reuse_detected(CREADS_ID), 0);
+}
