@@ -29,6 +29,7 @@ use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{
     Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSecret, RawSubject, RawTiming,
+    SECRET_KEYS,
 };
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
@@ -1266,7 +1267,7 @@ fn is_secret_value(v: &DeValue<'_>) -> bool {
         DeValue::String(_) => true,
         DeValue::Table(t) => t
             .iter()
-            .any(|(k, _)| ["file", "env", "credential"].contains(&k.get_ref().as_ref())),
+            .any(|(k, _)| SECRET_KEYS.contains(&k.get_ref().as_ref())),
         _ => false,
     }
 }

@@ -329,59 +329,30 @@ pub(crate) enum RawSecret {
     Inline(Secret),
 }
 
-const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
+/// The keys of a secret written as a table.
+pub(crate) const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
+
+impl RawSecret {
+    /// The secret written as `{ file = … }`, `{ env = … }` or `{ credential = … }`.
+    fn from_key(key: &str, value: String) -> Self {
+        match key {
+            "file" => RawSecret::File(PathBuf::from(value)),
+            "env" => RawSecret::Env(value),
+            _ => RawSecret::Credential(value),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for RawSecret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawSecret;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                )
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSecret, E> {
-                Ok(RawSecret::Inline(Secret::new(v)))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<RawSecret, E> {
-                Ok(RawSecret::Inline(Secret::new(v)))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
-                let mut found: Option<RawSecret> = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key.starts_with("$__toml_private") {
-                        // How the toml crate hands over a date-time: never quote it.
-                        return Err(de::Error::custom(
-                            "invalid type: date-time, expected a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                        ));
-                    }
-                    if !SECRET_KEYS.contains(&key.as_str()) {
-                        let hint = super::error::did_you_mean(&key, SECRET_KEYS)
-                            .map(|s| format!("did you mean \"{s}\"?"))
-                            .unwrap_or_else(|| "use file, env or credential".into());
-                        return Err(de::Error::custom(format!(
-                            "unknown key \"{key}\" in a secret; {hint}"
-                        )));
-                    }
-                    if found.is_some() {
-                        return Err(de::Error::custom(
-                            "a secret takes exactly one of file, env or credential",
-                        ));
-                    }
-                    let value: String = map.next_value()?;
-                    found = Some(match key.as_str() {
-                        "file" => RawSecret::File(PathBuf::from(value)),
-                        "env" => RawSecret::Env(value),
-                        _ => RawSecret::Credential(value),
-                    });
-                }
-                found.ok_or_else(|| {
-                    de::Error::custom("a secret takes exactly one of file, env or credential")
-                })
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(OneKeyOrStr {
+            expecting: "a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+            what: "a secret",
+            keys: &SECRET_KEYS,
+            choices: "file, env or credential",
+            from_key: RawSecret::from_key,
+            from_str: |v| RawSecret::Inline(Secret::new(v)),
+        })
     }
 }
 
@@ -394,47 +365,79 @@ pub(crate) enum RawSubject {
 
 impl<'de> Deserialize<'de> for RawSubject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawSubject;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a subject token: { client = NAME }, { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                )
+        d.deserialize_any(OneKeyOrStr {
+            expecting: "a subject token: { client = NAME }, { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+            what: "subject_token",
+            keys: &["client", "file", "env", "credential"],
+            choices: "client, file, env or credential",
+            from_key: |k, v| match k {
+                "client" => RawSubject::Client(v),
+                _ => RawSubject::Secret(RawSecret::from_key(k, v)),
+            },
+            from_str: |v| RawSubject::Secret(RawSecret::Inline(Secret::new(v))),
+        })
+    }
+}
+
+/// The visitor of a value written as a string or as a table of exactly one of `keys`, each
+/// holding a string (a secret, a subject token): `from_key` builds the value from the key
+/// written and its string, `from_str` from a bare string.
+struct OneKeyOrStr<T> {
+    /// What the value should look like, for serde's type errors.
+    expecting: &'static str,
+    /// What the value is called in errors: "a secret", "subject_token".
+    what: &'static str,
+    keys: &'static [&'static str],
+    /// The keys for messages: "file, env or credential".
+    choices: &'static str,
+    from_key: fn(&str, String) -> T,
+    from_str: fn(String) -> T,
+}
+
+impl<'de, T> Visitor<'de> for OneKeyOrStr<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        Ok((self.from_str)(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<T, E> {
+        Ok((self.from_str)(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let Self {
+            expecting,
+            what,
+            keys,
+            choices,
+            from_key,
+            ..
+        } = self;
+        let exactly_one = || de::Error::custom(format!("{what} takes exactly one of {choices}"));
+        let mut found: Option<T> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key.starts_with("$__toml_private") {
+                // How the toml crate hands over a date-time: never quote it.
+                return Err(de::Error::custom(format!(
+                    "invalid type: date-time, expected {expecting}"
+                )));
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSubject, E> {
-                Ok(RawSubject::Secret(RawSecret::Inline(Secret::new(v))))
+            if !keys.contains(&key.as_str()) {
+                let hint = super::error::did_you_mean(&key, keys.iter().copied())
+                    .map(|s| format!("did you mean \"{s}\"?"))
+                    .unwrap_or_else(|| format!("use {choices}"));
+                return Err(de::Error::custom(format!(
+                    "unknown key \"{key}\" in {what}; {hint}"
+                )));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSubject, A::Error> {
-                let mut found: Option<(String, String)> = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key != "client" && !SECRET_KEYS.contains(&key.as_str()) {
-                        return Err(de::Error::custom(format!(
-                            "unknown key \"{key}\" in subject_token; use client, file, env or credential"
-                        )));
-                    }
-                    if found.is_some() {
-                        return Err(de::Error::custom(
-                            "subject_token takes exactly one of client, file, env or credential",
-                        ));
-                    }
-                    let value: String = map.next_value()?;
-                    found = Some((key, value));
-                }
-                match found {
-                    Some((k, v)) if k == "client" => Ok(RawSubject::Client(v)),
-                    Some((k, v)) if k == "file" => {
-                        Ok(RawSubject::Secret(RawSecret::File(v.into())))
-                    }
-                    Some((k, v)) if k == "env" => Ok(RawSubject::Secret(RawSecret::Env(v))),
-                    Some((_, v)) => Ok(RawSubject::Secret(RawSecret::Credential(v))),
-                    None => Err(de::Error::custom(
-                        "subject_token takes exactly one of client, file, env or credential",
-                    )),
-                }
+            if found.is_some() {
+                return Err(exactly_one());
             }
+            let value: String = map.next_value()?;
+            found = Some(from_key(&key, value));
         }
-        d.deserialize_any(V)
+        found.ok_or_else(exactly_one)
     }
 }
 
@@ -556,6 +559,14 @@ mod tests {
         let e = toml::from_str::<BTreeMap<String, RawSecret>>("a = { file = 'x', env = 'y' }")
             .unwrap_err();
         assert!(e.message().contains("exactly one"), "{e}");
+        let e =
+            toml::from_str::<BTreeMap<String, RawSubject>>("a = 1979-05-27T07:32:00Z").unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("invalid type: date-time, expected a subject token")
+        );
+        let e = toml::from_str::<BTreeMap<String, RawSubject>>("a = { clinet = 'x' }").unwrap_err();
+        assert!(e.message().contains("did you mean \"client\""), "{e}");
         let ids: BTreeMap<String, Id> = toml::from_str("a = 'app'\nb = 1000\nc = '1001'").unwrap();
         assert_eq!(ids["a"], Id::Name("app".into()));
         assert_eq!(ids["b"], Id::Number(1000));
