@@ -1207,27 +1207,33 @@ impl Loader {
             );
         }
         let cert = raw.cert.map(|p| resolve(dir, p.into_inner()));
-        let cert_key_loc = raw.cert_key.as_ref().map(|k| Self::at(file, k.span()));
-        let cert_key = raw
-            .cert_key
-            .and_then(|k| self.credential(file, dir, "[fleet]", "cert_key", k));
-        if cert.is_some() != cert_key_loc.is_some() {
-            self.error(
-                cert_key_loc.unwrap_or(here),
-                "[fleet]: cert and cert_key go together (mTLS to etcd)".to_string(),
-            );
-        }
         let user = raw.user.map(Spanned::into_inner);
-        let password_loc = raw.password.as_ref().map(|k| Self::at(file, k.span()));
-        let password = raw
-            .password
-            .and_then(|k| self.credential(file, dir, "[fleet]", "password", k));
-        if user.is_some() != password_loc.is_some() {
-            self.error(
-                password_loc.unwrap_or(here),
-                "[fleet]: user and password go together (etcd authentication)".to_string(),
-            );
-        }
+        // Each secret goes together with the key before it.
+        let [cert_key, password] = [
+            (
+                "cert",
+                cert.is_some(),
+                "cert_key",
+                raw.cert_key,
+                "mTLS to etcd",
+            ),
+            (
+                "user",
+                user.is_some(),
+                "password",
+                raw.password,
+                "etcd authentication",
+            ),
+        ]
+        .map(|(partner, partner_set, key, secret, why)| {
+            let loc = secret.as_ref().map(|k| Self::at(file, k.span()));
+            let secret = secret.and_then(|k| self.credential(file, dir, "[fleet]", key, k));
+            if partner_set != loc.is_some() {
+                let msg = format!("[fleet]: {partner} and {key} go together ({why})");
+                self.error(loc.unwrap_or(here), msg);
+            }
+            secret
+        });
         if self.errors.len() != before {
             return None;
         }
