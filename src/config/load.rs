@@ -28,8 +28,7 @@ use zeroize::Zeroizing;
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{
-    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSecret, RawSubject, RawTiming,
-    SECRET_KEYS,
+    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSubject, RawTiming, SECRET_KEYS,
 };
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
@@ -1263,7 +1262,7 @@ struct ClientParts {
 /// `[clients.NAME.assertion]`: how to sign one, or a ready-made one (any secret source).
 enum RawAssertionValue {
     Signed(Option<RawAssertion>),
-    Ready(Option<Spanned<RawSecret>>),
+    Ready(Option<Spanned<SecretSource>>),
 }
 
 /// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
@@ -1308,7 +1307,7 @@ impl Loader {
             // `assertion = { file = PATH }` (or any secret source): a ready-made assertion.
             if is_secret_value(v.get_ref()) {
                 let span = v.span();
-                let raw = RawSecret::deserialize(ValueDeserializer::from(v))
+                let raw = SecretSource::deserialize(ValueDeserializer::from(v))
                     .map_err(|e| {
                         self.error(
                             Self::at(file, span.clone()),
@@ -1749,16 +1748,16 @@ impl Loader {
         dir: &Path,
         client: &str,
         key: &str,
-        raw: Spanned<RawSecret>,
+        raw: Spanned<SecretSource>,
     ) -> Option<Credential> {
         let loc = Self::at(file, raw.span());
         // A certificate chain is public: read like a secret, but no warning about who can read it.
         let public = key == "tls_client_cert";
-        let source = match raw.into_inner() {
-            RawSecret::File(p) => SecretSource::File(resolve(dir, p)),
-            RawSecret::Env(n) => SecretSource::Env(n),
-            RawSecret::Credential(n) => SecretSource::Credential(n),
-            RawSecret::Inline(s) => {
+        let mut source = raw.into_inner();
+        match &mut source {
+            SecretSource::File(p) => *p = resolve(dir, std::mem::take(p)),
+            SecretSource::Env(_) | SecretSource::Credential(_) => {}
+            SecretSource::Inline(_) => {
                 if !public && self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
                     self.warn(
                         loc,
@@ -1768,9 +1767,8 @@ impl Loader {
                         ),
                     );
                 }
-                SecretSource::Inline(s)
             }
-        };
+        }
         // A secret file others can write is refused (whoever can write it controls the
         // credential); one any user can read gives a warning.
         if let Some(path) = source.path() {
@@ -1985,7 +1983,7 @@ impl Loader {
         dir: &Path,
         client: &str,
         key: &str,
-        raw: Spanned<RawSecret>,
+        raw: Spanned<SecretSource>,
         jwt: bool,
     ) -> Option<SecretSource> {
         let loc = Self::at(file, raw.span());

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretSource};
 
 /// `[daemon]`.
 #[derive(Debug, Default, Deserialize)]
@@ -43,14 +43,14 @@ pub(crate) struct RawDaemon {
 pub(crate) struct RawFleet {
     pub etcd: Spanned<Vec<Spanned<String>>>,
     pub prefix: Spanned<String>,
-    pub key: Spanned<RawSecret>,
+    pub key: Spanned<SecretSource>,
     pub lease: Option<Spanned<HumanDuration>>,
     pub host: Option<Spanned<String>>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub cert: Option<Spanned<PathBuf>>,
-    pub cert_key: Option<Spanned<RawSecret>>,
+    pub cert_key: Option<Spanned<SecretSource>>,
     pub user: Option<Spanned<String>>,
-    pub password: Option<Spanned<RawSecret>>,
+    pub password: Option<Spanned<SecretSource>>,
 }
 
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).
@@ -78,11 +78,11 @@ pub(crate) struct RawClient {
     pub grant_type: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub client_id: Option<Spanned<String>>,
-    pub client_secret: Option<Spanned<RawSecret>>,
+    pub client_secret: Option<Spanned<SecretSource>>,
     pub username: Option<Spanned<String>>,
-    pub password: Option<Spanned<RawSecret>>,
-    pub refresh_token: Option<Spanned<RawSecret>>,
-    pub private_key: Option<Spanned<RawSecret>>,
+    pub password: Option<Spanned<SecretSource>>,
+    pub refresh_token: Option<Spanned<SecretSource>>,
+    pub private_key: Option<Spanned<SecretSource>>,
     pub key_id: Option<Spanned<String>>,
     pub signing_alg: Option<Spanned<String>>,
     pub assertion_lifetime: Option<Spanned<HumanDuration>>,
@@ -97,13 +97,13 @@ pub(crate) struct RawClient {
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,
     // Mutual TLS (RFC 8705): the client certificate chain and its key.
-    pub tls_client_cert: Option<Spanned<RawSecret>>,
-    pub tls_client_key: Option<Spanned<RawSecret>>,
+    pub tls_client_cert: Option<Spanned<SecretSource>>,
+    pub tls_client_key: Option<Spanned<SecretSource>>,
     // Ready-made assertions and token exchange (docs/oauth.md#credentials-without-stored-secrets).
-    pub client_assertion: Option<Spanned<RawSecret>>,
+    pub client_assertion: Option<Spanned<SecretSource>>,
     pub subject_token: Option<Spanned<RawSubject>>,
     pub subject_token_type: Option<Spanned<String>>,
-    pub actor_token: Option<Spanned<RawSecret>>,
+    pub actor_token: Option<Spanned<SecretSource>>,
     pub actor_token_type: Option<Spanned<String>>,
     pub requested_token_type: Option<Spanned<String>>,
     /// `false`: kept local even with `[fleet]` (docs/fleet.md).
@@ -141,7 +141,7 @@ impl RawClient {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAssertion {
     pub signing_alg: Option<Spanned<String>>,
-    pub key: Spanned<RawSecret>,
+    pub key: Spanned<SecretSource>,
     pub key_id: Option<Spanned<String>>,
     pub lifetime: Option<Spanned<HumanDuration>>,
     pub claims: Option<BTreeMap<String, Claim>>,
@@ -319,39 +319,29 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
-/// A secret as written in the config (docs/configuration.md#secrets). Relative `file` paths are
-/// resolved later, against the directory of the file the secret is written in.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum RawSecret {
-    File(PathBuf),
-    Env(String),
-    Credential(String),
-    Inline(Secret),
-}
-
 /// The keys of a secret written as a table.
 pub(crate) const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
 
-impl RawSecret {
-    /// The secret written as `{ file = … }`, `{ env = … }` or `{ credential = … }`.
-    fn from_key(key: &str, value: String) -> Self {
-        match key {
-            "file" => RawSecret::File(PathBuf::from(value)),
-            "env" => RawSecret::Env(value),
-            _ => RawSecret::Credential(value),
-        }
+/// The secret written as `{ file = … }`, `{ env = … }` or `{ credential = … }`.
+fn secret_from_key(key: &str, value: String) -> SecretSource {
+    match key {
+        "file" => SecretSource::File(PathBuf::from(value)),
+        "env" => SecretSource::Env(value),
+        _ => SecretSource::Credential(value),
     }
 }
 
-impl<'de> Deserialize<'de> for RawSecret {
+/// A secret as written in the config (docs/configuration.md#secrets). A relative `file` path is
+/// resolved later, against the directory of the file the secret is written in.
+impl<'de> Deserialize<'de> for SecretSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(OneKeyOrStr {
             expecting: "a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
             what: "a secret",
             keys: &SECRET_KEYS,
             choices: "file, env or credential",
-            from_key: RawSecret::from_key,
-            from_str: |v| RawSecret::Inline(Secret::new(v)),
+            from_key: secret_from_key,
+            from_str: |v| SecretSource::Inline(Secret::new(v)),
         })
     }
 }
@@ -359,7 +349,7 @@ impl<'de> Deserialize<'de> for RawSecret {
 /// `subject_token`: a secret, or `{ client = "NAME" }` (another client's token, RFC 8693).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RawSubject {
-    Secret(RawSecret),
+    Secret(SecretSource),
     Client(String),
 }
 
@@ -372,9 +362,9 @@ impl<'de> Deserialize<'de> for RawSubject {
             choices: "client, file, env or credential",
             from_key: |k, v| match k {
                 "client" => RawSubject::Client(v),
-                _ => RawSubject::Secret(RawSecret::from_key(k, v)),
+                _ => RawSubject::Secret(secret_from_key(k, v)),
             },
-            from_str: |v| RawSubject::Secret(RawSecret::Inline(Secret::new(v))),
+            from_str: |v| RawSubject::Secret(SecretSource::Inline(Secret::new(v))),
         })
     }
 }
@@ -546,17 +536,17 @@ mod tests {
 
     #[test]
     fn secrets_and_ids() {
-        let m: BTreeMap<String, RawSecret> = toml::from_str(
+        let m: BTreeMap<String, SecretSource> = toml::from_str(
             "a = { file = 'x' }\nb = { env = 'E' }\nc = { credential = 'c' }\nd = 'inline'",
         )
         .unwrap();
-        assert_eq!(m["a"], RawSecret::File("x".into()));
-        assert_eq!(m["b"], RawSecret::Env("E".into()));
-        assert_eq!(m["c"], RawSecret::Credential("c".into()));
-        assert!(matches!(&m["d"], RawSecret::Inline(s) if s.expose() == "inline"));
-        let e = toml::from_str::<BTreeMap<String, RawSecret>>("a = { fiel = 'x' }").unwrap_err();
+        assert_eq!(m["a"], SecretSource::File("x".into()));
+        assert_eq!(m["b"], SecretSource::Env("E".into()));
+        assert_eq!(m["c"], SecretSource::Credential("c".into()));
+        assert!(matches!(&m["d"], SecretSource::Inline(s) if s.expose() == "inline"));
+        let e = toml::from_str::<BTreeMap<String, SecretSource>>("a = { fiel = 'x' }").unwrap_err();
         assert!(e.message().contains("did you mean \"file\""), "{e}");
-        let e = toml::from_str::<BTreeMap<String, RawSecret>>("a = { file = 'x', env = 'y' }")
+        let e = toml::from_str::<BTreeMap<String, SecretSource>>("a = { file = 'x', env = 'y' }")
             .unwrap_err();
         assert!(e.message().contains("exactly one"), "{e}");
         let e =
