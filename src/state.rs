@@ -156,13 +156,6 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    /// The directory could not be listed.
-    #[error("cannot list state directory {path}: {source}")]
-    List {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// What is kept for one client.
