@@ -28,7 +28,8 @@ use zeroize::Zeroizing;
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{
-    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSubject, RawTiming, SECRET_KEYS,
+    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSubject, RawTiming,
+    is_secret_value,
 };
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
@@ -1263,18 +1264,6 @@ struct ClientParts {
 enum RawAssertionValue {
     Signed(Option<RawAssertion>),
     Ready(Option<Spanned<SecretSource>>),
-}
-
-/// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
-/// rather than the table of how to sign one.
-fn is_secret_value(v: &DeValue<'_>) -> bool {
-    match v {
-        DeValue::String(_) => true,
-        DeValue::Table(t) => t
-            .iter()
-            .any(|(k, _)| SECRET_KEYS.contains(&k.get_ref().as_ref())),
-        _ => false,
-    }
 }
 
 impl Loader {

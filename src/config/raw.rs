@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
+use toml::de::DeValue;
 
 use crate::secret::{Secret, SecretSource};
 
@@ -320,7 +321,7 @@ impl<'de> Deserialize<'de> for Id {
 }
 
 /// The keys of a secret written as a table.
-pub(crate) const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
+const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
 
 /// The secret written as `{ file = … }`, `{ env = … }` or `{ credential = … }`.
 fn secret_from_key(key: &str, value: String) -> SecretSource {
@@ -328,6 +329,18 @@ fn secret_from_key(key: &str, value: String) -> SecretSource {
         "file" => SecretSource::File(PathBuf::from(value)),
         "env" => SecretSource::Env(value),
         _ => SecretSource::Credential(value),
+    }
+}
+
+/// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
+/// rather than the table of how to sign one.
+pub(crate) fn is_secret_value(v: &DeValue<'_>) -> bool {
+    match v {
+        DeValue::String(_) => true,
+        DeValue::Table(t) => t
+            .iter()
+            .any(|(k, _)| SECRET_KEYS.contains(&k.get_ref().as_ref())),
+        _ => false,
     }
 }
 
