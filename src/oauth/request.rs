@@ -70,52 +70,35 @@ pub fn prepare(
     let mut form: Vec<(Cow<'static, str>, Secret)> = Vec::new();
     let grant_type = match (attempt, &client.grant) {
         (Attempt::Refresh(rt), _) => {
-            form.push(("grant_type".into(), Secret::new("refresh_token")));
             form.push(("refresh_token".into(), rt.clone()));
             "refresh_token"
         }
-        (Attempt::Primary, Grant::ClientCredentials) => {
-            form.push(("grant_type".into(), Secret::new("client_credentials")));
-            "client_credentials"
-        }
+        (Attempt::Primary, Grant::ClientCredentials) => "client_credentials",
         (Attempt::Primary, Grant::Password { username, password }) => {
-            form.push(("grant_type".into(), Secret::new("password")));
             form.push(("username".into(), Secret::new(username.clone())));
             form.push(("password".into(), password.value.clone()));
             "password"
         }
         (Attempt::Primary, Grant::RefreshToken { refresh_token }) => {
-            form.push(("grant_type".into(), Secret::new("refresh_token")));
             form.push(("refresh_token".into(), refresh_token.value.clone()));
             "refresh_token"
         }
         (Attempt::Primary, Grant::JwtBearer { assertion }) => {
-            let jwt = grant_assertion(client, assertion, now)?;
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::JWT_BEARER_GRANT),
-            ));
-            form.push(("assertion".into(), jwt));
+            form.push(("assertion".into(), grant_assertion(client, assertion, now)?));
             crate::config::JWT_BEARER_GRANT
         }
         (Attempt::Primary, Grant::AssertionFile { source }) => {
             let jwt = super::assertion_file::read(source, "assertion", true, now)?;
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::JWT_BEARER_GRANT),
-            ));
             form.push(("assertion".into(), jwt));
             crate::config::JWT_BEARER_GRANT
         }
         (Attempt::Primary, Grant::TokenExchange(x)) => {
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::TOKEN_EXCHANGE_GRANT),
-            ));
             super::exchange::push_form(x, now, &mut form)?;
             crate::config::TOKEN_EXCHANGE_GRANT
         }
     };
+    // `grant_type` goes first, ahead of the grant's own parameters.
+    form.insert(0, ("grant_type".into(), Secret::new(grant_type)));
     if !client.scope.is_empty() {
         form.push(("scope".into(), Secret::new(client.scope.join(" "))));
     }
