@@ -110,22 +110,21 @@ pub fn prepare(
     }
     let mut authorization = None;
     let client_id = client.client_id.clone().unwrap_or_default();
-    match &client.client_auth {
+    // The client assertion (RFC 7523 §2.2), for the methods that send one.
+    let assertion = match &client.client_auth {
         ClientAuth::Basic { secret } => {
             authorization = Some(basic_authorization(&client_id, &secret.value));
+            None
         }
         ClientAuth::Post { secret } => {
             form.push(("client_id".into(), Secret::new(client_id)));
             form.push(("client_secret".into(), secret.value.clone()));
+            None
         }
         ClientAuth::SecretJwt { key, lifetime, .. } => {
             let jwt = client_assertion(client, key, None, *lifetime, now)?;
             form.push(("client_id".into(), Secret::new(client_id)));
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
+            Some(jwt)
         }
         ClientAuth::PrivateKeyJwt {
             key,
@@ -135,32 +134,31 @@ pub fn prepare(
         } => {
             let jwt = client_assertion(client, key, key_id.as_deref(), *lifetime, now)?;
             form.push(("client_id".into(), Secret::new(client_id)));
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
+            Some(jwt)
         }
         // RFC 8705 §2.1, §2.2: the certificate authenticates; client_id names the client.
         ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
             form.push(("client_id".into(), Secret::new(client_id)));
+            None
         }
         ClientAuth::ClientAssertion { source } => {
             let jwt = super::assertion_file::read(source, "client_assertion", true, now)?;
             if !client_id.is_empty() {
                 form.push(("client_id".into(), Secret::new(client_id)));
             }
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
+            Some(jwt)
         }
         ClientAuth::None => {
             if !client_id.is_empty() {
                 form.push(("client_id".into(), Secret::new(client_id)));
             }
+            None
         }
+    };
+    if let Some(jwt) = assertion {
+        let assertion_type = Secret::new(CLIENT_ASSERTION_TYPE);
+        form.push(("client_assertion_type".into(), assertion_type));
+        form.push(("client_assertion".into(), jwt));
     }
     for (k, v) in &client.extra_params {
         form.push((Cow::Owned(k.clone()), Secret::new(v.clone())));
