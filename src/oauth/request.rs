@@ -108,8 +108,17 @@ pub fn prepare(
     if let Some(r) = &client.resource {
         form.push(("resource".into(), Secret::new(r.clone())));
     }
-    let mut authorization = None;
     let client_id = client.client_id.clone().unwrap_or_default();
+    // client_id in the body: not with HTTP Basic, which carries it; where it is optional, if set.
+    let id_in_body = match &client.client_auth {
+        ClientAuth::Basic { .. } => false,
+        ClientAuth::ClientAssertion { .. } | ClientAuth::None => !client_id.is_empty(),
+        _ => true,
+    };
+    if id_in_body {
+        form.push(("client_id".into(), Secret::new(client_id.clone())));
+    }
+    let mut authorization = None;
     // The client assertion (RFC 7523 §2.2), for the methods that send one.
     let assertion = match &client.client_auth {
         ClientAuth::Basic { secret } => {
@@ -117,43 +126,32 @@ pub fn prepare(
             None
         }
         ClientAuth::Post { secret } => {
-            form.push(("client_id".into(), Secret::new(client_id)));
             form.push(("client_secret".into(), secret.value.clone()));
             None
         }
         ClientAuth::SecretJwt { key, lifetime, .. } => {
-            let jwt = client_assertion(client, key, None, *lifetime, now)?;
-            form.push(("client_id".into(), Secret::new(client_id)));
-            Some(jwt)
+            Some(client_assertion(client, key, None, *lifetime, now)?)
         }
         ClientAuth::PrivateKeyJwt {
             key,
             key_id,
             lifetime,
             ..
-        } => {
-            let jwt = client_assertion(client, key, key_id.as_deref(), *lifetime, now)?;
-            form.push(("client_id".into(), Secret::new(client_id)));
-            Some(jwt)
-        }
-        // RFC 8705 §2.1, §2.2: the certificate authenticates; client_id names the client.
-        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
-            form.push(("client_id".into(), Secret::new(client_id)));
-            None
-        }
-        ClientAuth::ClientAssertion { source } => {
-            let jwt = super::assertion_file::read(source, "client_assertion", true, now)?;
-            if !client_id.is_empty() {
-                form.push(("client_id".into(), Secret::new(client_id)));
-            }
-            Some(jwt)
-        }
-        ClientAuth::None => {
-            if !client_id.is_empty() {
-                form.push(("client_id".into(), Secret::new(client_id)));
-            }
-            None
-        }
+        } => Some(client_assertion(
+            client,
+            key,
+            key_id.as_deref(),
+            *lifetime,
+            now,
+        )?),
+        ClientAuth::ClientAssertion { source } => Some(super::assertion_file::read(
+            source,
+            "client_assertion",
+            true,
+            now,
+        )?),
+        // client_id alone: the certificate authenticates (RFC 8705 §2.1, §2.2), or nothing does.
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth | ClientAuth::None => None,
     };
     if let Some(jwt) = assertion {
         let assertion_type = Secret::new(CLIENT_ASSERTION_TYPE);
