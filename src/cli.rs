@@ -128,31 +128,6 @@ pub fn completion_context(words: &[String]) -> (PathBuf, PathBuf) {
     (socket, config)
 }
 
-/// `--format` of `get`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FormatArg {
-    /// The access token.
-    Token,
-    /// A JSON object with the token, its type, times, scope and generation.
-    Json,
-    /// `Authorization: Bearer …`.
-    Header,
-    /// A Kubernetes `ExecCredential` (client.authentication.k8s.io/v1) for kubectl's exec
-    /// credential plugins.
-    K8sExec,
-}
-
-impl From<FormatArg> for client::Format {
-    fn from(f: FormatArg) -> Self {
-        match f {
-            FormatArg::Token => client::Format::Token,
-            FormatArg::Json => client::Format::Json,
-            FormatArg::Header => client::Format::Header,
-            FormatArg::K8sExec => client::Format::K8sExec,
-        }
-    }
-}
-
 /// The commands (docs/cli.md).
 #[derive(Subcommand)]
 pub enum Command {
@@ -188,7 +163,7 @@ pub enum Command {
         socket: SocketArg,
         /// What to print.
         #[arg(long, value_enum, default_value = "token")]
-        format: FormatArg,
+        format: client::Format,
         /// Get a new token first if the current one expires sooner than this (e.g. `5m`).
         #[arg(long, value_parser = duration_arg)]
         min_valid: Option<std::time::Duration>,
@@ -651,7 +626,7 @@ mod tests {
         else {
             panic!("get did not parse as get");
         };
-        assert_eq!(format, FormatArg::Json);
+        assert_eq!(format, client::Format::Json);
         assert_eq!(min_valid, Some(std::time::Duration::from_secs(90)));
         let Ok(Cli {
             command: Command::Get { format, .. },
@@ -659,6 +634,6 @@ mod tests {
         else {
             panic!("get --format k8s-exec did not parse");
         };
-        assert_eq!(client::Format::from(format), client::Format::K8sExec);
+        assert_eq!(format, client::Format::K8sExec);
     }
 }

@@ -385,19 +385,20 @@ pub async fn list(socket: &Path) -> Result<Vec<pb::ClientStatus>, ClientError> {
     Ok(list.into_inner().clients)
 }
 
-/// `--format` of `tokenwarden get`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `--format` of `tokenwarden get` (its variants' docs are the help of the values). Each ends
+/// with a newline; `json` holds the fields of the `json` output format
+/// (docs/configuration.md#output-formats) plus `client` and `generation`; `k8s-exec` is for
+/// client-go's exec credential plugins too (docs/kubernetes.md).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
-    /// The access token and a newline.
+    /// The access token.
     Token,
-    /// One JSON object: the fields of the `json` output format
-    /// (docs/configuration.md#output-formats), plus `client` and
-    /// `generation`.
+    /// A JSON object with the token, its type, times, scope and generation.
     Json,
-    /// `Authorization: Bearer …` and a newline.
+    /// `Authorization: Bearer …`.
     Header,
-    /// A Kubernetes `client.authentication.k8s.io/v1` `ExecCredential`, for kubectl's and
-    /// client-go's exec credential plugins (docs/kubernetes.md).
+    /// A Kubernetes `ExecCredential` (client.authentication.k8s.io/v1) for kubectl's exec
+    /// credential plugins.
     K8sExec,
 }
 

@@ -59,18 +59,10 @@ pub enum InitError {
     },
 }
 
-/// Whether `name` is a client name the config accepts: `[A-Za-z0-9_.-]{1,64}`.
-pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 /// The config text for one client `name` of `style`; `config_path` is where it will live (the
 /// commands in its header name it).
 pub fn render(style: Style, name: &str, config_path: &str) -> Result<String, InitError> {
-    if !valid_name(name) {
+    if !crate::config::is_client_name(name) {
         return Err(InitError::BadName(name.to_string()));
     }
     let mut text = String::from(DAEMON);

@@ -81,7 +81,6 @@ fn main() -> ExitCode {
             format,
             min_valid,
         } => {
-            let format = format.into();
             let socket = socket.path();
             call(async {
                 let t = client::get(&socket, &client, min_valid).await?;

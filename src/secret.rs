@@ -387,12 +387,18 @@ fn read_secret_file(path: &Path) -> Result<Secret, SecretError> {
         path: path.to_path_buf(),
         source,
     })?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| SecretError::NotText(path.to_path_buf()))?;
+    file_text(&bytes).ok_or_else(|| SecretError::NotText(path.to_path_buf()))
+}
+
+/// A secret file's contents (docs/configuration.md#secrets): UTF-8 text with one trailing
+/// newline trimmed; `None` if it is not text.
+pub(crate) fn file_text(bytes: &[u8]) -> Option<Secret> {
+    let text = std::str::from_utf8(bytes).ok()?;
     let text = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))
         .unwrap_or(text);
-    Ok(Secret::new(text))
+    Some(Secret::new(text))
 }
 
 #[cfg(test)]

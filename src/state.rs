@@ -156,13 +156,6 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    /// The directory could not be listed.
-    #[error("cannot list state directory {path}: {source}")]
-    List {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// What is kept for one client.
@@ -517,14 +510,10 @@ pub fn discovery_file(issuer: &str) -> String {
     format!("discovery+{}.json", &digest[..16])
 }
 
-/// Client names as the config allows them (`[A-Za-z0-9_.-]{1,64}`), and never `/` or a leading
-/// `.` (which would make hidden files, `..`, or clash with the temporary files).
+/// Client names as the config allows them ([`crate::config::is_client_name`]: never `/`), and
+/// never a leading `.` (which would make hidden files, `..`, or clash with the temporary files).
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    crate::config::is_client_name(name) && !name.starts_with('.')
 }
 
 // === The file format ===

@@ -171,14 +171,17 @@ pub(crate) fn parse_log_format(text: &str) -> Result<LogFormat, String> {
     })
 }
 
-/// Client names: `[A-Za-z0-9_.-]{1,64}` (docs/configuration.md#clientsname).
-pub(crate) fn check_client_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
+/// Whether `name` is a client name: `[A-Za-z0-9_.-]{1,64}` (docs/configuration.md#clientsname).
+pub fn is_client_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// [`is_client_name`], with the config's message.
+pub(crate) fn check_client_name(name: &str) -> Result<(), String> {
+    if is_client_name(name) {
         Ok(())
     } else {
         Err(format!(

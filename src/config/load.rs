@@ -28,7 +28,8 @@ use zeroize::Zeroizing;
 use super::check::{self, AuthKind, GrantKind, TimingKey};
 use super::error::{ConfigError, ConfigErrors, LineIndex, suggestion};
 use super::raw::{
-    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSecret, RawSubject, RawTiming,
+    Id, RawAssertion, RawClient, RawDaemon, RawFleet, RawOutput, RawSubject, RawTiming,
+    is_secret_value,
 };
 use super::types::*;
 use crate::keys::{SigningAlg, SigningKey};
@@ -1206,27 +1207,33 @@ impl Loader {
             );
         }
         let cert = raw.cert.map(|p| resolve(dir, p.into_inner()));
-        let cert_key_loc = raw.cert_key.as_ref().map(|k| Self::at(file, k.span()));
-        let cert_key = raw
-            .cert_key
-            .and_then(|k| self.credential(file, dir, "[fleet]", "cert_key", k));
-        if cert.is_some() != cert_key_loc.is_some() {
-            self.error(
-                cert_key_loc.unwrap_or(here),
-                "[fleet]: cert and cert_key go together (mTLS to etcd)".to_string(),
-            );
-        }
         let user = raw.user.map(Spanned::into_inner);
-        let password_loc = raw.password.as_ref().map(|k| Self::at(file, k.span()));
-        let password = raw
-            .password
-            .and_then(|k| self.credential(file, dir, "[fleet]", "password", k));
-        if user.is_some() != password_loc.is_some() {
-            self.error(
-                password_loc.unwrap_or(here),
-                "[fleet]: user and password go together (etcd authentication)".to_string(),
-            );
-        }
+        // Each secret goes together with the key before it.
+        let [cert_key, password] = [
+            (
+                "cert",
+                cert.is_some(),
+                "cert_key",
+                raw.cert_key,
+                "mTLS to etcd",
+            ),
+            (
+                "user",
+                user.is_some(),
+                "password",
+                raw.password,
+                "etcd authentication",
+            ),
+        ]
+        .map(|(partner, partner_set, key, secret, why)| {
+            let loc = secret.as_ref().map(|k| Self::at(file, k.span()));
+            let secret = secret.and_then(|k| self.credential(file, dir, "[fleet]", key, k));
+            if partner_set != loc.is_some() {
+                let msg = format!("[fleet]: {partner} and {key} go together ({why})");
+                self.error(loc.unwrap_or(here), msg);
+            }
+            secret
+        });
         if self.errors.len() != before {
             return None;
         }
@@ -1256,19 +1263,7 @@ struct ClientParts {
 /// `[clients.NAME.assertion]`: how to sign one, or a ready-made one (any secret source).
 enum RawAssertionValue {
     Signed(Option<RawAssertion>),
-    Ready(Option<Spanned<RawSecret>>),
-}
-
-/// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
-/// rather than the table of how to sign one.
-fn is_secret_value(v: &DeValue<'_>) -> bool {
-    match v {
-        DeValue::String(_) => true,
-        DeValue::Table(t) => t
-            .iter()
-            .any(|(k, _)| ["file", "env", "credential"].contains(&k.get_ref().as_ref())),
-        _ => false,
-    }
+    Ready(Option<Spanned<SecretSource>>),
 }
 
 impl Loader {
@@ -1301,7 +1296,7 @@ impl Loader {
             // `assertion = { file = PATH }` (or any secret source): a ready-made assertion.
             if is_secret_value(v.get_ref()) {
                 let span = v.span();
-                let raw = RawSecret::deserialize(ValueDeserializer::from(v))
+                let raw = SecretSource::deserialize(ValueDeserializer::from(v))
                     .map_err(|e| {
                         self.error(
                             Self::at(file, span.clone()),
@@ -1742,16 +1737,16 @@ impl Loader {
         dir: &Path,
         client: &str,
         key: &str,
-        raw: Spanned<RawSecret>,
+        raw: Spanned<SecretSource>,
     ) -> Option<Credential> {
         let loc = Self::at(file, raw.span());
         // A certificate chain is public: read like a secret, but no warning about who can read it.
         let public = key == "tls_client_cert";
-        let source = match raw.into_inner() {
-            RawSecret::File(p) => SecretSource::File(resolve(dir, p)),
-            RawSecret::Env(n) => SecretSource::Env(n),
-            RawSecret::Credential(n) => SecretSource::Credential(n),
-            RawSecret::Inline(s) => {
+        let mut source = raw.into_inner();
+        match &mut source {
+            SecretSource::File(p) => *p = resolve(dir, std::mem::take(p)),
+            SecretSource::Env(_) | SecretSource::Credential(_) => {}
+            SecretSource::Inline(_) => {
                 if !public && self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
                     self.warn(
                         loc,
@@ -1761,9 +1756,8 @@ impl Loader {
                         ),
                     );
                 }
-                SecretSource::Inline(s)
             }
-        };
+        }
         // A secret file others can write is refused (whoever can write it controls the
         // credential); one any user can read gives a warning.
         if let Some(path) = source.path() {
@@ -1978,7 +1972,7 @@ impl Loader {
         dir: &Path,
         client: &str,
         key: &str,
-        raw: Spanned<RawSecret>,
+        raw: Spanned<SecretSource>,
         jwt: bool,
     ) -> Option<SecretSource> {
         let loc = Self::at(file, raw.span());

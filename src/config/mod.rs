@@ -20,6 +20,7 @@ mod types;
 
 pub(crate) use check::check_fleet_host as check_fleet_host_name;
 pub(crate) use check::check_token_url;
+pub use check::is_client_name;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use explain::{KeyChange, changed_keys, describe};

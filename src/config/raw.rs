@@ -15,8 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
+use toml::de::DeValue;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretSource};
 
 /// `[daemon]`.
 #[derive(Debug, Default, Deserialize)]
@@ -43,14 +44,14 @@ pub(crate) struct RawDaemon {
 pub(crate) struct RawFleet {
     pub etcd: Spanned<Vec<Spanned<String>>>,
     pub prefix: Spanned<String>,
-    pub key: Spanned<RawSecret>,
+    pub key: Spanned<SecretSource>,
     pub lease: Option<Spanned<HumanDuration>>,
     pub host: Option<Spanned<String>>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub cert: Option<Spanned<PathBuf>>,
-    pub cert_key: Option<Spanned<RawSecret>>,
+    pub cert_key: Option<Spanned<SecretSource>>,
     pub user: Option<Spanned<String>>,
-    pub password: Option<Spanned<RawSecret>>,
+    pub password: Option<Spanned<SecretSource>>,
 }
 
 /// `[defaults]`: the per-client timing keys (docs/configuration.md#defaults-and-per-client-timing).
@@ -78,11 +79,11 @@ pub(crate) struct RawClient {
     pub grant_type: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub client_id: Option<Spanned<String>>,
-    pub client_secret: Option<Spanned<RawSecret>>,
+    pub client_secret: Option<Spanned<SecretSource>>,
     pub username: Option<Spanned<String>>,
-    pub password: Option<Spanned<RawSecret>>,
-    pub refresh_token: Option<Spanned<RawSecret>>,
-    pub private_key: Option<Spanned<RawSecret>>,
+    pub password: Option<Spanned<SecretSource>>,
+    pub refresh_token: Option<Spanned<SecretSource>>,
+    pub private_key: Option<Spanned<SecretSource>>,
     pub key_id: Option<Spanned<String>>,
     pub signing_alg: Option<Spanned<String>>,
     pub assertion_lifetime: Option<Spanned<HumanDuration>>,
@@ -97,13 +98,13 @@ pub(crate) struct RawClient {
     pub allow_users: Option<Vec<Spanned<Id>>>,
     pub allow_groups: Option<Vec<Spanned<Id>>>,
     // Mutual TLS (RFC 8705): the client certificate chain and its key.
-    pub tls_client_cert: Option<Spanned<RawSecret>>,
-    pub tls_client_key: Option<Spanned<RawSecret>>,
+    pub tls_client_cert: Option<Spanned<SecretSource>>,
+    pub tls_client_key: Option<Spanned<SecretSource>>,
     // Ready-made assertions and token exchange (docs/oauth.md#credentials-without-stored-secrets).
-    pub client_assertion: Option<Spanned<RawSecret>>,
+    pub client_assertion: Option<Spanned<SecretSource>>,
     pub subject_token: Option<Spanned<RawSubject>>,
     pub subject_token_type: Option<Spanned<String>>,
-    pub actor_token: Option<Spanned<RawSecret>>,
+    pub actor_token: Option<Spanned<SecretSource>>,
     pub actor_token_type: Option<Spanned<String>>,
     pub requested_token_type: Option<Spanned<String>>,
     /// `false`: kept local even with `[fleet]` (docs/fleet.md).
@@ -141,7 +142,7 @@ impl RawClient {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAssertion {
     pub signing_alg: Option<Spanned<String>>,
-    pub key: Spanned<RawSecret>,
+    pub key: Spanned<SecretSource>,
     pub key_id: Option<Spanned<String>>,
     pub lifetime: Option<Spanned<HumanDuration>>,
     pub claims: Option<BTreeMap<String, Claim>>,
@@ -319,122 +320,127 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
-/// A secret as written in the config (docs/configuration.md#secrets). Relative `file` paths are
-/// resolved later, against the directory of the file the secret is written in.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum RawSecret {
-    File(PathBuf),
-    Env(String),
-    Credential(String),
-    Inline(Secret),
-}
-
+/// The keys of a secret written as a table.
 const SECRET_KEYS: [&str; 3] = ["file", "env", "credential"];
 
-impl<'de> Deserialize<'de> for RawSecret {
+/// The secret written as `{ file = … }`, `{ env = … }` or `{ credential = … }`.
+fn secret_from_key(key: &str, value: String) -> SecretSource {
+    match key {
+        "file" => SecretSource::File(PathBuf::from(value)),
+        "env" => SecretSource::Env(value),
+        _ => SecretSource::Credential(value),
+    }
+}
+
+/// Whether an `assertion` value is a secret (a string, or `{ file | env | credential }`)
+/// rather than the table of how to sign one.
+pub(crate) fn is_secret_value(v: &DeValue<'_>) -> bool {
+    match v {
+        DeValue::String(_) => true,
+        DeValue::Table(t) => t
+            .iter()
+            .any(|(k, _)| SECRET_KEYS.contains(&k.get_ref().as_ref())),
+        _ => false,
+    }
+}
+
+/// A secret as written in the config (docs/configuration.md#secrets). A relative `file` path is
+/// resolved later, against the directory of the file the secret is written in.
+impl<'de> Deserialize<'de> for SecretSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawSecret;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                )
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSecret, E> {
-                Ok(RawSecret::Inline(Secret::new(v)))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<RawSecret, E> {
-                Ok(RawSecret::Inline(Secret::new(v)))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
-                let mut found: Option<RawSecret> = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key.starts_with("$__toml_private") {
-                        // How the toml crate hands over a date-time: never quote it.
-                        return Err(de::Error::custom(
-                            "invalid type: date-time, expected a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                        ));
-                    }
-                    if !SECRET_KEYS.contains(&key.as_str()) {
-                        let hint = super::error::did_you_mean(&key, SECRET_KEYS)
-                            .map(|s| format!("did you mean \"{s}\"?"))
-                            .unwrap_or_else(|| "use file, env or credential".into());
-                        return Err(de::Error::custom(format!(
-                            "unknown key \"{key}\" in a secret; {hint}"
-                        )));
-                    }
-                    if found.is_some() {
-                        return Err(de::Error::custom(
-                            "a secret takes exactly one of file, env or credential",
-                        ));
-                    }
-                    let value: String = map.next_value()?;
-                    found = Some(match key.as_str() {
-                        "file" => RawSecret::File(PathBuf::from(value)),
-                        "env" => RawSecret::Env(value),
-                        _ => RawSecret::Credential(value),
-                    });
-                }
-                found.ok_or_else(|| {
-                    de::Error::custom("a secret takes exactly one of file, env or credential")
-                })
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(OneKeyOrStr {
+            expecting: "a secret: { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+            what: "a secret",
+            keys: &SECRET_KEYS,
+            choices: "file, env or credential",
+            from_key: secret_from_key,
+            from_str: |v| SecretSource::Inline(Secret::new(v)),
+        })
     }
 }
 
 /// `subject_token`: a secret, or `{ client = "NAME" }` (another client's token, RFC 8693).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RawSubject {
-    Secret(RawSecret),
+    Secret(SecretSource),
     Client(String),
 }
 
 impl<'de> Deserialize<'de> for RawSubject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawSubject;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a subject token: { client = NAME }, { file = PATH }, { env = NAME }, { credential = NAME } or a string",
-                )
+        d.deserialize_any(OneKeyOrStr {
+            expecting: "a subject token: { client = NAME }, { file = PATH }, { env = NAME }, { credential = NAME } or a string",
+            what: "subject_token",
+            keys: &["client", "file", "env", "credential"],
+            choices: "client, file, env or credential",
+            from_key: |k, v| match k {
+                "client" => RawSubject::Client(v),
+                _ => RawSubject::Secret(secret_from_key(k, v)),
+            },
+            from_str: |v| RawSubject::Secret(SecretSource::Inline(Secret::new(v))),
+        })
+    }
+}
+
+/// The visitor of a value written as a string or as a table of exactly one of `keys`, each
+/// holding a string (a secret, a subject token): `from_key` builds the value from the key
+/// written and its string, `from_str` from a bare string.
+struct OneKeyOrStr<T> {
+    /// What the value should look like, for serde's type errors.
+    expecting: &'static str,
+    /// What the value is called in errors: "a secret", "subject_token".
+    what: &'static str,
+    keys: &'static [&'static str],
+    /// The keys for messages: "file, env or credential".
+    choices: &'static str,
+    from_key: fn(&str, String) -> T,
+    from_str: fn(String) -> T,
+}
+
+impl<'de, T> Visitor<'de> for OneKeyOrStr<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        Ok((self.from_str)(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<T, E> {
+        Ok((self.from_str)(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let Self {
+            expecting,
+            what,
+            keys,
+            choices,
+            from_key,
+            ..
+        } = self;
+        let exactly_one = || de::Error::custom(format!("{what} takes exactly one of {choices}"));
+        let mut found: Option<T> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key.starts_with("$__toml_private") {
+                // How the toml crate hands over a date-time: never quote it.
+                return Err(de::Error::custom(format!(
+                    "invalid type: date-time, expected {expecting}"
+                )));
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSubject, E> {
-                Ok(RawSubject::Secret(RawSecret::Inline(Secret::new(v))))
+            if !keys.contains(&key.as_str()) {
+                let hint = super::error::did_you_mean(&key, keys.iter().copied())
+                    .map(|s| format!("did you mean \"{s}\"?"))
+                    .unwrap_or_else(|| format!("use {choices}"));
+                return Err(de::Error::custom(format!(
+                    "unknown key \"{key}\" in {what}; {hint}"
+                )));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSubject, A::Error> {
-                let mut found: Option<(String, String)> = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key != "client" && !SECRET_KEYS.contains(&key.as_str()) {
-                        return Err(de::Error::custom(format!(
-                            "unknown key \"{key}\" in subject_token; use client, file, env or credential"
-                        )));
-                    }
-                    if found.is_some() {
-                        return Err(de::Error::custom(
-                            "subject_token takes exactly one of client, file, env or credential",
-                        ));
-                    }
-                    let value: String = map.next_value()?;
-                    found = Some((key, value));
-                }
-                match found {
-                    Some((k, v)) if k == "client" => Ok(RawSubject::Client(v)),
-                    Some((k, v)) if k == "file" => {
-                        Ok(RawSubject::Secret(RawSecret::File(v.into())))
-                    }
-                    Some((k, v)) if k == "env" => Ok(RawSubject::Secret(RawSecret::Env(v))),
-                    Some((_, v)) => Ok(RawSubject::Secret(RawSecret::Credential(v))),
-                    None => Err(de::Error::custom(
-                        "subject_token takes exactly one of client, file, env or credential",
-                    )),
-                }
+            if found.is_some() {
+                return Err(exactly_one());
             }
+            let value: String = map.next_value()?;
+            found = Some(from_key(&key, value));
         }
-        d.deserialize_any(V)
+        found.ok_or_else(exactly_one)
     }
 }
 
@@ -543,19 +549,27 @@ mod tests {
 
     #[test]
     fn secrets_and_ids() {
-        let m: BTreeMap<String, RawSecret> = toml::from_str(
+        let m: BTreeMap<String, SecretSource> = toml::from_str(
             "a = { file = 'x' }\nb = { env = 'E' }\nc = { credential = 'c' }\nd = 'inline'",
         )
         .unwrap();
-        assert_eq!(m["a"], RawSecret::File("x".into()));
-        assert_eq!(m["b"], RawSecret::Env("E".into()));
-        assert_eq!(m["c"], RawSecret::Credential("c".into()));
-        assert!(matches!(&m["d"], RawSecret::Inline(s) if s.expose() == "inline"));
-        let e = toml::from_str::<BTreeMap<String, RawSecret>>("a = { fiel = 'x' }").unwrap_err();
+        assert_eq!(m["a"], SecretSource::File("x".into()));
+        assert_eq!(m["b"], SecretSource::Env("E".into()));
+        assert_eq!(m["c"], SecretSource::Credential("c".into()));
+        assert!(matches!(&m["d"], SecretSource::Inline(s) if s.expose() == "inline"));
+        let e = toml::from_str::<BTreeMap<String, SecretSource>>("a = { fiel = 'x' }").unwrap_err();
         assert!(e.message().contains("did you mean \"file\""), "{e}");
-        let e = toml::from_str::<BTreeMap<String, RawSecret>>("a = { file = 'x', env = 'y' }")
+        let e = toml::from_str::<BTreeMap<String, SecretSource>>("a = { file = 'x', env = 'y' }")
             .unwrap_err();
         assert!(e.message().contains("exactly one"), "{e}");
+        let e =
+            toml::from_str::<BTreeMap<String, RawSubject>>("a = 1979-05-27T07:32:00Z").unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("invalid type: date-time, expected a subject token")
+        );
+        let e = toml::from_str::<BTreeMap<String, RawSubject>>("a = { clinet = 'x' }").unwrap_err();
+        assert!(e.message().contains("did you mean \"client\""), "{e}");
         let ids: BTreeMap<String, Id> = toml::from_str("a = 'app'\nb = 1000\nc = '1001'").unwrap();
         assert_eq!(ids["a"], Id::Name("app".into()));
         assert_eq!(ids["b"], Id::Number(1000));

@@ -1042,6 +1042,16 @@ mod tests {
         (resp, body)
     }
 
+    /// How long the connection `task` takes from now to end.
+    async fn time_to_close(task: tokio::task::JoinHandle<()>) -> Duration {
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("never closed")
+            .unwrap();
+        t0.elapsed()
+    }
+
     /// The call's grpc-status: from a trailers-only answer's headers, else its trailers.
     async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
         let resp = resp.await.unwrap();
@@ -1062,12 +1072,7 @@ mod tests {
         for sent in [&b""[..], PREFACE, &PREFACE[..10]] {
             let (mut client, task, _stop, _h, _) = serve_pipe(limits.clone()).await;
             client.write_all(sent).await.unwrap();
-            let t0 = Instant::now();
-            tokio::time::timeout(Duration::from_secs(3600), task)
-                .await
-                .expect("never closed")
-                .unwrap();
-            let took = t0.elapsed();
+            let took = time_to_close(task).await;
             assert!(
                 took >= limits.handshake_timeout
                     && took < limits.handshake_timeout + Duration::from_secs(1),
@@ -1087,12 +1092,7 @@ mod tests {
             .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
             .await
             .unwrap();
-        let t0 = Instant::now();
-        tokio::time::timeout(Duration::from_secs(3600), task)
-            .await
-            .expect("never closed")
-            .unwrap();
-        let took = t0.elapsed();
+        let took = time_to_close(task).await;
         let closes = limits.idle_timeout + limits.close_grace;
         assert!(
             took >= limits.idle_timeout && took <= closes + Duration::from_secs(1),
@@ -1109,12 +1109,7 @@ mod tests {
         assert!(!task.is_finished(), "closed with a stream open");
         body.send_reset(h2::Reason::CANCEL);
         drop(resp);
-        let t0 = Instant::now();
-        tokio::time::timeout(Duration::from_secs(3600), task)
-            .await
-            .expect("never closed")
-            .unwrap();
-        let took = t0.elapsed();
+        let took = time_to_close(task).await;
         assert!(
             took >= limits.idle_timeout - Duration::from_secs(1)
                 && took <= closes + Duration::from_secs(1),

@@ -150,11 +150,6 @@ impl GrpcServer {
         self.gate.set_max(max);
     }
 
-    /// Connections open now.
-    pub fn connections(&self) -> usize {
-        self.gate.open()
-    }
-
     /// Reports NOT_SERVING, ends waits and streams, lets calls in flight finish (up to
     /// [`STOP_GRACE`]), then removes the socket file if it is still ours.
     pub async fn stop(mut self) {

@@ -343,18 +343,14 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Client names as the config allows them: `[A-Za-z0-9_.-]{1,64}`.
+/// Client names as the config allows them ([`crate::config::is_client_name`]).
 fn check_name(client: &str) -> Result<(), ApiError> {
     if client.is_empty() {
         return Err(ApiError::InvalidArgument(
             "the request names no client".into(),
         ));
     }
-    let ok = client.len() <= 64
-        && client
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if crate::config::is_client_name(client) {
         Ok(())
     } else {
         Err(ApiError::InvalidArgument(

@@ -175,22 +175,9 @@ impl HttpServer {
         }
     }
 
-    /// The bound TCP address, for `http_listen`.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        match &self.bound {
-            Bound::Tcp { local, .. } => Some(*local),
-            Bound::Socket { .. } => None,
-        }
-    }
-
     /// Changes the connection cap; connections over a lowered cap stay until they close.
     pub fn set_max_connections(&self, max: usize) {
         self.gate.set_max(max);
-    }
-
-    /// Connections open now.
-    pub fn connections(&self) -> usize {
-        self.gate.open()
     }
 
     /// Ends long polls and waits (answered 503), lets requests in flight finish (up to
@@ -304,11 +291,6 @@ impl HttpApi {
         for s in [&self.socket, &self.tcp].into_iter().flatten() {
             s.set_max_connections(limits.max_connections);
         }
-    }
-
-    /// The bound address of `http_listen`, if any.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(HttpServer::local_addr)
     }
 
     /// Stops both listeners, at the same time (each within its grace).

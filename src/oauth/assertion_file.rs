@@ -124,15 +124,10 @@ pub fn read(
     jwt: bool,
     now: SystemTime,
 ) -> Result<Secret, OAuthError> {
-    let value = match source {
-        SecretSource::File(_) | SecretSource::Credential(_) => match source.path() {
-            Some(path) => read_bounded(&path)
-                .map_err(|e| OAuthError::Assertion(format!("{key}: cannot read {source}: {e}")))?,
-            None => source
-                .load()
-                .map_err(|e| OAuthError::Assertion(format!("{key}: {e}")))?,
-        },
-        _ => source
+    let value = match source.path() {
+        Some(path) => read_bounded(&path)
+            .map_err(|e| OAuthError::Assertion(format!("{key}: cannot read {source}: {e}")))?,
+        None => source
             .load()
             .map_err(|e| OAuthError::Assertion(format!("{key}: {e}")))?,
     };
@@ -159,12 +154,7 @@ fn read_bounded(path: &std::path::Path) -> Result<Secret, String> {
     if bytes.len() as u64 > MAX_TOKEN_BYTES {
         return Err(format!("larger than {MAX_TOKEN_BYTES} bytes"));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| "not UTF-8 text".to_string())?;
-    let text = text
-        .strip_suffix("\r\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(text);
-    Ok(Secret::new(text))
+    crate::secret::file_text(&bytes).ok_or_else(|| "not UTF-8 text".to_string())
 }
 
 /// For `check`: one line per ready-made JWT a client reads (where, and when it expires), or

@@ -211,14 +211,6 @@ impl HttpClients {
         );
         Ok(built)
     }
-
-    /// How many HTTP clients with a certificate are kept (one per token client at most).
-    pub fn cert_clients(&self) -> usize {
-        match self.with_cert.lock() {
-            Ok(g) => g.len(),
-            Err(p) => p.into_inner().len(),
-        }
-    }
 }
 
 /// A variable of the daemon's environment, when set and not empty.

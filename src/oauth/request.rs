@@ -70,52 +70,35 @@ pub fn prepare(
     let mut form: Vec<(Cow<'static, str>, Secret)> = Vec::new();
     let grant_type = match (attempt, &client.grant) {
         (Attempt::Refresh(rt), _) => {
-            form.push(("grant_type".into(), Secret::new("refresh_token")));
             form.push(("refresh_token".into(), rt.clone()));
             "refresh_token"
         }
-        (Attempt::Primary, Grant::ClientCredentials) => {
-            form.push(("grant_type".into(), Secret::new("client_credentials")));
-            "client_credentials"
-        }
+        (Attempt::Primary, Grant::ClientCredentials) => "client_credentials",
         (Attempt::Primary, Grant::Password { username, password }) => {
-            form.push(("grant_type".into(), Secret::new("password")));
             form.push(("username".into(), Secret::new(username.clone())));
             form.push(("password".into(), password.value.clone()));
             "password"
         }
         (Attempt::Primary, Grant::RefreshToken { refresh_token }) => {
-            form.push(("grant_type".into(), Secret::new("refresh_token")));
             form.push(("refresh_token".into(), refresh_token.value.clone()));
             "refresh_token"
         }
         (Attempt::Primary, Grant::JwtBearer { assertion }) => {
-            let jwt = grant_assertion(client, assertion, now)?;
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::JWT_BEARER_GRANT),
-            ));
-            form.push(("assertion".into(), jwt));
+            form.push(("assertion".into(), grant_assertion(client, assertion, now)?));
             crate::config::JWT_BEARER_GRANT
         }
         (Attempt::Primary, Grant::AssertionFile { source }) => {
             let jwt = super::assertion_file::read(source, "assertion", true, now)?;
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::JWT_BEARER_GRANT),
-            ));
             form.push(("assertion".into(), jwt));
             crate::config::JWT_BEARER_GRANT
         }
         (Attempt::Primary, Grant::TokenExchange(x)) => {
-            form.push((
-                "grant_type".into(),
-                Secret::new(crate::config::TOKEN_EXCHANGE_GRANT),
-            ));
             super::exchange::push_form(x, now, &mut form)?;
             crate::config::TOKEN_EXCHANGE_GRANT
         }
     };
+    // `grant_type` goes first, ahead of the grant's own parameters.
+    form.insert(0, ("grant_type".into(), Secret::new(grant_type)));
     if !client.scope.is_empty() {
         form.push(("scope".into(), Secret::new(client.scope.join(" "))));
     }
@@ -125,59 +108,55 @@ pub fn prepare(
     if let Some(r) = &client.resource {
         form.push(("resource".into(), Secret::new(r.clone())));
     }
-    let mut authorization = None;
     let client_id = client.client_id.clone().unwrap_or_default();
-    match &client.client_auth {
+    // client_id in the body: not with HTTP Basic, which carries it; where it is optional, if set.
+    let id_in_body = match &client.client_auth {
+        ClientAuth::Basic { .. } => false,
+        ClientAuth::ClientAssertion { .. } | ClientAuth::None => !client_id.is_empty(),
+        _ => true,
+    };
+    if id_in_body {
+        form.push(("client_id".into(), Secret::new(client_id.clone())));
+    }
+    let mut authorization = None;
+    // The client assertion (RFC 7523 §2.2), for the methods that send one.
+    let assertion = match &client.client_auth {
         ClientAuth::Basic { secret } => {
             authorization = Some(basic_authorization(&client_id, &secret.value));
+            None
         }
         ClientAuth::Post { secret } => {
-            form.push(("client_id".into(), Secret::new(client_id)));
             form.push(("client_secret".into(), secret.value.clone()));
+            None
         }
         ClientAuth::SecretJwt { key, lifetime, .. } => {
-            let jwt = client_assertion(client, key, None, *lifetime, now)?;
-            form.push(("client_id".into(), Secret::new(client_id)));
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
+            Some(client_assertion(client, key, None, *lifetime, now)?)
         }
         ClientAuth::PrivateKeyJwt {
             key,
             key_id,
             lifetime,
             ..
-        } => {
-            let jwt = client_assertion(client, key, key_id.as_deref(), *lifetime, now)?;
-            form.push(("client_id".into(), Secret::new(client_id)));
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
-        }
-        // RFC 8705 §2.1, §2.2: the certificate authenticates; client_id names the client.
-        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
-            form.push(("client_id".into(), Secret::new(client_id)));
-        }
-        ClientAuth::ClientAssertion { source } => {
-            let jwt = super::assertion_file::read(source, "client_assertion", true, now)?;
-            if !client_id.is_empty() {
-                form.push(("client_id".into(), Secret::new(client_id)));
-            }
-            form.push((
-                "client_assertion_type".into(),
-                Secret::new(CLIENT_ASSERTION_TYPE),
-            ));
-            form.push(("client_assertion".into(), jwt));
-        }
-        ClientAuth::None => {
-            if !client_id.is_empty() {
-                form.push(("client_id".into(), Secret::new(client_id)));
-            }
-        }
+        } => Some(client_assertion(
+            client,
+            key,
+            key_id.as_deref(),
+            *lifetime,
+            now,
+        )?),
+        ClientAuth::ClientAssertion { source } => Some(super::assertion_file::read(
+            source,
+            "client_assertion",
+            true,
+            now,
+        )?),
+        // client_id alone: the certificate authenticates (RFC 8705 §2.1, §2.2), or nothing does.
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth | ClientAuth::None => None,
+    };
+    if let Some(jwt) = assertion {
+        let assertion_type = Secret::new(CLIENT_ASSERTION_TYPE);
+        form.push(("client_assertion_type".into(), assertion_type));
+        form.push(("client_assertion".into(), jwt));
     }
     for (k, v) in &client.extra_params {
         form.push((Cow::Owned(k.clone()), Secret::new(v.clone())));

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::assertion::{self, FederatedRule};
 use super::request::{self, Presented, Reject};
-use super::{CLIENT_ASSERTION_TYPE, Endpoint, JWT_BEARER_GRANT, Provider, RecordedRequest};
+use super::{Endpoint, JWT_BEARER_GRANT, Provider, RecordedRequest};
 use crate::keys::SigningAlg;
 use crate::secret::Secret;
 
@@ -281,14 +281,8 @@ fn authenticate(
         }
         Presented::Assertion {
             client_id,
-            assertion_type,
             assertion,
         } => {
-            if assertion_type.as_deref() != Some(CLIENT_ASSERTION_TYPE) {
-                return Err(Reject::invalid_client(format!(
-                    "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
-                )));
-            }
             let Some(id) = client_id else {
                 return Err(Reject::invalid_client(
                     "a client assertion from an outside issuer needs client_id",

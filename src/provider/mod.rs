@@ -881,14 +881,8 @@ impl Ledger {
             }
             Presented::Assertion {
                 client_id,
-                assertion_type,
                 assertion,
             } => {
-                if assertion_type.as_deref() != Some(CLIENT_ASSERTION_TYPE) {
-                    return Err(Reject::invalid_client(format!(
-                        "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
-                    )));
-                }
                 let id = client_id
                     .clone()
                     .or_else(|| assertion::unverified_issuer(assertion.expose()))

@@ -198,10 +198,9 @@ pub(crate) enum Presented {
     Basic { client_id: String, secret: Secret },
     /// `client_id` and `client_secret` in the body (client_secret_post).
     Post { client_id: String, secret: Secret },
-    /// `client_assertion` (client_secret_jwt or private_key_jwt).
+    /// `client_assertion` of [`CLIENT_ASSERTION_TYPE`] (client_secret_jwt or private_key_jwt).
     Assertion {
         client_id: Option<String>,
-        assertion_type: Option<String>,
         assertion: Secret,
     },
     /// No authentication: a public client, or the jwt-bearer grant whose assertion names it.
@@ -270,9 +269,13 @@ pub(crate) fn presented(
         });
     }
     if let Some(assertion) = assertion {
+        if form.get("client_assertion_type").map(String::as_str) != Some(CLIENT_ASSERTION_TYPE) {
+            return Err(Reject::invalid_client(format!(
+                "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
+            )));
+        }
         return Ok(Presented::Assertion {
             client_id: form_id,
-            assertion_type: form.get("client_assertion_type").cloned(),
             assertion: Secret::new(assertion.as_str()),
         });
     }
@@ -379,10 +382,13 @@ mod tests {
             ok(None, &[("client_id", "c"), ("client_secret", "s")]).unwrap(),
             Presented::Post { .. }
         ));
+        let jwt_type = ("client_assertion_type", CLIENT_ASSERTION_TYPE);
         assert!(matches!(
-            ok(None, &[("client_assertion", "x.y.z")]).unwrap(),
+            ok(None, &[("client_assertion", "x.y.z"), jwt_type]).unwrap(),
             Presented::Assertion { .. }
         ));
+        let e = ok(None, &[("client_assertion", "x.y.z")]).unwrap_err();
+        assert_eq!((e.status, e.error), (401, "invalid_client"));
         assert_eq!(
             ok(None, &[("client_id", "c")]).unwrap(),
             Presented::None {
