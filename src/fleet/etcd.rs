@@ -1,7 +1,8 @@
 //! A small etcd v3 client over the stubs `build.rs` generates from the vendored protos in
 //! `proto/etcd` (no system `protoc`): one endpoint at a time, etcd's user/password tokens, TLS
-//! and mTLS, and the few calls fleet mode makes — ranges, transactions with revision compares,
-//! a lease with its keep-alive stream, and a watch over the prefix.
+//! and mTLS, and the few calls fleet mode makes — ranges, transactions with revision compares
+//! (one by one, or many in few round trips), a lease with its keep-alive stream, and a watch
+//! over the prefix.
 
 use std::time::Duration;
 
@@ -43,6 +44,12 @@ pub use pb::mvccpb::KeyValue;
 
 /// How long one call may take (a stream's keep-alive is watched separately).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sub-transactions per transaction in [`Etcd::txn_each`]. etcd refuses a transaction with
+/// more than `--max-txn-ops` (128 by default) compares or operations in a list, and counts a
+/// nested transaction's against what its parent left: n sub-transactions of one compare and
+/// one operation each need n <= 128 and 1 <= 128 - n. 64 stays well inside that.
+pub const BATCH: usize = 64;
 
 /// The largest message taken from etcd: a range over the prefix holds every client's state.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
@@ -217,6 +224,53 @@ impl Etcd {
         };
         let r = self.call(kv.txn(req)).await?;
         Ok((r.succeeded, r.header.map_or(0, |h| h.revision)))
+    }
+
+    /// Many independent conditional writes in few round trips: each `(compare, op)` runs as a
+    /// sub-transaction (etcd 3.3 or later) of one transaction per [`BATCH`] of them, so that
+    /// one failed compare does not stop the others. Returns, for each in order, whether its
+    /// compare held, and the revision of the transaction it was in (the mod_revision of what
+    /// it wrote).
+    pub async fn txn_each(
+        &self,
+        each: Vec<(Compare, RequestOp)>,
+    ) -> Result<Vec<(bool, i64)>, EtcdError> {
+        use pb::etcdserverpb::response_op::Response;
+        let mut out = Vec::with_capacity(each.len());
+        let mut each = each.into_iter().peekable();
+        while each.peek().is_some() {
+            let success: Vec<RequestOp> = each
+                .by_ref()
+                .take(BATCH)
+                .map(|(c, op)| RequestOp {
+                    request: Some(Op::RequestTxn(TxnRequest {
+                        compare: vec![c],
+                        success: vec![op],
+                        failure: Vec::new(),
+                    })),
+                })
+                .collect();
+            let n = success.len();
+            let mut kv = self.kv.clone();
+            let req = TxnRequest {
+                compare: Vec::new(),
+                success,
+                failure: Vec::new(),
+            };
+            let r = self.call(kv.txn(req)).await?;
+            let rev = r.header.map_or(0, |h| h.revision);
+            if r.responses.len() != n {
+                return Err(err(
+                    &self.endpoint,
+                    format!("a transaction of {n} answered {}", r.responses.len()),
+                ));
+            }
+            out.extend(r.responses.into_iter().map(|op| {
+                let ok = matches!(op.response, Some(Response::ResponseTxn(t)) if t.succeeded);
+                (ok, rev)
+            }));
+        }
+        Ok(out)
     }
 
     /// A lease of `ttl` seconds.

@@ -27,7 +27,7 @@ pub mod etcd;
 pub mod record;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -167,8 +167,17 @@ struct Inner {
     seats: HashMap<String, SeatEntry>,
     /// Live hosts.
     hosts: BTreeSet<String>,
+    /// Counts changes of `hosts`: a seat's rendezvous choice is worked out again only after
+    /// one (see [`SeatEntry::choice`]).
+    hosts_gen: u64,
     /// Claims: client base key → (host, mod_revision of the claim key).
     claims: HashMap<String, (String, i64)>,
+    /// The latest revision at which this host learnt a claim's value or absence (its own
+    /// writes, reads, watch events): a watch event older than that is not applied. The watch
+    /// may trail this host's own transactions, and a claim it made or released must not be
+    /// undone by the event of an older change (the claim then looked free while it was taken,
+    /// or held while it was released).
+    claim_seen: HashMap<String, i64>,
     /// States: client base key → (mod_revision, the record if it opened).
     states: HashMap<String, (i64, Option<Arc<Record>>)>,
     /// The live session, while there is one.
@@ -178,11 +187,43 @@ struct Inner {
     last_lease: i64,
 }
 
+impl Inner {
+    /// What etcd said of `base`'s claim at revision `rev` (`None`: absent), unless this host
+    /// already knows a later revision. Returns whether it was taken.
+    fn set_claim(&mut self, base: &str, rev: i64, claim: Option<String>) -> bool {
+        let seen = self.claim_seen.get(base).copied().unwrap_or(0);
+        if rev < seen {
+            return false;
+        }
+        self.claim_seen.insert(base.to_string(), rev);
+        match claim {
+            Some(host) => {
+                self.claims.insert(base.to_string(), (host, rev));
+            }
+            None => {
+                self.claims.remove(base);
+            }
+        }
+        true
+    }
+}
+
 struct SeatEntry {
     tx: watch::Sender<View>,
-    busy: Arc<AtomicBool>,
+    /// [`IDLE`], [`BUSY`] or [`RELEASING`].
+    busy: Arc<AtomicU8>,
     refs: usize,
+    /// Whether this host is the seat's rendezvous choice (`None`: no live host is), as of
+    /// `Inner::hosts_gen` = the first field.
+    choice: (u64, Option<bool>),
 }
+
+/// A seat's holder is not asking the provider: its claim may be released.
+const IDLE: u8 = 0;
+/// The holder is asking the provider: its claim is kept.
+const BUSY: u8 = 1;
+/// The claim is being released: the holder does not start asking the provider.
+const RELEASING: u8 = 2;
 
 /// How a session with etcd ended.
 enum End {
@@ -270,8 +311,9 @@ impl Fleet {
                 .entry(base.clone())
                 .or_insert_with(|| SeatEntry {
                     tx: watch::Sender::new(View::default()),
-                    busy: Arc::new(AtomicBool::new(false)),
+                    busy: Arc::new(AtomicU8::new(IDLE)),
                     refs: 0,
+                    choice: (u64::MAX, None),
                 });
             entry.refs += 1;
             (entry.tx.subscribe(), entry.busy.clone())
@@ -375,7 +417,7 @@ impl Fleet {
     async fn session_inner(&self, endpoint: &url::Url) -> Result<std::convert::Infallible, End> {
         let etcd = Etcd::connect(&self.config, endpoint).await?;
         self.check_key(&etcd).await?;
-        let lease = self.register(&etcd).await?;
+        let (lease, fresh) = self.register(&etcd).await?;
         // Kept alive from now on, in a task of its own: the first claims of a host with many
         // clients may take longer than the lease.
         let every = self.config.lease / 3;
@@ -389,54 +431,103 @@ impl Fleet {
         {
             let mut inner = self.lock();
             inner.hosts.clear();
+            inner.hosts_gen += 1;
             inner.claims.clear();
+            inner.claim_seen.clear();
             inner.states.clear();
             for kv in &kvs {
                 self.apply(&mut inner, kv, false);
             }
-            inner.etcd = Some(etcd.clone());
-            inner.lease = lease;
-            inner.last_lease = lease;
         }
         tracing::info!(
             etcd = etcd.endpoint.as_str(),
             host = self.config.host.as_str(),
             "fleet: joined"
         );
+        // A host that has just registered (a start, or back after its lease expired) lets the
+        // host list settle before it claims: hosts started together would otherwise see each
+        // other one by one, and clients claimed by the first would move as the others join.
+        if fresh {
+            let (quiet, longest) = settle_times(self.config.lease);
+            let joined = tokio::time::Instant::now();
+            let mut until = joined + quiet;
+            loop {
+                tokio::select! {
+                    e = &mut keep.0 => return Err(keep_ended(e)),
+                    msg = stream.message() => {
+                        if self.apply_watch(&etcd, msg)? {
+                            until = (tokio::time::Instant::now() + quiet).min(joined + longest);
+                        }
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            tracing::debug!(
+                hosts = self.lock().hosts.len(),
+                waited_ms = joined.elapsed().as_millis() as u64,
+                "fleet: the host list settled"
+            );
+        }
+        {
+            let mut inner = self.lock();
+            inner.etcd = Some(etcd.clone());
+            inner.lease = lease;
+            inner.last_lease = lease;
+        }
         self.act().await;
         self.health.send_replace(Health::Up);
         self.publish_views();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                e = &mut keep.0 => return Err(match e {
-                    Ok(e) => e.into(),
-                    Err(e) => End::Failed(format!("lease keep-alive task: {e}")),
-                }),
+                e = &mut keep.0 => return Err(keep_ended(e)),
                 msg = stream.message() => {
-                    let resp = match msg {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Err(End::Failed(format!("etcd {}: the watch ended", etcd.endpoint))),
-                        Err(s) => return Err(End::Failed(format!("etcd {}: the watch failed: {:?}", etcd.endpoint, s.code()))),
-                    };
-                    if resp.canceled || resp.compact_revision != 0 {
-                        return Err(End::Failed(format!("etcd {}: the watch was cancelled", etcd.endpoint)));
-                    }
-                    {
-                        let mut inner = self.lock();
-                        for ev in &resp.events {
-                            if let Some(kv) = &ev.kv {
-                                // 0: PUT, 1: DELETE.
-                                self.apply(&mut inner, kv, ev.r#type == 1);
-                            }
-                        }
-                    }
+                    self.apply_watch(&etcd, msg)?;
                     self.act().await;
                 }
                 _ = self.wake.notified() => self.act().await,
                 _ = tick.tick() => self.act().await,
             }
         }
+    }
+
+    /// Takes one message of the watch into the maps; returns whether the host list changed.
+    fn apply_watch(
+        &self,
+        etcd: &Etcd,
+        msg: Result<Option<etcd::WatchResponse>, tonic::Status>,
+    ) -> Result<bool, End> {
+        let resp = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(End::Failed(format!(
+                    "etcd {}: the watch ended",
+                    etcd.endpoint
+                )));
+            }
+            Err(s) => {
+                return Err(End::Failed(format!(
+                    "etcd {}: the watch failed: {:?}",
+                    etcd.endpoint,
+                    s.code()
+                )));
+            }
+        };
+        if resp.canceled || resp.compact_revision != 0 {
+            return Err(End::Failed(format!(
+                "etcd {}: the watch was cancelled",
+                etcd.endpoint
+            )));
+        }
+        let mut inner = self.lock();
+        let mut hosts = false;
+        for ev in &resp.events {
+            if let Some(kv) = &ev.kv {
+                // 0: PUT, 1: DELETE.
+                hosts |= self.apply(&mut inner, kv, ev.r#type == 1);
+            }
+        }
+        Ok(hosts)
     }
 
     /// Opens `keycheck`, or writes it when the fleet is new. Nothing else is written before.
@@ -462,13 +553,14 @@ impl Fleet {
         ))
     }
 
-    /// This host's lease and its `hosts/HOST` key (a lease kept across a reconnection stays).
-    async fn register(&self, etcd: &Etcd) -> Result<i64, End> {
+    /// This host's lease and its `hosts/HOST` key (a lease kept across a reconnection stays),
+    /// and whether the lease is new.
+    async fn register(&self, etcd: &Etcd) -> Result<(i64, bool), End> {
         let name = self.prefixed(&format!("hosts/{}", self.config.host));
         let last = self.lock().last_lease;
         let (current, _) = etcd.get(&name).await?;
         match current {
-            Some(kv) if last != 0 && kv.lease == last => return Ok(last),
+            Some(kv) if last != 0 && kv.lease == last => return Ok((last, false)),
             Some(_) => return Err(End::NameTaken),
             None => {}
         }
@@ -488,34 +580,42 @@ impl Fleet {
             let _ = etcd.revoke(lease).await;
             return Err(End::NameTaken);
         }
-        Ok(lease)
+        Ok((lease, true))
     }
 
-    /// Takes one key's new value (or deletion) into the maps.
-    fn apply(&self, inner: &mut Inner, kv: &KeyValue, deleted: bool) {
+    /// Takes one key's new value (or deletion) into the maps; returns whether the host list
+    /// changed.
+    fn apply(&self, inner: &mut Inner, kv: &KeyValue, deleted: bool) -> bool {
         let Ok(key) = std::str::from_utf8(&kv.key) else {
-            return;
+            return false;
         };
         let hosts = self.prefixed("hosts/");
         if let Some(host) = key.strip_prefix(&hosts) {
-            if deleted {
-                inner.hosts.remove(host);
+            let changed = if deleted {
+                inner.hosts.remove(host)
             } else {
-                inner.hosts.insert(host.to_string());
+                inner.hosts.insert(host.to_string())
+            };
+            if changed {
+                inner.hosts_gen += 1;
             }
+            return changed;
         } else if let Some(base) = key.strip_suffix("/claim") {
-            if deleted {
-                inner.claims.remove(base);
-            } else {
-                let host = String::from_utf8_lossy(&kv.value).into_owned();
-                inner
-                    .claims
-                    .insert(base.to_string(), (host, kv.mod_revision));
-            }
+            // A deletion's mod_revision is the revision it happened at.
+            let host = (!deleted).then(|| String::from_utf8_lossy(&kv.value).into_owned());
+            inner.set_claim(base, kv.mod_revision, host);
         } else if let Some(base) = key.strip_suffix("/state") {
+            // Older than what this host committed or read: not applied.
+            if inner
+                .states
+                .get(base)
+                .is_some_and(|(r, _)| *r > kv.mod_revision)
+            {
+                return false;
+            }
             if deleted {
                 inner.states.remove(base);
-                return;
+                return false;
             }
             let record = match self.key.open(&kv.key, &kv.value) {
                 Ok(plain) => match Record::decode(&plain) {
@@ -534,96 +634,161 @@ impl Fleet {
                 .states
                 .insert(base.to_string(), (kv.mod_revision, record));
         }
+        false
     }
 
     /// Claims what this host should hold, releases what it should not (when idle), then
-    /// tells every seat its view.
+    /// tells every seat its view. Claims and releases go in batches ([`Etcd::txn_each`]): a
+    /// host with a thousand clients to claim makes 16 round trips, not a thousand.
     async fn act(&self) {
         let me = self.config.host.as_str();
+        let started = std::time::Instant::now();
         let (etcd, lease, claims, releases) = {
-            let inner = self.lock();
-            let Some(etcd) = inner.etcd.clone() else {
+            let mut guard = self.lock();
+            let Some(etcd) = guard.etcd.clone() else {
                 return;
             };
+            let inner = &mut *guard;
             let mut claims = Vec::new();
             let mut releases = Vec::new();
-            for (base, seat) in &inner.seats {
-                let winner = rendezvous(&inner.hosts, base);
-                match inner.claims.get(base) {
-                    None if winner == Some(me) => claims.push(base.clone()),
-                    Some((h, rev))
+            for (base, seat) in inner.seats.iter_mut() {
+                if seat.choice.0 != inner.hosts_gen {
+                    let mine = rendezvous(&inner.hosts, base).map(|w| w == me);
+                    seat.choice = (inner.hosts_gen, mine);
+                }
+                match (inner.claims.get(base), seat.choice.1) {
+                    (None, Some(true)) => claims.push(base.clone()),
+                    (Some((h, rev)), Some(false))
                         if h == me
-                            && winner.is_some_and(|w| w != me)
-                            && !seat.busy.load(Ordering::SeqCst) =>
+                            // Marked under the lock: a holder not asking the provider now
+                            // does not start until the release is done (fleet_gate).
+                            && seat
+                                .busy
+                                .compare_exchange(IDLE, RELEASING, Ordering::SeqCst, Ordering::SeqCst)
+                                .is_ok() =>
                     {
-                        releases.push((base.clone(), *rev))
+                        releases.push((base.clone(), *rev, seat.busy.clone()))
                     }
                     _ => {}
                 }
             }
             (etcd, inner.lease, claims, releases)
         };
-        for base in claims {
-            let key = format!("{base}/claim");
-            match etcd
-                .txn(
-                    vec![etcd::absent(&key)],
-                    vec![etcd::put(&key, me.as_bytes().to_vec(), lease)],
-                )
-                .await
-            {
-                Ok((true, rev)) => {
-                    self.lock().claims.insert(base, (me.to_string(), rev));
+        let planned = started.elapsed();
+        let (n_claims, n_releases) = (claims.len(), releases.len());
+        if !claims.is_empty() {
+            let each = claims
+                .iter()
+                .map(|base| {
+                    let key = format!("{base}/claim");
+                    (
+                        etcd::absent(&key),
+                        etcd::put(&key, me.as_bytes().to_vec(), lease),
+                    )
+                })
+                .collect();
+            match etcd.txn_each(each).await {
+                Ok(done) => {
+                    let mut inner = self.lock();
+                    for (base, (ok, rev)) in claims.into_iter().zip(done) {
+                        if ok {
+                            inner.set_claim(&base, rev, Some(me.to_string()));
+                        }
+                    }
                 }
-                Ok((false, _)) => {}
-                Err(e) => tracing::debug!("fleet: claim not made: {e}"),
+                Err(e) => tracing::debug!("fleet: claims not made: {e}"),
             }
         }
-        for (base, rev) in releases {
-            let key = format!("{base}/claim");
-            if let Ok((true, _)) = etcd
-                .txn(vec![etcd::mod_is(&key, rev)], vec![etcd::delete(&key)])
-                .await
-            {
-                self.lock().claims.remove(&base);
+        if !releases.is_empty() {
+            let each = releases
+                .iter()
+                .map(|(base, rev, _)| {
+                    let key = format!("{base}/claim");
+                    (etcd::mod_is(&key, *rev), etcd::delete(&key))
+                })
+                .collect();
+            let done = etcd.txn_each(each).await;
+            let mut inner = self.lock();
+            match done {
+                Ok(done) => {
+                    for ((base, _, _), (ok, at)) in releases.iter().zip(done) {
+                        if ok {
+                            inner.set_claim(base, at, None);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("fleet: claims not released: {e}"),
+            }
+            // Whether released or not, the holders may go on (with the lock held, so that a
+            // released client is no longer seen as held by this host when they do).
+            for (_, _, busy) in &releases {
+                busy.store(IDLE, Ordering::SeqCst);
             }
         }
         self.publish_views();
+        if n_claims + n_releases > 0 || started.elapsed() > Duration::from_millis(20) {
+            tracing::debug!(
+                claims = n_claims,
+                releases = n_releases,
+                planned_us = planned.as_micros() as u64,
+                took_ms = started.elapsed().as_millis() as u64,
+                "fleet: act"
+            );
+        }
     }
 
     /// Tells every seat its role and the state in etcd (only what changed wakes it).
     fn publish_views(&self) {
-        let me = self.config.host.as_str();
         let etcd = self.health.borrow().as_str();
         let inner = self.lock();
-        let up = inner.etcd.is_some();
         for (base, seat) in &inner.seats {
-            let holder = inner.claims.get(base).map(|(h, _)| h.clone());
-            let role = match (&holder, up) {
-                (_, false) => Role::Local,
-                (Some(h), true) if h == me => Role::Holder,
-                _ => Role::Follower,
-            };
-            let (revision, record) = inner.states.get(base).cloned().unwrap_or((0, None));
-            let holder = if up { holder } else { None };
-            seat.tx.send_if_modified(|v| {
-                let same = v.role == role
-                    && v.revision == revision
-                    && v.holder == holder
-                    && v.etcd == etcd
-                    && v.record.is_some() == record.is_some();
-                if !same {
-                    *v = View {
-                        role,
-                        revision,
-                        record,
-                        holder,
-                        etcd,
-                    };
-                }
-                !same
-            });
+            self.publish_view(&inner, etcd, base, seat);
         }
+    }
+
+    /// [`Fleet::publish_views`] for one seat.
+    fn publish_one(&self, base: &str) {
+        let etcd = self.health.borrow().as_str();
+        let inner = self.lock();
+        if let Some(seat) = inner.seats.get(base) {
+            self.publish_view(&inner, etcd, base, seat);
+        }
+    }
+
+    fn publish_view(&self, inner: &Inner, etcd: &'static str, base: &str, seat: &SeatEntry) {
+        let me = self.config.host.as_str();
+        let up = inner.etcd.is_some();
+        let holder = inner
+            .claims
+            .get(base)
+            .map(|(h, _)| h.as_str())
+            .filter(|_| up);
+        let role = match holder {
+            _ if !up => Role::Local,
+            Some(h) if h == me => Role::Holder,
+            _ => Role::Follower,
+        };
+        let (revision, record) = inner
+            .states
+            .get(base)
+            .map_or((0, None), |(r, rec)| (*r, rec.as_ref()));
+        seat.tx.send_if_modified(|v| {
+            let same = v.role == role
+                && v.revision == revision
+                && v.holder.as_deref() == holder
+                && v.etcd == etcd
+                && v.record.is_some() == record.is_some();
+            if !same {
+                *v = View {
+                    role,
+                    revision,
+                    record: record.cloned(),
+                    holder: holder.map(str::to_string),
+                    etcd,
+                };
+            }
+            !same
+        });
     }
 
     fn leave(&self, base: &str) {
@@ -634,6 +799,25 @@ impl Fleet {
                 inner.seats.remove(base);
             }
         }
+    }
+}
+
+/// How long a host that has just registered waits for the host list to settle before it
+/// claims: until no host joined or left for the first (a tenth of `lease`, 100 ms to 1 s), and
+/// never longer than the second (a third of `lease`, so that the claims are made well before
+/// the refreshers stop waiting for the fleet's first answer, which they do for `lease`). Hosts
+/// already in the fleet never wait: a dead host's clients are claimed as soon as its lease
+/// has expired.
+fn settle_times(lease: Duration) -> (Duration, Duration) {
+    let quiet = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    (quiet, (lease / 3).max(quiet))
+}
+
+/// Why the session ends when its lease keep-alive task did.
+fn keep_ended(e: Result<etcd::EtcdError, tokio::task::JoinError>) -> End {
+    match e {
+        Ok(e) => e.into(),
+        Err(e) => End::Failed(format!("lease keep-alive task: {e}")),
     }
 }
 
@@ -668,7 +852,7 @@ pub struct Seat {
     fleet: Arc<Fleet>,
     base: String,
     pub view: watch::Receiver<View>,
-    busy: Arc<AtomicBool>,
+    busy: Arc<AtomicU8>,
 }
 
 impl Drop for Seat {
@@ -693,17 +877,32 @@ impl Seat {
         self.fleet.host()
     }
 
-    /// While set, the holder is asking the provider: its claim is not handed to another host.
-    pub fn set_busy(&self, busy: bool) {
-        self.busy.store(busy, Ordering::SeqCst);
-        if !busy {
+    /// The holder is about to ask the provider: its claim is not handed to another host until
+    /// [`Seat::idle`]. `false` when the claim is being released right now: then it must not
+    /// ask (the next holder will, from the state in etcd).
+    pub fn try_busy(&self) -> bool {
+        self.busy
+            .compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            || self.busy.load(Ordering::SeqCst) == BUSY
+    }
+
+    /// The holder's request is over: its claim may move again.
+    pub fn idle(&self) {
+        if self
+            .busy
+            .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
             self.fleet.wake.notify_one();
         }
     }
 
-    /// Reads the client's state from etcd now (a linearizable read, not the watch's possibly
-    /// late copy): what a holder builds on before it asks the provider, so that it never
-    /// presents a refresh token that the previous holder already used. Updates the view.
+    /// Reads the client's claim and state from etcd now (one linearizable read, not the
+    /// watch's possibly late copy) and updates the view: what a holder does before it asks
+    /// the provider, so that it builds on the state the previous holder committed and knows it
+    /// still holds the client. An error means etcd did not answer: the caller must then not
+    /// present the shared refresh token (another host may hold the client by now).
     pub async fn read_state(&self) -> Result<(), CommitError> {
         let etcd = self
             .fleet
@@ -711,26 +910,40 @@ impl Seat {
             .etcd
             .clone()
             .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
-        let state_key = format!("{}/state", self.base);
-        let (kv, _) = etcd
-            .get(&state_key)
+        let (kvs, at) = etcd
+            .range_prefix(&format!("{}/", self.base))
             .await
             .map_err(|e| CommitError::Unreachable(e.to_string()))?;
+        let find = |suffix: &str| {
+            let key = format!("{}/{suffix}", self.base);
+            kvs.iter().find(|kv| kv.key == key.as_bytes())
+        };
         {
             let mut inner = self.fleet.lock();
-            match kv {
+            match find("claim") {
+                Some(kv) => {
+                    self.fleet.apply(&mut inner, kv, false);
+                }
+                // Gone at `at` (a claim made since is newer: kept).
+                None => {
+                    inner.set_claim(&self.base, at, None);
+                }
+            }
+            match find("state") {
                 Some(kv) => {
                     let known = inner.states.get(&self.base).map_or(0, |(r, _)| *r);
                     if kv.mod_revision > known {
-                        self.fleet.apply(&mut inner, &kv, false);
+                        self.fleet.apply(&mut inner, kv, false);
                     }
                 }
                 None => {
-                    inner.states.remove(&self.base);
+                    if inner.states.get(&self.base).is_some_and(|(r, _)| *r <= at) {
+                        inner.states.remove(&self.base);
+                    }
                 }
             }
         }
-        self.fleet.publish_views();
+        self.fleet.publish_one(&self.base);
         Ok(())
     }
 
@@ -778,7 +991,7 @@ impl Seat {
                 inner.states.insert(self.base.clone(), (rev, Some(record)));
             }
         }
-        self.fleet.publish_views();
+        self.fleet.publish_one(&self.base);
         Ok(rev)
     }
 }
@@ -808,5 +1021,39 @@ mod tests {
             }
         }
         assert_eq!(rendezvous(&BTreeSet::new(), "x"), None);
+    }
+
+    #[test]
+    fn a_late_watch_event_does_not_undo_what_this_host_knows_of_a_claim() {
+        let mut inner = Inner::default();
+        assert!(inner.set_claim("b", 10, Some("h1".into())));
+        // Released at 15; then the watch brings the claim made at 10.
+        assert!(inner.set_claim("b", 15, None));
+        assert!(!inner.set_claim("b", 10, Some("h1".into())));
+        assert!(!inner.claims.contains_key("b"));
+        // Claimed by h2 at 20; then the watch brings the release at 15.
+        assert!(inner.set_claim("b", 20, Some("h2".into())));
+        assert!(!inner.set_claim("b", 15, None));
+        assert_eq!(inner.claims.get("b"), Some(&("h2".to_string(), 20)));
+        // The same revision again (this host's own claim, then its watch event) is taken.
+        assert!(inner.set_claim("b", 20, Some("h2".into())));
+    }
+
+    #[test]
+    fn a_new_host_waits_for_the_host_list_well_within_the_lease() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        for (lease, quiet, longest) in [
+            (s(1), ms(100), ms(333)),
+            (s(3), ms(300), s(1)),
+            (s(5), ms(500), ms(1666)),
+            (s(15), s(1), s(5)),
+            (s(600), s(1), s(200)),
+        ] {
+            let (q, l) = settle_times(lease);
+            assert_eq!(q, quiet, "{lease:?}");
+            assert!(l.abs_diff(longest) < ms(1), "{lease:?}: {l:?}");
+            assert!(q <= l && l < lease, "{lease:?}");
+        }
     }
 }
