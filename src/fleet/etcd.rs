@@ -1,15 +1,15 @@
 //! A small etcd v3 client over the stubs `build.rs` generates from the vendored protos in
 //! `proto/etcd` (no system `protoc`): one endpoint at a time, etcd's user/password tokens, TLS
-//! and mTLS, and the few calls fleet mode makes — ranges, transactions with revision compares
-//! (one by one, or many in few round trips), a lease with its keep-alive stream, and a watch
-//! over the prefix.
+//! and mTLS ([`super::tls`]), and the few calls fleet mode makes — ranges, transactions with
+//! revision compares (one by one, or many in few round trips), a lease with its keep-alive
+//! stream, and a watch over the prefix.
 
 use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::FleetConfig;
 
@@ -111,31 +111,38 @@ impl Etcd {
     /// Connects to `endpoint` (one of `[fleet] etcd`) and authenticates when `user` is set.
     pub async fn connect(config: &FleetConfig, endpoint: &url::Url) -> Result<Etcd, EtcdError> {
         let name = endpoint.as_str().trim_end_matches('/').to_string();
-        let mut ep = Endpoint::from_shared(name.clone())
+        let ep = Endpoint::from_shared(name.clone())
             .map_err(|e| err(&name, e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(3))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true);
-        if endpoint.scheme() == "https" {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &config.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| err(&name, format!("ca_file {}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            if let (Some(cert), Some(key)) = (&config.cert, &config.cert_key) {
-                let pem = std::fs::read(cert)
-                    .map_err(|e| err(&name, format!("cert {}: {e}", cert.display())))?;
-                tls = tls.identity(Identity::from_pem(pem, key.value.expose().as_bytes()));
-            }
-            ep = ep
-                .tls_config(tls)
+        let connected = if endpoint.scheme() == "https" {
+            let ca = config
+                .ca_file
+                .as_ref()
+                .ok_or_else(|| err(&name, "https:// endpoints need ca_file"))?;
+            let ca_pem = std::fs::read(ca)
+                .map_err(|e| err(&name, format!("ca_file {}: {e}", ca.display())))?;
+            let cert_pem = match &config.cert {
+                Some(cert) => Some(
+                    std::fs::read(cert)
+                        .map_err(|e| err(&name, format!("cert {}: {e}", cert.display())))?,
+                ),
+                None => None,
+            };
+            let identity = match (&cert_pem, &config.cert_key) {
+                (Some(chain), Some(key)) => Some((chain.as_slice(), key.value.expose().as_bytes())),
+                _ => None,
+            };
+            let connector = super::tls::Connector::new(endpoint, &ca_pem, identity)
                 .map_err(|e| err(&name, format!("TLS settings: {e}")))?;
-        }
-        let channel = tokio::time::timeout(CALL_TIMEOUT, ep.connect())
-            .await
+            tokio::time::timeout(CALL_TIMEOUT, ep.connect_with_connector(connector)).await
+        } else {
+            tokio::time::timeout(CALL_TIMEOUT, ep.connect()).await
+        };
+        let channel = connected
             .map_err(|_| err(&name, "no answer to connect"))?
             .map_err(|e| err(&name, format!("cannot connect: {e}")))?;
         let mut auth = Auth::default();

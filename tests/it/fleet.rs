@@ -466,6 +466,62 @@ async fn fleet_host_with_a_wrong_key_says_so_and_writes_nothing() {
     a.stop().await;
 }
 
+/// `[fleet]` over `https://` with `ca_file`, and a client certificate (`cert`, `cert_key`)
+/// when etcd requires one: the host joins and claims; without the certificate etcd refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_talks_to_etcd_over_mutual_tls() {
+    let (ca, cert, key) = crate::support::test_ca();
+    let Some(etcd) = Etcd::start_tls("fleet over mTLS", &ca, &cert, &key) else {
+        return;
+    };
+    let env = DemoEnv::start(Duration::from_secs(60)).await;
+    let fleet_key = fleet_key();
+    let with_tls = |name: &str, client_cert: bool| {
+        let h = host(&env, &etcd, name, &format!("/tw/{name}"), &fleet_key, 3);
+        let dir = h.config.parent().unwrap().to_path_buf();
+        for (file, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
+            std::fs::write(dir.join(file), pem).unwrap();
+            set_mode(&dir.join(file), 0o600);
+        }
+        let mut extra = format!("ca_file = \"{}\"\n", dir.join("ca.pem").display());
+        if client_cert {
+            extra.push_str(&format!(
+                "cert = \"{}\"\ncert_key = {{ file = \"{}\" }}\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            ));
+        }
+        let text = std::fs::read_to_string(&h.config).unwrap().replacen(
+            "lease = \"3s\"\n",
+            &format!("lease = \"3s\"\n{extra}"),
+            1,
+        );
+        std::fs::write(&h.config, text).unwrap();
+        h
+    };
+    let good = with_tls("mtls", true);
+    let (mut a, _na, _) = DaemonProc::start_ready(&good.config, &[]).await;
+    wait_for("claims made over mTLS", Duration::from_secs(20), || {
+        etcd.keys("/tw/mtls/clients/")
+            .iter()
+            .filter(|k| k.ends_with("/claim"))
+            .count()
+            == 5
+    })
+    .await;
+    assert!(!a.logs().contains("etcd unreachable"), "{}", a.logs());
+    a.stop().await;
+
+    // etcd asks for a client certificate: a host without one is refused and stays local.
+    let bare = with_tls("nocert", false);
+    let (mut b, _nb, _) = DaemonProc::start_ready(&bare.config, &[]).await;
+    b.wait_log("etcd unreachable", Duration::from_secs(15))
+        .await;
+    assert!(etcd.keys("/tw/nocert/").is_empty());
+    assert!(!b.logs().contains(&key), "{}", b.logs());
+    b.stop().await;
+}
+
 /// etcd's current revision.
 fn revision(etcd: &Etcd) -> i64 {
     let out = etcd.ctl(&["get", "/nothing-here", "-w", "json"]);
