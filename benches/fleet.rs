@@ -14,7 +14,9 @@
 //! lifetime in seconds, 60), `TW_FLEET_LEASE` (seconds, 5), `TW_FLEET_SAMPLED` (clients with
 //! a token file on every host, for propagation, 20), `TW_FLEET_BIN` (the daemon binary; default
 //! the one cargo built for this bench), `TW_FLEET_KEEP=1` (keep the work directory, with each
-//! daemon's config and log, and print its path).
+//! daemon's config and log, and print its path), `TW_FLEET_LOG` (the daemons' `log_level`,
+//! `warn`; e.g. `warn,tokenwarden::fleet=debug`), `TW_FLEET_MODES` (`independent,fleet`: the
+//! modes to run).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,9 +63,10 @@ fn config(s: &Setup, h: usize, fleet: Option<(&Etcd, u64)>) -> PathBuf {
         .join(format!("{}h{h}", if fleet.is_some() { "f" } else { "i" }));
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let mut t = format!(
-        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"warn\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
+        "[daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\nlog_level = \"{}\"\nmax_concurrent_refreshes = 64\n\n[defaults]\nrefresh_margin = \"10s\"\nmin_interval = \"2s\"\n\n",
         dir.join("state").display(),
-        dir.join("tw.sock").display()
+        dir.join("tw.sock").display(),
+        std::env::var("TW_FLEET_LOG").unwrap_or_else(|_| "warn".into())
     );
     if let Some((etcd, lease)) = fleet {
         let eps: Vec<String> = etcd
@@ -114,6 +117,7 @@ fn start(config: &Path) -> Child {
 fn wait_ready(config: &Path, clients: usize) {
     let socket = config.with_file_name("tw.sock");
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last_said = Instant::now();
     loop {
         let out = Command::new(bin())
             .args(["status", "--json", "-s"])
@@ -126,6 +130,10 @@ fn wait_ready(config: &Path, clients: usize) {
                 .map_or(0, |a| a.iter().filter(|c| c["state"] == "VALID").count());
             if valid == clients {
                 return;
+            }
+            if last_said.elapsed() >= Duration::from_secs(10) {
+                println!("  {}: {valid} of {clients} valid", config.display());
+                last_said = Instant::now();
             }
         }
         assert!(Instant::now() < deadline, "{} not ready", config.display());
@@ -227,8 +235,12 @@ async fn main() {
         bin()
     );
 
+    let modes = std::env::var("TW_FLEET_MODES").unwrap_or_else(|_| "independent,fleet".into());
     for fleet in [false, true] {
         let mode = if fleet { "fleet" } else { "independent" };
+        if !modes.split(',').any(|m| m.trim() == mode) {
+            continue;
+        }
         let configs: Vec<PathBuf> = (0..hosts)
             .map(|h| config(&s, h, fleet.then_some((&etcd, lease))))
             .collect();
@@ -236,6 +248,7 @@ async fn main() {
         let mut children: Vec<Child> = configs.iter().map(|c| start(c)).collect();
         for c in &configs {
             wait_ready(c, clients);
+            println!("  {}: ready at {:.1?}", c.display(), t0.elapsed());
         }
         println!("{mode}: all {hosts} daemons ready in {:.1?}", t0.elapsed());
         let issued0 = provider.issued(CLIENT_ID);

@@ -1,14 +1,15 @@
 //! A small etcd v3 client over the stubs `build.rs` generates from the vendored protos in
 //! `proto/etcd` (no system `protoc`): one endpoint at a time, etcd's user/password tokens, TLS
-//! and mTLS, and the few calls fleet mode makes — ranges, transactions with revision compares,
-//! a lease with its keep-alive stream, and a watch over the prefix.
+//! and mTLS ([`super::tls`]), and the few calls fleet mode makes — ranges, transactions with
+//! revision compares (one by one, or many in few round trips), a lease with its keep-alive
+//! stream, and a watch over the prefix.
 
 use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::FleetConfig;
 
@@ -43,6 +44,12 @@ pub use pb::mvccpb::KeyValue;
 
 /// How long one call may take (a stream's keep-alive is watched separately).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sub-transactions per transaction in [`Etcd::txn_each`]. etcd refuses a transaction with
+/// more than `--max-txn-ops` (128 by default) compares or operations in a list, and counts a
+/// nested transaction's against what its parent left: n sub-transactions of one compare and
+/// one operation each need n <= 128 and 1 <= 128 - n. 64 stays well inside that.
+pub const BATCH: usize = 64;
 
 /// The largest message taken from etcd: a range over the prefix holds every client's state.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
@@ -104,31 +111,38 @@ impl Etcd {
     /// Connects to `endpoint` (one of `[fleet] etcd`) and authenticates when `user` is set.
     pub async fn connect(config: &FleetConfig, endpoint: &url::Url) -> Result<Etcd, EtcdError> {
         let name = endpoint.as_str().trim_end_matches('/').to_string();
-        let mut ep = Endpoint::from_shared(name.clone())
+        let ep = Endpoint::from_shared(name.clone())
             .map_err(|e| err(&name, e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(3))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true);
-        if endpoint.scheme() == "https" {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &config.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| err(&name, format!("ca_file {}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            if let (Some(cert), Some(key)) = (&config.cert, &config.cert_key) {
-                let pem = std::fs::read(cert)
-                    .map_err(|e| err(&name, format!("cert {}: {e}", cert.display())))?;
-                tls = tls.identity(Identity::from_pem(pem, key.value.expose().as_bytes()));
-            }
-            ep = ep
-                .tls_config(tls)
+        let connected = if endpoint.scheme() == "https" {
+            let ca = config
+                .ca_file
+                .as_ref()
+                .ok_or_else(|| err(&name, "https:// endpoints need ca_file"))?;
+            let ca_pem = std::fs::read(ca)
+                .map_err(|e| err(&name, format!("ca_file {}: {e}", ca.display())))?;
+            let cert_pem = match &config.cert {
+                Some(cert) => Some(
+                    std::fs::read(cert)
+                        .map_err(|e| err(&name, format!("cert {}: {e}", cert.display())))?,
+                ),
+                None => None,
+            };
+            let identity = match (&cert_pem, &config.cert_key) {
+                (Some(chain), Some(key)) => Some((chain.as_slice(), key.value.expose().as_bytes())),
+                _ => None,
+            };
+            let connector = super::tls::Connector::new(endpoint, &ca_pem, identity)
                 .map_err(|e| err(&name, format!("TLS settings: {e}")))?;
-        }
-        let channel = tokio::time::timeout(CALL_TIMEOUT, ep.connect())
-            .await
+            tokio::time::timeout(CALL_TIMEOUT, ep.connect_with_connector(connector)).await
+        } else {
+            tokio::time::timeout(CALL_TIMEOUT, ep.connect()).await
+        };
+        let channel = connected
             .map_err(|_| err(&name, "no answer to connect"))?
             .map_err(|e| err(&name, format!("cannot connect: {e}")))?;
         let mut auth = Auth::default();
@@ -217,6 +231,53 @@ impl Etcd {
         };
         let r = self.call(kv.txn(req)).await?;
         Ok((r.succeeded, r.header.map_or(0, |h| h.revision)))
+    }
+
+    /// Many independent conditional writes in few round trips: each `(compare, op)` runs as a
+    /// sub-transaction (etcd 3.3 or later) of one transaction per [`BATCH`] of them, so that
+    /// one failed compare does not stop the others. Returns, for each in order, whether its
+    /// compare held, and the revision of the transaction it was in (the mod_revision of what
+    /// it wrote).
+    pub async fn txn_each(
+        &self,
+        each: Vec<(Compare, RequestOp)>,
+    ) -> Result<Vec<(bool, i64)>, EtcdError> {
+        use pb::etcdserverpb::response_op::Response;
+        let mut out = Vec::with_capacity(each.len());
+        let mut each = each.into_iter().peekable();
+        while each.peek().is_some() {
+            let success: Vec<RequestOp> = each
+                .by_ref()
+                .take(BATCH)
+                .map(|(c, op)| RequestOp {
+                    request: Some(Op::RequestTxn(TxnRequest {
+                        compare: vec![c],
+                        success: vec![op],
+                        failure: Vec::new(),
+                    })),
+                })
+                .collect();
+            let n = success.len();
+            let mut kv = self.kv.clone();
+            let req = TxnRequest {
+                compare: Vec::new(),
+                success,
+                failure: Vec::new(),
+            };
+            let r = self.call(kv.txn(req)).await?;
+            let rev = r.header.map_or(0, |h| h.revision);
+            if r.responses.len() != n {
+                return Err(err(
+                    &self.endpoint,
+                    format!("a transaction of {n} answered {}", r.responses.len()),
+                ));
+            }
+            out.extend(r.responses.into_iter().map(|op| {
+                let ok = matches!(op.response, Some(Response::ResponseTxn(t)) if t.succeeded);
+                (ok, rev)
+            }));
+        }
+        Ok(out)
     }
 
     /// A lease of `ttl` seconds.

@@ -164,12 +164,20 @@ impl Refresher {
     /// to give instead), `None` to go ahead (then as holder, or locally with etcd unreachable).
     pub(super) async fn fleet_gate(&mut self, trigger: Trigger) -> Option<Answer> {
         let seat = self.seat.as_ref()?;
+        let mut unread = false;
         if seat.view.borrow().role == Role::Holder
             && let Err(e) = seat.read_state().await
         {
             tracing::debug!(client = self.name(), "fleet: state not read: {e}");
+            unread = true;
         }
-        let view = self.seat.as_ref()?.view.borrow().clone();
+        let mut view = self.seat.as_ref()?.view.borrow().clone();
+        if unread && view.role == Role::Holder {
+            // etcd did not confirm that this host still holds the client: it may have been
+            // cut off for longer than `lease`, and another host may be refreshing from the
+            // shared refresh token. Not presented here: this attempt is a local one.
+            view.role = Role::Local;
+        }
         let now = self.now();
         let current = self
             .snapshot
@@ -216,10 +224,25 @@ impl Refresher {
                         self.spent_bootstrap = Some(b);
                     }
                 }
-                self.fleet_read = view.revision;
-                if let Some(seat) = &self.seat {
-                    seat.set_busy(true);
+                if let Some(seat) = &self.seat
+                    && !seat.try_busy()
+                {
+                    // The claim is being handed to another host (one joined): that host asks.
+                    // Looked at again shortly in case the hand-over does not happen.
+                    self.plan(now + std::time::Duration::from_secs(1));
+                    let current = self
+                        .snapshot
+                        .borrow()
+                        .token
+                        .clone()
+                        .filter(|t| t.is_valid_at(now));
+                    return Some(current.map(Ok).unwrap_or_else(|| {
+                        Err(RefreshError::Failed(
+                            "this client is being handed to another host of the fleet".into(),
+                        ))
+                    }));
                 }
+                self.fleet_read = view.revision;
                 None
             }
             Role::Local => {
@@ -289,7 +312,7 @@ impl Refresher {
                 "etcd is unreachable".into(),
             )),
         };
-        seat.set_busy(false);
+        seat.idle();
         match result {
             Ok(rev) => {
                 self.fleet_read = rev;
@@ -311,7 +334,7 @@ impl Refresher {
     /// A token request ended (or never started): the holder's claim may move again.
     pub(super) fn fleet_idle(&self) {
         if let Some(seat) = &self.seat {
-            seat.set_busy(false);
+            seat.idle();
         }
     }
 

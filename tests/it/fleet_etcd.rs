@@ -19,11 +19,31 @@ pub struct Etcd {
     clients: Vec<u16>,
     peers: Vec<u16>,
     members: Vec<Option<std::process::Child>>,
+    /// With [`Etcd::start_tls`]: the client URLs are `https://`, clients must present a
+    /// certificate, and these files are what `etcdctl` uses (CA, certificate, key).
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl Etcd {
     /// `None` (after printing SKIPPED) when the etcd binary is missing.
     pub fn start(what: &str) -> Option<Etcd> {
+        if !Etcd::installed(what) {
+            return None;
+        }
+        Some(Etcd::start_members(3, None))
+    }
+
+    /// One member serving clients over TLS only, with client certificates required (mTLS):
+    /// `ca`, `cert` and `key` are PEM (the certificate, for `127.0.0.1`, serves as etcd's and
+    /// as `etcdctl`'s). `None` (after printing SKIPPED) when the etcd binary is missing.
+    pub fn start_tls(what: &str, ca: &str, cert: &str, key: &str) -> Option<Etcd> {
+        if !Etcd::installed(what) {
+            return None;
+        }
+        Some(Etcd::start_members(1, Some([ca, cert, key])))
+    }
+
+    fn installed(what: &str) -> bool {
         if std::process::Command::new("etcd")
             .arg("--version")
             .output()
@@ -32,21 +52,37 @@ impl Etcd {
             eprintln!(
                 "SKIPPED: etcd not installed ({what}; apt-get install etcd-server etcd-client)"
             );
-            return None;
+            return false;
         }
-        let n = 3;
+        true
+    }
+
+    fn start_members(n: usize, pems: Option<[&str; 3]>) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = pems.map(|pems| {
+            let paths = ["ca.pem", "cert.pem", "key.pem"].map(|n| dir.path().join(n));
+            for (p, pem) in paths.iter().zip(pems) {
+                std::fs::write(p, pem).unwrap();
+            }
+            paths
+        });
         let mut etcd = Etcd {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             token: uuid::Uuid::new_v4().simple().to_string(),
             clients: (0..n).map(|_| free_port()).collect(),
             peers: (0..n).map(|_| free_port()).collect(),
             members: (0..n).map(|_| None).collect(),
+            tls,
         };
         for i in 0..n {
             etcd.start_member(i);
         }
         etcd.wait_healthy();
-        Some(etcd)
+        etcd
+    }
+
+    fn client_scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     fn start_member(&mut self, i: usize) {
@@ -61,15 +97,26 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join(format!("m{i}.log")))
             .unwrap();
-        let child = std::process::Command::new("etcd")
+        let scheme = self.client_scheme();
+        let mut cmd = std::process::Command::new("etcd");
+        if let Some([ca, cert, key]) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("m{i}")))
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", self.clients[i]),
+                &format!("{scheme}://127.0.0.1:{}", self.clients[i]),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", self.clients[i]),
+                &format!("{scheme}://127.0.0.1:{}", self.clients[i]),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", self.peers[i]),
                 "--initial-advertise-peer-urls",
@@ -108,14 +155,22 @@ impl Etcd {
     pub fn endpoints(&self) -> Vec<String> {
         self.clients
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("{}://127.0.0.1:{p}", self.client_scheme()))
             .collect()
     }
 
     /// `etcdctl` against the cluster.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = std::process::Command::new("etcdctl");
+        if let Some([ca, cert, key]) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(ca)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints().join(",")))
             .args(args)
             .output()
