@@ -422,7 +422,7 @@ impl Fleet {
         let (lease, fresh) = self.register(&etcd).await?;
         // Kept alive from now on, in a task of its own: the first claims of a host with many
         // clients may take longer than the lease.
-        let every = self.config.lease / 3;
+        let every = lease_ttl(self.config.lease) / 3;
         let keeper = etcd.clone();
         let mut keep = AbortOnDrop(tokio::spawn(async move {
             keeper.keep_alive(lease, every).await
@@ -566,7 +566,7 @@ impl Fleet {
             Some(_) => return Err(End::NameTaken),
             None => {}
         }
-        let ttl = i64::try_from(self.config.lease.as_secs()).unwrap_or(15);
+        let ttl = i64::try_from(lease_ttl(self.config.lease).as_secs()).unwrap_or(14);
         let lease = etcd.grant(ttl).await?;
         let (ok, _) = etcd
             .txn(
@@ -802,6 +802,15 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The etcd lease's TTL: a second less than `lease`, so that a dead host's clients are taken
+/// within `lease` (docs/fleet.md#failures). etcd notices an expired lease up to 0.5 s late, and
+/// the takeover itself (the watch event, one claim transaction) takes a few milliseconds more.
+fn lease_ttl(lease: Duration) -> Duration {
+    lease
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_secs(2))
 }
 
 /// How long a host that has just registered waits for the host list to settle before it
@@ -1056,6 +1065,14 @@ mod tests {
             assert_eq!(q, quiet, "{lease:?}");
             assert!(l.abs_diff(longest) < ms(1), "{lease:?}: {l:?}");
             assert!(q <= l && l < lease, "{lease:?}");
+        }
+    }
+
+    #[test]
+    fn the_etcd_lease_ends_a_second_before_lease() {
+        let s = Duration::from_secs;
+        for (lease, ttl) in [(s(3), s(2)), (s(5), s(4)), (s(15), s(14)), (s(300), s(299))] {
+            assert_eq!(lease_ttl(lease), ttl, "{lease:?}");
         }
     }
 }

@@ -264,8 +264,9 @@ async fn fleet_hosts_share_one_token_per_client_and_survive_kill_9_of_a_holder()
         "creads-files: taken over by {new_holder} {takeover:?} after kill -9 of {creads_holder}"
     );
     assert!(!new_holder.is_empty(), "nobody took creads-files over");
+    // Within the lease (3 s), plus half a second for this test's own polling through etcdctl.
     assert!(
-        takeover < Duration::from_secs(3 + 2),
+        takeover < Duration::from_millis(3_500),
         "takeover took {takeover:?}"
     );
     let before = token_of(live[0], "creads-files.header");
