@@ -375,17 +375,22 @@ struct Repeated {
 }
 
 impl Repeated {
-    fn log(&mut self, client: &str, message: &str, retry_in: Duration) {
-        if self.note(message) {
-            tracing::warn!(client, retry_in = %Human(retry_in), "token request failed: {message}");
-            if self.count == 3 {
-                tracing::warn!(
-                    client,
-                    "the same error again will be logged at debug level until it changes"
-                );
+    /// Counts `lines` (one failure) and logs them at WARN while [`Self::note`] says so and
+    /// `warn` allows, else at DEBUG; `what` names them in the notice that repeats go to DEBUG.
+    fn log(&mut self, client: &str, what: &str, lines: &[String], retry_in: Duration, warn: bool) {
+        let warn = self.note(&lines.join("; ")) && warn;
+        for line in lines {
+            if warn {
+                tracing::warn!(client, retry_in = %Human(retry_in), "{line}");
+            } else {
+                tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "{line}");
             }
-        } else {
-            tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "token request failed: {message}");
+        }
+        if warn && self.count == 3 {
+            tracing::warn!(
+                client,
+                "the same {what} again will be logged at debug level until it changes"
+            );
         }
     }
 
@@ -655,7 +660,7 @@ impl Refresher {
             && timing_changed
             && self.snapshot.borrow().consecutive_failures == 0
         {
-            self.plan_next(&token, Trigger::Schedule);
+            self.plan(self.next_refresh_at(&token, Trigger::Schedule));
         }
     }
 
@@ -800,7 +805,7 @@ impl Refresher {
                         .holds
                         .note(self.config.token_url.as_str(), Instant::now() + wait);
                 }
-                self.failed(class, failure.error.to_string())
+                self.failed_and_log(class, failure.error.to_string(), true)
             }
         }
     }
@@ -900,13 +905,8 @@ impl Refresher {
             .send_if_modified(|s| !std::mem::replace(&mut s.settled, true));
     }
 
-    fn plan_next(&mut self, token: &Token, trigger: Trigger) {
-        let at = self.next_refresh_at(token, trigger);
-        self.plan(at);
-    }
-
     /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at). For a
-    /// chained client see [`Upstream::plan`].
+    /// chained client see [`chained_refresh_at`].
     fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
         let at = schedule::next_refresh_at(
             &self.config.timing,
@@ -916,10 +916,21 @@ impl Refresher {
             unit(),
             schedule::is_burst(trigger),
         );
-        match &self.upstream {
-            Some(up) => up.plan(at, token, self.config.timing.refresh_margin),
-            None => at,
-        }
+        let Some(up) = &self.upstream else {
+            return at;
+        };
+        let upstream_next = up
+            .snapshot
+            .as_ref()
+            .and_then(|rx| rx.borrow().next_refresh_at);
+        let margin = self.config.timing.refresh_margin;
+        chained_refresh_at(
+            at,
+            token.expires_at,
+            margin,
+            upstream_next,
+            up.subject_expires_at,
+        )
     }
 
     fn plan(&mut self, at: SystemTime) {
@@ -929,13 +940,10 @@ impl Refresher {
         tracing::debug!(client = self.name(), next_refresh_at = %rfc3339(at), "next refresh planned");
     }
 
-    fn failed(&mut self, class: ErrorClass, message: String) -> Answer {
-        self.failed_and_log(class, message, true)
-    }
-
-    /// [`Self::failed`]; `log`: through the WARN-three-times logger, else at DEBUG only (a
-    /// hold: the client told to wait logs the provider's answer itself, and a message that
-    /// alternated with it would defeat the repeat logger).
+    /// A failed attempt: the next one is planned by the backoff, and the snapshot shows the
+    /// failure. `log`: through the WARN-three-times logger, else at DEBUG only (a hold: the
+    /// client told to wait logs the provider's answer itself, and a message that alternated
+    /// with it would defeat the repeat logger).
     fn failed_and_log(&mut self, class: ErrorClass, message: String, log: bool) -> Answer {
         let kind = match class {
             ErrorClass::Retryable { .. } => FailureKind::Retryable,
@@ -948,7 +956,8 @@ impl Refresher {
         let failures = self.backoff.failures();
         let name = self.config.name.clone();
         if log && self.engine.warn_on_failure {
-            self.repeated.log(&name, &message, delay);
+            let line = [format!("token request failed: {message}")];
+            self.repeated.log(&name, "error", &line, delay, true);
         } else {
             tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
         }
@@ -1035,22 +1044,10 @@ impl Refresher {
                 .next_delay(&self.config.timing, FailureKind::Retryable, None, unit())
                 .max(Duration::from_millis(100));
             self.output_retry = Some(Instant::now() + delay);
+            let (client, warn) = (&self.config.name, self.engine.warn_on_failure);
+            self.output_repeated
+                .log(client, "output error", &errors, delay, warn);
             let message = errors.join("; ");
-            let warn = self.output_repeated.note(&message) && self.engine.warn_on_failure;
-            let repeats = self.output_repeated.count;
-            for e in &errors {
-                if warn {
-                    tracing::warn!(client = self.name(), retry_in = %Human(delay), "{e}");
-                } else {
-                    tracing::debug!(client = self.name(), retry_in = %Human(delay), repeats, "{e}");
-                }
-            }
-            if warn && repeats == 3 {
-                tracing::warn!(
-                    client = self.name(),
-                    "the same output error again will be logged at debug level until it changes"
-                );
-            }
             self.snapshot
                 .send_if_modified(|s| s.output_error.replace(message.clone()) != Some(message));
         }
@@ -1117,7 +1114,6 @@ pub struct HeldBack {
 
 impl std::fmt::Display for HeldBack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::oauth::Human;
         // Rounded up to whole seconds: a retry after the time it names must succeed.
         let wait = self.min_interval.saturating_sub(self.age);
         let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
@@ -1198,24 +1194,6 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// A chained client's refresh time, from its own schedule `at`: the upstream's next
-    /// rotation renews this token anyway, so when that comes before the token needs renewing
-    /// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
-    /// rotation, not two); and never after the subject token expires.
-    fn plan(&self, at: SystemTime, token: &Token, margin: Duration) -> SystemTime {
-        let upstream_next = self
-            .snapshot
-            .as_ref()
-            .and_then(|rx| rx.borrow().next_refresh_at);
-        chained_refresh_at(
-            at,
-            token.expires_at,
-            margin,
-            upstream_next,
-            self.subject_expires_at,
-        )
-    }
-
     fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
         config.grant.upstream().map(|name| {
             Box::new(Upstream {
@@ -1228,9 +1206,10 @@ impl Upstream {
     }
 }
 
-/// A chained client's refresh time (pure): its own schedule `at`, or only the fallback
-/// `refresh_margin` before its token expires when the upstream's next rotation comes before
-/// that (the rotation renews it anyway); never after its subject token expires.
+/// A chained client's refresh time (pure), from its own schedule `at`: the upstream's next
+/// rotation renews this token anyway, so when that comes before the token needs renewing
+/// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
+/// rotation, not two); and never after the subject token expires.
 fn chained_refresh_at(
     at: SystemTime,
     expires_at: SystemTime,
