@@ -28,7 +28,7 @@ use crate::logging::LogHandle;
 use crate::refresher::{self, Engine, Reconfigure};
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
-use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
+use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_paths};
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
@@ -111,7 +111,7 @@ impl Daemon {
         let watcher =
             match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
                 Ok(w) => {
-                    if let Err(e) = w.set_globs(watched_globs(&config)) {
+                    if let Err(e) = w.set_globs(config.include_globs()) {
                         tracing::warn!("new included files are not watched (SIGHUP reloads): {e}");
                     }
                     Some(w)
@@ -533,7 +533,7 @@ impl Daemon {
             let globs = diff
                 .daemon
                 .include
-                .then(|| w.set_globs(watched_globs(&new)));
+                .then(|| w.set_globs(new.include_globs()));
             if let Some(Err(e)) = paths.into_iter().chain(globs).find(Result::is_err) {
                 tracing::warn!("cannot watch the new set of files: {e}");
             }

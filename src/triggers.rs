@@ -93,28 +93,6 @@ pub enum ReloadError {
     Thread(#[source] std::io::Error),
 }
 
-/// The `include` globs of `config`, absolute (relative ones are taken from the main file's
-/// directory): a new file matching one is a change like an edited one.
-pub fn watched_globs(config: &Config) -> Vec<PathBuf> {
-    let dir = match config.path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    config
-        .daemon
-        .include
-        .iter()
-        .map(|g| {
-            let g = Path::new(g);
-            if g.is_absolute() {
-                g.to_path_buf()
-            } else {
-                dir.join(g)
-            }
-        })
-        .collect()
-}
-
 /// Every file a reload depends on: the config files that were read and every secret file.
 pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = config.files.clone();

@@ -457,11 +457,7 @@ impl Loader {
         clients: &mut BTreeMap<String, Arc<ClientConfig>>,
     ) {
         let (pattern, loc) = pattern;
-        let full = if Path::new(pattern).is_absolute() {
-            PathBuf::from(pattern)
-        } else {
-            dir.join(pattern)
-        };
+        let full = dir.join(pattern);
         let paths = match glob::glob(&full.to_string_lossy()) {
             Ok(paths) => paths,
             Err(e) => {
@@ -901,8 +897,7 @@ impl Loader {
     /// The main file and the files its `include` globs match now, as a full load reads them.
     fn included(&self, previous: &Config) -> Option<Vec<PathBuf>> {
         let mut files = vec![previous.path.clone()];
-        for pattern in &previous.daemon.include {
-            let full = parent_dir(&previous.path).join(pattern);
+        for full in previous.include_globs() {
             for path in glob::glob(&full.to_string_lossy()).ok()? {
                 let path = path.ok()?;
                 if !files.contains(&path) && path.is_file() {
@@ -921,7 +916,8 @@ fn file_mode(path: &Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
+/// The directory of the config file at `path`, where its relative paths start.
+pub(super) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -1193,12 +1189,7 @@ impl Loader {
             },
         };
         let https = etcd.iter().any(|u| u.scheme() == "https");
-        let ca_file = raw.ca_file.map(|p| {
-            let span = p.span();
-            let path = resolve(dir, p.into_inner());
-            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
-            path
-        });
+        let ca_file = self.ca_file(file, dir, raw.ca_file);
         if https && ca_file.is_none() {
             self.error(
                 here,
@@ -1206,7 +1197,7 @@ impl Loader {
                     .to_string(),
             );
         }
-        let cert = raw.cert.map(|p| resolve(dir, p.into_inner()));
+        let cert = raw.cert.map(|p| dir.join(p.into_inner()));
         let user = raw.user.map(Spanned::into_inner);
         // Each secret goes together with the key before it.
         let [cert_key, password] = [
@@ -1350,12 +1341,7 @@ impl Loader {
         if let Some(c) = &raw.rotate_cron {
             self.ok_at(file, c.span(), check::check_cron(c.get_ref()));
         }
-        let ca_file = raw.ca_file.take().map(|p| {
-            let span = p.span();
-            let path = resolve(dir, p.into_inner());
-            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
-            path
-        });
+        let ca_file = self.ca_file(file, dir, raw.ca_file.take());
         let proxy = match raw.proxy.take() {
             None => Some(ProxyConfig::Env),
             Some(p) if p.get_ref() == "none" => Some(ProxyConfig::None),
@@ -1477,6 +1463,14 @@ impl Loader {
             }
         }
         Some(Some(std::sync::Arc::new(pair)))
+    }
+
+    /// `ca_file`, taken from `dir` when relative, checked (it must hold a CA certificate).
+    fn ca_file(&mut self, file: usize, dir: &Path, p: Option<Spanned<PathBuf>>) -> Option<PathBuf> {
+        let p = p?;
+        let path = dir.join(p.get_ref());
+        self.ok_at(file, p.span(), crate::oauth::check_ca_file(&path));
+        Some(path)
     }
 
     /// `r`'s value; its error is recorded at `span` of `file`.
@@ -1744,7 +1738,8 @@ impl Loader {
         let public = key == "tls_client_cert";
         let mut source = raw.into_inner();
         match &mut source {
-            SecretSource::File(p) => *p = resolve(dir, std::mem::take(p)),
+            // `join` keeps an absolute path as it is.
+            SecretSource::File(p) => *p = dir.join(&*p),
             SecretSource::Env(_) | SecretSource::Credential(_) => {}
             SecretSource::Inline(_) => {
                 if !public && self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
@@ -1930,10 +1925,6 @@ fn not_writable(dir: &Path, uid: u32) -> Option<String> {
         up = a.parent();
     }
     None
-}
-
-fn resolve(dir: &Path, p: PathBuf) -> PathBuf {
-    if p.is_absolute() { p } else { dir.join(p) }
 }
 
 #[derive(Clone, Copy)]

@@ -43,6 +43,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// The `include` globs, absolute (relative ones are taken from the main file's directory):
+    /// a new file matching one is a change like an edited one, for the reload watcher.
+    pub fn include_globs(&self) -> Vec<PathBuf> {
+        let dir = super::load::parent_dir(&self.path);
+        self.daemon.include.iter().map(|g| dir.join(g)).collect()
+    }
+
     /// Every file a secret is read from, for the reload watcher.
     pub fn secret_files(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self
