@@ -31,7 +31,7 @@ use futures_util::{FutureExt, StreamExt};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -257,14 +257,13 @@ impl Services {
         let (parts, mut body) = request.into_parts();
         if WATCH_PATHS.contains(&parts.uri.path()) {
             return match self.watches.clone().try_acquire_owned() {
-                Ok(permit) => Route::Spawn(self.full_holding(
-                    parts,
-                    caller,
-                    VecDeque::new(),
-                    body,
-                    respond,
-                    Some(permit),
-                )),
+                Ok(permit) => {
+                    let call = self.full(parts, caller, VecDeque::new(), body, respond);
+                    Route::Spawn(Box::pin(async move {
+                        call.await;
+                        drop(permit);
+                    }))
+                }
                 Err(_) => {
                     crate::metrics::grpc_request(
                         method_label(parts.uri.path()),
@@ -342,42 +341,30 @@ impl Services {
     /// The call through the tonic services, its body replayed from what was read.
     fn full(
         &self,
-        parts: http::request::Parts,
-        caller: &Option<Arc<Caller>>,
-        chunks: VecDeque<Bytes>,
-        body: h2::RecvStream,
-        respond: h2::server::SendResponse<Bytes>,
-    ) -> Call {
-        self.full_holding(parts, caller, chunks, body, respond, None)
-    }
-
-    /// [`Services::full`], holding `permit` (a Watch stream's place) until the call ends.
-    fn full_holding(
-        &self,
         mut parts: http::request::Parts,
         caller: &Option<Arc<Caller>>,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
-        permit: Option<OwnedSemaphorePermit>,
     ) -> Call {
         if let Some(caller) = caller {
             parts.extensions.insert(caller.clone());
         }
-        let limit = MessageLimit::new(RecvBody::new(chunks, body), self.limits.max_message);
+        let body = RecvBody {
+            read: chunks,
+            inner: body,
+            data_done: false,
+        };
+        let limit = MessageLimit::new(body, self.limits.max_message);
         let tripped = limit.tripped.clone();
         let method = method_label(parts.uri.path());
-        let call = call(
+        Box::pin(call(
             method,
             self.routes.clone(),
             http::Request::from_parts(parts, Body::new(limit)),
             respond,
             tripped,
-        );
-        Box::pin(async move {
-            call.await;
-            drop(permit);
-        })
+        ))
     }
 }
 
@@ -444,12 +431,8 @@ impl<B> MessageLimit<B> {
             data = &data[n..];
             if self.have == 5 {
                 self.have = 0;
-                let len = u32::from_be_bytes([
-                    self.prefix[1],
-                    self.prefix[2],
-                    self.prefix[3],
-                    self.prefix[4],
-                ]);
+                let [_compressed, length @ ..] = self.prefix;
+                let len = u32::from_be_bytes(length);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 if len > self.max {
                     return Err(len as u64);
@@ -636,16 +619,6 @@ pub struct RecvBody {
     read: VecDeque<Bytes>,
     inner: h2::RecvStream,
     data_done: bool,
-}
-
-impl RecvBody {
-    fn new(read: VecDeque<Bytes>, inner: h2::RecvStream) -> RecvBody {
-        RecvBody {
-            read,
-            inner,
-            data_done: false,
-        }
-    }
 }
 
 impl HttpBody for RecvBody {
