@@ -1094,44 +1094,22 @@ impl Loader {
 
 /// `base` with the keys of `raw` laid over it.
 fn merge_timing(file: usize, base: &TimingSrc, raw: RawTiming) -> TimingSrc {
-    let mut t = base.clone();
-    let mut set_f = |key: &'static str, v: Option<Spanned<f64>>, dst: &mut f64| {
-        if let Some(v) = v {
-            t.locs.insert(key, Loader::at(file, v.span()));
-            *dst = v.into_inner();
-        }
-    };
-    let mut timing = t.timing.clone();
-    set_f("refresh_at", raw.refresh_at, &mut timing.refresh_at);
-    set_f("jitter", raw.jitter, &mut timing.jitter);
-    let durations = [
-        (
-            "refresh_margin",
-            raw.refresh_margin,
-            &mut timing.refresh_margin,
-        ),
-        ("min_interval", raw.min_interval, &mut timing.min_interval),
-        (
-            "default_lifetime",
-            raw.default_lifetime,
-            &mut timing.default_lifetime,
-        ),
-        (
-            "retry_initial",
-            raw.retry_initial,
-            &mut timing.retry_initial,
-        ),
-        ("retry_max", raw.retry_max, &mut timing.retry_max),
-        ("timeout", raw.timeout, &mut timing.timeout),
-    ];
-    for (key, v, dst) in durations {
-        if let Some(v) = v {
-            t.locs.insert(key, Loader::at(file, v.span()));
-            *dst = v.into_inner().0;
-        }
+    let TimingSrc {
+        mut timing,
+        mut locs,
+    } = base.clone();
+    // Each key is named as its field in `RawTiming` and `Timing`.
+    macro_rules! lay_over {
+        ($($key:ident),*) => {$(
+            if let Some(v) = raw.$key {
+                locs.insert(stringify!($key), Loader::at(file, v.span()));
+                timing.$key = v.into_inner().into();
+            }
+        )*};
     }
-    t.timing = timing;
-    t
+    lay_over!(refresh_at, jitter, refresh_margin, min_interval);
+    lay_over!(default_lifetime, retry_initial, retry_max, timeout);
+    TimingSrc { timing, locs }
 }
 
 // === impl Loader: [fleet] ===
