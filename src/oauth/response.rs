@@ -368,21 +368,11 @@ fn imf_to_rfc3339(value: &str) -> Option<String> {
     let mut it = value.split_whitespace();
     let _day = it.next()?;
     let dd: u32 = it.next()?.parse().ok()?;
-    let mon = match it.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = it.next()?;
+    let mon = MONTHS.iter().position(|m| *m == month)? + 1;
     let year: u32 = it.next()?.parse().ok()?;
     let time = it.next()?;
     if it.next()? != "GMT" || time.len() != 8 {
