@@ -288,14 +288,13 @@ impl GlobEntry {
             }
             dir.push(c);
         }
-        let mut entry = GlobEntry {
+        // `seen` is filled once the directory is watched ([`FileWatcher::set_globs`]).
+        Some(GlobEntry {
             text,
             pattern,
             dir,
             seen: BTreeSet::new(),
-        };
-        entry.seen = entry.matches();
-        Some(entry)
+        })
     }
 
     /// The regular files matching now.
@@ -406,11 +405,7 @@ impl FileWatcher {
     /// Replaces the include globs: a regular file that starts matching one (dropped into
     /// `conf.d`, say) is reported as changed, as an edited file is.
     pub fn set_globs(&self, globs: Vec<PathBuf>) -> Result<(), ReloadError> {
-        let mut state = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.shared.lock();
         state.globs = globs.into_iter().filter_map(GlobEntry::new).collect();
         let result = state.sync_watches().map(drop);
         // Matches taken after the watches are in place: a file created in between is seen.
@@ -423,11 +418,7 @@ impl FileWatcher {
 
     /// The directories watched right now (for tests and diagnostics).
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
-        let state = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.shared.lock();
         let mut v: Vec<PathBuf> = state.watched.keys().cloned().collect();
         v.sort();
         v
@@ -525,10 +516,14 @@ fn run(
 // === impl WatcherCore ===
 
 impl WatcherCore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watches> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn set_paths(&self, mut paths: Vec<PathBuf>) -> Result<(), ReloadError> {
         paths.sort();
         paths.dedup();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         // The common reload (10,000 secret files, one scope changed): nothing to redo.
         if state.entries.iter().map(|e| &e.path).eq(paths.iter()) {
             return Ok(());
@@ -570,7 +565,7 @@ impl WatcherCore {
 
     /// Applies a batch of relevant events; returns the watched paths that changed.
     fn on_events(&self, batch: &[notify::Result<notify::Event>]) -> Vec<PathBuf> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let rescan = batch.iter().any(|r| match r {
             Ok(event) => event.need_rescan(),
             Err(_) => true,
@@ -637,7 +632,7 @@ impl WatcherCore {
     /// Of the paths changed in a burst, those whose content at its end differs from before it
     /// (or that came back); forgets the burst.
     fn settle(&self, pending: BTreeSet<PathBuf>) -> Vec<PathBuf> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let mut out = Vec::new();
         for entry in state.entries.iter_mut() {
             let baseline = entry.baseline.take();
