@@ -7,7 +7,7 @@
 //! moment an operator runs `status` to see why a reload was refused) still names its socket.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
@@ -291,10 +291,7 @@ pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, Clien
         let first = first.clone();
         let path = path.clone();
         async move {
-            let taken = match first.lock() {
-                Ok(mut g) => g.take(),
-                Err(p) => p.into_inner().take(),
-            };
+            let taken = first.lock().unwrap_or_else(PoisonError::into_inner).take();
             let stream = match taken {
                 Some(s) => s,
                 None => UnixStream::connect(&path).await?,

@@ -12,7 +12,7 @@
 //! If the state cannot be written the token is held back and the save retried, so a refresh
 //! token is never known only to memory while a token made with it is in use.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
@@ -201,10 +201,7 @@ impl UrlHolds {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
-        match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

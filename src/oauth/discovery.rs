@@ -18,7 +18,7 @@
 //!   share one [`Discovery`] entry, so they share one fetch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
@@ -300,10 +300,7 @@ impl Discovery {
     }
 
     fn entry(&self, issuer: &str) -> Arc<tokio::sync::Mutex<Entry>> {
-        let mut map = match self.entries.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         map.entry(issuer.to_string()).or_default().clone()
     }
 
