@@ -443,7 +443,8 @@ fn earliest(
     .min_by_key(|(t, _)| *t)
 }
 
-async fn sleep_opt(at: Option<Instant>) {
+/// Sleeps until `at`; forever without one (a `select!` branch that never fires).
+pub(crate) async fn sleep_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
