@@ -936,11 +936,6 @@ impl Loader {
     ) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
         let before = self.errors.len();
         let mut d = DaemonConfig::default();
-        let mut raw_socket_loc = None;
-        if let Some(s) = raw.socket {
-            raw_socket_loc = Some(Self::at(file, s.span()));
-            d.socket = self.absolute(file, "socket", s);
-        }
         if let Some(m) = raw.socket_mode {
             d.socket_mode = m.into_inner().0;
         }
@@ -958,12 +953,8 @@ impl Loader {
         {
             self.error(loc, format!("state_dir \"{}\": {e}", d.state_dir.display()));
         }
-        if let (Some(socket), Some(raw)) = (&d.socket, &raw_socket_loc)
-            && let Some(dir) = socket.parent()
-            && let Err(e) = self.safe.dir(dir)
-        {
-            self.error(*raw, format!("socket \"{}\": {e}", socket.display()));
-        }
+        // Judged with the daemon's user of this state_dir.
+        d.socket = raw.socket.and_then(|s| self.socket_path(file, "socket", s));
         if let Some(m) = raw.metrics_listen {
             let addr = m.get_ref().parse().map_err(|_| {
                 format!(
@@ -1024,23 +1015,16 @@ impl Loader {
     ) {
         if let Some(s) = socket {
             let loc = Self::at(file, s.span());
-            if let Some(path) = self.absolute(file, "http_socket", s) {
-                if d.socket.as_ref() == Some(&path) {
-                    self.error(
-                        loc,
-                        format!(
-                            "http_socket \"{}\" is also daemon.socket: give the HTTP API a \
-                             socket of its own (such as /run/tokenwarden/http.sock)",
-                            path.display()
-                        ),
-                    );
-                } else if let Some(dir) = path.parent()
-                    && let Err(e) = self.safe.dir(dir)
-                {
-                    self.error(loc, format!("http_socket \"{}\": {e}", path.display()));
-                } else {
-                    d.http_socket = Some(path);
-                }
+            match self.socket_path(file, "http_socket", s) {
+                Some(path) if d.socket.as_ref() == Some(&path) => self.error(
+                    loc,
+                    format!(
+                        "http_socket \"{}\" is also daemon.socket: give the HTTP API a socket \
+                         of its own (such as /run/tokenwarden/http.sock)",
+                        path.display()
+                    ),
+                ),
+                path => d.http_socket = path,
             }
         }
         if let Some(l) = listen {
@@ -1053,6 +1037,19 @@ impl Loader {
         if let Some(a) = audit {
             d.audit = a;
         }
+    }
+
+    /// A socket's path: absolute, in a directory only root or the daemon's user can write.
+    fn socket_path(&mut self, file: usize, key: &str, s: Spanned<PathBuf>) -> Option<PathBuf> {
+        let loc = Self::at(file, s.span());
+        let path = self.absolute(file, key, s)?;
+        if let Some(dir) = path.parent()
+            && let Err(e) = self.safe.dir(dir)
+        {
+            self.error(loc, format!("{key} \"{}\": {e}", path.display()));
+            return None;
+        }
+        Some(path)
     }
 
     fn absolute(&mut self, file: usize, key: &str, p: Spanned<PathBuf>) -> Option<PathBuf> {
