@@ -847,7 +847,8 @@ mod tests {
         request.encode_to_vec()
     }
 
-    /// A call's grpc-status and its whole response body.
+    /// A call's grpc-status (from a trailers-only answer's headers, else its trailers) and its
+    /// whole response body.
     async fn answer_of(resp: h2::client::ResponseFuture) -> (String, Vec<u8>) {
         let resp = resp.await.unwrap();
         if let Some(s) = resp.headers().get("grpc-status") {
@@ -1025,20 +1026,6 @@ mod tests {
         t0.elapsed()
     }
 
-    /// The call's grpc-status: from a trailers-only answer's headers, else its trailers.
-    async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
-        let resp = resp.await.unwrap();
-        if let Some(s) = resp.headers().get("grpc-status") {
-            return s.to_str().unwrap().to_string();
-        }
-        let mut body = resp.into_body();
-        while let Some(d) = body.data().await {
-            let _ = d.unwrap();
-        }
-        let trailers = body.trailers().await.unwrap().unwrap();
-        trailers["grpc-status"].to_str().unwrap().to_string()
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_peer_without_preface_or_settings_is_dropped_at_the_deadline() {
         let limits = Limits::default();
@@ -1108,7 +1095,7 @@ mod tests {
             open.push((resp, body));
         }
         let (resp, _b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
-        assert_eq!(grpc_status(resp).await, "8", "a third Watch is refused");
+        assert_eq!(answer_of(resp).await.0, "8", "a third Watch is refused");
         let (resp, _b) = start_call(
             &mut send,
             "/tokenwarden.v1.TokenService/WatchToken",
@@ -1116,7 +1103,7 @@ mod tests {
             true,
         )
         .await;
-        assert_eq!(grpc_status(resp).await, "8", "WatchToken counts too");
+        assert_eq!(answer_of(resp).await.0, "8", "WatchToken counts too");
         // One ends: its place comes back.
         let (resp, mut body) = open.pop().unwrap();
         body.send_reset(h2::Reason::CANCEL);
@@ -1146,12 +1133,12 @@ mod tests {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         ] {
             let (resp, _b) = start_call(&mut send, path, &big, true).await;
-            assert_eq!(grpc_status(resp).await, "8", "{path}");
+            assert_eq!(answer_of(resp).await.0, "8", "{path}");
         }
         // At the limit: not refused for its size.
         let (resp, _b) =
             start_call(&mut send, "/grpc.health.v1.Health/Check", &[0x0a; 10], true).await;
-        assert_ne!(grpc_status(resp).await, "8");
+        assert_ne!(answer_of(resp).await.0, "8");
         // The server's SETTINGS allowed 16 streams.
         assert_eq!(send.current_max_send_streams(), 16);
     }
