@@ -771,15 +771,8 @@ impl Refresher {
                     self.skew_warned = false;
                 }
                 let generation = self.snapshot.borrow().generation + 1;
-                let new_state = StoredState {
-                    fingerprint: config.identity_fingerprint(),
-                    token: Some(acquired.issued.token),
-                    bound_to: config.token_binding().map(String::from),
-                    next_refresh_at: None,
-                    refresh_token: acquired.refresh_token,
-                    generation,
-                    spent_bootstrap: self.spent_bootstrap.clone(),
-                };
+                let token = Some(acquired.issued.token);
+                let new_state = self.stored_state(token, acquired.refresh_token, generation);
                 self.fleet_commit(&new_state).await;
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
@@ -826,15 +819,7 @@ impl Refresher {
         };
         let at = self.next_refresh_at(&token, trigger);
         state.next_refresh_at = Some(at);
-        let store = self.engine.state.clone();
-        let name = self.config.name.clone();
-        let to_save = state.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save(&name, &to_save)).await;
-        let error = match saved {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("state writer failed: {e}")),
-        };
+        let error = self.save(state.clone()).await.err();
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
             // Said once at ERROR; the retries (with backoff) at DEBUG, until a save succeeds.
@@ -972,23 +957,40 @@ impl Refresher {
         Err(RefreshError::Failed(message))
     }
 
-    async fn save_without_refresh_token(&self) {
-        let snap = self.snapshot.borrow().clone();
-        let state = StoredState {
+    /// What the state directory keeps of `token` and `refresh_token` at `generation`, with this
+    /// client's identity, binding and spent bootstrap, and no plan yet.
+    fn stored_state(
+        &self,
+        token: Option<Token>,
+        refresh_token: Option<Secret>,
+        generation: u64,
+    ) -> StoredState {
+        StoredState {
             fingerprint: self.config.identity_fingerprint(),
-            token: snap.token.as_deref().cloned(),
+            token,
             bound_to: self.config.token_binding().map(String::from),
             next_refresh_at: None,
-            refresh_token: None,
-            generation: snap.generation,
+            refresh_token,
+            generation,
             spent_bootstrap: self.spent_bootstrap.clone(),
-        };
+        }
+    }
+
+    async fn save_without_refresh_token(&self) {
+        let snap = self.snapshot.borrow().clone();
+        let state = self.stored_state(snap.token.as_deref().cloned(), None, snap.generation);
+        if let Err(e) = self.save(state).await {
+            tracing::warn!(client = self.name(), "{e}");
+        }
+    }
+
+    /// Saves `state` off the async workers (file I/O may stall), awaited: a later save must not
+    /// be overtaken by this one.
+    async fn save(&self, state: StoredState) -> Result<(), String> {
         let (store, name) = (self.engine.state.clone(), self.config.name.clone());
-        // Off the async workers, and awaited: a later save must not be overtaken by this one.
         match tokio::task::spawn_blocking(move || store.save(&name, &state)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(client = self.name(), "cannot save state: {e}"),
-            Err(e) => tracing::warn!(client = self.name(), "state writer failed: {e}"),
+            Ok(saved) => saved.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("state writer failed: {e}")),
         }
     }
 
