@@ -144,6 +144,19 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub(crate) const ALL: [LogFormat; 3] = [LogFormat::Auto, LogFormat::Text, LogFormat::Json];
+
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// When to refresh and how to retry (docs/operations.md#refresh-schedule); `[defaults]` and per
 /// client.
 #[derive(Clone, Debug, PartialEq)]
@@ -663,4 +676,23 @@ pub enum OutputFormat {
     Env,
     /// `Authorization: Bearer …` and a newline.
     Header,
+}
+
+impl OutputFormat {
+    pub(crate) const ALL: [OutputFormat; 4] = [
+        OutputFormat::Token,
+        OutputFormat::Json,
+        OutputFormat::Env,
+        OutputFormat::Header,
+    ];
+
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Token => "token",
+            OutputFormat::Json => "json",
+            OutputFormat::Env => "env",
+            OutputFormat::Header => "header",
+        }
+    }
 }
