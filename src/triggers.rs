@@ -104,7 +104,7 @@ pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
 
 // === signals ===
 
-/// The running signal listener of [`signals`]; dropping it (or [`SignalTask::close`]) stops it.
+/// The running signal listener of [`signals`]; dropping it stops it.
 ///
 /// signal-hook keeps its low-level handlers installed for the life of the process: once
 /// [`signals`] has run, SIGHUP, SIGUSR1, SIGTERM and SIGINT no longer have their default
@@ -112,13 +112,6 @@ pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
 pub struct SignalTask {
     handle: signal_hook_tokio::Handle,
     task: tokio::task::JoinHandle<()>,
-}
-
-impl SignalTask {
-    /// Stops listening.
-    pub fn close(self) {
-        // Drop does the work.
-    }
 }
 
 impl Drop for SignalTask {
