@@ -48,8 +48,6 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
-
 /// Something the daemon must act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -91,15 +89,6 @@ pub enum ReloadError {
     /// The watcher's thread could not be started.
     #[error("cannot start the file watcher's thread: {0}")]
     Thread(#[source] std::io::Error),
-}
-
-/// Every file a reload depends on: the config files that were read and every secret file.
-pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = config.files.clone();
-    v.extend(config.secret_files());
-    v.sort();
-    v.dedup();
-    v
 }
 
 // === signals ===

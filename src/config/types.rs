@@ -50,16 +50,11 @@ impl Config {
         self.daemon.include.iter().map(|g| dir.join(g)).collect()
     }
 
-    /// Every file a secret is read from, for the reload watcher.
-    pub fn secret_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self
-            .clients
-            .values()
-            .flat_map(|c| c.secret_paths())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+    /// Every file a reload depends on, for the reload watcher (which sorts them and drops
+    /// repeats): the config files that were read and every file a secret is read from.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let secrets = self.clients.values().flat_map(|c| c.secret_paths());
+        self.files.iter().cloned().chain(secrets).collect()
     }
 }
 
