@@ -205,12 +205,7 @@ fn success(object: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<Issu
         Some(Value::Null) | None => {
             return Err("no access_token in the response".into());
         }
-        Some(other) => {
-            return Err(format!(
-                "access_token is a {}, not a string",
-                json_type(other)
-            ));
-        }
+        Some(other) => return Err(not_a("access_token", "string", other)),
     };
     if access_token
         .chars()
@@ -270,20 +265,13 @@ fn success(object: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<Issu
             }
             v
         }
-        Some(other) => {
-            return Err(format!("scope is a {}, not a string", json_type(other)));
-        }
+        Some(other) => return Err(not_a("scope", "string", other)),
     };
     let refresh_token = match object.get("refresh_token") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(Secret::new(s.clone())),
-        Some(other) => {
-            return Err(format!(
-                "refresh_token is a {}, not a string",
-                json_type(other)
-            ));
-        }
+        Some(other) => return Err(not_a("refresh_token", "string", other)),
     };
     Ok(Issued {
         token: Token {
@@ -308,12 +296,7 @@ pub fn parse_expires_in(v: &Value) -> Result<Duration, String> {
             .trim()
             .parse::<f64>()
             .map_err(|_| "expires_in is a string that is not a number".to_string())?,
-        other => {
-            return Err(format!(
-                "expires_in is a {}, not a number",
-                json_type(other)
-            ));
-        }
+        other => return Err(not_a("expires_in", "number", other)),
     };
     if !secs.is_finite() || secs > MAX_LIFETIME_SECS {
         return Err("expires_in is out of range".into());
@@ -379,6 +362,11 @@ fn imf_to_rfc3339(value: &str) -> Option<String> {
         return None;
     }
     Some(format!("{year:04}-{mon:02}-{dd:02}T{time}Z"))
+}
+
+/// "`key` is a (JSON type of `v`), not a `expected`": the value's type, never the value.
+fn not_a(key: &str, expected: &str, v: &Value) -> String {
+    format!("{key} is a {}, not a {expected}", json_type(v))
 }
 
 fn json_type(v: &Value) -> &'static str {
