@@ -975,20 +975,19 @@ impl Loader {
         {
             d.log_level = l.into_inner();
         }
-        if let Some(n) = raw.max_concurrent_refreshes {
-            let v = usize::try_from(*n.get_ref())
+        let count = |n: &Spanned<i64>, most: usize| {
+            usize::try_from(*n.get_ref())
                 .ok()
-                .filter(|v| *v >= 1)
-                .ok_or("max_concurrent_refreshes must be at least 1");
+                .filter(|v| (1..=most).contains(v))
+        };
+        if let Some(n) = raw.max_concurrent_refreshes {
+            let v = count(&n, usize::MAX).ok_or("max_concurrent_refreshes must be at least 1");
             d.max_concurrent_refreshes = self
                 .ok_at(file, n.span(), v)
                 .unwrap_or(d.max_concurrent_refreshes);
         }
         if let Some(n) = raw.max_connections {
-            let v = usize::try_from(*n.get_ref())
-                .ok()
-                .filter(|v| (1..=1_000_000).contains(v))
-                .ok_or("max_connections must be between 1 and 1000000");
+            let v = count(&n, 1_000_000).ok_or("max_connections must be between 1 and 1000000");
             d.max_connections = self.ok_at(file, n.span(), v).unwrap_or(d.max_connections);
         }
         self.daemon_http(file, &mut d, raw.http_socket, raw.http_listen, raw.audit);
@@ -1263,12 +1262,7 @@ impl Loader {
             if is_secret_value(v.get_ref()) {
                 let span = v.span();
                 let raw = SecretSource::deserialize(ValueDeserializer::from(v))
-                    .map_err(|e| {
-                        self.error(
-                            Self::at(file, span.clone()),
-                            format!("assertion: {}", e.message()),
-                        )
-                    })
+                    .map_err(|e| self.error(loc, format!("assertion: {}", e.message())))
                     .ok()
                     .map(|r| Spanned::new(span, r));
                 return (RawAssertionValue::Ready(raw), loc);
