@@ -618,15 +618,12 @@ impl Refresher {
             Reason::Rotation => Trigger::Rotation,
         };
         let answer = self.attempt(trigger).await;
-        if let Some(r) = reply {
-            let _ = r.send(answer.clone());
-        }
-        // Demands that queued up meanwhile share this attempt's outcome
+        // This demand and those that queued up meanwhile share this attempt's outcome
         // (docs/operations.md#concurrency).
-        while let Some(Command::Refresh { reply, .. }) = self.mailbox.next_command() {
-            if let Some(r) = reply {
-                let _ = r.send(answer.clone());
-            }
+        let queued = std::iter::from_fn(|| self.mailbox.next_command());
+        let replies = queued.map(|Command::Refresh { reply, .. }| reply);
+        for r in std::iter::once(reply).chain(replies).flatten() {
+            let _ = r.send(answer.clone());
         }
     }
 
