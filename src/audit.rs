@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -110,10 +110,7 @@ pub fn enabled() -> bool {
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Seen>> {
-    match SEEN.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
+    SEEN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The executable of `pid` as `/proc` shows it now; `None` when it cannot be read.

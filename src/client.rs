@@ -7,7 +7,7 @@
 //! moment an operator runs `status` to see why a reload was refused) still names its socket.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
@@ -47,7 +47,7 @@ pub enum ClientError {
     Transport { path: PathBuf, message: String },
     /// The daemon answered with an error status.
     #[error("{}", describe(.0))]
-    Rpc(tonic::Status),
+    Rpc(#[from] tonic::Status),
     /// A token without an expiry time, asked for in a format that must carry one (`k8s-exec`).
     #[error(
         "client {0:?}: the daemon sent the token without an expiry time, which --format k8s-exec \
@@ -77,12 +77,6 @@ fn describe(s: &tonic::Status) -> String {
         format!("{what} ({:?})", s.code())
     } else {
         format!("{what}: {message}")
-    }
-}
-
-impl From<tonic::Status> for ClientError {
-    fn from(s: tonic::Status) -> Self {
-        ClientError::Rpc(s)
     }
 }
 
@@ -135,14 +129,17 @@ impl ConfigSocket {
 /// does not parse as a whole is scanned line by line for the `[daemon]` table's `socket = ...`
 /// (a syntax error elsewhere must not hide the daemon from `status`).
 pub fn socket_from_config(path: &Path) -> ConfigSocket {
+    skim(path).map(|text| socket_in(&text)).unwrap_or_default()
+}
+
+/// The first [`CONFIG_SKIM_LIMIT`] bytes of a config file, if it can be read as text.
+fn skim(path: &Path) -> Option<String> {
     use std::io::Read as _;
     let mut text = String::new();
-    let read =
-        std::fs::File::open(path).and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text));
-    if read.is_err() {
-        return ConfigSocket::default();
-    }
-    socket_in(&text)
+    std::fs::File::open(path)
+        .and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text))
+        .ok()?;
+    Some(text)
 }
 
 /// [`socket_from_config`] on the file's text.
@@ -210,15 +207,7 @@ fn scan_daemon_socket(text: &str) -> Option<String> {
 /// is scanned line by line for table headers. Sorted, without duplicates; empty when nothing
 /// can be read.
 pub fn clients_from_config(path: &Path) -> Vec<String> {
-    use std::io::Read as _;
-    let read = |p: &Path| -> Option<String> {
-        let mut text = String::new();
-        std::fs::File::open(p)
-            .and_then(|f| f.take(CONFIG_SKIM_LIMIT).read_to_string(&mut text))
-            .ok()?;
-        Some(text)
-    };
-    let Some(text) = read(path) else {
+    let Some(text) = skim(path) else {
         return Vec::new();
     };
     let mut names = clients_in(&text);
@@ -238,7 +227,7 @@ pub fn clients_from_config(path: &Path) -> Vec<String> {
             .filter_map(Result::ok)
             .take(1000);
         for f in files {
-            if let Some(t) = read(&f) {
+            if let Some(t) = skim(&f) {
                 names.extend(clients_in(&t));
             }
         }
@@ -302,10 +291,7 @@ pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, Clien
         let first = first.clone();
         let path = path.clone();
         async move {
-            let taken = match first.lock() {
-                Ok(mut g) => g.take(),
-                Err(p) => p.into_inner().take(),
-            };
+            let taken = first.lock().unwrap_or_else(PoisonError::into_inner).take();
             let stream = match taken {
                 Some(s) => s,
                 None => UnixStream::connect(&path).await?,
@@ -406,8 +392,7 @@ pub enum Format {
 pub const EXEC_CREDENTIAL_API: &str = "client.authentication.k8s.io/v1";
 
 fn time_of(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
-    let t = t?;
-    SystemTime::try_from(*t).ok()
+    SystemTime::try_from(*t?).ok()
 }
 
 fn rfc3339_of(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -545,10 +530,8 @@ fn status_rows(clients: &[pb::ClientStatus], now: SystemTime) -> String {
     let mut line = |cells: &[&str]| {
         let mut l = String::new();
         for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                l.push_str(cell);
+            l.push_str(cell);
+            if i + 1 < cells.len() {
                 let pad = widths[i] - cell.chars().count() + 2;
                 l.extend(std::iter::repeat_n(' ', pad));
             }

@@ -28,7 +28,7 @@ use crate::logging::LogHandle;
 use crate::refresher::{self, Engine, Reconfigure};
 use crate::store::{Command, Posted, Reason, Store};
 use crate::systemd::Notifier;
-use crate::triggers::{self, Event, FileWatcher, ReloadReason, watched_globs, watched_paths};
+use crate::triggers::{self, Event, FileWatcher, ReloadReason};
 
 /// How long shutdown waits for in-flight requests and writes.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
@@ -109,9 +109,9 @@ impl Daemon {
         let (events_tx, events) = mpsc::channel(64);
         let signals = triggers::signals(events_tx.clone()).map_err(DaemonError::Signals)?;
         let watcher =
-            match FileWatcher::start(watched_paths(&config), RELOAD_DEBOUNCE, events_tx.clone()) {
+            match FileWatcher::start(config.watched_files(), RELOAD_DEBOUNCE, events_tx.clone()) {
                 Ok(w) => {
-                    if let Err(e) = w.set_globs(watched_globs(&config)) {
+                    if let Err(e) = w.set_globs(config.include_globs()) {
                         tracing::warn!("new included files are not watched (SIGHUP reloads): {e}");
                     }
                     Some(w)
@@ -529,11 +529,11 @@ impl Daemon {
             !(diff.added.is_empty() && diff.removed.is_empty() && diff.changed.is_empty())
                 || new.files != self.config.files;
         if let Some(w) = &self.watcher {
-            let paths = clients_moved.then(|| w.set_paths(watched_paths(&new)));
+            let paths = clients_moved.then(|| w.set_paths(new.watched_files()));
             let globs = diff
                 .daemon
                 .include
-                .then(|| w.set_globs(watched_globs(&new)));
+                .then(|| w.set_globs(new.include_globs()));
             if let Some(Err(e)) = paths.into_iter().chain(globs).find(Result::is_err) {
                 tracing::warn!("cannot watch the new set of files: {e}");
             }

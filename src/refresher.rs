@@ -12,7 +12,7 @@
 //! If the state cannot be written the token is held back and the save retried, so a refresh
 //! token is never known only to memory while a token made with it is in use.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
@@ -201,10 +201,7 @@ impl UrlHolds {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
-        match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -375,17 +372,22 @@ struct Repeated {
 }
 
 impl Repeated {
-    fn log(&mut self, client: &str, message: &str, retry_in: Duration) {
-        if self.note(message) {
-            tracing::warn!(client, retry_in = %Human(retry_in), "token request failed: {message}");
-            if self.count == 3 {
-                tracing::warn!(
-                    client,
-                    "the same error again will be logged at debug level until it changes"
-                );
+    /// Counts `lines` (one failure) and logs them at WARN while [`Self::note`] says so and
+    /// `warn` allows, else at DEBUG; `what` names them in the notice that repeats go to DEBUG.
+    fn log(&mut self, client: &str, what: &str, lines: &[String], retry_in: Duration, warn: bool) {
+        let warn = self.note(&lines.join("; ")) && warn;
+        for line in lines {
+            if warn {
+                tracing::warn!(client, retry_in = %Human(retry_in), "{line}");
+            } else {
+                tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "{line}");
             }
-        } else {
-            tracing::debug!(client, retry_in = %Human(retry_in), repeats = self.count, "token request failed: {message}");
+        }
+        if warn && self.count == 3 {
+            tracing::warn!(
+                client,
+                "the same {what} again will be logged at debug level until it changes"
+            );
         }
     }
 
@@ -441,7 +443,8 @@ fn earliest(
     .min_by_key(|(t, _)| *t)
 }
 
-async fn sleep_opt(at: Option<Instant>) {
+/// Sleeps until `at`; forever without one (a `select!` branch that never fires).
+pub(crate) async fn sleep_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -615,15 +618,12 @@ impl Refresher {
             Reason::Rotation => Trigger::Rotation,
         };
         let answer = self.attempt(trigger).await;
-        if let Some(r) = reply {
-            let _ = r.send(answer.clone());
-        }
-        // Demands that queued up meanwhile share this attempt's outcome
+        // This demand and those that queued up meanwhile share this attempt's outcome
         // (docs/operations.md#concurrency).
-        while let Some(Command::Refresh { reply, .. }) = self.mailbox.next_command() {
-            if let Some(r) = reply {
-                let _ = r.send(answer.clone());
-            }
+        let queued = std::iter::from_fn(|| self.mailbox.next_command());
+        let replies = queued.map(|Command::Refresh { reply, .. }| reply);
+        for r in std::iter::once(reply).chain(replies).flatten() {
+            let _ = r.send(answer.clone());
         }
     }
 
@@ -655,7 +655,7 @@ impl Refresher {
             && timing_changed
             && self.snapshot.borrow().consecutive_failures == 0
         {
-            self.plan_next(&token, Trigger::Schedule);
+            self.plan(self.next_refresh_at(&token, Trigger::Schedule));
         }
     }
 
@@ -768,15 +768,8 @@ impl Refresher {
                     self.skew_warned = false;
                 }
                 let generation = self.snapshot.borrow().generation + 1;
-                let new_state = StoredState {
-                    fingerprint: config.identity_fingerprint(),
-                    token: Some(acquired.issued.token),
-                    bound_to: config.token_binding().map(String::from),
-                    next_refresh_at: None,
-                    refresh_token: acquired.refresh_token,
-                    generation,
-                    spent_bootstrap: self.spent_bootstrap.clone(),
-                };
+                let token = Some(acquired.issued.token);
+                let new_state = self.stored_state(token, acquired.refresh_token, generation);
                 self.fleet_commit(&new_state).await;
                 match self.commit(new_state, trigger).await {
                     Some(answer) => answer,
@@ -800,7 +793,7 @@ impl Refresher {
                         .holds
                         .note(self.config.token_url.as_str(), Instant::now() + wait);
                 }
-                self.failed(class, failure.error.to_string())
+                self.failed_and_log(class, failure.error.to_string(), true)
             }
         }
     }
@@ -823,15 +816,7 @@ impl Refresher {
         };
         let at = self.next_refresh_at(&token, trigger);
         state.next_refresh_at = Some(at);
-        let store = self.engine.state.clone();
-        let name = self.config.name.clone();
-        let to_save = state.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save(&name, &to_save)).await;
-        let error = match saved {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("state writer failed: {e}")),
-        };
+        let error = self.save(state.clone()).await.err();
         self.refresh_token = state.refresh_token.clone();
         if let Some(e) = error {
             // Said once at ERROR; the retries (with backoff) at DEBUG, until a save succeeds.
@@ -900,13 +885,8 @@ impl Refresher {
             .send_if_modified(|s| !std::mem::replace(&mut s.settled, true));
     }
 
-    fn plan_next(&mut self, token: &Token, trigger: Trigger) {
-        let at = self.next_refresh_at(token, trigger);
-        self.plan(at);
-    }
-
     /// When to refresh `token`, got because of `trigger` (schedule::next_refresh_at). For a
-    /// chained client see [`Upstream::plan`].
+    /// chained client see [`chained_refresh_at`].
     fn next_refresh_at(&self, token: &Token, trigger: Trigger) -> SystemTime {
         let at = schedule::next_refresh_at(
             &self.config.timing,
@@ -916,10 +896,21 @@ impl Refresher {
             unit(),
             schedule::is_burst(trigger),
         );
-        match &self.upstream {
-            Some(up) => up.plan(at, token, self.config.timing.refresh_margin),
-            None => at,
-        }
+        let Some(up) = &self.upstream else {
+            return at;
+        };
+        let upstream_next = up
+            .snapshot
+            .as_ref()
+            .and_then(|rx| rx.borrow().next_refresh_at);
+        let margin = self.config.timing.refresh_margin;
+        chained_refresh_at(
+            at,
+            token.expires_at,
+            margin,
+            upstream_next,
+            up.subject_expires_at,
+        )
     }
 
     fn plan(&mut self, at: SystemTime) {
@@ -929,13 +920,10 @@ impl Refresher {
         tracing::debug!(client = self.name(), next_refresh_at = %rfc3339(at), "next refresh planned");
     }
 
-    fn failed(&mut self, class: ErrorClass, message: String) -> Answer {
-        self.failed_and_log(class, message, true)
-    }
-
-    /// [`Self::failed`]; `log`: through the WARN-three-times logger, else at DEBUG only (a
-    /// hold: the client told to wait logs the provider's answer itself, and a message that
-    /// alternated with it would defeat the repeat logger).
+    /// A failed attempt: the next one is planned by the backoff, and the snapshot shows the
+    /// failure. `log`: through the WARN-three-times logger, else at DEBUG only (a hold: the
+    /// client told to wait logs the provider's answer itself, and a message that alternated
+    /// with it would defeat the repeat logger).
     fn failed_and_log(&mut self, class: ErrorClass, message: String, log: bool) -> Answer {
         let kind = match class {
             ErrorClass::Retryable { .. } => FailureKind::Retryable,
@@ -948,7 +936,8 @@ impl Refresher {
         let failures = self.backoff.failures();
         let name = self.config.name.clone();
         if log && self.engine.warn_on_failure {
-            self.repeated.log(&name, &message, delay);
+            let line = [format!("token request failed: {message}")];
+            self.repeated.log(&name, "error", &line, delay, true);
         } else {
             tracing::debug!(client = %name, retry_in = %Human(delay), "{message}");
         }
@@ -965,23 +954,40 @@ impl Refresher {
         Err(RefreshError::Failed(message))
     }
 
-    async fn save_without_refresh_token(&self) {
-        let snap = self.snapshot.borrow().clone();
-        let state = StoredState {
+    /// What the state directory keeps of `token` and `refresh_token` at `generation`, with this
+    /// client's identity, binding and spent bootstrap, and no plan yet.
+    fn stored_state(
+        &self,
+        token: Option<Token>,
+        refresh_token: Option<Secret>,
+        generation: u64,
+    ) -> StoredState {
+        StoredState {
             fingerprint: self.config.identity_fingerprint(),
-            token: snap.token.as_deref().cloned(),
+            token,
             bound_to: self.config.token_binding().map(String::from),
             next_refresh_at: None,
-            refresh_token: None,
-            generation: snap.generation,
+            refresh_token,
+            generation,
             spent_bootstrap: self.spent_bootstrap.clone(),
-        };
+        }
+    }
+
+    async fn save_without_refresh_token(&self) {
+        let snap = self.snapshot.borrow().clone();
+        let state = self.stored_state(snap.token.as_deref().cloned(), None, snap.generation);
+        if let Err(e) = self.save(state).await {
+            tracing::warn!(client = self.name(), "{e}");
+        }
+    }
+
+    /// Saves `state` off the async workers (file I/O may stall), awaited: a later save must not
+    /// be overtaken by this one.
+    async fn save(&self, state: StoredState) -> Result<(), String> {
         let (store, name) = (self.engine.state.clone(), self.config.name.clone());
-        // Off the async workers, and awaited: a later save must not be overtaken by this one.
         match tokio::task::spawn_blocking(move || store.save(&name, &state)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(client = self.name(), "cannot save state: {e}"),
-            Err(e) => tracing::warn!(client = self.name(), "state writer failed: {e}"),
+            Ok(saved) => saved.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("state writer failed: {e}")),
         }
     }
 
@@ -1035,22 +1041,10 @@ impl Refresher {
                 .next_delay(&self.config.timing, FailureKind::Retryable, None, unit())
                 .max(Duration::from_millis(100));
             self.output_retry = Some(Instant::now() + delay);
+            let (client, warn) = (&self.config.name, self.engine.warn_on_failure);
+            self.output_repeated
+                .log(client, "output error", &errors, delay, warn);
             let message = errors.join("; ");
-            let warn = self.output_repeated.note(&message) && self.engine.warn_on_failure;
-            let repeats = self.output_repeated.count;
-            for e in &errors {
-                if warn {
-                    tracing::warn!(client = self.name(), retry_in = %Human(delay), "{e}");
-                } else {
-                    tracing::debug!(client = self.name(), retry_in = %Human(delay), repeats, "{e}");
-                }
-            }
-            if warn && repeats == 3 {
-                tracing::warn!(
-                    client = self.name(),
-                    "the same output error again will be logged at debug level until it changes"
-                );
-            }
             self.snapshot
                 .send_if_modified(|s| s.output_error.replace(message.clone()) != Some(message));
         }
@@ -1117,7 +1111,6 @@ pub struct HeldBack {
 
 impl std::fmt::Display for HeldBack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::oauth::Human;
         // Rounded up to whole seconds: a retry after the time it names must succeed.
         let wait = self.min_interval.saturating_sub(self.age);
         let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
@@ -1198,24 +1191,6 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// A chained client's refresh time, from its own schedule `at`: the upstream's next
-    /// rotation renews this token anyway, so when that comes before the token needs renewing
-    /// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
-    /// rotation, not two); and never after the subject token expires.
-    fn plan(&self, at: SystemTime, token: &Token, margin: Duration) -> SystemTime {
-        let upstream_next = self
-            .snapshot
-            .as_ref()
-            .and_then(|rx| rx.borrow().next_refresh_at);
-        chained_refresh_at(
-            at,
-            token.expires_at,
-            margin,
-            upstream_next,
-            self.subject_expires_at,
-        )
-    }
-
     fn of(config: &ClientConfig) -> Option<Box<Upstream>> {
         config.grant.upstream().map(|name| {
             Box::new(Upstream {
@@ -1228,9 +1203,10 @@ impl Upstream {
     }
 }
 
-/// A chained client's refresh time (pure): its own schedule `at`, or only the fallback
-/// `refresh_margin` before its token expires when the upstream's next rotation comes before
-/// that (the rotation renews it anyway); never after its subject token expires.
+/// A chained client's refresh time (pure), from its own schedule `at`: the upstream's next
+/// rotation renews this token anyway, so when that comes before the token needs renewing
+/// (`refresh_margin` ahead of its expiry), only that fallback is planned (one request per
+/// rotation, not two); and never after the subject token expires.
 fn chained_refresh_at(
     at: SystemTime,
     expires_at: SystemTime,

@@ -6,7 +6,7 @@
 //! valid, and EXPIRED is reached on time even while a request hangs.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, oneshot, watch};
@@ -305,10 +305,7 @@ impl Mailbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        match self.queue.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -400,17 +397,11 @@ impl Store {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ClientSlot>> {
-        match self.clients.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.clients.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ClientSlot>> {
-        match self.clients.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.clients.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -48,8 +48,6 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
-
 /// Something the daemon must act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -93,40 +91,9 @@ pub enum ReloadError {
     Thread(#[source] std::io::Error),
 }
 
-/// The `include` globs of `config`, absolute (relative ones are taken from the main file's
-/// directory): a new file matching one is a change like an edited one.
-pub fn watched_globs(config: &Config) -> Vec<PathBuf> {
-    let dir = match config.path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    config
-        .daemon
-        .include
-        .iter()
-        .map(|g| {
-            let g = Path::new(g);
-            if g.is_absolute() {
-                g.to_path_buf()
-            } else {
-                dir.join(g)
-            }
-        })
-        .collect()
-}
-
-/// Every file a reload depends on: the config files that were read and every secret file.
-pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = config.files.clone();
-    v.extend(config.secret_files());
-    v.sort();
-    v.dedup();
-    v
-}
-
 // === signals ===
 
-/// The running signal listener of [`signals`]; dropping it (or [`SignalTask::close`]) stops it.
+/// The running signal listener of [`signals`]; dropping it stops it.
 ///
 /// signal-hook keeps its low-level handlers installed for the life of the process: once
 /// [`signals`] has run, SIGHUP, SIGUSR1, SIGTERM and SIGINT no longer have their default
@@ -134,13 +101,6 @@ pub fn watched_paths(config: &Config) -> Vec<PathBuf> {
 pub struct SignalTask {
     handle: signal_hook_tokio::Handle,
     task: tokio::task::JoinHandle<()>,
-}
-
-impl SignalTask {
-    /// Stops listening.
-    pub fn close(self) {
-        // Drop does the work.
-    }
 }
 
 impl Drop for SignalTask {
@@ -310,14 +270,13 @@ impl GlobEntry {
             }
             dir.push(c);
         }
-        let mut entry = GlobEntry {
+        // `seen` is filled once the directory is watched ([`FileWatcher::set_globs`]).
+        Some(GlobEntry {
             text,
             pattern,
             dir,
             seen: BTreeSet::new(),
-        };
-        entry.seen = entry.matches();
-        Some(entry)
+        })
     }
 
     /// The regular files matching now.
@@ -428,11 +387,7 @@ impl FileWatcher {
     /// Replaces the include globs: a regular file that starts matching one (dropped into
     /// `conf.d`, say) is reported as changed, as an edited file is.
     pub fn set_globs(&self, globs: Vec<PathBuf>) -> Result<(), ReloadError> {
-        let mut state = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.shared.lock();
         state.globs = globs.into_iter().filter_map(GlobEntry::new).collect();
         let result = state.sync_watches().map(drop);
         // Matches taken after the watches are in place: a file created in between is seen.
@@ -445,11 +400,7 @@ impl FileWatcher {
 
     /// The directories watched right now (for tests and diagnostics).
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
-        let state = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.shared.lock();
         let mut v: Vec<PathBuf> = state.watched.keys().cloned().collect();
         v.sort();
         v
@@ -547,10 +498,14 @@ fn run(
 // === impl WatcherCore ===
 
 impl WatcherCore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watches> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn set_paths(&self, mut paths: Vec<PathBuf>) -> Result<(), ReloadError> {
         paths.sort();
         paths.dedup();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         // The common reload (10,000 secret files, one scope changed): nothing to redo.
         if state.entries.iter().map(|e| &e.path).eq(paths.iter()) {
             return Ok(());
@@ -592,7 +547,7 @@ impl WatcherCore {
 
     /// Applies a batch of relevant events; returns the watched paths that changed.
     fn on_events(&self, batch: &[notify::Result<notify::Event>]) -> Vec<PathBuf> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let rescan = batch.iter().any(|r| match r {
             Ok(event) => event.need_rescan(),
             Err(_) => true,
@@ -659,7 +614,7 @@ impl WatcherCore {
     /// Of the paths changed in a burst, those whose content at its end differs from before it
     /// (or that came back); forgets the burst.
     fn settle(&self, pending: BTreeSet<PathBuf>) -> Vec<PathBuf> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let mut out = Vec::new();
         for entry in state.entries.iter_mut() {
             let baseline = entry.baseline.take();

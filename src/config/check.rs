@@ -18,6 +18,14 @@ pub(crate) enum GrantKind {
 }
 
 impl GrantKind {
+    const ALL: [GrantKind; 5] = [
+        GrantKind::ClientCredentials,
+        GrantKind::Password,
+        GrantKind::RefreshToken,
+        GrantKind::JwtBearer,
+        GrantKind::TokenExchange,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             GrantKind::ClientCredentials => "client_credentials",
@@ -43,6 +51,17 @@ pub(crate) enum AuthKind {
 }
 
 impl AuthKind {
+    const ALL: [AuthKind; 8] = [
+        AuthKind::Basic,
+        AuthKind::Post,
+        AuthKind::SecretJwt,
+        AuthKind::PrivateKeyJwt,
+        AuthKind::None,
+        AuthKind::ClientAssertion,
+        AuthKind::TlsClientAuth,
+        AuthKind::SelfSignedTlsClientAuth,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             AuthKind::Basic => "client_secret_basic",
@@ -85,90 +104,50 @@ impl AuthKind {
     }
 }
 
-const GRANT_NAMES: [&str; 5] = [
-    "client_credentials",
-    "password",
-    "refresh_token",
-    "jwt_bearer",
-    "token_exchange",
-];
-const AUTH_NAMES: [&str; 8] = [
-    "client_secret_basic",
-    "client_secret_post",
-    "client_secret_jwt",
-    "private_key_jwt",
-    "none",
-    "client_assertion",
-    "tls_client_auth",
-    "self_signed_tls_client_auth",
-];
+/// The one of `all` whose `name` is `text`; else the error for an unknown `what`, with the
+/// nearest name suggested.
+fn parse_named<T: Copy>(
+    what: &str,
+    text: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| name(*v) == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            format!("unknown {what} \"{text}\"{}", suggestion(text, &names))
+        })
+}
 
-/// `grant_type`: a short name or the RFC 7523 URN.
+/// `grant_type`: a short name or the RFC 7523 (jwt_bearer) or RFC 8693 (token_exchange) URN.
 pub(crate) fn parse_grant(text: &str) -> Result<GrantKind, String> {
-    Ok(match text {
-        "client_credentials" => GrantKind::ClientCredentials,
-        "password" => GrantKind::Password,
-        "refresh_token" => GrantKind::RefreshToken,
-        "jwt_bearer" | JWT_BEARER_GRANT => GrantKind::JwtBearer,
-        "token_exchange" | TOKEN_EXCHANGE_GRANT => GrantKind::TokenExchange,
-        _ => {
-            return Err(format!(
-                "unknown grant_type \"{text}\"{}",
-                suggestion(text, &GRANT_NAMES)
-            ));
-        }
-    })
+    match text {
+        JWT_BEARER_GRANT => Ok(GrantKind::JwtBearer),
+        TOKEN_EXCHANGE_GRANT => Ok(GrantKind::TokenExchange),
+        _ => parse_named("grant_type", text, &GrantKind::ALL, GrantKind::name),
+    }
 }
 
 /// `client_auth`.
 pub(crate) fn parse_client_auth(text: &str) -> Result<AuthKind, String> {
-    Ok(match text {
-        "client_secret_basic" => AuthKind::Basic,
-        "client_secret_post" => AuthKind::Post,
-        "client_secret_jwt" => AuthKind::SecretJwt,
-        "private_key_jwt" => AuthKind::PrivateKeyJwt,
-        "client_assertion" => AuthKind::ClientAssertion,
-        "none" => AuthKind::None,
-        "tls_client_auth" => AuthKind::TlsClientAuth,
-        "self_signed_tls_client_auth" => AuthKind::SelfSignedTlsClientAuth,
-        _ => {
-            return Err(format!(
-                "unknown client_auth \"{text}\"{}",
-                suggestion(text, &AUTH_NAMES)
-            ));
-        }
-    })
+    parse_named("client_auth", text, &AuthKind::ALL, AuthKind::name)
 }
 
 /// An output's `format`.
 pub(crate) fn parse_output_format(text: &str) -> Result<OutputFormat, String> {
-    Ok(match text {
-        "token" => OutputFormat::Token,
-        "json" => OutputFormat::Json,
-        "env" => OutputFormat::Env,
-        "header" => OutputFormat::Header,
-        _ => {
-            return Err(format!(
-                "unknown output format \"{text}\"{}",
-                suggestion(text, &["token", "json", "env", "header"])
-            ));
-        }
-    })
+    parse_named(
+        "output format",
+        text,
+        &OutputFormat::ALL,
+        OutputFormat::name,
+    )
 }
 
 /// `daemon.log_format`.
 pub(crate) fn parse_log_format(text: &str) -> Result<LogFormat, String> {
-    Ok(match text {
-        "auto" => LogFormat::Auto,
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        _ => {
-            return Err(format!(
-                "unknown log_format \"{text}\"{}",
-                suggestion(text, &["auto", "text", "json"])
-            ));
-        }
-    })
+    parse_named("log_format", text, &LogFormat::ALL, LogFormat::name)
 }
 
 /// Whether `name` is a client name: `[A-Za-z0-9_.-]{1,64}` (docs/configuration.md#clientsname).

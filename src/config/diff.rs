@@ -120,26 +120,7 @@ impl DaemonChanges {
 
     /// Whether any key changed.
     pub fn any(&self) -> bool {
-        let DaemonChanges {
-            socket,
-            socket_mode,
-            metrics_listen,
-            logging,
-            state_dir,
-            max_concurrent_refreshes,
-            max_connections,
-            include,
-            http,
-        } = *self;
-        socket
-            || socket_mode
-            || metrics_listen
-            || logging
-            || state_dir
-            || max_concurrent_refreshes
-            || max_connections
-            || include
-            || http
+        *self != DaemonChanges::default()
     }
 }
 

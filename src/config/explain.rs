@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::time::Duration;
 
-use super::types::{ClientAuth, ClientConfig, Grant, OutputConfig, OutputFormat, Timing};
+use super::types::{ClientAuth, ClientConfig, Grant, OutputConfig, Timing};
 
 /// A changed key, and what it changed from and to when the value may be shown.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,15 +274,6 @@ fn client_auth(v: &mut Changes, old: &ClientAuth, new: &ClientAuth) {
     }
 }
 
-fn format_name(f: OutputFormat) -> &'static str {
-    match f {
-        OutputFormat::Token => "token",
-        OutputFormat::Json => "json",
-        OutputFormat::Env => "env",
-        OutputFormat::Header => "header",
-    }
-}
-
 /// Outputs by path: `+PATH` added, `-PATH` removed, `PATH (mode 0600 -> 0640)` changed, or
 /// `order` when only their order differs.
 fn outputs(v: &mut Changes, old: &[OutputConfig], new: &[OutputConfig]) {
@@ -301,7 +292,7 @@ fn outputs(v: &mut Changes, old: &[OutputConfig], new: &[OutputConfig]) {
             None => parts.push(format!("+{path}")),
             Some(oout) if oout != nout => {
                 let mut what = Changes::default();
-                what.plain("format", format_name(oout.format), format_name(nout.format));
+                what.plain("format", oout.format.name(), nout.format.name());
                 what.plain(
                     "mode",
                     &format!("{:04o}", oout.mode),

@@ -457,11 +457,7 @@ impl Loader {
         clients: &mut BTreeMap<String, Arc<ClientConfig>>,
     ) {
         let (pattern, loc) = pattern;
-        let full = if Path::new(pattern).is_absolute() {
-            PathBuf::from(pattern)
-        } else {
-            dir.join(pattern)
-        };
+        let full = dir.join(pattern);
         let paths = match glob::glob(&full.to_string_lossy()) {
             Ok(paths) => paths,
             Err(e) => {
@@ -901,8 +897,7 @@ impl Loader {
     /// The main file and the files its `include` globs match now, as a full load reads them.
     fn included(&self, previous: &Config) -> Option<Vec<PathBuf>> {
         let mut files = vec![previous.path.clone()];
-        for pattern in &previous.daemon.include {
-            let full = parent_dir(&previous.path).join(pattern);
+        for full in previous.include_globs() {
             for path in glob::glob(&full.to_string_lossy()).ok()? {
                 let path = path.ok()?;
                 if !files.contains(&path) && path.is_file() {
@@ -921,7 +916,8 @@ fn file_mode(path: &Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
+/// The directory of the config file at `path`, where its relative paths start.
+pub(super) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -940,11 +936,6 @@ impl Loader {
     ) -> (Option<DaemonConfig>, Vec<(String, Loc)>) {
         let before = self.errors.len();
         let mut d = DaemonConfig::default();
-        let mut raw_socket_loc = None;
-        if let Some(s) = raw.socket {
-            raw_socket_loc = Some(Self::at(file, s.span()));
-            d.socket = self.absolute(file, "socket", s);
-        }
         if let Some(m) = raw.socket_mode {
             d.socket_mode = m.into_inner().0;
         }
@@ -962,12 +953,8 @@ impl Loader {
         {
             self.error(loc, format!("state_dir \"{}\": {e}", d.state_dir.display()));
         }
-        if let (Some(socket), Some(raw)) = (&d.socket, &raw_socket_loc)
-            && let Some(dir) = socket.parent()
-            && let Err(e) = self.safe.dir(dir)
-        {
-            self.error(*raw, format!("socket \"{}\": {e}", socket.display()));
-        }
+        // Judged with the daemon's user of this state_dir.
+        d.socket = raw.socket.and_then(|s| self.socket_path(file, "socket", s));
         if let Some(m) = raw.metrics_listen {
             let addr = m.get_ref().parse().map_err(|_| {
                 format!(
@@ -988,20 +975,19 @@ impl Loader {
         {
             d.log_level = l.into_inner();
         }
-        if let Some(n) = raw.max_concurrent_refreshes {
-            let v = usize::try_from(*n.get_ref())
+        let count = |n: &Spanned<i64>, most: usize| {
+            usize::try_from(*n.get_ref())
                 .ok()
-                .filter(|v| *v >= 1)
-                .ok_or("max_concurrent_refreshes must be at least 1");
+                .filter(|v| (1..=most).contains(v))
+        };
+        if let Some(n) = raw.max_concurrent_refreshes {
+            let v = count(&n, usize::MAX).ok_or("max_concurrent_refreshes must be at least 1");
             d.max_concurrent_refreshes = self
                 .ok_at(file, n.span(), v)
                 .unwrap_or(d.max_concurrent_refreshes);
         }
         if let Some(n) = raw.max_connections {
-            let v = usize::try_from(*n.get_ref())
-                .ok()
-                .filter(|v| (1..=1_000_000).contains(v))
-                .ok_or("max_connections must be between 1 and 1000000");
+            let v = count(&n, 1_000_000).ok_or("max_connections must be between 1 and 1000000");
             d.max_connections = self.ok_at(file, n.span(), v).unwrap_or(d.max_connections);
         }
         self.daemon_http(file, &mut d, raw.http_socket, raw.http_listen, raw.audit);
@@ -1028,23 +1014,16 @@ impl Loader {
     ) {
         if let Some(s) = socket {
             let loc = Self::at(file, s.span());
-            if let Some(path) = self.absolute(file, "http_socket", s) {
-                if d.socket.as_ref() == Some(&path) {
-                    self.error(
-                        loc,
-                        format!(
-                            "http_socket \"{}\" is also daemon.socket: give the HTTP API a \
-                             socket of its own (such as /run/tokenwarden/http.sock)",
-                            path.display()
-                        ),
-                    );
-                } else if let Some(dir) = path.parent()
-                    && let Err(e) = self.safe.dir(dir)
-                {
-                    self.error(loc, format!("http_socket \"{}\": {e}", path.display()));
-                } else {
-                    d.http_socket = Some(path);
-                }
+            match self.socket_path(file, "http_socket", s) {
+                Some(path) if d.socket.as_ref() == Some(&path) => self.error(
+                    loc,
+                    format!(
+                        "http_socket \"{}\" is also daemon.socket: give the HTTP API a socket \
+                         of its own (such as /run/tokenwarden/http.sock)",
+                        path.display()
+                    ),
+                ),
+                path => d.http_socket = path,
             }
         }
         if let Some(l) = listen {
@@ -1057,6 +1036,19 @@ impl Loader {
         if let Some(a) = audit {
             d.audit = a;
         }
+    }
+
+    /// A socket's path: absolute, in a directory only root or the daemon's user can write.
+    fn socket_path(&mut self, file: usize, key: &str, s: Spanned<PathBuf>) -> Option<PathBuf> {
+        let loc = Self::at(file, s.span());
+        let path = self.absolute(file, key, s)?;
+        if let Some(dir) = path.parent()
+            && let Err(e) = self.safe.dir(dir)
+        {
+            self.error(loc, format!("{key} \"{}\": {e}", path.display()));
+            return None;
+        }
+        Some(path)
     }
 
     fn absolute(&mut self, file: usize, key: &str, p: Spanned<PathBuf>) -> Option<PathBuf> {
@@ -1098,44 +1090,22 @@ impl Loader {
 
 /// `base` with the keys of `raw` laid over it.
 fn merge_timing(file: usize, base: &TimingSrc, raw: RawTiming) -> TimingSrc {
-    let mut t = base.clone();
-    let mut set_f = |key: &'static str, v: Option<Spanned<f64>>, dst: &mut f64| {
-        if let Some(v) = v {
-            t.locs.insert(key, Loader::at(file, v.span()));
-            *dst = v.into_inner();
-        }
-    };
-    let mut timing = t.timing.clone();
-    set_f("refresh_at", raw.refresh_at, &mut timing.refresh_at);
-    set_f("jitter", raw.jitter, &mut timing.jitter);
-    let durations = [
-        (
-            "refresh_margin",
-            raw.refresh_margin,
-            &mut timing.refresh_margin,
-        ),
-        ("min_interval", raw.min_interval, &mut timing.min_interval),
-        (
-            "default_lifetime",
-            raw.default_lifetime,
-            &mut timing.default_lifetime,
-        ),
-        (
-            "retry_initial",
-            raw.retry_initial,
-            &mut timing.retry_initial,
-        ),
-        ("retry_max", raw.retry_max, &mut timing.retry_max),
-        ("timeout", raw.timeout, &mut timing.timeout),
-    ];
-    for (key, v, dst) in durations {
-        if let Some(v) = v {
-            t.locs.insert(key, Loader::at(file, v.span()));
-            *dst = v.into_inner().0;
-        }
+    let TimingSrc {
+        mut timing,
+        mut locs,
+    } = base.clone();
+    // Each key is named as its field in `RawTiming` and `Timing`.
+    macro_rules! lay_over {
+        ($($key:ident),*) => {$(
+            if let Some(v) = raw.$key {
+                locs.insert(stringify!($key), Loader::at(file, v.span()));
+                timing.$key = v.into_inner().into();
+            }
+        )*};
     }
-    t.timing = timing;
-    t
+    lay_over!(refresh_at, jitter, refresh_margin, min_interval);
+    lay_over!(default_lifetime, retry_initial, retry_max, timeout);
+    TimingSrc { timing, locs }
 }
 
 // === impl Loader: [fleet] ===
@@ -1193,12 +1163,7 @@ impl Loader {
             },
         };
         let https = etcd.iter().any(|u| u.scheme() == "https");
-        let ca_file = raw.ca_file.map(|p| {
-            let span = p.span();
-            let path = resolve(dir, p.into_inner());
-            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
-            path
-        });
+        let ca_file = self.ca_file(file, dir, raw.ca_file);
         if https && ca_file.is_none() {
             self.error(
                 here,
@@ -1206,7 +1171,7 @@ impl Loader {
                     .to_string(),
             );
         }
-        let cert = raw.cert.map(|p| resolve(dir, p.into_inner()));
+        let cert = raw.cert.map(|p| dir.join(p.into_inner()));
         let user = raw.user.map(Spanned::into_inner);
         // Each secret goes together with the key before it.
         let [cert_key, password] = [
@@ -1297,12 +1262,7 @@ impl Loader {
             if is_secret_value(v.get_ref()) {
                 let span = v.span();
                 let raw = SecretSource::deserialize(ValueDeserializer::from(v))
-                    .map_err(|e| {
-                        self.error(
-                            Self::at(file, span.clone()),
-                            format!("assertion: {}", e.message()),
-                        )
-                    })
+                    .map_err(|e| self.error(loc, format!("assertion: {}", e.message())))
                     .ok()
                     .map(|r| Spanned::new(span, r));
                 return (RawAssertionValue::Ready(raw), loc);
@@ -1350,12 +1310,7 @@ impl Loader {
         if let Some(c) = &raw.rotate_cron {
             self.ok_at(file, c.span(), check::check_cron(c.get_ref()));
         }
-        let ca_file = raw.ca_file.take().map(|p| {
-            let span = p.span();
-            let path = resolve(dir, p.into_inner());
-            self.ok_at(file, span, crate::oauth::check_ca_file(&path));
-            path
-        });
+        let ca_file = self.ca_file(file, dir, raw.ca_file.take());
         let proxy = match raw.proxy.take() {
             None => Some(ProxyConfig::Env),
             Some(p) if p.get_ref() == "none" => Some(ProxyConfig::None),
@@ -1477,6 +1432,14 @@ impl Loader {
             }
         }
         Some(Some(std::sync::Arc::new(pair)))
+    }
+
+    /// `ca_file`, taken from `dir` when relative, checked (it must hold a CA certificate).
+    fn ca_file(&mut self, file: usize, dir: &Path, p: Option<Spanned<PathBuf>>) -> Option<PathBuf> {
+        let p = p?;
+        let path = dir.join(p.get_ref());
+        self.ok_at(file, p.span(), crate::oauth::check_ca_file(&path));
+        Some(path)
     }
 
     /// `r`'s value; its error is recorded at `span` of `file`.
@@ -1744,7 +1707,8 @@ impl Loader {
         let public = key == "tls_client_cert";
         let mut source = raw.into_inner();
         match &mut source {
-            SecretSource::File(p) => *p = resolve(dir, std::mem::take(p)),
+            // `join` keeps an absolute path as it is.
+            SecretSource::File(p) => *p = dir.join(&*p),
             SecretSource::Env(_) | SecretSource::Credential(_) => {}
             SecretSource::Inline(_) => {
                 if !public && self.files[file].mode.is_some_and(|m| m & 0o077 != 0) {
@@ -1930,10 +1894,6 @@ fn not_writable(dir: &Path, uid: u32) -> Option<String> {
         up = a.parent();
     }
     None
-}
-
-fn resolve(dir: &Path, p: PathBuf) -> PathBuf {
-    if p.is_absolute() { p } else { dir.join(p) }
 }
 
 #[derive(Clone, Copy)]

@@ -189,6 +189,12 @@ impl<T> Visitor<'_> for StrOrInt<T> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct HumanDuration(pub Duration);
 
+impl From<HumanDuration> for Duration {
+    fn from(d: HumanDuration) -> Duration {
+        d.0
+    }
+}
+
 /// Parses a humantime duration, with a message that shows the expected form.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| {

@@ -43,16 +43,18 @@ pub struct Config {
 }
 
 impl Config {
-    /// Every file a secret is read from, for the reload watcher.
-    pub fn secret_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self
-            .clients
-            .values()
-            .flat_map(|c| c.secret_paths())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+    /// The `include` globs, absolute (relative ones are taken from the main file's directory):
+    /// a new file matching one is a change like an edited one, for the reload watcher.
+    pub fn include_globs(&self) -> Vec<PathBuf> {
+        let dir = super::load::parent_dir(&self.path);
+        self.daemon.include.iter().map(|g| dir.join(g)).collect()
+    }
+
+    /// Every file a reload depends on, for the reload watcher (which sorts them and drops
+    /// repeats): the config files that were read and every file a secret is read from.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let secrets = self.clients.values().flat_map(|c| c.secret_paths());
+        self.files.iter().cloned().chain(secrets).collect()
     }
 }
 
@@ -135,6 +137,19 @@ pub enum LogFormat {
     Auto,
     Text,
     Json,
+}
+
+impl LogFormat {
+    pub(crate) const ALL: [LogFormat; 3] = [LogFormat::Auto, LogFormat::Text, LogFormat::Json];
+
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// When to refresh and how to retry (docs/operations.md#refresh-schedule); `[defaults]` and per
@@ -656,4 +671,23 @@ pub enum OutputFormat {
     Env,
     /// `Authorization: Bearer …` and a newline.
     Header,
+}
+
+impl OutputFormat {
+    pub(crate) const ALL: [OutputFormat; 4] = [
+        OutputFormat::Token,
+        OutputFormat::Json,
+        OutputFormat::Env,
+        OutputFormat::Header,
+    ];
+
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Token => "token",
+            OutputFormat::Json => "json",
+            OutputFormat::Env => "env",
+            OutputFormat::Header => "header",
+        }
+    }
 }

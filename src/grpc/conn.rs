@@ -31,7 +31,7 @@ use futures_util::{FutureExt, StreamExt};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -257,14 +257,13 @@ impl Services {
         let (parts, mut body) = request.into_parts();
         if WATCH_PATHS.contains(&parts.uri.path()) {
             return match self.watches.clone().try_acquire_owned() {
-                Ok(permit) => Route::Spawn(self.full_holding(
-                    parts,
-                    caller,
-                    VecDeque::new(),
-                    body,
-                    respond,
-                    Some(permit),
-                )),
+                Ok(permit) => {
+                    let call = self.full(parts, caller, VecDeque::new(), body, respond);
+                    Route::Spawn(Box::pin(async move {
+                        call.await;
+                        drop(permit);
+                    }))
+                }
                 Err(_) => {
                     crate::metrics::grpc_request(
                         method_label(parts.uri.path()),
@@ -342,42 +341,30 @@ impl Services {
     /// The call through the tonic services, its body replayed from what was read.
     fn full(
         &self,
-        parts: http::request::Parts,
-        caller: &Option<Arc<Caller>>,
-        chunks: VecDeque<Bytes>,
-        body: h2::RecvStream,
-        respond: h2::server::SendResponse<Bytes>,
-    ) -> Call {
-        self.full_holding(parts, caller, chunks, body, respond, None)
-    }
-
-    /// [`Services::full`], holding `permit` (a Watch stream's place) until the call ends.
-    fn full_holding(
-        &self,
         mut parts: http::request::Parts,
         caller: &Option<Arc<Caller>>,
         chunks: VecDeque<Bytes>,
         body: h2::RecvStream,
         respond: h2::server::SendResponse<Bytes>,
-        permit: Option<OwnedSemaphorePermit>,
     ) -> Call {
         if let Some(caller) = caller {
             parts.extensions.insert(caller.clone());
         }
-        let limit = MessageLimit::new(RecvBody::new(chunks, body), self.limits.max_message);
+        let body = RecvBody {
+            read: chunks,
+            inner: body,
+            data_done: false,
+        };
+        let limit = MessageLimit::new(body, self.limits.max_message);
         let tripped = limit.tripped.clone();
         let method = method_label(parts.uri.path());
-        let call = call(
+        Box::pin(call(
             method,
             self.routes.clone(),
             http::Request::from_parts(parts, Body::new(limit)),
             respond,
             tripped,
-        );
-        Box::pin(async move {
-            call.await;
-            drop(permit);
-        })
+        ))
     }
 }
 
@@ -444,12 +431,8 @@ impl<B> MessageLimit<B> {
             data = &data[n..];
             if self.have == 5 {
                 self.have = 0;
-                let len = u32::from_be_bytes([
-                    self.prefix[1],
-                    self.prefix[2],
-                    self.prefix[3],
-                    self.prefix[4],
-                ]);
+                let [_compressed, length @ ..] = self.prefix;
+                let len = u32::from_be_bytes(length);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 if len > self.max {
                     return Err(len as u64);
@@ -636,16 +619,6 @@ pub struct RecvBody {
     read: VecDeque<Bytes>,
     inner: h2::RecvStream,
     data_done: bool,
-}
-
-impl RecvBody {
-    fn new(read: VecDeque<Bytes>, inner: h2::RecvStream) -> RecvBody {
-        RecvBody {
-            read,
-            inner,
-            data_done: false,
-        }
-    }
 }
 
 impl HttpBody for RecvBody {
@@ -874,7 +847,8 @@ mod tests {
         request.encode_to_vec()
     }
 
-    /// A call's grpc-status and its whole response body.
+    /// A call's grpc-status (from a trailers-only answer's headers, else its trailers) and its
+    /// whole response body.
     async fn answer_of(resp: h2::client::ResponseFuture) -> (String, Vec<u8>) {
         let resp = resp.await.unwrap();
         if let Some(s) = resp.headers().get("grpc-status") {
@@ -1052,20 +1026,6 @@ mod tests {
         t0.elapsed()
     }
 
-    /// The call's grpc-status: from a trailers-only answer's headers, else its trailers.
-    async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
-        let resp = resp.await.unwrap();
-        if let Some(s) = resp.headers().get("grpc-status") {
-            return s.to_str().unwrap().to_string();
-        }
-        let mut body = resp.into_body();
-        while let Some(d) = body.data().await {
-            let _ = d.unwrap();
-        }
-        let trailers = body.trailers().await.unwrap().unwrap();
-        trailers["grpc-status"].to_str().unwrap().to_string()
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_peer_without_preface_or_settings_is_dropped_at_the_deadline() {
         let limits = Limits::default();
@@ -1135,7 +1095,7 @@ mod tests {
             open.push((resp, body));
         }
         let (resp, _b) = start_call(&mut send, "/grpc.health.v1.Health/Watch", &[], true).await;
-        assert_eq!(grpc_status(resp).await, "8", "a third Watch is refused");
+        assert_eq!(answer_of(resp).await.0, "8", "a third Watch is refused");
         let (resp, _b) = start_call(
             &mut send,
             "/tokenwarden.v1.TokenService/WatchToken",
@@ -1143,7 +1103,7 @@ mod tests {
             true,
         )
         .await;
-        assert_eq!(grpc_status(resp).await, "8", "WatchToken counts too");
+        assert_eq!(answer_of(resp).await.0, "8", "WatchToken counts too");
         // One ends: its place comes back.
         let (resp, mut body) = open.pop().unwrap();
         body.send_reset(h2::Reason::CANCEL);
@@ -1173,12 +1133,12 @@ mod tests {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         ] {
             let (resp, _b) = start_call(&mut send, path, &big, true).await;
-            assert_eq!(grpc_status(resp).await, "8", "{path}");
+            assert_eq!(answer_of(resp).await.0, "8", "{path}");
         }
         // At the limit: not refused for its size.
         let (resp, _b) =
             start_call(&mut send, "/grpc.health.v1.Health/Check", &[0x0a; 10], true).await;
-        assert_ne!(grpc_status(resp).await, "8");
+        assert_ne!(answer_of(resp).await.0, "8");
         // The server's SETTINGS allowed 16 streams.
         assert_eq!(send.current_max_send_streams(), 16);
     }

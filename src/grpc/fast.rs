@@ -11,7 +11,7 @@
 //! body replayed, so errors and waits behave as they always have.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,10 +51,7 @@ impl AnswerCache {
     /// The encoded answer for `client`'s `token` of `generation`, encoding it on first use.
     pub fn answer(&self, client: &str, token: &Arc<Token>, generation: u64) -> Bytes {
         {
-            let answers = match self.answers.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let answers = self.answers.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(a) = answers.get(client)
                 && a.generation == generation
                 && Arc::ptr_eq(&a.token, token)
@@ -63,10 +60,7 @@ impl AnswerCache {
             }
         }
         let bytes = encode(&token_message(client, token, generation));
-        let mut answers = match self.answers.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut answers = self.answers.write().unwrap_or_else(PoisonError::into_inner);
         let now = SystemTime::now();
         answers.retain(|_, a| a.token.is_valid_at(now));
         answers.insert(

@@ -184,7 +184,7 @@ impl TokenApi {
                         return Err(ApiError::NotFound(client.to_string()));
                     }
                 }
-                _ = sleep_until_opt(deadline) => {
+                _ = refresher::sleep_opt(deadline) => {
                     return Err(ApiError::DeadlineExceeded(client.to_string()));
                 }
                 _ = self.stop.cancelled() => return Err(ApiError::Stopping),
@@ -234,7 +234,7 @@ impl TokenApi {
     ) -> Result<(Arc<Token>, u64), ApiError> {
         let answer = tokio::select! {
             a = refresher::request(slot, reason) => a,
-            _ = sleep_until_opt(deadline) => {
+            _ = refresher::sleep_opt(deadline) => {
                 return Err(ApiError::DeadlineExceeded(client.to_string()));
             }
             _ = self.stop.cancelled() => return Err(ApiError::Stopping),
@@ -333,13 +333,6 @@ fn unavailable(client: &str, snap: &Snapshot, now: SystemTime) -> ApiError {
     ApiError::Unavailable {
         client: client.to_string(),
         reason,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -18,7 +18,7 @@
 //!   share one [`Discovery`] entry, so they share one fetch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{OAuthError, printable};
-use super::response::MAX_BODY;
+use super::response::{MAX_BODY, json_error};
 use crate::config::ClientConfig;
 use crate::state::StateDir;
 use crate::token::unix_seconds;
@@ -80,14 +80,8 @@ impl Metadata {
     /// error says what is wrong by field and JSON position; it quotes only the document's
     /// `issuer` and endpoint URLs (printable, cut to 200 characters), never anything else.
     pub fn parse(body: &[u8], issuer: &str) -> Result<Metadata, Refusal> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            Refusal::NotMetadata(format!(
-                "not JSON ({:?} error at line {}, column {})",
-                e.classify(),
-                e.line(),
-                e.column()
-            ))
-        })?;
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| Refusal::NotMetadata(format!("not JSON ({})", json_error(&e))))?;
         let Value::Object(map) = value else {
             return Err(Refusal::NotMetadata("not a JSON object".into()));
         };
@@ -300,10 +294,7 @@ impl Discovery {
     }
 
     fn entry(&self, issuer: &str) -> Arc<tokio::sync::Mutex<Entry>> {
-        let mut map = match self.entries.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         map.entry(issuer.to_string()).or_default().clone()
     }
 
@@ -556,23 +547,19 @@ pub async fn fetch(http: &reqwest::Client, client: &ClientConfig) -> Result<Cach
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(fail(
-            format!(
-                "no answer within {} (the client's timeout)",
-                humantime::format_duration(timeout)
-            ),
-            false,
-        )),
+        Err(_) => Err(fail(no_answer(timeout), false)),
     }
+}
+
+fn no_answer(timeout: Duration) -> String {
+    let timeout = humantime::format_duration(timeout);
+    format!("no answer within {timeout} (the client's timeout)")
 }
 
 /// A failed GET in words: a timeout says which.
 fn failure(e: reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
-        format!(
-            "no answer within {} (the client's timeout)",
-            humantime::format_duration(timeout)
-        )
+        no_answer(timeout)
     } else {
         super::chain(&e.without_url())
     }

@@ -25,7 +25,7 @@ mod trace;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -162,10 +162,7 @@ impl HttpClients {
             return self.get_with_cert(client, cert, proxy);
         }
         let key = (client.ca_file.clone(), proxy);
-        let mut map = match self.clients.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
@@ -181,10 +178,10 @@ impl HttpClients {
         cert: &ClientCert,
         proxy: Option<ProxyUrl>,
     ) -> Result<reqwest::Client, OAuthError> {
-        let mut map = match self.with_cert.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = self
+            .with_cert
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = map.get(&client.name)
             && pool.digest == cert.digest
             && pool.ca_file == client.ca_file

@@ -205,12 +205,7 @@ fn success(object: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<Issu
         Some(Value::Null) | None => {
             return Err("no access_token in the response".into());
         }
-        Some(other) => {
-            return Err(format!(
-                "access_token is a {}, not a string",
-                json_type(other)
-            ));
-        }
+        Some(other) => return Err(not_a("access_token", "string", other)),
     };
     if access_token
         .chars()
@@ -270,20 +265,13 @@ fn success(object: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<Issu
             }
             v
         }
-        Some(other) => {
-            return Err(format!("scope is a {}, not a string", json_type(other)));
-        }
+        Some(other) => return Err(not_a("scope", "string", other)),
     };
     let refresh_token = match object.get("refresh_token") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(Secret::new(s.clone())),
-        Some(other) => {
-            return Err(format!(
-                "refresh_token is a {}, not a string",
-                json_type(other)
-            ));
-        }
+        Some(other) => return Err(not_a("refresh_token", "string", other)),
     };
     Ok(Issued {
         token: Token {
@@ -308,12 +296,7 @@ pub fn parse_expires_in(v: &Value) -> Result<Duration, String> {
             .trim()
             .parse::<f64>()
             .map_err(|_| "expires_in is a string that is not a number".to_string())?,
-        other => {
-            return Err(format!(
-                "expires_in is a {}, not a number",
-                json_type(other)
-            ));
-        }
+        other => return Err(not_a("expires_in", "number", other)),
     };
     if !secs.is_finite() || secs > MAX_LIFETIME_SECS {
         return Err("expires_in is out of range".into());
@@ -368,27 +351,22 @@ fn imf_to_rfc3339(value: &str) -> Option<String> {
     let mut it = value.split_whitespace();
     let _day = it.next()?;
     let dd: u32 = it.next()?.parse().ok()?;
-    let mon = match it.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = it.next()?;
+    let mon = MONTHS.iter().position(|m| *m == month)? + 1;
     let year: u32 = it.next()?.parse().ok()?;
     let time = it.next()?;
     if it.next()? != "GMT" || time.len() != 8 {
         return None;
     }
     Some(format!("{year:04}-{mon:02}-{dd:02}T{time}Z"))
+}
+
+/// "`key` is a (JSON type of `v`), not a `expected`": the value's type, never the value.
+fn not_a(key: &str, expected: &str, v: &Value) -> String {
+    format!("{key} is a {}, not a {expected}", json_type(v))
 }
 
 fn json_type(v: &Value) -> &'static str {

@@ -861,23 +861,20 @@ impl Ledger {
             ))
         };
         match presented {
-            Presented::Basic { client_id, secret } => {
+            Presented::Basic { client_id, secret } | Presented::Post { client_id, secret } => {
                 let c = self.find(client_id, dialects)?;
-                match &c.auth {
-                    ExpectedAuth::Basic { secret: s } if s == secret => Ok(c),
-                    ExpectedAuth::Basic { .. } => {
-                        Err(Reject::invalid_client("wrong client secret"))
+                let expected = match (&c.auth, presented) {
+                    (ExpectedAuth::Basic { secret }, Presented::Basic { .. })
+                    | (ExpectedAuth::Post { secret }, Presented::Post { .. }) => secret,
+                    (_, Presented::Basic { .. }) => {
+                        return Err(wrong_method(&c, "client_secret_basic"));
                     }
-                    _ => Err(wrong_method(&c, "client_secret_basic")),
+                    _ => return Err(wrong_method(&c, "client_secret_post")),
+                };
+                if expected != secret {
+                    return Err(Reject::invalid_client("wrong client secret"));
                 }
-            }
-            Presented::Post { client_id, secret } => {
-                let c = self.find(client_id, dialects)?;
-                match &c.auth {
-                    ExpectedAuth::Post { secret: s } if s == secret => Ok(c),
-                    ExpectedAuth::Post { .. } => Err(Reject::invalid_client("wrong client secret")),
-                    _ => Err(wrong_method(&c, "client_secret_post")),
-                }
+                Ok(c)
             }
             Presented::Assertion {
                 client_id,
