@@ -179,12 +179,7 @@ impl Refresher {
             view.role = Role::Local;
         }
         let now = self.now();
-        let current = self
-            .snapshot
-            .borrow()
-            .token
-            .clone()
-            .filter(|t| t.is_valid_at(now));
+        let current = self.snapshot.borrow().valid_token(now).cloned();
         match view.role {
             Role::Follower => {
                 self.fleet_plan(&view);
@@ -230,12 +225,7 @@ impl Refresher {
                     // The claim is being handed to another host (one joined): that host asks.
                     // Looked at again shortly in case the hand-over does not happen.
                     self.plan(now + std::time::Duration::from_secs(1));
-                    let current = self
-                        .snapshot
-                        .borrow()
-                        .token
-                        .clone()
-                        .filter(|t| t.is_valid_at(now));
+                    let current = self.snapshot.borrow().valid_token(now).cloned();
                     return Some(current.map(Ok).unwrap_or_else(|| {
                         Err(RefreshError::Failed(
                             "this client is being handed to another host of the fleet".into(),

@@ -72,6 +72,35 @@ pub fn host(env: &DemoEnv, etcd: &Etcd, name: &str, prefix: &str, key: &str, lea
     }
 }
 
+/// Adds `rt-only`, a Creads client whose only credential is a rotating refresh token (minted
+/// here and returned), with a `rt-only.token` output when `output`.
+fn add_rt_only(env: &DemoEnv, output: bool) -> String {
+    let rt = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
+    let rt_file = env.demo.dir.join("secrets").join("rt-only");
+    std::fs::write(&rt_file, &rt).unwrap();
+    set_mode(&rt_file, 0o600);
+    let creads_url = env
+        .provider
+        .token_url(tokenwarden::provider::Dialect::Creads);
+    let creads_secret = env.demo.dir.join("secrets").join("creads");
+    let outputs = if output {
+        format!(
+            "[[clients.rt-only.outputs]]\npath = \"{}\"\nformat = \"token\"\n",
+            env.demo.out_dir.join("rt-only.token").display()
+        )
+    } else {
+        String::new()
+    };
+    env.edit_config(|t| {
+        format!(
+            "{t}\n[clients.rt-only]\ntoken_url = \"{creads_url}\"\ngrant_type = \"refresh_token\"\nclient_id = \"{CREADS_ID}\"\nclient_secret = {{ file = \"{}\" }}\nrefresh_token = {{ file = \"{}\" }}\n{outputs}",
+            creads_secret.display(),
+            rt_file.display(),
+        )
+    });
+    rt
+}
+
 fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -300,23 +329,7 @@ async fn fleet_rides_out_etcd_members_stopping_and_reconverges() {
     };
     let lifetime = Duration::from_secs(16);
     let env = DemoEnv::start(lifetime).await;
-    // A client whose only credential is a rotating refresh token, shared by the hosts.
-    let rt = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
-    let rt_file = env.demo.dir.join("secrets").join("rt-only");
-    std::fs::write(&rt_file, &rt).unwrap();
-    set_mode(&rt_file, 0o600);
-    let creads_url = env
-        .provider
-        .token_url(tokenwarden::provider::Dialect::Creads);
-    let creads_secret = env.demo.dir.join("secrets").join("creads");
-    env.edit_config(|t| {
-        format!(
-            "{t}\n[clients.rt-only]\ntoken_url = \"{creads_url}\"\ngrant_type = \"refresh_token\"\nclient_id = \"{CREADS_ID}\"\nclient_secret = {{ file = \"{}\" }}\nrefresh_token = {{ file = \"{}\" }}\n[[clients.rt-only.outputs]]\npath = \"{}\"\nformat = \"token\"\n",
-            creads_secret.display(),
-            rt_file.display(),
-            env.demo.out_dir.join("rt-only.token").display()
-        )
-    });
+    add_rt_only(&env, true);
     let key = fleet_key();
     let hosts: Vec<Host> = (0..2)
         .map(|i| host(&env, &etcd, &format!("h{i}"), "/tw/outage", &key, 3))
@@ -599,21 +612,7 @@ async fn fleet_config_is_checked_without_connecting() {
 async fn once_beside_a_fleet_never_presents_a_shared_refresh_token() {
     // Tokens shorter than refresh_margin: a stored one is never reused, every `once` asks.
     let env = DemoEnv::start(Duration::from_secs(4)).await;
-    let rt = env.provider.mint_refresh_token(CREADS_ID, &["files"]);
-    let rt_file = env.demo.dir.join("secrets").join("rt-only");
-    std::fs::write(&rt_file, &rt).unwrap();
-    set_mode(&rt_file, 0o600);
-    let creads_url = env
-        .provider
-        .token_url(tokenwarden::provider::Dialect::Creads);
-    let creads_secret = env.demo.dir.join("secrets").join("creads");
-    env.edit_config(|t| {
-        format!(
-            "{t}\n[clients.rt-only]\ntoken_url = \"{creads_url}\"\ngrant_type = \"refresh_token\"\nclient_id = \"{CREADS_ID}\"\nclient_secret = {{ file = \"{}\" }}\nrefresh_token = {{ file = \"{}\" }}\n",
-            creads_secret.display(),
-            rt_file.display(),
-        )
-    });
+    let rt = add_rt_only(&env, false);
     let config = env.demo.config.display().to_string();
     // Without [fleet]: both clients store a refresh token.
     let r = crate::support::run(&["once", "-c", &config, "creads-files", "rt-only"]).await;
