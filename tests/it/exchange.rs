@@ -306,32 +306,19 @@ async fn the_provider_checks_token_exchange_strictly() {
     assert!(ok.issued.token.expires_at <= subject.issued.token.expires_at + Duration::from_secs(1));
 
     // An audience the client may not ask for: invalid_target (RFC 8693 §2.2.2).
-    let e = oauth::acquire(
-        &http,
-        &exchange("audience = \"https://other.example\""),
-        None,
-        false,
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        e.error.to_string().contains("invalid_target"),
-        "{}",
-        e.error
-    );
-    let e = oauth::acquire(
-        &http,
-        &exchange("resource = \"https://other.example/api\""),
-        None,
-        false,
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        e.error.to_string().contains("invalid_target"),
-        "{}",
-        e.error
-    );
+    for extra in [
+        "audience = \"https://other.example\"",
+        "resource = \"https://other.example/api\"",
+    ] {
+        let e = oauth::acquire(&http, &exchange(extra), None, false)
+            .await
+            .unwrap_err();
+        assert!(
+            e.error.to_string().contains("invalid_target"),
+            "{extra}: {}",
+            e.error
+        );
+    }
 
     // An ID token comes with token_type N_A and issued_token_type id_token: accepted.
     let id = oauth::acquire(
