@@ -321,7 +321,10 @@ pub fn spawn(
         fleet_read: 0,
         fleet_pending: None,
     };
-    let task = engine.tracker.spawn(refresher.run()).abort_handle();
+    let task = engine
+        .tracker
+        .spawn(Box::new(refresher).run())
+        .abort_handle();
     Handle { slot, task }
 }
 
@@ -484,8 +487,10 @@ impl Refresher {
 
     // The work each wake-up does is boxed: a refresher waiting for its next deadline (almost
     // all of them, almost all the time) then holds only this loop's small state, not room for
-    // a whole token request (issue 6: memory per client).
-    async fn run(mut self) {
+    // a whole token request (issue 6: memory per client). `self` is boxed too: an async fn
+    // keeps its by-value arguments twice (the argument and the body's binding), a Box twice is
+    // 16 bytes, a Refresher twice is ~600.
+    async fn run(mut self: Box<Self>) {
         Box::pin(self.start()).await;
         loop {
             let expiry = self.expiry();
@@ -495,10 +500,12 @@ impl Refresher {
                 biased;
                 _ = self.shutdown.cancelled() => break,
                 _ = mailbox.wait() => Box::pin(self.read_mail()).await,
-                _ = upstream_changed(self.upstream.as_deref_mut(), &self.engine.chains) => {
-                    Box::pin(self.upstream_moved()).await
+                side = side_event(self.upstream.as_deref_mut(), &mut self.seat, &self.engine.chains) => {
+                    match side {
+                        Side::Upstream => Box::pin(self.upstream_moved()).await,
+                        Side::Fleet => Box::pin(self.fleet_view()).await,
+                    }
                 }
-                _ = fleet_hook::changed(&mut self.seat) => Box::pin(self.fleet_view()).await,
                 _ = sleep_opt(due.map(|(at, _)| at)) => match due.map(|(_, what)| what) {
                     Some(Due::Refresh) => {
                         let trigger = self.next_trigger;
@@ -1223,6 +1230,35 @@ fn chained_refresh_at(
         Some(subject) => at.min(subject),
         None => at,
     }
+}
+
+/// What woke a refresher besides its own deadlines and mail.
+enum Side {
+    /// A chained client's upstream has a new token (or a new refresher).
+    Upstream,
+    /// A shared client's fleet view changed.
+    Fleet,
+}
+
+/// Resolves when a chained client's upstream or a shared client's fleet view changes. Boxed,
+/// and for a client with neither (most of them) a zero-sized future that never resolves (no
+/// allocation): a waiting refresher then holds a pointer here, not room for both waits
+/// (issue 6: memory per client).
+fn side_event<'a>(
+    upstream: Option<&'a mut Upstream>,
+    seat: &'a mut Option<crate::fleet::Seat>,
+    chains: &'a Chains,
+) -> std::pin::Pin<Box<dyn Future<Output = Side> + Send + 'a>> {
+    if upstream.is_none() && seat.is_none() {
+        return Box::pin(std::future::pending());
+    }
+    Box::pin(async move {
+        tokio::select! {
+            biased;
+            _ = upstream_changed(upstream, chains) => Side::Upstream,
+            _ = fleet_hook::changed(seat) => Side::Fleet,
+        }
+    })
 }
 
 /// Resolves when the upstream's snapshot changes (or first appears); never without one.
