@@ -337,7 +337,8 @@ impl Fleet {
                 return;
             };
             turn += 1;
-            let end = tokio::select! {
+            // A session ends only with an error.
+            let Err(end) = tokio::select! {
                 _ = self.stop.cancelled() => break,
                 end = self.session(endpoint) => end,
             };
@@ -406,14 +407,7 @@ impl Fleet {
         self.publish_views();
     }
 
-    async fn session(&self, endpoint: &url::Url) -> End {
-        match self.session_inner(endpoint).await {
-            Ok(never) => match never {},
-            Err(e) => e,
-        }
-    }
-
-    async fn session_inner(&self, endpoint: &url::Url) -> Result<std::convert::Infallible, End> {
+    async fn session(&self, endpoint: &url::Url) -> Result<std::convert::Infallible, End> {
         let etcd = Etcd::connect(&self.config, endpoint).await?;
         self.check_key(&etcd).await?;
         let (lease, fresh) = self.register(&etcd).await?;
