@@ -490,27 +490,14 @@ impl Fleet {
         etcd: &Etcd,
         msg: Result<Option<etcd::WatchResponse>, tonic::Status>,
     ) -> Result<bool, End> {
+        let failed = |what: &str| End::Failed(format!("etcd {}: the watch {what}", etcd.endpoint));
         let resp = match msg {
             Ok(Some(r)) => r,
-            Ok(None) => {
-                return Err(End::Failed(format!(
-                    "etcd {}: the watch ended",
-                    etcd.endpoint
-                )));
-            }
-            Err(s) => {
-                return Err(End::Failed(format!(
-                    "etcd {}: the watch failed: {:?}",
-                    etcd.endpoint,
-                    s.code()
-                )));
-            }
+            Ok(None) => return Err(failed("ended")),
+            Err(s) => return Err(failed(&format!("failed: {:?}", s.code()))),
         };
         if resp.canceled || resp.compact_revision != 0 {
-            return Err(End::Failed(format!(
-                "etcd {}: the watch was cancelled",
-                etcd.endpoint
-            )));
+            return Err(failed("was cancelled"));
         }
         let mut inner = self.lock();
         let mut hosts = false;
