@@ -598,18 +598,13 @@ impl Fleet {
                 return false;
             }
             let record = match self.key.open(&kv.key, &kv.value) {
-                Ok(plain) => match Record::decode(&plain) {
-                    Ok(r) => Some(Arc::new(r)),
-                    Err(e) => {
-                        tracing::error!(key, "fleet: {e}");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(key, "fleet: {e}");
-                    None
-                }
+                Ok(plain) => Record::decode(&plain),
+                Err(e) => Err(e.to_string()),
             };
+            let record = record
+                .map_err(|e| tracing::error!(key, "fleet: {e}"))
+                .ok()
+                .map(Arc::new);
             inner
                 .states
                 .insert(base.to_string(), (kv.mod_revision, record));
