@@ -190,6 +190,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// The live session, for a holder's read or commit.
+    fn etcd(&self) -> Result<Etcd, CommitError> {
+        self.etcd
+            .clone()
+            .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))
+    }
+
     /// What etcd said of `base`'s claim at revision `rev` (`None`: absent), unless this host
     /// already knows a later revision. Returns whether it was taken.
     fn set_claim(&mut self, base: &str, rev: i64, claim: Option<String>) -> bool {
@@ -888,12 +895,7 @@ impl Seat {
     /// still holds the client. An error means etcd did not answer: the caller must then not
     /// present the shared refresh token (another host may hold the client by now).
     pub async fn read_state(&self) -> Result<(), CommitError> {
-        let etcd = self
-            .fleet
-            .lock()
-            .etcd
-            .clone()
-            .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
+        let etcd = self.fleet.lock().etcd()?;
         let (kvs, at) = etcd
             .range_prefix(&format!("{}/", self.base))
             .await
@@ -937,10 +939,7 @@ impl Seat {
     pub async fn commit(&self, read: i64, record: &Record) -> Result<i64, CommitError> {
         let (etcd, claim) = {
             let inner = self.fleet.lock();
-            let etcd = inner
-                .etcd
-                .clone()
-                .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
+            let etcd = inner.etcd()?;
             match inner.claims.get(&self.base) {
                 Some((h, rev)) if h == self.fleet.host() => (etcd, *rev),
                 _ => return Err(CommitError::NotHolder),
