@@ -363,6 +363,14 @@ client_secret = {{ file = "{d}/hmac" }}
         std::sync::Arc::make_mut(c.clients.get_mut(name).unwrap())
     }
 
+    /// The `bearer` client's assertion.
+    fn assertion(c: &mut Config) -> &mut crate::config::Assertion {
+        let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant else {
+            unreachable!("bearer is a jwt_bearer client");
+        };
+        assertion
+    }
+
     type Edit = fn(&mut Config);
 
     #[test]
@@ -514,9 +522,7 @@ client_secret = {{ file = "{d}/hmac" }}
                 "assertion claims",
                 "bearer",
                 |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.claims.insert("email".into(), "a@b".into());
-                    }
+                    assertion(c).claims.insert("email".into(), "a@b".into());
                 },
                 Some(Renew),
             ),
@@ -524,40 +530,26 @@ client_secret = {{ file = "{d}/hmac" }}
                 "assertion subject",
                 "bearer",
                 |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.claims.insert("sub".into(), "you".into());
-                    }
+                    assertion(c).claims.insert("sub".into(), "you".into());
                 },
                 Some(Replace),
             ),
             (
                 "assertion key_id",
                 "bearer",
-                |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.key_id = Some("k".into());
-                    }
-                },
+                |c| assertion(c).key_id = Some("k".into()),
                 Some(Renew),
             ),
             (
                 "assertion lifetime",
                 "bearer",
-                |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.lifetime = Duration::from_secs(1);
-                    }
-                },
+                |c| assertion(c).lifetime = Duration::from_secs(1),
                 Some(Renew),
             ),
             (
                 "assertion key",
                 "bearer",
-                |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.key.digest = "another".into();
-                    }
-                },
+                |c| assertion(c).key.digest = "another".into(),
                 Some(Renew),
             ),
             // The request.
@@ -601,11 +593,7 @@ client_secret = {{ file = "{d}/hmac" }}
             (
                 "assertion key source only",
                 "bearer",
-                |c| {
-                    if let Grant::JwtBearer { assertion } = &mut client(c, "bearer").grant {
-                        assertion.key_source = SecretSource::File("/elsewhere".into());
-                    }
-                },
+                |c| assertion(c).key_source = SecretSource::File("/elsewhere".into()),
                 None,
             ),
             // Outputs.
