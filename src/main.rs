@@ -209,32 +209,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
+/// The config at `path`, or its errors printed and exit 2.
 fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
-    match config::load(path) {
-        Ok(c) => {
-            for w in &c.warnings {
-                eprintln!("warning: {w}");
-            }
-            Ok(c)
+    config::load(path).map_err(|errors| {
+        for e in &errors.errors {
+            eprintln!("{e}");
         }
-        Err(errors) => {
-            for e in &errors.errors {
-                eprintln!("{e}");
-            }
-            Err(ExitCode::from(2))
-        }
+        ExitCode::from(2)
+    })
+}
+
+/// [`load`], with the config's warnings printed (the daemon logs them instead).
+fn load_warned(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    let config = load(path)?;
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
     }
+    Ok(config)
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    let config = match config::load(path) {
+    let config = match load(path) {
         Ok(c) => c,
-        Err(errors) => {
-            for e in &errors.errors {
-                eprintln!("{e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // The parse's buffers, freed: given back before the start-up allocates its own.
     tokenwarden::sys::trim_heap();
@@ -315,7 +312,7 @@ fn name_list(names: &[&str], shown: usize) -> String {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
+    let config = match load_warned(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -367,7 +364,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
-    let config = match load(path) {
+    let config = match load_warned(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
