@@ -18,8 +18,10 @@ fn main() -> ExitCode {
     // Before any thread starts: nothing the daemon inherited from its parent may reach an
     // `on_change` command.
     if let Err(e) = tokenwarden::sys::close_inherited_on_exec() {
-        eprintln!("tokenwarden: cannot mark inherited descriptors close-on-exec: {e}");
-        return ExitCode::from(1);
+        return failed(
+            1,
+            format!("cannot mark inherited descriptors close-on-exec: {e}"),
+        );
     }
     let matches = cli::command()
         .subcommand(
@@ -175,23 +177,20 @@ fn out(text: &str) -> Result<(), client::ClientError> {
 
 /// Runs a client command: its error on one line, exit 1 (docs/cli.md#get-status-refresh).
 fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokenwarden: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(f) {
+        .map_err(|e| format!("cannot start the async runtime: {e}"));
+    match rt.and_then(|rt| rt.block_on(f).map_err(|e| e.to_string())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => failed(1, e),
     }
+}
+
+/// `tokenwarden: MESSAGE` on stderr, and exit `code`.
+fn failed(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tokenwarden: {message}");
+    ExitCode::from(code)
 }
 
 /// The most blocking threads the runtime may start (see [`runtime`]).
@@ -237,10 +236,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     tokenwarden::sys::trim_heap();
     let log = match logging::init(config.daemon.log_format, &config.daemon.log_level) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return failed(2, e),
     };
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -369,25 +365,16 @@ fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     if let Err(e) = logging::init(config.daemon.log_format, log_level) {
-        eprintln!("tokenwarden: {e}");
-        return ExitCode::from(2);
+        return failed(2, e);
     }
     let results = match runtime() {
         Ok(rt) => rt.block_on(app::once(&config, only)),
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return failed(1, e),
     };
     let results = match results {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return match e {
-                app::OnceError::UnknownClient { .. } => ExitCode::from(2),
-                app::OnceError::State(_) => ExitCode::from(1),
-            };
-        }
+        Err(e @ app::OnceError::UnknownClient { .. }) => return failed(2, e),
+        Err(e @ app::OnceError::State(_)) => return failed(1, e),
     };
     let width = results
         .iter()
