@@ -167,12 +167,8 @@ impl GrpcServer {
             tracing::warn!("gRPC calls still open after {STOP_GRACE:?}; closing them");
             self.task.abort();
         }
-        self.remove_file();
-        tracing::info!(socket = %self.path.display(), "gRPC API stopped");
-    }
-
-    fn remove_file(&self) {
         remove_if_ours(&self.path, self.inode);
+        tracing::info!(socket = %self.path.display(), "gRPC API stopped");
     }
 }
 
