@@ -521,6 +521,8 @@ mod tests {
     use super::*;
 
     type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+    /// A frame: (type, flags, stream, payload).
+    type Frame = (u8, u8, u32, Vec<u8>);
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = BytesMut::new();
@@ -554,16 +556,10 @@ mod tests {
         enc.encode(h.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
     }
 
-    /// Splits a byte stream into frames: (type, flags, stream, payload).
-    fn frames(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
-        let mut v = Vec::new();
-        while b.len() >= 9 {
-            let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
-            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
-            v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
-            b = &b[9 + len..];
-        }
-        assert!(b.is_empty(), "trailing bytes");
+    /// Splits a byte stream into frames.
+    fn frames(b: &[u8]) -> Vec<Frame> {
+        let (v, rest) = frames_prefix(b);
+        assert!(rest.is_empty(), "trailing bytes");
         v
     }
 
@@ -961,7 +957,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut buf = [0u8; 4096];
         loop {
-            let f = frames_prefix(&got);
+            let (f, _) = frames_prefix(&got);
             if f.iter()
                 .any(|(kind, _, stream, _)| *kind == 3 && *stream == 1)
             {
@@ -977,8 +973,8 @@ mod tests {
         serve.abort();
     }
 
-    /// The complete frames at the start of `b`.
-    fn frames_prefix(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    /// The complete frames at the start of `b`, and the bytes after them.
+    fn frames_prefix(mut b: &[u8]) -> (Vec<Frame>, &[u8]) {
         let mut v = Vec::new();
         while b.len() >= 9 {
             let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
@@ -989,6 +985,6 @@ mod tests {
             v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
             b = &b[9 + len..];
         }
-        v
+        (v, b)
     }
 }
