@@ -765,36 +765,24 @@ mod tests {
 
     #[test]
     fn malformed_input_is_refused() {
-        let mut r = Rewriter::new();
-        let mut out = BytesMut::new();
-        let mut input = BytesMut::from(PREFACE);
+        // What a new rewriter makes of the preface and `frames`.
+        let fed = |frames: &[Vec<u8>]| {
+            let mut input = BytesMut::from(PREFACE);
+            frames.iter().for_each(|f| input.extend(f));
+            Rewriter::new().feed(&mut input, &mut BytesMut::new())
+        };
         // A HEADERS block interrupted by a DATA frame.
-        input.extend(frame(FRAME_HEADERS, 0, 1, &[0x82]));
-        input.extend(frame(0x0, 0, 1, b"x"));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::Interrupted));
+        let interrupted = [frame(FRAME_HEADERS, 0, 1, &[0x82]), frame(0x0, 0, 1, b"x")];
+        assert_eq!(fed(&interrupted), Err(RewriteError::Interrupted));
         // Invalid HPACK (an index past both tables).
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]));
-        assert!(matches!(
-            r.feed(&mut input, &mut out),
-            Err(RewriteError::Hpack(_))
-        ));
+        let past = frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]);
+        assert!(matches!(fed(&[past]), Err(RewriteError::Hpack(_))));
         // A header frame over the frame size.
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(FRAME_HEADERS, 0, 1, &vec![0; MAX_FRAME + 1]));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+        let over = frame(FRAME_HEADERS, 0, 1, &vec![0; MAX_FRAME + 1]);
+        assert_eq!(fed(&[over]), Err(RewriteError::FrameSize));
         // Padding longer than the frame.
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(
-            FRAME_HEADERS,
-            FLAG_PADDED | FLAG_END_HEADERS,
-            1,
-            &[9, 0x82],
-        ));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+        let padded = frame(FRAME_HEADERS, FLAG_PADDED | FLAG_END_HEADERS, 1, &[9, 0x82]);
+        assert_eq!(fed(&[padded]), Err(RewriteError::FrameSize));
     }
 
     /// A header block naming one 4 KB dynamic-table entry a thousand times: 5 KB on the wire,
