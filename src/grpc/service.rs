@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use super::access::Caller;
 use super::pb;
 use crate::audit::Api;
+use crate::config::ClientConfig;
 use crate::oauth::Human;
 use crate::refresher;
 use crate::store::{ClientSlot, Reason, Snapshot, State, Store};
@@ -116,15 +117,16 @@ impl TokenApi {
             }
             None => return Err(self.denied(caller, client)),
         };
-        if caller.may_read(
-            self.daemon_uid,
-            &slot.config.allow_uids,
-            &slot.config.allow_gids,
-        ) {
+        if self.may_read(caller, &slot.config) {
             Ok(slot)
         } else {
             Err(self.denied(caller, client))
         }
+    }
+
+    /// Whether `caller` may read the client configured as `config`.
+    fn may_read(&self, caller: &Caller, config: &ClientConfig) -> bool {
+        caller.may_read(self.daemon_uid, &config.allow_uids, &config.allow_gids)
     }
 
     /// `PERMISSION_DENIED` for `caller` on `client`, logged; the same whether or not a client
@@ -144,11 +146,7 @@ impl TokenApi {
         check_name(client).ok()?;
         self.store
             .with_slot(client, |slot| {
-                if !caller.may_read(
-                    self.daemon_uid,
-                    &slot.config.allow_uids,
-                    &slot.config.allow_gids,
-                ) {
+                if !self.may_read(caller, &slot.config) {
                     return None;
                 }
                 let snap = slot.snapshot.borrow();
@@ -207,7 +205,7 @@ impl TokenApi {
         if !force {
             return Ok(Reason::Demand);
         }
-        if caller.uid == 0 || caller.uid == self.daemon_uid {
+        if caller.is_privileged(self.daemon_uid) {
             return Ok(Reason::Forced);
         }
         let held = refresher::held_back(
@@ -303,9 +301,7 @@ impl TokenApi {
         self.store
             .slots()
             .into_iter()
-            .filter(|(_, s)| {
-                caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
-            })
+            .filter(|(_, s)| self.may_read(caller, &s.config))
             .map(|(name, s)| {
                 let mut m = status_message(&name, &s.snapshot.borrow(), now);
                 m.subject_client = s.config.grant.upstream().unwrap_or_default().to_string();
