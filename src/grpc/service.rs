@@ -310,6 +310,24 @@ impl TokenApi {
             .collect()
     }
 
+    /// After the refresher of `client` ended (`rx`, its channel, closed): the client was
+    /// removed, or replaced by a reload (a changed identity starts a new refresher under the
+    /// same name; who may read it may have changed too). The new slot, `rx` following it.
+    pub fn reattach(
+        &self,
+        caller: &Caller,
+        client: &str,
+        rx: &mut watch::Receiver<Snapshot>,
+    ) -> Result<ClientSlot, ApiError> {
+        let slot = self.slot(caller, client)?;
+        if slot.snapshot.same_channel(rx) || slot.snapshot.has_changed().is_err() {
+            return Err(ApiError::NotFound(client.to_string()));
+        }
+        *rx = slot.snapshot.clone();
+        rx.mark_changed();
+        Ok(slot)
+    }
+
     /// Ends waits and streams when cancelled (the server stopping).
     pub fn stopping(&self) -> &CancellationToken {
         &self.stop
@@ -475,7 +493,7 @@ impl Watch {
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {
-                        self.reattach()?;
+                        self.api.reattach(&self.caller, &self.client, &mut self.rx)?;
                         continue;
                     }
                 }
@@ -484,18 +502,6 @@ impl Watch {
             // A reload may have changed who may read it.
             self.api.slot(&self.caller, &self.client)?;
         }
-    }
-
-    /// The refresher ended: the client was removed, or replaced by a reload (a changed
-    /// identity starts a new refresher under the same name). Follows the new one if any.
-    fn reattach(&mut self) -> Result<(), ApiError> {
-        let slot = self.api.slot(&self.caller, &self.client)?;
-        if slot.snapshot.same_channel(&self.rx) || slot.snapshot.has_changed().is_err() {
-            return Err(ApiError::NotFound(self.client.clone()));
-        }
-        self.rx = slot.snapshot;
-        self.rx.mark_changed();
-        Ok(())
     }
 }
 
