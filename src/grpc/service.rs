@@ -422,18 +422,14 @@ fn caller_of<T>(req: &Request<T>) -> Result<Arc<Caller>, ApiError> {
         .ok_or(ApiError::UnknownCaller)
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    t.into()
-}
-
 /// The wire form of a token.
 pub fn token_message(client: &str, token: &Token, generation: u64) -> pb::Token {
     pb::Token {
         client: client.to_string(),
         access_token: token.access_token.expose().to_string(),
         token_type: token.token_type.clone(),
-        expires_at: Some(timestamp(token.expires_at)),
-        issued_at: Some(timestamp(token.issued_at)),
+        expires_at: Some(token.expires_at.into()),
+        issued_at: Some(token.issued_at.into()),
         scopes: token.scope.clone(),
         generation,
     }
@@ -451,11 +447,11 @@ pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::Cli
     pb::ClientStatus {
         client: client.to_string(),
         state: state as i32,
-        expires_at: snap.token.as_ref().map(|t| timestamp(t.expires_at)),
-        next_refresh_at: snap.next_refresh_at.map(timestamp),
+        expires_at: snap.token.as_ref().map(|t| t.expires_at.into()),
+        next_refresh_at: snap.next_refresh_at.map(Into::into),
         last_error: snap.problems().unwrap_or_default(),
         consecutive_failures: snap.consecutive_failures,
-        last_refresh_at: snap.last_refresh_at.map(timestamp),
+        last_refresh_at: snap.last_refresh_at.map(Into::into),
         subject_client: String::new(),
         fleet_role: snap.fleet_role.unwrap_or_default().to_string(),
         fleet_etcd: snap.fleet_etcd.unwrap_or_default().to_string(),
