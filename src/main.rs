@@ -18,8 +18,10 @@ fn main() -> ExitCode {
     // Before any thread starts: nothing the daemon inherited from its parent may reach an
     // `on_change` command.
     if let Err(e) = tokenwarden::sys::close_inherited_on_exec() {
-        eprintln!("tokenwarden: cannot mark inherited descriptors close-on-exec: {e}");
-        return ExitCode::from(1);
+        return failed(
+            1,
+            format!("cannot mark inherited descriptors close-on-exec: {e}"),
+        );
     }
     let matches = cli::command()
         .subcommand(
@@ -175,23 +177,20 @@ fn out(text: &str) -> Result<(), client::ClientError> {
 
 /// Runs a client command: its error on one line, exit 1 (docs/cli.md#get-status-refresh).
 fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokenwarden: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(f) {
+        .map_err(|e| format!("cannot start the async runtime: {e}"));
+    match rt.and_then(|rt| rt.block_on(f).map_err(|e| e.to_string())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => failed(1, e),
     }
+}
+
+/// `tokenwarden: MESSAGE` on stderr, and exit `code`.
+fn failed(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tokenwarden: {message}");
+    ExitCode::from(code)
 }
 
 /// The most blocking threads the runtime may start (see [`runtime`]).
@@ -209,41 +208,35 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
+/// The config at `path`, or its errors printed and exit 2.
 fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
-    match config::load(path) {
-        Ok(c) => {
-            for w in &c.warnings {
-                eprintln!("warning: {w}");
-            }
-            Ok(c)
+    config::load(path).map_err(|errors| {
+        for e in &errors.errors {
+            eprintln!("{e}");
         }
-        Err(errors) => {
-            for e in &errors.errors {
-                eprintln!("{e}");
-            }
-            Err(ExitCode::from(2))
-        }
+        ExitCode::from(2)
+    })
+}
+
+/// [`load`], with the config's warnings printed (the daemon logs them instead).
+fn load_warned(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    let config = load(path)?;
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
     }
+    Ok(config)
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    let config = match config::load(path) {
+    let config = match load(path) {
         Ok(c) => c,
-        Err(errors) => {
-            for e in &errors.errors {
-                eprintln!("{e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // The parse's buffers, freed: given back before the start-up allocates its own.
     tokenwarden::sys::trim_heap();
     let log = match logging::init(config.daemon.log_format, &config.daemon.log_level) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return failed(2, e),
     };
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -315,7 +308,7 @@ fn name_list(names: &[&str], shown: usize) -> String {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
+    let config = match load_warned(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -367,30 +360,21 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn once(path: &std::path::Path, log_level: &str, only: &[String]) -> ExitCode {
-    let config = match load(path) {
+    let config = match load_warned(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     if let Err(e) = logging::init(config.daemon.log_format, log_level) {
-        eprintln!("tokenwarden: {e}");
-        return ExitCode::from(2);
+        return failed(2, e);
     }
     let results = match runtime() {
         Ok(rt) => rt.block_on(app::once(&config, only)),
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return failed(1, e),
     };
     let results = match results {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tokenwarden: {e}");
-            return match e {
-                app::OnceError::UnknownClient { .. } => ExitCode::from(2),
-                app::OnceError::State(_) => ExitCode::from(1),
-            };
-        }
+        Err(e @ app::OnceError::UnknownClient { .. }) => return failed(2, e),
+        Err(e @ app::OnceError::State(_)) => return failed(1, e),
     };
     let width = results
         .iter()

@@ -558,85 +558,39 @@ mod tests {
 
     #[test]
     fn timing_rules() {
-        assert!(check_timing(&Timing::default()).is_empty());
-        let keys = |t: Timing| -> Vec<TimingKey> {
-            check_timing(&t).into_iter().map(|(k, _)| k).collect()
-        };
-        let d = Timing::default;
-        assert_eq!(
-            keys(Timing {
-                refresh_at: 0.0,
-                jitter: 0.0,
-                ..d()
-            }),
-            [TimingKey::RefreshAt, TimingKey::Jitter]
-        );
-        assert_eq!(
-            keys(Timing {
-                refresh_at: 1.0,
-                ..d()
-            }),
-            []
-        );
-        assert_eq!(
-            keys(Timing {
-                refresh_at: 1.5,
-                ..d()
-            }),
-            [TimingKey::RefreshAt]
-        );
-        assert_eq!(
-            keys(Timing {
-                jitter: 0.75,
-                ..d()
-            }),
-            [TimingKey::Jitter]
-        );
-        assert_eq!(
-            keys(Timing {
-                jitter: -0.1,
-                ..d()
-            }),
-            [TimingKey::Jitter]
-        );
-        assert_eq!(keys(Timing { jitter: 0.0, ..d() }), []);
-        assert_eq!(
-            keys(Timing {
-                retry_initial: Duration::from_secs(600),
-                ..d()
-            }),
-            [TimingKey::RetryInitial]
-        );
-        assert_eq!(
-            keys(Timing {
-                retry_initial: Duration::ZERO,
-                ..d()
-            }),
-            [TimingKey::RetryInitial]
-        );
-        assert_eq!(
-            keys(Timing {
-                timeout: Duration::ZERO,
-                ..d()
-            }),
-            [TimingKey::Timeout]
-        );
-        assert_eq!(
-            keys(Timing {
-                default_lifetime: Duration::ZERO,
-                ..d()
-            }),
-            [TimingKey::DefaultLifetime]
-        );
-        // A zero margin or floor is allowed: it only disables the clamp.
-        assert_eq!(
-            keys(Timing {
-                refresh_margin: Duration::ZERO,
-                min_interval: Duration::ZERO,
-                ..d()
-            }),
-            []
-        );
+        use TimingKey::*;
+        // Each edit of the default timing, and the keys it is refused at.
+        type Edit = fn(&mut Timing);
+        let cases: [(Edit, &[TimingKey]); 12] = [
+            (|_| {}, &[]),
+            (
+                |t| (t.refresh_at, t.jitter) = (0.0, 0.0),
+                &[RefreshAt, Jitter],
+            ),
+            (|t| t.refresh_at = 1.0, &[]),
+            (|t| t.refresh_at = 1.5, &[RefreshAt]),
+            (|t| t.jitter = 0.75, &[Jitter]),
+            (|t| t.jitter = -0.1, &[Jitter]),
+            (|t| t.jitter = 0.0, &[]),
+            (
+                |t| t.retry_initial = Duration::from_secs(600),
+                &[RetryInitial],
+            ),
+            (|t| t.retry_initial = Duration::ZERO, &[RetryInitial]),
+            (|t| t.timeout = Duration::ZERO, &[Timeout]),
+            (|t| t.default_lifetime = Duration::ZERO, &[DefaultLifetime]),
+            // A zero margin or floor is allowed: it only disables the clamp.
+            (
+                |t| (t.refresh_margin, t.min_interval) = (Duration::ZERO, Duration::ZERO),
+                &[],
+            ),
+        ];
+        for (i, (edit, want)) in cases.into_iter().enumerate() {
+            let mut t = Timing::default();
+            edit(&mut t);
+            let keys: Vec<TimingKey> = check_timing(&t).into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, want, "case {i}");
+        }
     }
 
     #[test]

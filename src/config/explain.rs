@@ -81,10 +81,7 @@ pub fn changed_keys(old: &ClientConfig, new: &ClientConfig) -> Vec<KeyChange> {
     timing(&mut v, &old.timing, &new.timing);
     if v.0.is_empty() && old != new {
         // A key added to ClientConfig after this list was written: still say something.
-        v.0.push(KeyChange {
-            key: "settings",
-            detail: "changed".into(),
-        });
+        v.push("settings", "changed");
     }
     v.0
 }
@@ -102,22 +99,21 @@ pub fn describe(changes: &[KeyChange]) -> String {
 struct Changes(Vec<KeyChange>);
 
 impl Changes {
+    fn push(&mut self, key: &'static str, detail: impl Into<String>) {
+        let detail = detail.into();
+        self.0.push(KeyChange { key, detail });
+    }
+
     fn plain<T: Display + PartialEq + ?Sized>(&mut self, key: &'static str, old: &T, new: &T) {
         if old != new {
-            self.0.push(KeyChange {
-                key,
-                detail: format!("{old} -> {new}"),
-            });
+            self.push(key, format!("{old} -> {new}"));
         }
     }
 
     /// A secret: its name, never its value.
     fn secret(&mut self, key: &'static str, changed: bool) {
         if changed {
-            self.0.push(KeyChange {
-                key,
-                detail: "new value".into(),
-            });
+            self.push(key, "new value");
         }
     }
 
@@ -128,26 +124,31 @@ impl Changes {
         old: &BTreeMap<String, V>,
         new: &BTreeMap<String, V>,
     ) {
-        let mut parts = Vec::new();
-        for (k, v) in new {
-            match old.get(k) {
-                None => parts.push(format!("+{k}")),
-                Some(o) if o != v => parts.push(format!("~{k}")),
-                Some(_) => {}
-            }
-        }
-        parts.extend(
-            old.keys()
-                .filter(|k| !new.contains_key(*k))
-                .map(|k| format!("-{k}")),
-        );
+        let parts = by_name(old, new, |k, _, _| format!("~{k}"));
         if !parts.is_empty() {
-            self.0.push(KeyChange {
-                key,
-                detail: parts.join(" "),
-            });
+            self.push(key, parts.join(" "));
         }
     }
+}
+
+/// Two maps compared by name, in name order: `+NAME` for each added, `changed(NAME, old, new)`
+/// for each whose value differs, then `-NAME` for each removed.
+fn by_name<V: PartialEq>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+    changed: impl Fn(&str, &V, &V) -> String,
+) -> Vec<String> {
+    let mut parts = Vec::new();
+    for (k, v) in new {
+        match old.get(k) {
+            None => parts.push(format!("+{k}")),
+            Some(o) if o != v => parts.push(changed(k, o, v)),
+            Some(_) => {}
+        }
+    }
+    let removed = old.keys().filter(|k| !new.contains_key(*k));
+    parts.extend(removed.map(|k| format!("-{k}")));
+    parts
 }
 
 fn opt<T: Display>(v: &Option<T>) -> String {
@@ -285,45 +286,26 @@ fn outputs(v: &mut Changes, old: &[OutputConfig], new: &[OutputConfig]) {
             .map(|o| (o.path.display().to_string(), o.clone()))
             .collect()
     };
-    let (o, n) = (by_path(old), by_path(new));
-    let mut parts = Vec::new();
-    for (path, nout) in &n {
-        match o.get(path) {
-            None => parts.push(format!("+{path}")),
-            Some(oout) if oout != nout => {
-                let mut what = Changes::default();
-                what.plain("format", oout.format.name(), nout.format.name());
-                what.plain(
-                    "mode",
-                    &format!("{:04o}", oout.mode),
-                    &format!("{:04o}", nout.mode),
-                );
-                what.plain("owner", &opt(&oout.owner), &opt(&nout.owner));
-                what.plain("group", &opt(&oout.group), &opt(&nout.group));
-                what.plain("env_prefix", &oout.env_prefix, &nout.env_prefix);
-                if oout.on_change != nout.on_change {
-                    what.0.push(KeyChange {
-                        key: "on_change",
-                        detail: "changed".into(),
-                    });
-                }
-                parts.push(format!("{path} ({})", describe(&what.0)));
-            }
-            Some(_) => {}
+    let mut parts = by_name(&by_path(old), &by_path(new), |path, oout, nout| {
+        let mut what = Changes::default();
+        what.plain("format", oout.format.name(), nout.format.name());
+        what.plain(
+            "mode",
+            &format!("{:04o}", oout.mode),
+            &format!("{:04o}", nout.mode),
+        );
+        what.plain("owner", &opt(&oout.owner), &opt(&nout.owner));
+        what.plain("group", &opt(&oout.group), &opt(&nout.group));
+        what.plain("env_prefix", &oout.env_prefix, &nout.env_prefix);
+        if oout.on_change != nout.on_change {
+            what.push("on_change", "changed");
         }
-    }
-    parts.extend(
-        o.keys()
-            .filter(|p| !n.contains_key(*p))
-            .map(|p| format!("-{p}")),
-    );
+        format!("{path} ({})", describe(&what.0))
+    });
     if parts.is_empty() {
         parts.push("order".into());
     }
-    v.0.push(KeyChange {
-        key: "outputs",
-        detail: parts.join(", "),
-    });
+    v.push("outputs", parts.join(", "));
 }
 
 fn timing(v: &mut Changes, old: &Timing, new: &Timing) {

@@ -30,7 +30,7 @@ pub mod tls;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -190,6 +190,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// The live session, for a holder's read or commit.
+    fn etcd(&self) -> Result<Etcd, CommitError> {
+        self.etcd
+            .clone()
+            .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))
+    }
+
     /// What etcd said of `base`'s claim at revision `rev` (`None`: absent), unless this host
     /// already knows a later revision. Returns whether it was taken.
     fn set_claim(&mut self, base: &str, rev: i64, claim: Option<String>) -> bool {
@@ -282,10 +289,7 @@ impl Fleet {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn prefixed(&self, rest: &str) -> String {
@@ -340,7 +344,8 @@ impl Fleet {
                 return;
             };
             turn += 1;
-            let end = tokio::select! {
+            // A session ends only with an error.
+            let Err(end) = tokio::select! {
                 _ = self.stop.cancelled() => break,
                 end = self.session(endpoint) => end,
             };
@@ -409,14 +414,7 @@ impl Fleet {
         self.publish_views();
     }
 
-    async fn session(&self, endpoint: &url::Url) -> End {
-        match self.session_inner(endpoint).await {
-            Ok(never) => match never {},
-            Err(e) => e,
-        }
-    }
-
-    async fn session_inner(&self, endpoint: &url::Url) -> Result<std::convert::Infallible, End> {
+    async fn session(&self, endpoint: &url::Url) -> Result<std::convert::Infallible, End> {
         let etcd = Etcd::connect(&self.config, endpoint).await?;
         self.check_key(&etcd).await?;
         let (lease, fresh) = self.register(&etcd).await?;
@@ -499,27 +497,14 @@ impl Fleet {
         etcd: &Etcd,
         msg: Result<Option<etcd::WatchResponse>, tonic::Status>,
     ) -> Result<bool, End> {
+        let failed = |what: &str| End::Failed(format!("etcd {}: the watch {what}", etcd.endpoint));
         let resp = match msg {
             Ok(Some(r)) => r,
-            Ok(None) => {
-                return Err(End::Failed(format!(
-                    "etcd {}: the watch ended",
-                    etcd.endpoint
-                )));
-            }
-            Err(s) => {
-                return Err(End::Failed(format!(
-                    "etcd {}: the watch failed: {:?}",
-                    etcd.endpoint,
-                    s.code()
-                )));
-            }
+            Ok(None) => return Err(failed("ended")),
+            Err(s) => return Err(failed(&format!("failed: {:?}", s.code()))),
         };
         if resp.canceled || resp.compact_revision != 0 {
-            return Err(End::Failed(format!(
-                "etcd {}: the watch was cancelled",
-                etcd.endpoint
-            )));
+            return Err(failed("was cancelled"));
         }
         let mut inner = self.lock();
         let mut hosts = false;
@@ -620,18 +605,13 @@ impl Fleet {
                 return false;
             }
             let record = match self.key.open(&kv.key, &kv.value) {
-                Ok(plain) => match Record::decode(&plain) {
-                    Ok(r) => Some(Arc::new(r)),
-                    Err(e) => {
-                        tracing::error!(key, "fleet: {e}");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(key, "fleet: {e}");
-                    None
-                }
+                Ok(plain) => Record::decode(&plain),
+                Err(e) => Err(e.to_string()),
             };
+            let record = record
+                .map_err(|e| tracing::error!(key, "fleet: {e}"))
+                .ok()
+                .map(Arc::new);
             inner
                 .states
                 .insert(base.to_string(), (kv.mod_revision, record));
@@ -915,12 +895,7 @@ impl Seat {
     /// still holds the client. An error means etcd did not answer: the caller must then not
     /// present the shared refresh token (another host may hold the client by now).
     pub async fn read_state(&self) -> Result<(), CommitError> {
-        let etcd = self
-            .fleet
-            .lock()
-            .etcd
-            .clone()
-            .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
+        let etcd = self.fleet.lock().etcd()?;
         let (kvs, at) = etcd
             .range_prefix(&format!("{}/", self.base))
             .await
@@ -964,10 +939,7 @@ impl Seat {
     pub async fn commit(&self, read: i64, record: &Record) -> Result<i64, CommitError> {
         let (etcd, claim) = {
             let inner = self.fleet.lock();
-            let etcd = inner
-                .etcd
-                .clone()
-                .ok_or_else(|| CommitError::Unreachable("etcd is unreachable".into()))?;
+            let etcd = inner.etcd()?;
             match inner.claims.get(&self.base) {
                 Some((h, rev)) if h == self.fleet.host() => (etcd, *rev),
                 _ => return Err(CommitError::NotHolder),

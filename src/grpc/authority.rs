@@ -521,6 +521,8 @@ mod tests {
     use super::*;
 
     type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+    /// A frame: (type, flags, stream, payload).
+    type Frame = (u8, u8, u32, Vec<u8>);
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = BytesMut::new();
@@ -554,16 +556,10 @@ mod tests {
         enc.encode(h.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
     }
 
-    /// Splits a byte stream into frames: (type, flags, stream, payload).
-    fn frames(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
-        let mut v = Vec::new();
-        while b.len() >= 9 {
-            let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
-            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
-            v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
-            b = &b[9 + len..];
-        }
-        assert!(b.is_empty(), "trailing bytes");
+    /// Splits a byte stream into frames.
+    fn frames(b: &[u8]) -> Vec<Frame> {
+        let (v, rest) = frames_prefix(b);
+        assert!(rest.is_empty(), "trailing bytes");
         v
     }
 
@@ -769,36 +765,24 @@ mod tests {
 
     #[test]
     fn malformed_input_is_refused() {
-        let mut r = Rewriter::new();
-        let mut out = BytesMut::new();
-        let mut input = BytesMut::from(PREFACE);
+        // What a new rewriter makes of the preface and `frames`.
+        let fed = |frames: &[Vec<u8>]| {
+            let mut input = BytesMut::from(PREFACE);
+            frames.iter().for_each(|f| input.extend(f));
+            Rewriter::new().feed(&mut input, &mut BytesMut::new())
+        };
         // A HEADERS block interrupted by a DATA frame.
-        input.extend(frame(FRAME_HEADERS, 0, 1, &[0x82]));
-        input.extend(frame(0x0, 0, 1, b"x"));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::Interrupted));
+        let interrupted = [frame(FRAME_HEADERS, 0, 1, &[0x82]), frame(0x0, 0, 1, b"x")];
+        assert_eq!(fed(&interrupted), Err(RewriteError::Interrupted));
         // Invalid HPACK (an index past both tables).
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]));
-        assert!(matches!(
-            r.feed(&mut input, &mut out),
-            Err(RewriteError::Hpack(_))
-        ));
+        let past = frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]);
+        assert!(matches!(fed(&[past]), Err(RewriteError::Hpack(_))));
         // A header frame over the frame size.
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(FRAME_HEADERS, 0, 1, &vec![0; MAX_FRAME + 1]));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+        let over = frame(FRAME_HEADERS, 0, 1, &vec![0; MAX_FRAME + 1]);
+        assert_eq!(fed(&[over]), Err(RewriteError::FrameSize));
         // Padding longer than the frame.
-        let mut r = Rewriter::new();
-        let mut input = BytesMut::from(PREFACE);
-        input.extend(frame(
-            FRAME_HEADERS,
-            FLAG_PADDED | FLAG_END_HEADERS,
-            1,
-            &[9, 0x82],
-        ));
-        assert_eq!(r.feed(&mut input, &mut out), Err(RewriteError::FrameSize));
+        let padded = frame(FRAME_HEADERS, FLAG_PADDED | FLAG_END_HEADERS, 1, &[9, 0x82]);
+        assert_eq!(fed(&[padded]), Err(RewriteError::FrameSize));
     }
 
     /// A header block naming one 4 KB dynamic-table entry a thousand times: 5 KB on the wire,
@@ -961,7 +945,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut buf = [0u8; 4096];
         loop {
-            let f = frames_prefix(&got);
+            let (f, _) = frames_prefix(&got);
             if f.iter()
                 .any(|(kind, _, stream, _)| *kind == 3 && *stream == 1)
             {
@@ -977,8 +961,8 @@ mod tests {
         serve.abort();
     }
 
-    /// The complete frames at the start of `b`.
-    fn frames_prefix(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    /// The complete frames at the start of `b`, and the bytes after them.
+    fn frames_prefix(mut b: &[u8]) -> (Vec<Frame>, &[u8]) {
         let mut v = Vec::new();
         while b.len() >= 9 {
             let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
@@ -989,6 +973,6 @@ mod tests {
             v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
             b = &b[9 + len..];
         }
-        v
+        (v, b)
     }
 }

@@ -167,12 +167,8 @@ impl GrpcServer {
             tracing::warn!("gRPC calls still open after {STOP_GRACE:?}; closing them");
             self.task.abort();
         }
-        self.remove_file();
-        tracing::info!(socket = %self.path.display(), "gRPC API stopped");
-    }
-
-    fn remove_file(&self) {
         remove_if_ours(&self.path, self.inode);
+        tracing::info!(socket = %self.path.display(), "gRPC API stopped");
     }
 }
 
@@ -182,12 +178,10 @@ pub fn set_bound_mode(file: &OwnedFd, path: &Path, mode: u32) -> Result<(), Serv
     // fchmod on an O_PATH descriptor fails (EBADF), and on the listening socket it would
     // change the socket object, not the file; the magic link in /proc names the inode.
     let link = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-        io(
-            path,
-            "change the socket's mode (through /proc/self/fd; restart the daemon to apply it)",
-        )(e)
-    })
+    std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(io(
+        path,
+        "change the socket's mode (through /proc/self/fd; restart the daemon to apply it)",
+    ))
 }
 
 /// The (device, inode) of a socket file bound by [`bind`], from its `O_PATH` descriptor.
@@ -297,11 +291,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedFd), ServeErro
         &crate::safepath::Trust::of_this_process(),
         Some(0o755),
     )
-    .map_err(|e| ServeError::Io {
-        path: path.to_path_buf(),
-        what: "use the socket's directory",
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    .map_err(|e| io(path, "use the socket's directory")(std::io::Error::other(e.to_string())))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use super::access::Caller;
 use super::pb;
 use crate::audit::Api;
+use crate::config::ClientConfig;
 use crate::oauth::Human;
 use crate::refresher;
 use crate::store::{ClientSlot, Reason, Snapshot, State, Store};
@@ -116,15 +117,16 @@ impl TokenApi {
             }
             None => return Err(self.denied(caller, client)),
         };
-        if caller.may_read(
-            self.daemon_uid,
-            &slot.config.allow_uids,
-            &slot.config.allow_gids,
-        ) {
+        if self.may_read(caller, &slot.config) {
             Ok(slot)
         } else {
             Err(self.denied(caller, client))
         }
+    }
+
+    /// Whether `caller` may read the client configured as `config`.
+    fn may_read(&self, caller: &Caller, config: &ClientConfig) -> bool {
+        caller.may_read(self.daemon_uid, &config.allow_uids, &config.allow_gids)
     }
 
     /// `PERMISSION_DENIED` for `caller` on `client`, logged; the same whether or not a client
@@ -144,11 +146,7 @@ impl TokenApi {
         check_name(client).ok()?;
         self.store
             .with_slot(client, |slot| {
-                if !caller.may_read(
-                    self.daemon_uid,
-                    &slot.config.allow_uids,
-                    &slot.config.allow_gids,
-                ) {
+                if !self.may_read(caller, &slot.config) {
                     return None;
                 }
                 let snap = slot.snapshot.borrow();
@@ -207,7 +205,7 @@ impl TokenApi {
         if !force {
             return Ok(Reason::Demand);
         }
-        if caller.uid == 0 || caller.uid == self.daemon_uid {
+        if caller.is_privileged(self.daemon_uid) {
             return Ok(Reason::Forced);
         }
         let held = refresher::held_back(
@@ -303,15 +301,31 @@ impl TokenApi {
         self.store
             .slots()
             .into_iter()
-            .filter(|(_, s)| {
-                caller.may_read(self.daemon_uid, &s.config.allow_uids, &s.config.allow_gids)
-            })
+            .filter(|(_, s)| self.may_read(caller, &s.config))
             .map(|(name, s)| {
                 let mut m = status_message(&name, &s.snapshot.borrow(), now);
                 m.subject_client = s.config.grant.upstream().unwrap_or_default().to_string();
                 m
             })
             .collect()
+    }
+
+    /// After the refresher of `client` ended (`rx`, its channel, closed): the client was
+    /// removed, or replaced by a reload (a changed identity starts a new refresher under the
+    /// same name; who may read it may have changed too). The new slot, `rx` following it.
+    pub fn reattach(
+        &self,
+        caller: &Caller,
+        client: &str,
+        rx: &mut watch::Receiver<Snapshot>,
+    ) -> Result<ClientSlot, ApiError> {
+        let slot = self.slot(caller, client)?;
+        if slot.snapshot.same_channel(rx) || slot.snapshot.has_changed().is_err() {
+            return Err(ApiError::NotFound(client.to_string()));
+        }
+        *rx = slot.snapshot.clone();
+        rx.mark_changed();
+        Ok(slot)
     }
 
     /// Ends waits and streams when cancelled (the server stopping).
@@ -408,18 +422,14 @@ fn caller_of<T>(req: &Request<T>) -> Result<Arc<Caller>, ApiError> {
         .ok_or(ApiError::UnknownCaller)
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    t.into()
-}
-
 /// The wire form of a token.
 pub fn token_message(client: &str, token: &Token, generation: u64) -> pb::Token {
     pb::Token {
         client: client.to_string(),
         access_token: token.access_token.expose().to_string(),
         token_type: token.token_type.clone(),
-        expires_at: Some(timestamp(token.expires_at)),
-        issued_at: Some(timestamp(token.issued_at)),
+        expires_at: Some(token.expires_at.into()),
+        issued_at: Some(token.issued_at.into()),
         scopes: token.scope.clone(),
         generation,
     }
@@ -437,11 +447,11 @@ pub fn status_message(client: &str, snap: &Snapshot, now: SystemTime) -> pb::Cli
     pb::ClientStatus {
         client: client.to_string(),
         state: state as i32,
-        expires_at: snap.token.as_ref().map(|t| timestamp(t.expires_at)),
-        next_refresh_at: snap.next_refresh_at.map(timestamp),
+        expires_at: snap.token.as_ref().map(|t| t.expires_at.into()),
+        next_refresh_at: snap.next_refresh_at.map(Into::into),
         last_error: snap.problems().unwrap_or_default(),
         consecutive_failures: snap.consecutive_failures,
-        last_refresh_at: snap.last_refresh_at.map(timestamp),
+        last_refresh_at: snap.last_refresh_at.map(Into::into),
         subject_client: String::new(),
         fleet_role: snap.fleet_role.unwrap_or_default().to_string(),
         fleet_etcd: snap.fleet_etcd.unwrap_or_default().to_string(),
@@ -479,7 +489,7 @@ impl Watch {
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {
-                        self.reattach()?;
+                        self.api.reattach(&self.caller, &self.client, &mut self.rx)?;
                         continue;
                     }
                 }
@@ -488,18 +498,6 @@ impl Watch {
             // A reload may have changed who may read it.
             self.api.slot(&self.caller, &self.client)?;
         }
-    }
-
-    /// The refresher ended: the client was removed, or replaced by a reload (a changed
-    /// identity starts a new refresher under the same name). Follows the new one if any.
-    fn reattach(&mut self) -> Result<(), ApiError> {
-        let slot = self.api.slot(&self.caller, &self.client)?;
-        if slot.snapshot.same_channel(&self.rx) || slot.snapshot.has_changed().is_err() {
-            return Err(ApiError::NotFound(self.client.clone()));
-        }
-        self.rx = slot.snapshot;
-        self.rx.mark_changed();
-        Ok(())
     }
 }
 

@@ -410,15 +410,7 @@ impl Routes {
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
-                        // The refresher ended: the client was removed, or a reload replaced
-                        // it (and may have changed who may read it).
-                        let now = self.api.slot(caller, name)?;
-                        if now.snapshot.same_channel(&rx) || now.snapshot.has_changed().is_err() {
-                            return Err(ApiError::NotFound(name.to_string()));
-                        }
-                        *slot = now;
-                        rx = slot.snapshot.clone();
-                        rx.mark_changed();
+                        *slot = self.api.reattach(caller, name, &mut rx)?;
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => break,

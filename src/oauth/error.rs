@@ -347,87 +347,36 @@ mod tests {
     #[test]
     fn classification_table() {
         let s = Some(Duration::from_secs(7));
+        let permanent = ErrorClass::Permanent { retry_after: None };
+        let retry = ErrorClass::Retryable { retry_after: None };
+        let http = |status, snippet: &str, retry_after| OAuthError::Http {
+            status,
+            snippet: snippet.into(),
+            retry_after,
+        };
         let cases: Vec<(OAuthError, ErrorClass)> = vec![
-            (
-                provider(401, "invalid_client"),
-                ErrorClass::Permanent { retry_after: None },
-            ),
-            (
-                provider(400, "unauthorized_client"),
-                ErrorClass::Permanent { retry_after: None },
-            ),
-            (
-                provider(400, "unsupported_grant_type"),
-                ErrorClass::Permanent { retry_after: None },
-            ),
-            (
-                provider(400, "invalid_scope"),
-                ErrorClass::Permanent { retry_after: None },
-            ),
+            (provider(401, "invalid_client"), permanent),
+            (provider(400, "unauthorized_client"), permanent),
+            (provider(400, "unsupported_grant_type"), permanent),
+            (provider(400, "invalid_scope"), permanent),
             (provider(400, "invalid_grant"), ErrorClass::InvalidGrant),
-            (
-                provider(400, "invalid_request"),
-                ErrorClass::Permanent { retry_after: None },
-            ),
-            (
-                provider(503, "temporarily_unavailable"),
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                provider(500, "server_error"),
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                OAuthError::Http {
-                    status: 429,
-                    snippet: String::new(),
-                    retry_after: s,
-                },
-                ErrorClass::Retryable { retry_after: s },
-            ),
-            (
-                OAuthError::Http {
-                    status: 502,
-                    snippet: "<html>".into(),
-                    retry_after: None,
-                },
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                OAuthError::Http {
-                    status: 408,
-                    snippet: String::new(),
-                    retry_after: None,
-                },
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                OAuthError::Http {
-                    status: 404,
-                    snippet: String::new(),
-                    retry_after: None,
-                },
-                ErrorClass::Permanent { retry_after: None },
-            ),
+            (provider(400, "invalid_request"), permanent),
+            (provider(503, "temporarily_unavailable"), retry),
+            (provider(500, "server_error"), retry),
+            (http(429, "", s), ErrorClass::Retryable { retry_after: s }),
+            (http(502, "<html>", None), retry),
+            (http(408, "", None), retry),
+            (http(404, "", None), permanent),
             (
                 OAuthError::Redirect {
                     status: 302,
                     location: None,
                 },
-                ErrorClass::Permanent { retry_after: None },
+                permanent,
             ),
-            (
-                OAuthError::Connect("refused".into()),
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                OAuthError::Timeout(Duration::from_secs(1)),
-                ErrorClass::Retryable { retry_after: None },
-            ),
-            (
-                OAuthError::Transport("reset".into()),
-                ErrorClass::Retryable { retry_after: None },
-            ),
+            (OAuthError::Connect("refused".into()), retry),
+            (OAuthError::Timeout(Duration::from_secs(1)), retry),
+            (OAuthError::Transport("reset".into()), retry),
             (
                 OAuthError::Malformed {
                     status: 200,
@@ -435,14 +384,14 @@ mod tests {
                     length: 0,
                     reason: "x".into(),
                 },
-                ErrorClass::Retryable { retry_after: None },
+                retry,
             ),
             (
                 OAuthError::TooLarge {
                     status: 200,
                     limit: 1,
                 },
-                ErrorClass::Retryable { retry_after: None },
+                retry,
             ),
         ];
         for (err, want) in cases {

@@ -407,8 +407,13 @@ mod tests {
         }
     }
 
+    /// The answer `body` with `status` and `content_type`, parsed.
+    fn answer(status: u16, content_type: &str, body: &[u8]) -> Result<Issued, OAuthError> {
+        parse_token_response(&meta(status, content_type), body, &ctx())
+    }
+
     fn ok(body: &str) -> Result<Issued, OAuthError> {
-        parse_token_response(&meta(200, "application/json"), body.as_bytes(), &ctx())
+        answer(200, "application/json", body.as_bytes())
     }
 
     fn jwt(claims: Value) -> String {
@@ -465,17 +470,13 @@ mod tests {
             vec!["x", "y"]
         );
         // JSON served with a wrong content type is still read.
-        let r = parse_token_response(
-            &meta(200, "text/plain"),
-            br#"{"access_token":"abc"}"#,
-            &ctx(),
-        );
+        let r = answer(200, "text/plain", br#"{"access_token":"abc"}"#);
         assert!(r.is_ok());
         // Form-encoded answers (GitHub style).
-        let r = parse_token_response(
-            &meta(200, "application/x-www-form-urlencoded"),
+        let r = answer(
+            200,
+            "application/x-www-form-urlencoded",
             b"access_token=abc&token_type=bearer&expires_in=30",
-            &ctx(),
         )
         .unwrap();
         assert_eq!(r.token.lifetime().as_secs(), 30);
@@ -550,8 +551,7 @@ mod tests {
         let expired = jwt(json!({"exp": T0 - 10}));
         let err = ok(&format!(r#"{{"access_token":"{expired}"}}"#)).unwrap_err();
         assert!(err.to_string().contains("already past"), "{err}");
-        let err = parse_token_response(&meta(200, "application/json"), &[0xff, 0xfe], &ctx())
-            .unwrap_err();
+        let err = answer(200, "application/json", &[0xff, 0xfe]).unwrap_err();
         assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
@@ -623,7 +623,7 @@ mod tests {
             ),
         ];
         for (ct, body, want) in cases {
-            let err = parse_token_response(&meta(200, ct), body.as_bytes(), &ctx()).unwrap_err();
+            let err = answer(200, ct, body.as_bytes()).unwrap_err();
             let m = err.to_string();
             assert!(matches!(err, OAuthError::Malformed { .. }), "{body}: {m}");
             assert!(m.contains(want), "{body}: {m}");
@@ -645,12 +645,7 @@ mod tests {
         ];
         for description in cases {
             let body = json!({"error": "invalid_grant", "error_description": description});
-            let err = parse_token_response(
-                &meta(400, "application/json"),
-                body.to_string().as_bytes(),
-                &ctx(),
-            )
-            .unwrap_err();
+            let err = answer(400, "application/json", body.to_string().as_bytes()).unwrap_err();
             let m = err.to_string();
             for leak in ["s3cr", "opaque-refresh-1", &jwt[..20]] {
                 assert!(!m.contains(leak), "{leak} in {m}");
@@ -658,15 +653,14 @@ mod tests {
         }
         // The same in an HTML error page.
         let page = format!("<html>{}s3cret-value</html>", "y".repeat(190));
-        let err =
-            parse_token_response(&meta(502, "text/html"), page.as_bytes(), &ctx()).unwrap_err();
+        let err = answer(502, "text/html", page.as_bytes()).unwrap_err();
         assert!(!err.to_string().contains("s3cr"), "{err}");
     }
 
     #[test]
     fn oversized_bodies_are_refused() {
         let big = vec![b' '; MAX_BODY + 1];
-        let err = parse_token_response(&meta(200, "application/json"), &big, &ctx()).unwrap_err();
+        let err = answer(200, "application/json", &big).unwrap_err();
         assert!(matches!(err, OAuthError::TooLarge { .. }));
     }
 
@@ -704,10 +698,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // HTML error page.
-        let err = parse_token_response(
-            &meta(502, "text/html"),
+        let err = answer(
+            502,
+            "text/html",
             b"<html>\n<head><title>502 Bad Gateway</title></head></html>",
-            &ctx(),
         )
         .unwrap_err();
         assert_eq!(
@@ -719,11 +713,10 @@ mod tests {
         assert_eq!(err.oauth_code(), Some("invalid_client"));
         // Snippets stop at 200 characters.
         let long = "x".repeat(1000);
-        let err =
-            parse_token_response(&meta(500, "text/plain"), long.as_bytes(), &ctx()).unwrap_err();
+        let err = answer(500, "text/plain", long.as_bytes()).unwrap_err();
         assert!(err.to_string().len() < 260);
         // 3xx
-        let err = parse_token_response(&meta(302, "text/html"), b"", &ctx()).unwrap_err();
+        let err = answer(302, "text/html", b"").unwrap_err();
         assert!(matches!(err, OAuthError::Redirect { status: 302, .. }));
     }
 
