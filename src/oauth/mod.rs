@@ -140,7 +140,7 @@ fn build_http_client(
 ///
 /// A client with a certificate (`tls_client_cert`) gets an HTTP client of its own, built when
 /// first used and again when its certificate, key, `ca_file` or proxy change (a renewal arrives
-/// with a reload), never per request.
+/// with a reload), never per request, and dropped with its key when the client is removed.
 #[derive(Default)]
 pub struct HttpClients {
     clients: Mutex<HashMap<PoolKey, reqwest::Client>>,
@@ -170,6 +170,23 @@ impl HttpClients {
             .map_err(OAuthError::Request)?;
         map.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// Drops the HTTP client `name` had with its certificate (a reload removed or replaced
+    /// it): its key material is not kept for a client that is gone.
+    pub fn forget(&self, name: &str) {
+        self.with_cert
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_cert_count(&self) -> usize {
+        self.with_cert
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn get_with_cert(

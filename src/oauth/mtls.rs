@@ -386,6 +386,28 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_clients_http_client_and_key_are_dropped() {
+        let (cert, key) = self_signed("client-a");
+        let mut c = crate::config::load_str(
+            "[clients.c]\ntoken_url = \"https://127.0.0.1:9/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            std::path::Path::new("/nonexistent/c.toml"),
+        )
+        .map(|cfg| (*cfg.clients["c"]).clone())
+        .unwrap();
+        c.tls_client = Some(std::sync::Arc::new(
+            ClientCert::new(credential(&cert), credential(&key)).unwrap(),
+        ));
+        let http = crate::oauth::HttpClients::default();
+        http.get(&c).unwrap();
+        http.get(&c).unwrap();
+        assert_eq!(http.with_cert_count(), 1, "built once, kept");
+        http.forget("other");
+        assert_eq!(http.with_cert_count(), 1);
+        http.forget("c");
+        assert_eq!(http.with_cert_count(), 0);
+    }
+
+    #[test]
     fn rsa_and_ed25519_keys_are_compared_too() {
         for alg in [
             &rcgen::PKCS_RSA_SHA256,
