@@ -6,7 +6,7 @@
 //! It runs the real release binary as a child, as systemd would (`$NOTIFY_SOCKET` bound here),
 //! and prints each figure beside its target:
 //! - exec → `READY=1` for the first start (every client fetching its first token);
-//! - RSS (`VmRSS`, `VmHWM`) after start-up and after the steady window; CPU (utime + stime) per
+//! - RSS (`VmRSS`, `VmHWM`) a second after start-up and after the steady window; CPU (utime + stime) per
 //!   second over the seconds of the window in which no token request happened;
 //! - token requests per second: the busiest 10 s after the start-up burst against the steady
 //!   mean (N ÷ the mean planned refresh age of the tokens fetched after the burst, read from
@@ -688,6 +688,9 @@ fn main() {
         "(no target)",
         None,
     );
+    // A second after READY=1, as after each reload: what the start-up freed has been given
+    // back by then.
+    std::thread::sleep(Duration::from_secs(1));
     let (rss, hwm) = memory(child.id());
     report.row(
         "RSS after start-up (VmRSS / VmHWM)",
