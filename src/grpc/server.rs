@@ -280,10 +280,7 @@ async fn accept_loop(
 /// moved into place.
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedFd), ServeError> {
     check_existing(path)?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::config::parent_dir(path);
     // Reached (and created, 0755, when missing) without following a symlink or trusting a
     // directory others can write: they could move the socket or answer in its place.
     crate::safepath::open_dir(
