@@ -100,23 +100,7 @@ impl Clock {
 
 /// Where a refresher's tokens come from.
 pub trait TokenSource: Send + Sync {
-    /// As [`oauth::acquire`].
-    fn acquire<'a>(
-        &'a self,
-        http: &'a reqwest::Client,
-        client: &'a ClientConfig,
-        refresh_token: Option<&'a Secret>,
-        bootstrap_spent: bool,
-    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>>;
-}
-
-/// A boxed future, as [`TokenSource::acquire`] returns.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// The client's token endpoint.
-struct TokenEndpoint;
-
-impl TokenSource for TokenEndpoint {
+    /// As [`oauth::acquire`], which it is unless overridden (a test's fake provider).
     fn acquire<'a>(
         &'a self,
         http: &'a reqwest::Client,
@@ -127,6 +111,14 @@ impl TokenSource for TokenEndpoint {
         Box::pin(oauth::acquire(http, client, refresh_token, bootstrap_spent))
     }
 }
+
+/// A boxed future, as [`TokenSource::acquire`] returns.
+pub use futures_util::future::BoxFuture;
+
+/// The client's token endpoint: [`TokenSource::acquire`] as it is.
+struct TokenEndpoint;
+
+impl TokenSource for TokenEndpoint {}
 
 impl Engine {
     /// Opens (and locks) the state directory, then removes the temporary files that writes
@@ -731,7 +723,7 @@ impl Refresher {
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
         let acquire = acquire_at_endpoint(&engine, &config, refresh_token.as_ref(), spent);
-        let mut acquire: futures_util::future::BoxFuture<'_, _> = match self.upstream_token() {
+        let mut acquire: BoxFuture<'_, _> = match self.upstream_token() {
             Some(subject) => Box::pin(oauth::exchange::with_upstream_token(subject, acquire)),
             None => Box::pin(acquire),
         };
