@@ -793,41 +793,38 @@ mod tests {
         assert!(e.contains("\"transatel\"") && !e.contains("abc"), "{e}");
     }
 
+    /// A status row of `client` in `state`, nothing else set.
+    fn row(client: &str, state: pb::State) -> pb::ClientStatus {
+        pb::ClientStatus {
+            client: client.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn table_is_aligned() {
         let rows = vec![
             pb::ClientStatus {
-                client: "transatel".into(),
-                state: pb::State::Valid as i32,
                 expires_at: ts(1_090),
                 next_refresh_at: ts(1_060),
-                last_error: String::new(),
-                consecutive_failures: 0,
                 last_refresh_at: ts(1_000),
-                ..Default::default()
+                ..row("transatel", pb::State::Valid)
             },
             pb::ClientStatus {
-                client: "creads-files".into(),
-                state: pb::State::Failed as i32,
-                expires_at: None,
                 next_refresh_at: ts(1_005),
                 last_error: "invalid_client: bad secret".into(),
                 consecutive_failures: 3,
-                last_refresh_at: None,
-                ..Default::default()
+                ..row("creads-files", pb::State::Failed)
             },
             pb::ClientStatus {
-                client: "old".into(),
-                state: pb::State::Expired as i32,
                 expires_at: ts(990),
-                ..Default::default()
+                ..row("old", pb::State::Expired)
             },
             pb::ClientStatus {
-                client: "exchanged".into(),
-                state: pb::State::Valid as i32,
                 expires_at: ts(1_090),
                 subject_client: "transatel".into(),
-                ..Default::default()
+                ..row("exchanged", pb::State::Valid)
             },
         ];
         let table = status_table(&rows, at(1_000));
@@ -853,17 +850,11 @@ exchanged     VALID    1m 30s      -             0         subject: client trans
     fn fleet_roles_get_their_own_table() {
         let rows = vec![
             pb::ClientStatus {
-                client: "transatel".into(),
-                state: pb::State::Valid as i32,
                 fleet_role: "holder".into(),
                 fleet_etcd: "up".into(),
-                ..Default::default()
+                ..row("transatel", pb::State::Valid)
             },
-            pb::ClientStatus {
-                client: "local-one".into(),
-                state: pb::State::Valid as i32,
-                ..Default::default()
-            },
+            row("local-one", pb::State::Valid),
         ];
         let table = status_table(&rows, at(1_000));
         assert!(
