@@ -1401,40 +1401,33 @@ mod tests {
             expires_at: t0 + Duration::from_secs(600),
             scope: Vec::new(),
         });
-        let snap = |failures: u32, token: Option<Arc<Token>>| Snapshot {
-            token,
-            consecutive_failures: failures,
-            last_refresh_at: Some(t0),
-            ..Snapshot::default()
-        };
-        let ten = Duration::from_secs(10);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let held = held_back(&snap(0, Some(token.clone())), ten, at(2_300)).unwrap();
-        assert_eq!(
-            held.to_string(),
-            "not renewed: last token 2s old, min_interval 10s; next possible in 8s"
-        );
-        assert_eq!(
-            held_back(&snap(0, Some(token.clone())), ten, at(9_999))
-                .unwrap()
-                .to_string(),
-            "not renewed: last token 9s old, min_interval 10s; next possible in 1s"
-        );
-        assert_eq!(
-            held_back(&snap(0, Some(token.clone())), ten, at(10_000)),
-            None
-        );
-        assert_eq!(
-            held_back(&snap(1, Some(token.clone())), ten, at(1)),
-            None,
-            "failing"
-        );
-        assert_eq!(held_back(&snap(0, None), ten, at(1)), None, "no token");
-        assert_eq!(
-            held_back(&snap(0, Some(token)), ten, t0 + Duration::from_secs(700)),
-            None,
-            "expired"
-        );
+        // (failures, a token?, now) → what a demand is told, if it is held back
+        let cases = [
+            (
+                (0, true, at(2_300)),
+                Some("last token 2s old, min_interval 10s; next possible in 8s"),
+            ),
+            (
+                (0, true, at(9_999)),
+                Some("last token 9s old, min_interval 10s; next possible in 1s"),
+            ),
+            ((0, true, at(10_000)), None),
+            ((1, true, at(1)), None),       // failing
+            ((0, false, at(1)), None),      // no token
+            ((0, true, at(700_000)), None), // expired
+        ];
+        for ((failures, has_token, now), want) in cases {
+            let snap = Snapshot {
+                token: has_token.then(|| token.clone()),
+                consecutive_failures: failures,
+                last_refresh_at: Some(t0),
+                ..Snapshot::default()
+            };
+            let got = held_back(&snap, Duration::from_secs(10), now).map(|h| h.to_string());
+            let want = want.map(|w| format!("not renewed: {w}"));
+            assert_eq!(got, want, "{failures} {has_token} {now:?}");
+        }
     }
 
     #[test]
