@@ -51,11 +51,7 @@ impl fmt::Display for Secret {
 
 /// The first 8 hex digits of the SHA-256 of `bytes`: how tokens are named in logs and status.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256_hex(bytes)[..8].to_string()
 }
 
 /// The full hex SHA-256 of `bytes`, for comparing settings or credentials without keeping them.
