@@ -422,21 +422,13 @@ mod tests {
     fn file_loses_one_trailing_newline() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, "abc\n\n").unwrap();
-        assert_eq!(
-            SecretSource::File(p.clone()).load().unwrap().expose(),
-            "abc\n"
-        );
-        std::fs::write(&p, "abc\r\n").unwrap();
-        assert_eq!(
-            SecretSource::File(p.clone()).load().unwrap().expose(),
-            "abc"
-        );
-        std::fs::write(&p, "\n").unwrap();
-        assert!(matches!(
-            SecretSource::File(p).load(),
-            Err(SecretError::Empty(_))
-        ));
+        let load = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            SecretSource::File(p.clone()).load()
+        };
+        assert_eq!(load("abc\n\n").unwrap().expose(), "abc\n");
+        assert_eq!(load("abc\r\n").unwrap().expose(), "abc");
+        assert!(matches!(load("\n"), Err(SecretError::Empty(_))));
     }
 
     #[test]
