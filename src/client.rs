@@ -507,42 +507,38 @@ fn status_rows(clients: &[pb::ClientStatus], now: SystemTime) -> String {
         "FAILURES",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 6]> = clients
-        .iter()
-        .map(|c| {
-            [
-                c.client.clone(),
-                state_name(c).to_string(),
-                relative(time_of(c.expires_at.as_ref()), now, false),
-                relative(time_of(c.next_refresh_at.as_ref()), now, true),
-                c.consecutive_failures.to_string(),
-                last_error_cell(c),
-            ]
-        })
+    let rows = clients.iter().map(|c| {
+        [
+            c.client.clone(),
+            state_name(c).to_string(),
+            relative(time_of(c.expires_at.as_ref()), now, false),
+            relative(time_of(c.next_refresh_at.as_ref()), now, true),
+            c.consecutive_failures.to_string(),
+            last_error_cell(c),
+        ]
+    });
+    // The header is a row like the others: its cells count in the widths too.
+    let lines: Vec<[String; 6]> = std::iter::once(header.map(String::from))
+        .chain(rows)
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r.iter()) {
+    let mut widths = [0; 6];
+    for r in &lines {
+        for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let mut line = |cells: &[&str]| {
+    for r in &lines {
         let mut l = String::new();
-        for (i, cell) in cells.iter().enumerate() {
+        for (i, cell) in r.iter().enumerate() {
             l.push_str(cell);
-            if i + 1 < cells.len() {
+            if i + 1 < r.len() {
                 let pad = widths[i] - cell.chars().count() + 2;
                 l.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.push_str(l.trim_end());
         out.push('\n');
-    };
-    line(&header);
-    for r in &rows {
-        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
-        line(&cells);
     }
     out
 }
