@@ -311,15 +311,10 @@ pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, Clien
     Ok(TokenServiceClient::new(channel))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let chain = std::iter::successors(Some(e), |e| e.source());
+    chain.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 fn request<T>(message: T) -> tonic::Request<T> {
