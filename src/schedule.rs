@@ -208,12 +208,6 @@ pub fn resume_at(
     }
 }
 
-/// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
-/// expiry (docs/operations.md#expiry: an expired token is never served or reported as valid).
-pub fn is_servable(expires_at: SystemTime, now: SystemTime) -> bool {
-    now < expires_at
-}
-
 /// Why the token request that produced a token was made, as the refresher knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -633,13 +627,6 @@ mod tests {
         for b in buckets {
             assert!(b < 450, "{buckets:?}");
         }
-    }
-
-    #[test]
-    fn is_servable_is_strict() {
-        assert!(is_servable(at(10), at(9)));
-        assert!(!is_servable(at(10), at(10)));
-        assert!(!is_servable(at(10), at(11)));
     }
 
     #[test]
