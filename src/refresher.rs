@@ -367,10 +367,18 @@ struct Repeated {
 }
 
 impl Repeated {
-    /// Counts `lines` (one failure) and logs them at WARN while [`Self::note`] says so and
-    /// `warn` allows, else at DEBUG; `what` names them in the notice that repeats go to DEBUG.
+    /// Counts `lines` (one failure: a repeat of the last one, or a new one) and logs them at
+    /// WARN the first three times in a row if `warn` allows, else at DEBUG; `what` names them
+    /// in the notice that repeats go to DEBUG.
     fn log(&mut self, client: &str, what: &str, lines: &[String], retry_in: Duration, warn: bool) {
-        let warn = self.note(&lines.join("; ")) && warn;
+        let message = lines.join("; ");
+        if self.last.as_ref() == Some(&message) {
+            self.count += 1;
+        } else {
+            self.last = Some(message);
+            self.count = 1;
+        }
+        let warn = self.count <= 3 && warn;
         for line in lines {
             if warn {
                 tracing::warn!(client, retry_in = %Human(retry_in), "{line}");
@@ -384,18 +392,6 @@ impl Repeated {
                 "the same {what} again will be logged at debug level until it changes"
             );
         }
-    }
-
-    /// Counts `message` (a repeat of the last one, or a new one); true while it is worth a
-    /// WARN (the first three times in a row).
-    fn note(&mut self, message: &str) -> bool {
-        if self.last.as_deref() == Some(message) {
-            self.count += 1;
-        } else {
-            self.last = Some(message.to_string());
-            self.count = 1;
-        }
-        self.count <= 3
     }
 
     fn clear(&mut self) -> u32 {
