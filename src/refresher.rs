@@ -748,20 +748,17 @@ impl Refresher {
                         acquired.grant_type
                     );
                 }
-                if let Some((secs, ahead)) =
-                    oauth::clock_skew(acquired.issued.server_date, SystemTime::now())
+                let skew = oauth::clock_skew(acquired.issued.server_date, SystemTime::now());
+                if let Some((secs, ahead)) = skew
+                    && !self.skew_warned
                 {
-                    if !self.skew_warned {
-                        self.skew_warned = true;
-                        tracing::warn!(
-                            client = self.name(),
-                            "the provider's clock is {secs}s {} ours: signed assertions may be refused; check NTP",
-                            if ahead { "ahead of" } else { "behind" }
-                        );
-                    }
-                } else {
-                    self.skew_warned = false;
+                    tracing::warn!(
+                        client = self.name(),
+                        "the provider's clock is {secs}s {} ours: signed assertions may be refused; check NTP",
+                        if ahead { "ahead of" } else { "behind" }
+                    );
                 }
+                self.skew_warned = skew.is_some();
                 let generation = self.snapshot.borrow().generation + 1;
                 let token = Some(acquired.issued.token);
                 let new_state = self.stored_state(token, acquired.refresh_token, generation);
