@@ -132,13 +132,7 @@ impl Redactor {
         self.add(&raw);
         if let Some((_, secret)) = raw.split_once(':') {
             self.add(secret);
-            let decoded: Zeroizing<String> = Zeroizing::new(
-                url::form_urlencoded::parse(format!("s={secret}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default(),
-            );
-            self.add(&decoded);
+            self.add(&Zeroizing::new(form_decoded(secret)));
         }
     }
 
@@ -164,6 +158,14 @@ impl Redactor {
         }
         mask_token_shapes(&out)
     }
+}
+
+/// `value` read as a form-urlencoded value (`+` a space, `%XX` a byte), up to any `&`.
+pub(crate) fn form_decoded(value: &str) -> String {
+    url::form_urlencoded::parse(format!("v={value}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 /// Field names whose values are tokens wherever they appear (`name=value`, `"name": "value"`).
