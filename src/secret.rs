@@ -185,8 +185,7 @@ fn is_b64url(b: u8) -> bool {
 /// signature may be empty, as with `alg: none`).
 fn mask_jwts(text: &str) -> String {
     let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let mut copied = 0;
+    let mut cuts = Vec::new();
     let mut i = 0;
     while let Some(found) = text[i..].find("eyJ") {
         let start = i + found;
@@ -205,16 +204,13 @@ fn mask_jwts(text: &str) -> String {
         if is_jwt {
             let payload_end = run(header_end + 1);
             let sig_end = run(payload_end + 1);
-            out.push_str(&text[copied..start]);
-            out.push_str(MASK);
-            copied = sig_end;
+            cuts.push((start, sig_end));
             i = sig_end;
         } else {
             i = start + 3;
         }
     }
-    out.push_str(&text[copied..]);
-    out
+    masked(text, &cuts)
 }
 
 /// Masks the value after `access_token`, `refresh_token` or `id_token` followed by `=` or `:`
@@ -260,13 +256,16 @@ fn mask_token_fields(text: &str) -> String {
             }
         }
     }
-    if cuts.is_empty() {
-        return text.to_string();
-    }
     cuts.sort_unstable();
+    masked(text, &cuts)
+}
+
+/// `text` with each byte range of `cuts` (sorted by start) replaced by [`MASK`]; a range that
+/// starts inside one already masked is skipped.
+fn masked(text: &str, cuts: &[(usize, usize)]) -> String {
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
-    for (start, end) in cuts {
+    for &(start, end) in cuts {
         if start < copied {
             continue;
         }
