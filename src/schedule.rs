@@ -366,69 +366,35 @@ mod tests {
     #[test]
     fn refresh_delay_with_custom_timing() {
         let base = Timing::default();
+        // The default timing, refreshing at `refresh_at` of the lifetime without jitter.
+        let no_jitter = |refresh_at| Timing {
+            refresh_at,
+            jitter: 0.0,
+            ..Timing::default()
+        };
         // (timing, lifetime s, u, expected ms, why)
         let cases: Vec<(Timing, f64, f64, u128, &str)> = vec![
             (
-                Timing {
-                    refresh_at: 0.95,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
+                no_jitter(0.95),
                 6.0,
                 0.0,
                 4_500,
                 "margin clamp: 5.7 s → 6 − 1.5",
             ),
+            (no_jitter(0.95), 3600.0, 0.0, 3_420_000, "no clamp"),
             (
-                Timing {
-                    refresh_at: 0.95,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                3600.0,
-                0.0,
-                3_420_000,
-                "no clamp",
-            ),
-            (
-                Timing {
-                    refresh_at: 1.0,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
+                no_jitter(1.0),
                 3600.0,
                 0.0,
                 3_570_000,
                 "margin clamp: 30 s before expiry",
             ),
+            (no_jitter(0.1), 3600.0, 0.0, 360_000, "above the floor"),
+            (no_jitter(0.1), 20.0, 0.0, 10_000, "floor: 2 s → 10 s"),
             (
                 Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                3600.0,
-                0.0,
-                360_000,
-                "above the floor",
-            ),
-            (
-                Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                20.0,
-                0.0,
-                10_000,
-                "floor: 2 s → 10 s",
-            ),
-            (
-                Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
                     min_interval: s(600.0),
-                    ..base.clone()
+                    ..no_jitter(0.1)
                 },
                 3600.0,
                 0.0,
@@ -468,10 +434,8 @@ mod tests {
             ),
             (
                 Timing {
-                    refresh_at: 0.9,
-                    jitter: 0.0,
                     refresh_margin: s(1200.0),
-                    ..base.clone()
+                    ..no_jitter(0.9)
                 },
                 3600.0,
                 0.0,
