@@ -663,61 +663,32 @@ mod tests {
 
     #[test]
     fn backoff_permanent_and_retry_after() {
+        use FailureKind::{InvalidGrant, Permanent, Retryable};
         let t = Timing::default();
         // (why, kind, retry_after s, u, expected ms)
         let cases: &[(&str, FailureKind, Option<f64>, f64, u128)] = &[
-            (
-                "permanent, u = 0",
-                FailureKind::Permanent,
-                None,
-                0.0,
-                300_000,
-            ),
-            (
-                "permanent, u → 1",
-                FailureKind::Permanent,
-                None,
-                U_MAX,
-                270_000,
-            ),
-            (
-                "invalid_grant",
-                FailureKind::InvalidGrant,
-                None,
-                0.5,
-                285_000,
-            ),
-            (
-                "retry-after above draw",
-                FailureKind::Retryable,
-                Some(30.0),
-                0.5,
-                30_000,
-            ),
-            (
-                "retry-after below draw",
-                FailureKind::Retryable,
-                Some(0.2),
-                0.5,
-                500,
-            ),
+            ("permanent, u = 0", Permanent, None, 0.0, 300_000),
+            ("permanent, u → 1", Permanent, None, U_MAX, 270_000),
+            ("invalid_grant", InvalidGrant, None, 0.5, 285_000),
+            ("retry-after above draw", Retryable, Some(30.0), 0.5, 30_000),
+            ("retry-after below draw", Retryable, Some(0.2), 0.5, 500),
             (
                 "retry-after beyond max",
-                FailureKind::Retryable,
+                Retryable,
                 Some(3600.0),
                 0.5,
                 3_600_000,
             ),
             (
                 "permanent, retry-after longer",
-                FailureKind::Permanent,
+                Permanent,
                 Some(900.0),
                 0.0,
                 900_000,
             ),
             (
                 "permanent, retry-after shorter",
-                FailureKind::Permanent,
+                Permanent,
                 Some(10.0),
                 0.0,
                 300_000,
