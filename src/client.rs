@@ -311,15 +311,10 @@ pub async fn connect(socket: &Path) -> Result<TokenServiceClient<Channel>, Clien
     Ok(TokenServiceClient::new(channel))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let chain = std::iter::successors(Some(e), |e| e.source());
+    chain.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 fn request<T>(message: T) -> tonic::Request<T> {
@@ -507,42 +502,38 @@ fn status_rows(clients: &[pb::ClientStatus], now: SystemTime) -> String {
         "FAILURES",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 6]> = clients
-        .iter()
-        .map(|c| {
-            [
-                c.client.clone(),
-                state_name(c).to_string(),
-                relative(time_of(c.expires_at.as_ref()), now, false),
-                relative(time_of(c.next_refresh_at.as_ref()), now, true),
-                c.consecutive_failures.to_string(),
-                last_error_cell(c),
-            ]
-        })
+    let rows = clients.iter().map(|c| {
+        [
+            c.client.clone(),
+            state_name(c).to_string(),
+            relative(time_of(c.expires_at.as_ref()), now, false),
+            relative(time_of(c.next_refresh_at.as_ref()), now, true),
+            c.consecutive_failures.to_string(),
+            last_error_cell(c),
+        ]
+    });
+    // The header is a row like the others: its cells count in the widths too.
+    let lines: Vec<[String; 6]> = std::iter::once(header.map(String::from))
+        .chain(rows)
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r.iter()) {
+    let mut widths = [0; 6];
+    for r in &lines {
+        for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let mut line = |cells: &[&str]| {
+    for r in &lines {
         let mut l = String::new();
-        for (i, cell) in cells.iter().enumerate() {
+        for (i, cell) in r.iter().enumerate() {
             l.push_str(cell);
-            if i + 1 < cells.len() {
+            if i + 1 < r.len() {
                 let pad = widths[i] - cell.chars().count() + 2;
                 l.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.push_str(l.trim_end());
         out.push('\n');
-    };
-    line(&header);
-    for r in &rows {
-        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
-        line(&cells);
     }
     out
 }
@@ -793,41 +784,38 @@ mod tests {
         assert!(e.contains("\"transatel\"") && !e.contains("abc"), "{e}");
     }
 
+    /// A status row of `client` in `state`, nothing else set.
+    fn row(client: &str, state: pb::State) -> pb::ClientStatus {
+        pb::ClientStatus {
+            client: client.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn table_is_aligned() {
         let rows = vec![
             pb::ClientStatus {
-                client: "transatel".into(),
-                state: pb::State::Valid as i32,
                 expires_at: ts(1_090),
                 next_refresh_at: ts(1_060),
-                last_error: String::new(),
-                consecutive_failures: 0,
                 last_refresh_at: ts(1_000),
-                ..Default::default()
+                ..row("transatel", pb::State::Valid)
             },
             pb::ClientStatus {
-                client: "creads-files".into(),
-                state: pb::State::Failed as i32,
-                expires_at: None,
                 next_refresh_at: ts(1_005),
                 last_error: "invalid_client: bad secret".into(),
                 consecutive_failures: 3,
-                last_refresh_at: None,
-                ..Default::default()
+                ..row("creads-files", pb::State::Failed)
             },
             pb::ClientStatus {
-                client: "old".into(),
-                state: pb::State::Expired as i32,
                 expires_at: ts(990),
-                ..Default::default()
+                ..row("old", pb::State::Expired)
             },
             pb::ClientStatus {
-                client: "exchanged".into(),
-                state: pb::State::Valid as i32,
                 expires_at: ts(1_090),
                 subject_client: "transatel".into(),
-                ..Default::default()
+                ..row("exchanged", pb::State::Valid)
             },
         ];
         let table = status_table(&rows, at(1_000));
@@ -853,17 +841,11 @@ exchanged     VALID    1m 30s      -             0         subject: client trans
     fn fleet_roles_get_their_own_table() {
         let rows = vec![
             pb::ClientStatus {
-                client: "transatel".into(),
-                state: pb::State::Valid as i32,
                 fleet_role: "holder".into(),
                 fleet_etcd: "up".into(),
-                ..Default::default()
+                ..row("transatel", pb::State::Valid)
             },
-            pb::ClientStatus {
-                client: "local-one".into(),
-                state: pb::State::Valid as i32,
-                ..Default::default()
-            },
+            row("local-one", pb::State::Valid),
         ];
         let table = status_table(&rows, at(1_000));
         assert!(

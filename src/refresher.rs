@@ -100,23 +100,7 @@ impl Clock {
 
 /// Where a refresher's tokens come from.
 pub trait TokenSource: Send + Sync {
-    /// As [`oauth::acquire`].
-    fn acquire<'a>(
-        &'a self,
-        http: &'a reqwest::Client,
-        client: &'a ClientConfig,
-        refresh_token: Option<&'a Secret>,
-        bootstrap_spent: bool,
-    ) -> BoxFuture<'a, Result<oauth::Acquired, oauth::AcquireFailure>>;
-}
-
-/// A boxed future, as [`TokenSource::acquire`] returns.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// The client's token endpoint.
-struct TokenEndpoint;
-
-impl TokenSource for TokenEndpoint {
+    /// As [`oauth::acquire`], which it is unless overridden (a test's fake provider).
     fn acquire<'a>(
         &'a self,
         http: &'a reqwest::Client,
@@ -127,6 +111,14 @@ impl TokenSource for TokenEndpoint {
         Box::pin(oauth::acquire(http, client, refresh_token, bootstrap_spent))
     }
 }
+
+/// A boxed future, as [`TokenSource::acquire`] returns.
+pub use futures_util::future::BoxFuture;
+
+/// The client's token endpoint: [`TokenSource::acquire`] as it is.
+struct TokenEndpoint;
+
+impl TokenSource for TokenEndpoint {}
 
 impl Engine {
     /// Opens (and locks) the state directory, then removes the temporary files that writes
@@ -375,10 +367,18 @@ struct Repeated {
 }
 
 impl Repeated {
-    /// Counts `lines` (one failure) and logs them at WARN while [`Self::note`] says so and
-    /// `warn` allows, else at DEBUG; `what` names them in the notice that repeats go to DEBUG.
+    /// Counts `lines` (one failure: a repeat of the last one, or a new one) and logs them at
+    /// WARN the first three times in a row if `warn` allows, else at DEBUG; `what` names them
+    /// in the notice that repeats go to DEBUG.
     fn log(&mut self, client: &str, what: &str, lines: &[String], retry_in: Duration, warn: bool) {
-        let warn = self.note(&lines.join("; ")) && warn;
+        let message = lines.join("; ");
+        if self.last.as_ref() == Some(&message) {
+            self.count += 1;
+        } else {
+            self.last = Some(message);
+            self.count = 1;
+        }
+        let warn = self.count <= 3 && warn;
         for line in lines {
             if warn {
                 tracing::warn!(client, retry_in = %Human(retry_in), "{line}");
@@ -392,18 +392,6 @@ impl Repeated {
                 "the same {what} again will be logged at debug level until it changes"
             );
         }
-    }
-
-    /// Counts `message` (a repeat of the last one, or a new one); true while it is worth a
-    /// WARN (the first three times in a row).
-    fn note(&mut self, message: &str) -> bool {
-        if self.last.as_deref() == Some(message) {
-            self.count += 1;
-        } else {
-            self.last = Some(message.to_string());
-            self.count = 1;
-        }
-        self.count <= 3
     }
 
     fn clear(&mut self) -> u32 {
@@ -731,7 +719,7 @@ impl Refresher {
         let spent = bootstrap.is_some() && self.spent_bootstrap == bootstrap;
         let (engine, refresh_token) = (self.engine.clone(), self.refresh_token.clone());
         let acquire = acquire_at_endpoint(&engine, &config, refresh_token.as_ref(), spent);
-        let mut acquire: futures_util::future::BoxFuture<'_, _> = match self.upstream_token() {
+        let mut acquire: BoxFuture<'_, _> = match self.upstream_token() {
             Some(subject) => Box::pin(oauth::exchange::with_upstream_token(subject, acquire)),
             None => Box::pin(acquire),
         };
@@ -760,20 +748,17 @@ impl Refresher {
                         acquired.grant_type
                     );
                 }
-                if let Some((secs, ahead)) =
-                    oauth::clock_skew(acquired.issued.server_date, SystemTime::now())
+                let skew = oauth::clock_skew(acquired.issued.server_date, SystemTime::now());
+                if let Some((secs, ahead)) = skew
+                    && !self.skew_warned
                 {
-                    if !self.skew_warned {
-                        self.skew_warned = true;
-                        tracing::warn!(
-                            client = self.name(),
-                            "the provider's clock is {secs}s {} ours: signed assertions may be refused; check NTP",
-                            if ahead { "ahead of" } else { "behind" }
-                        );
-                    }
-                } else {
-                    self.skew_warned = false;
+                    tracing::warn!(
+                        client = self.name(),
+                        "the provider's clock is {secs}s {} ours: signed assertions may be refused; check NTP",
+                        if ahead { "ahead of" } else { "behind" }
+                    );
                 }
+                self.skew_warned = skew.is_some();
                 let generation = self.snapshot.borrow().generation + 1;
                 let token = Some(acquired.issued.token);
                 let new_state = self.stored_state(token, acquired.refresh_token, generation);
@@ -1409,40 +1394,33 @@ mod tests {
             expires_at: t0 + Duration::from_secs(600),
             scope: Vec::new(),
         });
-        let snap = |failures: u32, token: Option<Arc<Token>>| Snapshot {
-            token,
-            consecutive_failures: failures,
-            last_refresh_at: Some(t0),
-            ..Snapshot::default()
-        };
-        let ten = Duration::from_secs(10);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let held = held_back(&snap(0, Some(token.clone())), ten, at(2_300)).unwrap();
-        assert_eq!(
-            held.to_string(),
-            "not renewed: last token 2s old, min_interval 10s; next possible in 8s"
-        );
-        assert_eq!(
-            held_back(&snap(0, Some(token.clone())), ten, at(9_999))
-                .unwrap()
-                .to_string(),
-            "not renewed: last token 9s old, min_interval 10s; next possible in 1s"
-        );
-        assert_eq!(
-            held_back(&snap(0, Some(token.clone())), ten, at(10_000)),
-            None
-        );
-        assert_eq!(
-            held_back(&snap(1, Some(token.clone())), ten, at(1)),
-            None,
-            "failing"
-        );
-        assert_eq!(held_back(&snap(0, None), ten, at(1)), None, "no token");
-        assert_eq!(
-            held_back(&snap(0, Some(token)), ten, t0 + Duration::from_secs(700)),
-            None,
-            "expired"
-        );
+        // (failures, a token?, now) → what a demand is told, if it is held back
+        let cases = [
+            (
+                (0, true, at(2_300)),
+                Some("last token 2s old, min_interval 10s; next possible in 8s"),
+            ),
+            (
+                (0, true, at(9_999)),
+                Some("last token 9s old, min_interval 10s; next possible in 1s"),
+            ),
+            ((0, true, at(10_000)), None),
+            ((1, true, at(1)), None),       // failing
+            ((0, false, at(1)), None),      // no token
+            ((0, true, at(700_000)), None), // expired
+        ];
+        for ((failures, has_token, now), want) in cases {
+            let snap = Snapshot {
+                token: has_token.then(|| token.clone()),
+                consecutive_failures: failures,
+                last_refresh_at: Some(t0),
+                ..Snapshot::default()
+            };
+            let got = held_back(&snap, Duration::from_secs(10), now).map(|h| h.to_string());
+            let want = want.map(|w| format!("not renewed: {w}"));
+            assert_eq!(got, want, "{failures} {has_token} {now:?}");
+        }
     }
 
     #[test]

@@ -208,12 +208,6 @@ pub fn resume_at(
     }
 }
 
-/// Whether a token expiring at `expires_at` may still be served at `now`: strictly before its
-/// expiry (docs/operations.md#expiry: an expired token is never served or reported as valid).
-pub fn is_servable(expires_at: SystemTime, now: SystemTime) -> bool {
-    now < expires_at
-}
-
 /// Why the token request that produced a token was made, as the refresher knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -372,69 +366,35 @@ mod tests {
     #[test]
     fn refresh_delay_with_custom_timing() {
         let base = Timing::default();
+        // The default timing, refreshing at `refresh_at` of the lifetime without jitter.
+        let no_jitter = |refresh_at| Timing {
+            refresh_at,
+            jitter: 0.0,
+            ..Timing::default()
+        };
         // (timing, lifetime s, u, expected ms, why)
         let cases: Vec<(Timing, f64, f64, u128, &str)> = vec![
             (
-                Timing {
-                    refresh_at: 0.95,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
+                no_jitter(0.95),
                 6.0,
                 0.0,
                 4_500,
                 "margin clamp: 5.7 s → 6 − 1.5",
             ),
+            (no_jitter(0.95), 3600.0, 0.0, 3_420_000, "no clamp"),
             (
-                Timing {
-                    refresh_at: 0.95,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                3600.0,
-                0.0,
-                3_420_000,
-                "no clamp",
-            ),
-            (
-                Timing {
-                    refresh_at: 1.0,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
+                no_jitter(1.0),
                 3600.0,
                 0.0,
                 3_570_000,
                 "margin clamp: 30 s before expiry",
             ),
+            (no_jitter(0.1), 3600.0, 0.0, 360_000, "above the floor"),
+            (no_jitter(0.1), 20.0, 0.0, 10_000, "floor: 2 s → 10 s"),
             (
                 Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                3600.0,
-                0.0,
-                360_000,
-                "above the floor",
-            ),
-            (
-                Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
-                    ..base.clone()
-                },
-                20.0,
-                0.0,
-                10_000,
-                "floor: 2 s → 10 s",
-            ),
-            (
-                Timing {
-                    refresh_at: 0.1,
-                    jitter: 0.0,
                     min_interval: s(600.0),
-                    ..base.clone()
+                    ..no_jitter(0.1)
                 },
                 3600.0,
                 0.0,
@@ -474,10 +434,8 @@ mod tests {
             ),
             (
                 Timing {
-                    refresh_at: 0.9,
-                    jitter: 0.0,
                     refresh_margin: s(1200.0),
-                    ..base.clone()
+                    ..no_jitter(0.9)
                 },
                 3600.0,
                 0.0,
@@ -636,13 +594,6 @@ mod tests {
     }
 
     #[test]
-    fn is_servable_is_strict() {
-        assert!(is_servable(at(10), at(9)));
-        assert!(!is_servable(at(10), at(10)));
-        assert!(!is_servable(at(10), at(11)));
-    }
-
-    #[test]
     fn burst_triggers() {
         let cases = [
             (Trigger::Startup, true),
@@ -712,61 +663,32 @@ mod tests {
 
     #[test]
     fn backoff_permanent_and_retry_after() {
+        use FailureKind::{InvalidGrant, Permanent, Retryable};
         let t = Timing::default();
         // (why, kind, retry_after s, u, expected ms)
         let cases: &[(&str, FailureKind, Option<f64>, f64, u128)] = &[
-            (
-                "permanent, u = 0",
-                FailureKind::Permanent,
-                None,
-                0.0,
-                300_000,
-            ),
-            (
-                "permanent, u → 1",
-                FailureKind::Permanent,
-                None,
-                U_MAX,
-                270_000,
-            ),
-            (
-                "invalid_grant",
-                FailureKind::InvalidGrant,
-                None,
-                0.5,
-                285_000,
-            ),
-            (
-                "retry-after above draw",
-                FailureKind::Retryable,
-                Some(30.0),
-                0.5,
-                30_000,
-            ),
-            (
-                "retry-after below draw",
-                FailureKind::Retryable,
-                Some(0.2),
-                0.5,
-                500,
-            ),
+            ("permanent, u = 0", Permanent, None, 0.0, 300_000),
+            ("permanent, u → 1", Permanent, None, U_MAX, 270_000),
+            ("invalid_grant", InvalidGrant, None, 0.5, 285_000),
+            ("retry-after above draw", Retryable, Some(30.0), 0.5, 30_000),
+            ("retry-after below draw", Retryable, Some(0.2), 0.5, 500),
             (
                 "retry-after beyond max",
-                FailureKind::Retryable,
+                Retryable,
                 Some(3600.0),
                 0.5,
                 3_600_000,
             ),
             (
                 "permanent, retry-after longer",
-                FailureKind::Permanent,
+                Permanent,
                 Some(900.0),
                 0.0,
                 900_000,
             ),
             (
                 "permanent, retry-after shorter",
-                FailureKind::Permanent,
+                Permanent,
                 Some(10.0),
                 0.0,
                 300_000,

@@ -51,11 +51,7 @@ impl fmt::Display for Secret {
 
 /// The first 8 hex digits of the SHA-256 of `bytes`: how tokens are named in logs and status.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256_hex(bytes)[..8].to_string()
 }
 
 /// The full hex SHA-256 of `bytes`, for comparing settings or credentials without keeping them.
@@ -136,13 +132,7 @@ impl Redactor {
         self.add(&raw);
         if let Some((_, secret)) = raw.split_once(':') {
             self.add(secret);
-            let decoded: Zeroizing<String> = Zeroizing::new(
-                url::form_urlencoded::parse(format!("s={secret}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default(),
-            );
-            self.add(&decoded);
+            self.add(&Zeroizing::new(form_decoded(secret)));
         }
     }
 
@@ -170,6 +160,14 @@ impl Redactor {
     }
 }
 
+/// `value` read as a form-urlencoded value (`+` a space, `%XX` a byte), up to any `&`.
+pub(crate) fn form_decoded(value: &str) -> String {
+    url::form_urlencoded::parse(format!("v={value}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
 /// Field names whose values are tokens wherever they appear (`name=value`, `"name": "value"`).
 const TOKEN_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
 
@@ -187,8 +185,7 @@ fn is_b64url(b: u8) -> bool {
 /// signature may be empty, as with `alg: none`).
 fn mask_jwts(text: &str) -> String {
     let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let mut copied = 0;
+    let mut cuts = Vec::new();
     let mut i = 0;
     while let Some(found) = text[i..].find("eyJ") {
         let start = i + found;
@@ -207,16 +204,13 @@ fn mask_jwts(text: &str) -> String {
         if is_jwt {
             let payload_end = run(header_end + 1);
             let sig_end = run(payload_end + 1);
-            out.push_str(&text[copied..start]);
-            out.push_str(MASK);
-            copied = sig_end;
+            cuts.push((start, sig_end));
             i = sig_end;
         } else {
             i = start + 3;
         }
     }
-    out.push_str(&text[copied..]);
-    out
+    masked(text, &cuts)
 }
 
 /// Masks the value after `access_token`, `refresh_token` or `id_token` followed by `=` or `:`
@@ -262,13 +256,16 @@ fn mask_token_fields(text: &str) -> String {
             }
         }
     }
-    if cuts.is_empty() {
-        return text.to_string();
-    }
     cuts.sort_unstable();
+    masked(text, &cuts)
+}
+
+/// `text` with each byte range of `cuts` (sorted by start) replaced by [`MASK`]; a range that
+/// starts inside one already masked is skipped.
+fn masked(text: &str, cuts: &[(usize, usize)]) -> String {
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
-    for (start, end) in cuts {
+    for &(start, end) in cuts {
         if start < copied {
             continue;
         }
@@ -426,21 +423,13 @@ mod tests {
     fn file_loses_one_trailing_newline() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, "abc\n\n").unwrap();
-        assert_eq!(
-            SecretSource::File(p.clone()).load().unwrap().expose(),
-            "abc\n"
-        );
-        std::fs::write(&p, "abc\r\n").unwrap();
-        assert_eq!(
-            SecretSource::File(p.clone()).load().unwrap().expose(),
-            "abc"
-        );
-        std::fs::write(&p, "\n").unwrap();
-        assert!(matches!(
-            SecretSource::File(p).load(),
-            Err(SecretError::Empty(_))
-        ));
+        let load = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            SecretSource::File(p.clone()).load()
+        };
+        assert_eq!(load("abc\n\n").unwrap().expose(), "abc\n");
+        assert_eq!(load("abc\r\n").unwrap().expose(), "abc");
+        assert!(matches!(load("\n"), Err(SecretError::Empty(_))));
     }
 
     #[test]

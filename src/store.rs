@@ -430,29 +430,14 @@ mod tests {
         }
     }
 
+    /// A client `a` asking for `scope`, read from a config like any other.
     fn client(scope: &str) -> Arc<ClientConfig> {
-        use crate::config::{ClientAuth, Grant, Timing};
-        Arc::new(ClientConfig {
-            name: "a".into(),
-            token_url: url::Url::parse("https://idp.example/token").unwrap(),
-            issuer: None,
-            grant: Grant::ClientCredentials,
-            client_auth: ClientAuth::None,
-            client_id: Some("a".into()),
-            scope: vec![scope.into()],
-            audience: None,
-            resource: None,
-            extra_params: BTreeMap::new(),
-            extra_headers: BTreeMap::new(),
-            ca_file: None,
-            proxy: Default::default(),
-            rotate_cron: None,
-            allow_uids: vec![],
-            allow_gids: vec![],
-            outputs: vec![],
-            timing: Timing::default(),
-            tls_client: None,
-        })
+        let text = format!(
+            "[clients.a]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"a\"\n\
+             client_secret = \"s\"\nscope = \"{scope}\"\n"
+        );
+        let config = crate::config::load_str(&text, std::path::Path::new("/etc/t.toml")).unwrap();
+        config.clients["a"].clone()
     }
 
     #[allow(clippy::type_complexity)]

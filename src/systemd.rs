@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
@@ -67,7 +67,7 @@ struct Outbox {
 
 impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The writer thread: sends each message in order, retrying while the socket is full.
@@ -82,7 +82,7 @@ impl Outbox {
                         q.busy = true;
                         break m;
                     }
-                    q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = self.changed.wait(q).unwrap_or_else(PoisonError::into_inner);
                 }
             };
             loop {
@@ -176,17 +176,16 @@ impl Notifier {
             return;
         };
         let deadline = Instant::now() + limit;
-        let mut q = outbox.lock();
+        let (changed, mut q) = (&outbox.changed, outbox.lock());
         while !q.msgs.is_empty() || q.busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::debug!("systemd notifications not sent: the notify socket is full");
                 return;
             }
-            q = match outbox.changed.wait_timeout(q, left) {
-                Ok((q, _)) => q,
-                Err(e) => e.into_inner().0,
-            };
+            (q, _) = changed
+                .wait_timeout(q, left)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 

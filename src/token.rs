@@ -43,7 +43,8 @@ impl Token {
             .filter(|d| !d.is_zero())
     }
 
-    /// Whether the token may still be served at `now`: strictly before its expiry.
+    /// Whether the token may still be served at `now`: strictly before its expiry
+    /// (docs/operations.md#expiry: an expired token is never served or reported as valid).
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         now < self.expires_at
     }
@@ -87,6 +88,7 @@ mod tests {
         let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         assert!(t.is_valid_at(at(199)));
         assert!(!t.is_valid_at(at(200)));
+        assert!(!t.is_valid_at(at(201)));
         assert_eq!(t.remaining(at(150)), Some(Duration::from_secs(50)));
         assert_eq!(t.remaining(at(200)), None);
         assert_eq!(t.lifetime(), Duration::from_secs(100));

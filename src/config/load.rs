@@ -916,8 +916,8 @@ fn file_mode(path: &Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
-/// The directory of the config file at `path`, where its relative paths start.
-pub(super) fn parent_dir(path: &Path) -> PathBuf {
+/// The directory holding `path` (`.` for a bare name): where a config's relative paths start.
+pub(crate) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

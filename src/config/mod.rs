@@ -24,5 +24,6 @@ pub use check::is_client_name;
 pub use diff::*;
 pub use error::{ConfigError, ConfigErrors, did_you_mean};
 pub use explain::{KeyChange, changed_keys, describe};
+pub(crate) use load::parent_dir;
 pub use load::{Layout, Reuse, access_warnings, load, load_reusing, load_str};
 pub use types::*;

@@ -425,12 +425,7 @@ impl ProxyUrl {
 
     /// The password (percent-decoded), to mask it in provider text.
     pub fn password(&self) -> Option<String> {
-        self.0.password().map(|p| {
-            url::form_urlencoded::parse(format!("p={p}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        })
+        self.0.password().map(crate::secret::form_decoded)
     }
 }
 

@@ -222,24 +222,21 @@ pub async fn build_services(
     health
         .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?
-        .max_decoding_message_size(limits.max_message);
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?
-        .max_decoding_message_size(limits.max_message);
+    // Both reflection versions describe the same two protos.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let unbuilt = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+    let reflection_v1 = reflection().build_v1().map_err(unbuilt)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(unbuilt)?;
     let api = TokenApi::new(store, nix::unistd::geteuid().as_raw(), stop.clone());
     let tokens = pb::token_service_server::TokenServiceServer::new(api.clone())
         .max_decoding_message_size(limits.max_message);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1.max_decoding_message_size(limits.max_message))
+        .add_service(reflection_v1alpha.max_decoding_message_size(limits.max_message))
         .add_service(tokens)
         .prepare();
     let services = Arc::new(Services {
@@ -280,10 +277,7 @@ async fn accept_loop(
 /// moved into place.
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, OwnedFd), ServeError> {
     check_existing(path)?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::config::parent_dir(path);
     // Reached (and created, 0755, when missing) without following a symlink or trusting a
     // directory others can write: they could move the socket or answer in its place.
     crate::safepath::open_dir(
