@@ -6,8 +6,8 @@
 //! It runs the real release binary as a child, as systemd would (`$NOTIFY_SOCKET` bound here),
 //! and prints each figure beside its target:
 //! - exec → `READY=1` for the first start (every client fetching its first token);
-//! - RSS (`VmRSS`, `VmHWM`) a second after start-up and after the steady window; CPU (utime + stime) per
-//!   second over the seconds of the window in which no token request happened;
+//! - RSS (`VmRSS`, `VmHWM`) a second after start-up and after the steady window; CPU (utime +
+//!   stime) per second over the seconds of the window in which no token request happened;
 //! - token requests per second: the busiest 10 s after the start-up burst against the steady
 //!   mean (N ÷ the mean planned refresh age of the tokens fetched after the burst, read from
 //!   `ListClients` at the end of the window);
