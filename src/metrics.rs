@@ -15,9 +15,10 @@
 //! are no-ops otherwise.
 //!
 //! The listener is bounded like the gRPC socket ([`crate::limits`]): at most
-//! [`Limits::metrics_max_connections`] connections (at the cap it stops accepting), 10 s to
-//! send a request's headers (hyper's `header_read_timeout`, which also closes a kept-alive
-//! connection that sends nothing more), and a small read buffer.
+//! [`Limits::metrics_max_connections`] connections (at the cap it stops accepting), of which
+//! one peer uid holds at most its [`limits::uid_share`] (peers on other hosts count as one
+//! uid), 10 s to send a request's headers (hyper's `header_read_timeout`, which also closes a
+//! kept-alive connection that sends nothing more), and a small read buffer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{self, ConnGate, Limits};
+use crate::limits::{self, ConnGate, ConnPermit, Limits};
 use crate::store::Store;
 
 /// hyper's read buffer per connection (its minimum is 8 KiB): a request is a line and a few
@@ -262,11 +263,26 @@ pub async fn serve(
     let header_timeout = limits.handshake_timeout;
     let cancel_conn = cancel.clone();
     tracing::info!(address = %local, "metrics and health endpoints listening");
-    let serve = move |(stream, _), permit| {
+    let serve = move |(stream, peer): (tokio::net::TcpStream, SocketAddr), permit: ConnPermit| {
         let prom = prom.clone();
         let store = store.clone();
         let cancel = cancel_conn.clone();
         async move {
+            // Charged to the peer's uid when the peer is on this host (the kernel's socket
+            // table, as for `http_listen`); peers on other hosts have none and share one
+            // share. So no local user holds every place and keeps the scraper out.
+            let uid = match stream.local_addr() {
+                Ok(local) => {
+                    tokio::task::spawn_blocking(move || crate::http::peer::uid_of(peer, local).ok())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(_) => None,
+            };
+            let Some(held) = permit.charge_or_refuse(uid, "metrics listener", "metrics") else {
+                return;
+            };
             let service = hyper::service::service_fn(move |req| {
                 let r = handle(&req, &prom, &store);
                 async move { Ok::<_, Infallible>(r) }
@@ -280,7 +296,7 @@ pub async fn serve(
                 _ = cancel.cancelled() => {}
                 r = conn => if let Err(e) = r { tracing::debug!("metrics connection: {e}"); }
             }
-            drop(permit);
+            drop(held);
         }
     };
     tokio::spawn(limits::accept_loop(
