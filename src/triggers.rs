@@ -534,14 +534,15 @@ impl WatcherCore {
                 });
             }
         }
-        // Watch first, then fingerprint: a change in between is seen by an event.
+        // Watch, let the new watches' events through the filter, then fingerprint: a change
+        // after the fingerprint is seen by an event.
         let result = state.refresh(&fresh).map(drop);
+        self.update_filter(&state);
         for i in fresh {
             if let Some(entry) = state.entries.get_mut(i) {
                 entry.last = fingerprint(entry.absolute());
             }
         }
-        self.update_filter(&state);
         result
     }
 
@@ -591,6 +592,12 @@ impl WatcherCore {
             tracing::warn!("{err}; changes of that file may be missed until the next reload");
             true
         });
+        // Before the fingerprints: events of a directory watched just now are dropped by the
+        // filter until it knows the directory, so a file written there between a fingerprint
+        // taken first and the filter's update would be missed (a `mkdir -p` then a write).
+        if moved {
+            self.update_filter(&state);
+        }
         let mut changed = Vec::new();
         for i in affected {
             let Some(entry) = state.entries.get_mut(i) else {
@@ -604,9 +611,6 @@ impl WatcherCore {
             if !state.entries.iter().any(|e| e.absolute() == p) {
                 changed.push(p);
             }
-        }
-        if moved {
-            self.update_filter(&state);
         }
         changed
     }

@@ -310,10 +310,7 @@ async fn under_attack_from(uids: u32, mode: &str, target_metrics: bool, n: usize
         let within = Duration::from_secs(20);
         let t0 = Instant::now();
         let url = format!("http://{}/metrics", metrics_addr(&daemon));
-        let http = reqwest::Client::builder()
-            .timeout(within)
-            .build()
-            .unwrap();
+        let http = reqwest::Client::builder().timeout(within).build().unwrap();
         let text = loop {
             if let Ok(r) = http.get(&url).send().await
                 && let Ok(text) = r.text().await
