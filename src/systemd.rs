@@ -176,14 +176,15 @@ impl Notifier {
             return;
         };
         let deadline = Instant::now() + limit;
-        let (changed, mut q) = (&outbox.changed, outbox.lock());
+        let mut q = outbox.lock();
         while !q.msgs.is_empty() || q.busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::debug!("systemd notifications not sent: the notify socket is full");
                 return;
             }
-            (q, _) = changed
+            (q, _) = outbox
+                .changed
                 .wait_timeout(q, left)
                 .unwrap_or_else(PoisonError::into_inner);
         }

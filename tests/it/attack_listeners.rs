@@ -321,6 +321,7 @@ async fn under_attack_from(uids: u32, mode: &str, target_metrics: bool, n: usize
                 t0.elapsed() < within,
                 "root's scrape not answered for {within:?} under attack"
             );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
         eprintln!("root's scrape answered in {:?} under attack", t0.elapsed());
         assert!(

@@ -619,8 +619,11 @@ async fn once_beside_a_fleet_never_presents_a_shared_refresh_token() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     let asked = env.provider.requests().len();
 
-    // The same host joins a fleet (whose etcd is nowhere), and `once` runs again.
-    let closed = free_port();
+    // The same host joins a fleet, and `once` runs again. Its etcd port is held by a listener
+    // that answers nothing: `once` must not even connect to it.
+    let etcd_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    etcd_port.set_nonblocking(true).unwrap();
+    let closed = etcd_port.local_addr().unwrap().port();
     let key_file = env.dir.path().join("fleet.key");
     std::fs::write(&key_file, fleet_key()).unwrap();
     set_mode(&key_file, 0o600);
@@ -652,6 +655,10 @@ async fn once_beside_a_fleet_never_presents_a_shared_refresh_token() {
     assert_eq!(grants, ["password"], "{since:?}");
     assert_eq!(env.provider.reuse_detected(CREADS_ID), 0);
     assert!(!out.contains(&rt), "a refresh token is shown:\n{out}");
+    match etcd_port.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("once connected to the fleet's etcd: {other:?}"),
+    }
 
     // fleet = false: the client is this host's own again, and continues its chain.
     env.edit_config(|t| t.replace("[clients.rt-only]\n", "[clients.rt-only]\nfleet = false\n"));
