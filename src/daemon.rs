@@ -335,7 +335,6 @@ impl Daemon {
             h.stop();
         }
         self.store.remove(name);
-        self.engine.http.forget(name);
         self.clear_cron(name).await;
     }
 

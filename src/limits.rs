@@ -341,6 +341,7 @@ impl ConnGate {
     }
 
     /// Connections open now.
+    #[cfg(test)]
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }

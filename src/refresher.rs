@@ -1088,6 +1088,11 @@ impl Drop for Refresher {
     fn drop(&mut self) {
         // Callers waiting on a reply see it close; later ones are refused.
         self.mailbox.close();
+        // Its certificate HTTP client (and the key in it) goes with it: dropped here, once the
+        // task can no longer ask for it again (a stop aborts the task only at its next await).
+        if self.config.tls_client.is_some() {
+            self.engine.http.forget(&self.config.name);
+        }
     }
 }
 

@@ -51,13 +51,20 @@ impl fmt::Display for Secret {
 
 /// The first 8 hex digits of the SHA-256 of `bytes`: how tokens are named in logs and status.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    sha256_hex(bytes)[..8].to_string()
+    hex(&sha256(bytes).as_ref()[..4])
 }
 
 /// The full hex SHA-256 of `bytes`, for comparing settings or credentials without keeping them.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex(sha256(bytes).as_ref())
+}
+
+fn sha256(bytes: &[u8]) -> aws_lc_rs::digest::Digest {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What replaces a masked value in text shown to people.

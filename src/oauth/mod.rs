@@ -172,8 +172,9 @@ impl HttpClients {
         Ok(c)
     }
 
-    /// Drops the HTTP client `name` had with its certificate (a reload removed or replaced
-    /// it): its key material is not kept for a client that is gone.
+    /// Drops the HTTP client `name` had with its certificate (its refresher ended: the client
+    /// was removed or replaced): its key material is not kept for a client that is gone. A
+    /// successor of the same name builds its own again on first use.
     pub fn forget(&self, name: &str) {
         self.with_cert
             .lock()
