@@ -151,13 +151,10 @@ fn generate_assets(dir: Option<&PathBuf>) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!(
-                "tokenwarden: cannot write the assets to {}: {e}",
-                dir.display()
-            );
-            ExitCode::from(1)
-        }
+        Err(e) => failed(
+            1,
+            format!("cannot write the assets to {}: {e}", dir.display()),
+        ),
     }
 }
 
@@ -177,11 +174,14 @@ fn out(text: &str) -> Result<(), client::ClientError> {
 
 /// Runs a client command: its error on one line, exit 1 (docs/cli.md#get-status-refresh).
 fn call(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"));
-    match rt.and_then(|rt| rt.block_on(f).map_err(|e| e.to_string())) {
+    {
+        Ok(rt) => rt,
+        Err(e) => return failed(1, format!("cannot start the async runtime: {e}")),
+    };
+    match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => failed(1, e),
     }
